@@ -1,0 +1,46 @@
+"""Names defined once: columns, splits, classes and the files a run writes."""
+
+from __future__ import annotations
+
+# Parquet shard columns.
+IMAGE_COL = "image"
+LABEL_COL = "label"
+PATH_COL = "path"
+
+# Split names, and the folder names users give them.
+TRAIN = "train"
+VAL = "val"
+TEST = "test"
+SPLITS = (TRAIN, VAL, TEST)
+SPLIT_ALIASES = {
+    "train": TRAIN,
+    "training": TRAIN,
+    "val": VAL,
+    "valid": VAL,
+    "validation": VAL,
+    "test": TEST,
+}
+
+# FER2013 classes in the project's label order.
+FER_CLASSES = ("angry", "disgust", "fear", "happy", "neutral", "sad", "surprise")
+# The FER2013 CSV's `emotion` codes (0..6) name the classes in a different order.
+FER_CSV_CODES = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
+FER_CSV_USAGE = {"Training": TRAIN, "PublicTest": VAL, "PrivateTest": TEST}
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+
+# Files in a prepared shards folder.
+MANIFEST_FILE = "manifest.json"
+
+# Files in a run folder (and in a model folder, `best/`).
+CONFIG_FILE = "config.json"
+HISTORY_FILE = "history.csv"
+BEST_DIR = "best"
+WEIGHTS_FILE = "model.safetensors"
+MODEL_CONFIG_FILE = "config.json"
+LEARNING_CURVES_FILE = "learning_curves.png"
+CONFUSION_MATRIX_FILE = "confusion_matrix.png"
+VAL_METRICS_FILE = "val_metrics.parquet"
+TRAIN_STATE_FILE = "train_state.pt"
+VAL_PREDICTIONS_FILE = "val_predictions.parquet"
+RAY_RUN_NAME = "ray_train"
