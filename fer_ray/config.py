@@ -1,0 +1,362 @@
+"""Typed job configs: defaults <- YAML/JSON file <- command-line flags.
+
+Each job has one dataclass config made of sections (nested dataclasses). Every leaf field
+is a command-line flag (`image_size` -> `--image-size`); leaf names are unique across
+sections so flags stay flat. A `--config FILE` may set any leaf, either flat
+(`lr: 0.001`) or inside its section (`optim: {lr: 0.001}`), so a run's own
+`config.json` can be fed back to reproduce it. Unknown keys are rejected with the list
+of valid ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+
+RESOLVED_KEY = "resolved"
+
+
+class ConfigError(ValueError):
+    """A configuration a user gave that cannot be used; the message says what to do."""
+
+
+# --------------------------------------------------------------------------------------
+# Training config
+# --------------------------------------------------------------------------------------
+
+AUGMENT_LEVELS = ("none", "light", "medium", "strong")
+AMP_MODES = ("auto", "bf16", "fp16", "off")
+LR_SCALING = ("linear", "sqrt", "none")
+
+
+@dataclass
+class DataOptions:
+    data: str = field(default="", metadata={"help": "prepared shards folder or URI (required)"})
+    image_size: int = field(default=224, metadata={"help": "model input size in pixels"})
+    data_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "size images are decoded and augmented at in Ray Data before the "
+            "on-device resize to --image-size (default: the smaller of --image-size and "
+            "the dataset's median image side)"
+        },
+    )
+    batch_size: int = field(default=32, metadata={"help": "images per worker per step"})
+    augment: str = field(
+        default="medium", metadata={"help": f"augmentation strength: {'|'.join(AUGMENT_LEVELS)}"}
+    )
+
+
+@dataclass
+class ModelOptions:
+    model: str = field(default="resnet50", metadata={"help": "timm model name"})
+    pretrained: bool = field(
+        default=True, metadata={"help": "start from ImageNet weights (timm hub)"}
+    )
+    pretrained_file: str | None = field(
+        default=None,
+        metadata={"help": "local .pth/.safetensors with pretrained weights (offline clusters)"},
+    )
+    drop_rate: float = field(default=0.0, metadata={"help": "dropout before the classifier"})
+
+
+@dataclass
+class OptimOptions:
+    epochs: int = field(default=30, metadata={"help": "total epochs, both phases included"})
+    lr: float = field(
+        default=1e-3,
+        metadata={"help": "peak learning rate for one worker's batch (see --lr-scaling)"},
+    )
+    lr_scaling: str = field(
+        default="linear",
+        metadata={
+            "help": "how the LR grows with the number of workers: linear (lr x workers), "
+            "sqrt (lr x sqrt(workers)) or none"
+        },
+    )
+    min_lr: float = field(default=1e-6, metadata={"help": "LR at the end of the cosine decay"})
+    weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay"})
+    label_smoothing: float = field(default=0.1, metadata={"help": "label smoothing"})
+    class_weights: bool = field(
+        default=True, metadata={"help": "weight the loss by inverse class frequency"}
+    )
+    freeze_epochs: int | None = field(
+        default=None,
+        metadata={
+            "help": "epochs of head-only training with the backbone frozen "
+            "(default: 2 with pretrained weights, 0 without)"
+        },
+    )
+    unfreeze: str = field(
+        default="all",
+        metadata={"help": "after the frozen phase, train the last N stages or 'all'"},
+    )
+    backbone_lr_scale: float | None = field(
+        default=None,
+        metadata={
+            "help": "backbone LR as a fraction of --lr in the fine-tuning phase "
+            "(default: 0.1 with pretrained weights, 1.0 without)"
+        },
+    )
+    warmup_epochs: float = field(default=1.0, metadata={"help": "linear warm-up per phase"})
+    patience: int = field(
+        default=6, metadata={"help": "stop after this many epochs without a better val accuracy"}
+    )
+
+
+@dataclass
+class RunOptions:
+    output: str = field(default="", metadata={"help": "run folder or URI (required)"})
+    num_workers: int = field(default=1, metadata={"help": "Ray Train workers"})
+    use_gpu: bool = field(default=False, metadata={"help": "one GPU per worker"})
+    cpus_per_worker: int = field(
+        default=1, metadata={"help": "CPUs reserved per worker (torch threads on CPU runs)"}
+    )
+    amp: str = field(
+        default="auto",
+        metadata={"help": "mixed precision: auto (bf16/fp16 on GPU, off on CPU), bf16, fp16, off"},
+    )
+    seed: int = field(default=0, metadata={"help": "seed for model init"})
+    max_failures: int = field(
+        default=2, metadata={"help": "worker failures survived by restarting from a checkpoint"}
+    )
+
+
+@dataclass
+class TrainConfig:
+    data: DataOptions = field(default_factory=DataOptions)
+    model: ModelOptions = field(default_factory=ModelOptions)
+    optim: OptimOptions = field(default_factory=OptimOptions)
+    run: RunOptions = field(default_factory=RunOptions)
+
+    def validate(self) -> "TrainConfig":
+        """Check values a user can get wrong; raise ConfigError with what to do."""
+        d, m, o, r = self.data, self.model, self.optim, self.run
+        _require(bool(d.data), "--data is required: the shards folder written by jobs/prepare.py.")
+        _require(bool(r.output), "--output is required: the folder this run writes to.")
+        _require(d.image_size >= 16, f"--image-size must be at least 16, got {d.image_size}.")
+        _require(
+            d.data_size is None or 8 <= d.data_size,
+            f"--data-size must be at least 8, got {d.data_size}.",
+        )
+        _require(d.batch_size >= 1, f"--batch-size must be at least 1, got {d.batch_size}.")
+        _choice("--augment", d.augment, AUGMENT_LEVELS)
+        _require(0 <= m.drop_rate < 1, f"--drop-rate must be in [0, 1), got {m.drop_rate}.")
+        _require(o.epochs >= 1, f"--epochs must be at least 1, got {o.epochs}.")
+        _require(o.lr > 0, f"--lr must be positive, got {o.lr}.")
+        _choice("--lr-scaling", o.lr_scaling, LR_SCALING)
+        _require(o.min_lr >= 0, f"--min-lr must be non-negative, got {o.min_lr}.")
+        _require(o.weight_decay >= 0, f"--weight-decay must be non-negative, got {o.weight_decay}.")
+        _require(
+            0 <= o.label_smoothing < 1,
+            f"--label-smoothing must be in [0, 1), got {o.label_smoothing}.",
+        )
+        _require(
+            o.freeze_epochs is None or 0 <= o.freeze_epochs <= o.epochs,
+            f"--freeze-epochs must be between 0 and --epochs ({o.epochs}), got {o.freeze_epochs}.",
+        )
+        _require(
+            o.unfreeze == "all" or (o.unfreeze.isdigit() and int(o.unfreeze) >= 1),
+            f"--unfreeze must be 'all' or a number of stages >= 1, got {o.unfreeze!r}.",
+        )
+        _require(
+            o.backbone_lr_scale is None or 0 < o.backbone_lr_scale <= 1,
+            f"--backbone-lr-scale must be in (0, 1], got {o.backbone_lr_scale}.",
+        )
+        _require(o.warmup_epochs >= 0, f"--warmup-epochs must be >= 0, got {o.warmup_epochs}.")
+        _require(o.patience >= 1, f"--patience must be at least 1, got {o.patience}.")
+        _require(r.num_workers >= 1, f"--num-workers must be at least 1, got {r.num_workers}.")
+        _require(
+            r.cpus_per_worker >= 1, f"--cpus-per-worker must be at least 1, got {r.cpus_per_worker}."
+        )
+        _choice("--amp", r.amp, AMP_MODES)
+        _require(r.max_failures >= 0, f"--max-failures must be >= 0, got {r.max_failures}.")
+        if m.pretrained_file and not m.pretrained:
+            raise ConfigError("--pretrained-file was given with --no-pretrained; drop one of them.")
+        return self
+
+    def resolve_defaults(self) -> "TrainConfig":
+        """Fill the values whose default depends on other values (pretrained or not)."""
+        o = self.optim
+        if o.freeze_epochs is None:
+            o.freeze_epochs = min(2, o.epochs - 1) if self.model.pretrained else 0
+        if o.backbone_lr_scale is None:
+            o.backbone_lr_scale = 0.1 if self.model.pretrained else 1.0
+        return self
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _choice(flag: str, value: str, choices: Sequence[str]) -> None:
+    _require(value in choices, f"{flag} must be one of {', '.join(choices)}; got {value!r}.")
+
+
+# --------------------------------------------------------------------------------------
+# Generic machinery: dataclass <-> dict <-> argparse
+# --------------------------------------------------------------------------------------
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """The config as plain nested dicts (what config.json holds)."""
+    return dataclasses.asdict(config)
+
+
+def _leaf_fields(cls: type) -> dict[str, tuple[str | None, dataclasses.Field]]:
+    """Leaf name -> (section name or None, field) for a config dataclass."""
+    hints = typing.get_type_hints(cls)
+    leaves: dict[str, tuple[str | None, dataclasses.Field]] = {}
+    for f in dataclasses.fields(cls):
+        t = hints[f.name]
+        if dataclasses.is_dataclass(t):
+            sub_hints = typing.get_type_hints(t)
+            for sf in dataclasses.fields(t):
+                sf.type = sub_hints[sf.name]
+                leaves[sf.name] = (f.name, sf)
+        else:
+            f.type = t
+            leaves[f.name] = (None, f)
+    return leaves
+
+
+def _flatten(values: dict[str, Any], cls: type, source: str) -> dict[str, Any]:
+    """Accept flat or sectioned keys (dashes or underscores); reject unknown ones."""
+    leaves = _leaf_fields(cls)
+    sections = {s for s, _ in leaves.values() if s}
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        name = str(key).replace("-", "_")
+        if name in sections and isinstance(value, dict):
+            for sub_key, sub_value in value.items():
+                sub_name = str(sub_key).replace("-", "_")
+                if sub_name not in leaves or leaves[sub_name][0] != name:
+                    _unknown(f"{name}.{sub_key}", leaves, source)
+                flat[sub_name] = sub_value
+        elif name in leaves:
+            flat[name] = value
+        else:
+            _unknown(str(key), leaves, source)
+    return flat
+
+
+def _unknown(key: str, leaves: dict, source: str) -> None:
+    valid = ", ".join(sorted(leaves))
+    raise ConfigError(f"Unknown setting {key!r} in {source}; valid settings are: {valid}.")
+
+
+def _coerce(value: Any, tp: Any, name: str) -> Any:
+    """Convert a YAML/CLI value to the field's type."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
+            return None
+        return _coerce(value, args[0], name)
+    try:
+        if tp is bool:
+            if isinstance(value, str):
+                if value.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if tp is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if tp is float:
+            return float(value)
+        if tp is str:
+            return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"Setting {name!r} expects {tp.__name__}, got {value!r}.") from None
+    return value
+
+
+def from_flat(cls: type, flat: dict[str, Any]) -> Any:
+    """Build a config dataclass from flat leaf values (unset leaves keep defaults)."""
+    leaves = _leaf_fields(cls)
+    sections: dict[str | None, dict[str, Any]] = {}
+    for name, value in flat.items():
+        section, f = leaves[name]
+        sections.setdefault(section, {})[name] = _coerce(value, f.type, name)
+    hints = typing.get_type_hints(cls)
+    kwargs = dict(sections.get(None, {}))
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            kwargs[f.name] = hints[f.name](**sections.get(f.name, {}))
+    return cls(**kwargs)
+
+
+def load_config_file(path: str | Path, cls: type) -> dict[str, Any]:
+    """Flat leaf values from a YAML or JSON file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"Config file {str(p)!r} does not exist.")
+    try:
+        values = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"Config file {str(p)!r} is not valid YAML: {e}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"Config file {str(p)!r} must hold a mapping of settings.")
+    values.pop(RESOLVED_KEY, None)  # a run's config.json also lists derived values
+    return _flatten(values, cls, str(p))
+
+
+def add_config_flags(
+    parser: argparse.ArgumentParser, cls: type, skip: Sequence[str] = ()
+) -> None:
+    """One flag per leaf field, defaulting to 'unset' so file values are not overridden."""
+    for name, (section, f) in _leaf_fields(cls).items():
+        if name in skip:
+            continue
+        flag = "--" + name.replace("_", "-")
+        helptext = f.metadata.get("help", "")
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if f.type is bool:
+            parser.add_argument(
+                flag,
+                dest=name,
+                action=argparse.BooleanOptionalAction,
+                default=argparse.SUPPRESS,
+                help=f"{helptext} (default: {default})",
+            )
+        else:
+            parser.add_argument(
+                flag,
+                dest=name,
+                default=argparse.SUPPRESS,
+                metavar=name.upper(),
+                help=f"{helptext} (default: {default})",
+            )
+
+
+def parse_config(
+    cls: type,
+    argv: Sequence[str] | None,
+    parser: argparse.ArgumentParser,
+) -> tuple[Any, argparse.Namespace]:
+    """Parse flags into `cls`: defaults <- --config file <- flags.
+
+    Arguments the caller added to `parser` itself come back in the namespace.
+    """
+    parser.add_argument("--config", default=None, help="YAML or JSON file of settings")
+    add_config_flags(parser, cls)
+    ns = parser.parse_args(argv)
+    flat: dict[str, Any] = {}
+    if ns.config:
+        flat.update(load_config_file(ns.config, cls))
+    leaves = _leaf_fields(cls)
+    flat.update({k: v for k, v in vars(ns).items() if k in leaves})
+    return from_flat(cls, flat), ns

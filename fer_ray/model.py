@@ -1,0 +1,195 @@
+"""timm models: creation, pretrained weights, staged freezing, and self-describing folders.
+
+A model folder holds `model.safetensors` and timm's `config.json` (architecture,
+label names, input size, mean/std) plus a `fer_ray` section (class names, the size and
+channels images are decoded at). `timm.create_model("local-dir:FOLDER", pretrained=True)`
+loads it without fer_ray; `load_model_dir` does the same and returns the description.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from timm.models import group_parameters
+
+from fer_ray import storage
+from fer_ray.config import ConfigError
+from fer_ray.constants import MODEL_CONFIG_FILE, WEIGHTS_FILE
+
+
+@dataclass
+class ModelSpec:
+    """What inference needs besides the weights (the `fer_ray` section of config.json)."""
+
+    model: str
+    class_names: list[str]
+    image_size: int
+    data_size: int
+    channels: int
+    mean: list[float]
+    std: list[float]
+
+
+def check_model_name(name: str) -> None:
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
+        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        raise ConfigError(f"Unknown timm model {name!r}; see timm.list_models() for names.{hint}")
+
+
+def create_model(name: str, num_classes: int, drop_rate: float = 0.0, **kwargs: Any) -> torch.nn.Module:
+    """A timm model with a fresh `num_classes` head (random weights)."""
+    check_model_name(name)
+    return timm.create_model(name, pretrained=False, num_classes=num_classes, drop_rate=drop_rate, **kwargs)
+
+
+def fetch_pretrained_state(
+    name: str, num_classes: int, pretrained_file: str | None = None
+) -> dict[str, torch.Tensor]:
+    """ImageNet weights with a fresh head, fetched once (on the driver) for all workers.
+
+    timm fetches its hub weights, or reads `pretrained_file`, and adapts the classifier
+    and first conv. Raises ConfigError when the weights cannot be had.
+    """
+    check_model_name(name)
+    overlay = None
+    if pretrained_file:
+        if not storage.is_file(pretrained_file):
+            raise ConfigError(f"--pretrained-file {pretrained_file!r} does not exist.")
+        local = storage.local_path(pretrained_file) or _download(pretrained_file)
+        overlay = {"file": local}
+    try:
+        model = timm.create_model(
+            name, pretrained=True, num_classes=num_classes, pretrained_cfg_overlay=overlay
+        )
+    except Exception as e:  # noqa: BLE001 - network, hub and file errors all end the same way
+        if pretrained_file:
+            raise ConfigError(
+                f"Could not load --pretrained-file {pretrained_file!r} into {name}: "
+                f"{type(e).__name__}: {e}"
+            ) from None
+        raise ConfigError(
+            f"Could not download pretrained weights for {name} ({type(e).__name__}); with no "
+            "network, pass --pretrained-file PATH (a local .pth or .safetensors) or --no-pretrained."
+        ) from None
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _download(uri: str) -> str:
+    suffix = Path(uri).suffix
+    fd, path = tempfile.mkstemp(suffix=suffix)
+    with os.fdopen(fd, "wb") as f:
+        f.write(storage.read_bytes(uri))
+    return path
+
+
+def data_config(model: torch.nn.Module) -> dict[str, Any]:
+    """Mean/std and interpolation the model's weights expect (timm's resolved data config)."""
+    return timm.data.resolve_model_data_config(model)
+
+
+# --------------------------------------------------------------------------------------
+# Freezing for two-phase fine-tuning
+# --------------------------------------------------------------------------------------
+
+
+def parameter_groups(model: torch.nn.Module) -> list[list[str]]:
+    """Parameter names by stage, stem first and classifier last (timm's coarse groups)."""
+    groups = group_parameters(model, model.group_matcher(coarse=True))
+    return [groups[k] for k in sorted(groups)]
+
+
+def set_trainable(model: torch.nn.Module, unfreeze: str | int | None) -> set[str]:
+    """Freeze all but the head (None), the head plus the last N stages, or nothing ('all').
+
+    Returns the names of trainable backbone parameters. Frozen stages go to eval mode
+    so their BatchNorm statistics stay those of the pretrained weights.
+    """
+    groups = parameter_groups(model)
+    head = set(groups[-1])
+    if unfreeze == "all":
+        trainable = {n for g in groups for n in g}
+    else:
+        n_stages = 0 if unfreeze is None else int(unfreeze)
+        trainable = set(head)
+        for g in groups[-1 - n_stages : -1] if n_stages else []:
+            trainable.update(g)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in trainable)
+    return trainable - head
+
+
+def set_frozen_eval(model: torch.nn.Module) -> None:
+    """Put modules whose parameters are all frozen in eval mode (call after model.train())."""
+    for module in model.modules():
+        params = list(module.parameters(recurse=False))
+        if params and not any(p.requires_grad for p in params):
+            module.eval()
+
+
+# --------------------------------------------------------------------------------------
+# Self-describing model folders
+# --------------------------------------------------------------------------------------
+
+
+def save_model_dir(model: torch.nn.Module, folder: str | Path, spec: ModelSpec) -> None:
+    """Write model.safetensors + config.json (timm's format, plus the fer_ray section)."""
+    from timm.models import save_for_hf
+
+    save_for_hf(
+        model,
+        str(folder),
+        model_config={"label_names": list(spec.class_names), "fer_ray": asdict(spec)},
+        safe_serialization=True,
+        data_config={
+            "input_size": (model.pretrained_cfg.get("input_size", (3,))[0], spec.image_size, spec.image_size),
+            "mean": tuple(spec.mean),
+            "std": tuple(spec.std),
+        },
+    )
+
+
+def read_model_spec(folder: str) -> ModelSpec:
+    """The description of a model folder (local path or URI); ConfigError if not one."""
+    cfg_path = storage.join(folder, MODEL_CONFIG_FILE)
+    weights = storage.join(folder, WEIGHTS_FILE)
+    if not storage.is_dir(folder):
+        raise ConfigError(f"Model folder {folder!r} does not exist; pass a run's best/ folder.")
+    if not (storage.is_file(cfg_path) and storage.is_file(weights)):
+        raise ConfigError(
+            f"{folder!r} is not a fer_ray model folder (it needs {WEIGHTS_FILE} and "
+            f"{MODEL_CONFIG_FILE}); pass a training run's or a sweep's best/ folder."
+        )
+    try:
+        cfg = json.loads(storage.read_bytes(cfg_path))
+        return ModelSpec(**cfg["fer_ray"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ConfigError(
+            f"{cfg_path!r} is not a fer_ray model config ({type(e).__name__}: {e}); "
+            "pass a training run's or a sweep's best/ folder."
+        ) from None
+
+
+def load_model_dir(folder: str) -> tuple[torch.nn.Module, ModelSpec]:
+    """Rebuild the model from its folder alone (timm's local-dir loader), in eval mode."""
+    spec = read_model_spec(folder)
+    local = storage.local_path(folder)
+    with tempfile.TemporaryDirectory() as tmp:
+        if local is None:
+            storage.copy_dir(folder, tmp)
+            local = tmp
+        model = timm.create_model(f"local-dir:{local}", pretrained=True)
+    if model.num_classes != len(spec.class_names):
+        raise ConfigError(
+            f"Model folder {folder!r} has {model.num_classes} outputs but names "
+            f"{len(spec.class_names)} classes; it is damaged, retrain or re-export it."
+        )
+    return model.eval(), spec

@@ -1,0 +1,487 @@
+"""Turn image folders or the FER2013 CSV into Parquet shards with a manifest.
+
+Three source kinds:
+- split folders: SRC/{train,val|validation,test}/<class>/... ;
+- class folders: SRC/<class>/..., split into train/val by a stratified, seeded fraction;
+- the FER2013 CSV (emotion,pixels,Usage).
+
+The listing (paths and labels, never image bytes) is made on the driver; reading,
+checking and writing the images is a streaming Ray Data pipeline per split, so no
+process holds the dataset. Files that are empty, corrupt or not images are skipped and
+listed in the manifest with the reason.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from fer_ray import storage
+from fer_ray.config import ConfigError
+from fer_ray.constants import (
+    FER_CLASSES,
+    FER_CSV_CODES,
+    FER_CSV_USAGE,
+    IMAGE_COL,
+    LABEL_COL,
+    MANIFEST_FILE,
+    PATH_COL,
+    SPLIT_ALIASES,
+    SPLITS,
+    TRAIN,
+    VAL,
+)
+
+log = logging.getLogger(__name__)
+
+CSV_COLUMNS = ("emotion", "pixels", "Usage")
+CSV_ROWS_PER_TASK = 2000
+GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}
+
+
+@dataclass
+class Listing:
+    """What a source holds: classes in label order and (path, label) per split."""
+
+    kind: str
+    classes: list[str]
+    items: dict[str, list[tuple[str, int]]] = field(default_factory=dict)
+    csv_chunks: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------
+# Listing (driver side, no image bytes)
+# --------------------------------------------------------------------------------------
+
+
+def class_order(names: list[str]) -> list[str]:
+    """The FER classes keep their canonical order; any other set is sorted."""
+    if {n.lower() for n in names} == set(FER_CLASSES) and len(names) == len(FER_CLASSES):
+        by_lower = {n.lower(): n for n in names}
+        return [by_lower[c] for c in FER_CLASSES]
+    return sorted(names, key=lambda n: (n.lower(), n))
+
+
+def stratified_split(
+    labels: list[int], val_fraction: float, seed: int
+) -> tuple[list[int], list[int]]:
+    """Indices for train and val, the val share taken per class (at least one stays in train)."""
+    rng = np.random.default_rng(seed)
+    labels_arr = np.asarray(labels)
+    train_idx: list[int] = []
+    val_idx: list[int] = []
+    for label in np.unique(labels_arr):
+        idx = np.flatnonzero(labels_arr == label)
+        rng.shuffle(idx)
+        n_val = min(int(round(len(idx) * val_fraction)), len(idx) - 1)
+        val_idx.extend(idx[:n_val].tolist())
+        train_idx.extend(idx[n_val:].tolist())
+    return sorted(train_idx), sorted(val_idx)
+
+
+def _class_dirs(folder: str) -> list[str]:
+    return [e.base_name for e in storage.list_dir(folder) if e.type.name == "Directory"]
+
+
+def _files_by_class(folder: str, classes: list[str]) -> list[tuple[str, int]]:
+    items = []
+    for label, name in enumerate(classes):
+        class_dir = storage.join(folder, name)
+        if storage.is_dir(class_dir):
+            fs, _ = storage.resolve(class_dir)
+            items.extend((storage.full_path(fs, p), label) for p in storage.list_files(class_dir))
+    return items
+
+
+def list_source(source: str, val_fraction: float = 0.1, seed: int = 0) -> Listing:
+    """Inspect SRC and list its images per split; raise ConfigError on unusable input."""
+    if not storage.exists(source):
+        raise ConfigError(f"Source {source!r} does not exist; give a folder of images or the FER2013 CSV.")
+    if storage.is_file(source):
+        if not source.lower().endswith(".csv"):
+            raise ConfigError(
+                f"Source {source!r} is a file but not a .csv; give a folder of class folders or the FER2013 CSV."
+            )
+        return _list_csv(source)
+
+    subdirs = _class_dirs(source)
+    if not subdirs:
+        raise ConfigError(
+            f"Source {source!r} has no class folders; put each class's images in a folder named after the class."
+        )
+    split_dirs = {SPLIT_ALIASES[d.lower()]: d for d in subdirs if d.lower() in SPLIT_ALIASES}
+    if split_dirs:
+        return _list_split_folders(source, subdirs, split_dirs, val_fraction, seed)
+    return _list_class_folders(source, subdirs, val_fraction, seed)
+
+
+def _list_split_folders(
+    source: str, subdirs: list[str], split_dirs: dict[str, str], val_fraction: float, seed: int
+) -> Listing:
+    others = sorted(set(subdirs) - set(split_dirs.values()))
+    if others:
+        raise ConfigError(
+            f"Source {source!r} mixes split folders ({', '.join(sorted(split_dirs.values()))}) "
+            f"with other folders ({', '.join(others)}); keep only train/val/test at the top level."
+        )
+    if TRAIN not in split_dirs:
+        raise ConfigError(f"Source {source!r} has split folders but no train/ folder; add one.")
+    train_dir = storage.join(source, split_dirs[TRAIN])
+    classes = class_order(_class_dirs(train_dir))
+    if not classes:
+        raise ConfigError(f"{train_dir!r} has no class folders; put each class's images in a folder named after the class.")
+    listing = Listing(kind="split_folders", classes=classes)
+    for split, dirname in split_dirs.items():
+        folder = storage.join(source, dirname)
+        extra = sorted(set(_class_dirs(folder)) - set(classes))
+        if extra:
+            raise ConfigError(
+                f"Split {dirname!r} has classes that train/ lacks ({', '.join(extra)}); "
+                "add them to train/ or remove them."
+            )
+        listing.items[split] = _files_by_class(folder, classes)
+    if VAL not in split_dirs:
+        # No val folder: carve a stratified val split out of train.
+        train_items = listing.items[TRAIN]
+        tr, va = stratified_split([lab for _, lab in train_items], val_fraction, seed)
+        listing.items[TRAIN] = [train_items[i] for i in tr]
+        listing.items[VAL] = [train_items[i] for i in va]
+    _check_not_empty(listing, source)
+    return listing
+
+
+def _list_class_folders(source: str, subdirs: list[str], val_fraction: float, seed: int) -> Listing:
+    classes = class_order(subdirs)
+    items = _files_by_class(source, classes)
+    tr, va = stratified_split([lab for _, lab in items], val_fraction, seed)
+    listing = Listing(
+        kind="class_folders",
+        classes=classes,
+        items={TRAIN: [items[i] for i in tr], VAL: [items[i] for i in va]},
+    )
+    _check_not_empty(listing, source)
+    return listing
+
+
+def _check_not_empty(listing: Listing, source: str) -> None:
+    if not listing.items.get(TRAIN):
+        raise ConfigError(f"Source {source!r} holds no files in its class folders; add images.")
+    counts = Counter(lab for _, lab in listing.items[TRAIN])
+    empty = [c for i, c in enumerate(listing.classes) if counts[i] == 0]
+    if empty:
+        raise ConfigError(
+            f"Class folder(s) {', '.join(empty)} hold no training files in {source!r}; "
+            "add images or remove the folder."
+        )
+
+
+def _list_csv(source: str) -> Listing:
+    """Find row ranges per split by scanning lines; each range becomes one read task."""
+    fs, inner = storage.resolve(source)
+    chunks: dict[str, list[dict[str, Any]]] = {}
+    with fs.open_input_file(inner) as f:
+        header = f.readline().decode().strip().split(",")
+        missing = [c for c in CSV_COLUMNS if c not in header]
+        if missing:
+            raise ConfigError(
+                f"CSV {source!r} lacks the column(s) {', '.join(missing)}; the FER2013 CSV has "
+                "the header emotion,pixels,Usage."
+            )
+        usage_col = header.index("Usage")
+        row, offset = 0, f.tell()
+        current: dict[str, Any] | None = None
+        for line in iter(f.readline, b""):
+            parts = line.rstrip(b"\r\n").split(b",")
+            usage = parts[usage_col].decode().strip() if len(parts) > usage_col else ""
+            split = FER_CSV_USAGE.get(usage, "?")
+            if current is None or current["split"] != split or current["rows"] >= CSV_ROWS_PER_TASK:
+                current = {"split": split, "start": offset, "row": row, "rows": 0, "nbytes": 0}
+                chunks.setdefault(split, []).append(current)
+            current["rows"] += 1
+            current["nbytes"] += len(line)
+            offset += len(line)
+            row += 1
+    if not any(s in chunks for s in SPLITS):
+        raise ConfigError(f"CSV {source!r} has no Training/PublicTest/PrivateTest rows.")
+    unknown = chunks.pop("?", [])
+    listing = Listing(kind="csv", classes=list(FER_CLASSES), csv_chunks=chunks)
+    if unknown:
+        log.warning("%d CSV rows have an unknown Usage and are skipped", sum(c["rows"] for c in unknown))
+    return listing
+
+
+# --------------------------------------------------------------------------------------
+# Reading and checking (Ray Data tasks)
+# --------------------------------------------------------------------------------------
+
+
+def check_image(data: bytes) -> tuple[str | None, tuple[int, int, str] | None]:
+    """(reason it cannot be used, or None; (width, height, mode) when it can)."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not data:
+        return "empty file", None
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()  # decodes fully, so truncated files are caught here, not in training
+            return None, (img.width, img.height, img.mode)
+    except UnidentifiedImageError:
+        return "not an image file", None
+    except Exception as e:  # noqa: BLE001 - any decoder failure means a corrupt file
+        return f"corrupt image: {type(e).__name__}: {e}", None
+
+
+class PrepareLog:
+    """Collects skipped files and image statistics from the read tasks (a Ray actor)."""
+
+    def __init__(self) -> None:
+        self.skipped: dict[str, str] = {}
+        self.sides: Counter[int] = Counter()
+        self.modes: Counter[str] = Counter()
+
+    def record(self, skipped: dict[str, str], sides: list[int], modes: list[str]) -> None:
+        self.skipped.update(skipped)
+        self.sides.update(sides)
+        self.modes.update(modes)
+
+    def summary(self) -> dict[str, Any]:
+        return {"skipped": dict(self.skipped), "sides": dict(self.sides), "modes": dict(self.modes)}
+
+
+def _keep_good(
+    paths: list[str], labels: list[int], blobs: list[bytes], log_actor: Any
+) -> dict[str, np.ndarray]:
+    keep, skipped, sides, modes = [], {}, [], []
+    for i, data in enumerate(blobs):
+        reason, meta = check_image(data)
+        if reason:
+            skipped[paths[i]] = reason
+        else:
+            keep.append(i)
+            sides.append(min(meta[0], meta[1]))
+            modes.append(meta[2])
+    log_actor.record.remote(skipped, sides, modes)
+    return {
+        IMAGE_COL: np.array([blobs[i] for i in keep], dtype=object),
+        LABEL_COL: np.array([labels[i] for i in keep], dtype=np.int64),
+        PATH_COL: np.array([paths[i] for i in keep], dtype=object),
+    }
+
+
+def read_files_batch(batch: dict[str, np.ndarray], log_actor: Any) -> dict[str, np.ndarray]:
+    """Read each listed file and keep the ones that decode."""
+    paths = [str(p) for p in batch[PATH_COL]]
+    blobs = []
+    for p in paths:
+        try:
+            blobs.append(storage.read_bytes(p))
+        except OSError as e:
+            blobs.append(b"")
+            log.warning("cannot read %s: %s", p, e)
+    return _keep_good(paths, batch[LABEL_COL].tolist(), blobs, log_actor)
+
+
+def pixels_to_png(pixels: str) -> bytes:
+    """One FER2013 CSV row's space-separated pixels as a 48x48 grayscale PNG."""
+    from PIL import Image
+
+    values = np.array(pixels.split(), dtype=np.uint8)
+    side = int(math.isqrt(values.size))
+    if side * side != values.size:
+        raise ValueError(f"{values.size} pixels is not a square image")
+    out = io.BytesIO()
+    Image.fromarray(values.reshape(side, side), mode="L").save(out, format="PNG")
+    return out.getvalue()
+
+
+def read_csv_chunks(batch: dict[str, np.ndarray], source: str, log_actor: Any) -> dict[str, np.ndarray]:
+    """Read byte ranges of the CSV (their first row number known) and encode rows as PNG."""
+    fs, inner = storage.resolve(source)
+    label_of_code = [FER_CLASSES.index(name) for name in FER_CSV_CODES]
+    paths, labels, blobs, skipped = [], [], [], {}
+    with fs.open_input_file(inner) as f:
+        for start, nbytes, first_row in zip(batch["start"], batch["nbytes"], batch["row"]):
+            f.seek(int(start))
+            for k, line in enumerate(f.read(int(nbytes)).splitlines()):
+                path = f"csv:{int(first_row) + k}"
+                parts = line.decode().split(",")
+                try:
+                    label, blob = label_of_code[int(parts[0])], pixels_to_png(parts[1])
+                except (ValueError, IndexError) as e:
+                    skipped[path] = f"bad CSV row: {e}"
+                    continue
+                paths.append(path)
+                labels.append(label)
+                blobs.append(blob)
+    if skipped:
+        log_actor.record.remote(skipped, [], [])
+    return _keep_good(paths, labels, blobs, log_actor)
+
+
+# --------------------------------------------------------------------------------------
+# The whole job
+# --------------------------------------------------------------------------------------
+
+
+def _check_output(source: str, output: str) -> None:
+    src_local, out_local = storage.local_path(source), storage.local_path(output)
+    if src_local and out_local:
+        import os
+
+        src_dir = src_local if os.path.isdir(src_local) else os.path.dirname(src_local)
+        if os.path.commonpath([src_dir, out_local]) == src_dir:
+            raise ConfigError(f"--output {output!r} is inside --source; choose a folder outside it.")
+    if storage.exists(output):
+        if not storage.is_dir(output):
+            raise ConfigError(f"--output {output!r} is a file; choose a folder.")
+        entries = storage.list_dir(output)
+        if entries and not storage.exists(storage.join(output, MANIFEST_FILE)):
+            raise ConfigError(
+                f"--output {output!r} is a non-empty folder that is not a shards folder; "
+                "choose a new or empty folder (nothing was written)."
+            )
+
+
+def prepare(
+    source: str,
+    output: str,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    shard_rows: int = 5000,
+    batch_size: int = 256,
+) -> dict[str, Any]:
+    """Write SHARDS/<split>/*.parquet and SHARDS/manifest.json; return the manifest."""
+    import ray
+
+    if not 0 < val_fraction < 1:
+        raise ConfigError(f"--val-fraction must be between 0 and 1, got {val_fraction}.")
+    if shard_rows < 1:
+        raise ConfigError(f"--shard-rows must be at least 1, got {shard_rows}.")
+    source, output = storage.normalize(source), storage.normalize(output)
+    _check_output(source, output)
+    listing = list_source(source, val_fraction=val_fraction, seed=seed)
+    splits = sorted(set(listing.items) | set(listing.csv_chunks), key=SPLITS.index)
+    log.info("Source %s (%s): classes %s", source, listing.kind, ", ".join(listing.classes))
+
+    start = time.time()
+    # Written under a temporary folder and moved into place at the end: a half-written
+    # output never looks finished, and an earlier complete output stays until then.
+    staging = storage.join(output, f".staging-{uuid.uuid4().hex[:8]}")
+    log_actor = ray.remote(PrepareLog).options(num_cpus=0).remote()
+    try:
+        for split in splits:
+            if listing.kind == "csv":
+                chunks = listing.csv_chunks[split]
+                ds = ray.data.from_items(chunks, override_num_blocks=len(chunks)).map_batches(
+                    read_csv_chunks,
+                    fn_kwargs={"source": source, "log_actor": log_actor},
+                    batch_size=1,
+                    batch_format="numpy",
+                )
+            else:
+                rows = [{PATH_COL: p, LABEL_COL: lab} for p, lab in listing.items[split]]
+                if not rows:
+                    continue
+                ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows) // batch_size))
+                ds = ds.map_batches(
+                    read_files_batch,
+                    fn_kwargs={"log_actor": log_actor},
+                    batch_size=batch_size,
+                    batch_format="numpy",
+                )
+            ds.write_parquet(
+                storage.join(staging, split),
+                min_rows_per_file=shard_rows,
+            )
+            log.info("Wrote split %s", split)
+        stats = ray.get(log_actor.summary.remote())
+        counts = count_labels(staging, splits, listing.classes)
+        for split in splits:
+            if not counts.get(split, {}).get("total"):
+                raise ConfigError(
+                    f"No readable images in split {split!r} of {source!r}; "
+                    "see the skipped files in the log."
+                )
+        manifest = {
+            "classes": listing.classes,
+            "source": source,
+            "source_kind": listing.kind,
+            "splits": counts,
+            "image": _image_summary(stats),
+            "skipped": [{"path": p, "reason": r} for p, r in sorted(stats["skipped"].items())],
+            "val_fraction": val_fraction if listing.kind == "class_folders" else None,
+            "seed": seed,
+            "shard_rows": shard_rows,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "seconds": round(time.time() - start, 1),
+        }
+        _publish(staging, output, splits, manifest)
+    finally:
+        storage.delete_dir(staging)
+        ray.kill(log_actor)
+    return manifest
+
+
+def _image_summary(stats: dict[str, Any]) -> dict[str, Any]:
+    sides = Counter({int(k): v for k, v in stats["sides"].items()})
+    modes = stats["modes"]
+    ordered = sorted(sides.elements()) if sides else [0]
+    gray = all(m in GRAY_MODES for m in modes) if modes else True
+    return {
+        "median_side": int(ordered[len(ordered) // 2]),
+        "min_side": int(ordered[0]),
+        "max_side": int(ordered[-1]),
+        "channels": 1 if gray else 3,
+        "modes": modes,
+    }
+
+
+def count_labels(root: str, splits: list[str], classes: list[str]) -> dict[str, dict[str, Any]]:
+    """Per split and class counts, read back from the label column of the shards."""
+    import pyarrow.dataset as pads
+
+    counts: dict[str, dict[str, Any]] = {}
+    for split in splits:
+        folder = storage.join(root, split)
+        if not storage.exists(folder):
+            continue
+        fs, inner = storage.resolve(folder)
+        table = pads.dataset(inner, filesystem=fs, format="parquet").to_table(columns=[LABEL_COL])
+        per = Counter(table.column(LABEL_COL).to_pylist())
+        counts[split] = {
+            "total": int(table.num_rows),
+            "per_class": {c: int(per.get(i, 0)) for i, c in enumerate(classes)},
+        }
+    return counts
+
+
+def _publish(staging: str, output: str, splits: list[str], manifest: dict[str, Any]) -> None:
+    """Swap the staged splits in, then write the manifest last (it marks completion)."""
+    manifest_path = storage.join(output, MANIFEST_FILE)
+    if storage.exists(manifest_path):
+        storage.resolve(manifest_path)[0].delete_file(storage.resolve(manifest_path)[1])
+    for split in SPLITS:
+        storage.delete_dir(storage.join(output, split))
+    for split in splits:
+        if storage.exists(storage.join(staging, split)):
+            storage.move(storage.join(staging, split), storage.join(output, split))
+    storage.write_json(manifest_path, manifest)
+
+
+def read_manifest(shards: str) -> dict[str, Any]:
+    """The manifest of a shards folder; ConfigError when the folder is not one."""
+    path = storage.join(storage.normalize(shards), MANIFEST_FILE)
+    if not storage.exists(path):
+        raise ConfigError(
+            f"{shards!r} is not a prepared shards folder (no {MANIFEST_FILE}); "
+            "run jobs/prepare.py first."
+        )
+    return storage.read_json(path)

@@ -1,0 +1,143 @@
+"""Local paths and URIs (s3://, gs://, file://) through pyarrow filesystems.
+
+Ray's own `storage_path` and `read_parquet` take the same strings, so a user can point
+`--data` and `--output` at a bucket or a shared folder alike.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import pyarrow.fs as pafs
+
+
+def is_uri(path: str) -> bool:
+    return "://" in str(path)
+
+
+def normalize(path: str) -> str:
+    """An absolute local path, or the URI unchanged (Ray needs absolute local paths)."""
+    path = str(path)
+    if path.startswith("file://"):
+        return path
+    if is_uri(path):
+        return path.rstrip("/")
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def resolve(path: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path inside it) for a local path or URI."""
+    path = normalize(path)
+    if is_uri(path):
+        fs, inner = pafs.FileSystem.from_uri(path)
+        return fs, inner.rstrip("/") or "/"
+    return pafs.LocalFileSystem(), path
+
+
+def join(base: str, *parts: str) -> str:
+    base = str(base)
+    if is_uri(base):
+        return "/".join([base.rstrip("/"), *[p.strip("/") for p in parts]])
+    return os.path.join(base, *parts)
+
+
+def local_path(path: str) -> str | None:
+    """The local filesystem path for a plain path or file:// URI, else None."""
+    fs, inner = resolve(path)
+    return inner if isinstance(fs, pafs.LocalFileSystem) else None
+
+
+def info(path: str) -> pafs.FileInfo:
+    fs, inner = resolve(path)
+    return fs.get_file_info(inner)
+
+
+def exists(path: str) -> bool:
+    return info(path).type != pafs.FileType.NotFound
+
+
+def is_dir(path: str) -> bool:
+    return info(path).type == pafs.FileType.Directory
+
+
+def is_file(path: str) -> bool:
+    return info(path).type == pafs.FileType.File
+
+
+def makedirs(path: str) -> None:
+    fs, inner = resolve(path)
+    fs.create_dir(inner, recursive=True)
+
+
+def read_bytes(path: str) -> bytes:
+    fs, inner = resolve(path)
+    with fs.open_input_stream(inner) as f:
+        return f.read()
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    """Write via a temporary name and a move, so readers never see half a file."""
+    fs, inner = resolve(path)
+    parent = inner.rsplit("/", 1)[0] if "/" in inner else ""
+    if parent:
+        fs.create_dir(parent, recursive=True)
+    tmp = inner + ".tmp"
+    with fs.open_output_stream(tmp) as f:
+        f.write(data)
+    fs.move(tmp, inner)
+
+
+def read_json(path: str) -> Any:
+    return json.loads(read_bytes(path).decode())
+
+
+def write_json(path: str, value: Any) -> None:
+    write_bytes(path, (json.dumps(value, indent=2) + "\n").encode())
+
+
+def list_dir(path: str) -> list[pafs.FileInfo]:
+    """Direct children of a folder, sorted by name, hidden entries left out."""
+    fs, inner = resolve(path)
+    entries = fs.get_file_info(pafs.FileSelector(inner, recursive=False))
+    return sorted((e for e in entries if not e.base_name.startswith(".")), key=lambda e: e.path)
+
+
+def list_files(path: str) -> list[str]:
+    """Every file under a folder at any depth (hidden ones left out), sorted."""
+    fs, inner = resolve(path)
+    entries = fs.get_file_info(pafs.FileSelector(inner, recursive=True))
+    out = []
+    for e in entries:
+        rel = e.path[len(inner) :].strip("/")
+        if e.type == pafs.FileType.File and not any(p.startswith(".") for p in rel.split("/")):
+            out.append(e.path)
+    return sorted(out)
+
+
+def delete_dir(path: str) -> None:
+    fs, inner = resolve(path)
+    if fs.get_file_info(inner).type != pafs.FileType.NotFound:
+        fs.delete_dir(inner)
+
+
+def move(src: str, dst: str) -> None:
+    fs, src_inner = resolve(src)
+    _, dst_inner = resolve(dst)
+    fs.move(src_inner, dst_inner)
+
+
+def copy_dir(src: str, dst: str) -> None:
+    """Copy a folder tree between any two filesystems (local <-> bucket)."""
+    src_fs, src_inner = resolve(src)
+    dst_fs, dst_inner = resolve(dst)
+    dst_fs.create_dir(dst_inner, recursive=True)
+    pafs.copy_files(src_inner, dst_inner, source_filesystem=src_fs, destination_filesystem=dst_fs)
+
+
+def full_path(fs: pafs.FileSystem, inner: str) -> str:
+    """Turn a filesystem-internal path back into the string a user would pass."""
+    if isinstance(fs, pafs.LocalFileSystem):
+        return inner
+    return f"{fs.type_name}://{inner}"

@@ -1,0 +1,432 @@
+"""The per-worker training loop (runs inside each Ray Train worker).
+
+It reads straight down: settings -> data shards -> model -> phase (frozen head, then
+fine-tuning) -> epochs of train + validate -> checkpoint and report. Every value it
+needs arrives resolved in `LoopSettings`; it knows nothing about flags or files.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.distributed as dist
+
+from fer_ray.constants import (
+    IMAGE_COL,
+    LABEL_COL,
+    TRAIN,
+    TRAIN_STATE_FILE,
+    VAL,
+    VAL_PREDICTIONS_FILE,
+    WEIGHTS_FILE,
+)
+from fer_ray.model import ModelSpec, create_model, save_model_dir, set_frozen_eval, set_trainable
+from fer_ray.transforms import DeviceNormalize
+
+HEAD_PHASE = "head"
+FINETUNE_PHASE = "finetune"
+
+
+@dataclass
+class LoopSettings:
+    """Everything the loop needs, resolved on the driver."""
+
+    model: str
+    class_names: list[str]
+    image_size: int
+    data_size: int
+    channels: int
+    mean: list[float]
+    std: list[float]
+    batch_size: int
+    num_train: int
+    epochs: int
+    freeze_epochs: int
+    unfreeze: str
+    lr: float
+    backbone_lr_scale: float
+    min_lr: float
+    weight_decay: float
+    warmup_epochs: float
+    label_smoothing: float
+    class_weights: list[float] | None
+    patience: int
+    amp: str
+    seed: int
+    drop_rate: float = 0.0
+    cpus_per_worker: int = 1
+    pretrained_state: Any = None  # an ObjectRef to a state dict, fetched once by the driver
+
+    def spec(self) -> ModelSpec:
+        return ModelSpec(
+            model=self.model, class_names=list(self.class_names), image_size=self.image_size,
+            data_size=self.data_size, channels=self.channels, mean=list(self.mean), std=list(self.std),
+        )
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint restores besides weights and optimizer: the loop's position."""
+
+    epoch: int = 0  # epochs completed
+    global_step: int = 0
+    best_val_acc: float = -1.0
+    best_epoch: int = -1
+    bad_epochs: int = 0
+    stopped_early: bool = False
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------
+
+
+def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
+    """auto: bf16 where the GPU has it, fp16 on older GPUs, off on CPU."""
+    if amp == "off" or (amp == "auto" and device.type != "cuda"):
+        return None
+    if amp == "bf16":
+        return torch.bfloat16
+    if amp == "fp16":
+        return torch.float16
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def phase_of(epoch: int, freeze_epochs: int) -> str:
+    return HEAD_PHASE if epoch < freeze_epochs else FINETUNE_PHASE
+
+
+def phase_bounds(phase: str, s: LoopSettings) -> tuple[int, int]:
+    """(first epoch, number of epochs) of a phase."""
+    if phase == HEAD_PHASE:
+        return 0, s.freeze_epochs
+    return s.freeze_epochs, s.epochs - s.freeze_epochs
+
+
+def _is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if _is_distributed():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def gather_arrays(arrays: list[np.ndarray]) -> list[np.ndarray]:
+    """Concatenate each array over all workers (every worker gets the result)."""
+    if not _is_distributed():
+        return arrays
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, arrays)
+    return [np.concatenate([g[i] for g in gathered]) for i in range(len(arrays))]
+
+
+def log0(message: str) -> None:
+    """Progress from rank 0 only (Ray forwards it to the driver's console)."""
+    import ray.train
+
+    if ray.train.get_context().get_world_rank() == 0:
+        print(message, flush=True)
+
+
+# --------------------------------------------------------------------------------------
+# Phase set-up: which parameters train, with which LR schedule
+# --------------------------------------------------------------------------------------
+
+
+def build_phase(
+    model: torch.nn.Module, phase: str, s: LoopSettings, steps_per_epoch: int
+) -> tuple[torch.nn.Module, torch.optim.Optimizer, Any]:
+    """Freeze/unfreeze, wrap for DDP, and build AdamW with a warm-up + cosine schedule."""
+    import ray.train.torch
+    from timm.scheduler import CosineLRScheduler
+
+    unfreeze = None if phase == HEAD_PHASE else s.unfreeze
+    backbone = set_trainable(model, unfreeze)
+    backbone_lr = s.lr * (s.backbone_lr_scale if phase == FINETUNE_PHASE else 1.0)
+    head_params, backbone_params = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (backbone_params if name in backbone else head_params).append(p)
+    groups = [{"params": head_params, "lr": s.lr}]
+    if backbone_params:
+        groups.append({"params": backbone_params, "lr": backbone_lr})
+    optimizer = torch.optim.AdamW(groups, lr=s.lr, weight_decay=s.weight_decay)
+
+    _, n_epochs = phase_bounds(phase, s)
+    total = max(1, n_epochs * steps_per_epoch)
+    warmup = min(int(round(s.warmup_epochs * steps_per_epoch)), total // 2)
+    scheduler = CosineLRScheduler(
+        optimizer, t_initial=total, lr_min=s.min_lr, warmup_t=warmup,
+        warmup_lr_init=s.lr * 0.01, warmup_prefix=True, t_in_epochs=False,
+    )
+    # A fresh DDP wrapper per phase: DDP registers exactly the parameters that train.
+    wrapped = ray.train.torch.prepare_model(model, move_to_device=False)
+    return wrapped, optimizer, scheduler
+
+
+# --------------------------------------------------------------------------------------
+# One epoch of training and of validation
+# --------------------------------------------------------------------------------------
+
+
+def train_epoch(
+    wrapped: torch.nn.Module,
+    model: torch.nn.Module,
+    batches: Any,
+    normalize: DeviceNormalize,
+    criterion: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    scaler: torch.amp.GradScaler,
+    amp_dtype: torch.dtype | None,
+    step_in_phase: int,
+    device: torch.device,
+) -> tuple[float, float, int, int]:
+    """Returns (loss sum, correct, images, steps) on this worker."""
+    wrapped.train()
+    set_frozen_eval(model)
+    loss_sum, correct, seen, steps = 0.0, 0, 0, 0
+    for batch in batches:
+        x = normalize(batch[IMAGE_COL])
+        y = batch[LABEL_COL]
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            logits = wrapped(x)
+            loss = criterion(logits.float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        steps += 1
+        scheduler.step_update(num_updates=step_in_phase + steps)
+        loss_sum += loss.item() * len(y)
+        correct += (logits.argmax(1) == y).sum().item()
+        seen += len(y)
+    return loss_sum, correct, seen, steps
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module,
+    batches: Any,
+    normalize: DeviceNormalize,
+    amp_dtype: torch.dtype | None,
+    label_smoothing: float,
+    device: torch.device,
+) -> tuple[float, np.ndarray, np.ndarray]:
+    """(loss sum, labels, predictions) on this worker's share of the val split."""
+    model.eval()
+    criterion = torch.nn.CrossEntropyLoss(reduction="sum", label_smoothing=label_smoothing)
+    loss_sum, labels, preds = 0.0, [], []
+    for batch in batches:
+        x = normalize(batch[IMAGE_COL])
+        y = batch[LABEL_COL]
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            logits = model(x).float()
+        loss_sum += criterion(logits, y).item()
+        labels.append(y.cpu().numpy())
+        preds.append(logits.argmax(1).cpu().numpy())
+    cat = lambda xs: np.concatenate(xs) if xs else np.zeros(0, dtype=np.int64)  # noqa: E731
+    return loss_sum, cat(labels), cat(preds)
+
+
+# --------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------
+
+
+def save_checkpoint(
+    folder: str,
+    model: torch.nn.Module,
+    spec: ModelSpec,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    state: TrainState,
+    phase: str,
+    labels: np.ndarray,
+    preds: np.ndarray,
+) -> None:
+    save_model_dir(model, folder, spec)
+    torch.save(
+        {
+            "state": asdict(state),
+            "phase": phase,
+            "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(),
+        },
+        os.path.join(folder, TRAIN_STATE_FILE),
+    )
+    pd.DataFrame({"label": labels, "pred": preds}).to_parquet(
+        os.path.join(folder, VAL_PREDICTIONS_FILE), index=False
+    )
+
+
+def load_checkpoint(folder: str, model: torch.nn.Module) -> dict[str, Any]:
+    """Restore weights in place; return the rest (loaded without unrestricted pickle)."""
+    from safetensors.torch import load_file
+
+    model.load_state_dict(load_file(os.path.join(folder, WEIGHTS_FILE)))
+    return torch.load(os.path.join(folder, TRAIN_STATE_FILE), weights_only=True, map_location="cpu")
+
+
+# --------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    import ray
+    import ray.train
+    import ray.train.torch
+
+    s = LoopSettings(**config)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    if device.type == "cpu":
+        torch.set_num_threads(s.cpus_per_worker)
+    else:
+        torch.backends.cudnn.benchmark = True
+    torch.manual_seed(s.seed)
+
+    # Data: each worker gets an equal share of train (so every worker takes the same
+    # number of steps) and its own share of val.
+    train_shard = ray.train.get_dataset_shard(TRAIN)
+    val_shard = ray.train.get_dataset_shard(VAL)
+    epoch_steps = steps_per_epoch(s.num_train, s.batch_size, world)
+    if epoch_steps < 1:
+        raise ValueError(
+            f"{s.num_train} training images cannot fill one batch of {s.batch_size} on each of "
+            f"{world} workers; lower --batch-size or --num-workers."
+        )
+    on_gpu = device.type == "cuda"
+    iter_args = {
+        "batch_size": s.batch_size,
+        "device": device,
+        "dtypes": {IMAGE_COL: torch.uint8, LABEL_COL: torch.int64},
+        "pin_memory": on_gpu,
+        "prefetch_batches": 2,
+    }
+
+    # Model
+    model = create_model(s.model, len(s.class_names), drop_rate=s.drop_rate)
+    if s.pretrained_state is not None:
+        model.load_state_dict(ray.get(s.pretrained_state))
+    model.to(device)
+    if on_gpu:
+        model.to(memory_format=torch.channels_last)
+    normalize = DeviceNormalize(s.image_size, s.mean, s.std, channels_last=on_gpu).to(device)
+    amp_dtype = resolve_amp(s.amp, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    weight = torch.tensor(s.class_weights, dtype=torch.float32, device=device) if s.class_weights else None
+    criterion = torch.nn.CrossEntropyLoss(weight=weight, label_smoothing=s.label_smoothing)
+
+    # Resume: after a worker failure, or when the same run folder is run again.
+    state, restored = TrainState(), None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as folder:
+            restored = load_checkpoint(folder, model)
+        state = TrainState(**restored["state"])
+        log0(f"Resuming after epoch {state.epoch} (step {state.global_step}) from {checkpoint.path}")
+    if state.stopped_early or state.epoch >= s.epochs:
+        log0(f"Run already finished at epoch {state.epoch}; nothing to train.")
+        return
+
+    log0(
+        f"Training {s.model} on {world} worker(s) ({device.type}, amp={amp_dtype}), "
+        f"{s.num_train} images, {epoch_steps} steps/epoch of {s.batch_size}x{world}, "
+        f"{s.image_size}px from {s.data_size}px data"
+    )
+    phase, wrapped, optimizer, scheduler = None, model, None, None
+    spec = s.spec()
+    for epoch in range(state.epoch, s.epochs):
+        if phase_of(epoch, s.freeze_epochs) != phase:
+            phase = phase_of(epoch, s.freeze_epochs)
+            wrapped, optimizer, scheduler = build_phase(model, phase, s, epoch_steps)
+            if restored is not None and restored["phase"] == phase and epoch == state.epoch:
+                optimizer.load_state_dict(restored["optimizer"])
+                scaler.load_state_dict(restored["scaler"])
+        phase_start, _ = phase_bounds(phase, s)
+        step_in_phase = state.global_step - phase_start * epoch_steps
+        scheduler.step_update(num_updates=step_in_phase)
+        lr = optimizer.param_groups[0]["lr"]
+
+        start = time.time()
+        loss_sum, correct, seen, steps = train_epoch(
+            wrapped, model, train_shard.iter_torch_batches(drop_last=True, **iter_args),
+            normalize, criterion, optimizer, scheduler, scaler, amp_dtype, step_in_phase, device,
+        )
+        train_seconds = time.time() - start
+        val_loss_sum, labels, preds = evaluate(
+            model, val_shard.iter_torch_batches(**iter_args), normalize, amp_dtype,
+            s.label_smoothing, device,
+        )
+        loss_sum, correct, seen, val_loss_sum = all_reduce_sum(
+            [loss_sum, correct, seen, val_loss_sum], device
+        )
+        labels, preds = gather_arrays([labels, preds])
+        seconds = time.time() - start
+
+        state.global_step += steps
+        state.epoch = epoch + 1
+        val_acc = float((labels == preds).mean()) if len(labels) else 0.0
+        improved = val_acc > state.best_val_acc
+        if improved:
+            state.best_val_acc, state.best_epoch, state.bad_epochs = val_acc, state.epoch, 0
+        else:
+            state.bad_epochs += 1
+        # Early stopping only once the final phase runs: the frozen phase is short by design.
+        final_phase = phase == phase_of(s.epochs - 1, s.freeze_epochs)
+        state.stopped_early = final_phase and state.bad_epochs >= s.patience and state.epoch < s.epochs
+        row = {
+            "epoch": state.epoch,
+            "phase": phase,
+            "lr": lr,
+            "train_loss": loss_sum / max(seen, 1),
+            "train_acc": correct / max(seen, 1),
+            "val_loss": val_loss_sum / max(len(labels), 1),
+            "val_acc": val_acc,
+            "seconds": round(seconds, 2),
+            "images_per_s": round(seen / max(train_seconds, 1e-9), 1),
+        }
+        state.history.append(row)
+        log0(
+            f"epoch {state.epoch}/{s.epochs} [{phase}] lr {lr:.2e} "
+            f"train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f} | "
+            f"val loss {row['val_loss']:.4f} acc {val_acc:.4f}{' *' if improved else ''} | "
+            f"{seconds:.1f}s {row['images_per_s']:.0f} img/s"
+            + (f" | early stop: no gain for {state.bad_epochs} epochs" if state.stopped_early else "")
+        )
+
+        metrics = {**row, "best_val_acc": state.best_val_acc, "best_epoch": state.best_epoch,
+                   "stopped_early": state.stopped_early}
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = None
+            if rank == 0:
+                save_checkpoint(tmp, model, spec, optimizer, scaler, state, phase, labels, preds)
+                ckpt = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"epoch_{state.epoch:04d}")
+        if state.stopped_early:
+            break
+
+
+def steps_per_epoch(num_train: int, batch_size: int, workers: int) -> int:
+    """Optimizer steps per epoch: each worker's equal share, full batches only."""
+    return (num_train // workers) // batch_size
+
+
+def scaled_lr(lr: float, workers: int, rule: str) -> float:
+    """The LR for `workers` x the per-worker batch (linear or square-root scaling rule)."""
+    return {"linear": lr * workers, "sqrt": lr * math.sqrt(workers), "none": lr}[rule]

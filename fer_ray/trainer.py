@@ -1,0 +1,276 @@
+"""Driver side of training: resolve settings, build the TorchTrainer, write the run folder.
+
+`jobs/train.py` and every Tune trial go through `build_trainer` and `finalize_run`, so a
+trial is exactly a training run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from dataclasses import asdict
+from typing import Any, Iterator, Sequence
+
+import pandas as pd
+import ray.train
+import torch
+
+from fer_ray import storage
+from fer_ray.config import RESOLVED_KEY, ConfigError, TrainConfig, to_dict
+from fer_ray.constants import (
+    BEST_DIR,
+    CONFIG_FILE,
+    CONFUSION_MATRIX_FILE,
+    HISTORY_FILE,
+    LEARNING_CURVES_FILE,
+    MODEL_CONFIG_FILE,
+    RAY_RUN_NAME,
+    TRAIN,
+    TRAIN_STATE_FILE,
+    VAL,
+    VAL_METRICS_FILE,
+    VAL_PREDICTIONS_FILE,
+    WEIGHTS_FILE,
+)
+from fer_ray.data import class_weights, resolve_data_size, train_counts, train_val_datasets
+from fer_ray.metrics import confusion_table, metrics_table, summary
+from fer_ray.model import create_model, data_config, fetch_pretrained_state
+from fer_ray.prepare import read_manifest
+from fer_ray.reports import plot_confusion_matrix, plot_learning_curves
+from fer_ray.train_loop import LoopSettings, scaled_lr, steps_per_epoch, train_loop_per_worker
+
+log = logging.getLogger(__name__)
+
+
+class ShardedValConfig(ray.train.DataConfig):
+    """Train split in equal shares (every worker takes the same number of steps); val split
+    unevenly, because validation must see every image exactly once."""
+
+    def __init__(self) -> None:
+        super().__init__(datasets_to_split=[TRAIN])
+
+    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+        output = super().configure(
+            {k: v for k, v in datasets.items() if k != VAL},
+            world_size, worker_handles, worker_node_ids, **kwargs,
+        )
+        if VAL in datasets:
+            val = datasets[VAL].copy(datasets[VAL])
+            val.context.execution_options = self._resolve_execution_options(VAL)
+            for i, split in enumerate(val.streaming_split(world_size, equal=False)):
+                output[i][VAL] = split
+        return output
+
+# Settings that cannot change when a run folder is trained again (resume).
+RESUME_KEYS = ("model", "data", "image_size", "data_size")
+
+
+def resolve_settings(cfg: TrainConfig, manifest: dict[str, Any], pretrained_state: Any = None) -> LoopSettings:
+    """Everything the worker loop needs, from the config and the shards' manifest."""
+    d, m, o, r = cfg.data, cfg.model, cfg.optim, cfg.run
+    classes = list(manifest["classes"])
+    probe = create_model(m.model, len(classes))  # also checks the model name
+    dcfg = data_config(probe)
+    return LoopSettings(
+        model=m.model,
+        class_names=classes,
+        image_size=d.image_size,
+        data_size=resolve_data_size(d.image_size, manifest, d.data_size),
+        channels=int(manifest["image"]["channels"]),
+        mean=list(dcfg["mean"]),
+        std=list(dcfg["std"]),
+        batch_size=d.batch_size,
+        num_train=int(manifest["splits"][TRAIN]["total"]),
+        epochs=o.epochs,
+        freeze_epochs=int(o.freeze_epochs or 0),
+        unfreeze=o.unfreeze,
+        lr=scaled_lr(o.lr, r.num_workers, o.lr_scaling),
+        backbone_lr_scale=float(o.backbone_lr_scale or 1.0),
+        min_lr=o.min_lr,
+        weight_decay=o.weight_decay,
+        warmup_epochs=o.warmup_epochs,
+        label_smoothing=o.label_smoothing,
+        class_weights=class_weights(train_counts(manifest)) if o.class_weights else None,
+        patience=o.patience,
+        amp=r.amp,
+        seed=r.seed,
+        drop_rate=m.drop_rate,
+        cpus_per_worker=r.cpus_per_worker,
+        pretrained_state=pretrained_state,
+    )
+
+
+def check_inputs(cfg: TrainConfig) -> dict[str, Any]:
+    """Validate the config against the data before any worker starts; return the manifest."""
+    cfg.validate()
+    manifest = read_manifest(cfg.data.data)
+    for split in (TRAIN, VAL):
+        if not manifest["splits"].get(split, {}).get("total"):
+            raise ConfigError(f"Shards {cfg.data.data!r} have no {split!r} split; re-run jobs/prepare.py.")
+    cfg.resolve_defaults()
+    _check_resume_compatible(cfg)
+    return manifest
+
+
+def _check_resume_compatible(cfg: TrainConfig) -> None:
+    path = storage.join(storage.normalize(cfg.run.output), CONFIG_FILE)
+    if not storage.exists(path):
+        return
+    old = _flat(storage.read_json(path))
+    new = _flat(to_dict(cfg))
+    changed = [k for k in RESUME_KEYS if k in old and old.get(k) != new.get(k)]
+    if changed:
+        diffs = ", ".join(f"{k} {old[k]!r} -> {new[k]!r}" for k in changed)
+        raise ConfigError(
+            f"{cfg.run.output!r} holds a run with different settings ({diffs}); "
+            "use a new --output, or the same settings to resume it."
+        )
+
+
+def _flat(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for section in d.values() if isinstance(section, dict) for k, v in section.items()}
+
+
+def check_gpus(cfg: TrainConfig) -> None:
+    """--use-gpu on a cluster without GPUs fails here with a sentence, not a silent wait."""
+    import ray
+
+    if not cfg.run.use_gpu:
+        return
+    have = ray.cluster_resources().get("GPU", 0)
+    if have < 1 and not _autoscaling():
+        raise ConfigError(
+            f"--use-gpu was given but the Ray cluster has no GPUs (resources: "
+            f"{ray.cluster_resources()}); drop --use-gpu or connect to a cluster with GPU nodes."
+        )
+
+
+def _autoscaling() -> bool:
+    """Whether an autoscaler may still add nodes (a cluster started from cluster.yaml)."""
+    return bool(os.environ.get("RAY_ADDRESS")) and os.environ.get("FER_RAY_AUTOSCALING", "1") == "1"
+
+
+def build_trainer(
+    cfg: TrainConfig,
+    settings: LoopSettings,
+    *,
+    storage_path: str | None = None,
+    callbacks: Sequence[Any] = (),
+):
+    """The TorchTrainer for one run; checkpoints go to STORAGE/ray_train."""
+    from ray.train.torch import TorchTrainer
+
+    datasets = train_val_datasets(cfg.data.data, settings.data_size, settings.channels, cfg.data.augment)
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=asdict(settings),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.run.num_workers,
+            use_gpu=cfg.run.use_gpu,
+            resources_per_worker={"CPU": cfg.run.cpus_per_worker, **({"GPU": 1} if cfg.run.use_gpu else {})},
+        ),
+        run_config=ray.train.RunConfig(
+            name=RAY_RUN_NAME,
+            storage_path=storage_path or storage.normalize(cfg.run.output),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=1,  # the best by val accuracy; Ray always keeps the latest too
+                checkpoint_score_attribute="val_acc",
+                checkpoint_score_order="max",
+            ),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+            callbacks=list(callbacks),
+        ),
+        datasets=datasets,
+        dataset_config=ShardedValConfig(),
+    )
+
+
+def load_pretrained(cfg: TrainConfig, num_classes: int) -> Any:
+    """Fetch ImageNet weights once on the driver and share them through the object store."""
+    import ray
+
+    if not cfg.model.pretrained:
+        return None
+    log.info("Loading pretrained weights for %s", cfg.model.model)
+    state = fetch_pretrained_state(cfg.model.model, num_classes, cfg.model.pretrained_file)
+    return ray.put(state)
+
+
+def write_config(cfg: TrainConfig, settings: LoopSettings, run_dir: str) -> None:
+    """The resolved config, with the values derived from it, next to the run's outputs."""
+    resolved = {
+        "classes": settings.class_names,
+        "data_size": settings.data_size,
+        "channels": settings.channels,
+        "mean": settings.mean,
+        "std": settings.std,
+        "effective_lr": settings.lr,
+        "global_batch": cfg.data.batch_size * cfg.run.num_workers,
+        "steps_per_epoch": steps_per_epoch(settings.num_train, cfg.data.batch_size, cfg.run.num_workers),
+        "class_weights": settings.class_weights,
+    }
+    storage.write_json(storage.join(run_dir, CONFIG_FILE), {**to_dict(cfg), RESOLVED_KEY: resolved})
+
+
+@contextmanager
+def local_staging(run_dir: str) -> Iterator[str]:
+    """A local folder to write into; copied to the run folder afterwards when it is a URI."""
+    local = storage.local_path(run_dir)
+    if local:
+        os.makedirs(local, exist_ok=True)
+        yield local
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        yield tmp
+        storage.copy_dir(tmp, run_dir)
+
+
+def finalize_run(result: Any, run_dir: str, class_names: Sequence[str]) -> dict[str, Any]:
+    """Write history, best/, val metrics and plots from the run's checkpoints."""
+    latest = result.checkpoint
+    if latest is None:
+        raise RuntimeError(f"The run in {run_dir} reported no checkpoint; see the log above.")
+    best = result.get_best_checkpoint(metric="val_acc", mode="max") or latest
+    with latest.as_directory() as folder:
+        state = torch.load(os.path.join(folder, TRAIN_STATE_FILE), weights_only=True)["state"]
+    history = pd.DataFrame(state["history"])
+    with local_staging(run_dir) as local:
+        history.to_csv(os.path.join(local, HISTORY_FILE), index=False)
+        best_dir = os.path.join(local, BEST_DIR)
+        os.makedirs(best_dir, exist_ok=True)
+        with best.as_directory() as folder:
+            for name in (WEIGHTS_FILE, MODEL_CONFIG_FILE):
+                shutil.copy2(os.path.join(folder, name), os.path.join(best_dir, name))
+            preds = pd.read_parquet(os.path.join(folder, VAL_PREDICTIONS_FILE))
+        y_true, y_pred = preds["label"].to_numpy(), preds["pred"].to_numpy()
+        table = metrics_table(y_true, y_pred, class_names)
+        table.to_parquet(os.path.join(local, VAL_METRICS_FILE), index=False)
+        cm = confusion_table(y_true, y_pred, class_names)
+        plot_confusion_matrix(
+            cm[list(class_names)].to_numpy(), class_names, os.path.join(local, CONFUSION_MATRIX_FILE),
+            title=f"Val, epoch {state['best_epoch']}",
+        )
+        plot_learning_curves(history, os.path.join(local, LEARNING_CURVES_FILE))
+    return {
+        **summary(table),
+        "best_epoch": int(state["best_epoch"]),
+        "epochs_run": int(state["epoch"]),
+        "stopped_early": bool(state["stopped_early"]),
+        "best_dir": storage.join(run_dir, BEST_DIR),
+    }
+
+
+def train(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
+    """The whole training job (the driver of jobs/train.py)."""
+    manifest = check_inputs(cfg)
+    check_gpus(cfg)
+    run_dir = storage.normalize(cfg.run.output)
+    pretrained = load_pretrained(cfg, len(manifest["classes"]))
+    settings = resolve_settings(cfg, manifest, pretrained)
+    write_config(cfg, settings, run_dir)
+    trainer = build_trainer(cfg, settings, callbacks=callbacks)
+    result = trainer.fit()
+    return finalize_run(result, run_dir, manifest["classes"])

@@ -1,0 +1,51 @@
+"""Prepare image folders or the FER2013 CSV as Parquet shards for training.
+
+    python jobs/prepare.py --source ../shared/datasets/fer2013 --output data/fer2013
+    python jobs/prepare.py --source data/synth --output data/synth_shards      # tiny demo data
+    python jobs/prepare.py --source fer2013.csv --output data/fer2013_csv
+    ray job submit --working-dir . -- python jobs/prepare.py --source s3://b/faces --output s3://b/shards
+
+SRC: split folders (train/, val/ or validation/, optional test/, each with class
+folders), one folder of class folders (split by --val-fraction), or the FER2013 CSV.
+Writes SHARDS/<split>/*.parquet (image, label, path) and SHARDS/manifest.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fer_ray.cli import init_ray, run_job  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[-1].strip())
+    parser.add_argument("--source", required=True, help="image folder(s) or FER2013 CSV")
+    parser.add_argument("--output", required=True, help="shards folder to write")
+    parser.add_argument("--val-fraction", type=float, default=0.1,
+                        help="val share for a folder of class folders (stratified)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
+    parser.add_argument("--shard-rows", type=int, default=5000, help="rows per Parquet file")
+    args = parser.parse_args(argv)
+
+    def job() -> None:
+        from fer_ray.prepare import prepare
+
+        init_ray()
+
+        manifest = prepare(args.source, args.output, val_fraction=args.val_fraction,
+                           seed=args.seed, shard_rows=args.shard_rows)
+        for split, c in manifest["splits"].items():
+            per = ", ".join(f"{k} {v}" for k, v in c["per_class"].items())
+            print(f"{split}: {c['total']} images ({per})")
+        print(f"skipped {len(manifest['skipped'])} files; manifest: "
+              f"{args.output.rstrip('/')}/manifest.json ({manifest['seconds']} s)")
+
+    return run_job(job)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
