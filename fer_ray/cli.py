@@ -49,4 +49,4 @@ def init_ray(min_cpus: int = 4) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(num_cpus=max(os.cpu_count() or 1, min_cpus), include_dashboard=False)
+        ray.init(num_cpus=max(os.cpu_count() or 1, min_cpus))

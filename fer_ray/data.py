@@ -52,12 +52,16 @@ def split_dataset(
     ds = ray.data.read_parquet(storage.join(storage.normalize(shards), split), columns=[IMAGE_COL, LABEL_COL])
     if is_training:
         ds = ds.random_shuffle()
-    return ds.map_batches(
+    ds = ds.map_batches(
         transform_batch,
         fn_kwargs={"size": size, "channels": channels, "is_training": is_training, "augment": augment},
         batch_size=MAP_BATCH_SIZE,
         batch_format="numpy",
     )
+    # The per-epoch progress line replaces Ray Data's bars, which re-run every epoch.
+    ds.context.enable_progress_bars = False
+    ds.context.print_on_execution_start = False
+    return ds
 
 
 def train_val_datasets(shards: str, size: int, channels: int, augment: str) -> dict[str, Any]:

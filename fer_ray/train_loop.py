@@ -133,11 +133,17 @@ def gather_arrays(arrays: list[np.ndarray]) -> list[np.ndarray]:
 
 
 def log0(message: str) -> None:
-    """Progress from rank 0 only (Ray forwards it to the driver's console)."""
+    """Progress from rank 0 only (Ray forwards worker stdout to the driver's console).
+
+    Written to the stream directly: Ray Train's patched print() would echo it twice.
+    """
+    import sys
+
     import ray.train
 
     if ray.train.get_context().get_world_rank() == 0:
-        print(message, flush=True)
+        sys.stdout.write(message + "\n")
+        sys.stdout.flush()
 
 
 # --------------------------------------------------------------------------------------

@@ -131,7 +131,12 @@ def _check_resume_compatible(cfg: TrainConfig) -> None:
 
 
 def _flat(d: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for section in d.values() if isinstance(section, dict) for k, v in section.items()}
+    return {
+        k: v
+        for name, section in d.items()
+        if isinstance(section, dict) and name != RESOLVED_KEY
+        for k, v in section.items()
+    }
 
 
 def check_gpus(cfg: TrainConfig) -> None:

@@ -1,0 +1,33 @@
+# Quickstart: `make demo` and `make test` on a machine with Python 3.10+ and pip.
+# Both create (or reuse) .venv and install the project into it first.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+DEMO   := demo_out
+FER    ?= ../shared/datasets/fer2013
+
+.PHONY: install demo test bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[dev]"
+	@touch $(STAMP)
+
+# Synthetic faces -> Parquet shards -> a small CPU training run with every report.
+demo: $(STAMP)
+	rm -rf $(DEMO)
+	$(PY) jobs/make_synthetic.py --output $(DEMO)/faces --train-per-class 300 --val-per-class 60 --size 48
+	$(PY) jobs/prepare.py --source $(DEMO)/faces --output $(DEMO)/shards
+	$(PY) jobs/train.py --config configs/demo.yaml --data $(DEMO)/shards --output $(DEMO)/run
+	@echo "Demo run folder: $(DEMO)/run (history.csv, learning_curves.png, confusion_matrix.png, best/)"
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(DEMO) .pytest_cache

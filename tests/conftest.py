@@ -1,0 +1,72 @@
+"""Shared fixtures: one Ray cluster per test session, tiny synthetic data, a tiny model.
+
+Ray tests get a local cluster with 4 logical CPUs bound to 127.0.0.1: on a 2-core
+machine a Tune trial, its Train worker and the Ray Data tasks each hold a CPU and would
+otherwise wait on each other.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+# Small, fast runs: tiny images and a tiny timm model.
+TINY_MODEL = "test_resnet"
+TINY_SIZE = 32
+
+
+def tiny_train_args(data: str, output: str, *extra: str) -> list[str]:
+    """jobs/train.py flags for a fast CPU run on the synthetic shards."""
+    return [
+        "--data", data, "--output", output, "--model", TINY_MODEL, "--no-pretrained",
+        "--image-size", str(TINY_SIZE), "--batch-size", "16", "--epochs", "2", *extra,
+    ]
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    import ray
+
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    ray.init(num_cpus=4, _node_ip_address="127.0.0.1", include_dashboard=True,
+             log_to_driver=True, ignore_reinit_error=True)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def synth_folder(tmp_path_factory) -> Path:
+    """Synthetic faces as split folders: 40 train and 10 val images per class, 32 px."""
+    from fer_ray.synthetic import generate_dataset
+
+    root = tmp_path_factory.mktemp("synth")
+    generate_dataset(root, {"train": 40, "val": 10}, size=TINY_SIZE, seed=0)
+    return root
+
+
+@pytest.fixture(scope="session")
+def synth_shards(ray_cluster, synth_folder, tmp_path_factory) -> Path:
+    from fer_ray.prepare import prepare
+
+    out = tmp_path_factory.mktemp("shards") / "synth"
+    prepare(str(synth_folder), str(out), shard_rows=100)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_run(ray_cluster, synth_shards, tmp_path_factory) -> Path:
+    """One finished 2-epoch training run (shared by the tests that read its outputs)."""
+    from fer_ray.config import TrainConfig, parse_config
+    from fer_ray.trainer import train
+    import argparse
+
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    cfg, _ = parse_config(TrainConfig, tiny_train_args(str(synth_shards), str(out)), argparse.ArgumentParser())
+    train(cfg)
+    return out
