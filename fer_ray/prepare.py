@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import logging
 import math
+import os
 import time
 import uuid
 from collections import Counter
@@ -183,12 +184,25 @@ def _check_not_empty(listing: Listing, source: str) -> None:
         )
 
 
+def _iter_lines(stream: Any, chunk: int = 1 << 23) -> Any:
+    """Lines of a pyarrow stream, each with its newline (so offsets add up)."""
+    rest = b""
+    while data := stream.read(chunk):
+        *lines, rest = (rest + data).split(b"\n")
+        for line in lines:
+            yield line + b"\n"
+    if rest:
+        yield rest
+
+
 def _list_csv(source: str) -> Listing:
     """Find row ranges per split by scanning lines; each range becomes one read task."""
     fs, inner = storage.resolve(source)
     chunks: dict[str, list[dict[str, Any]]] = {}
-    with fs.open_input_file(inner) as f:
-        header = f.readline().decode().strip().split(",")
+    with fs.open_input_stream(inner) as f:
+        lines = _iter_lines(f)
+        first = next(lines, b"")
+        header = first.decode().strip().split(",")
         missing = [c for c in CSV_COLUMNS if c not in header]
         if missing:
             raise ConfigError(
@@ -196,9 +210,9 @@ def _list_csv(source: str) -> Listing:
                 "the header emotion,pixels,Usage."
             )
         usage_col = header.index("Usage")
-        row, offset = 0, f.tell()
+        row, offset = 0, len(first)
         current: dict[str, Any] | None = None
-        for line in iter(f.readline, b""):
+        for line in lines:
             parts = line.rstrip(b"\r\n").split(b",")
             usage = parts[usage_col].decode().strip() if len(parts) > usage_col else ""
             split = FER_CSV_USAGE.get(usage, "?")
@@ -333,11 +347,8 @@ def read_csv_chunks(batch: dict[str, np.ndarray], source: str, log_actor: Any) -
 
 def _check_output(source: str, output: str) -> None:
     src_local, out_local = storage.local_path(source), storage.local_path(output)
-    if src_local and out_local:
-        import os
-
-        src_dir = src_local if os.path.isdir(src_local) else os.path.dirname(src_local)
-        if os.path.commonpath([src_dir, out_local]) == src_dir:
+    if src_local and out_local and os.path.isdir(src_local):
+        if os.path.commonpath([src_local, out_local]) == src_local:
             raise ConfigError(f"--output {output!r} is inside --source; choose a folder outside it.")
     if storage.exists(output):
         if not storage.is_dir(output):
@@ -397,10 +408,9 @@ def prepare(
                     batch_size=batch_size,
                     batch_format="numpy",
                 )
-            ds.write_parquet(
-                storage.join(staging, split),
-                min_rows_per_file=shard_rows,
-            )
+            # Streaming repartition: blocks (and so files) of at most --shard-rows rows.
+            ds = ds.repartition(target_num_rows_per_block=shard_rows, strict=True)
+            ds.write_parquet(storage.join(staging, split), max_rows_per_file=shard_rows)
             log.info("Wrote split %s", split)
         stats = ray.get(log_actor.summary.remote())
         counts = count_labels(staging, splits, listing.classes)

@@ -37,7 +37,7 @@ from fer_ray.constants import (
 )
 from fer_ray.data import class_weights, resolve_data_size, train_counts, train_val_datasets
 from fer_ray.metrics import confusion_table, metrics_table, summary
-from fer_ray.model import create_model, data_config, fetch_pretrained_state
+from fer_ray.model import check_model_name, create_model, data_config, fetch_pretrained_state
 from fer_ray.prepare import read_manifest
 from fer_ray.reports import plot_confusion_matrix, plot_learning_curves
 from fer_ray.train_loop import LoopSettings, scaled_lr, steps_per_epoch, train_loop_per_worker
@@ -111,6 +111,7 @@ def check_inputs(cfg: TrainConfig) -> dict[str, Any]:
         if not manifest["splits"].get(split, {}).get("total"):
             raise ConfigError(f"Shards {cfg.data.data!r} have no {split!r} split; re-run jobs/prepare.py.")
     cfg.resolve_defaults()
+    check_model_name(cfg.model.model)
     _check_resume_compatible(cfg)
     return manifest
 
@@ -268,9 +269,11 @@ def finalize_run(result: Any, run_dir: str, class_names: Sequence[str]) -> dict[
     }
 
 
-def train(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
-    """The whole training job (the driver of jobs/train.py)."""
-    manifest = check_inputs(cfg)
+def train(
+    cfg: TrainConfig, manifest: dict[str, Any] | None = None, callbacks: Sequence[Any] = ()
+) -> dict[str, Any]:
+    """The whole training job (the driver of jobs/train.py); Ray must be initialised."""
+    manifest = manifest or check_inputs(cfg)
     check_gpus(cfg)
     run_dir = storage.normalize(cfg.run.output)
     pretrained = load_pretrained(cfg, len(manifest["classes"]))

@@ -31,12 +31,12 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     def job() -> None:
-        cfg, _ = parse_config(TrainConfig, argv, parser)
-        cfg.validate()
-        init_ray(min_cpus=cfg.run.num_workers * cfg.run.cpus_per_worker + 2)
-        from fer_ray.trainer import train
+        from fer_ray.trainer import check_inputs, train
 
-        out = train(cfg)
+        cfg, _ = parse_config(TrainConfig, argv, parser)
+        manifest = check_inputs(cfg)  # bad input fails here, before Ray starts
+        init_ray(min_cpus=cfg.run.num_workers * cfg.run.cpus_per_worker + 2)
+        out = train(cfg, manifest)
         print(
             f"best val accuracy {out['accuracy']:.4f} (macro F1 {out['macro_f1']:.4f}) at epoch "
             f"{out['best_epoch']} of {out['epochs_run']}"

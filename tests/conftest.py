@@ -61,12 +61,18 @@ def synth_shards(ray_cluster, synth_folder, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_run(ray_cluster, synth_shards, tmp_path_factory) -> Path:
-    """One finished 2-epoch training run (shared by the tests that read its outputs)."""
-    from fer_ray.config import TrainConfig, parse_config
-    from fer_ray.trainer import train
-    import argparse
+    """One finished 2-epoch run, shared by the tests that read its outputs: a frozen-backbone
+    epoch from "pretrained" weights given by --pretrained-file, then one fine-tuning epoch."""
+    import timm
+    import torch
 
-    out = tmp_path_factory.mktemp("runs") / "tiny"
-    cfg, _ = parse_config(TrainConfig, tiny_train_args(str(synth_shards), str(out)), argparse.ArgumentParser())
-    train(cfg)
+    from jobs.train import main
+
+    runs = tmp_path_factory.mktemp("runs")
+    weights = runs / "pretrained.pth"
+    torch.save(timm.create_model(TINY_MODEL).state_dict(), weights)
+    out = runs / "tiny"
+    args = tiny_train_args(str(synth_shards), str(out), "--pretrained", "--pretrained-file",
+                           str(weights), "--freeze-epochs", "1")
+    assert main(args) == 0
     return out

@@ -1,0 +1,593 @@
+"""Batch scoring: a model folder over an image folder or a shards folder, to Parquet.
+
+One streaming Ray Data pipeline, so memory stays flat however large the input:
+
+    listing (driver: paths and true labels, no bytes)
+      -> read, decode, resize to the model's data size (CPU tasks, uint8 images)
+      -> normalise and run the model, optionally with flip TTA (an actor pool, one GPU each)
+      -> OUT/predictions/*.parquet
+
+Files that cannot be scored go to one actor that appends them to OUT/errors.parquet as
+they come. Metrics are computed afterwards from the label columns read back from the
+written predictions. Everything is written under `OUT.tmp-<id>` beside OUT and moved into
+place at the end: OUT is complete or absent, and a rerun replaces it only once done.
+
+Prediction columns: path, label and label_name (the true class, null when the file's
+first-level folder is not a class of the model), pred and pred_name (the predicted
+class), confidence (its probability) and one `prob_<class>` column per class.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import re
+import tempfile
+import time
+import uuid
+from typing import Any, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from fer_ray import storage
+from fer_ray.config import ConfigError
+from fer_ray.constants import IMAGE_COL, IMAGE_EXTENSIONS, LABEL_COL, MANIFEST_FILE, PATH_COL, SPLITS
+from fer_ray.model import ModelSpec, read_model_spec
+
+log = logging.getLogger(__name__)
+
+# Output layout.
+PREDICTIONS_DIR = "predictions"
+ERRORS_FILE = "errors.parquet"
+METRICS_FILE = "metrics.parquet"
+CONFUSION_TABLE_FILE = "confusion_matrix.parquet"
+CONFUSION_PLOT_FILE = "confusion_matrix.png"
+SUMMARY_FILE = "summary.json"
+
+# Prediction and error columns (path and label: fer_ray.constants).
+LABEL_NAME_COL = "label_name"
+PRED_COL = "pred"
+PRED_NAME_COL = "pred_name"
+CONFIDENCE_COL = "confidence"
+PROB_PREFIX = "prob_"
+REASON_COL = "reason"
+
+# Listed files with no true label carry this until the output, where it becomes null.
+NO_LABEL = -1
+# Parquet files of predictions are at least this many rows (fewer only for the last).
+ROWS_PER_FILE = 50_000
+# The error actor writes a row group once this many errors are waiting.
+ERROR_ROWS_PER_WRITE = 10_000
+
+
+def prob_col(class_name: str) -> str:
+    return PROB_PREFIX + class_name
+
+
+def prediction_schema(class_names: Sequence[str]) -> pa.Schema:
+    return pa.schema(
+        [
+            (PATH_COL, pa.string()),
+            (LABEL_COL, pa.int64()),
+            (LABEL_NAME_COL, pa.string()),
+            (PRED_COL, pa.int64()),
+            (PRED_NAME_COL, pa.string()),
+            (CONFIDENCE_COL, pa.float32()),
+            *[(prob_col(c), pa.float32()) for c in class_names],
+        ]
+    )
+
+
+ERROR_SCHEMA = pa.schema([(PATH_COL, pa.string()), (REASON_COL, pa.string())])
+
+
+# --------------------------------------------------------------------------------------
+# Checks (driver, before any Ray work)
+# --------------------------------------------------------------------------------------
+
+
+def find_shards(source: str) -> tuple[str, str | None] | None:
+    """(shards root, split) when SRC is a prepared shards folder or one split of one."""
+    if storage.exists(storage.join(source, MANIFEST_FILE)):
+        return source, None
+    parent, _, name = source.rstrip("/").rpartition("/")
+    if name in SPLITS and parent and storage.exists(storage.join(parent, MANIFEST_FILE)):
+        return parent, name
+    return None
+
+
+def check_inputs(
+    model_dir: str,
+    source: str,
+    output: str,
+    split: str | None = None,
+    batch_size: int = 256,
+    num_actors: int = 1,
+) -> ModelSpec:
+    """Raise ConfigError, with what to do, for anything that would make the run fail."""
+    from fer_ray.prepare import read_manifest
+
+    model_dir, source, output = (storage.normalize(p) for p in (model_dir, source, output))
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be at least 1, got {batch_size}.")
+    if num_actors < 1:
+        raise ConfigError(f"--num-actors must be at least 1, got {num_actors}.")
+    spec = read_model_spec(model_dir)
+    if not storage.exists(source):
+        raise ConfigError(f"Input {source!r} does not exist; give a folder of images or a shards folder.")
+    if not storage.is_dir(source):
+        raise ConfigError(f"Input {source!r} is a file; give the folder that holds the images.")
+    _check_output(model_dir, source, output)
+    shards = find_shards(source)
+    if shards is None:
+        if split:
+            raise ConfigError(f"--split is for shards folders, and {source!r} is an image folder; drop --split.")
+        if not _has_any_file(source):
+            raise ConfigError(f"Input {source!r} holds no files; give a folder with images in it.")
+        return spec
+    root, split = shards[0], split or shards[1]
+    manifest = read_manifest(root)
+    if list(manifest["classes"]) != list(spec.class_names):
+        raise ConfigError(
+            f"The shards in {root!r} have the classes {', '.join(manifest['classes'])} but the model "
+            f"predicts {', '.join(spec.class_names)}; score them with a model trained on these classes."
+        )
+    if split and split not in manifest["splits"]:
+        raise ConfigError(
+            f"Shards {root!r} have no {split!r} split; choose one of {', '.join(manifest['splits'])}."
+        )
+    return spec
+
+
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
+
+
+def _check_output(model_dir: str, source: str, output: str) -> None:
+    if _inside(output, source):
+        raise ConfigError(f"--output {output!r} is inside --input; choose a folder outside it.")
+    for name, path in (("--input", source), ("--model", model_dir)):
+        if _inside(path, output):
+            raise ConfigError(
+                f"{name} {path!r} is inside --output, which a run replaces; choose another --output."
+            )
+    if storage.exists(output):
+        if not storage.is_dir(output):
+            raise ConfigError(f"--output {output!r} is a file; choose a folder.")
+        if storage.list_dir(output) and not storage.exists(storage.join(output, SUMMARY_FILE)):
+            raise ConfigError(
+                f"--output {output!r} is a non-empty folder that jobs/predict.py did not write; "
+                "choose a new folder (a predictions folder is replaced on rerun)."
+            )
+
+
+def _has_any_file(folder: str) -> bool:
+    local = storage.local_path(folder)
+    if local is None:
+        return bool(storage.list_files(folder))
+    for root, dirs, files in os.walk(local):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        if any(not f.startswith(".") for f in files):
+            return True
+    return False
+
+
+# --------------------------------------------------------------------------------------
+# Listing (driver, no image bytes)
+# --------------------------------------------------------------------------------------
+
+
+def list_images(source: str, class_names: Sequence[str]) -> pa.Table:
+    """Every file under SRC with its true label: the class its first-level folder names,
+    else NO_LABEL. Files that are not images are listed too; they end in errors.parquet."""
+    fs, inner = storage.resolve(source)
+    index = {name.lower(): i for i, name in enumerate(class_names)}
+    paths, labels, strangers = [], [], set()
+    for path in storage.list_files(source):
+        parts = path[len(inner) :].strip("/").split("/")
+        label = index.get(parts[0].lower(), NO_LABEL) if len(parts) > 1 else NO_LABEL
+        if label == NO_LABEL and len(parts) > 1:
+            strangers.add(parts[0])
+        paths.append(storage.full_path(fs, path))
+        labels.append(label)
+    labelled = sum(lab != NO_LABEL for lab in labels)
+    if labelled and len(labelled_rest := [p for p in labels if p == NO_LABEL]):
+        where = f" (folders {', '.join(sorted(strangers))})" if strangers else ""
+        log.warning(
+            "%d of %d files are outside the class folders%s; they are scored without a true "
+            "label and left out of the metrics", len(labelled_rest), len(labels), where,
+        )
+    return pa.table({PATH_COL: pa.array(paths, pa.string()), LABEL_COL: pa.array(labels, pa.int64())})
+
+
+def _blocks(table: pa.Table, rows: int) -> list[pa.Table]:
+    return [table.slice(i, rows) for i in range(0, table.num_rows, rows)] or [table]
+
+
+# --------------------------------------------------------------------------------------
+# Ray Data stages
+# --------------------------------------------------------------------------------------
+
+
+class ErrorWriter:
+    """Appends the files that cannot be scored to errors.parquet (a Ray actor)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.count = 0
+        self.pending: dict[str, list[str]] = {PATH_COL: [], REASON_COL: []}
+        self.writer: Any = None
+
+    def write(self, paths: list[str], reasons: list[str]) -> None:
+        self.pending[PATH_COL].extend(paths)
+        self.pending[REASON_COL].extend(reasons)
+        self.count += len(paths)
+        if len(self.pending[PATH_COL]) >= ERROR_ROWS_PER_WRITE:
+            self._flush()
+
+    def _flush(self) -> None:
+        import pyarrow.parquet as pq
+
+        if self.writer is None:
+            fs, inner = storage.resolve(self.path)
+            self.writer = pq.ParquetWriter(inner, ERROR_SCHEMA, filesystem=fs)
+        self.writer.write_table(pa.table(self.pending, schema=ERROR_SCHEMA))
+        self.pending = {PATH_COL: [], REASON_COL: []}
+
+    def close(self) -> int:
+        """Write what is left (an empty table makes a valid file with no rows); the count."""
+        self._flush()
+        self.writer.close()
+        return self.count
+
+
+_POINTER = re.compile(r" <_io\.BytesIO object at 0x[0-9a-f]+>")
+
+
+def _reason(path: str, data: bytes | None, error: Exception | None) -> str:
+    if data is not None and not data:
+        return "empty file"
+    if error is None:
+        return f"not an image file (extension {os.path.splitext(path)[1] or 'none'})"
+    if isinstance(error, OSError):
+        return f"cannot read file: {error}"
+    return _POINTER.sub("", str(error))
+
+
+def load_batch(
+    batch: dict[str, np.ndarray], size: int, channels: int, errors: Any
+) -> dict[str, np.ndarray]:
+    """Ray Data task: read (or take) each file's bytes, decode and resize it to `size` as
+    the eval transform does; files that fail go to the `errors` actor, not downstream."""
+    import cv2
+
+    from fer_ray.transforms import create_transform, decode_image
+
+    # Undecodable files are expected here and reported in errors.parquet instead.
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+    transform = create_transform(False, size)
+    paths, labels = batch[PATH_COL], batch[LABEL_COL]
+    blobs = batch.get(IMAGE_COL)
+    images = np.empty((len(paths), size, size, channels), dtype=np.uint8)
+    keep: list[int] = []
+    bad_paths: list[str] = []
+    reasons: list[str] = []
+    for i, path in enumerate(paths):
+        data = None
+        try:
+            if blobs is None:
+                if not str(path).lower().endswith(IMAGE_EXTENSIONS):
+                    raise LookupError
+                data = storage.read_bytes(path)
+            else:
+                data = blobs[i]
+            if not data:
+                raise LookupError
+            image = transform(image=decode_image(data, channels))["image"]
+            images[len(keep)] = image.reshape(size, size, channels)
+            keep.append(i)
+        except LookupError:
+            bad_paths.append(str(path))
+            reasons.append(_reason(str(path), data, None))
+        except (OSError, ValueError) as e:
+            bad_paths.append(str(path))
+            reasons.append(_reason(str(path), data, e))
+    if bad_paths:
+        import ray
+
+        # Waited for, so every error is recorded before the driver closes the file.
+        ray.get(errors.write.remote(bad_paths, reasons))
+    return {IMAGE_COL: images[: len(keep)], PATH_COL: paths[keep], LABEL_COL: labels[keep]}
+
+
+def prediction_table(
+    paths: np.ndarray, labels: np.ndarray, probs: np.ndarray, class_names: Sequence[str]
+) -> pa.Table:
+    """One output row per image; labels < 0 (unknown) become nulls."""
+    names = pa.array(list(class_names), pa.string())
+    pred = probs.argmax(1)
+    label = pa.array(labels, pa.int64(), mask=labels < 0)
+    columns = [
+        pa.array(paths, pa.string()),
+        label,
+        names.take(label),
+        pa.array(pred, pa.int64()),
+        names.take(pa.array(pred)),
+        pa.array(probs.max(1) if len(probs) else np.zeros(0, np.float32), pa.float32()),
+        *[pa.array(probs[:, i], pa.float32()) for i in range(len(class_names))],
+    ]
+    return pa.Table.from_arrays(columns, schema=prediction_schema(class_names))
+
+
+class Scorer:
+    """Ray Data callable class: uint8 images -> class probabilities, one model per actor."""
+
+    def __init__(
+        self, model: Any, spec: dict[str, Any], use_gpu: bool, tta: bool, cpu_threads: int
+    ) -> None:
+        import ray
+        import torch
+
+        from fer_ray.transforms import DeviceNormalize
+
+        if isinstance(model, ray.ObjectRef):
+            model = ray.get(model)
+        self.device = torch.device("cuda" if use_gpu else "cpu")
+        if use_gpu:
+            torch.backends.cudnn.benchmark = True
+            self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        else:
+            # Ray sets one thread per reserved CPU; the model is the work here, so use the cores.
+            torch.set_num_threads(cpu_threads)
+            self.amp_dtype = None
+        # channels_last is faster on CPU (oneDNN) as well as on GPU.
+        self.model = model.to(self.device).to(memory_format=torch.channels_last).eval()
+        self.normalize = DeviceNormalize(
+            spec["image_size"], spec["mean"], spec["std"], in_chans=_in_chans(model)
+        ).to(self.device)
+        self.class_names = list(spec["class_names"])
+        self.tta = tta
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        import torch
+
+        images = batch[IMAGE_COL]
+        if not len(images):
+            return prediction_table(batch[PATH_COL], batch[LABEL_COL], np.zeros((0, len(self.class_names))), self.class_names)
+        x = torch.from_numpy(np.require(images, requirements="W"))
+        if self.device.type == "cuda":
+            x = x.pin_memory().to(self.device, non_blocking=True)
+        with torch.inference_mode(), torch.autocast(
+            self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None
+        ):
+            x = self.normalize(x)
+            if self.tta:
+                x = torch.cat([x, x.flip(-1)])
+            x = x.contiguous(memory_format=torch.channels_last)
+            probs = self.model(x).float().softmax(1)
+            if self.tta:
+                probs = (probs[: len(images)] + probs[len(images) :]) / 2
+        return prediction_table(
+            batch[PATH_COL], batch[LABEL_COL], probs.cpu().numpy(), self.class_names
+        )
+
+
+def _in_chans(model: Any) -> int:
+    import torch
+
+    first_conv = next((m for m in model.modules() if isinstance(m, torch.nn.Conv2d)), None)
+    return first_conv.in_channels if first_conv is not None else 3
+
+
+def _cpu_threads(num_actors: int) -> int:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cores or 1) // num_actors)
+
+
+# --------------------------------------------------------------------------------------
+# Reports from the written predictions
+# --------------------------------------------------------------------------------------
+
+
+def _write_parquet(df: Any, path: str) -> None:
+    buf = io.BytesIO()
+    df.to_parquet(buf, index=False)
+    storage.write_bytes(path, buf.getvalue())
+
+
+def write_reports(folder: str, class_names: Sequence[str], title: str) -> dict[str, Any]:
+    """Counts, and with true labels the metrics files; reads only label and pred back."""
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
+
+    from fer_ray.metrics import confusion_table, metrics_table, summary
+    from fer_ray.reports import plot_confusion_matrix
+
+    fs, inner = storage.resolve(storage.join(folder, PREDICTIONS_DIR))
+    table = pads.dataset(inner, filesystem=fs, format="parquet").to_table(columns=[LABEL_COL, PRED_COL])
+    out: dict[str, Any] = {"scored": table.num_rows}
+    table = table.filter(pc.is_valid(table[LABEL_COL]))
+    out["labelled"] = table.num_rows
+    if not table.num_rows:
+        return out
+    y_true, y_pred = table[LABEL_COL].to_numpy(), table[PRED_COL].to_numpy()
+    metrics = metrics_table(y_true, y_pred, class_names)
+    _write_parquet(metrics, storage.join(folder, METRICS_FILE))
+    cm = confusion_table(y_true, y_pred, class_names)
+    _write_parquet(cm, storage.join(folder, CONFUSION_TABLE_FILE))
+    with tempfile.TemporaryDirectory() as tmp:
+        png = os.path.join(tmp, CONFUSION_PLOT_FILE)
+        plot_confusion_matrix(cm[list(class_names)].to_numpy(), class_names, png, title=title)
+        with open(png, "rb") as f:
+            storage.write_bytes(storage.join(folder, CONFUSION_PLOT_FILE), f.read())
+    return {**out, **summary(metrics)}
+
+
+# --------------------------------------------------------------------------------------
+# The whole job
+# --------------------------------------------------------------------------------------
+
+
+def predict(
+    model_dir: str,
+    source: str,
+    output: str,
+    batch_size: int = 256,
+    num_actors: int = 1,
+    use_gpu: bool = False,
+    tta: bool = False,
+    split: str | None = None,
+) -> dict[str, Any]:
+    """Score every image under SOURCE (or every row of a shards folder, or of its `split`)
+    with the model in MODEL_DIR; write OUTPUT and return its summary.json."""
+    import ray
+
+    from fer_ray.model import load_model_dir
+
+    start = time.time()
+    model_dir, source, output = (storage.normalize(p) for p in (model_dir, source, output))
+    check_inputs(model_dir, source, output, split, batch_size, num_actors)
+    model, spec = load_model_dir(model_dir)
+    if use_gpu and ray.cluster_resources().get("GPU", 0) < 1 and not os.environ.get("RAY_ADDRESS"):
+        raise ConfigError("--use-gpu was given but the Ray cluster has no GPUs; drop --use-gpu.")
+    for stale in _stale_temp_folders(output):
+        log.warning("%s is left from an interrupted run; remove it", stale)
+
+    shards = find_shards(source)
+    if shards:
+        from fer_ray.prepare import read_manifest
+
+        root, split = shards[0], split or shards[1]
+        manifest = read_manifest(root)
+        splits = [split] if split else [s for s in SPLITS if s in manifest["splits"]]
+        total = sum(int(manifest["splits"][s]["total"]) for s in splits)
+        ds = ray.data.read_parquet(
+            [storage.join(root, s) for s in splits], columns=[IMAGE_COL, LABEL_COL, PATH_COL]
+        )
+    else:
+        listing = list_images(source, spec.class_names)
+        total = listing.num_rows
+        if not total:
+            raise ConfigError(f"Input {source!r} holds no files; give a folder with images in it.")
+        ds = ray.data.from_arrow(_blocks(listing, batch_size))
+    log.info("Scoring %d %s from %s with %s", total, "rows" if shards else "files", source, model_dir)
+
+    tmp = f"{output}.tmp-{uuid.uuid4().hex[:8]}"
+    storage.makedirs(tmp)
+    errors = ray.remote(ErrorWriter).options(num_cpus=0, scheduling_strategy=_here()).remote(
+        storage.join(tmp, ERRORS_FILE)
+    )
+    try:
+        ds = ds.map_batches(
+            load_batch,
+            fn_kwargs={"size": spec.data_size, "channels": spec.channels, "errors": errors},
+            batch_size=batch_size,
+            batch_format="numpy",
+        )
+        ds = ds.map_batches(
+            Scorer,
+            fn_constructor_kwargs={
+                "model": ray.put(model),
+                "spec": {
+                    "image_size": spec.image_size, "mean": spec.mean, "std": spec.std,
+                    "class_names": spec.class_names,
+                },
+                "use_gpu": use_gpu,
+                "tta": tta,
+                "cpu_threads": _cpu_threads(num_actors),
+            },
+            compute=ray.data.ActorPoolStrategy(size=num_actors),
+            batch_size=batch_size,
+            batch_format="numpy",
+            num_cpus=1,
+            num_gpus=1 if use_gpu else 0,
+        )
+        predictions = storage.join(tmp, PREDICTIONS_DIR)
+        ds.write_parquet(predictions, min_rows_per_file=ROWS_PER_FILE)
+        n_errors = ray.get(errors.close.remote())
+        _ensure_parquet(predictions, prediction_schema(spec.class_names))
+
+        name = os.path.basename(source.rstrip("/")) + (f"/{split}" if shards and split else "")
+        quality = write_reports(tmp, spec.class_names, title=f"Predictions on {name}")
+        seconds = time.time() - start
+        summary = {
+            "model": model_dir,
+            "input": source,
+            "input_kind": "shards" if shards else "folder",
+            "split": split if shards else None,
+            "output": output,
+            "tta": tta,
+            "use_gpu": use_gpu,
+            "num_actors": num_actors,
+            "batch_size": batch_size,
+            "classes": list(spec.class_names),
+            "total": total,
+            "scored": quality.pop("scored"),
+            "errors": n_errors,
+            "labelled": quality.pop("labelled"),
+            **quality,
+            "seconds": round(seconds, 2),
+            "images_per_second": 0.0,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        summary["images_per_second"] = round(summary["scored"] / max(seconds, 1e-9), 1)
+        if summary["scored"] + n_errors != total:
+            log.warning("%d scored + %d errors != %d listed", summary["scored"], n_errors, total)
+        storage.write_json(storage.join(tmp, SUMMARY_FILE), summary)
+        _publish(tmp, output)
+    finally:
+        ray.kill(errors)
+        storage.delete_dir(tmp)
+    return summary
+
+
+def describe(summary: dict[str, Any]) -> str:
+    """The one line a job prints at the end."""
+    quality = (
+        f"; accuracy {summary['accuracy']:.4f}, macro F1 {summary['macro_f1']:.4f} "
+        f"on {summary['labelled']} labelled"
+        if "accuracy" in summary else "; no true labels"
+    )
+    return (
+        f"scored {summary['scored']} of {summary['total']} ({summary['errors']} errors) in "
+        f"{summary['seconds']:.1f} s, {summary['images_per_second']:.0f} images/s"
+        f"{' with TTA' if summary['tta'] else ''}{quality}; output: {summary['output']}"
+    )
+
+
+def _here() -> Any:
+    """Keep the error writer on the driver's node, where a local --output lives."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+
+
+def _ensure_parquet(folder: str, schema: pa.Schema) -> None:
+    """Ray writes no file for an empty dataset; readers still expect the columns."""
+    import pyarrow.parquet as pq
+
+    storage.makedirs(folder)
+    if not any(p.endswith(".parquet") for p in storage.list_files(folder)):
+        fs, inner = storage.resolve(storage.join(folder, "empty.parquet"))
+        pq.write_table(schema.empty_table(), inner, filesystem=fs)
+
+
+def _stale_temp_folders(output: str) -> list[str]:
+    parent, _, name = output.rstrip("/").rpartition("/")
+    if not parent or not storage.is_dir(parent):
+        return []
+    return [e.path for e in storage.list_dir(parent) if e.base_name.startswith(f"{name}.tmp-")]
+
+
+def _publish(tmp: str, output: str) -> None:
+    """Swap the finished folder in; the old output goes only once the new one is complete."""
+    if storage.exists(output):
+        old = f"{output}.old-{uuid.uuid4().hex[:8]}"
+        storage.move(output, old)
+        storage.move(tmp, output)
+        storage.delete_dir(old)
+    else:
+        storage.move(tmp, output)

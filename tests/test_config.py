@@ -1,0 +1,82 @@
+"""Config resolution: defaults <- file <- flags, validation, derived defaults."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from fer_ray.config import ConfigError, TrainConfig, parse_config, to_dict
+
+
+def parse(argv: list[str]) -> TrainConfig:
+    cfg, _ = parse_config(TrainConfig, argv, argparse.ArgumentParser())
+    return cfg
+
+
+def test_defaults_follow_the_seed_project() -> None:
+    cfg = parse([])
+    assert cfg.model.model == "resnet50" and cfg.model.pretrained
+    assert cfg.data.batch_size == 32 and cfg.data.image_size == 224
+    assert cfg.optim.label_smoothing == 0.1 and cfg.optim.class_weights
+    assert cfg.run.amp == "auto" and cfg.run.max_failures == 2
+
+
+def test_flags_override_file_which_overrides_defaults(tmp_path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("lr: 0.01\nepochs: 7\noptim:\n  label_smoothing: 0.2\n")
+    cfg = parse(["--config", str(path), "--epochs", "3", "--no-class-weights"])
+    assert cfg.optim.lr == 0.01  # from the file
+    assert cfg.optim.label_smoothing == 0.2  # from the file's section
+    assert cfg.optim.epochs == 3  # the flag wins
+    assert cfg.optim.class_weights is False
+    assert cfg.data.batch_size == 32  # default kept
+
+
+def test_run_config_json_feeds_back(tmp_path) -> None:
+    cfg = parse(["--model", "resnet18", "--lr", "0.004", "--data", "d", "--output", "o"])
+    saved = {**to_dict(cfg), "resolved": {"effective_lr": 0.004}}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(saved))
+    again = parse(["--config", str(path)])
+    assert to_dict(again) == to_dict(cfg)
+
+
+def test_unknown_setting_is_rejected_with_valid_names(tmp_path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("learning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match="Unknown setting 'learning_rate'.*label_smoothing"):
+        parse(["--config", str(path)])
+
+
+def test_wrong_type_is_rejected() -> None:
+    with pytest.raises(ConfigError, match="'epochs' expects int"):
+        parse(["--epochs", "three"])
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        ([], "--data is required"),
+        (["--data", "d"], "--output is required"),
+        (["--data", "d", "--output", "o", "--label-smoothing", "1.5"], "--label-smoothing"),
+        (["--data", "d", "--output", "o", "--amp", "fp8"], "--amp must be one of"),
+        (["--data", "d", "--output", "o", "--unfreeze", "some"], "--unfreeze"),
+        (["--data", "d", "--output", "o", "--no-pretrained", "--pretrained-file", "w.pth"],
+         "--pretrained-file"),
+        (["--data", "d", "--output", "o", "--epochs", "2", "--freeze-epochs", "3"], "--freeze-epochs"),
+    ],
+)
+def test_validation_messages(flags: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse(flags).validate()
+
+
+def test_defaults_that_depend_on_pretraining() -> None:
+    tuned = parse(["--data", "d", "--output", "o"]).validate().resolve_defaults()
+    assert tuned.optim.freeze_epochs == 2 and tuned.optim.backbone_lr_scale == 0.1
+    scratch = parse(["--data", "d", "--output", "o", "--no-pretrained"]).validate().resolve_defaults()
+    assert scratch.optim.freeze_epochs == 0 and scratch.optim.backbone_lr_scale == 1.0
+    explicit = parse(["--data", "d", "--output", "o", "--freeze-epochs", "4"]).resolve_defaults()
+    assert explicit.optim.freeze_epochs == 4

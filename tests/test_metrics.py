@@ -1,0 +1,31 @@
+"""Metrics tables match scikit-learn."""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support
+
+from fer_ray.metrics import confusion_table, metrics_table, summary
+
+
+def test_metrics_table_matches_sklearn() -> None:
+    rng = np.random.default_rng(0)
+    y_true = rng.integers(0, 4, 200)
+    y_pred = np.where(rng.random(200) < 0.6, y_true, rng.integers(0, 4, 200))
+    y_pred[y_pred == 3] = 2  # class 3 never predicted: precision 0, no warning
+    names = ["a", "b", "c", "d"]
+    table = metrics_table(y_true, y_pred, names).set_index("name")
+    p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=range(4), zero_division=0)
+    np.testing.assert_allclose(table.loc[names, "precision"], p)
+    np.testing.assert_allclose(table.loc[names, "recall"], r)
+    np.testing.assert_allclose(table.loc[names, "f1"], f)
+    assert table.loc[names, "support"].tolist() == s.tolist()
+    assert np.isclose(table.loc["macro avg", "f1"], f1_score(y_true, y_pred, average="macro"))
+    assert np.isclose(table.loc["weighted avg", "f1"], f1_score(y_true, y_pred, average="weighted"))
+    assert summary(table.reset_index())["accuracy"] == accuracy_score(y_true, y_pred)
+
+
+def test_confusion_table_counts() -> None:
+    table = confusion_table(np.array([0, 0, 1, 2]), np.array([0, 1, 1, 1]), ["x", "y", "z"])
+    assert table["true"].tolist() == ["x", "y", "z"]
+    assert table[["x", "y", "z"]].to_numpy().tolist() == [[1, 1, 0], [0, 1, 0], [0, 1, 0]]

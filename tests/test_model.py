@@ -1,0 +1,105 @@
+"""timm models: names, pretrained weights from a file, freezing, model folders."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+from fer_ray.config import ConfigError
+from fer_ray.constants import FER_CLASSES
+from fer_ray.model import (
+    ModelSpec,
+    create_model,
+    fetch_pretrained_state,
+    load_model_dir,
+    parameter_groups,
+    read_model_spec,
+    save_model_dir,
+    set_frozen_eval,
+    set_trainable,
+)
+
+
+def spec() -> ModelSpec:
+    return ModelSpec("test_resnet", list(FER_CLASSES), 32, 32, 1, [0.5] * 3, [0.5] * 3)
+
+
+def test_unknown_model_name_suggests_close_ones() -> None:
+    with pytest.raises(ConfigError, match="Unknown timm model 'resnet5O'.*resnet50"):
+        create_model("resnet5O", 7)
+
+
+def test_staged_unfreezing_follows_timm_stages() -> None:
+    model = create_model("test_resnet", 7)
+    groups = parameter_groups(model)
+    assert groups[-1] == ["fc.weight", "fc.bias"]
+    assert set_trainable(model, None) == set()
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {"fc.weight", "fc.bias"}
+    last = set_trainable(model, "1")
+    assert last == set(groups[-2]) and all(n.startswith("layer4") for n in last)
+    assert len(set_trainable(model, "all")) == sum(len(g) for g in groups[:-1])
+
+
+def test_frozen_modules_stay_in_eval_mode() -> None:
+    model = create_model("test_resnet", 7)
+    set_trainable(model, None)
+    model.train()
+    set_frozen_eval(model)
+    assert not model.bn1.training and model.fc.training
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_pretrained_file_loads_backbone_and_fresh_head(tmp_path, suffix) -> None:
+    source = timm.create_model("test_resnet", num_classes=1000)
+    path = tmp_path / f"weights{suffix}"
+    if suffix == ".pth":
+        torch.save(source.state_dict(), path)
+    else:
+        save_file(source.state_dict(), str(path))
+    state = fetch_pretrained_state("test_resnet", 7, str(path))
+    torch.testing.assert_close(state["conv1.0.weight"], source.state_dict()["conv1.0.weight"])
+    assert state["fc.weight"].shape == (7, source.num_features)
+
+
+def test_missing_pretrained_file_is_a_config_error(tmp_path) -> None:
+    with pytest.raises(ConfigError, match="--pretrained-file .* does not exist"):
+        fetch_pretrained_state("test_resnet", 7, str(tmp_path / "nope.pth"))
+
+
+def test_no_network_names_the_offline_flag(monkeypatch) -> None:
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", "/nonexistent-hf-home")
+    with pytest.raises(ConfigError, match="--pretrained-file PATH .* or --no-pretrained"):
+        fetch_pretrained_state("test_resnet", 7)
+
+
+def test_model_folder_round_trip_and_timm_can_load_it(tmp_path) -> None:
+    model = create_model("test_resnet", 7).eval()
+    save_model_dir(model, tmp_path, spec())
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["architecture"] == "test_resnet" and cfg["label_names"] == list(FER_CLASSES)
+    assert cfg["pretrained_cfg"]["input_size"] == [3, 32, 32]
+    loaded, loaded_spec = load_model_dir(str(tmp_path))
+    assert loaded_spec == spec()
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(loaded(x), model(x))
+    plain = timm.create_model(f"local-dir:{tmp_path}", pretrained=True).eval()
+    torch.testing.assert_close(plain(x), model(x))
+
+
+def test_not_a_model_folder(tmp_path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        read_model_spec(str(tmp_path / "missing"))
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ConfigError, match="not a fer_ray model folder"):
+        read_model_spec(str(tmp_path))
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ConfigError, match="not a fer_ray model config"):
+        read_model_spec(str(tmp_path))

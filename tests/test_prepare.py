@@ -1,0 +1,186 @@
+"""Preparing shards: the three source kinds, counts, class order, splits, bad input."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from fer_ray.config import ConfigError
+from fer_ray.constants import FER_CLASSES, FER_CSV_CODES
+from fer_ray.prepare import class_order, list_source, prepare, stratified_split
+
+
+def png(value: int = 128, size: int = 12, mode: str = "L") -> bytes:
+    out = io.BytesIO()
+    color = value if mode == "L" else (value, 0, 255 - value)
+    Image.new(mode, (size, size), color).save(out, format="PNG")
+    return out.getvalue()
+
+
+def make_tree(root: Path, spec: dict[str, int]) -> None:
+    """spec: 'split/class' or 'class' -> number of images."""
+    for rel, n in spec.items():
+        d = root / rel
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            (d / f"img_{i}.png").write_bytes(png(i * 10 % 255))
+
+
+def read_split(shards: Path, split: str):
+    return pq.read_table(shards / split).to_pandas()
+
+
+# ---------------------------------------------------------------- pure: listing
+
+
+def test_fer_classes_keep_canonical_order() -> None:
+    shuffled = ["surprise", "Happy", "angry", "neutral", "disgust", "sad", "fear"]
+    assert [c.lower() for c in class_order(shuffled)] == list(FER_CLASSES)
+    assert class_order(["dog", "cat", "bird"]) == ["bird", "cat", "dog"]
+
+
+def test_stratified_split_keeps_class_shares_and_is_seeded() -> None:
+    labels = [0] * 100 + [1] * 20 + [2] * 1
+    tr, va = stratified_split(labels, 0.25, seed=3)
+    assert sorted(tr + va) == list(range(len(labels)))
+    val_labels = [labels[i] for i in va]
+    assert val_labels.count(0) == 25 and val_labels.count(1) == 5
+    assert val_labels.count(2) == 0  # a single image stays in train
+    assert stratified_split(labels, 0.25, seed=3) == (tr, va)
+    assert stratified_split(labels, 0.25, seed=4) != (tr, va)
+
+
+def test_split_folders_listing(tmp_path) -> None:
+    make_tree(tmp_path, {"train/happy": 3, "train/sad": 2, "validation/happy": 1, "test/sad": 1})
+    listing = list_source(str(tmp_path))
+    assert listing.kind == "split_folders"
+    assert listing.classes == ["happy", "sad"]
+    assert {k: len(v) for k, v in listing.items.items()} == {"train": 5, "val": 1, "test": 1}
+    assert all(lab == 1 for p, lab in listing.items["test"])
+
+
+def test_class_folders_listing_splits_by_fraction(tmp_path) -> None:
+    make_tree(tmp_path, {"a": 10, "b": 20})
+    listing = list_source(str(tmp_path), val_fraction=0.2, seed=0)
+    assert listing.kind == "class_folders"
+    val = [lab for _, lab in listing.items["val"]]
+    assert val.count(0) == 2 and val.count(1) == 4
+    assert len(listing.items["train"]) == 24
+
+
+def test_split_class_missing_from_train_is_an_error(tmp_path) -> None:
+    make_tree(tmp_path, {"train/happy": 2, "val/happy": 1, "val/angry": 1})
+    with pytest.raises(ConfigError, match="classes that train/ lacks \\(angry\\)"):
+        list_source(str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    "setup, message",
+    [
+        (lambda p: None, "does not exist"),
+        (lambda p: p.mkdir(), "no class folders"),
+        (lambda p: (p / "happy").mkdir(parents=True), "holds no files"),
+        (lambda p: (p.parent / "x.txt").write_text("hi"), "not a .csv"),
+    ],
+)
+def test_bad_sources(tmp_path, setup, message) -> None:
+    src = tmp_path / "src"
+    setup(src)
+    target = tmp_path / "x.txt" if message == "not a .csv" else src
+    with pytest.raises(ConfigError, match=message):
+        list_source(str(target))
+
+
+def test_csv_without_expected_columns(tmp_path) -> None:
+    path = tmp_path / "fer.csv"
+    path.write_text("label,image\n1,0 0 0\n")
+    with pytest.raises(ConfigError, match="lacks the column\\(s\\) emotion, pixels, Usage"):
+        list_source(str(path))
+
+
+# ---------------------------------------------------------------- Ray: whole job
+
+
+def test_prepare_split_folders_skips_bad_files(ray_cluster, tmp_path) -> None:
+    src = tmp_path / "src"
+    make_tree(src, {"train/happy": 4, "train/sad": 3, "val/happy": 2, "val/sad": 1})
+    (src / "train/happy/empty.jpg").write_bytes(b"")
+    (src / "train/sad/notes.jpg").write_text("not an image")
+    (src / "train/sad/truncated.png").write_bytes(png(size=40)[:60])
+    (src / "train/happy/deep/er").mkdir(parents=True)
+    (src / "train/happy/deep/er/rgb.png").write_bytes(png(mode="RGB"))
+    out = tmp_path / "shards"
+    manifest = prepare(str(src), str(out), shard_rows=2)
+
+    assert manifest["classes"] == ["happy", "sad"]
+    assert manifest["splits"]["train"] == {"total": 8, "per_class": {"happy": 5, "sad": 3}}
+    assert manifest["splits"]["val"]["total"] == 3
+    reasons = {Path(s["path"]).name: s["reason"] for s in manifest["skipped"]}
+    assert reasons["empty.jpg"] == "empty file"
+    assert reasons["notes.jpg"] == "not an image file"
+    assert reasons["truncated.png"].startswith("corrupt image")
+    assert manifest["image"]["channels"] == 3  # one RGB image among gray ones
+    assert json.loads((out / "manifest.json").read_text()) == manifest
+
+    train = read_split(out, "train")
+    assert list(train.columns) == ["image", "label", "path"]
+    assert len(train) == 8 and train["label"].tolist().count(0) == 5
+    assert len(list((out / "train").glob("*.parquet"))) >= 2  # --shard-rows splits files
+    first = train.iloc[0]
+    assert Path(first["path"]).read_bytes() == first["image"]  # bytes as found
+
+
+def test_prepare_class_folders_and_rerun_overwrites(ray_cluster, tmp_path) -> None:
+    src = tmp_path / "src"
+    make_tree(src, {"cat": 10, "dog": 10})
+    out = tmp_path / "shards"
+    m1 = prepare(str(src), str(out), val_fraction=0.3, seed=1)
+    assert m1["source_kind"] == "class_folders"
+    assert m1["splits"]["val"]["per_class"] == {"cat": 3, "dog": 3}
+    m2 = prepare(str(src), str(out), val_fraction=0.5, seed=1)
+    assert m2["splits"]["val"]["total"] == 10
+    assert len(read_split(out, "val")) == 10 and len(read_split(out, "train")) == 10
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no staging left
+
+
+def test_prepare_fer_csv(ray_cluster, tmp_path) -> None:
+    rng = np.random.default_rng(0)
+    rows = []
+    usages = ["Training"] * 6 + ["PublicTest"] * 3 + ["PrivateTest"] * 2
+    for i, usage in enumerate(usages):
+        pixels = " ".join(str(v) for v in rng.integers(0, 256, 48 * 48))
+        rows.append(f"{i % 7},{pixels},{usage}")
+    rows.insert(4, "3,1 2 3,Training")  # not a square image: skipped, rows still counted
+    path = tmp_path / "fer2013.csv"
+    path.write_text("emotion,pixels,Usage\n" + "\n".join(rows) + "\n")
+    out = tmp_path / "shards"
+    manifest = prepare(str(path), str(out))
+
+    assert manifest["classes"] == list(FER_CLASSES)
+    assert {k: v["total"] for k, v in manifest["splits"].items()} == {"train": 6, "val": 3, "test": 2}
+    assert manifest["skipped"] == [{"path": "csv:4", "reason": "bad CSV row: 3 pixels is not a square image"}]
+    train = read_split(out, "train").sort_values("path")
+    # CSV code 4 is "sad" in the CSV, which is label 5 in the project's order.
+    row = train[train["path"] == "csv:5"].iloc[0]
+    assert FER_CLASSES[row["label"]] == FER_CSV_CODES[4]
+    img = Image.open(io.BytesIO(row["image"]))
+    assert img.format == "PNG" and img.size == (48, 48) and img.mode == "L"
+
+
+def test_prepare_refuses_unsafe_outputs(ray_cluster, tmp_path) -> None:
+    src = tmp_path / "src"
+    make_tree(src, {"a": 2, "b": 2})
+    with pytest.raises(ConfigError, match="inside --source"):
+        prepare(str(src), str(src / "shards"))
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="not a shards folder"):
+        prepare(str(src), str(other))
+    assert (other / "keep.txt").read_text() == "mine"

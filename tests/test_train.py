@@ -1,0 +1,97 @@
+"""Training end to end on a real Ray cluster: outputs, two phases, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pandas as pd
+import pytest
+import torch
+
+from conftest import tiny_train_args
+from fer_ray.constants import FER_CLASSES
+from fer_ray.model import load_model_dir
+from jobs.train import main as train_main
+
+RUN_FILES = [
+    "config.json", "history.csv", "best/model.safetensors", "best/config.json",
+    "learning_curves.png", "confusion_matrix.png", "val_metrics.parquet",
+]
+
+
+def test_run_folder_is_complete(tiny_run) -> None:
+    for name in RUN_FILES:
+        assert (tiny_run / name).stat().st_size > 0, name
+    history = pd.read_csv(tiny_run / "history.csv")
+    assert history.columns.tolist() == [
+        "epoch", "phase", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "seconds", "images_per_s",
+    ]
+    assert history["epoch"].tolist() == [1, 2]
+    assert history["phase"].tolist() == ["head", "finetune"]  # --freeze-epochs 1
+    assert (history["images_per_s"] > 0).all()
+
+    metrics = pd.read_parquet(tiny_run / "val_metrics.parquet").set_index("name")
+    assert metrics.loc[list(FER_CLASSES), "support"].sum() == 70  # every val image, once
+    assert metrics.loc["accuracy", "f1"] == pytest.approx(history["val_acc"].max())
+
+    cfg = json.loads((tiny_run / "config.json").read_text())
+    assert cfg["model"]["model"] == "test_resnet" and cfg["resolved"]["classes"] == list(FER_CLASSES)
+    assert cfg["resolved"]["steps_per_epoch"] == 280 // 16
+
+    model, spec = load_model_dir(str(tiny_run / "best"))
+    assert spec.class_names == list(FER_CLASSES) and spec.image_size == 32 and spec.channels == 1
+    assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 7)
+
+
+def test_resume_continues_without_repeating_epochs(tiny_run, tmp_path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    data = json.loads((run / "config.json").read_text())["data"]["data"]
+    before = pd.read_csv(run / "history.csv")
+    args = tiny_train_args(data, str(run), "--epochs", "3", "--freeze-epochs", "1",
+                           "--pretrained", "--pretrained-file", str(tiny_run.parent / "pretrained.pth"))
+    assert train_main(args) == 0
+    after = pd.read_csv(run / "history.csv")
+    assert after["epoch"].tolist() == [1, 2, 3]
+    pd.testing.assert_frame_equal(after.iloc[:2], before)  # earlier epochs kept, not redone
+    # A finished run trains nothing more when started again.
+    assert train_main(args) == 0
+    pd.testing.assert_frame_equal(pd.read_csv(run / "history.csv"), after)
+
+
+def test_bf16_autocast_path_on_cpu(ray_cluster, synth_shards, tmp_path) -> None:
+    out = tmp_path / "bf16"
+    args = tiny_train_args(str(synth_shards), str(out), "--epochs", "1", "--amp", "bf16")
+    assert train_main(args) == 0
+    assert pd.read_csv(out / "history.csv")["train_loss"].notna().all()
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--model", "resnet5O"], "Unknown timm model 'resnet5O'"),
+        (["--batch-size", "0"], "--batch-size must be at least 1"),
+        (["--pretrained", "--pretrained-file", "/no/such/weights.pth"], "does not exist"),
+    ],
+)
+def test_bad_input_fails_before_workers_start(synth_shards, tmp_path, capsys, extra, message) -> None:
+    out = tmp_path / "bad"
+    assert train_main(tiny_train_args(str(synth_shards), str(out), *extra)) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not (out / "ray_train").exists()
+
+
+def test_missing_shards_folder(tmp_path, capsys) -> None:
+    assert train_main(tiny_train_args(str(tmp_path / "nothing"), str(tmp_path / "o"))) == 2
+    assert "not a prepared shards folder" in capsys.readouterr().err
+
+
+def test_changed_model_on_an_existing_run_is_refused(tiny_run, tmp_path, capsys) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    data = json.loads((run / "config.json").read_text())["data"]["data"]
+    args = tiny_train_args(data, str(run), "--model", "resnet18")
+    assert train_main(args) == 2
+    assert "different settings (model 'test_resnet' -> 'resnet18')" in capsys.readouterr().err

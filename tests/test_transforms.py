@@ -1,0 +1,91 @@
+"""Decoding, Albumentations pipelines and the on-device normalisation."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fer_ray.constants import IMAGE_COL, LABEL_COL
+from fer_ray.transforms import DeviceNormalize, create_transform, decode_image, transform_batch
+
+
+def encode(array: np.ndarray, fmt: str = "PNG") -> bytes:
+    """uint8 arrays become L/RGB/RGBA images, uint16 ones 16-bit (I;16) images."""
+    out = io.BytesIO()
+    Image.fromarray(array).save(out, format=fmt)
+    return out.getvalue()
+
+
+def face(size: int = 40) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, (size, size), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize(
+    "data",
+    [
+        encode(face()),  # gray PNG
+        encode(np.stack([face()] * 3, -1)),  # RGB PNG
+        encode(np.dstack([face()] * 3 + [np.full((40, 40), 200, np.uint8)])),  # RGBA PNG
+        encode(face().astype(np.uint16) * 257),  # 16-bit PNG
+        encode(face(), fmt="GIF"),
+        encode(face(), fmt="JPEG"),
+    ],
+    ids=["gray", "rgb", "rgba", "png16", "gif", "jpeg"],
+)
+def test_decode_any_format_to_uint8(data: bytes, channels: int) -> None:
+    img = decode_image(data, channels)
+    assert img.dtype == np.uint8 and img.shape == (40, 40, channels)
+
+
+def test_decode_16_bit_keeps_the_picture() -> None:
+    img16 = decode_image(encode(face().astype(np.uint16) * 257), 1)
+    assert np.abs(img16[:, :, 0].astype(int) - face().astype(int)).max() <= 1
+
+
+def test_decode_garbage_raises() -> None:
+    with pytest.raises(ValueError, match="cannot decode"):
+        decode_image(b"definitely not an image", 1)
+
+
+def test_eval_transform_is_deterministic_and_sized() -> None:
+    t = create_transform(False, 32, "strong")
+    img = face(48)[:, :, None]
+    a, b = t(image=img)["image"], t(image=img)["image"]
+    assert a.shape[:2] == (32, 32) and a.dtype == np.uint8
+    np.testing.assert_array_equal(a, b)
+
+
+def test_train_transform_is_random_and_sized() -> None:
+    t = create_transform(True, 32, "medium")
+    img = face(48)[:, :, None]
+    outs = [t(image=img)["image"] for _ in range(6)]
+    assert all(o.shape[:2] == (32, 32) and o.dtype == np.uint8 for o in outs)
+    assert any(not np.array_equal(outs[0], o) for o in outs[1:])
+    none = create_transform(True, 32, "none")
+    np.testing.assert_array_equal(none(image=img)["image"], none(image=img)["image"])
+
+
+def test_transform_batch_gives_uint8_nhwc() -> None:
+    batch = {IMAGE_COL: np.array([encode(face(48)), encode(face(60))], dtype=object),
+             LABEL_COL: np.array([3, 5])}
+    out = transform_batch(batch, size=24, channels=1, is_training=True, augment="medium")
+    assert out[IMAGE_COL].shape == (2, 24, 24, 1) and out[IMAGE_COL].dtype == np.uint8
+    assert out[LABEL_COL].tolist() == [3, 5] and out[LABEL_COL].dtype == np.int64
+
+
+def test_device_normalize_resizes_expands_and_normalises() -> None:
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    norm = DeviceNormalize(64, mean, std)
+    images = torch.full((2, 32, 32, 1), 255, dtype=torch.uint8)
+    x = norm(images)
+    assert x.shape == (2, 3, 64, 64) and x.dtype == torch.float32
+    expected = (1.0 - torch.tensor(mean)) / torch.tensor(std)
+    torch.testing.assert_close(x[0, :, 10, 10], expected)
+    same_size = DeviceNormalize(32, mean, std)(torch.zeros((1, 32, 32, 3), dtype=torch.uint8))
+    torch.testing.assert_close(same_size[0, :, 0, 0], -torch.tensor(mean) / torch.tensor(std))
