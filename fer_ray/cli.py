@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
+import threading
 from typing import Callable
 
 from fer_ray.config import ConfigError
@@ -47,6 +49,94 @@ def init_ray(min_cpus: int = 4) -> None:
         return
     address = os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        connect_ray(address)
     else:
         ray.init(num_cpus=max(os.cpu_count() or 1, min_cpus))
+
+
+# How long a job waits for the host in RAY_ADDRESS to accept a TCP connection, and then for
+# `ray.init` to connect (Ray's own retries on a rejected token take about 20 s).
+CONNECT_TIMEOUT_S = 10.0
+INIT_TIMEOUT_S = float(os.environ.get("FER_RAY_CONNECT_TIMEOUT_S", 45))
+
+_TOKEN_HELP = (
+    "set RAY_AUTH_MODE=token and give the cluster's token (`ray get-auth-token` on the head "
+    "node) in ~/.ray/auth_token or RAY_AUTH_TOKEN, or submit with `ray job submit` instead"
+)
+
+
+def connect_ray(address: str) -> None:
+    """`ray.init(address)` that fails in one sentence instead of retrying for minutes.
+
+    Against a closed port `ray.init` keeps retrying the GCS for well over two minutes, so
+    the host is probed first; against a port that accepts but never answers it waits
+    forever, so a watchdog ends the process after INIT_TIMEOUT_S (env
+    FER_RAY_CONNECT_TIMEOUT_S); a token the cluster rejects surfaces from Ray as a generic
+    ConnectionError, so the cause is looked up and named.
+    """
+    import ray
+    from ray.exceptions import AuthenticationError
+
+    host_port = _host_port(address)
+    if host_port is not None:
+        try:
+            socket.create_connection(host_port, timeout=CONNECT_TIMEOUT_S).close()
+        except OSError as e:
+            raise ConfigError(
+                f"Nothing answers at RAY_ADDRESS={address!r} ({e.strerror or e}); start the "
+                "cluster (`ray start --head` or `ray up cluster.yaml`) or unset RAY_ADDRESS to "
+                "run on a Ray instance of this machine."
+            ) from None
+    watchdog = threading.Timer(INIT_TIMEOUT_S, _give_up, args=(address,))
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        ray.init(address=address, log_to_driver=True)
+    except AuthenticationError:
+        raise ConfigError(
+            f"Token authentication is on (RAY_AUTH_MODE=token) but no token was found for "
+            f"RAY_ADDRESS={address!r}; {_TOKEN_HELP}."
+        ) from None
+    except ConnectionError as e:
+        if _auth_rejected(e):
+            raise ConfigError(
+                f"The Ray cluster at RAY_ADDRESS={address!r} rejected this job's authentication "
+                f"token; {_TOKEN_HELP}."
+            ) from None
+        raise ConfigError(
+            f"Could not connect to a Ray cluster at RAY_ADDRESS={address!r}; give the head "
+            "node's GCS address (host:port, 6379 by default) of a running cluster."
+        ) from None
+    finally:
+        watchdog.cancel()
+
+
+def _give_up(address: str) -> None:
+    # ray.init cannot be interrupted from here; end the process as run_job would.
+    print(
+        f"error: No Ray cluster answered at RAY_ADDRESS={address!r} within "
+        f"{INIT_TIMEOUT_S:.0f} s; give the head node's GCS address (host:port, 6379 by "
+        "default), not the dashboard's.",
+        file=sys.stderr, flush=True,
+    )
+    os._exit(2)
+
+
+def _host_port(address: str) -> tuple[str, int] | None:
+    """(host, port) of a `host:port` or `ray://host:port` address, None for anything else."""
+    rest = address.removeprefix("ray://")
+    host, sep, port = rest.rpartition(":")
+    if not sep or not host or "/" in rest or not port.isdigit():
+        return None  # "auto", "local", an http:// URL: ray.init explains those itself
+    return host.strip("[]"), int(port)
+
+
+def _auth_rejected(error: BaseException) -> bool:
+    """Whether a failed connection was the GCS refusing a missing or wrong token."""
+    seen: BaseException | None = error
+    while seen is not None:
+        text = f"{type(seen).__name__}: {seen}"
+        if "AuthenticationError" in text or "InvalidAuthToken" in text:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False

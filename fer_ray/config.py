@@ -255,8 +255,14 @@ def _unknown(key: str, leaves: dict, source: str) -> None:
 
 
 def _coerce(value: Any, tp: Any, name: str) -> Any:
-    """Convert a YAML/CLI value to the field's type."""
+    """Convert a YAML/CLI value to the field's type (ConfigError when it does not fit)."""
     origin = typing.get_origin(tp)
+    if origin is tuple:
+        items = value.split() if isinstance(value, str) else list(value)
+        args = typing.get_args(tp)
+        if len(items) != len(args):
+            raise ConfigError(f"Setting {name!r} expects {len(args)} values, got {value!r}.")
+        return tuple(_coerce(v, t, name) for v, t in zip(items, args))
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
@@ -324,7 +330,16 @@ def add_config_flags(
         flag = "--" + name.replace("_", "-")
         helptext = f.metadata.get("help", "")
         default = f.default if f.default is not dataclasses.MISSING else None
-        if f.type is bool:
+        if typing.get_origin(f.type) is tuple:
+            parser.add_argument(
+                flag,
+                dest=name,
+                nargs=len(typing.get_args(f.type)),
+                default=argparse.SUPPRESS,
+                metavar=("LO", "HI") if len(typing.get_args(f.type)) == 2 else None,
+                help=f"{helptext} (default: {' '.join(map(str, default))})",
+            )
+        elif f.type is bool:
             parser.add_argument(
                 flag,
                 dest=name,
@@ -360,3 +375,55 @@ def parse_config(
     leaves = _leaf_fields(cls)
     flat.update({k: v for k, v in vars(ns).items() if k in leaves})
     return from_flat(cls, flat), ns
+
+
+# --------------------------------------------------------------------------------------
+# Sweep config: every training setting plus the search
+# --------------------------------------------------------------------------------------
+
+SEARCHERS = ("random", "optuna")
+
+
+@dataclass
+class SweepOptions:
+    num_samples: int = field(default=8, metadata={"help": "trials to run"})
+    max_concurrent: int | None = field(
+        default=None,
+        metadata={"help": "trials at once (default: as many as the cluster's CPUs/GPUs hold)"},
+    )
+    lr_range: tuple[float, float] = field(
+        default=(1e-4, 3e-3), metadata={"help": "learning rate range, sampled log-uniformly"}
+    )
+    smoothing_range: tuple[float, float] = field(
+        default=(0.0, 0.3), metadata={"help": "label smoothing range, sampled uniformly"}
+    )
+    grace_period: int = field(
+        default=2, metadata={"help": "epochs every trial runs before ASHA may stop it"}
+    )
+    searcher: str = field(
+        default="random",
+        metadata={"help": "random search, or optuna (model-based; needs `pip install optuna`)"},
+    )
+
+
+@dataclass
+class SweepConfig(TrainConfig):
+    sweep: SweepOptions = field(default_factory=SweepOptions)
+
+    def validate(self) -> "SweepConfig":
+        super().validate()
+        s = self.sweep
+        lo, hi = s.lr_range
+        _require(0 < lo < hi, f"--lr-range must be two positive numbers LO < HI, got {lo} {hi}.")
+        lo, hi = s.smoothing_range
+        _require(
+            0 <= lo <= hi < 1, f"--smoothing-range must satisfy 0 <= LO <= HI < 1, got {lo} {hi}."
+        )
+        _require(s.num_samples >= 1, f"--num-samples must be at least 1, got {s.num_samples}.")
+        _require(
+            s.max_concurrent is None or s.max_concurrent >= 1,
+            f"--max-concurrent must be at least 1, got {s.max_concurrent}.",
+        )
+        _require(s.grace_period >= 1, f"--grace-period must be at least 1, got {s.grace_period}.")
+        _choice("--searcher", s.searcher, SEARCHERS)
+        return self

@@ -64,3 +64,34 @@ def plot_confusion_matrix(
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_sweep(results: pd.DataFrame, histories: dict[str, pd.DataFrame], path: str | Path) -> None:
+    """Best val accuracy against LR coloured by label smoothing, and every trial's val curve."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    scored = results.dropna(subset=["best_val_acc"])
+    if len(scored):
+        points = left.scatter(
+            scored["lr"], scored["best_val_acc"], c=scored["label_smoothing"], cmap="viridis",
+            s=60, edgecolors="black",
+        )
+        fig.colorbar(points, ax=left, label="label smoothing")
+        best = scored.loc[scored["best_val_acc"].idxmax()]
+        left.annotate(f"best {best['best_val_acc']:.3f}", (best["lr"], best["best_val_acc"]),
+                      textcoords="offset points", xytext=(0, 8), ha="center")
+    left.set_xscale("log")
+    left.set_xlabel("learning rate")
+    left.set_ylabel("best val accuracy")
+    left.set_title(f"{len(scored)} of {len(results)} trials scored")
+    left.grid(alpha=0.3)
+    for trial_id, history in sorted(histories.items()):
+        right.plot(history["epoch"], history["val_acc"], marker=".", label=trial_id)
+    right.set_xlabel("epoch")
+    right.set_ylabel("val accuracy")
+    right.set_title("Val accuracy per trial (ASHA stops weak ones early)")
+    right.grid(alpha=0.3)
+    if 0 < len(histories) <= 12:
+        right.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,225 @@
+"""Ray Tune sweeps over learning rate and label smoothing.
+
+Each trial is a small driver function that builds and fits the same TorchTrainer as
+`jobs/train.py` (through `fer_ray.trainer`), reporting to Tune with Ray Train's
+`TuneReportCallback`; ASHA stops weak trials early on val accuracy. Every trial writes a
+complete run folder under TUNE_DIR/trials/<trial id>/.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import logging
+import math
+import os
+import re
+import shutil
+from typing import Any
+
+import pandas as pd
+import ray.tune
+
+from fer_ray import storage
+from fer_ray.config import ConfigError, SweepConfig, TrainConfig, from_flat, to_dict
+from fer_ray.constants import BEST_DIR, CONFIG_FILE, HISTORY_FILE, RAY_RUN_NAME
+from fer_ray.trainer import build_trainer, finalize_run, load_pretrained, local_staging, resolve_settings, write_config
+
+log = logging.getLogger(__name__)
+
+TUNE_RUN_NAME = "ray_tune"
+TRIALS_DIR = "trials"
+RESULTS_FILE = "results.parquet"
+BEST_CONFIG_FILE = "best_config.json"
+SUMMARY_PLOT = "tune_summary.png"
+METRIC = "val_acc"
+TRIAL_DRIVER_CPU = 0.01
+RESULT_COLUMNS = [
+    "trial_id", "lr", "label_smoothing", "best_val_acc", "best_epoch", "epochs_run",
+    "stopped_early", "status", "error", "best_dir",
+]
+
+
+def trial_config(base: dict[str, Any], lr: float, label_smoothing: float, output: str) -> TrainConfig:
+    """The training config of one trial: the sweep's settings with its sampled values."""
+    flat = {k: v for section in base.values() if isinstance(section, dict) for k, v in section.items()}
+    train_keys = {k for section, v in to_dict(TrainConfig()).items() for k in v}
+    flat = {k: v for k, v in flat.items() if k in train_keys}
+    flat.update(lr=lr, label_smoothing=label_smoothing, output=output)
+    return from_flat(TrainConfig, flat).resolve_defaults()
+
+
+def run_trial(config: dict[str, Any], base: dict[str, Any], manifest: dict[str, Any],
+              tune_dir: str, pretrained: Any) -> None:
+    """One Tune trial: a complete training run, reported to Tune epoch by epoch."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    trial_id = ray.tune.get_context().get_trial_id()
+    trial_dir = storage.join(tune_dir, TRIALS_DIR, trial_id)
+    cfg = trial_config(base, config["lr"], config["label_smoothing"], trial_dir)
+    settings = resolve_settings(cfg, manifest, pretrained)
+    write_config(cfg, settings, trial_dir)
+    # Re-running a trial (sweep resumed) resumes its TorchTrainer from the trial folder.
+    build_trainer(cfg, settings, callbacks=[TuneReportCallback()]).fit()
+
+
+def cluster_capacity(cfg: TrainConfig) -> int:
+    """Trials that fit at once: each needs its workers plus one CPU for Ray Data."""
+    import ray
+
+    res = ray.cluster_resources()
+    per_trial_cpu = cfg.run.num_workers * cfg.run.cpus_per_worker + 1
+    fit = int(res.get("CPU", 0) // per_trial_cpu)
+    if cfg.run.use_gpu:
+        fit = min(fit, int(res.get("GPU", 0) // cfg.run.num_workers))
+    return max(1, fit)
+
+
+def _searcher(cfg: SweepConfig) -> Any:
+    if cfg.sweep.searcher != "optuna":
+        return None
+    try:
+        from ray.tune.search.optuna import OptunaSearch
+        import optuna  # noqa: F401
+    except ImportError:
+        raise ConfigError("--searcher optuna needs Optuna: `pip install optuna`, or use --searcher random.") from None
+    return OptunaSearch(metric=METRIC, mode="max", seed=cfg.run.seed)
+
+
+class TrialLine(ray.tune.Callback):
+    """One progress line per finished trial (Ray's table shows the running ones)."""
+
+    def __init__(self, epochs: int) -> None:
+        self.epochs = epochs
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        r = trial.last_result or {}
+        ran = r.get("epoch", 0)
+        cut = f" (stopped after {ran} of {self.epochs} epochs)" if ran < self.epochs else ""
+        print(
+            f"trial {trial.trial_id} done: lr {trial.config['lr']:.2e}, label smoothing "
+            f"{trial.config['label_smoothing']:.3f}, best val acc "
+            f"{r.get('best_val_acc', float('nan')):.4f} at epoch {r.get('best_epoch')}{cut}",
+            flush=True,
+        )
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        print(f"trial {trial.trial_id} failed; its error is in {trial.error_file}", flush=True)
+
+
+def build_tuner(cfg: SweepConfig, manifest: dict[str, Any]):
+    """A new Tuner, or the interrupted sweep in TUNE_DIR restored (finished trials kept)."""
+    from ray.tune.schedulers import ASHAScheduler
+
+    tune_dir = storage.normalize(cfg.run.output)
+    pretrained = load_pretrained(cfg, len(manifest["classes"]))
+    trainable = ray.tune.with_parameters(
+        run_trial, base=to_dict(cfg), manifest=manifest, tune_dir=tune_dir, pretrained=pretrained
+    )
+    # The trial function only waits on its TorchTrainer: it holds a sliver of a CPU (Tune
+    # wants a non-empty request), leaving whole CPUs to Train workers and Ray Data, which
+    # would otherwise starve each other on a small machine.
+    trainable = ray.tune.with_resources(trainable, {"CPU": TRIAL_DRIVER_CPU})
+    experiment = storage.join(tune_dir, TUNE_RUN_NAME)
+    if ray.tune.Tuner.can_restore(experiment):
+        log.info("Resuming the sweep in %s", experiment)
+        return ray.tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=False)
+
+    lo, hi = cfg.sweep.smoothing_range
+    space = {
+        "lr": ray.tune.loguniform(*cfg.sweep.lr_range),
+        "label_smoothing": ray.tune.uniform(lo, hi) if hi > lo else lo,
+    }
+    return ray.tune.Tuner(
+        trainable,
+        param_space=space,
+        tune_config=ray.tune.TuneConfig(
+            metric=METRIC,
+            mode="max",
+            num_samples=cfg.sweep.num_samples,
+            max_concurrent_trials=cfg.sweep.max_concurrent or cluster_capacity(cfg),
+            # max_t one past the last epoch: a trial that runs all its epochs returns by itself
+            # instead of being stopped by ASHA at its last report, which would kill its
+            # TorchTrainer before it releases its workers (ray-project/ray#54305).
+            scheduler=ASHAScheduler(
+                max_t=cfg.optim.epochs + 1,
+                grace_period=min(cfg.sweep.grace_period, cfg.optim.epochs),
+            ),
+            search_alg=_searcher(cfg),
+            trial_dirname_creator=lambda t: t.trial_id,
+        ),
+        run_config=ray.tune.RunConfig(
+            name=TUNE_RUN_NAME,
+            storage_path=tune_dir,
+            callbacks=[TrialLine(cfg.optim.epochs)],
+            failure_config=ray.tune.FailureConfig(max_failures=0, fail_fast=False),
+        ),
+    )
+
+
+def collect_results(grid: Any, tune_dir: str, classes: list[str], epochs: int) -> pd.DataFrame:
+    """One row per trial; each trial's run folder is completed (best/, plots) on the way."""
+    import ray.train
+
+    rows = []
+    for result in grid:
+        cfg = result.config or {}
+        trial_id = os.path.basename(str(result.path).rstrip("/"))
+        trial_dir = storage.join(tune_dir, TRIALS_DIR, trial_id)
+        row = {"trial_id": trial_id, "lr": cfg.get("lr"), "label_smoothing": cfg.get("label_smoothing"),
+               "best_val_acc": math.nan, "best_epoch": None, "epochs_run": 0, "stopped_early": False,
+               "status": "ERROR" if result.error else "TERMINATED",
+               "error": _one_line(result.error) if result.error else None, "best_dir": None}
+        train_dir = storage.join(trial_dir, RAY_RUN_NAME)
+        if storage.exists(storage.join(train_dir, "checkpoint_manager_snapshot.json")):
+            summary = finalize_run(ray.train.Result.from_path(train_dir), trial_dir, classes)
+            row.update(best_val_acc=summary["accuracy"], best_epoch=summary["best_epoch"],
+                       epochs_run=summary["epochs_run"], best_dir=summary["best_dir"],
+                       stopped_early=summary["epochs_run"] < epochs)
+        rows.append(row)
+    return pd.DataFrame(rows, columns=RESULT_COLUMNS).sort_values("trial_id", ignore_index=True)
+
+
+def _one_line(error: BaseException) -> str:
+    """The root cause of a trial's error: the last 'SomeError: message' line of its trace."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    causes = [line for line in lines if re.match(r"^[\w.]+(Error|Exception|Interrupt)\b.*:", line)]
+    return (causes[-1] if causes else lines[0] if lines else type(error).__name__)[:500]
+
+
+def write_outputs(results: pd.DataFrame, tune_dir: str) -> dict[str, Any] | None:
+    """results.parquet, the best trial's model and config, and the summary plot."""
+    from fer_ray.reports import plot_sweep
+
+    histories = {}
+    for trial_id in results["trial_id"]:
+        path = storage.join(tune_dir, TRIALS_DIR, trial_id, HISTORY_FILE)
+        if storage.exists(path):
+            histories[trial_id] = pd.read_csv(io.BytesIO(storage.read_bytes(path)))
+    scored = results.dropna(subset=["best_val_acc"])
+    best = scored.loc[scored["best_val_acc"].idxmax()] if len(scored) else None
+    with local_staging(tune_dir) as local:
+        results.to_parquet(os.path.join(local, RESULTS_FILE), index=False)
+        plot_sweep(results, histories, os.path.join(local, SUMMARY_PLOT))
+        if best is not None:
+            best_local = os.path.join(local, BEST_DIR)
+            shutil.rmtree(best_local, ignore_errors=True)
+            trial_dir = storage.join(tune_dir, TRIALS_DIR, best["trial_id"])
+            storage.copy_dir(storage.join(trial_dir, BEST_DIR), best_local)
+            best_config = storage.read_json(storage.join(trial_dir, CONFIG_FILE))
+            best_config["trial"] = {k: (None if isinstance(v, float) and math.isnan(v) else v)
+                                    for k, v in best.to_dict().items()}
+            storage.write_json(os.path.join(local, BEST_CONFIG_FILE), best_config)
+    return None if best is None else best.to_dict()
+
+
+def sweep(cfg: SweepConfig, manifest: dict[str, Any]) -> tuple[pd.DataFrame, dict[str, Any] | None]:
+    """Run (or resume) the sweep and write TUNE_DIR; Ray must be initialised."""
+    tune_dir = storage.normalize(cfg.run.output)
+    storage.makedirs(tune_dir)
+    storage.write_json(storage.join(tune_dir, "sweep_config.json"), to_dict(copy.deepcopy(cfg)))
+    grid = build_tuner(cfg, manifest).fit()
+    results = collect_results(grid, tune_dir, list(manifest["classes"]), cfg.optim.epochs)
+    best = write_outputs(results, tune_dir)
+    return results, best

@@ -1,0 +1,102 @@
+"""What every job shares: a cluster in RAY_ADDRESS that cannot be used ends the job in one
+sentence and exit status 2, quickly, instead of Ray's minutes of retries or a traceback."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+from fer_ray.cli import _host_port
+from fer_ray.synthetic import generate_dataset
+
+# Ray alone retries a closed GCS port for well over two minutes.
+BOUND_S = 30
+
+
+@pytest.mark.parametrize(
+    ("address", "expected"),
+    [
+        ("127.0.0.1:6379", ("127.0.0.1", 6379)),
+        ("ray://head:10001", ("head", 10001)),
+        ("[::1]:6379", ("::1", 6379)),
+        ("auto", None),
+        ("local", None),
+        ("http://127.0.0.1:8265", None),
+    ],
+)
+def test_host_port(address: str, expected: tuple[str, int] | None) -> None:
+    assert _host_port(address) == expected
+
+
+@pytest.fixture(scope="module")
+def tiny_faces(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("faces")
+    generate_dataset(root, {"train": 2, "val": 1}, size=32, seed=0)
+    return root
+
+
+def _run_prepare(faces: Path, out: Path, **env_vars: str) -> tuple[subprocess.CompletedProcess, float]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(env_vars)
+    start = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "jobs/prepare.py", "--source", str(faces), "--output", str(out)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+    )
+    return result, time.monotonic() - start
+
+
+def _one_sentence(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    return result.stderr.strip().splitlines()[-1]
+
+
+def test_dead_address_fails_fast(tiny_faces, tmp_path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again when the block ends
+    result, seconds = _run_prepare(tiny_faces, tmp_path / "out", RAY_ADDRESS=f"127.0.0.1:{port}")
+    last = _one_sentence(result)
+    assert last.startswith(f"error: Nothing answers at RAY_ADDRESS='127.0.0.1:{port}'")
+    assert seconds < BOUND_S
+
+
+def test_silent_address_fails_after_the_deadline(tiny_faces, tmp_path) -> None:
+    # A port that accepts and never answers (a dashboard port given as RAY_ADDRESS does
+    # the same): ray.init would wait forever.
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        result, seconds = _run_prepare(
+            tiny_faces, tmp_path / "out", RAY_ADDRESS=f"127.0.0.1:{port}",
+            FER_RAY_CONNECT_TIMEOUT_S="3",
+        )
+    last = _one_sentence(result)
+    assert last.startswith(f"error: No Ray cluster answered at RAY_ADDRESS='127.0.0.1:{port}'")
+    assert seconds < BOUND_S
+
+
+def test_missing_token_is_named(tiny_faces, tmp_path) -> None:
+    # Something answers (so the probe passes), token auth is on, and no token exists:
+    # not in RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, nor ~/.ray/auth_token of this HOME.
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        result, seconds = _run_prepare(
+            tiny_faces, tmp_path / "out", RAY_ADDRESS=f"127.0.0.1:{port}",
+            RAY_AUTH_MODE="token", HOME=str(tmp_path),
+        )
+    last = _one_sentence(result)
+    assert last.startswith("error: Token authentication is on (RAY_AUTH_MODE=token) but no token")
+    assert "~/.ray/auth_token" in last
+    assert seconds < BOUND_S

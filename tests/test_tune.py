@@ -1,0 +1,97 @@
+"""Ray Tune sweeps: a 3-trial ASHA sweep end to end, resume, failures, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from conftest import tiny_train_args
+from fer_ray.config import SweepConfig, parse_config, to_dict
+from fer_ray.model import load_model_dir
+from fer_ray.tuning import RESULT_COLUMNS, trial_config
+from jobs.tune import main as tune_main
+
+
+def sweep_args(data: str, output: str, *extra: str) -> list[str]:
+    return [*tiny_train_args(data, output), "--num-samples", "3", "--max-concurrent", "1",
+            "--grace-period", "1", *extra]
+
+
+def test_trial_config_overrides_only_the_swept_values() -> None:
+    import argparse
+
+    cfg, _ = parse_config(SweepConfig, ["--data", "d", "--output", "o", "--epochs", "4", "--num-samples", "5"],
+                          argparse.ArgumentParser())
+    trial = trial_config(to_dict(cfg), lr=0.002, label_smoothing=0.05, output="o/trials/t1")
+    assert trial.optim.lr == 0.002 and trial.optim.label_smoothing == 0.05
+    assert trial.run.output == "o/trials/t1" and trial.optim.epochs == 4
+    assert not hasattr(trial, "sweep")
+
+
+def test_sweep_writes_every_output_and_resumes_without_retraining(ray_cluster, synth_shards, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    assert tune_main(sweep_args(str(synth_shards), str(out))) == 0
+    printed = capsys.readouterr().out
+    assert printed.count(" done: lr ") == 3  # one line per finished trial
+
+    results = pd.read_parquet(out / "results.parquet")
+    assert results.columns.tolist() == RESULT_COLUMNS and len(results) == 3
+    assert (results["status"] == "TERMINATED").all()
+    assert results["lr"].between(1e-4, 3e-3).all() and results["label_smoothing"].between(0, 0.3).all()
+    assert (results["epochs_run"] >= 1).all() and (results["epochs_run"] <= 2).all()
+    best = results.loc[results["best_val_acc"].idxmax()]
+    best_config = json.loads((out / "best_config.json").read_text())
+    assert best_config["trial"]["trial_id"] == best["trial_id"]
+    assert best_config["optim"]["lr"] == pytest.approx(best["lr"])
+    assert best_config["trial"]["best_val_acc"] == results["best_val_acc"].max()
+    _, spec = load_model_dir(str(out / "best"))
+    assert spec.model == "test_resnet"
+    assert (out / "tune_summary.png").stat().st_size > 0
+    for trial_id in results["trial_id"]:
+        history = pd.read_csv(out / "trials" / trial_id / "history.csv")
+        assert len(history) == results.set_index("trial_id").loc[trial_id, "epochs_run"]
+
+    # A finished sweep run again trains nothing and reports the same results.
+    stamps = {p: p.stat().st_mtime for p in (out / "trials").glob("*/ray_train/epoch_*")}
+    assert tune_main(sweep_args(str(synth_shards), str(out))) == 0
+    again = pd.read_parquet(out / "results.parquet")
+    pd.testing.assert_frame_equal(again, results)
+    assert {p: p.stat().st_mtime for p in (out / "trials").glob("*/ray_train/epoch_*")} == stamps
+
+
+def test_failed_trials_are_recorded_not_fatal(ray_cluster, synth_shards, tmp_path) -> None:
+    out = tmp_path / "failing"
+    # 280 images cannot fill one batch of 4096: every trial's training raises.
+    args = sweep_args(str(synth_shards), str(out), "--num-samples", "2", "--batch-size", "4096",
+                      "--max-failures", "0")
+    assert tune_main(args) == 0
+    results = pd.read_parquet(out / "results.parquet")
+    assert len(results) == 2 and (results["status"] == "ERROR").all()
+    assert results["error"].str.contains("cannot fill one batch").all()
+    assert not (out / "best").exists()
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--lr-range", "0", "0.1"], "--lr-range must be two positive numbers"),
+        (["--lr-range", "0.01", "0.001"], "--lr-range must be two positive numbers"),
+        (["--smoothing-range", "0.1", "1.2"], "--smoothing-range must satisfy"),
+        (["--num-samples", "0"], "--num-samples must be at least 1"),
+    ],
+)
+def test_bad_sweep_settings(synth_shards, tmp_path, capsys, extra, message) -> None:
+    out = tmp_path / "bad"
+    assert tune_main(sweep_args(str(synth_shards), str(out), *extra)) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not out.exists()
+
+
+def test_unknown_flag_is_rejected(synth_shards, tmp_path, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        tune_main(sweep_args(str(synth_shards), str(tmp_path / "x"), "--learning-rate", "0.1"))
+    assert exit_info.value.code == 2
+    assert "unrecognized arguments: --learning-rate" in capsys.readouterr().err
