@@ -406,6 +406,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "val_acc": val_acc,
             "seconds": round(seconds, 2),
             "images_per_s": round(seen / max(train_seconds, 1e-9), 1),
+            "steps": steps,  # optimizer steps, the same on every worker
         }
         state.history.append(row)
         log0(

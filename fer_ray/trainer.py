@@ -10,6 +10,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from contextlib import contextmanager
 from dataclasses import asdict
 from typing import Any, Iterator, Sequence
@@ -140,23 +141,39 @@ def _flat(d: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def check_gpus(cfg: TrainConfig) -> None:
-    """--use-gpu on a cluster without GPUs fails here with a sentence, not a silent wait."""
+# How long a job on a cluster waits for the autoscaler to bring up GPU nodes.
+GPU_WAIT_S = float(os.environ.get("FER_RAY_GPU_WAIT_S", 900))
+
+
+def check_gpus(cfg: TrainConfig, wait_s: float | None = None) -> None:
+    """--use-gpu without enough GPUs fails with a sentence instead of waiting forever.
+
+    A Ray instance this job started itself fails at once. On a cluster (RAY_ADDRESS set,
+    as under `ray job submit`) the autoscaler is asked for the GPUs and given `wait_s`
+    seconds to add GPU nodes (min_workers 0 in cluster.yaml means none run at first).
+    """
     import ray
+    from ray.autoscaler.sdk import request_resources
 
     if not cfg.run.use_gpu:
         return
+    need = cfg.run.num_workers
+    if wait_s is None:
+        wait_s = GPU_WAIT_S if os.environ.get("RAY_ADDRESS") else 0.0
+    deadline = time.monotonic() + wait_s
     have = ray.cluster_resources().get("GPU", 0)
-    if have < 1 and not _autoscaling():
+    if have < need and wait_s > 0:
+        request_resources(bundles=[{"GPU": 1}] * need)
+        log.info("Waiting up to %.0f s for %d GPU(s) (the cluster has %d now)", wait_s, need, have)
+    while have < need and time.monotonic() < deadline:
+        time.sleep(5)
+        have = ray.cluster_resources().get("GPU", 0)
+    if have < need:
+        waited = f" after waiting {wait_s:.0f} s" if wait_s > 0 else ""
         raise ConfigError(
-            f"--use-gpu was given but the Ray cluster has no GPUs (resources: "
-            f"{ray.cluster_resources()}); drop --use-gpu or connect to a cluster with GPU nodes."
+            f"--use-gpu with {need} worker(s) needs {need} GPU(s) but the Ray cluster has "
+            f"{have:g}{waited}; drop --use-gpu, lower --num-workers, or use a cluster with GPU nodes."
         )
-
-
-def _autoscaling() -> bool:
-    """Whether an autoscaler may still add nodes (a cluster started from cluster.yaml)."""
-    return bool(os.environ.get("RAY_ADDRESS")) and os.environ.get("FER_RAY_AUTOSCALING", "1") == "1"
 
 
 def build_trainer(

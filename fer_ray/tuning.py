@@ -23,7 +23,7 @@ import ray.tune
 from fer_ray import storage
 from fer_ray.config import ConfigError, SweepConfig, TrainConfig, from_flat, to_dict
 from fer_ray.constants import BEST_DIR, CONFIG_FILE, HISTORY_FILE, RAY_RUN_NAME
-from fer_ray.trainer import build_trainer, finalize_run, load_pretrained, local_staging, resolve_settings, write_config
+from fer_ray.trainer import build_trainer, check_gpus, finalize_run, load_pretrained, local_staging, resolve_settings, write_config
 
 log = logging.getLogger(__name__)
 
@@ -216,6 +216,7 @@ def write_outputs(results: pd.DataFrame, tune_dir: str) -> dict[str, Any] | None
 
 def sweep(cfg: SweepConfig, manifest: dict[str, Any]) -> tuple[pd.DataFrame, dict[str, Any] | None]:
     """Run (or resume) the sweep and write TUNE_DIR; Ray must be initialised."""
+    check_gpus(cfg)
     tune_dir = storage.normalize(cfg.run.output)
     storage.makedirs(tune_dir)
     storage.write_json(storage.join(tune_dir, "sweep_config.json"), to_dict(copy.deepcopy(cfg)))

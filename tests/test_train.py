@@ -25,11 +25,12 @@ def test_run_folder_is_complete(tiny_run) -> None:
         assert (tiny_run / name).stat().st_size > 0, name
     history = pd.read_csv(tiny_run / "history.csv")
     assert history.columns.tolist() == [
-        "epoch", "phase", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "seconds", "images_per_s",
+        "epoch", "phase", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "seconds", "images_per_s", "steps",
     ]
     assert history["epoch"].tolist() == [1, 2]
     assert history["phase"].tolist() == ["head", "finetune"]  # --freeze-epochs 1
     assert (history["images_per_s"] > 0).all()
+    assert (history["steps"] == 280 // 16).all()
 
     metrics = pd.read_parquet(tiny_run / "val_metrics.parquet").set_index("name")
     assert metrics.loc[list(FER_CLASSES), "support"].sum() == 70  # every val image, once

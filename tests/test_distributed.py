@@ -1,0 +1,86 @@
+"""Several workers (DDP over gloo), storage URIs, surviving a killed worker, GPU checks."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+
+import pandas as pd
+import pytest
+import torch
+
+from conftest import tiny_train_args
+from jobs.train import main as train_main
+
+CHECKPOINT_FILES = {"model.safetensors", "config.json", "train_state.pt", "val_predictions.parquet"}
+
+
+def test_two_workers_with_file_uris(ray_cluster, synth_shards, tmp_path) -> None:
+    out = tmp_path / "ddp"
+    args = tiny_train_args(f"file://{synth_shards}", f"file://{out}", "--num-workers", "2",
+                           "--epochs", "1", "--lr", "0.001")
+    assert train_main(args) == 0
+
+    resolved = json.loads((out / "config.json").read_text())["resolved"]
+    assert resolved["global_batch"] == 32  # 16 per worker x 2 workers
+    assert resolved["effective_lr"] == pytest.approx(0.002)  # linear scaling rule
+    history = pd.read_csv(out / "history.csv")
+    assert history["steps"].tolist() == [(280 // 2) // 16]  # each worker: its half, full batches
+    metrics = pd.read_parquet(out / "val_metrics.parquet").set_index("name")
+    assert metrics.loc["accuracy", "support"] == 70  # val reduced over both workers, every image once
+    checkpoints = list((out / "ray_train").glob("epoch_*"))
+    assert len(checkpoints) == 1
+    assert {p.name for p in checkpoints[0].iterdir()} == CHECKPOINT_FILES  # rank 0 alone writes
+    assert (out / "best" / "model.safetensors").exists()
+
+
+def _alive_train_workers() -> list[int]:
+    import ray
+    from ray.util.state import list_actors
+
+    actors = list_actors(
+        address=ray.get_runtime_context().gcs_address,
+        filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
+    )
+    return [a.pid for a in actors]
+
+
+def test_killed_worker_resumes_from_last_checkpoint(ray_cluster, synth_shards, tmp_path) -> None:
+    out = tmp_path / "killed"
+    args = tiny_train_args(str(synth_shards), str(out), "--epochs", "4")
+    result: dict[str, int] = {}
+    runner = threading.Thread(target=lambda: result.update(code=train_main(args)))
+    runner.start()
+
+    # Wait until Ray has registered epoch 1's checkpoint (its snapshot names it), not just
+    # until the files exist: a worker killed between the two loses that report.
+    snapshot = out / "ray_train" / "checkpoint_manager_snapshot.json"
+    deadline = time.time() + 300
+    while time.time() < deadline and runner.is_alive():
+        if snapshot.exists() and "epoch_0001" in snapshot.read_text():
+            break
+        time.sleep(0.2)
+    first = out / "ray_train" / "epoch_0001" / "train_state.pt"
+    epoch1 = torch.load(first, weights_only=True)["state"]["history"][0]
+    pids = _alive_train_workers()
+    assert len(pids) == 1
+    os.kill(pids[0], signal.SIGKILL)  # mid-run: during epoch 2
+
+    runner.join(timeout=600)
+    assert result.get("code") == 0
+    history = pd.read_csv(out / "history.csv")
+    assert history["epoch"].tolist() == [1, 2, 3, 4]  # nothing missing, nothing repeated
+    assert history.iloc[0]["val_acc"] == pytest.approx(epoch1["val_acc"])  # epoch 1 was not redone
+    assert history.iloc[0]["seconds"] == pytest.approx(epoch1["seconds"])
+    assert _alive_train_workers() == []
+
+
+def test_use_gpu_without_gpus_fails_at_once(ray_cluster, synth_shards, tmp_path, capsys) -> None:
+    start = time.time()
+    assert train_main(tiny_train_args(str(synth_shards), str(tmp_path / "gpu"), "--use-gpu")) == 2
+    assert time.time() - start < 30
+    err = capsys.readouterr().err
+    assert "--use-gpu with 1 worker(s) needs 1 GPU(s) but the Ray cluster has 0" in err
