@@ -33,6 +33,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from conftest import REPO, TINY_MODEL, TINY_SIZE
@@ -402,3 +403,41 @@ def test_predict_job_scores_a_folder(cluster, run, faces) -> None:
     )
     _ok(result)
     assert list((out / "predictions").glob("*.parquet"))
+
+
+@pytest.mark.slow
+def test_stopped_job_resubmitted_resumes(cluster, shards) -> None:
+    """`ray job stop` mid-run, then the same command again: it resumes, it does not restart."""
+    import torch
+
+    out = cluster.root / "stopped"
+    train = ["python", "jobs/train.py", "--data", str(shards), "--output", str(out),
+             "--model", TINY_MODEL, "--no-pretrained", "--epochs", "3",
+             "--image-size", str(TINY_SIZE), "--batch-size", "16"]
+    job_id = f"fer-ray-stop-{secrets.token_hex(4)}"
+    _ok(subprocess.run(
+        [RAY, "job", "submit", "--address", cluster.address, "--working-dir", ".",
+         "--submission-id", job_id, "--no-wait", "--", *train],
+        cwd=REPO, env=cluster.env, capture_output=True, text=True, timeout=120,
+    ))
+    snapshot = out / "ray_train" / "checkpoint_manager_snapshot.json"
+    deadline = time.monotonic() + 240
+    while not (snapshot.exists() and "epoch_0001" in snapshot.read_text()):
+        assert time.monotonic() < deadline, "no checkpoint within 240 s"
+        time.sleep(0.5)
+    _ok(subprocess.run([RAY, "job", "stop", "--address", cluster.address, job_id],
+                       env=cluster.env, capture_output=True, text=True, timeout=120))
+    status = subprocess.run([RAY, "job", "status", "--address", cluster.address, job_id],
+                            env=cluster.env, capture_output=True, text=True, timeout=60)
+    assert "was stopped" in status.stdout + status.stderr
+    latest = json.loads(snapshot.read_text())["latest_checkpoint_result"]["checkpoint_dir_name"]
+    before = torch.load(out / "ray_train" / latest / "train_state.pt", weights_only=True)["state"]
+    assert 1 <= before["epoch"] < 3  # stopped mid-run
+
+    output = _ok(cluster.submit(*train, timeout=300))
+    assert f"Resuming after epoch {before['epoch']}" in output
+    history = pd.read_csv(out / "history.csv")
+    assert history["epoch"].tolist() == [1, 2, 3]
+    for i, row in enumerate(before["history"]):  # epochs done before the stop are kept as they were
+        assert history.iloc[i]["val_acc"] == pytest.approx(row["val_acc"])
+        assert history.iloc[i]["seconds"] == pytest.approx(row["seconds"])
