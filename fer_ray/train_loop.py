@@ -39,13 +39,7 @@ FINETUNE_PHASE = "finetune"
 class LoopSettings:
     """Everything the loop needs, resolved on the driver."""
 
-    model: str
-    class_names: list[str]
-    image_size: int
-    data_size: int
-    channels: int
-    mean: list[float]
-    std: list[float]
+    spec: ModelSpec  # the model and how its images are prepared (also its folder's config)
     batch_size: int
     num_train: int
     epochs: int
@@ -65,11 +59,9 @@ class LoopSettings:
     cpus_per_worker: int = 1
     pretrained_state: Any = None  # an ObjectRef to a state dict, fetched once by the driver
 
-    def spec(self) -> ModelSpec:
-        return ModelSpec(
-            model=self.model, class_names=list(self.class_names), image_size=self.image_size,
-            data_size=self.data_size, channels=self.channels, mean=list(self.mean), std=list(self.std),
-        )
+    def __post_init__(self) -> None:
+        if isinstance(self.spec, dict):  # arrived through Ray as a plain dict (asdict)
+            self.spec = ModelSpec(**self.spec)
 
 
 @dataclass
@@ -326,13 +318,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     }
 
     # Model
-    model = create_model(s.model, len(s.class_names), drop_rate=s.drop_rate)
+    spec = s.spec
+    model = create_model(spec.model, len(spec.class_names), drop_rate=s.drop_rate)
     if s.pretrained_state is not None:
         model.load_state_dict(ray.get(s.pretrained_state))
     model.to(device)
     if on_gpu:
         model.to(memory_format=torch.channels_last)
-    normalize = DeviceNormalize(s.image_size, s.mean, s.std, channels_last=on_gpu).to(device)
+    normalize = DeviceNormalize(spec.image_size, spec.mean, spec.std, channels_last=on_gpu).to(device)
     amp_dtype = resolve_amp(s.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     weight = torch.tensor(s.class_weights, dtype=torch.float32, device=device) if s.class_weights else None
@@ -351,12 +344,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         return
 
     log0(
-        f"Training {s.model} on {world} worker(s) ({device.type}, amp={amp_dtype}), "
+        f"Training {spec.model} on {world} worker(s) ({device.type}, amp={amp_dtype}), "
         f"{s.num_train} images, {epoch_steps} steps/epoch of {s.batch_size}x{world}, "
-        f"{s.image_size}px from {s.data_size}px data"
+        f"{spec.image_size}px from {spec.data_size}px data"
     )
     phase, wrapped, optimizer, scheduler = None, model, None, None
-    spec = s.spec()
     for epoch in range(state.epoch, s.epochs):
         if phase_of(epoch, s.freeze_epochs) != phase:
             phase = phase_of(epoch, s.freeze_epochs)

@@ -38,7 +38,7 @@ from fer_ray.constants import (
 )
 from fer_ray.data import class_weights, resolve_data_size, train_counts, train_val_datasets
 from fer_ray.metrics import confusion_table, metrics_table, summary
-from fer_ray.model import check_model_name, create_model, data_config, fetch_pretrained_state
+from fer_ray.model import ModelSpec, check_model_name, create_model, data_config, fetch_pretrained_state
 from fer_ray.prepare import read_manifest
 from fer_ray.reports import plot_confusion_matrix, plot_learning_curves
 from fer_ray.train_loop import LoopSettings, scaled_lr, steps_per_epoch, train_loop_per_worker
@@ -75,7 +75,7 @@ def resolve_settings(cfg: TrainConfig, manifest: dict[str, Any], pretrained_stat
     classes = list(manifest["classes"])
     probe = create_model(m.model, len(classes))  # also checks the model name
     dcfg = data_config(probe)
-    return LoopSettings(
+    spec = ModelSpec(
         model=m.model,
         class_names=classes,
         image_size=d.image_size,
@@ -83,6 +83,9 @@ def resolve_settings(cfg: TrainConfig, manifest: dict[str, Any], pretrained_stat
         channels=int(manifest["image"]["channels"]),
         mean=list(dcfg["mean"]),
         std=list(dcfg["std"]),
+    )
+    return LoopSettings(
+        spec=spec,
         batch_size=d.batch_size,
         num_train=int(manifest["splits"][TRAIN]["total"]),
         epochs=o.epochs,
@@ -186,7 +189,8 @@ def build_trainer(
     """The TorchTrainer for one run; checkpoints go to STORAGE/ray_train."""
     from ray.train.torch import TorchTrainer
 
-    datasets = train_val_datasets(cfg.data.data, settings.data_size, settings.channels, cfg.data.augment)
+    spec = settings.spec
+    datasets = train_val_datasets(cfg.data.data, spec.data_size, spec.channels, cfg.data.augment)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=asdict(settings),
@@ -225,11 +229,11 @@ def load_pretrained(cfg: TrainConfig, num_classes: int) -> Any:
 def write_config(cfg: TrainConfig, settings: LoopSettings, run_dir: str) -> None:
     """The resolved config, with the values derived from it, next to the run's outputs."""
     resolved = {
-        "classes": settings.class_names,
-        "data_size": settings.data_size,
-        "channels": settings.channels,
-        "mean": settings.mean,
-        "std": settings.std,
+        "classes": settings.spec.class_names,
+        "data_size": settings.spec.data_size,
+        "channels": settings.spec.channels,
+        "mean": settings.spec.mean,
+        "std": settings.spec.std,
         "effective_lr": settings.lr,
         "global_batch": cfg.data.batch_size * cfg.run.num_workers,
         "steps_per_epoch": steps_per_epoch(settings.num_train, cfg.data.batch_size, cfg.run.num_workers),
