@@ -66,6 +66,13 @@ class ModelOptions:
         metadata={"help": "local .pth/.safetensors with pretrained weights (offline clusters)"},
     )
     drop_rate: float = field(default=0.0, metadata={"help": "dropout before the classifier"})
+    model_kwargs: dict = field(
+        default_factory=dict,
+        metadata={
+            "help": "extra timm.create_model arguments as YAML/JSON, e.g. "
+            "'{in_chans: 1, output_stride: 16}' (a 1-channel stem, dilated last stage)"
+        },
+    )
 
 
 @dataclass
@@ -263,6 +270,11 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
         if len(items) != len(args):
             raise ConfigError(f"Setting {name!r} expects {len(args)} values, got {value!r}.")
         return tuple(_coerce(v, t, name) for v, t in zip(items, args))
+    if tp is dict:
+        parsed = yaml.safe_load(value) if isinstance(value, str) else value
+        if not isinstance(parsed, dict):
+            raise ConfigError(f"Setting {name!r} expects a mapping such as '{{a: 1}}', got {value!r}.")
+        return parsed
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
@@ -329,7 +341,12 @@ def add_config_flags(
             continue
         flag = "--" + name.replace("_", "-")
         helptext = f.metadata.get("help", "")
-        default = f.default if f.default is not dataclasses.MISSING else None
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = None
         if typing.get_origin(f.type) is tuple:
             parser.add_argument(
                 flag,

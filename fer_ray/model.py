@@ -12,7 +12,7 @@ import difflib
 import json
 import os
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,12 @@ class ModelSpec:
     channels: int
     mean: list[float]
     std: list[float]
+    model_kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model args
+
+    @property
+    def in_chans(self) -> int:
+        """Channels the model's first layer takes (images are expanded or averaged to it)."""
+        return int(self.model_kwargs.get("in_chans", 3))
 
 
 def check_model_name(name: str) -> None:
@@ -48,16 +54,20 @@ def check_model_name(name: str) -> None:
 def create_model(name: str, num_classes: int, drop_rate: float = 0.0, **kwargs: Any) -> torch.nn.Module:
     """A timm model with a fresh `num_classes` head (random weights)."""
     check_model_name(name)
-    return timm.create_model(name, pretrained=False, num_classes=num_classes, drop_rate=drop_rate, **kwargs)
+    try:
+        return timm.create_model(name, pretrained=False, num_classes=num_classes, drop_rate=drop_rate, **kwargs)
+    except TypeError as e:
+        raise ConfigError(f"--model-kwargs {kwargs} do not fit {name}: {e}.") from None
 
 
 def fetch_pretrained_state(
-    name: str, num_classes: int, pretrained_file: str | None = None
+    name: str, num_classes: int, pretrained_file: str | None = None, **kwargs: Any
 ) -> dict[str, torch.Tensor]:
     """ImageNet weights with a fresh head, fetched once (on the driver) for all workers.
 
     timm fetches its hub weights, or reads `pretrained_file`, and adapts the classifier
-    and first conv. Raises ConfigError when the weights cannot be had.
+    and first conv (`in_chans=1` sums the RGB filters). Raises ConfigError when the weights
+    cannot be had.
     """
     check_model_name(name)
     overlay = None
@@ -68,7 +78,7 @@ def fetch_pretrained_state(
         overlay = {"file": local}
     try:
         model = timm.create_model(
-            name, pretrained=True, num_classes=num_classes, pretrained_cfg_overlay=overlay
+            name, pretrained=True, num_classes=num_classes, pretrained_cfg_overlay=overlay, **kwargs
         )
     except Exception as e:  # noqa: BLE001 - network, hub and file errors all end the same way
         if pretrained_file:
@@ -150,7 +160,7 @@ def save_model_dir(model: torch.nn.Module, folder: str | Path, spec: ModelSpec) 
         model_config={"label_names": list(spec.class_names), "fer_ray": asdict(spec)},
         safe_serialization=True,
         data_config={
-            "input_size": (model.pretrained_cfg.get("input_size", (3,))[0], spec.image_size, spec.image_size),
+            "input_size": (spec.in_chans, spec.image_size, spec.image_size),
             "mean": tuple(spec.mean),
             "std": tuple(spec.std),
         },

@@ -319,13 +319,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     # Model
     spec = s.spec
-    model = create_model(spec.model, len(spec.class_names), drop_rate=s.drop_rate)
+    model = create_model(spec.model, len(spec.class_names), drop_rate=s.drop_rate, **spec.model_kwargs)
     if s.pretrained_state is not None:
         model.load_state_dict(ray.get(s.pretrained_state))
     model.to(device)
     if on_gpu:
         model.to(memory_format=torch.channels_last)
-    normalize = DeviceNormalize(spec.image_size, spec.mean, spec.std, channels_last=on_gpu).to(device)
+    normalize = DeviceNormalize(
+        spec.image_size, spec.mean, spec.std, in_chans=spec.in_chans, channels_last=on_gpu
+    ).to(device)
     amp_dtype = resolve_amp(s.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     weight = torch.tensor(s.class_weights, dtype=torch.float32, device=device) if s.class_weights else None

@@ -41,6 +41,7 @@ from fer_ray.metrics import confusion_table, metrics_table, summary
 from fer_ray.model import ModelSpec, check_model_name, create_model, data_config, fetch_pretrained_state
 from fer_ray.prepare import read_manifest
 from fer_ray.reports import plot_confusion_matrix, plot_learning_curves
+from fer_ray.transforms import match_channels
 from fer_ray.train_loop import LoopSettings, scaled_lr, steps_per_epoch, train_loop_per_worker
 
 log = logging.getLogger(__name__)
@@ -73,16 +74,18 @@ def resolve_settings(cfg: TrainConfig, manifest: dict[str, Any], pretrained_stat
     """Everything the worker loop needs, from the config and the shards' manifest."""
     d, m, o, r = cfg.data, cfg.model, cfg.optim, cfg.run
     classes = list(manifest["classes"])
-    probe = create_model(m.model, len(classes))  # also checks the model name
+    probe = create_model(m.model, len(classes), **m.model_kwargs)  # also checks name and args
     dcfg = data_config(probe)
+    in_chans = int(m.model_kwargs.get("in_chans", 3))
     spec = ModelSpec(
         model=m.model,
         class_names=classes,
         image_size=d.image_size,
         data_size=resolve_data_size(d.image_size, manifest, d.data_size),
         channels=int(manifest["image"]["channels"]),
-        mean=list(dcfg["mean"]),
-        std=list(dcfg["std"]),
+        mean=match_channels(dcfg["mean"], in_chans),
+        std=match_channels(dcfg["std"], in_chans),
+        model_kwargs=dict(m.model_kwargs),
     )
     return LoopSettings(
         spec=spec,
@@ -222,7 +225,9 @@ def load_pretrained(cfg: TrainConfig, num_classes: int) -> Any:
     if not cfg.model.pretrained:
         return None
     log.info("Loading pretrained weights for %s", cfg.model.model)
-    state = fetch_pretrained_state(cfg.model.model, num_classes, cfg.model.pretrained_file)
+    state = fetch_pretrained_state(
+        cfg.model.model, num_classes, cfg.model.pretrained_file, **cfg.model.model_kwargs
+    )
     return ray.put(state)
 
 

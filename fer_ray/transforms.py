@@ -99,6 +99,15 @@ def transform_batch(
     return {IMAGE_COL: out, LABEL_COL: batch[LABEL_COL].astype(np.int64)}
 
 
+def match_channels(values: Sequence[float], in_chans: int) -> list[float]:
+    """Per-channel statistics for a model's input channels: a gray-input model (in_chans=1)
+    takes the average of the RGB mean/std."""
+    values = list(values)
+    if in_chans == 1 and len(values) == 3:
+        return [sum(values) / 3]
+    return values
+
+
 class DeviceNormalize(torch.nn.Module):
     """uint8 [B, H, W, C] on the device -> normalised float [B, 3, S, S] for the model."""
 
@@ -114,9 +123,7 @@ class DeviceNormalize(torch.nn.Module):
         self.image_size = image_size
         self.in_chans = in_chans
         self.channels_last = channels_last
-        if in_chans == 1 and len(mean) == 3:
-            # A gray-input model sees the average of the RGB statistics.
-            mean, std = [sum(mean) / 3], [sum(std) / 3]
+        mean, std = match_channels(mean, in_chans), match_channels(std, in_chans)
         std_t = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
         mean_t = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
         # (x / 255 - mean) / std folded into one multiply-add

@@ -103,3 +103,18 @@ def test_not_a_model_folder(tmp_path) -> None:
     (tmp_path / "model.safetensors").write_bytes(b"")
     with pytest.raises(ConfigError, match="not a fer_ray model config"):
         read_model_spec(str(tmp_path))
+
+
+def test_model_kwargs_survive_the_model_folder(tmp_path) -> None:
+    kwargs = {"in_chans": 1, "output_stride": 16}
+    model = create_model("resnet18", 7, **kwargs).eval()
+    save_model_dir(model, tmp_path, ModelSpec("resnet18", list(FER_CLASSES), 48, 48, 1, [0.45], [0.23], kwargs))
+    loaded, loaded_spec = load_model_dir(str(tmp_path))
+    assert loaded_spec.in_chans == 1 and loaded_spec.model_kwargs == kwargs
+    x = torch.randn(2, 1, 48, 48)
+    torch.testing.assert_close(loaded(x), model(x))
+
+
+def test_bad_model_kwargs_are_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="--model-kwargs .* do not fit resnet18"):
+        create_model("resnet18", 7, not_an_argument=1)
