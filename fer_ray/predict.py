@@ -7,6 +7,11 @@ One streaming Ray Data pipeline, so memory stays flat however large the input:
       -> normalise and run the model, optionally with flip TTA (an actor pool, one GPU each)
       -> OUT/predictions/*.parquet
 
+On CPU, Ray fuses the decode tasks into the scoring actors (same resources): each actor
+decodes its own batches, with no copy of the decoded images between processes, and
+`num_actors` sets how many decode and score in parallel. With GPUs the decode stays in
+CPU tasks that feed the GPU actors.
+
 Files that cannot be scored go to one actor that appends them to OUT/errors.parquet as
 they come. Metrics are computed afterwards from the label columns read back from the
 written predictions. Everything is written under `OUT.tmp-<id>` beside OUT and moved into
@@ -26,7 +31,7 @@ import re
 import tempfile
 import time
 import uuid
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -34,7 +39,12 @@ import pyarrow as pa
 from fer_ray import storage
 from fer_ray.config import ConfigError
 from fer_ray.constants import IMAGE_COL, IMAGE_EXTENSIONS, LABEL_COL, MANIFEST_FILE, PATH_COL, SPLITS
-from fer_ray.model import ModelSpec, read_model_spec
+
+if TYPE_CHECKING:
+    from fer_ray.model import ModelSpec
+
+# torch and timm are imported where they are used: the error-writer actor and the
+# driver's checks should not pay for them.
 
 log = logging.getLogger(__name__)
 
@@ -106,15 +116,16 @@ def check_inputs(
     batch_size: int = 256,
     num_actors: int = 1,
 ) -> ModelSpec:
-    """Raise ConfigError, with what to do, for anything that would make the run fail."""
-    from fer_ray.prepare import read_manifest
+    """Raise ConfigError, with what to do, for anything that would make the run fail; the
+    model's description when nothing would."""
+    from fer_ray.model import read_model_spec
 
     model_dir, source, output = (storage.normalize(p) for p in (model_dir, source, output))
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {batch_size}.")
     if num_actors < 1:
         raise ConfigError(f"--num-actors must be at least 1, got {num_actors}.")
-    spec = read_model_spec(model_dir)
+    spec = read_model_spec(model_dir)  # the clearest sentences for a wrong folder
     if not storage.exists(source):
         raise ConfigError(f"Input {source!r} does not exist; give a folder of images or a shards folder.")
     if not storage.is_dir(source):
@@ -126,8 +137,14 @@ def check_inputs(
             raise ConfigError(f"--split is for shards folders, and {source!r} is an image folder; drop --split.")
         if not _has_any_file(source):
             raise ConfigError(f"Input {source!r} holds no files; give a folder with images in it.")
-        return spec
-    root, split = shards[0], split or shards[1]
+    else:
+        _check_shards(shards[0], split or shards[1], spec)
+    return load_model(model_dir)[1]  # last: the slowest check
+
+
+def _check_shards(root: str, split: str | None, spec: ModelSpec) -> None:
+    from fer_ray.prepare import read_manifest
+
     manifest = read_manifest(root)
     if list(manifest["classes"]) != list(spec.class_names):
         raise ConfigError(
@@ -138,7 +155,6 @@ def check_inputs(
         raise ConfigError(
             f"Shards {root!r} have no {split!r} split; choose one of {', '.join(manifest['splits'])}."
         )
-    return spec
 
 
 def _inside(path: str, folder: str) -> bool:
@@ -192,12 +208,12 @@ def list_images(source: str, class_names: Sequence[str]) -> pa.Table:
             strangers.add(parts[0])
         paths.append(storage.full_path(fs, path))
         labels.append(label)
-    labelled = sum(lab != NO_LABEL for lab in labels)
-    if labelled and len(labelled_rest := [p for p in labels if p == NO_LABEL]):
-        where = f" (folders {', '.join(sorted(strangers))})" if strangers else ""
+    unlabelled = labels.count(NO_LABEL)
+    if 0 < unlabelled < len(labels):
+        where = f" (in {', '.join(sorted(strangers))})" if strangers else ""
         log.warning(
             "%d of %d files are outside the class folders%s; they are scored without a true "
-            "label and left out of the metrics", len(labelled_rest), len(labels), where,
+            "label and left out of the metrics", unlabelled, len(labels), where,
         )
     return pa.table({PATH_COL: pa.array(paths, pa.string()), LABEL_COL: pa.array(labels, pa.int64())})
 
@@ -246,16 +262,6 @@ class ErrorWriter:
 _POINTER = re.compile(r" <_io\.BytesIO object at 0x[0-9a-f]+>")
 
 
-def _reason(path: str, data: bytes | None, error: Exception | None) -> str:
-    if data is not None and not data:
-        return "empty file"
-    if error is None:
-        return f"not an image file (extension {os.path.splitext(path)[1] or 'none'})"
-    if isinstance(error, OSError):
-        return f"cannot read file: {error}"
-    return _POINTER.sub("", str(error))
-
-
 def load_batch(
     batch: dict[str, np.ndarray], size: int, channels: int, errors: Any
 ) -> dict[str, np.ndarray]:
@@ -275,25 +281,24 @@ def load_batch(
     bad_paths: list[str] = []
     reasons: list[str] = []
     for i, path in enumerate(paths):
-        data = None
-        try:
-            if blobs is None:
-                if not str(path).lower().endswith(IMAGE_EXTENSIONS):
-                    raise LookupError
-                data = storage.read_bytes(path)
-            else:
-                data = blobs[i]
-            if not data:
-                raise LookupError
-            image = transform(image=decode_image(data, channels))["image"]
-            images[len(keep)] = image.reshape(size, size, channels)
-            keep.append(i)
-        except LookupError:
-            bad_paths.append(str(path))
-            reasons.append(_reason(str(path), data, None))
-        except (OSError, ValueError) as e:
-            bad_paths.append(str(path))
-            reasons.append(_reason(str(path), data, e))
+        path = str(path)
+        if blobs is None and not path.lower().endswith(IMAGE_EXTENSIONS):
+            reason = f"not an image file (extension {os.path.splitext(path)[1] or 'none'})"
+        else:
+            try:
+                data = storage.read_bytes(path) if blobs is None else blobs[i]
+                if not data:
+                    raise ValueError("empty file")
+                image = transform(image=decode_image(data, channels))["image"]
+                images[len(keep)] = image.reshape(size, size, channels)
+                keep.append(i)
+                continue
+            except OSError as e:
+                reason = f"cannot read file: {e}"
+            except Exception as e:  # noqa: BLE001 - any decoder failure means an unusable file
+                reason = _POINTER.sub("", str(e)) or type(e).__name__
+        bad_paths.append(path)
+        reasons.append(reason)
     if bad_paths:
         import ray
 
@@ -315,7 +320,7 @@ def prediction_table(
         names.take(label),
         pa.array(pred, pa.int64()),
         names.take(pa.array(pred)),
-        pa.array(probs.max(1) if len(probs) else np.zeros(0, np.float32), pa.float32()),
+        pa.array(probs.max(1), pa.float32()),
         *[pa.array(probs[:, i], pa.float32()) for i in range(len(class_names))],
     ]
     return pa.Table.from_arrays(columns, schema=prediction_schema(class_names))
@@ -324,30 +329,29 @@ def prediction_table(
 class Scorer:
     """Ray Data callable class: uint8 images -> class probabilities, one model per actor."""
 
-    def __init__(
-        self, model: Any, spec: dict[str, Any], use_gpu: bool, tta: bool, cpu_threads: int
-    ) -> None:
-        import ray
+    def __init__(self, model_dir: str, use_gpu: bool, tta: bool, num_actors: int) -> None:
         import torch
 
+        from fer_ray.model import load_model_dir
         from fer_ray.transforms import DeviceNormalize
 
-        if isinstance(model, ray.ObjectRef):
-            model = ray.get(model)
+        # Read from the folder: faster than shipping the pickled model through the object store.
+        model, spec = load_model_dir(model_dir)
         self.device = torch.device("cuda" if use_gpu else "cpu")
         if use_gpu:
             torch.backends.cudnn.benchmark = True
             self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         else:
-            # Ray sets one thread per reserved CPU; the model is the work here, so use the cores.
-            torch.set_num_threads(cpu_threads)
+            # Ray allows one thread per reserved CPU, but the model is nearly all the work
+            # here: the actors share the node's cores (decode runs in them too, fused).
+            torch.set_num_threads(_cpu_threads(num_actors))
             self.amp_dtype = None
         # channels_last is faster on CPU (oneDNN) as well as on GPU.
         self.model = model.to(self.device).to(memory_format=torch.channels_last).eval()
         self.normalize = DeviceNormalize(
-            spec["image_size"], spec["mean"], spec["std"], in_chans=_in_chans(model)
+            spec.image_size, spec.mean, spec.std, in_chans=_in_chans(model)
         ).to(self.device)
-        self.class_names = list(spec["class_names"])
+        self.class_names = list(spec.class_names)
         self.tta = tta
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
@@ -355,7 +359,8 @@ class Scorer:
 
         images = batch[IMAGE_COL]
         if not len(images):
-            return prediction_table(batch[PATH_COL], batch[LABEL_COL], np.zeros((0, len(self.class_names))), self.class_names)
+            empty = np.zeros((0, len(self.class_names)), dtype=np.float32)
+            return prediction_table(batch[PATH_COL], batch[LABEL_COL], empty, self.class_names)
         x = torch.from_numpy(np.require(images, requirements="W"))
         if self.device.type == "cuda":
             x = x.pin_memory().to(self.device, non_blocking=True)
@@ -430,6 +435,73 @@ def write_reports(folder: str, class_names: Sequence[str], title: str) -> dict[s
 # --------------------------------------------------------------------------------------
 
 
+def input_dataset(source: str, class_names: Sequence[str], split: str | None, rows_per_block: int):
+    """(Dataset of path, label and, for shards, image bytes; number of rows; split scored)."""
+    import ray
+
+    shards = find_shards(source)
+    if shards is None:
+        listing = list_images(source, class_names)
+        if not listing.num_rows:
+            raise ConfigError(f"Input {source!r} holds no files; give a folder with images in it.")
+        return ray.data.from_arrow(_blocks(listing, rows_per_block)), listing.num_rows, None
+    from fer_ray.prepare import read_manifest
+
+    root, split = shards[0], split or shards[1]
+    manifest = read_manifest(root)
+    splits = [split] if split else [s for s in SPLITS if s in manifest["splits"]]
+    total = sum(int(manifest["splits"][s]["total"]) for s in splits)
+    folders = [storage.join(root, s) for s in splits]
+    return ray.data.read_parquet(folders, columns=[IMAGE_COL, LABEL_COL, PATH_COL]), total, split
+
+
+def score_dataset(
+    ds: Any,
+    model_dir: str,
+    spec: ModelSpec,
+    errors: Any,
+    batch_size: int,
+    num_actors: int,
+    use_gpu: bool,
+    tta: bool,
+) -> Any:
+    """Decode in CPU tasks, score on the actor pool (fused into it on CPU, see above)."""
+    import ray
+
+    ds = ds.map_batches(
+        load_batch,
+        fn_kwargs={"size": spec.data_size, "channels": spec.channels, "errors": errors},
+        batch_size=batch_size,
+        batch_format="numpy",
+    )
+    return ds.map_batches(
+        Scorer,
+        fn_constructor_kwargs={
+            "model_dir": model_dir, "use_gpu": use_gpu, "tta": tta, "num_actors": num_actors,
+        },
+        compute=ray.data.ActorPoolStrategy(size=num_actors),
+        batch_size=batch_size,
+        batch_format="numpy",
+        num_cpus=1,
+        num_gpus=1 if use_gpu else 0,
+    )
+
+
+def load_model(model_dir: str) -> tuple[Any, ModelSpec]:
+    """load_model_dir, with a damaged folder reported as a ConfigError."""
+    from fer_ray.model import load_model_dir
+
+    try:
+        return load_model_dir(model_dir)
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 - unreadable weights or config, whatever the library
+        raise ConfigError(
+            f"Could not load the model in {model_dir!r} ({type(e).__name__}: {e}); "
+            "it is damaged, copy the run's best/ folder again."
+        ) from None
+
+
 def predict(
     model_dir: str,
     source: str,
@@ -444,35 +516,16 @@ def predict(
     with the model in MODEL_DIR; write OUTPUT and return its summary.json."""
     import ray
 
-    from fer_ray.model import load_model_dir
-
     start = time.time()
     model_dir, source, output = (storage.normalize(p) for p in (model_dir, source, output))
-    check_inputs(model_dir, source, output, split, batch_size, num_actors)
-    model, spec = load_model_dir(model_dir)
-    if use_gpu and ray.cluster_resources().get("GPU", 0) < 1 and not os.environ.get("RAY_ADDRESS"):
-        raise ConfigError("--use-gpu was given but the Ray cluster has no GPUs; drop --use-gpu.")
+    spec = check_inputs(model_dir, source, output, split, batch_size, num_actors)
     for stale in _stale_temp_folders(output):
         log.warning("%s is left from an interrupted run; remove it", stale)
-
-    shards = find_shards(source)
-    if shards:
-        from fer_ray.prepare import read_manifest
-
-        root, split = shards[0], split or shards[1]
-        manifest = read_manifest(root)
-        splits = [split] if split else [s for s in SPLITS if s in manifest["splits"]]
-        total = sum(int(manifest["splits"][s]["total"]) for s in splits)
-        ds = ray.data.read_parquet(
-            [storage.join(root, s) for s in splits], columns=[IMAGE_COL, LABEL_COL, PATH_COL]
-        )
-    else:
-        listing = list_images(source, spec.class_names)
-        total = listing.num_rows
-        if not total:
-            raise ConfigError(f"Input {source!r} holds no files; give a folder with images in it.")
-        ds = ray.data.from_arrow(_blocks(listing, batch_size))
-    log.info("Scoring %d %s from %s with %s", total, "rows" if shards else "files", source, model_dir)
+    ds, total, split = input_dataset(source, spec.class_names, split, batch_size)  # starts Ray if needed
+    if use_gpu and ray.cluster_resources().get("GPU", 0) < 1 and not os.environ.get("RAY_ADDRESS"):
+        raise ConfigError("--use-gpu was given but the Ray cluster has no GPUs; drop --use-gpu.")
+    kind = "shards" if find_shards(source) else "folder"
+    log.info("Scoring %d images (%s) from %s with %s", total, kind, source, model_dir)
 
     tmp = f"{output}.tmp-{uuid.uuid4().hex[:8]}"
     storage.makedirs(tmp)
@@ -480,43 +533,20 @@ def predict(
         storage.join(tmp, ERRORS_FILE)
     )
     try:
-        ds = ds.map_batches(
-            load_batch,
-            fn_kwargs={"size": spec.data_size, "channels": spec.channels, "errors": errors},
-            batch_size=batch_size,
-            batch_format="numpy",
-        )
-        ds = ds.map_batches(
-            Scorer,
-            fn_constructor_kwargs={
-                "model": ray.put(model),
-                "spec": {
-                    "image_size": spec.image_size, "mean": spec.mean, "std": spec.std,
-                    "class_names": spec.class_names,
-                },
-                "use_gpu": use_gpu,
-                "tta": tta,
-                "cpu_threads": _cpu_threads(num_actors),
-            },
-            compute=ray.data.ActorPoolStrategy(size=num_actors),
-            batch_size=batch_size,
-            batch_format="numpy",
-            num_cpus=1,
-            num_gpus=1 if use_gpu else 0,
-        )
         predictions = storage.join(tmp, PREDICTIONS_DIR)
-        ds.write_parquet(predictions, min_rows_per_file=ROWS_PER_FILE)
+        scored = score_dataset(ds, model_dir, spec, errors, batch_size, num_actors, use_gpu, tta)
+        scored.write_parquet(predictions, min_rows_per_file=ROWS_PER_FILE)
         n_errors = ray.get(errors.close.remote())
         _ensure_parquet(predictions, prediction_schema(spec.class_names))
 
-        name = os.path.basename(source.rstrip("/")) + (f"/{split}" if shards and split else "")
-        quality = write_reports(tmp, spec.class_names, title=f"Predictions on {name}")
+        name = os.path.basename(source.rstrip("/")) + (f"/{split}" if split else "")
+        counts = write_reports(tmp, spec.class_names, title=f"Predictions on {name}")
         seconds = time.time() - start
         summary = {
             "model": model_dir,
             "input": source,
-            "input_kind": "shards" if shards else "folder",
-            "split": split if shards else None,
+            "input_kind": kind,
+            "split": split,
             "output": output,
             "tta": tta,
             "use_gpu": use_gpu,
@@ -524,15 +554,12 @@ def predict(
             "batch_size": batch_size,
             "classes": list(spec.class_names),
             "total": total,
-            "scored": quality.pop("scored"),
             "errors": n_errors,
-            "labelled": quality.pop("labelled"),
-            **quality,
+            **counts,  # scored, labelled and, with labels, accuracy and macro_f1
             "seconds": round(seconds, 2),
-            "images_per_second": 0.0,
+            "images_per_second": round(counts["scored"] / max(seconds, 1e-9), 1),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
-        summary["images_per_second"] = round(summary["scored"] / max(seconds, 1e-9), 1)
         if summary["scored"] + n_errors != total:
             log.warning("%d scored + %d errors != %d listed", summary["scored"], n_errors, total)
         storage.write_json(storage.join(tmp, SUMMARY_FILE), summary)

@@ -1,0 +1,307 @@
+"""Batch scoring speed and memory: fer_ray.predict against a plain PyTorch DataLoader loop.
+
+    python bench/bench_scoring.py                                   # FER2013 val and train
+    python bench/bench_scoring.py --model runs/r50/best --data ../shared/datasets/fer2013
+    python bench/bench_scoring.py --skip-memory                     # speed on val only
+
+Speed: one run each over DATA/val (and, with the memory run, DATA/train) with the same
+model, preprocessing (decode_image, the eval transform, DeviceNormalize) and batch size,
+timed from listing the folder to the predictions' Parquet on disk, with the Ray cluster
+already started. Ray workers run at niceness 0 here like the plain loop (Ray's default
+is 15), so other work on a shared machine does not tilt the comparison.
+The plain loop is what one writes without Ray: a DataLoader with 2 worker processes
+decoding, the model in eval mode (channels_last, inference_mode) in the main process,
+pandas to Parquet at the end.
+
+Memory and CPU: during every run a thread samples, once a second, the proportional set
+size (PSS, from /proc/PID/smaps_rollup) of this process and all its descendants (the Ray
+GCS, raylet, dashboard, workers and actors, DataLoader workers; shared memory such as the
+object store is counted once, split among the processes mapping it), and the CPU time of
+each of them (processes that end between samples lose at most a second of it). A sweep
+costs ~0.1 s of CPU, a few percent of this 2-core machine, carried by both sides; the
+plain loop's tree includes the idle Ray cluster too. `memory_growth` is fer_ray's peak PSS
+on DATA/train (28,709 images) over its peak on DATA/val (3,589 images): 1.0 means memory
+does not grow with the size of the folder.
+
+The last line is `scoring_vs_plain=X memory_growth=Y` (X > 1: fer_ray is faster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+
+from fer_ray.constants import FER_CLASSES, IMAGE_EXTENSIONS  # noqa: E402
+from fer_ray.model import ModelSpec, create_model, data_config, load_model_dir, save_model_dir  # noqa: E402
+from fer_ray.transforms import DeviceNormalize, create_transform, decode_image  # noqa: E402
+
+MiB = 2**20
+
+
+# --------------------------------------------------------------------------------------
+# The plain PyTorch loop
+# --------------------------------------------------------------------------------------
+
+
+class FolderImages(torch.utils.data.Dataset):
+    """Images under a folder of class folders, decoded and resized as fer_ray does."""
+
+    def __init__(self, root: str, class_names: list[str], size: int, channels: int) -> None:
+        self.items = []
+        for dirpath, _, files in os.walk(root):
+            rel = os.path.relpath(dirpath, root).split(os.sep)
+            label = class_names.index(rel[0]) if rel[0] in class_names else -1
+            self.items += [
+                (os.path.join(dirpath, f), label) for f in files if f.lower().endswith(IMAGE_EXTENSIONS)
+            ]
+        self.items.sort()
+        self.size, self.channels = size, channels
+        self.transform = create_transform(False, size)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        path, label = self.items[i]
+        with open(path, "rb") as f:
+            image = decode_image(f.read(), self.channels)
+        image = self.transform(image=image)["image"].reshape(self.size, self.size, self.channels)
+        return torch.from_numpy(image), label, path
+
+
+def plain_loop(model_dir: str, source: str, output: str, batch_size: int, workers: int) -> int:
+    model, spec = load_model_dir(model_dir)
+    model = model.to(memory_format=torch.channels_last).eval()
+    normalize = DeviceNormalize(spec.image_size, spec.mean, spec.std)
+    data = FolderImages(source, spec.class_names, spec.data_size, spec.channels)
+    loader = torch.utils.data.DataLoader(data, batch_size=batch_size, num_workers=workers)
+    paths, labels, probs = [], [], []
+    with torch.inference_mode():
+        for images, label, path in loader:
+            x = normalize(images).contiguous(memory_format=torch.channels_last)
+            probs.append(model(x).softmax(1).numpy())
+            labels.append(label.numpy())
+            paths += list(path)
+    p = np.concatenate(probs)
+    df = pd.DataFrame({"path": paths, "label": np.concatenate(labels), "pred": p.argmax(1),
+                       "confidence": p.max(1)})
+    for i, name in enumerate(spec.class_names):
+        df[f"prob_{name}"] = p[:, i]
+    os.makedirs(output, exist_ok=True)
+    df.to_parquet(os.path.join(output, "predictions.parquet"), index=False)
+    return len(df)
+
+
+# --------------------------------------------------------------------------------------
+# Memory of the whole process tree
+# --------------------------------------------------------------------------------------
+
+
+def _descendants(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo += children.get(pid, [])
+    return out
+
+
+def tree_memory() -> tuple[int, int]:
+    """(PSS, RSS) in bytes summed over this process and every descendant (Linux /proc)."""
+    pss = rss = 0
+    for pid in _descendants(os.getpid()):
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as f:
+                for line in f:
+                    if line.startswith(("Pss:", "Rss:")):
+                        kib = int(line.split()[1]) * 1024
+                        if line[0] == "P":
+                            pss += kib
+                        else:
+                            rss += kib
+        except (OSError, ValueError):
+            continue  # exited meanwhile
+    return pss, rss
+
+
+def cpu_times() -> dict[int, int]:
+    """Clock ticks of CPU per process in this tree (their own; children are in the tree)."""
+    ticks = {}
+    for pid in _descendants(os.getpid()):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            ticks[pid] = int(fields[11]) + int(fields[12])  # utime stime
+        except (OSError, ValueError):
+            continue
+    return ticks
+
+
+class Sampler:
+    """While the block runs, samples the tree's memory (keeping the peaks) and the CPU
+    ticks of every process seen, so processes that exit before the end (an actor, a
+    DataLoader worker) still count, to within one sampling interval."""
+
+    def __init__(self, every: float = 1.0) -> None:
+        self.every = every
+        self.peak_pss = self.peak_rss = 0
+        self.cpu_seconds = 0.0
+        self._stop = threading.Event()
+
+    def _sample(self) -> None:
+        pss, rss = tree_memory()
+        self.peak_pss, self.peak_rss = max(self.peak_pss, pss), max(self.peak_rss, rss)
+        for pid, ticks in cpu_times().items():
+            self._last[pid] = max(ticks, self._last.get(pid, 0))
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            self._sample()
+
+    def __enter__(self) -> "Sampler":
+        self._first = cpu_times()
+        self._last = dict(self._first)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+        ticks = sum(t - self._first.get(pid, 0) for pid, t in self._last.items())
+        self.cpu_seconds = ticks / os.sysconf("SC_CLK_TCK")
+
+
+# --------------------------------------------------------------------------------------
+
+
+def fresh_model(folder: str) -> str:
+    """A randomly initialised resnet18 for 48 px grayscale faces (no pretrained weights)."""
+    torch.manual_seed(0)
+    model = create_model("resnet18", len(FER_CLASSES))
+    cfg = data_config(model)
+    spec = ModelSpec(model="resnet18", class_names=list(FER_CLASSES), image_size=48, data_size=48,
+                     channels=1, mean=list(cfg["mean"]), std=list(cfg["std"]))
+    save_model_dir(model, folder, spec)
+    return folder
+
+
+def print_report(rows: list, idle_pss: int, idle_rss: int, load_before: str) -> None:
+    """The table, memory above idle, start-up vs steady rate, and the summary line."""
+    print(f"\n{'run':<24}{'folder':<8}{'images':>8}{'seconds':>9}{'images/s':>10}"
+          f"{'CPU s':>8}{'peak PSS MiB':>14}{'peak RSS MiB':>14}")
+    for name, split, n, seconds, m in rows:
+        print(f"{name:<24}{split:<8}{n:>8}{seconds:>9.1f}{n / seconds:>10.0f}{m.cpu_seconds:>8.1f}"
+              f"{m.peak_pss / MiB:>14.0f}{m.peak_rss / MiB:>14.0f}")
+    print(f"idle Ray cluster + this process: PSS {idle_pss / MiB:.0f} MiB, RSS {idle_rss / MiB:.0f} MiB; "
+          f"load average before/after: {load_before} / {os.getloadavg()[0]:.1f}")
+
+    by = {(name.split()[0], split): (n, s) for name, split, n, s, _ in rows}
+    mem = {split: m for name, split, _, _, m in rows if name.startswith("fer_ray")}
+    ratio = (by[("fer_ray.predict", "val")][0] / by[("fer_ray.predict", "val")][1]) / (
+        by[("plain", "val")][0] / by[("plain", "val")][1])
+    growth = mem["train"].peak_pss / mem["val"].peak_pss if "train" in mem else float("nan")
+    above = ", ".join(f"{name.split()[0]} {split} {(m.peak_pss - idle_pss) / MiB:.0f} MiB"
+                      for name, split, _, _, m in rows)
+    print(f"peak PSS above idle: {above}")
+    if "train" in mem:
+        # Images per extra second from val to train: the rate once start-up is paid.
+        for who in ("fer_ray.predict", "plain"):
+            (n0, s0), (n1, s1) = by[(who, "val")], by[(who, "train")]
+            print(f"{who}: {(n1 - n0) / max(s1 - s0, 1e-9):.0f} images/s beyond start-up "
+                  f"({s0 - n0 * (s1 - s0) / (n1 - n0):.1f} s of start-up)")
+    print(f"scoring_vs_plain={ratio:.2f} memory_growth={growth:.2f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", default=str(REPO.parent / "shared" / "datasets" / "fer2013"),
+                        help="folder with val/ (and train/ for the memory run) of class folders")
+    parser.add_argument("--model", default=None, help="model folder (default: a fresh resnet18)")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the plain loop")
+    parser.add_argument("--skip-memory", action="store_true", help="skip the train-folder memory run")
+    args = parser.parse_args(argv)
+
+    val, train = os.path.join(args.data, "val"), os.path.join(args.data, "train")
+    if not os.path.isdir(val):
+        print(f"skipped: {val} does not exist; pass --data FOLDER with a val/ folder of class folders")
+        return 0
+    logging.basicConfig(level=logging.WARNING)
+    from fer_ray.cli import init_ray
+    from fer_ray.predict import predict
+
+    tmp = tempfile.mkdtemp(prefix="bench_scoring_")
+    try:
+        model_dir = args.model or fresh_model(os.path.join(tmp, "model"))
+        _, spec = load_model_dir(model_dir)
+        print(f"model {spec.model} ({model_dir}), {spec.data_size}->{spec.image_size} px, "
+              f"{os.cpu_count()} CPUs, torch {torch.get_num_threads()} threads, batch {args.batch_size}")
+        # Ray runs its workers at niceness 15 so the driver stays responsive; on a machine
+        # shared with other work that alone would decide this race, so both sides run at 0.
+        os.environ.setdefault("RAY_worker_niceness", "0")
+        init_ray()
+        import ray
+
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        rows = []
+
+        def plain_run(split: str, folder: str) -> None:
+            with Sampler() as sampler:
+                start = time.perf_counter()
+                n = plain_loop(model_dir, folder, os.path.join(tmp, f"plain_{split}"), args.batch_size,
+                               args.workers)
+                seconds = time.perf_counter() - start
+            rows.append(("plain DataLoader loop", split, n, seconds, sampler))
+
+        def fer_ray_run(split: str, folder: str) -> None:
+            with Sampler() as sampler:
+                start = time.perf_counter()
+                summary = predict(model_dir, folder, os.path.join(tmp, f"fer_ray_{split}"),
+                                  batch_size=args.batch_size)
+                seconds = time.perf_counter() - start
+            rows.append(("fer_ray.predict", split, summary["scored"], seconds, sampler))
+
+        idle_pss, idle_rss = tree_memory()
+        load_before = f"{os.getloadavg()[0]:.1f}"
+        fer_ray_run("val", val)
+        plain_run("val", val)
+        if not args.skip_memory:
+            if os.path.isdir(train):
+                fer_ray_run("train", train)
+                plain_run("train", train)
+            else:
+                print(f"memory run skipped: {train} does not exist")
+
+        print_report(rows, idle_pss, idle_rss, load_before)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""Score image folders with a trained model: predictions, metrics and errors as Parquet.
+
+    python jobs/predict.py --model runs/r50/best --input photos --output preds/photos
+    python jobs/predict.py --model runs/tiny/best --input data/synth/val --output preds/tiny \\
+        --batch-size 64                                                        # tiny CPU run
+    python jobs/predict.py --model runs/r50/best --input data/fer2013 --split val --output preds/val --tta
+    python jobs/predict.py --model runs/r50/best --input ../shared/datasets/fer2013/val \\
+        --output preds/val --use-gpu --num-actors 2
+    ray job submit --working-dir . -- python jobs/predict.py --model s3://b/runs/r50/best \\
+        --input s3://b/photos --output s3://b/preds --use-gpu --num-actors 4
+
+INPUT is a folder of images at any depth (first-level folders named after the model's
+classes give the true labels) or a shards folder written by jobs/prepare.py. Writes
+OUT/predictions/*.parquet, OUT/errors.parquet (files that could not be scored, with the
+reason), OUT/summary.json and, when true labels are known, OUT/metrics.parquet,
+OUT/confusion_matrix.parquet and OUT/confusion_matrix.png. A rerun replaces OUT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fer_ray.cli import init_ray, run_job  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Score image folders with a trained model (Ray Data batch inference).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--model", required=True, help="a training run's best/ folder")
+    parser.add_argument("--input", required=True, help="image folder or prepared shards folder")
+    parser.add_argument("--output", required=True, help="folder to write (replaced on rerun)")
+    parser.add_argument("--split", default=None,
+                        help="shards input only: the split to score (all splits when left out)")
+    parser.add_argument("--batch-size", type=int, default=256, help="images per model call")
+    parser.add_argument("--num-actors", type=int, default=1,
+                        help="model replicas: one GPU each with --use-gpu; on CPU they split the "
+                        "cores and each decodes its own batches")
+    parser.add_argument("--use-gpu", action="store_true", help="one GPU per actor, mixed precision")
+    parser.add_argument("--tta", action="store_true", help="average with the horizontally flipped image")
+    args = parser.parse_args(argv)
+
+    def job() -> None:
+        from fer_ray.predict import check_inputs, describe, predict
+
+        options = {"split": args.split, "batch_size": args.batch_size, "num_actors": args.num_actors}
+        check_inputs(args.model, args.input, args.output, **options)  # before Ray starts
+        init_ray(min_cpus=args.num_actors + 2)
+        summary = predict(args.model, args.input, args.output, use_gpu=args.use_gpu, tta=args.tta, **options)
+        print(describe(summary))
+
+    return run_job(job)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,317 @@
+"""Batch scoring (fer_ray.predict, jobs/predict.py): outputs, errors, metrics, bad inputs."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from fer_ray.config import ConfigError
+from fer_ray.constants import FER_CLASSES, LABEL_COL, PATH_COL
+from fer_ray.model import ModelSpec, create_model, data_config, load_model_dir, save_model_dir
+from fer_ray.predict import (
+    CONFIDENCE_COL,
+    CONFUSION_PLOT_FILE,
+    CONFUSION_TABLE_FILE,
+    ERRORS_FILE,
+    LABEL_NAME_COL,
+    METRICS_FILE,
+    PRED_COL,
+    PRED_NAME_COL,
+    PREDICTIONS_DIR,
+    REASON_COL,
+    SUMMARY_FILE,
+    check_inputs,
+    predict,
+    prob_col,
+)
+from fer_ray.synthetic import generate_dataset
+from fer_ray.transforms import DeviceNormalize, create_transform, decode_image
+from jobs.predict import main as predict_main
+
+SIZE = 32
+PROB_COLS = [prob_col(c) for c in FER_CLASSES]
+
+
+def _jpeg(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def _save(image: Image.Image, path: Path, **kwargs) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    model = create_model("test_resnet", len(FER_CLASSES))
+    cfg = data_config(model)
+    folder = tmp_path_factory.mktemp("model") / "best"
+    spec = ModelSpec(model="test_resnet", class_names=list(FER_CLASSES), image_size=SIZE,
+                     data_size=SIZE, channels=1, mean=list(cfg["mean"]), std=list(cfg["std"]))
+    save_model_dir(model, folder, spec)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory) -> tuple[Path, set[str], dict[str, str]]:
+    """Class folders with nested subfolders, odd formats and bad files.
+
+    Returns (folder, paths that must be scored, {bad path: expected reason fragment}).
+    """
+    root = tmp_path_factory.mktemp("images")
+    generate_dataset(root, {"src": 2}, size=SIZE, seed=1)
+    src = root / "src"
+    rng = np.random.default_rng(0)
+    rgb = lambda h, w: (rng.random((h, w, 3)) * 255).astype(np.uint8)  # noqa: E731
+    (src / "happy" / "deep" / "er").mkdir(parents=True)
+    shutil.copy(src / "happy" / "happy_00000.png", src / "happy" / "deep" / "er" / "nested.png")
+    _save(Image.fromarray(rgb(40, 30)).convert("RGBA"), src / "sad" / "rgba.png")
+    gray16 = Image.fromarray((rng.random((36, 36)) * 65535).astype(np.uint16))
+    assert gray16.mode == "I;16"
+    _save(gray16, src / "fear" / "gray16.png")
+    _save(Image.fromarray(rgb(1500, 2000)), src / "neutral" / "big.jpg", quality=85)
+    frames = [Image.fromarray(rgb(24, 24)).convert("P") for _ in range(2)]
+    frames[0].save(src / "surprise" / "anim.gif", save_all=True, append_images=frames[1:])
+    _save(Image.fromarray(rgb(20, 28)), src / "angry" / "pic.bmp")
+    _save(Image.fromarray(rgb(20, 28)), src / "disgust" / "pic.webp")
+    good = {str(p) for p in src.rglob("*") if p.is_file()}
+
+    bad = {
+        src / "angry" / "truncated.jpg": "truncated",
+        src / "happy" / "empty.jpg": "empty file",
+        src / "sad" / "notes.jpg": "cannot decode",
+        src / "neutral" / "readme.txt": "not an image file",
+    }
+    (src / "angry" / "truncated.jpg").write_bytes(_jpeg(rgb(64, 64))[:700])
+    (src / "happy" / "empty.jpg").write_bytes(b"")
+    (src / "sad" / "notes.jpg").write_text("these are not pixels\n")
+    (src / "neutral" / "readme.txt").write_text("scored by fer_ray\n")
+    (src / ".DS_Store").write_bytes(b"\0\1hidden")  # hidden: neither scored nor an error
+    return src, good, {str(p): reason for p, reason in bad.items()}
+
+
+@pytest.fixture(scope="module")
+def labelled_run(ray_cluster, model_dir, image_folder, tmp_path_factory) -> tuple[Path, dict]:
+    src, _, _ = image_folder
+    out = tmp_path_factory.mktemp("pred") / "out"
+    summary = predict(str(model_dir), str(src), str(out), batch_size=8)
+    return out, summary
+
+
+def _predictions(out: Path) -> pd.DataFrame:
+    return pd.read_parquet(out / PREDICTIONS_DIR)
+
+
+def _no_temp_left(out: Path) -> None:
+    leftovers = [p.name for p in out.parent.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
+    assert leftovers == []
+
+
+def test_every_good_file_scored_and_every_bad_one_in_errors(labelled_run, image_folder) -> None:
+    out, summary = labelled_run
+    _, good, bad = image_folder
+    preds = _predictions(out)
+    errors = pd.read_parquet(out / ERRORS_FILE)
+
+    assert sorted(preds[PATH_COL]) == sorted(good)
+    assert sorted(errors[PATH_COL]) == sorted(bad)
+    for path, reason in zip(errors[PATH_COL], errors[REASON_COL]):
+        assert bad[path] in reason, (path, reason)
+    assert (summary["scored"], summary["errors"], summary["total"]) == (len(good), len(bad), len(good) + len(bad))
+    assert json.loads((out / SUMMARY_FILE).read_text()) == summary
+    assert summary["tta"] is False and summary["images_per_second"] > 0
+    _no_temp_left(out)
+
+
+def test_prediction_columns(labelled_run) -> None:
+    out, _ = labelled_run
+    preds = _predictions(out)
+
+    assert list(preds.columns) == [PATH_COL, LABEL_COL, LABEL_NAME_COL, PRED_COL, PRED_NAME_COL,
+                                   CONFIDENCE_COL, *PROB_COLS]
+    probs = preds[PROB_COLS].to_numpy()
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
+    np.testing.assert_array_equal(preds[PRED_COL], probs.argmax(1))
+    np.testing.assert_allclose(preds[CONFIDENCE_COL], probs.max(1))
+    assert list(preds[PRED_NAME_COL]) == [FER_CLASSES[i] for i in preds[PRED_COL]]
+    # The first-level folder is the true class, however deep the file sits.
+    src = Path(preds[PATH_COL].iloc[0]).parent.parent
+    first_level = [Path(p).relative_to(src).parts[0] for p in preds[PATH_COL]]
+    assert list(preds[LABEL_NAME_COL]) == first_level
+    assert list(preds[LABEL_COL]) == [FER_CLASSES.index(n) for n in first_level]
+    assert any(p.endswith("happy/deep/er/nested.png") for p in preds[PATH_COL])
+
+
+def test_scores_equal_eval_transform_then_model(labelled_run, model_dir) -> None:
+    """Decode + resize as the eval transform does, normalise on the device, then the model."""
+    out, _ = labelled_run
+    preds = _predictions(out).set_index(PATH_COL)
+    model, spec = load_model_dir(str(model_dir))
+    transform = create_transform(False, spec.data_size)
+    normalize = DeviceNormalize(spec.image_size, spec.mean, spec.std)
+    odd = [p for p in preds.index if Path(p).name in ("big.jpg", "gray16.png", "rgba.png", "anim.gif")]
+    assert len(odd) == 4
+    images = np.stack([
+        transform(image=decode_image(Path(p).read_bytes(), spec.channels))["image"].reshape(SIZE, SIZE, 1)
+        for p in odd
+    ])
+    with torch.inference_mode():
+        expected = model(normalize(torch.from_numpy(images))).softmax(1).numpy()
+    np.testing.assert_allclose(preds.loc[odd, PROB_COLS].to_numpy(), expected, atol=1e-4)
+
+
+def test_metrics_equal_scikit_learn(labelled_run) -> None:
+    from sklearn.metrics import classification_report, confusion_matrix
+
+    out, summary = labelled_run
+    preds = _predictions(out)
+    y_true, y_pred = preds[LABEL_COL].to_numpy(), preds[PRED_COL].to_numpy()
+    report = classification_report(y_true, y_pred, labels=list(range(7)), target_names=list(FER_CLASSES),
+                                   output_dict=True, zero_division=0)
+    metrics = pd.read_parquet(out / METRICS_FILE).set_index("name")
+
+    for name in [*FER_CLASSES, "macro avg", "weighted avg"]:
+        row = metrics.loc[name]
+        assert row["precision"] == pytest.approx(report[name]["precision"])
+        assert row["recall"] == pytest.approx(report[name]["recall"])
+        assert row["f1"] == pytest.approx(report[name]["f1-score"])
+        assert row["support"] == report[name]["support"]
+    assert metrics.loc["accuracy", "f1"] == pytest.approx(report["accuracy"])
+    assert summary["accuracy"] == pytest.approx(report["accuracy"])
+    assert summary["macro_f1"] == pytest.approx(report["macro avg"]["f1-score"])
+
+    cm = pd.read_parquet(out / CONFUSION_TABLE_FILE)
+    counts = cm[list(FER_CLASSES)].to_numpy()
+    assert counts.sum() == summary["scored"]
+    np.testing.assert_array_equal(counts, confusion_matrix(y_true, y_pred, labels=list(range(7))))
+    assert (out / CONFUSION_PLOT_FILE).stat().st_size > 0
+
+
+def test_cli_rerun_with_tta_replaces_the_output(labelled_run, model_dir, image_folder, tmp_path, capsys) -> None:
+    out = tmp_path / "again"
+    shutil.copytree(labelled_run[0], out)  # a finished output, as a first run leaves it
+    (out / "stale.txt").write_text("from the first run")
+
+    code = predict_main(["--model", str(model_dir), "--input", str(image_folder[0]),
+                             "--output", str(out), "--tta", "--batch-size", "16"])
+
+    assert code == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("scored 21 of 25 (4 errors)")
+    assert not (out / "stale.txt").exists()
+    summary = json.loads((out / SUMMARY_FILE).read_text())
+    assert summary["tta"] is True and summary["scored"] == 21
+    probs = _predictions(out)[PROB_COLS].to_numpy()
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
+    # Flip TTA changes the numbers (the model is not mirror-symmetric).
+    assert not np.allclose(np.sort(probs, 0), np.sort(_predictions(labelled_run[0])[PROB_COLS].to_numpy(), 0))
+    _no_temp_left(out)
+
+
+def test_shards_folder_input(ray_cluster, model_dir, tmp_path) -> None:
+    from fer_ray.prepare import prepare
+
+    generate_dataset(tmp_path, {"faces": 3}, size=SIZE, seed=2)
+    manifest = prepare(str(tmp_path / "faces"), str(tmp_path / "shards"), val_fraction=0.34)
+    out = tmp_path / "scored"
+
+    summary = predict(str(model_dir), str(tmp_path / "shards"), str(out))
+
+    totals = {s: c["total"] for s, c in manifest["splits"].items()}
+    assert summary["input_kind"] == "shards" and summary["scored"] == summary["total"] == sum(totals.values())
+    preds = _predictions(out)
+    truth = {str(p): FER_CLASSES.index(Path(p).parent.name) for p in (tmp_path / "faces").rglob("*.png")}
+    assert dict(zip(preds[PATH_COL], preds[LABEL_COL])) == truth
+    assert (out / METRICS_FILE).exists()
+    # One split, named by flag or by pointing at its folder.
+    assert check_inputs(str(model_dir), str(tmp_path / "shards" / "val"), str(tmp_path / "o")).class_names
+    with pytest.raises(ConfigError, match="no 'test' split"):
+        check_inputs(str(model_dir), str(tmp_path / "shards"), str(tmp_path / "o"), split="test")
+
+
+def test_shards_with_other_classes_are_refused(model_dir, tmp_path) -> None:
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "manifest.json").write_text(json.dumps({"classes": ["cat", "dog"], "splits": {}}))
+    with pytest.raises(ConfigError, match="have the classes cat, dog but the model predicts angry"):
+        check_inputs(str(model_dir), str(tmp_path / "shards"), str(tmp_path / "out"))
+
+
+def test_unlabelled_folder_writes_no_metrics(ray_cluster, model_dir, tmp_path) -> None:
+    # No class folders: one loose file and one in a folder named otherwise.
+    generate_dataset(tmp_path / "gen", {"x": 1}, size=SIZE, classes=["happy", "sad"])
+    src = tmp_path / "photos"
+    (src / "2024").mkdir(parents=True)
+    shutil.copy(tmp_path / "gen" / "x" / "happy" / "happy_00000.png", src / "a.png")
+    shutil.copy(tmp_path / "gen" / "x" / "sad" / "sad_00000.png", src / "2024" / "b.png")
+
+    summary = predict(str(model_dir), str(src), str(tmp_path / "out"))
+
+    out = tmp_path / "out"
+    preds = _predictions(out)
+    assert summary["scored"] == 2 and summary["labelled"] == 0 and "accuracy" not in summary
+    assert preds[LABEL_COL].isna().all() and preds[LABEL_NAME_COL].isna().all()
+    for name in (METRICS_FILE, CONFUSION_TABLE_FILE, CONFUSION_PLOT_FILE):
+        assert not (out / name).exists()
+    assert len(pd.read_parquet(out / ERRORS_FILE)) == 0
+
+
+def test_folder_of_bad_files_scores_nothing_and_lists_them(ray_cluster, model_dir, tmp_path) -> None:
+    src = tmp_path / "junk"
+    src.mkdir()
+    (src / "a.jpg").write_bytes(b"")
+    (src / "b.png").write_text("not a png")
+
+    summary = predict(str(model_dir), str(src), str(tmp_path / "out"))
+
+    assert (summary["scored"], summary["errors"]) == (0, 2)
+    preds = _predictions(tmp_path / "out")
+    assert len(preds) == 0 and prob_col("happy") in preds.columns
+
+
+@pytest.mark.parametrize("case", [
+    "missing_model", "not_a_model", "damaged_model", "missing_input", "empty_input", "output_inside_input",
+    "input_inside_output", "foreign_output", "input_is_file",
+])
+def test_bad_inputs_exit_2_with_one_sentence(case, model_dir, image_folder, tmp_path, capsys) -> None:
+    src = str(image_folder[0])
+    model, out = str(model_dir), str(tmp_path / "out")
+    if case == "missing_model":
+        model = str(tmp_path / "nope")
+    elif case == "not_a_model":
+        model = str(tmp_path)
+    elif case == "damaged_model":
+        model = str(shutil.copytree(model_dir, tmp_path / "damaged"))
+        (tmp_path / "damaged" / "model.safetensors").write_bytes(b"\0" * 100)
+    elif case == "missing_input":
+        src = str(tmp_path / "nothing-here")
+    elif case == "empty_input":
+        (tmp_path / "empty" / "sub").mkdir(parents=True)
+        (tmp_path / "empty" / ".hidden").write_text("x")
+        src = str(tmp_path / "empty")
+    elif case == "output_inside_input":
+        out = str(Path(src) / "preds")
+    elif case == "input_inside_output":
+        out = str(Path(src).parent)
+    elif case == "foreign_output":
+        (tmp_path / "out").mkdir()
+        (tmp_path / "out" / "thesis.tex").write_text("precious")
+    elif case == "input_is_file":
+        src = str(next(Path(src).rglob("*.png")))
+
+    code = predict_main(["--model", model, "--input", src, "--output", out])
+
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.startswith("error: ") and len(err.splitlines()) == 1, err
+    assert err.count(". ") + err.count("; ") <= 2  # one sentence (maybe with a clause after ';')
+    assert not Path(out).exists() or case == "foreign_output" or case == "input_inside_output"
