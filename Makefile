@@ -31,3 +31,7 @@ test: $(STAMP)
 
 clean:
 	rm -rf $(DEMO) .pytest_cache
+
+# Benchmarks against plain PyTorch on FER2013 (FER=folder with train/ and val/); not in CI.
+bench: $(STAMP)
+	$(PY) bench/run_all.py --data $(FER)

@@ -34,7 +34,6 @@ import os
 import shutil
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -45,11 +44,11 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
+from bench.common import MiB, Sampler, tree_memory  # noqa: E402
 from fer_ray.constants import FER_CLASSES, IMAGE_EXTENSIONS  # noqa: E402
 from fer_ray.model import ModelSpec, create_model, data_config, load_model_dir, save_model_dir  # noqa: E402
-from fer_ray.transforms import DeviceNormalize, create_transform, decode_image  # noqa: E402
-
-MiB = 2**20
+from fer_ray.normalize import DeviceNormalize  # noqa: E402
+from fer_ray.transforms import create_transform, decode_image  # noqa: E402
 
 
 # --------------------------------------------------------------------------------------
@@ -107,95 +106,7 @@ def plain_loop(model_dir: str, source: str, output: str, batch_size: int, worker
 
 
 # --------------------------------------------------------------------------------------
-# Memory of the whole process tree
-# --------------------------------------------------------------------------------------
-
-
-def _descendants(root: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        out.append(pid)
-        todo += children.get(pid, [])
-    return out
-
-
-def tree_memory() -> tuple[int, int]:
-    """(PSS, RSS) in bytes summed over this process and every descendant (Linux /proc)."""
-    pss = rss = 0
-    for pid in _descendants(os.getpid()):
-        try:
-            with open(f"/proc/{pid}/smaps_rollup") as f:
-                for line in f:
-                    if line.startswith(("Pss:", "Rss:")):
-                        kib = int(line.split()[1]) * 1024
-                        if line[0] == "P":
-                            pss += kib
-                        else:
-                            rss += kib
-        except (OSError, ValueError):
-            continue  # exited meanwhile
-    return pss, rss
-
-
-def cpu_times() -> dict[int, int]:
-    """Clock ticks of CPU per process in this tree (their own; children are in the tree)."""
-    ticks = {}
-    for pid in _descendants(os.getpid()):
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            ticks[pid] = int(fields[11]) + int(fields[12])  # utime stime
-        except (OSError, ValueError):
-            continue
-    return ticks
-
-
-class Sampler:
-    """While the block runs, samples the tree's memory (keeping the peaks) and the CPU
-    ticks of every process seen, so processes that exit before the end (an actor, a
-    DataLoader worker) still count, to within one sampling interval."""
-
-    def __init__(self, every: float = 1.0) -> None:
-        self.every = every
-        self.peak_pss = self.peak_rss = 0
-        self.cpu_seconds = 0.0
-        self._stop = threading.Event()
-
-    def _sample(self) -> None:
-        pss, rss = tree_memory()
-        self.peak_pss, self.peak_rss = max(self.peak_pss, pss), max(self.peak_rss, rss)
-        for pid, ticks in cpu_times().items():
-            self._last[pid] = max(ticks, self._last.get(pid, 0))
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.every):
-            self._sample()
-
-    def __enter__(self) -> "Sampler":
-        self._first = cpu_times()
-        self._last = dict(self._first)
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._sample()
-        ticks = sum(t - self._first.get(pid, 0) for pid, t in self._last.items())
-        self.cpu_seconds = ticks / os.sysconf("SC_CLK_TCK")
-
-
+# The benchmark
 # --------------------------------------------------------------------------------------
 
 

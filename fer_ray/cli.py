@@ -7,6 +7,7 @@ import os
 import socket
 import sys
 import threading
+import time
 from typing import Callable
 
 from fer_ray.config import ConfigError
@@ -140,3 +141,35 @@ def _auth_rejected(error: BaseException) -> bool:
             return True
         seen = seen.__cause__ or seen.__context__
     return False
+
+
+# How long a job on a cluster waits for the autoscaler to bring up GPU nodes.
+GPU_WAIT_S = float(os.environ.get("FER_RAY_GPU_WAIT_S", 900))
+
+
+def require_gpus(need: int, wait_s: float | None = None) -> None:
+    """Raise ConfigError unless the Ray cluster has `need` GPUs.
+
+    A Ray instance this job started itself fails at once. On a cluster (RAY_ADDRESS set,
+    as under `ray job submit`) the autoscaler is asked for the GPUs and given `wait_s`
+    seconds (FER_RAY_GPU_WAIT_S, 900) to add GPU nodes: cluster.yaml starts none.
+    """
+    import ray
+    from ray.autoscaler.sdk import request_resources
+
+    if wait_s is None:
+        wait_s = GPU_WAIT_S if os.environ.get("RAY_ADDRESS") else 0.0
+    deadline = time.monotonic() + wait_s
+    have = ray.cluster_resources().get("GPU", 0)
+    if have < need and wait_s > 0:
+        request_resources(bundles=[{"GPU": 1}] * need)
+        log.info("Waiting up to %.0f s for %d GPU(s) (the cluster has %g now)", wait_s, need, have)
+    while have < need and time.monotonic() < deadline:
+        time.sleep(5)
+        have = ray.cluster_resources().get("GPU", 0)
+    if have < need:
+        waited = f" after waiting {wait_s:.0f} s" if wait_s > 0 else ""
+        raise ConfigError(
+            f"--use-gpu needs {need} GPU(s) but the Ray cluster has {have:g}{waited}; drop "
+            "--use-gpu, lower --num-workers/--num-actors, or use a cluster with GPU nodes."
+        )

@@ -37,6 +37,7 @@ import numpy as np
 import pyarrow as pa
 
 from fer_ray import storage
+from fer_ray.cli import require_gpus
 from fer_ray.config import ConfigError
 from fer_ray.constants import IMAGE_COL, IMAGE_EXTENSIONS, LABEL_COL, MANIFEST_FILE, PATH_COL, SPLITS
 
@@ -333,7 +334,7 @@ class Scorer:
         import torch
 
         from fer_ray.model import load_model_dir
-        from fer_ray.transforms import DeviceNormalize
+        from fer_ray.normalize import DeviceNormalize
 
         # Read from the folder: faster than shipping the pickled model through the object store.
         model, spec = load_model_dir(model_dir)
@@ -349,7 +350,7 @@ class Scorer:
         # channels_last is faster on CPU (oneDNN) as well as on GPU.
         self.model = model.to(self.device).to(memory_format=torch.channels_last).eval()
         self.normalize = DeviceNormalize(
-            spec.image_size, spec.mean, spec.std, in_chans=_in_chans(model)
+            spec.image_size, spec.mean, spec.std, in_chans=spec.in_chans
         ).to(self.device)
         self.class_names = list(spec.class_names)
         self.tta = tta
@@ -377,13 +378,6 @@ class Scorer:
         return prediction_table(
             batch[PATH_COL], batch[LABEL_COL], probs.cpu().numpy(), self.class_names
         )
-
-
-def _in_chans(model: Any) -> int:
-    import torch
-
-    first_conv = next((m for m in model.modules() if isinstance(m, torch.nn.Conv2d)), None)
-    return first_conv.in_channels if first_conv is not None else 3
 
 
 def _cpu_threads(num_actors: int) -> int:
@@ -522,8 +516,8 @@ def predict(
     for stale in _stale_temp_folders(output):
         log.warning("%s is left from an interrupted run; remove it", stale)
     ds, total, split = input_dataset(source, spec.class_names, split, batch_size)  # starts Ray if needed
-    if use_gpu and ray.cluster_resources().get("GPU", 0) < 1 and not os.environ.get("RAY_ADDRESS"):
-        raise ConfigError("--use-gpu was given but the Ray cluster has no GPUs; drop --use-gpu.")
+    if use_gpu:
+        require_gpus(num_actors)  # one GPU per scoring actor
     kind = "shards" if find_shards(source) else "folder"
     log.info("Scoring %d images (%s) from %s with %s", total, kind, source, model_dir)
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import ray
 
 from fer_ray import storage
 from fer_ray.config import ConfigError
@@ -282,7 +283,9 @@ def _keep_good(
             keep.append(i)
             sides.append(min(meta[0], meta[1]))
             modes.append(meta[2])
-    log_actor.record.remote(skipped, sides, modes)
+    # Waited for: calls from many tasks reach the actor in no set order, and the driver's
+    # final summary() must come after every batch's record.
+    ray.get(log_actor.record.remote(skipped, sides, modes))
     return {
         IMAGE_COL: np.array([blobs[i] for i in keep], dtype=object),
         LABEL_COL: np.array([labels[i] for i in keep], dtype=np.int64),
@@ -336,7 +339,7 @@ def read_csv_chunks(batch: dict[str, np.ndarray], source: str, log_actor: Any) -
                 labels.append(label)
                 blobs.append(blob)
     if skipped:
-        log_actor.record.remote(skipped, [], [])
+        ray.get(log_actor.record.remote(skipped, [], []))
     return _keep_good(paths, labels, blobs, log_actor)
 
 
@@ -370,8 +373,6 @@ def prepare(
     batch_size: int = 256,
 ) -> dict[str, Any]:
     """Write SHARDS/<split>/*.parquet and SHARDS/manifest.json; return the manifest."""
-    import ray
-
     if not 0 < val_fraction < 1:
         raise ConfigError(f"--val-fraction must be between 0 and 1, got {val_fraction}.")
     if shard_rows < 1:

@@ -29,7 +29,7 @@ from fer_ray.constants import (
     WEIGHTS_FILE,
 )
 from fer_ray.model import ModelSpec, create_model, save_model_dir, set_frozen_eval, set_trainable
-from fer_ray.transforms import DeviceNormalize
+from fer_ray.normalize import DeviceNormalize
 
 HEAD_PHASE = "head"
 FINETUNE_PHASE = "finetune"

@@ -10,7 +10,6 @@ import logging
 import os
 import shutil
 import tempfile
-import time
 from contextlib import contextmanager
 from dataclasses import asdict
 from typing import Any, Iterator, Sequence
@@ -20,6 +19,7 @@ import ray.train
 import torch
 
 from fer_ray import storage
+from fer_ray.cli import require_gpus
 from fer_ray.config import RESOLVED_KEY, ConfigError, TrainConfig, to_dict
 from fer_ray.constants import (
     BEST_DIR,
@@ -41,7 +41,7 @@ from fer_ray.metrics import confusion_table, metrics_table, summary
 from fer_ray.model import ModelSpec, check_model_name, create_model, data_config, fetch_pretrained_state
 from fer_ray.prepare import read_manifest
 from fer_ray.reports import plot_confusion_matrix, plot_learning_curves
-from fer_ray.transforms import match_channels
+from fer_ray.normalize import match_channels
 from fer_ray.train_loop import LoopSettings, scaled_lr, steps_per_epoch, train_loop_per_worker
 
 log = logging.getLogger(__name__)
@@ -147,39 +147,10 @@ def _flat(d: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-# How long a job on a cluster waits for the autoscaler to bring up GPU nodes.
-GPU_WAIT_S = float(os.environ.get("FER_RAY_GPU_WAIT_S", 900))
-
-
-def check_gpus(cfg: TrainConfig, wait_s: float | None = None) -> None:
-    """--use-gpu without enough GPUs fails with a sentence instead of waiting forever.
-
-    A Ray instance this job started itself fails at once. On a cluster (RAY_ADDRESS set,
-    as under `ray job submit`) the autoscaler is asked for the GPUs and given `wait_s`
-    seconds to add GPU nodes (min_workers 0 in cluster.yaml means none run at first).
-    """
-    import ray
-    from ray.autoscaler.sdk import request_resources
-
-    if not cfg.run.use_gpu:
-        return
-    need = cfg.run.num_workers
-    if wait_s is None:
-        wait_s = GPU_WAIT_S if os.environ.get("RAY_ADDRESS") else 0.0
-    deadline = time.monotonic() + wait_s
-    have = ray.cluster_resources().get("GPU", 0)
-    if have < need and wait_s > 0:
-        request_resources(bundles=[{"GPU": 1}] * need)
-        log.info("Waiting up to %.0f s for %d GPU(s) (the cluster has %d now)", wait_s, need, have)
-    while have < need and time.monotonic() < deadline:
-        time.sleep(5)
-        have = ray.cluster_resources().get("GPU", 0)
-    if have < need:
-        waited = f" after waiting {wait_s:.0f} s" if wait_s > 0 else ""
-        raise ConfigError(
-            f"--use-gpu with {need} worker(s) needs {need} GPU(s) but the Ray cluster has "
-            f"{have:g}{waited}; drop --use-gpu, lower --num-workers, or use a cluster with GPU nodes."
-        )
+def check_gpus(cfg: TrainConfig) -> None:
+    """--use-gpu needs one GPU per worker; fail in one sentence rather than wait forever."""
+    if cfg.run.use_gpu:
+        require_gpus(cfg.run.num_workers)
 
 
 def build_trainer(

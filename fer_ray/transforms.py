@@ -1,20 +1,19 @@
-"""Decoding and augmentation (CPU, in Ray Data) and the on-device resize and normalise.
+"""Decoding and augmentation on the CPU, in Ray Data tasks.
 
 Ray Data tasks decode and augment at `data_size` (48 px for FER2013) and hand the
-workers uint8 images; the resize to the model's input size and the normalisation run
-on the worker's device, so the object store never carries float32 at 224x224.
+workers uint8 images; the resize to the model's input size and the normalisation run on
+the worker's device (`fer_ray.normalize`), so the object store never carries float32 at
+224x224. Only numpy and OpenCV load at import: decoding tasks start fast and small, and
+Albumentations (2 s and 700 MB to import) loads only where training augments.
 """
 
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Sequence
+from typing import Any, Callable
 
-import albumentations as A
 import cv2
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from fer_ray.constants import IMAGE_COL, LABEL_COL
 
@@ -53,12 +52,35 @@ def _decode_with_pillow(data: bytes, channels: int) -> np.ndarray:
         raise ValueError(f"cannot decode image: {type(e).__name__}: {e}") from None
 
 
-def create_transform(is_training: bool, size: int, augment: str = "medium") -> A.Compose:
-    """Albumentations pipeline to `size` x `size`; the eval one is deterministic."""
-    ops: list[A.BasicTransform] = [A.Resize(size, size, interpolation=cv2.INTER_AREA)]
-    if is_training and augment != "none":
-        strength = {"light": 0.5, "medium": 1.0, "strong": 1.5}[augment]
-        ops += [
+class EvalResize:
+    """The eval transform: a plain resize to `size` x `size` (INTER_AREA), called the way
+    an Albumentations pipeline is (`t(image=img)["image"]`)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __call__(self, image: np.ndarray) -> dict[str, np.ndarray]:
+        if image.shape[:2] != (self.size, self.size):
+            channels = image.shape[2] if image.ndim == 3 else None
+            image = cv2.resize(image, (self.size, self.size), interpolation=cv2.INTER_AREA)
+            if channels == 1:
+                image = image[:, :, None]  # cv2 drops a single channel axis
+        return {"image": image}
+
+
+def create_transform(
+    is_training: bool, size: int, augment: str = "medium"
+) -> Callable[..., dict[str, Any]]:
+    """Train: an Albumentations pipeline to `size` x `size`. Eval: the same resize and
+    nothing random (no Albumentations needed)."""
+    if not is_training or augment == "none":
+        return EvalResize(size)
+    import albumentations as A
+
+    strength = {"light": 0.5, "medium": 1.0, "strong": 1.5}[augment]
+    return A.Compose(
+        [
+            A.Resize(size, size, interpolation=cv2.INTER_AREA),
             A.HorizontalFlip(p=0.5),
             A.Affine(
                 scale=(1 - 0.1 * strength, 1 + 0.1 * strength),
@@ -78,11 +100,11 @@ def create_transform(is_training: bool, size: int, augment: str = "medium") -> A
                 p=min(1.0, 0.35 * strength),
             ),
         ]
-    return A.Compose(ops)
+    )
 
 
 @lru_cache(maxsize=8)
-def _cached_transform(is_training: bool, size: int, augment: str) -> A.Compose:
+def _cached_transform(is_training: bool, size: int, augment: str) -> Callable[..., dict[str, Any]]:
     return create_transform(is_training, size, augment)
 
 
@@ -97,51 +119,3 @@ def transform_batch(
         image = transform(image=decode_image(data, channels))["image"]
         out[i] = image.reshape(size, size, channels)
     return {IMAGE_COL: out, LABEL_COL: batch[LABEL_COL].astype(np.int64)}
-
-
-def match_channels(values: Sequence[float], in_chans: int) -> list[float]:
-    """Per-channel statistics for a model's input channels: a gray-input model (in_chans=1)
-    takes the average of the RGB mean/std."""
-    values = list(values)
-    if in_chans == 1 and len(values) == 3:
-        return [sum(values) / 3]
-    return values
-
-
-class DeviceNormalize(torch.nn.Module):
-    """uint8 [B, H, W, C] on the device -> normalised float [B, 3, S, S] for the model."""
-
-    def __init__(
-        self,
-        image_size: int,
-        mean: Sequence[float],
-        std: Sequence[float],
-        in_chans: int = 3,
-        channels_last: bool = False,
-    ) -> None:
-        super().__init__()
-        self.image_size = image_size
-        self.in_chans = in_chans
-        self.channels_last = channels_last
-        mean, std = match_channels(mean, in_chans), match_channels(std, in_chans)
-        std_t = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
-        mean_t = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
-        # (x / 255 - mean) / std folded into one multiply-add
-        self.register_buffer("scale", 1.0 / (255.0 * std_t), persistent=False)
-        self.register_buffer("shift", -mean_t / std_t, persistent=False)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.permute(0, 3, 1, 2).float()
-        if x.shape[-2:] != (self.image_size, self.image_size):
-            # Resize before expanding gray to RGB: a third of the work.
-            down = x.shape[-1] > self.image_size
-            x = F.interpolate(
-                x, size=(self.image_size, self.image_size), mode="bilinear",
-                align_corners=False, antialias=down,
-            )
-        if x.shape[1] != self.in_chans:
-            x = x.expand(-1, self.in_chans, -1, -1) if x.shape[1] == 1 else x.mean(1, keepdim=True)
-        x = x * self.scale + self.shift
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x

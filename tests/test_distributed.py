@@ -83,4 +83,4 @@ def test_use_gpu_without_gpus_fails_at_once(ray_cluster, synth_shards, tmp_path,
     assert train_main(tiny_train_args(str(synth_shards), str(tmp_path / "gpu"), "--use-gpu")) == 2
     assert time.time() - start < 30
     err = capsys.readouterr().err
-    assert "--use-gpu with 1 worker(s) needs 1 GPU(s) but the Ray cluster has 0" in err
+    assert "--use-gpu needs 1 GPU(s) but the Ray cluster has 0" in err

@@ -33,7 +33,8 @@ from fer_ray.predict import (
     prob_col,
 )
 from fer_ray.synthetic import generate_dataset
-from fer_ray.transforms import DeviceNormalize, create_transform, decode_image
+from fer_ray.normalize import DeviceNormalize
+from fer_ray.transforms import create_transform, decode_image
 from jobs.predict import main as predict_main
 
 SIZE = 32

@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 from fer_ray.constants import IMAGE_COL, LABEL_COL
-from fer_ray.transforms import DeviceNormalize, create_transform, decode_image, transform_batch
+from fer_ray.normalize import DeviceNormalize
+from fer_ray.transforms import create_transform, decode_image, transform_batch
 
 
 def encode(array: np.ndarray, fmt: str = "PNG") -> bytes:
@@ -89,3 +90,24 @@ def test_device_normalize_resizes_expands_and_normalises() -> None:
     torch.testing.assert_close(x[0, :, 10, 10], expected)
     same_size = DeviceNormalize(32, mean, std)(torch.zeros((1, 32, 32, 3), dtype=torch.uint8))
     torch.testing.assert_close(same_size[0, :, 0, 0], -torch.tensor(mean) / torch.tensor(std))
+
+
+def test_eval_resize_matches_albumentations_resize() -> None:
+    import albumentations as A
+    import cv2
+
+    for img in (face(48)[:, :, None], np.stack([face(60)] * 3, -1), face(20)[:, :, None]):
+        ours = create_transform(False, 32)(image=img)["image"]
+        theirs = A.Resize(32, 32, interpolation=cv2.INTER_AREA)(image=img)["image"]
+        np.testing.assert_array_equal(ours.reshape(theirs.shape), theirs)
+        assert ours.shape == (32, 32, img.shape[2])
+
+
+def test_decoding_does_not_import_torch_or_albumentations() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, fer_ray.transforms, fer_ray.predict; "
+            "print(sorted(m for m in ('torch', 'albumentations', 'timm') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

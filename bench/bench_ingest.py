@@ -1,0 +1,198 @@
+"""Training ingest speed: fer_ray's Ray Data pipeline against a torch DataLoader and the ceiling.
+
+    python bench/bench_ingest.py                          # FER2013 train (28,709 images)
+    python bench/bench_ingest.py --data ../shared/datasets/fer2013 --epochs 2 --batch-size 64
+
+Three ways to deliver augmented uint8 batches (decode, the Albumentations train transform,
+batching) to a training loop that does nothing else, over the FER2013 train images:
+
+- fer_ray: the Parquet shards through `fer_ray.data.split_dataset` (global shuffle, decode
+  and augment in Ray Data tasks) to a 1-worker TorchTrainer iterating
+  `get_dataset_shard("train").iter_torch_batches()`, exactly the training path; Ray's
+  start-up is left out, each epoch's own pipeline start-up is in;
+- a torch DataLoader with 2 worker processes over the image folder, same decode and transform;
+- the ceiling: the same decode and transform in a tight single-process loop, times the cores.
+
+It also reports the bytes per image that cross the object store (encoded images into the
+shuffle, uint8 images out of the transform) against the encoded source size. The last line
+is `ingest_vs_dataloader=X ingest_vs_ceiling=Y`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from bench.common import DEFAULT_FER, machine  # noqa: E402
+from fer_ray.constants import FER_CLASSES, IMAGE_COL, IMAGE_EXTENSIONS, LABEL_COL  # noqa: E402
+from fer_ray.transforms import create_transform, decode_image  # noqa: E402
+
+SIZE, CHANNELS, AUGMENT = 48, 1, "medium"
+
+
+def folder_items(root: str) -> list[tuple[str, int]]:
+    items = []
+    for label, name in enumerate(FER_CLASSES):
+        d = os.path.join(root, name)
+        items += [(os.path.join(d, f), label) for f in sorted(os.listdir(d)) if f.lower().endswith(IMAGE_EXTENSIONS)]
+    return items
+
+
+class AugmentedFolder(torch.utils.data.Dataset):
+    def __init__(self, items: list[tuple[str, int]]) -> None:
+        self.items = items
+        self.transform = None
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        if self.transform is None:  # built in the worker process
+            self.transform = create_transform(True, SIZE, AUGMENT)
+        path, label = self.items[i]
+        with open(path, "rb") as f:
+            image = decode_image(f.read(), CHANNELS)
+        image = self.transform(image=image)["image"].reshape(SIZE, SIZE, CHANNELS)
+        return torch.from_numpy(image), label
+
+
+def dataloader_rate(items, batch_size: int, workers: int) -> float:
+    loader = torch.utils.data.DataLoader(
+        AugmentedFolder(items), batch_size=batch_size, shuffle=True, num_workers=workers,
+        drop_last=True, persistent_workers=False,
+    )
+    start, n = time.perf_counter(), 0
+    for images, _ in loader:
+        n += len(images)
+    return n / (time.perf_counter() - start)
+
+
+def ceiling_rate(items, count: int) -> float:
+    """Decode + transform in one process (files read into memory first), times the cores."""
+    blobs = []
+    for path, _ in items[:count]:
+        with open(path, "rb") as f:
+            blobs.append(f.read())
+    transform = create_transform(True, SIZE, AUGMENT)
+    transform(image=decode_image(blobs[0], CHANNELS))  # warm up
+    start = time.perf_counter()
+    for data in blobs:
+        transform(image=decode_image(data, CHANNELS))
+    return len(blobs) / (time.perf_counter() - start)
+
+
+def ingest_loop(config: dict) -> None:
+    """Per-worker loop that only consumes batches, one report per epoch."""
+    import ray.train
+
+    shard = ray.train.get_dataset_shard("train")
+    for _ in range(config["epochs"]):
+        start, n, nbytes = time.perf_counter(), 0, 0
+        for batch in shard.iter_torch_batches(
+            batch_size=config["batch_size"], drop_last=True,
+            dtypes={IMAGE_COL: torch.uint8, LABEL_COL: torch.int64},
+        ):
+            n += len(batch[LABEL_COL])
+            nbytes += batch[IMAGE_COL].nbytes + batch[LABEL_COL].nbytes
+        seconds = time.perf_counter() - start
+        ray.train.report({"images": n, "seconds": seconds, "bytes_per_image": nbytes / max(n, 1)})
+
+
+def ray_rates(shards: str, batch_size: int, epochs: int, storage_path: str) -> list[dict]:
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from fer_ray.data import split_dataset
+
+    history: list[dict] = []
+
+    class Collect(ray.train.UserCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            history.append(dict(metrics[0]))
+
+    trainer = TorchTrainer(
+        ingest_loop,
+        train_loop_config={"epochs": epochs, "batch_size": batch_size},
+        scaling_config=ray.train.ScalingConfig(num_workers=1),
+        run_config=ray.train.RunConfig(name="ingest", storage_path=storage_path, callbacks=[Collect()]),
+        datasets={"train": split_dataset(shards, "train", SIZE, CHANNELS, True, AUGMENT)},
+    )
+    trainer.fit()
+    return history
+
+
+def encoded_bytes_per_image(shards: str) -> float:
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
+
+    table = pads.dataset(os.path.join(shards, "train"), format="parquet").to_table(columns=[IMAGE_COL])
+    return pc.sum(pc.binary_length(table[IMAGE_COL])).as_py() / table.num_rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", default=str(DEFAULT_FER), help="folder with train/ of class folders")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--epochs", type=int, default=2, help="fer_ray epochs (the best is reported)")
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
+    parser.add_argument("--ceiling-images", type=int, default=4000)
+    args = parser.parse_args(argv)
+
+    train = os.path.join(args.data, "train")
+    if not os.path.isdir(train):
+        print(f"skipped: {train} does not exist; pass --data FOLDER with a train/ folder of class folders")
+        return 0
+    logging.basicConfig(level=logging.WARNING)
+    os.environ.setdefault("RAY_worker_niceness", "0")  # as the DataLoader's processes
+    from fer_ray.cli import init_ray
+    from fer_ray.prepare import prepare
+
+    tmp = tempfile.mkdtemp(prefix="bench_ingest_")
+    try:
+        items = folder_items(train)
+        print(f"{machine()}; {len(items)} images, batch {args.batch_size}, {SIZE}px, augment {AUGMENT}")
+        ceiling_one = ceiling_rate(items, args.ceiling_images)
+        ceiling = ceiling_one * (os.cpu_count() or 1)
+        loader = dataloader_rate(items, args.batch_size, args.workers)
+
+        init_ray()
+        import ray
+
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        shards = os.path.join(tmp, "shards")
+        prepare(args.data, shards)
+        history = ray_rates(shards, args.batch_size, args.epochs, os.path.join(tmp, "runs"))
+        rates = [h["images"] / h["seconds"] for h in history]
+        best = max(rates)
+        encoded = encoded_bytes_per_image(shards)
+        delivered = history[-1]["bytes_per_image"]
+
+        print(f"\n{'pipeline':<44}{'images/s':>10}")
+        print(f"{'ceiling: 1 process x ' + str(os.cpu_count()) + ' cores':<44}{ceiling:>10.0f}"
+              f"   (one process: {ceiling_one:.0f})")
+        print(f"{'torch DataLoader, ' + str(args.workers) + ' workers':<44}{loader:>10.0f}")
+        for i, r in enumerate(rates, 1):
+            print(f"{'fer_ray Ray Data -> TorchTrainer, epoch ' + str(i):<44}{r:>10.0f}")
+        print(f"\nbytes per image: encoded source {encoded:.0f}; through the object store: "
+              f"{encoded:.0f} encoded into the shuffle, {delivered:.0f} uint8 out of the transform "
+              f"({SIZE}x{SIZE}x{CHANNELS} + label)")
+        print(f"ingest_vs_dataloader={best / loader:.2f} ingest_vs_ceiling={best / ceiling:.2f}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

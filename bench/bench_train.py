@@ -1,0 +1,159 @@
+"""Training overhead: fer_ray's loop in a 1-worker TorchTrainer against a plain PyTorch loop.
+
+    python bench/bench_train.py                      # resnet18, 48 px, FER2013 train, 2 epochs
+    python bench/bench_train.py --model resnet18 --epochs 2 --batch-size 64
+
+Both sides train the same timm model from scratch with the same batch size, AdamW, the
+class-weighted, label-smoothed loss, the same Albumentations train transform and the same
+on-device normalisation, with as many torch threads as cores:
+
+- plain: the images decoded once and held in memory, a DataLoader (2 worker processes)
+  applying the transform, the model in the main process;
+- fer_ray: `jobs/train.py`'s path (`fer_ray.trainer.train`): Parquet shards streamed and
+  augmented by Ray Data, one Ray Train worker holding all cores, a checkpoint per epoch.
+
+Compared: the training part of the last epoch (fer_ray's history gives it as images /
+images_per_s; its validation pass and checkpoint are reported apart), after Ray has
+started; Ray's start-up and the first epoch's warm-up are reported separately. The last
+line is `train_overhead=X` (fer_ray epoch time / plain epoch time; 1.0 = no overhead).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+
+from bench.bench_ingest import folder_items  # noqa: E402
+from bench.common import DEFAULT_FER, machine  # noqa: E402
+from fer_ray.data import class_weights  # noqa: E402
+from fer_ray.model import create_model, data_config  # noqa: E402
+from fer_ray.normalize import DeviceNormalize  # noqa: E402
+from fer_ray.transforms import create_transform, decode_image  # noqa: E402
+
+SIZE, CHANNELS, AUGMENT, LR, WD, SMOOTHING = 48, 1, "medium", 1e-3, 0.05, 0.1
+
+
+class InMemory(torch.utils.data.Dataset):
+    def __init__(self, images: np.ndarray, labels: np.ndarray) -> None:
+        self.images, self.labels, self.transform = images, labels, None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        if self.transform is None:
+            self.transform = create_transform(True, SIZE, AUGMENT)
+        image = self.transform(image=self.images[i])["image"].reshape(SIZE, SIZE, CHANNELS)
+        return torch.from_numpy(image), int(self.labels[i])
+
+
+def plain_epochs(items, model_name: str, batch_size: int, epochs: int, workers: int) -> list[float]:
+    """Seconds per training epoch of a plain PyTorch loop over in-memory images."""
+    images = np.stack([decode_image(open(p, "rb").read(), CHANNELS) for p, _ in items])
+    labels = np.array([label for _, label in items])
+    torch.manual_seed(0)
+    torch.set_num_threads(os.cpu_count() or 1)
+    model = create_model(model_name, 7)
+    cfg = data_config(model)
+    normalize = DeviceNormalize(SIZE, cfg["mean"], cfg["std"])
+    weight = torch.tensor(class_weights(np.bincount(labels, minlength=7).tolist()), dtype=torch.float32)
+    criterion = torch.nn.CrossEntropyLoss(weight=weight, label_smoothing=SMOOTHING)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WD)
+    loader = torch.utils.data.DataLoader(
+        InMemory(images, labels), batch_size=batch_size, shuffle=True, num_workers=workers,
+        drop_last=True,
+    )
+    times = []
+    for _ in range(epochs):
+        model.train()
+        start = time.perf_counter()
+        for x, y in loader:
+            loss = criterion(model(normalize(x)), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def fer_ray_history(data: str, out: str, model_name: str, batch_size: int, epochs: int) -> pd.DataFrame:
+    import argparse as ap
+
+    from fer_ray.config import TrainConfig, parse_config
+    from fer_ray.trainer import check_inputs, train
+
+    cfg, _ = parse_config(TrainConfig, [
+        "--data", data, "--output", out, "--model", model_name, "--no-pretrained",
+        "--image-size", str(SIZE), "--batch-size", str(batch_size), "--epochs", str(epochs),
+        "--lr", str(LR), "--weight-decay", str(WD), "--label-smoothing", str(SMOOTHING),
+        "--augment", AUGMENT, "--warmup-epochs", "0", "--cpus-per-worker", str(os.cpu_count() or 1),
+    ], ap.ArgumentParser())
+    train(cfg, check_inputs(cfg))
+    return pd.read_csv(os.path.join(out, "history.csv"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", default=str(DEFAULT_FER), help="folder with train/ and val/ class folders")
+    parser.add_argument("--model", default="resnet18")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the plain loop")
+    args = parser.parse_args(argv)
+
+    train_dir = os.path.join(args.data, "train")
+    if not os.path.isdir(train_dir):
+        print(f"skipped: {train_dir} does not exist; pass --data FOLDER with train/ and val/ class folders")
+        return 0
+    logging.basicConfig(level=logging.WARNING)
+    os.environ.setdefault("RAY_worker_niceness", "0")
+    tmp = tempfile.mkdtemp(prefix="bench_train_")
+    try:
+        items = folder_items(train_dir)
+        print(f"{machine()}; {args.model} from scratch, {SIZE}px, batch {args.batch_size}, "
+              f"{len(items)} images, {args.epochs} epochs")
+        plain = plain_epochs(items, args.model, args.batch_size, args.epochs, args.workers)
+
+        from fer_ray.cli import init_ray
+        from fer_ray.prepare import prepare
+
+        start = time.perf_counter()
+        init_ray(min_cpus=(os.cpu_count() or 1) + 2)
+        startup = time.perf_counter() - start
+        import ray
+
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        shards = os.path.join(tmp, "shards")
+        prepare(args.data, shards)
+        start = time.perf_counter()
+        history = fer_ray_history(shards, os.path.join(tmp, "run"), args.model, args.batch_size, args.epochs)
+        total = time.perf_counter() - start
+        train_s = history["steps"] * args.batch_size / history["images_per_s"]
+        val_s = history["seconds"] - train_s
+
+        print(f"\n{'epoch':<7}{'plain s':>9}{'fer_ray train s':>17}{'fer_ray val+report s':>22}{'ratio':>8}")
+        for i in range(args.epochs):
+            print(f"{i + 1:<7}{plain[i]:>9.1f}{train_s[i]:>17.1f}{val_s[i]:>22.1f}{train_s[i] / plain[i]:>8.2f}")
+        print(f"Ray start-up {startup:.1f} s; fer_ray job {total:.1f} s for {args.epochs} epochs "
+              f"(TorchTrainer start, per-epoch val and checkpoints, reports)")
+        print(f"train_overhead={train_s.iloc[-1] / plain[-1]:.2f}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""The on-device half of preprocessing: resize and normalise uint8 batches on the
+worker's device (GPU or CPU), after Ray Data has decoded them at their small size."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def match_channels(values: Sequence[float], in_chans: int) -> list[float]:
+    """Per-channel statistics for a model's input channels: a gray-input model (in_chans=1)
+    takes the average of the RGB mean/std."""
+    values = list(values)
+    if in_chans == 1 and len(values) == 3:
+        return [sum(values) / 3]
+    return values
+
+
+class DeviceNormalize(torch.nn.Module):
+    """uint8 [B, H, W, C] on the device -> normalised float [B, 3, S, S] for the model."""
+
+    def __init__(
+        self,
+        image_size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        in_chans: int = 3,
+        channels_last: bool = False,
+    ) -> None:
+        super().__init__()
+        self.image_size = image_size
+        self.in_chans = in_chans
+        self.channels_last = channels_last
+        mean, std = match_channels(mean, in_chans), match_channels(std, in_chans)
+        std_t = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+        mean_t = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        # (x / 255 - mean) / std folded into one multiply-add
+        self.register_buffer("scale", 1.0 / (255.0 * std_t), persistent=False)
+        self.register_buffer("shift", -mean_t / std_t, persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.permute(0, 3, 1, 2).float()
+        if x.shape[-2:] != (self.image_size, self.image_size):
+            # Resize before expanding gray to RGB: a third of the work.
+            down = x.shape[-1] > self.image_size
+            x = F.interpolate(
+                x, size=(self.image_size, self.image_size), mode="bilinear",
+                align_corners=False, antialias=down,
+            )
+        if x.shape[1] != self.in_chans:
+            x = x.expand(-1, self.in_chans, -1, -1) if x.shape[1] == 1 else x.mean(1, keepdim=True)
+        x = x * self.scale + self.shift
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
