@@ -66,9 +66,9 @@ def plain_epochs(items, model_name: str, batch_size: int, epochs: int, workers: 
     labels = np.array([label for _, label in items])
     torch.manual_seed(0)
     torch.set_num_threads(os.cpu_count() or 1)
-    model = create_model(model_name, 7)
+    model = create_model(model_name, 7).to(memory_format=torch.channels_last)  # as fer_ray does
     cfg = data_config(model)
-    normalize = DeviceNormalize(SIZE, cfg["mean"], cfg["std"])
+    normalize = DeviceNormalize(SIZE, cfg["mean"], cfg["std"], channels_last=True)
     weight = torch.tensor(class_weights(np.bincount(labels, minlength=7).tolist()), dtype=torch.float32)
     criterion = torch.nn.CrossEntropyLoss(weight=weight, label_smoothing=SMOOTHING)
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WD)

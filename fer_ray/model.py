@@ -152,13 +152,17 @@ def set_frozen_eval(model: torch.nn.Module) -> None:
 
 def save_model_dir(model: torch.nn.Module, folder: str | Path, spec: ModelSpec) -> None:
     """Write model.safetensors + config.json (timm's format, plus the fer_ray section)."""
-    from timm.models import save_for_hf
+    from safetensors.torch import save_file
+    from timm.models._hub import save_config_for_hf  # save_for_hf would save weights as they are
 
-    save_for_hf(
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    # Contiguous copies: channels_last weights cannot be written by safetensors as they are.
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / WEIGHTS_FILE))
+    save_config_for_hf(
         model,
-        str(folder),
+        str(folder / MODEL_CONFIG_FILE),
         model_config={"label_names": list(spec.class_names), "fer_ray": asdict(spec)},
-        safe_serialization=True,
         data_config={
             "input_size": (spec.in_chans, spec.image_size, spec.image_size),
             "mean": tuple(spec.mean),

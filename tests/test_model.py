@@ -118,3 +118,11 @@ def test_model_kwargs_survive_the_model_folder(tmp_path) -> None:
 def test_bad_model_kwargs_are_a_config_error() -> None:
     with pytest.raises(ConfigError, match="--model-kwargs .* do not fit resnet18"):
         create_model("resnet18", 7, not_an_argument=1)
+
+
+def test_channels_last_model_saves(tmp_path) -> None:
+    model = create_model("test_resnet", 7).to(memory_format=torch.channels_last).eval()
+    save_model_dir(model, tmp_path, spec())
+    loaded, _ = load_model_dir(str(tmp_path))
+    x = torch.randn(1, 3, 32, 32)
+    torch.testing.assert_close(loaded(x), model(x))
