@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# FER2013 accuracy of the 30-minute CPU preset, end to end:
+#
+#   bench/accuracy.sh                                  # ../shared/datasets/fer2013, runs/accuracy
+#   FER=/path/to/fer2013 OUT=/tmp/acc bench/accuracy.sh
+#   CONFIG=configs/fer2013-gpu.yaml EXTRA="--use-gpu" bench/accuracy.sh   # the GPU preset
+#
+# Prepares FER (train/ and val/ class folders) into Parquet shards, trains the preset
+# (selection on val only: the test split is never seen), scores val with jobs/predict.py
+# with and without flip TTA, and prints on its last line:
+#   val_acc=X val_macro_f1=X val_acc_tta=X val_macro_f1_tta=X train_minutes=X
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+FER=${FER:-../shared/datasets/fer2013}
+OUT=${OUT:-runs/accuracy}
+CONFIG=${CONFIG:-configs/fer2013-cpu.yaml}
+EXTRA=${EXTRA:-}
+PY=${PY:-.venv/bin/python}
+[ -x "$PY" ] || PY=python3
+
+if [ ! -d "$FER/train" ] || [ ! -d "$FER/val" ]; then
+  echo "skipped: $FER needs train/ and val/ class folders (set FER=...)"
+  exit 0
+fi
+
+mkdir -p "$OUT"
+[ -f "$OUT/shards/manifest.json" ] || "$PY" jobs/prepare.py --source "$FER" --output "$OUT/shards"
+
+start=$(date +%s)
+# shellcheck disable=SC2086  # EXTRA is a list of flags
+"$PY" jobs/train.py --config "$CONFIG" --data "$OUT/shards" --output "$OUT/run" $EXTRA
+minutes=$(( ($(date +%s) - start) ))
+
+"$PY" jobs/predict.py --model "$OUT/run/best" --input "$FER/val" --output "$OUT/val"
+"$PY" jobs/predict.py --model "$OUT/run/best" --input "$FER/val" --output "$OUT/val_tta" --tta
+
+"$PY" - "$OUT" "$minutes" <<'EOF'
+import json, sys
+out, seconds = sys.argv[1], int(sys.argv[2])
+plain = json.load(open(f"{out}/val/summary.json"))
+tta = json.load(open(f"{out}/val_tta/summary.json"))
+print(f"val_acc={plain['accuracy']:.4f} val_macro_f1={plain['macro_f1']:.4f} "
+      f"val_acc_tta={tta['accuracy']:.4f} val_macro_f1_tta={tta['macro_f1']:.4f} "
+      f"train_minutes={seconds / 60:.1f}")
+EOF
