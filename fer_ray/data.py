@@ -70,13 +70,15 @@ def split_dataset(
 
     folder = storage.join(storage.normalize(shards), split)
     cache = fits_in_object_store(encoded_bytes(folder))
-    ds = ray.data.read_parquet(folder, columns=[IMAGE_COL, LABEL_COL])
+    ds = ray.data.read_parquet(folder).select_columns([IMAGE_COL, LABEL_COL])
     _quiet(ds)
     if cache:
         ds = ds.materialize()
     if is_training:
+        # A global row shuffle, then one block per CPU so the decoding runs in parallel
+        # (the shuffle of a small split ends in a single block).
         blocks = max(2, int(ray.cluster_resources().get("CPU", 2)))
-        ds = ds.repartition(num_blocks=blocks, shuffle=True)
+        ds = ds.random_shuffle().repartition(num_blocks=blocks)
     ds = ds.map_batches(
         transform_batch,
         fn_kwargs={"size": size, "channels": channels, "is_training": is_training, "augment": augment},

@@ -446,7 +446,7 @@ def input_dataset(source: str, class_names: Sequence[str], split: str | None, ro
     splits = [split] if split else [s for s in SPLITS if s in manifest["splits"]]
     total = sum(int(manifest["splits"][s]["total"]) for s in splits)
     folders = [storage.join(root, s) for s in splits]
-    return ray.data.read_parquet(folders, columns=[IMAGE_COL, LABEL_COL, PATH_COL]), total, split
+    return ray.data.read_parquet(folders).select_columns([IMAGE_COL, LABEL_COL, PATH_COL]), total, split
 
 
 def score_dataset(

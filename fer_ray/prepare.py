@@ -399,7 +399,11 @@ def prepare(
                     batch_format="numpy",
                 )
             else:
-                rows = [{PATH_COL: p, LABEL_COL: lab} for p, lab in listing.items[split]]
+                # Rows in a seeded random order, not class by class: a reader that streams
+                # or shuffles only locally still sees every class in every batch.
+                items = listing.items[split]
+                order = np.random.default_rng(seed).permutation(len(items))
+                rows = [{PATH_COL: items[i][0], LABEL_COL: items[i][1]} for i in order]
                 if not rows:
                     continue
                 ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows) // batch_size))

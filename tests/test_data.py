@@ -25,3 +25,27 @@ def test_data_size_never_exceeds_images_or_model_input() -> None:
     assert resolve_data_size(32, manifest, None) == 32
     assert resolve_data_size(224, {"image": {"median_side": 600}}, None) == 224
     assert resolve_data_size(224, manifest, 96) == 96  # explicit --data-size wins
+
+
+def test_training_batches_mix_classes_and_reshuffle_every_epoch(ray_cluster, synth_shards) -> None:
+    from fer_ray.data import split_dataset
+
+    ds = split_dataset(str(synth_shards), "train", 32, 1, True, "medium")
+    epochs = []
+    for _ in range(2):
+        labels = [b["label"] for b in ds.iter_batches(batch_size=16, batch_format="numpy")]
+        assert sum(len(b) for b in labels) == 280
+        # 7 balanced classes: a shuffled batch of 16 holds about 6 of them, a sorted one 1-2.
+        assert np.mean([len(set(b.tolist())) for b in labels]) > 4.5
+        epochs.append(np.concatenate(labels))
+    assert not np.array_equal(epochs[0], epochs[1])  # a fresh shuffle each epoch
+    assert sorted(epochs[0]) == sorted(epochs[1])
+
+
+def test_eval_data_keeps_every_image_once(ray_cluster, synth_shards) -> None:
+    from fer_ray.data import split_dataset
+
+    ds = split_dataset(str(synth_shards), "val", 32, 1, False)
+    batches = list(ds.iter_batches(batch_size=32, batch_format="numpy"))
+    assert sum(len(b["label"]) for b in batches) == 70
+    assert all(b["image"].shape[1:] == (32, 32, 1) and b["image"].dtype == np.uint8 for b in batches)

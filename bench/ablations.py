@@ -1,0 +1,66 @@
+"""Run accuracy ablations one after another and append a row per run to a TSV.
+
+    python bench/ablations.py --data runs/acc/shards --out runs/ablations --epochs 5
+
+Each row: name, val accuracy and macro F1 of the best epoch (on val = PublicTest),
+training minutes, and the command that reproduces it. The runs are the rows of
+bench/ACCURACY.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+
+REPO = Path(__file__).resolve().parents[1]
+
+BASE = ["--config", "configs/fer2013-cpu.yaml"]
+RUNS = {
+    "base (cpu preset)": [],
+    "+ class weights": ["--class-weights"],
+    "augment medium": ["--augment", "medium"],
+    "lr 1e-3": ["--lr", "0.001"],
+    "3-channel stem": ["--model-kwargs", "{in_chans: 3}"],
+    "half-width resnet18": ["--model-kwargs", "{in_chans: 1, channels: [32, 64, 128, 256]}"],
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", required=True, help="prepared FER2013 shards")
+    parser.add_argument("--out", required=True, help="folder for the runs and results.tsv")
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--only", nargs="*", help="run only these names")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    table = out / "results.tsv"
+    for i, (name, extra) in enumerate(RUNS.items()):
+        if args.only and name not in args.only:
+            continue
+        run = out / f"run{i}"
+        cmd = [sys.executable, "jobs/train.py", *BASE, "--data", args.data, "--output", str(run),
+               "--epochs", str(args.epochs), *extra]
+        start = time.time()
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+        minutes = (time.time() - start) / 60
+        if proc.returncode != 0:
+            print(f"{name}: failed\n{proc.stderr[-2000:]}", file=sys.stderr)
+            continue
+        metrics = pd.read_parquet(run / "val_metrics.parquet").set_index("name")
+        row = [name, f"{metrics.loc['accuracy', 'f1']:.4f}", f"{metrics.loc['macro avg', 'f1']:.4f}",
+               f"{minutes:.1f}", shlex.join(["python", *cmd[1:]])]
+        with open(table, "a") as f:
+            f.write("\t".join(row) + "\n")
+        print("\t".join(row[:4]), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
