@@ -28,6 +28,7 @@ RUNS = {
     "lr 1e-3": ["--lr", "0.001"],
     "3-channel stem": ["--model-kwargs", "{in_chans: 3}"],
     "half-width resnet18": ["--model-kwargs", "{in_chans: 1, channels: [32, 64, 128, 256]}"],
+    "fp32 (no bf16 autocast)": ["--amp", "off"],
 }
 
 

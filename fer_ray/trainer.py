@@ -40,8 +40,8 @@ from fer_ray.data import class_weights, resolve_data_size, train_counts, train_v
 from fer_ray.metrics import confusion_table, metrics_table, summary
 from fer_ray.model import ModelSpec, check_model_name, create_model, data_config, fetch_pretrained_state
 from fer_ray.prepare import read_manifest
-from fer_ray.reports import plot_confusion_matrix, plot_learning_curves
 from fer_ray.normalize import match_channels
+from fer_ray.reports import plot_confusion_matrix, plot_learning_curves
 from fer_ray.train_loop import LoopSettings, scaled_lr, steps_per_epoch, train_loop_per_worker
 
 log = logging.getLogger(__name__)
@@ -66,6 +66,7 @@ class ShardedValConfig(ray.train.DataConfig):
                 output[i][VAL] = split
         return output
 
+
 # Settings that cannot change when a run folder is trained again (resume).
 RESUME_KEYS = ("model", "data", "image_size", "data_size")
 
@@ -76,17 +77,18 @@ def resolve_settings(cfg: TrainConfig, manifest: dict[str, Any], pretrained_stat
     classes = list(manifest["classes"])
     probe = create_model(m.model, len(classes), **m.model_kwargs)  # also checks name and args
     dcfg = data_config(probe)
-    in_chans = int(m.model_kwargs.get("in_chans", 3))
     spec = ModelSpec(
         model=m.model,
         class_names=classes,
         image_size=d.image_size,
         data_size=resolve_data_size(d.image_size, manifest, d.data_size),
         channels=int(manifest["image"]["channels"]),
-        mean=match_channels(dcfg["mean"], in_chans),
-        std=match_channels(dcfg["std"], in_chans),
+        mean=list(dcfg["mean"]),
+        std=list(dcfg["std"]),
         model_kwargs=dict(m.model_kwargs),
     )
+    # timm gives RGB statistics; a 1-channel stem sees their average.
+    spec.mean, spec.std = match_channels(spec.mean, spec.in_chans), match_channels(spec.std, spec.in_chans)
     return LoopSettings(
         spec=spec,
         batch_size=d.batch_size,
