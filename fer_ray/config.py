@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -26,6 +27,19 @@ RESOLVED_KEY = "resolved"
 
 class ConfigError(ValueError):
     """A configuration a user gave that cannot be used; the message says what to do."""
+
+
+def parse_input_blur(value: str) -> float | None:
+    """--input-blur: 'auto' -> None (estimate), 'off' -> 0, else a sigma >= 0 in px."""
+    value = str(value).strip().lower()
+    if value == "auto":
+        return None
+    if value in ("off", "none", "0"):
+        return 0.0
+    sigma = float(value)  # ValueError for anything else; the config check words it
+    if not (sigma >= 0 and math.isfinite(sigma)):
+        raise ValueError(value)
+    return sigma
 
 
 # --------------------------------------------------------------------------------------
@@ -52,6 +66,14 @@ class DataOptions:
     batch_size: int = field(default=32, metadata={"help": "images per worker per step"})
     augment: str = field(
         default="medium", metadata={"help": f"augmentation strength: {'|'.join(AUGMENT_LEVELS)}"}
+    )
+    input_blur: str = field(
+        default="auto",
+        metadata={
+            "help": "Gaussian blur (sigma in px at --data-size) for val and scored images, to "
+            "match training images that are blurrier: auto (measured on train vs val), off, "
+            "or a number"
+        },
     )
 
 
@@ -156,6 +178,12 @@ class TrainConfig:
         )
         _require(d.batch_size >= 1, f"--batch-size must be at least 1, got {d.batch_size}.")
         _choice("--augment", d.augment, AUGMENT_LEVELS)
+        try:
+            parse_input_blur(d.input_blur)
+        except ValueError:
+            raise ConfigError(
+                f"--input-blur must be auto, off or a sigma >= 0 in pixels, got {d.input_blur!r}."
+            ) from None
         _require(0 <= m.drop_rate < 1, f"--drop-rate must be in [0, 1), got {m.drop_rate}.")
         _require(o.epochs >= 1, f"--epochs must be at least 1, got {o.epochs}.")
         _require(o.lr > 0, f"--lr must be positive, got {o.lr}.")

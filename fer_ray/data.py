@@ -42,6 +42,18 @@ def encoded_bytes(folder: str) -> int:
     return sum(f.size or 0 for f in fs.get_file_info(pafs.FileSelector(inner, recursive=True)))
 
 
+def sample_images(shards: str, split: str, size: int, channels: int, rows: int = 1024) -> np.ndarray:
+    """Up to `rows` images of a split, decoded as eval sees them: uint8 [N, size, size, C].
+    Reads the first rows of the shards (prepare writes rows in a random order)."""
+    import pyarrow.dataset as pads
+
+    fs, inner = storage.resolve(storage.join(storage.normalize(shards), split))
+    table = pads.dataset(inner, filesystem=fs, format="parquet").head(rows, columns=[IMAGE_COL, LABEL_COL])
+    batch = {IMAGE_COL: np.array(table.column(IMAGE_COL).to_pylist(), dtype=object),
+             LABEL_COL: np.asarray(table.column(LABEL_COL))}
+    return transform_batch(batch, size, channels, is_training=False, augment="none")[IMAGE_COL]
+
+
 def fits_in_object_store(nbytes: int) -> bool:
     """Whether a split is small enough to keep in the object store between epochs."""
     import ray

@@ -37,6 +37,7 @@ class ModelSpec:
     mean: list[float]
     std: list[float]
     model_kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model args
+    input_blur: float = 0.0  # Gaussian sigma (px at data_size) applied to images it scores
 
     @property
     def in_chans(self) -> int:

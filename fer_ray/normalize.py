@@ -8,6 +8,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from fer_ray.blur import gaussian_blur
+
 
 def match_channels(values: Sequence[float], in_chans: int) -> list[float]:
     """Per-channel statistics for a model's input channels: a gray-input model (in_chans=1)
@@ -19,7 +21,11 @@ def match_channels(values: Sequence[float], in_chans: int) -> list[float]:
 
 
 class DeviceNormalize(torch.nn.Module):
-    """uint8 [B, H, W, C] on the device -> normalised float [B, 3, S, S] for the model."""
+    """uint8 [B, H, W, C] on the device -> normalised float [B, in_chans, S, S] for the model.
+
+    `blur_sigma` (the model's `input_blur`, see fer_ray.blur) blurs images at the size
+    they arrive in before the resize: applied to what the model evaluates or scores, not to
+    its training batches (`match_blur=False`)."""
 
     def __init__(
         self,
@@ -28,11 +34,13 @@ class DeviceNormalize(torch.nn.Module):
         std: Sequence[float],
         in_chans: int = 3,
         channels_last: bool = False,
+        blur_sigma: float = 0.0,
     ) -> None:
         super().__init__()
         self.image_size = image_size
         self.in_chans = in_chans
         self.channels_last = channels_last
+        self.blur_sigma = float(blur_sigma)
         mean, std = match_channels(mean, in_chans), match_channels(std, in_chans)
         std_t = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
         mean_t = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
@@ -40,8 +48,10 @@ class DeviceNormalize(torch.nn.Module):
         self.register_buffer("scale", 1.0 / (255.0 * std_t), persistent=False)
         self.register_buffer("shift", -mean_t / std_t, persistent=False)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, match_blur: bool = True) -> torch.Tensor:
         x = images.permute(0, 3, 1, 2).float()
+        if match_blur and self.blur_sigma > 0:
+            x = gaussian_blur(x, self.blur_sigma)
         if x.shape[-2:] != (self.image_size, self.image_size):
             # Resize before expanding gray to RGB: a third of the work.
             down = x.shape[-1] > self.image_size

@@ -330,7 +330,9 @@ def prediction_table(
 class Scorer:
     """Ray Data callable class: uint8 images -> class probabilities, one model per actor."""
 
-    def __init__(self, model_dir: str, use_gpu: bool, tta: bool, num_actors: int) -> None:
+    def __init__(
+        self, model_dir: str, use_gpu: bool, tta: bool, num_actors: int, input_blur: float | None = None
+    ) -> None:
         import torch
 
         from fer_ray.model import load_model_dir
@@ -349,8 +351,10 @@ class Scorer:
             self.amp_dtype = None
         # channels_last is faster on CPU (oneDNN) as well as on GPU.
         self.model = model.to(self.device).to(memory_format=torch.channels_last).eval()
+        # The blur that matches these images to the training images (fer_ray.blur).
+        blur = spec.input_blur if input_blur is None else input_blur
         self.normalize = DeviceNormalize(
-            spec.image_size, spec.mean, spec.std, in_chans=spec.in_chans
+            spec.image_size, spec.mean, spec.std, in_chans=spec.in_chans, blur_sigma=blur
         ).to(self.device)
         self.class_names = list(spec.class_names)
         self.tta = tta
@@ -458,6 +462,7 @@ def score_dataset(
     num_actors: int,
     use_gpu: bool,
     tta: bool,
+    input_blur: float | None = None,
 ) -> Any:
     """Decode in CPU tasks, score on the actor pool (fused into it on CPU, see above)."""
     import ray
@@ -472,6 +477,7 @@ def score_dataset(
         Scorer,
         fn_constructor_kwargs={
             "model_dir": model_dir, "use_gpu": use_gpu, "tta": tta, "num_actors": num_actors,
+            "input_blur": input_blur,
         },
         compute=ray.data.ActorPoolStrategy(size=num_actors),
         batch_size=batch_size,
@@ -505,9 +511,11 @@ def predict(
     use_gpu: bool = False,
     tta: bool = False,
     split: str | None = None,
+    input_blur: float | None = None,
 ) -> dict[str, Any]:
     """Score every image under SOURCE (or every row of a shards folder, or of its `split`)
-    with the model in MODEL_DIR; write OUTPUT and return its summary.json."""
+    with the model in MODEL_DIR; write OUTPUT and return its summary.json. `input_blur`
+    overrides the model's blur sigma (None: the model's own, see fer_ray.blur)."""
     import ray
 
     start = time.time()
@@ -528,7 +536,9 @@ def predict(
     )
     try:
         predictions = storage.join(tmp, PREDICTIONS_DIR)
-        scored = score_dataset(ds, model_dir, spec, errors, batch_size, num_actors, use_gpu, tta)
+        scored = score_dataset(
+            ds, model_dir, spec, errors, batch_size, num_actors, use_gpu, tta, input_blur
+        )
         scored.write_parquet(predictions, min_rows_per_file=ROWS_PER_FILE)
         n_errors = ray.get(errors.close.remote())
         _ensure_parquet(predictions, prediction_schema(spec.class_names))
@@ -543,6 +553,7 @@ def predict(
             "split": split,
             "output": output,
             "tta": tta,
+            "input_blur": spec.input_blur if input_blur is None else input_blur,
             "use_gpu": use_gpu,
             "num_actors": num_actors,
             "batch_size": batch_size,

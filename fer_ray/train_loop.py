@@ -197,7 +197,7 @@ def train_epoch(
     set_frozen_eval(model)
     loss_sum, correct, seen, steps = 0.0, 0, 0, 0
     for batch in batches:
-        x = normalize(batch[IMAGE_COL])
+        x = normalize(batch[IMAGE_COL], match_blur=False)  # training images as they are
         y = batch[LABEL_COL]
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             logits = wrapped(x)
@@ -327,7 +327,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # training steps for the timm CNNs measured here).
     model.to(memory_format=torch.channels_last)
     normalize = DeviceNormalize(
-        spec.image_size, spec.mean, spec.std, in_chans=spec.in_chans, channels_last=True
+        spec.image_size, spec.mean, spec.std, in_chans=spec.in_chans, channels_last=True,
+        blur_sigma=spec.input_blur,
     ).to(device)
     amp_dtype = resolve_amp(s.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
@@ -350,6 +351,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         f"Training {spec.model} on {world} worker(s) ({device.type}, amp={amp_dtype}), "
         f"{s.num_train} images, {epoch_steps} steps/epoch of {s.batch_size}x{world}, "
         f"{spec.image_size}px from {spec.data_size}px data"
+        + (f", val blurred by sigma {spec.input_blur:g} px" if spec.input_blur else "")
     )
     phase, wrapped, optimizer, scheduler = None, model, None, None
     for epoch in range(state.epoch, s.epochs):

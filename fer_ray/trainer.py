@@ -20,7 +20,7 @@ import torch
 
 from fer_ray import storage
 from fer_ray.cli import require_gpus
-from fer_ray.config import RESOLVED_KEY, ConfigError, TrainConfig, to_dict
+from fer_ray.config import RESOLVED_KEY, ConfigError, TrainConfig, parse_input_blur, to_dict
 from fer_ray.constants import (
     BEST_DIR,
     CONFIG_FILE,
@@ -36,7 +36,7 @@ from fer_ray.constants import (
     VAL_PREDICTIONS_FILE,
     WEIGHTS_FILE,
 )
-from fer_ray.data import class_weights, resolve_data_size, train_counts, train_val_datasets
+from fer_ray.data import class_weights, resolve_data_size, sample_images, train_counts, train_val_datasets
 from fer_ray.metrics import confusion_table, metrics_table, summary
 from fer_ray.model import ModelSpec, check_model_name, create_model, data_config, fetch_pretrained_state
 from fer_ray.prepare import read_manifest
@@ -89,6 +89,7 @@ def resolve_settings(cfg: TrainConfig, manifest: dict[str, Any], pretrained_stat
     )
     # timm gives RGB statistics; a 1-channel stem sees their average.
     spec.mean, spec.std = match_channels(spec.mean, spec.in_chans), match_channels(spec.std, spec.in_chans)
+    spec.input_blur = resolve_input_blur(cfg, spec)
     return LoopSettings(
         spec=spec,
         batch_size=d.batch_size,
@@ -110,6 +111,28 @@ def resolve_settings(cfg: TrainConfig, manifest: dict[str, Any], pretrained_stat
         cpus_per_worker=r.cpus_per_worker,
         pretrained_state=pretrained_state,
     )
+
+
+def resolve_input_blur(cfg: TrainConfig, spec: ModelSpec) -> float:
+    """--input-blur as a sigma: given, or measured on samples of train and val (auto)."""
+    from fer_ray import blur
+
+    sigma = parse_input_blur(cfg.data.input_blur)
+    if sigma is not None:
+        if sigma:
+            log.info(blur.describe(sigma, {}, "--input-blur"))
+        return sigma
+    train = sample_images(cfg.data.data, TRAIN, spec.data_size, spec.channels)
+    val = sample_images(cfg.data.data, VAL, spec.data_size, spec.channels)
+    sigma, found = blur.estimate_blur(train, val)
+    if sigma:
+        log.info(blur.describe(sigma, found, f"measured on {len(train)} train and {len(val)} val images"))
+    elif found["val_sharpness"] < blur.BLUR_RATIO * found["train_sharpness"]:
+        log.warning(
+            "Val images are much blurrier than train images; fer_ray can only blur, so scores "
+            "on val may understate the model. Check how the splits were made."
+        )
+    return sigma
 
 
 def check_inputs(cfg: TrainConfig) -> dict[str, Any]:
@@ -212,6 +235,7 @@ def write_config(cfg: TrainConfig, settings: LoopSettings, run_dir: str) -> None
         "channels": settings.spec.channels,
         "mean": settings.spec.mean,
         "std": settings.spec.std,
+        "input_blur": settings.spec.input_blur,
         "effective_lr": settings.lr,
         "global_batch": cfg.data.batch_size * cfg.run.num_workers,
         "steps_per_epoch": steps_per_epoch(settings.num_train, cfg.data.batch_size, cfg.run.num_workers),

@@ -218,6 +218,8 @@ def sweep(cfg: SweepConfig, manifest: dict[str, Any]) -> tuple[pd.DataFrame, dic
     """Run (or resume) the sweep and write TUNE_DIR; Ray must be initialised."""
     check_gpus(cfg)
     tune_dir = storage.normalize(cfg.run.output)
+    # Measured once here (see fer_ray.blur) rather than by every trial: all trials match the same.
+    cfg.data.input_blur = str(resolve_settings(cfg, manifest).spec.input_blur)
     storage.makedirs(tune_dir)
     storage.write_json(storage.join(tune_dir, "sweep_config.json"), to_dict(copy.deepcopy(cfg)))
     grid = build_tuner(cfg, manifest).fit()

@@ -27,6 +27,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fer_ray.cli import init_ray, run_job  # noqa: E402
 
 
+def _blur_arg(value: str) -> str | float:
+    from fer_ray.config import parse_input_blur
+
+    if value == "model":
+        return value
+    try:
+        sigma = parse_input_blur(value)
+        if sigma is None:  # 'auto' is a training choice; the model recorded its result
+            raise ValueError(value)
+        return sigma
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be model, off or a sigma >= 0 in pixels, got {value!r}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="Score image folders with a trained model (Ray Data batch inference).",
@@ -43,15 +57,20 @@ def main(argv: list[str] | None = None) -> int:
                         "cores and each decodes its own batches")
     parser.add_argument("--use-gpu", action="store_true", help="one GPU per actor, mixed precision")
     parser.add_argument("--tta", action="store_true", help="average with the horizontally flipped image")
+    parser.add_argument("--input-blur", default="model", type=_blur_arg,
+                        help="Gaussian blur sigma in px for the images: 'model' (what the model "
+                        "recorded in training to match its training images), off, or a number")
     args = parser.parse_args(argv)
 
     def job() -> None:
         from fer_ray.predict import check_inputs, describe, predict
 
+        blur = None if args.input_blur == "model" else args.input_blur
         options = {"split": args.split, "batch_size": args.batch_size, "num_actors": args.num_actors}
         check_inputs(args.model, args.input, args.output, **options)  # before Ray starts
         init_ray(min_cpus=args.num_actors + 2)
-        summary = predict(args.model, args.input, args.output, use_gpu=args.use_gpu, tta=args.tta, **options)
+        summary = predict(args.model, args.input, args.output, use_gpu=args.use_gpu, tta=args.tta,
+                          input_blur=blur, **options)
         print(describe(summary))
 
     return run_job(job)

@@ -1,0 +1,152 @@
+"""Input-blur matching: training images blurrier than the images a model scores."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO
+from fer_ray.blur import estimate_blur, gaussian_blur, sharpness, to_float
+from fer_ray.config import ConfigError, TrainConfig, parse_config, parse_input_blur
+from fer_ray.constants import FER_CLASSES
+from fer_ray.model import ModelSpec, create_model, load_model_dir, save_model_dir
+from fer_ray.normalize import DeviceNormalize
+
+
+def gray_images(folder, n: int = 200) -> np.ndarray:
+    files = sorted(folder.rglob("*.png"))[:n]
+    assert files, folder
+    return np.stack([cv2.imread(str(f), cv2.IMREAD_GRAYSCALE)[:, :, None] for f in files])
+
+
+def cv2_blur(images: np.ndarray, sigma: float) -> np.ndarray:
+    return np.stack([cv2.GaussianBlur(i, (0, 0), sigma, borderType=cv2.BORDER_REFLECT_101)[:, :, None]
+                     for i in images[..., 0]])
+
+
+@pytest.mark.parametrize("sigma", [0.7, 2.0, 3.0])
+def test_blur_matches_opencv(sigma) -> None:
+    x = np.random.default_rng(0).integers(0, 256, (3, 40, 40, 1), dtype=np.uint8)
+    ours = gaussian_blur(to_float(x), sigma)[:, 0].numpy()
+    ref = np.stack([cv2.GaussianBlur(i.astype(np.float32), (0, 0), sigma, borderType=cv2.BORDER_REFLECT_101)
+                    for i in x[..., 0]])
+    np.testing.assert_allclose(ours, ref, atol=0.05)
+
+
+def test_blur_keeps_flat_images_and_works_on_tiny_ones() -> None:
+    flat = torch.full((2, 3, 8, 8), 77.0)
+    torch.testing.assert_close(gaussian_blur(flat, 5.0), flat)  # kernel wider than the image
+    x = torch.rand(1, 1, 8, 8)
+    assert gaussian_blur(x, 0) is x
+    assert sharpness(gaussian_blur(x * 255, 1.0)) < sharpness(x * 255)
+
+
+def test_estimate_recovers_the_blur_of_a_blurred_split(synth_folder) -> None:
+    val = gray_images(synth_folder / "val")
+    train = cv2_blur(gray_images(synth_folder / "train"), 1.5)
+    sigma, found = estimate_blur(train, val)
+    assert found["train_sharpness"] < found["val_sharpness"]
+    assert sigma == pytest.approx(1.5, abs=0.3)
+
+
+def test_no_blur_when_splits_are_alike(synth_folder) -> None:
+    sigma, _ = estimate_blur(gray_images(synth_folder / "train"), gray_images(synth_folder / "val"))
+    assert sigma == 0
+    # Val blurrier than train: nothing to match by blurring.
+    sigma, _ = estimate_blur(gray_images(synth_folder / "train"), cv2_blur(gray_images(synth_folder / "val"), 2))
+    assert sigma == 0
+
+
+def test_device_normalize_blurs_only_what_is_scored() -> None:
+    x = torch.from_numpy(np.random.default_rng(1).integers(0, 256, (2, 32, 32, 1), dtype=np.uint8))
+    plain = DeviceNormalize(32, [0.5], [0.25], in_chans=1)
+    blurred = DeviceNormalize(32, [0.5], [0.25], in_chans=1, blur_sigma=2.0)
+    torch.testing.assert_close(blurred(x, match_blur=False), plain(x))
+    assert not torch.allclose(blurred(x), plain(x))
+    expected = (gaussian_blur(x.permute(0, 3, 1, 2).float(), 2.0) / 255 - 0.5) / 0.25
+    torch.testing.assert_close(blurred(x), expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("value,expected", [("auto", None), ("off", 0.0), ("0", 0.0), ("2.5", 2.5), (3, 3.0)])
+def test_parse_input_blur(value, expected) -> None:
+    assert parse_input_blur(value) == expected
+
+
+@pytest.mark.parametrize("value", ["blurry", "-1", "nan"])
+def test_bad_input_blur_is_one_sentence(value) -> None:
+    cfg, _ = parse_config(TrainConfig, ["--data", "d", "--output", "o", "--input-blur", value],
+                          argparse.ArgumentParser())
+    with pytest.raises(ConfigError, match="--input-blur must be auto, off or a sigma"):
+        cfg.validate()
+
+
+def test_model_folder_carries_the_blur_and_old_folders_load(tmp_path) -> None:
+    model = create_model("test_resnet", 7).eval()
+    spec = ModelSpec("test_resnet", list(FER_CLASSES), 32, 32, 1, [0.5] * 3, [0.5] * 3, input_blur=1.5)
+    save_model_dir(model, tmp_path, spec)
+    assert load_model_dir(str(tmp_path))[1].input_blur == 1.5
+    cfg_path = tmp_path / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    del cfg["fer_ray"]["input_blur"]  # a folder written before input_blur existed
+    cfg_path.write_text(json.dumps(cfg))
+    assert load_model_dir(str(tmp_path))[1].input_blur == 0.0
+
+
+def test_scorer_uses_the_models_blur_unless_overridden(tmp_path) -> None:
+    from fer_ray.predict import Scorer
+
+    model = create_model("test_resnet", 7).eval()
+    save_model_dir(model, tmp_path, ModelSpec("test_resnet", list(FER_CLASSES), 32, 32, 1,
+                                              [0.5] * 3, [0.5] * 3, input_blur=1.5))
+    assert Scorer(str(tmp_path), False, False, 1).normalize.blur_sigma == 1.5
+    assert Scorer(str(tmp_path), False, False, 1, input_blur=0.0).normalize.blur_sigma == 0.0
+
+
+def test_predict_rejects_a_bad_blur_flag(tmp_path) -> None:
+    out = subprocess.run(
+        [sys.executable, str(REPO / "jobs/predict.py"), "--model", str(tmp_path), "--input", str(tmp_path),
+         "--output", str(tmp_path / "o"), "--input-blur", "auto"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert out.returncode == 2 and "--input-blur: must be model, off or a sigma" in out.stderr
+
+
+@pytest.fixture(scope="module")
+def blurred_shards(ray_cluster, synth_folder, tmp_path_factory):
+    """The synthetic faces with every training image blurred (sigma 1.5), as shards."""
+    from fer_ray.prepare import prepare
+
+    root = tmp_path_factory.mktemp("blurred")
+    shutil.copytree(synth_folder, root / "faces")
+    for f in (root / "faces" / "train").rglob("*.png"):
+        img = cv2.imread(str(f), cv2.IMREAD_UNCHANGED)
+        cv2.imwrite(str(f), cv2.GaussianBlur(img, (0, 0), 1.5, borderType=cv2.BORDER_REFLECT_101))
+    prepare(str(root / "faces"), str(root / "shards"), shard_rows=100)
+    return root / "shards"
+
+
+def settings_for(shards, *flags: str):
+    from fer_ray.trainer import check_inputs, resolve_settings
+
+    cfg, _ = parse_config(
+        TrainConfig,
+        ["--data", str(shards), "--output", "unused", "--model", "test_resnet", "--no-pretrained",
+         "--image-size", "32", *flags],
+        argparse.ArgumentParser(),
+    )
+    return resolve_settings(cfg, check_inputs(cfg))
+
+
+def test_training_measures_the_blur_it_must_match(blurred_shards, synth_shards) -> None:
+    assert settings_for(blurred_shards).spec.input_blur == pytest.approx(1.5, abs=0.3)
+    assert settings_for(synth_shards).spec.input_blur == 0  # alike splits: nothing to do
+    assert settings_for(blurred_shards, "--input-blur", "off").spec.input_blur == 0
+    assert settings_for(synth_shards, "--input-blur", "0.8").spec.input_blur == 0.8
