@@ -23,11 +23,12 @@ REPO = Path(__file__).resolve().parents[1]
 BASE = ["--config", "configs/fer2013-cpu.yaml"]
 RUNS = {
     "base (cpu preset)": [],
+    "no input blur (val as it is)": ["--input-blur", "off"],
     "+ class weights": ["--class-weights"],
     "augment medium": ["--augment", "medium"],
+    "augment strong + dropout 0.2": ["--augment", "strong", "--drop-rate", "0.2"],
     "lr 1e-3": ["--lr", "0.001"],
     "3-channel stem": ["--model-kwargs", "{in_chans: 3}"],
-    "half-width resnet18": ["--model-kwargs", "{in_chans: 1, channels: [32, 64, 128, 256]}"],
     "fp32 (no bf16 autocast)": ["--amp", "off"],
 }
 

@@ -120,17 +120,23 @@ def test_predict_rejects_a_bad_blur_flag(tmp_path) -> None:
 
 
 @pytest.fixture(scope="module")
-def blurred_shards(ray_cluster, synth_folder, tmp_path_factory):
-    """The synthetic faces with every training image blurred (sigma 1.5), as shards."""
-    from fer_ray.prepare import prepare
+def blurred_shards(synth_shards, tmp_path_factory):
+    """The synthetic shards with every training image blurred (sigma 1.5)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
-    root = tmp_path_factory.mktemp("blurred")
-    shutil.copytree(synth_folder, root / "faces")
-    for f in (root / "faces" / "train").rglob("*.png"):
-        img = cv2.imread(str(f), cv2.IMREAD_UNCHANGED)
-        cv2.imwrite(str(f), cv2.GaussianBlur(img, (0, 0), 1.5, borderType=cv2.BORDER_REFLECT_101))
-    prepare(str(root / "faces"), str(root / "shards"), shard_rows=100)
-    return root / "shards"
+    out = tmp_path_factory.mktemp("blurred") / "shards"
+    shutil.copytree(synth_shards, out)
+    for f in (out / "train").glob("*.parquet"):
+        table = pq.read_table(f)
+        blurred = []
+        for data in table.column("image").to_pylist():
+            img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+            img = cv2.GaussianBlur(img, (0, 0), 1.5, borderType=cv2.BORDER_REFLECT_101)
+            blurred.append(cv2.imencode(".png", img)[1].tobytes())
+        idx = table.schema.get_field_index("image")
+        pq.write_table(table.set_column(idx, table.schema.field(idx), pa.array(blurred, pa.binary())), f)
+    return out
 
 
 def settings_for(shards, *flags: str):
