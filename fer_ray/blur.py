@@ -18,6 +18,7 @@ measure), measured at the size images are decoded at.
 from __future__ import annotations
 
 import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -31,9 +32,9 @@ MAX_SIGMA = 8.0
 _LAPLACIAN = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]])
 
 
-def gaussian_kernel(sigma: float) -> torch.Tensor:
-    """A normalised 1-D Gaussian reaching 4 sigma each side."""
-    radius = max(1, math.ceil(4 * sigma))
+def gaussian_kernel(sigma: float, max_radius: int) -> torch.Tensor:
+    """A normalised 1-D Gaussian reaching 4 sigma each side, at most `max_radius`."""
+    radius = min(max(1, math.ceil(4 * sigma)), max_radius)
     t = torch.arange(-radius, radius + 1, dtype=torch.float32)
     k = torch.exp(-0.5 * (t / sigma) ** 2)
     return k / k.sum()
@@ -43,12 +44,9 @@ def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     """Blur float images [B, C, H, W] channel by channel (reflected borders); sigma in px."""
     if sigma <= 0:
         return x
-    k = gaussian_kernel(sigma).to(device=x.device, dtype=x.dtype)
+    # Reflect padding needs a border thinner than the image: tiny inputs get a shorter kernel.
+    k = gaussian_kernel(sigma, min(x.shape[-2:]) - 1).to(device=x.device, dtype=x.dtype)
     c, r = x.shape[1], (len(k) - 1) // 2
-    # Reflect padding needs a border thinner than the image: clamp the kernel for tiny inputs.
-    r = min(r, x.shape[-1] - 1, x.shape[-2] - 1)
-    k = k[(len(k) - 1) // 2 - r : (len(k) - 1) // 2 + r + 1]
-    k = k / k.sum()
     x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="reflect"), k.view(1, 1, 1, -1).repeat(c, 1, 1, 1), groups=c)
     return F.conv2d(F.pad(x, (0, 0, r, r), mode="reflect"), k.view(1, 1, -1, 1).repeat(c, 1, 1, 1), groups=c)
 
@@ -66,23 +64,23 @@ def to_float(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float()
 
 
-def median_sharpness(images: np.ndarray) -> float:
-    return float(sharpness(to_float(images)).median())
+def median_sharpness(images: torch.Tensor) -> float:
+    return float(sharpness(images).median())
 
 
 def estimate_blur(train: np.ndarray, val: np.ndarray) -> tuple[float, dict[str, float]]:
     """The Gaussian sigma (px) that makes `val` images as sharp as `train` ones, or 0 when
     train is not clearly blurrier; uint8 [B, H, W, C] samples of each split. Also returns
     the measurements, for the log and the run's config."""
-    target, val_x = median_sharpness(train), to_float(val)
-    found = {"train_sharpness": round(target, 3), "val_sharpness": round(float(sharpness(val_x).median()), 3)}
+    target, val_x = median_sharpness(to_float(train)), to_float(val)
+    found = {"train_sharpness": round(target, 3), "val_sharpness": round(median_sharpness(val_x), 3)}
     if not target < BLUR_RATIO * found["val_sharpness"]:
         return 0.0, found
 
     def blurred(sigma: float) -> float:
         # Rounded to 8 bits as the training images were: the rounding noise alone is a
         # Laplacian variance of about 1.7, a quarter of FER2013's blurred train images' 6.2.
-        return float(sharpness(gaussian_blur(val_x, sigma).round()).median())
+        return median_sharpness(gaussian_blur(val_x, sigma).round())
 
     # Sharpness falls monotonically with sigma: bisect on the median.
     lo, hi = 0.0, MAX_SIGMA

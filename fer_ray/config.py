@@ -34,7 +34,7 @@ def parse_input_blur(value: str) -> float | None:
     value = str(value).strip().lower()
     if value == "auto":
         return None
-    if value in ("off", "none", "0"):
+    if value in ("off", "none"):
         return 0.0
     sigma = float(value)  # ValueError for anything else; the config check words it
     if not (sigma >= 0 and math.isfinite(sigma)):

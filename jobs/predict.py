@@ -27,11 +27,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fer_ray.cli import init_ray, run_job  # noqa: E402
 
 
-def _blur_arg(value: str) -> str | float:
+def _blur_arg(value: str) -> float | None:
+    """--input-blur: None for 'model' (the sigma the model recorded), else a sigma."""
     from fer_ray.config import parse_input_blur
 
     if value == "model":
-        return value
+        return None
     try:
         sigma = parse_input_blur(value)
         if sigma is None:  # 'auto' is a training choice; the model recorded its result
@@ -65,12 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     def job() -> None:
         from fer_ray.predict import check_inputs, describe, predict
 
-        blur = None if args.input_blur == "model" else args.input_blur
         options = {"split": args.split, "batch_size": args.batch_size, "num_actors": args.num_actors}
         check_inputs(args.model, args.input, args.output, **options)  # before Ray starts
         init_ray(min_cpus=args.num_actors + 2)
         summary = predict(args.model, args.input, args.output, use_gpu=args.use_gpu, tta=args.tta,
-                          input_blur=blur, **options)
+                          input_blur=args.input_blur, **options)
         print(describe(summary))
 
     return run_job(job)
