@@ -42,7 +42,9 @@ def init_ray(min_cpus: int = 4) -> None:
 
     A local start gets at least `min_cpus` logical CPUs: a trial, its Train worker and the
     Ray Data tasks feeding it each hold one, and on a 2-core laptop they would otherwise
-    wait on each other forever.
+    wait on each other forever. It runs without the dashboard unless FER_RAY_DASHBOARD=1:
+    the dashboard's processes took 5% of a 2-core machine's training throughput and 10% of
+    its ingest (README, "Performance"); a cluster from `ray start` or cluster.yaml keeps its own.
     """
     import ray
 
@@ -51,8 +53,25 @@ def init_ray(min_cpus: int = 4) -> None:
     address = os.environ.get("RAY_ADDRESS")
     if address:
         connect_ray(address)
-    else:
-        ray.init(num_cpus=max(os.cpu_count() or 1, min_cpus))
+        return
+    dashboard = os.environ.get("FER_RAY_DASHBOARD", "0").strip().lower() in ("1", "true", "yes")
+    num_cpus = max(os.cpu_count() or 1, min_cpus)
+    runtime_env = {} if dashboard else {"worker_process_setup_hook": f"{__name__}.{_no_state_api.__name__}"}
+    ray.init(num_cpus=num_cpus, include_dashboard=dashboard, runtime_env=runtime_env)
+    if not dashboard:
+        log.info("Started a local Ray (%d logical CPUs) without the dashboard; "
+                 "FER_RAY_DASHBOARD=1 keeps it, or `ray start --head` and submit jobs to it.", num_cpus)
+
+
+def _no_state_api() -> None:
+    """Worker set-up on a local Ray without the dashboard, hence without the State API.
+
+    Ray Train's placement-group cleaner asks the State API every second whether the
+    training controller lives and warns each time it cannot; on a cluster that ends with
+    the job there is nothing for it to clean, so its one warning is dropped."""
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").addFilter(
+        lambda record: "State API" not in record.getMessage()
+    )
 
 
 # How long a job waits for the host in RAY_ADDRESS to accept a TCP connection, and then for
