@@ -12,6 +12,9 @@ on-device normalisation, with as many torch threads as cores:
 - fer_ray: `jobs/train.py`'s path (`fer_ray.trainer.train`): Parquet shards streamed and
   augmented by Ray Data, one Ray Train worker holding all cores, a checkpoint per epoch.
 
+fer_ray's side runs on a local Ray without the dashboard, as its jobs start one
+(`--with-dashboard` adds a first run with it, the figure before that change).
+
 Compared: the training part of the last epoch (fer_ray's history gives it as images /
 images_per_s; its validation pass and checkpoint are reported apart), after Ray has
 started; Ray's start-up and the first epoch's warm-up are reported separately. The last
@@ -112,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the plain loop")
+    parser.add_argument("--with-dashboard", action="store_true",
+                        help="also run fer_ray first on a local Ray with the dashboard (the figure before "
+                             "jobs dropped it); the ratio is always from the run without")
     args = parser.parse_args(argv)
 
     train_dir = os.path.join(args.data, "train")
@@ -129,15 +135,26 @@ def main(argv: list[str] | None = None) -> int:
 
         from fer_ray.cli import init_ray
         from fer_ray.prepare import prepare
+        import ray
+
+        shards = os.path.join(tmp, "shards")
+        before = None
+        if args.with_dashboard:  # the same run first on a local Ray with the dashboard
+            os.environ["FER_RAY_DASHBOARD"] = "1"
+            init_ray(min_cpus=(os.cpu_count() or 1) + 2)
+            ray.data.DataContext.get_current().enable_progress_bars = False
+            prepare(args.data, shards)
+            h = fer_ray_history(shards, os.path.join(tmp, "run_dashboard"), args.model, args.batch_size, args.epochs)
+            before = (h["steps"] * args.batch_size / h["images_per_s"]).iloc[-1]
+            ray.shutdown()
+        os.environ["FER_RAY_DASHBOARD"] = "0"  # as fer_ray's jobs start a local Ray
 
         start = time.perf_counter()
         init_ray(min_cpus=(os.cpu_count() or 1) + 2)
         startup = time.perf_counter() - start
-        import ray
-
         ray.data.DataContext.get_current().enable_progress_bars = False
-        shards = os.path.join(tmp, "shards")
-        prepare(args.data, shards)
+        if not os.path.isdir(shards):
+            prepare(args.data, shards)
         start = time.perf_counter()
         history = fer_ray_history(shards, os.path.join(tmp, "run"), args.model, args.batch_size, args.epochs)
         total = time.perf_counter() - start
@@ -147,6 +164,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n{'epoch':<7}{'plain s':>9}{'fer_ray train s':>17}{'fer_ray val+report s':>22}{'ratio':>8}")
         for i in range(args.epochs):
             print(f"{i + 1:<7}{plain[i]:>9.1f}{train_s[i]:>17.1f}{val_s[i]:>22.1f}{train_s[i] / plain[i]:>8.2f}")
+        if before is not None:
+            print(f"before: epoch {args.epochs} with the Ray dashboard {before:.1f} s, "
+                  f"ratio {before / plain[-1]:.2f}")
         print(f"Ray start-up {startup:.1f} s; fer_ray job {total:.1f} s for {args.epochs} epochs "
               f"(TorchTrainer start, per-epoch val and checkpoints, reports)")
         print(f"train_overhead={train_s.iloc[-1] / plain[-1]:.2f}")
