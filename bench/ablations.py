@@ -30,6 +30,7 @@ RUNS = {
     "lr 1e-3": ["--lr", "0.001"],
     "3-channel stem": ["--model-kwargs", "{in_chans: 3}"],
     "fp32 (no bf16 autocast)": ["--amp", "off"],
+    "EMA of weights (decay 0.999)": ["--ema-decay", "0.999"],
 }
 
 

@@ -136,6 +136,13 @@ class OptimOptions:
         },
     )
     warmup_epochs: float = field(default=1.0, metadata={"help": "linear warm-up per phase"})
+    ema_decay: float = field(
+        default=0.0,
+        metadata={
+            "help": "keep an exponential moving average of the weights with this per-step decay "
+            "(e.g. 0.999; warmed up over the first steps) and validate and save it; 0: off"
+        },
+    )
     patience: int = field(
         default=6, metadata={"help": "stop after this many epochs without a better val accuracy"}
     )
@@ -207,6 +214,7 @@ class TrainConfig:
             f"--backbone-lr-scale must be in (0, 1], got {o.backbone_lr_scale}.",
         )
         _require(o.warmup_epochs >= 0, f"--warmup-epochs must be >= 0, got {o.warmup_epochs}.")
+        _require(0 <= o.ema_decay < 1, f"--ema-decay must be in [0, 1), got {o.ema_decay}.")
         _require(o.patience >= 1, f"--patience must be at least 1, got {o.patience}.")
         _require(r.num_workers >= 1, f"--num-workers must be at least 1, got {r.num_workers}.")
         _require(

@@ -56,6 +56,7 @@ class LoopSettings:
     amp: str
     seed: int
     drop_rate: float = 0.0
+    ema_decay: float = 0.0  # 0: no moving average of the weights
     cpus_per_worker: int = 1
     pretrained_state: Any = None  # an ObjectRef to a state dict, fetched once by the driver
 
@@ -191,8 +192,11 @@ def train_epoch(
     amp_dtype: torch.dtype | None,
     step_in_phase: int,
     device: torch.device,
+    ema: Any = None,
+    global_step: int = 0,
 ) -> tuple[float, float, int, int]:
-    """Returns (loss sum, correct, images, steps) on this worker."""
+    """Returns (loss sum, correct, images, steps) on this worker. `ema` (timm's ModelEmaV3)
+    follows the model after every step; `global_step` is the steps done before this epoch."""
     wrapped.train()
     set_frozen_eval(model)
     loss_sum, correct, seen, steps = 0.0, 0, 0, 0
@@ -208,6 +212,8 @@ def train_epoch(
         scaler.update()
         steps += 1
         scheduler.step_update(num_updates=step_in_phase + steps)
+        if ema is not None:
+            ema.update(model, step=global_step + steps)
         loss_sum += loss.item() * len(y)
         correct += (logits.argmax(1) == y).sum().item()
         seen += len(y)
@@ -254,7 +260,10 @@ def save_checkpoint(
     phase: str,
     labels: np.ndarray,
     preds: np.ndarray,
+    trained: torch.nn.Module | None = None,
 ) -> None:
+    """`model` is what was validated and goes in the model folder; `trained`, when that is a
+    moving average, is the model the optimizer steps (kept in the train state to resume)."""
     save_model_dir(model, folder, spec)
     torch.save(
         {
@@ -262,6 +271,7 @@ def save_checkpoint(
             "phase": phase,
             "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict(),
+            **({"trained_model": trained.state_dict()} if trained is not None else {}),
         },
         os.path.join(folder, TRAIN_STATE_FILE),
     )
@@ -346,12 +356,24 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if state.stopped_early or state.epoch >= s.epochs:
         log0(f"Run already finished at epoch {state.epoch}; nothing to train.")
         return
+    # The moving average of the weights (timm's ModelEmaV3, its decay warmed up over the
+    # first steps) is what validates and what the model folder holds; a checkpoint keeps
+    # the weights the optimizer steps beside it.
+    ema = None
+    if s.ema_decay:
+        from timm.utils import ModelEmaV3
+
+        ema = ModelEmaV3(model, decay=s.ema_decay, use_warmup=True)  # a copy of what was restored
+        if restored is not None and "trained_model" in restored:  # (a run begun without EMA: none)
+            model.load_state_dict(restored["trained_model"])
+    eval_model = ema.module if ema is not None else model
 
     log0(
         f"Training {spec.model} on {world} worker(s) ({device.type}, amp={amp_dtype}), "
         f"{s.num_train} images, {epoch_steps} steps/epoch of {s.batch_size}x{world}, "
         f"{spec.image_size}px from {spec.data_size}px data"
         + (f", val blurred by sigma {spec.input_blur:g} px" if spec.input_blur else "")
+        + (f", weights averaged (EMA decay {s.ema_decay:g})" if ema is not None else "")
     )
     phase, wrapped, optimizer, scheduler = None, model, None, None
     for epoch in range(state.epoch, s.epochs):
@@ -370,10 +392,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         loss_sum, correct, seen, steps = train_epoch(
             wrapped, model, train_shard.iter_torch_batches(drop_last=True, **iter_args),
             normalize, criterion, optimizer, scheduler, scaler, amp_dtype, step_in_phase, device,
+            ema, state.global_step,
         )
         train_seconds = time.time() - start
         val_loss_sum, labels, preds = evaluate(
-            model, val_shard.iter_torch_batches(**iter_args), normalize, amp_dtype,
+            eval_model, val_shard.iter_torch_batches(**iter_args), normalize, amp_dtype,
             s.label_smoothing, device,
         )
         loss_sum, correct, seen, val_loss_sum = all_reduce_sum(
@@ -419,7 +442,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:
-                save_checkpoint(tmp, model, spec, optimizer, scaler, state, phase, labels, preds)
+                save_checkpoint(tmp, eval_model, spec, optimizer, scaler, state, phase, labels, preds,
+                                trained=model if ema is not None else None)
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"epoch_{state.epoch:04d}")
         if state.stopped_early:

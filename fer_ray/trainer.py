@@ -102,6 +102,7 @@ def resolve_settings(cfg: TrainConfig, manifest: dict[str, Any], pretrained_stat
         min_lr=o.min_lr,
         weight_decay=o.weight_decay,
         warmup_epochs=o.warmup_epochs,
+        ema_decay=o.ema_decay,
         label_smoothing=o.label_smoothing,
         class_weights=class_weights(train_counts(manifest)) if o.class_weights else None,
         patience=o.patience,

@@ -73,6 +73,7 @@ def test_bf16_autocast_path_on_cpu(ray_cluster, synth_shards, tmp_path) -> None:
     [
         (["--model", "resnet5O"], "Unknown timm model 'resnet5O'"),
         (["--batch-size", "0"], "--batch-size must be at least 1"),
+        (["--ema-decay", "1"], "--ema-decay must be in [0, 1)"),
         (["--pretrained", "--pretrained-file", "/no/such/weights.pth"], "does not exist"),
     ],
 )
@@ -96,3 +97,23 @@ def test_changed_model_on_an_existing_run_is_refused(tiny_run, tmp_path, capsys)
     args = tiny_train_args(data, str(run), "--model", "resnet18")
     assert train_main(args) == 2
     assert "different settings (model 'test_resnet' -> 'resnet18')" in capsys.readouterr().err
+
+
+def test_ema_run_validates_and_saves_the_average_and_resumes(ray_cluster, synth_shards, tmp_path) -> None:
+    from safetensors.torch import load_file
+
+    from fer_ray.constants import TRAIN_STATE_FILE, WEIGHTS_FILE
+
+    run = tmp_path / "ema"
+    args = tiny_train_args(str(synth_shards), str(run), "--ema-decay", "0.9", "--lr", "0.01")
+    assert train_main(args) == 0
+    last = run / "ray_train" / "epoch_0002"
+    averaged = load_file(last / WEIGHTS_FILE)
+    trained = torch.load(last / TRAIN_STATE_FILE, weights_only=True)["trained_model"]
+    assert averaged.keys() == trained.keys()
+    # The folder holds the average, the train state the weights the optimizer stepped.
+    assert any(t.is_floating_point() and not torch.equal(t, averaged[k]) for k, t in trained.items())
+    # Resuming restores both and goes on.
+    assert train_main(tiny_train_args(str(synth_shards), str(run), "--ema-decay", "0.9", "--lr", "0.01",
+                                      "--epochs", "3")) == 0
+    assert pd.read_csv(run / "history.csv")["epoch"].tolist() == [1, 2, 3]
