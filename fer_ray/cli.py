@@ -37,14 +37,16 @@ def run_job(job: Callable[[], None]) -> int:
     return 0
 
 
-def init_ray(min_cpus: int = 4) -> None:
+def init_ray(min_cpus: int = 4, dashboard: bool = False) -> None:
     """Connect to the cluster in RAY_ADDRESS (as `ray job submit` sets it) or start one locally.
 
     A local start gets at least `min_cpus` logical CPUs: a trial, its Train worker and the
     Ray Data tasks feeding it each hold one, and on a 2-core laptop they would otherwise
-    wait on each other forever. It runs without the dashboard unless FER_RAY_DASHBOARD=1:
-    the dashboard's processes took 5% of a 2-core machine's training throughput and 10% of
-    its ingest (README, "Performance"); a cluster from `ray start` or cluster.yaml keeps its own.
+    wait on each other forever. It runs without the dashboard unless `dashboard` or
+    FER_RAY_DASHBOARD=1: on a 2-core machine the dashboard's processes cost 8% of the
+    training ingest (README, "Performance"). Sweeps need it: Ray Train's cleaner frees an
+    ASHA-stopped trial's placement group through the State API, which the dashboard serves.
+    A cluster from `ray start` or cluster.yaml keeps its own dashboard.
     """
     import ray
 
@@ -54,7 +56,7 @@ def init_ray(min_cpus: int = 4) -> None:
     if address:
         connect_ray(address)
         return
-    dashboard = os.environ.get("FER_RAY_DASHBOARD", "0").strip().lower() in ("1", "true", "yes")
+    dashboard = dashboard or os.environ.get("FER_RAY_DASHBOARD", "0").strip().lower() in ("1", "true", "yes")
     num_cpus = max(os.cpu_count() or 1, min_cpus)
     runtime_env = {} if dashboard else {"worker_process_setup_hook": f"{__name__}.{_no_state_api.__name__}"}
     ray.init(num_cpus=num_cpus, include_dashboard=dashboard, runtime_env=runtime_env)

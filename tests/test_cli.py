@@ -102,7 +102,7 @@ def test_missing_token_is_named(tiny_faces, tmp_path) -> None:
     assert seconds < BOUND_S
 
 
-def test_local_ray_starts_without_dashboard_and_trains_quietly(synth_shards, tmp_path) -> None:
+def test_local_ray_starts_without_the_dashboard_and_trains(synth_shards, tmp_path) -> None:
     # No RAY_ADDRESS: the job starts its own Ray, without the dashboard, and trains.
     from conftest import tiny_train_args
 
