@@ -178,11 +178,11 @@ def main(argv: list[str] | None = None) -> int:
 
         shards = os.path.join(tmp, "shards")
         runs = {}
+        os.environ.pop("FER_RAY_DASHBOARD", None)  # each run below says which it gets
         # Before and after the local cluster lost its dashboard (fer_ray.cli.init_ray): the
         # same pipeline on a fresh Ray each time, the shipped setting last.
         for dashboard in (True, False):
-            os.environ["FER_RAY_DASHBOARD"] = "1" if dashboard else "0"
-            init_ray()
+            init_ray(dashboard=dashboard)
             ray.data.DataContext.get_current().enable_progress_bars = False
             if not os.path.isdir(shards):
                 prepare(args.data, shards)

@@ -138,26 +138,28 @@ def main(argv: list[str] | None = None) -> int:
         import ray
 
         shards = os.path.join(tmp, "shards")
+        os.environ.pop("FER_RAY_DASHBOARD", None)  # each run below says which it gets
+
+        def fer_ray_run(dashboard: bool) -> tuple[pd.DataFrame, float, float]:
+            """(history, Ray start-up s, job s) on a fresh local Ray."""
+            start = time.perf_counter()
+            init_ray(min_cpus=(os.cpu_count() or 1) + 2, dashboard=dashboard)
+            startup = time.perf_counter() - start
+            ray.data.DataContext.get_current().enable_progress_bars = False
+            if not os.path.isdir(shards):
+                prepare(args.data, shards)
+            start = time.perf_counter()
+            run = os.path.join(tmp, "run_dashboard" if dashboard else "run")
+            h = fer_ray_history(shards, run, args.model, args.batch_size, args.epochs)
+            total = time.perf_counter() - start
+            ray.shutdown()
+            return h, startup, total
+
         before = None
         if args.with_dashboard:  # the same run first on a local Ray with the dashboard
-            os.environ["FER_RAY_DASHBOARD"] = "1"
-            init_ray(min_cpus=(os.cpu_count() or 1) + 2)
-            ray.data.DataContext.get_current().enable_progress_bars = False
-            prepare(args.data, shards)
-            h = fer_ray_history(shards, os.path.join(tmp, "run_dashboard"), args.model, args.batch_size, args.epochs)
+            h, _, _ = fer_ray_run(dashboard=True)
             before = (h["steps"] * args.batch_size / h["images_per_s"]).iloc[-1]
-            ray.shutdown()
-        os.environ["FER_RAY_DASHBOARD"] = "0"  # as fer_ray's jobs start a local Ray
-
-        start = time.perf_counter()
-        init_ray(min_cpus=(os.cpu_count() or 1) + 2)
-        startup = time.perf_counter() - start
-        ray.data.DataContext.get_current().enable_progress_bars = False
-        if not os.path.isdir(shards):
-            prepare(args.data, shards)
-        start = time.perf_counter()
-        history = fer_ray_history(shards, os.path.join(tmp, "run"), args.model, args.batch_size, args.epochs)
-        total = time.perf_counter() - start
+        history, startup, total = fer_ray_run(dashboard=False)  # as fer_ray's jobs start one
         train_s = history["steps"] * args.batch_size / history["images_per_s"]
         val_s = history["seconds"] - train_s
 

@@ -10,7 +10,7 @@ import threading
 import time
 from typing import Callable
 
-from fer_ray.config import ConfigError
+from fer_ray.config import ConfigError, _coerce
 
 log = logging.getLogger("fer_ray")
 
@@ -56,7 +56,7 @@ def init_ray(min_cpus: int = 4, dashboard: bool = False) -> None:
     if address:
         connect_ray(address)
         return
-    dashboard = dashboard or os.environ.get("FER_RAY_DASHBOARD", "0").strip().lower() in ("1", "true", "yes")
+    dashboard = dashboard or _coerce(os.environ.get("FER_RAY_DASHBOARD", "0").strip(), bool, "FER_RAY_DASHBOARD")
     num_cpus = max(os.cpu_count() or 1, min_cpus)
     runtime_env = {} if dashboard else {"worker_process_setup_hook": f"{__name__}.{_no_state_api.__name__}"}
     ray.init(num_cpus=num_cpus, include_dashboard=dashboard, runtime_env=runtime_env)
