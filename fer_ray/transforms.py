@@ -9,6 +9,8 @@ Albumentations (2 s and 700 MB to import) loads only where training augments.
 
 from __future__ import annotations
 
+import os
+import sys
 from functools import lru_cache
 from typing import Any, Callable
 
@@ -75,7 +77,7 @@ def create_transform(
     nothing random (no Albumentations needed)."""
     if not is_training or augment == "none":
         return EvalResize(size)
-    import albumentations as A
+    A = _import_albumentations()
 
     strength = {"light": 0.5, "medium": 1.0, "strong": 1.5}[augment]
     return A.Compose(
@@ -101,6 +103,36 @@ def create_transform(
             ),
         ]
     )
+
+
+def _import_albumentations() -> Any:
+    """`import albumentations` (and torch under it) in a Ray task, replacing a broken worker.
+
+    Ray cancels a running task by raising KeyboardInterrupt in it; Ray Data does so when a
+    consumer goes away (a training worker that died, a split that is shut down). Landing
+    while a fresh worker's first task imports torch (~3 s), it leaves torch half-imported
+    (`torch._C` loaded, `torch` gone from sys.modules) and every later import in that
+    process fails ("partially initialized module 'torch'"), or crashes. Such a process
+    cannot recover: it exits, and Ray runs the task again on a fresh worker (Ray Data
+    retries tasks whose worker died).
+    """
+    try:
+        import albumentations
+    except Exception:
+        broken = [name for name in ("torch", "albumentations") if _half_imported(name)]
+        if broken:
+            print(f"fer_ray: an earlier task's import of {' and '.join(broken)} was "
+                  f"interrupted in this worker (pid {os.getpid()}); exiting so that Ray "
+                  "runs the task on a fresh worker", file=sys.stderr, flush=True)
+            os._exit(75)
+        raise
+    return albumentations
+
+
+def _half_imported(package: str) -> bool:
+    """True when submodules of `package` are loaded but the package itself is not."""
+    prefix = package + "."
+    return package not in sys.modules and any(m.startswith(prefix) for m in list(sys.modules))
 
 
 @lru_cache(maxsize=8)

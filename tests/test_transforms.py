@@ -111,3 +111,48 @@ def test_decoding_does_not_import_torch_or_albumentations() -> None:
             "print(sorted(m for m in ('torch', 'albumentations', 'timm') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_worker_with_an_interrupted_torch_import_is_replaced(ray_cluster, tmp_path) -> None:
+    """Ray cancels a running task by raising KeyboardInterrupt in it (Ray Data does when a
+    consumer goes away, e.g. a killed training worker). Landing while a fresh worker's first
+    task imports Albumentations and torch, it leaves torch half-imported: every later import
+    in that process fails. The task must then run again on a fresh worker, not fail."""
+    import os
+
+    import ray
+
+    marker = tmp_path / "interrupted-pid"
+    batch = {IMAGE_COL: np.array([encode(face(48)), encode(face(60))], dtype=object),
+             LABEL_COL: np.array([3, 5])}
+
+    def task(batch):
+        import sys
+
+        if not marker.exists():  # first attempt: interrupt the import of torch midway
+            marker.write_text(str(os.getpid()))
+            assert "torch" not in sys.modules, "needs a fresh worker"
+
+            class InterruptTorchExport:
+                def find_spec(self, name, path=None, target=None):
+                    if name == "torch.export":
+                        raise KeyboardInterrupt
+                    return None
+
+            sys.meta_path.insert(0, InterruptTorchExport())
+            try:
+                import albumentations  # noqa: F401
+            except KeyboardInterrupt:
+                pass
+            finally:
+                sys.meta_path.pop(0)
+            assert "torch" not in sys.modules and "torch._C" in sys.modules
+        out = transform_batch(batch, size=24, channels=1, is_training=True, augment="light")
+        return os.getpid(), out[IMAGE_COL].shape
+
+    # A runtime env of its own gives the task a worker that has not imported torch yet.
+    fresh = {"env_vars": {"FER_RAY_TEST_WORKER": str(tmp_path)}}
+    remote = ray.remote(task).options(max_retries=1, runtime_env=fresh)
+    pid, shape = ray.get(remote.remote(batch), timeout=120)
+    assert shape == (2, 24, 24, 1)
+    assert pid != int(marker.read_text())  # ran again in another process
