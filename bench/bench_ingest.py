@@ -13,8 +13,8 @@ batching) to a training loop that does nothing else, over the FER2013 train imag
 - a torch DataLoader with 2 worker processes over the image folder, same decode and transform;
 - the ceiling: the same decode and transform in a tight single-process loop, times the cores.
 
-The fer_ray pipeline runs twice, each time on a fresh local Ray: first with the dashboard
-(before), then without it, as fer_ray's jobs start a local Ray (after; the ratios use it).
+The fer_ray pipeline runs on a local Ray started as `jobs/train.py` starts one (with the
+dashboard, whose State API Ray Train needs).
 
 It also reports the bytes per image that cross the object store (encoded images into the
 shuffle, uint8 images out of the transform) against the encoded source size. The last line
@@ -177,21 +177,14 @@ def main(argv: list[str] | None = None) -> int:
         import ray
 
         shards = os.path.join(tmp, "shards")
-        runs = {}
-        os.environ.pop("FER_RAY_DASHBOARD", None)  # each run below says which it gets
-        # Before and after the local cluster lost its dashboard (fer_ray.cli.init_ray): the
-        # same pipeline on a fresh Ray each time, the shipped setting last.
-        for dashboard in (True, False):
-            init_ray(dashboard=dashboard)
-            ray.data.DataContext.get_current().enable_progress_bars = False
-            if not os.path.isdir(shards):
-                prepare(args.data, shards)
-            history = ray_rates(shards, args.batch_size, args.epochs, os.path.join(tmp, f"runs{int(dashboard)}"))
-            ray.shutdown()
-            rates = [h["images"] / h["seconds"] for h in history]
-            steady = rates[1:] or rates
-            runs[dashboard] = (rates, sum(steady) / len(steady), history)
-        rates, best, history = runs[False]
+        init_ray(dashboard=True)  # as jobs/train.py starts it
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        prepare(args.data, shards)
+        history = ray_rates(shards, args.batch_size, args.epochs, os.path.join(tmp, "runs"))
+        ray.shutdown()
+        rates = [h["images"] / h["seconds"] for h in history]
+        steady = rates[1:] or rates
+        best = sum(steady) / len(steady)
         encoded = encoded_bytes_per_image(shards)
         delivered = history[-1]["bytes_per_image"]
 
@@ -203,8 +196,6 @@ def main(argv: list[str] | None = None) -> int:
             note = "   (warm-up: workers start, shards read into the object store)" if i == 1 else ""
             print(f"{'fer_ray Ray Data -> TorchTrainer, epoch ' + str(i):<44}{r:>10.0f}{note}")
         print(f"{'fer_ray, mean of epochs 2..' + str(len(rates)):<44}{best:>10.0f}")
-        print(f"{'  before: the same with the Ray dashboard':<44}{runs[True][1]:>10.0f}"
-              f"   ({runs[True][1] / ceiling:.2f} of the ceiling)")
         print(f"\nbytes per image: encoded source {encoded:.0f}; through the object store: "
               f"{encoded:.0f} encoded into the shuffle, {delivered:.0f} uint8 out of the transform "
               f"({SIZE}x{SIZE}x{CHANNELS} + label)")

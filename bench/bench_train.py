@@ -12,8 +12,8 @@ on-device normalisation, with as many torch threads as cores:
 - fer_ray: `jobs/train.py`'s path (`fer_ray.trainer.train`): Parquet shards streamed and
   augmented by Ray Data, one Ray Train worker holding all cores, a checkpoint per epoch.
 
-fer_ray's side runs on a local Ray without the dashboard, as its jobs start one
-(`--with-dashboard` adds a first run with it, the figure before that change).
+fer_ray's side runs on a local Ray started as `jobs/train.py` starts one (with the dashboard,
+whose State API Ray Train needs).
 
 Compared: the training part of the last epoch (fer_ray's history gives it as images /
 images_per_s; its validation pass and checkpoint are reported apart), after Ray has
@@ -115,9 +115,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the plain loop")
-    parser.add_argument("--with-dashboard", action="store_true",
-                        help="also run fer_ray first on a local Ray with the dashboard (the figure before "
-                             "jobs dropped it); the ratio is always from the run without")
     args = parser.parse_args(argv)
 
     train_dir = os.path.join(args.data, "train")
@@ -138,37 +135,21 @@ def main(argv: list[str] | None = None) -> int:
         import ray
 
         shards = os.path.join(tmp, "shards")
-        os.environ.pop("FER_RAY_DASHBOARD", None)  # each run below says which it gets
-
-        def fer_ray_run(dashboard: bool) -> tuple[pd.DataFrame, float, float]:
-            """(history, Ray start-up s, job s) on a fresh local Ray."""
-            start = time.perf_counter()
-            init_ray(min_cpus=(os.cpu_count() or 1) + 2, dashboard=dashboard)
-            startup = time.perf_counter() - start
-            ray.data.DataContext.get_current().enable_progress_bars = False
-            if not os.path.isdir(shards):
-                prepare(args.data, shards)
-            start = time.perf_counter()
-            run = os.path.join(tmp, "run_dashboard" if dashboard else "run")
-            h = fer_ray_history(shards, run, args.model, args.batch_size, args.epochs)
-            total = time.perf_counter() - start
-            ray.shutdown()
-            return h, startup, total
-
-        before = None
-        if args.with_dashboard:  # the same run first on a local Ray with the dashboard
-            h, _, _ = fer_ray_run(dashboard=True)
-            before = (h["steps"] * args.batch_size / h["images_per_s"]).iloc[-1]
-        history, startup, total = fer_ray_run(dashboard=False)  # as fer_ray's jobs start one
+        start = time.perf_counter()
+        init_ray(min_cpus=(os.cpu_count() or 1) + 2, dashboard=True)  # as jobs/train.py starts it
+        startup = time.perf_counter() - start
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        prepare(args.data, shards)
+        start = time.perf_counter()
+        history = fer_ray_history(shards, os.path.join(tmp, "run"), args.model, args.batch_size, args.epochs)
+        total = time.perf_counter() - start
+        ray.shutdown()
         train_s = history["steps"] * args.batch_size / history["images_per_s"]
         val_s = history["seconds"] - train_s
 
         print(f"\n{'epoch':<7}{'plain s':>9}{'fer_ray train s':>17}{'fer_ray val+report s':>22}{'ratio':>8}")
         for i in range(args.epochs):
             print(f"{i + 1:<7}{plain[i]:>9.1f}{train_s[i]:>17.1f}{val_s[i]:>22.1f}{train_s[i] / plain[i]:>8.2f}")
-        if before is not None:
-            print(f"before: epoch {args.epochs} with the Ray dashboard {before:.1f} s, "
-                  f"ratio {before / plain[-1]:.2f}")
         print(f"Ray start-up {startup:.1f} s; fer_ray job {total:.1f} s for {args.epochs} epochs "
               f"(TorchTrainer start, per-epoch val and checkpoints, reports)")
         print(f"train_overhead={train_s.iloc[-1] / plain[-1]:.2f}")

@@ -25,8 +25,6 @@ sys.path.insert(0, str(REPO))
 from bench.common import DEFAULT_FER, machine  # noqa: E402
 
 SCRIPTS = ("bench_ingest.py", "bench_train.py", "bench_scoring.py")
-# bench_train also runs fer_ray with the dashboard: the before of the run without it.
-EXTRA = {"bench_train.py": ("--with-dashboard",)}
 RATIOS = ("ingest_vs_dataloader", "ingest_vs_ceiling", "train_overhead", "scoring_vs_plain", "memory_growth")
 TARGETS = {
     "ingest_vs_dataloader": ">= 1.0", "ingest_vs_ceiling": ">= 0.70", "train_overhead": "<= 1.05",
@@ -48,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n===== {script} =====", flush=True)
         start = time.time()
         proc = subprocess.run(
-            [sys.executable, str(REPO / "bench" / script), "--data", args.data, *EXTRA.get(script, ())],
+            [sys.executable, str(REPO / "bench" / script), "--data", args.data],
             cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"},
         )
         minutes[script] = (time.time() - start) / 60

@@ -42,10 +42,16 @@ def init_ray(min_cpus: int = 4, dashboard: bool = False) -> None:
 
     A local start gets at least `min_cpus` logical CPUs: a trial, its Train worker and the
     Ray Data tasks feeding it each hold one, and on a 2-core laptop they would otherwise
-    wait on each other forever. It runs without the dashboard unless `dashboard` or
-    FER_RAY_DASHBOARD=1: on a 2-core machine the dashboard's processes cost 8% of the
-    training ingest (README, "Performance"). Sweeps need it: Ray Train's cleaner frees an
-    ASHA-stopped trial's placement group through the State API, which the dashboard serves.
+    wait on each other forever.
+
+    `dashboard=True` (training and sweeps) starts Ray's dashboard, whose State API Ray
+    Train's placement-group cleaner asks every second whether the run's controller lives.
+    Without it the local Ray still advertises 127.0.0.1:8265 as its API server: when any
+    other Ray on the machine serves a dashboard there, that one answers "no such actor"
+    and the cleaner removes the placement group under the running workers (seen here: a
+    training run lost its worker when a test cluster started beside it). Jobs that only
+    run Ray Data (scoring, preparing shards) start without it, which leaves 2 cores ~8%
+    more throughput (README, "Performance"); FER_RAY_DASHBOARD=1 turns it on for them too.
     A cluster from `ray start` or cluster.yaml keeps its own dashboard.
     """
     import ray
@@ -58,22 +64,10 @@ def init_ray(min_cpus: int = 4, dashboard: bool = False) -> None:
         return
     dashboard = dashboard or _coerce(os.environ.get("FER_RAY_DASHBOARD", "0").strip(), bool, "FER_RAY_DASHBOARD")
     num_cpus = max(os.cpu_count() or 1, min_cpus)
-    runtime_env = {} if dashboard else {"worker_process_setup_hook": f"{__name__}.{_no_state_api.__name__}"}
-    ray.init(num_cpus=num_cpus, include_dashboard=dashboard, runtime_env=runtime_env)
+    ray.init(num_cpus=num_cpus, include_dashboard=dashboard)
     if not dashboard:
         log.info("Started a local Ray (%d logical CPUs) without the dashboard; "
                  "FER_RAY_DASHBOARD=1 keeps it, or `ray start --head` and submit jobs to it.", num_cpus)
-
-
-def _no_state_api() -> None:
-    """Worker set-up on a local Ray without the dashboard, hence without the State API.
-
-    Ray Train's placement-group cleaner asks the State API every second whether the
-    training controller lives and warns each time it cannot; on a cluster that ends with
-    the job there is nothing for it to clean, so its one warning is dropped."""
-    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").addFilter(
-        lambda record: "State API" not in record.getMessage()
-    )
 
 
 # How long a job waits for the host in RAY_ADDRESS to accept a TCP connection, and then for

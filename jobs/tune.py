@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg, _ = parse_config(SweepConfig, argv, parser)
         cfg.validate()
         manifest = check_inputs(cfg)  # bad input fails here, before any trial starts
-        # With the dashboard: stopped trials' placement groups are freed through its State API.
+        # With the dashboard: Ray Train's placement-group cleaner asks its State API.
         init_ray(min_cpus=cfg.run.num_workers * cfg.run.cpus_per_worker + 2, dashboard=True)
         from fer_ray.tuning import sweep
 

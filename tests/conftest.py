@@ -29,13 +29,23 @@ def tiny_train_args(data: str, output: str, *extra: str) -> list[str]:
     ]
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     import ray
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    # The dashboard on a free port, not Ray's default 8265: a Ray started without a dashboard
+    # on this machine names 127.0.0.1:8265 as its State API (see fer_ray.cli.init_ray).
     ray.init(num_cpus=4, _node_ip_address="127.0.0.1", include_dashboard=True,
-             log_to_driver=True, ignore_reinit_error=True)
+             dashboard_port=_free_port(), log_to_driver=True, ignore_reinit_error=True)
     yield
     ray.shutdown()
 

@@ -102,38 +102,65 @@ def test_missing_token_is_named(tiny_faces, tmp_path) -> None:
     assert seconds < BOUND_S
 
 
-def test_local_ray_starts_without_the_dashboard_and_trains(synth_shards, tmp_path) -> None:
-    # No RAY_ADDRESS: the job starts its own Ray, without the dashboard, and trains.
+def test_local_training_run_has_its_own_dashboard_and_trains(synth_shards, tmp_path) -> None:
+    # No RAY_ADDRESS: the job starts its own Ray, with the dashboard (Ray Train's
+    # placement-group cleaner asks its State API), and trains to the end while the test
+    # session's cluster, dashboard and all, runs beside it.
     from conftest import tiny_train_args
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "FER_RAY_"))}
     out = tmp_path / "run"
     result = subprocess.run(
         [sys.executable, "jobs/train.py", *tiny_train_args(str(synth_shards), str(out), "--epochs", "1")],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+        cwd=REPO, env=_no_ray_env(), capture_output=True, text=True, timeout=300,
     )
     text = result.stdout + result.stderr
     assert result.returncode == 0, text[-3000:]
-    assert "without the dashboard" in text
+    assert "without the dashboard" not in text
+    assert "Cleaning up placement group" not in text and "State API" not in text
     assert (out / "best" / "model.safetensors").exists()
 
 
-def test_workers_drop_only_the_cleaners_state_api_warning(caplog) -> None:
-    # Without the dashboard there is no State API: Ray Train's placement-group cleaner would
-    # warn every second of a run (16 times in a 1-epoch tiny run, measured). The set-up hook
-    # that local clusters give their workers drops that one message and nothing else.
-    import logging
-
-    from fer_ray.cli import _no_state_api
-
-    name = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
-    logger = logging.getLogger(name)
+# What the State API of a local Ray says about an actor of that same Ray.
+_STATE_PROBE = r"""
+import sys, ray
+from fer_ray.cli import init_ray
+init_ray(dashboard=sys.argv[1] == "1")
+@ray.remote(num_cpus=0)
+class Alive:
+    def ping(self):
+        return 1
+actor = Alive.remote()
+ray.get(actor.ping.remote())
+import time
+from ray.util.state import get_actor
+gcs = ray.get_runtime_context().gcs_address
+deadline = time.time() + 15  # the dashboard may still be starting: ask as the cleaner does
+while True:
     try:
-        _no_state_api()
-        with caplog.at_level(logging.WARNING, logger=name):
-            logger.warning("Failed to query Ray Train Controller actor state. "
-                           "State API may be temporarily unavailable. Continuing to monitor.")
-            logger.warning("Failed to launch PlacementGroupCleaner: boom.")
-        assert [r.getMessage() for r in caplog.records] == ["Failed to launch PlacementGroupCleaner: boom."]
-    finally:
-        logger.filters.clear()
+        # This Ray's address, as Ray Train's cleaner resolves it inside the cluster.
+        state = get_actor(actor._actor_id.hex(), address=gcs, timeout=5)
+        answer = state.state if state else "not found"
+    except Exception as e:
+        answer = type(e).__name__
+    if answer == "ALIVE" or time.time() > deadline:
+        break
+    time.sleep(1)
+print("STATE", answer)
+"""
+
+
+@pytest.mark.parametrize("dashboard", [True, False])
+def test_state_api_of_a_local_ray_answers_for_its_own_actors_only_with_the_dashboard(dashboard) -> None:
+    # Ray Train's cleaner removes a run's placement group when the State API says its
+    # controller is not alive. A local Ray without the dashboard cannot say "alive" (it
+    # advertises 127.0.0.1:8265, where nothing or another Ray's dashboard answers): that
+    # is why training jobs start theirs with it.
+    result = subprocess.run([sys.executable, "-c", _STATE_PROBE, str(int(dashboard))], cwd=REPO,
+                            env=_no_ray_env(), capture_output=True, text=True, timeout=180)
+    states = [line.split()[1] for line in result.stdout.splitlines() if line.startswith("STATE")]
+    assert result.returncode == 0 and len(states) == 1, (result.stdout + result.stderr)[-3000:]
+    assert (states[0] == "ALIVE") == dashboard, (result.stdout + result.stderr)[-3000:]
+
+
+def _no_ray_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "FER_RAY_"))}
