@@ -100,6 +100,13 @@ class ModelOptions:
 @dataclass
 class OptimOptions:
     epochs: int = field(default=30, metadata={"help": "total epochs, both phases included"})
+    time_budget: float = field(
+        default=0.0,
+        metadata={
+            "help": "minutes the whole run may take, start-up included: after the first epoch "
+            "the LR schedule is fitted to the epochs that fit (at most --epochs); 0: no limit"
+        },
+    )
     lr: float = field(
         default=1e-3,
         metadata={"help": "peak learning rate for one worker's batch (see --lr-scaling)"},
@@ -193,6 +200,7 @@ class TrainConfig:
             ) from None
         _require(0 <= m.drop_rate < 1, f"--drop-rate must be in [0, 1), got {m.drop_rate}.")
         _require(o.epochs >= 1, f"--epochs must be at least 1, got {o.epochs}.")
+        _require(o.time_budget >= 0, f"--time-budget must be >= 0 minutes, got {o.time_budget}.")
         _require(o.lr > 0, f"--lr must be positive, got {o.lr}.")
         _choice("--lr-scaling", o.lr_scaling, LR_SCALING)
         _require(o.min_lr >= 0, f"--min-lr must be non-negative, got {o.min_lr}.")

@@ -57,6 +57,7 @@ class LoopSettings:
     seed: int
     drop_rate: float = 0.0
     ema_decay: float = 0.0  # 0: no moving average of the weights
+    deadline: float = 0.0  # time.time() by which the run must end (--time-budget); 0: none
     cpus_per_worker: int = 1
     pretrained_state: Any = None  # an ObjectRef to a state dict, fetched once by the driver
 
@@ -75,6 +76,7 @@ class TrainState:
     best_epoch: int = -1
     bad_epochs: int = 0
     stopped_early: bool = False
+    planned_epochs: int = 0  # epochs the time budget left room for; 0: not planned yet
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -116,6 +118,14 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
+def all_reduce_max(value: float, device: torch.device) -> float:
+    """The largest `value` over all workers (every worker gets it)."""
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    if _is_distributed():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
 def gather_arrays(arrays: list[np.ndarray]) -> list[np.ndarray]:
     """Concatenate each array over all workers (every worker gets the result)."""
     if not _is_distributed():
@@ -149,7 +159,6 @@ def build_phase(
 ) -> tuple[torch.nn.Module, torch.optim.Optimizer, Any]:
     """Freeze/unfreeze, wrap for DDP, and build AdamW with a warm-up + cosine schedule."""
     import ray.train.torch
-    from timm.scheduler import CosineLRScheduler
 
     unfreeze = None if phase == HEAD_PHASE else s.unfreeze
     backbone = set_trainable(model, unfreeze)
@@ -162,17 +171,30 @@ def build_phase(
     if backbone_params:
         groups.append({"params": backbone_params, "lr": backbone_lr})
     optimizer = torch.optim.AdamW(groups, lr=s.lr, weight_decay=s.weight_decay)
+    scheduler = build_scheduler(optimizer, phase, s, steps_per_epoch)
+    # A fresh DDP wrapper per phase: DDP registers exactly the parameters that train.
+    wrapped = ray.train.torch.prepare_model(model, move_to_device=False)
+    return wrapped, optimizer, scheduler
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, phase: str, s: LoopSettings, steps_per_epoch: int) -> Any:
+    """Warm-up, then cosine decay to `min_lr` over the phase's epochs (per step)."""
+    from timm.scheduler import CosineLRScheduler
 
     _, n_epochs = phase_bounds(phase, s)
     total = max(1, n_epochs * steps_per_epoch)
     warmup = min(int(round(s.warmup_epochs * steps_per_epoch)), total // 2)
-    scheduler = CosineLRScheduler(
+    return CosineLRScheduler(
         optimizer, t_initial=total, lr_min=s.min_lr, warmup_t=warmup,
         warmup_lr_init=s.lr * 0.01, warmup_prefix=True, t_in_epochs=False,
     )
-    # A fresh DDP wrapper per phase: DDP registers exactly the parameters that train.
-    wrapped = ray.train.torch.prepare_model(model, move_to_device=False)
-    return wrapped, optimizer, scheduler
+
+
+def epochs_that_fit(done: int, configured: int, deadline: float, now: float, epoch_seconds: float) -> int:
+    """How many epochs in all the run can have and still end by `deadline`: those done plus
+    the whole epochs of `epoch_seconds` (+5% margin) left, at most `configured`."""
+    room = int(max(0.0, deadline - now) // (epoch_seconds * 1.05))
+    return min(configured, done + room)
 
 
 # --------------------------------------------------------------------------------------
@@ -353,6 +375,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             restored = load_checkpoint(folder, model)
         state = TrainState(**restored["state"])
         log0(f"Resuming after epoch {state.epoch} (step {state.global_step}) from {checkpoint.path}")
+    if state.planned_epochs:  # the schedule the time budget fitted, kept across restarts
+        s.epochs = state.planned_epochs
     if state.stopped_early or state.epoch >= s.epochs:
         log0(f"Run already finished at epoch {state.epoch}; nothing to train.")
         return
@@ -376,7 +400,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         + (f", weights averaged (EMA decay {s.ema_decay:g})" if ema is not None else "")
     )
     phase, wrapped, optimizer, scheduler = None, model, None, None
+    first_epoch = state.epoch
+    epoch_seconds, mark = 0.0, time.time()  # the slowest whole epoch (train, val, report)
     for epoch in range(state.epoch, s.epochs):
+        if s.deadline and epoch > first_epoch:
+            epoch_seconds, mark, scheduler = _fit_to_deadline(
+                s, state, epoch_seconds, mark, phase, optimizer, scheduler, epoch_steps, device
+            )
+            if epoch >= s.epochs:
+                break
         if phase_of(epoch, s.freeze_epochs) != phase:
             phase = phase_of(epoch, s.freeze_epochs)
             wrapped, optimizer, scheduler = build_phase(model, phase, s, epoch_steps)
@@ -438,7 +470,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         )
 
         metrics = {**row, "best_val_acc": state.best_val_acc, "best_epoch": state.best_epoch,
-                   "stopped_early": state.stopped_early}
+                   "stopped_early": state.stopped_early, "planned_epochs": s.epochs}
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:
@@ -448,6 +480,30 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"epoch_{state.epoch:04d}")
         if state.stopped_early:
             break
+
+
+def _fit_to_deadline(
+    s: LoopSettings, state: TrainState, epoch_seconds: float, mark: float, phase: str,
+    optimizer: torch.optim.Optimizer, scheduler: Any, epoch_steps: int, device: torch.device,
+) -> tuple[float, float, Any]:
+    """--time-budget, before each epoch after this process's first: the slowest whole
+    epoch so far (train, val and report, on the slowest worker) decides how many fit.
+
+    When fewer fit than planned, the run is shortened and the cosine schedule refitted to
+    end there, so the learning rate still decays to its end (after the first epoch, and
+    again should epochs get slower). The plan is kept in the train state for a resume.
+    Sets `s.epochs`; returns the new (epoch_seconds, mark, scheduler)."""
+    now = time.time()
+    epoch_seconds = all_reduce_max(max(epoch_seconds, now - mark), device)
+    fit = max(state.epoch, epochs_that_fit(state.epoch, s.epochs, s.deadline, now, epoch_seconds))
+    if fit < s.epochs:
+        log0(f"Time budget: {epoch_seconds:.0f} s per epoch leaves room for {fit} of "
+             f"{s.epochs} epochs; the learning-rate schedule now ends at epoch {fit}")
+        s.epochs = fit
+        if scheduler is not None and fit > state.epoch and phase == phase_of(fit - 1, s.freeze_epochs):
+            scheduler = build_scheduler(optimizer, phase, s, epoch_steps)
+    state.planned_epochs = s.epochs
+    return epoch_seconds, now, scheduler
 
 
 def steps_per_epoch(num_train: int, batch_size: int, workers: int) -> int:

@@ -10,6 +10,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from contextlib import contextmanager
 from dataclasses import asdict
 from typing import Any, Iterator, Sequence
@@ -71,8 +72,13 @@ class ShardedValConfig(ray.train.DataConfig):
 RESUME_KEYS = ("model", "data", "image_size", "data_size")
 
 
-def resolve_settings(cfg: TrainConfig, manifest: dict[str, Any], pretrained_state: Any = None) -> LoopSettings:
-    """Everything the worker loop needs, from the config and the shards' manifest."""
+def resolve_settings(
+    cfg: TrainConfig, manifest: dict[str, Any], pretrained_state: Any = None, started: float | None = None
+) -> LoopSettings:
+    """Everything the worker loop needs, from the config and the shards' manifest.
+
+    `started` (time.time(); default now) is when the run began: --time-budget counts from it.
+    """
     d, m, o, r = cfg.data, cfg.model, cfg.optim, cfg.run
     classes = list(manifest["classes"])
     probe = create_model(m.model, len(classes), **m.model_kwargs)  # also checks name and args
@@ -103,6 +109,7 @@ def resolve_settings(cfg: TrainConfig, manifest: dict[str, Any], pretrained_stat
         weight_decay=o.weight_decay,
         warmup_epochs=o.warmup_epochs,
         ema_decay=o.ema_decay,
+        deadline=((started or time.time()) + o.time_budget * 60) if o.time_budget else 0.0,
         label_smoothing=o.label_smoothing,
         class_weights=class_weights(train_counts(manifest)) if o.class_weights else None,
         patience=o.patience,
@@ -294,14 +301,16 @@ def finalize_run(result: Any, run_dir: str, class_names: Sequence[str]) -> dict[
 
 
 def train(
-    cfg: TrainConfig, manifest: dict[str, Any] | None = None, callbacks: Sequence[Any] = ()
+    cfg: TrainConfig, manifest: dict[str, Any] | None = None, callbacks: Sequence[Any] = (),
+    started: float | None = None,
 ) -> dict[str, Any]:
-    """The whole training job (the driver of jobs/train.py); Ray must be initialised."""
+    """The whole training job (the driver of jobs/train.py); Ray must be initialised.
+    `started` (time.time(), default now): when the job began, for --time-budget."""
     manifest = manifest or check_inputs(cfg)
     check_gpus(cfg)
     run_dir = storage.normalize(cfg.run.output)
     pretrained = load_pretrained(cfg, len(manifest["classes"]))
-    settings = resolve_settings(cfg, manifest, pretrained)
+    settings = resolve_settings(cfg, manifest, pretrained, started=started)
     write_config(cfg, settings, run_dir)
     trainer = build_trainer(cfg, settings, callbacks=callbacks)
     result = trainer.fit()

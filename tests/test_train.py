@@ -74,6 +74,7 @@ def test_bf16_autocast_path_on_cpu(ray_cluster, synth_shards, tmp_path) -> None:
         (["--model", "resnet5O"], "Unknown timm model 'resnet5O'"),
         (["--batch-size", "0"], "--batch-size must be at least 1"),
         (["--ema-decay", "1"], "--ema-decay must be in [0, 1)"),
+        (["--time-budget", "-1"], "--time-budget must be >= 0 minutes"),
         (["--pretrained", "--pretrained-file", "/no/such/weights.pth"], "does not exist"),
     ],
 )
@@ -117,3 +118,41 @@ def test_ema_run_validates_and_saves_the_average_and_resumes(ray_cluster, synth_
     assert train_main(tiny_train_args(str(synth_shards), str(run), "--ema-decay", "0.9", "--lr", "0.01",
                                       "--epochs", "3")) == 0
     assert pd.read_csv(run / "history.csv")["epoch"].tolist() == [1, 2, 3]
+
+
+def test_epochs_that_fit_counts_whole_epochs_with_a_margin() -> None:
+    from fer_ray.train_loop import epochs_that_fit
+
+    assert epochs_that_fit(1, 22, deadline=1000.0, now=0.0, epoch_seconds=100.0) == 1 + 9  # 1000 // 105
+    assert epochs_that_fit(1, 5, deadline=1000.0, now=0.0, epoch_seconds=100.0) == 5  # at most --epochs
+    assert epochs_that_fit(3, 22, deadline=50.0, now=60.0, epoch_seconds=10.0) == 3  # past the deadline
+
+
+def test_time_budget_fits_the_schedule_and_ends_in_time(ray_cluster, synth_shards, tmp_path) -> None:
+    """--time-budget: after the first epoch the cosine schedule is fitted to the epochs that
+    fit, so the run ends within the budget with its learning rate decayed, not cut off."""
+    import math
+    import time
+
+    run, budget_s, configured = tmp_path / "budget", 90.0, 60
+    start = time.time()
+    args = tiny_train_args(str(synth_shards), str(run), "--epochs", str(configured),
+                           "--time-budget", str(budget_s / 60))
+    assert train_main(args) == 0
+    elapsed = time.time() - start
+    history = pd.read_csv(run / "history.csv")
+    n = len(history)
+    assert history["epoch"].tolist() == list(range(1, n + 1))
+    assert 3 <= n < configured
+    from fer_ray.constants import TRAIN_STATE_FILE
+
+    state = torch.load(run / "ray_train" / f"epoch_{n:04d}" / TRAIN_STATE_FILE, weights_only=True)["state"]
+    assert state["planned_epochs"] == n  # the plan, kept for a resume
+    # Training ended by the deadline; writing the run folder and Ray's shutdown follow it.
+    assert elapsed < budget_s + 20, elapsed
+    # Fitted (after the first epoch, and again if epochs slowed down): the last epoch starts
+    # low on the cosine of n epochs (one of warm-up), where the schedule of `configured`
+    # epochs would still be near its peak.
+    peak = history["lr"].max()
+    fitted = 0.5 * (1 + math.cos(math.pi * (n - 2) / n))
+    assert history["lr"].iloc[-1] == pytest.approx(fitted * peak, rel=0.05, abs=1e-5)
