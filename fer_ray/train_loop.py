@@ -111,19 +111,12 @@ def _is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+def all_reduce(values: list[float], device: torch.device, op: Any = dist.ReduceOp.SUM) -> list[float]:
+    """Each value reduced over all workers (sum by default; every worker gets the result)."""
     t = torch.tensor(values, dtype=torch.float64, device=device)
     if _is_distributed():
-        dist.all_reduce(t)
+        dist.all_reduce(t, op=op)
     return t.tolist()
-
-
-def all_reduce_max(value: float, device: torch.device) -> float:
-    """The largest `value` over all workers (every worker gets it)."""
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    if _is_distributed():
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t.item())
 
 
 def gather_arrays(arrays: list[np.ndarray]) -> list[np.ndarray]:
@@ -431,7 +424,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             eval_model, val_shard.iter_torch_batches(**iter_args), normalize, amp_dtype,
             s.label_smoothing, device,
         )
-        loss_sum, correct, seen, val_loss_sum = all_reduce_sum(
+        loss_sum, correct, seen, val_loss_sum = all_reduce(
             [loss_sum, correct, seen, val_loss_sum], device
         )
         labels, preds = gather_arrays([labels, preds])
@@ -494,8 +487,8 @@ def _fit_to_deadline(
     again should epochs get slower). The plan is kept in the train state for a resume.
     Sets `s.epochs`; returns the new (epoch_seconds, mark, scheduler)."""
     now = time.time()
-    epoch_seconds = all_reduce_max(max(epoch_seconds, now - mark), device)
-    fit = max(state.epoch, epochs_that_fit(state.epoch, s.epochs, s.deadline, now, epoch_seconds))
+    [epoch_seconds] = all_reduce([max(epoch_seconds, now - mark)], device, op=dist.ReduceOp.MAX)
+    fit = epochs_that_fit(state.epoch, s.epochs, s.deadline, now, epoch_seconds)
     if fit < s.epochs:
         log0(f"Time budget: {epoch_seconds:.0f} s per epoch leaves room for {fit} of "
              f"{s.epochs} epochs; the learning-rate schedule now ends at epoch {fit}")

@@ -29,12 +29,18 @@ def tiny_train_args(data: str, output: str, *extra: str) -> list[str]:
     ]
 
 
-def _free_port() -> int:
+def free_ports(n: int) -> list[int]:
+    """`n` distinct ports that are free now (all held open while choosing)."""
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 @pytest.fixture(scope="session")
@@ -45,7 +51,7 @@ def ray_cluster():
     # The dashboard on a free port, not Ray's default 8265: a Ray started without a dashboard
     # on this machine names 127.0.0.1:8265 as its State API (see fer_ray.cli.init_ray).
     ray.init(num_cpus=4, _node_ip_address="127.0.0.1", include_dashboard=True,
-             dashboard_port=_free_port(), log_to_driver=True, ignore_reinit_error=True)
+             dashboard_port=free_ports(1)[0], log_to_driver=True, ignore_reinit_error=True)
     yield
     ray.shutdown()
 

@@ -36,7 +36,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import REPO, TINY_MODEL, TINY_SIZE
+from conftest import REPO, TINY_MODEL, TINY_SIZE, free_ports
 
 RAY = str(Path(sys.executable).with_name("ray"))
 START_TIMEOUT_S = 90
@@ -78,18 +78,6 @@ def where():
 print("PROBE " + json.dumps({"driver": fer_ray.constants.__file__,
                              "task": ray.get(where.remote())}))
 """
-
-
-def _free_ports(n: int) -> list[int]:
-    """`n` distinct ports that are free now (all held open while choosing)."""
-    sockets = [socket.socket() for _ in range(n)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def _free_port_range(size: int) -> int:
@@ -137,7 +125,7 @@ class LocalCluster:
         # Ray puts unix sockets under the temp dir; their paths must stay under 107 bytes.
         self.temp_dir = tempfile.mkdtemp(prefix="frc", dir="/tmp")
         self.token = secrets.token_hex(32)
-        self.gcs_port, self.dashboard_port, *self._other_ports = _free_ports(9)
+        self.gcs_port, self.dashboard_port, *self._other_ports = free_ports(9)
         self.address = f"http://127.0.0.1:{self.dashboard_port}"
         self.gcs_address = f"127.0.0.1:{self.gcs_port}"
         self.env = self.cli_env(token=self.token)
@@ -307,7 +295,7 @@ def run(cluster, shards) -> tuple[Path, str]:
 
 
 def test_job_submit_to_closed_port_fails_fast() -> None:
-    [port] = _free_ports(1)  # nothing listens there once the probe socket is closed
+    [port] = free_ports(1)  # nothing listens there once the probe socket is closed
     start = time.monotonic()
     result = subprocess.run(
         [RAY, "job", "submit", "--address", f"http://127.0.0.1:{port}", "--", "true"],
