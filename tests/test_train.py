@@ -137,7 +137,8 @@ def test_time_budget_fits_the_schedule_and_ends_in_time(ray_cluster, synth_shard
     run, budget_s, configured = tmp_path / "budget", 90.0, 60
     start = time.time()
     args = tiny_train_args(str(synth_shards), str(run), "--epochs", str(configured),
-                           "--time-budget", str(budget_s / 60))
+                           "--time-budget", str(budget_s / 60),
+                           "--patience", "1000")  # the budget, not early stopping, ends it
     assert train_main(args) == 0
     elapsed = time.time() - start
     history = pd.read_csv(run / "history.csv")
