@@ -44,6 +44,7 @@ from bench.common import DEFAULT_FER, machine  # noqa: E402
 from fer_ray.data import class_weights  # noqa: E402
 from fer_ray.model import create_model, data_config  # noqa: E402
 from fer_ray.normalize import DeviceNormalize  # noqa: E402
+from fer_ray.train_loop import fastest_format, format_name, time_cpu_formats  # noqa: E402
 from fer_ray.transforms import create_transform, decode_image  # noqa: E402
 
 SIZE, CHANNELS, AUGMENT, LR, WD, SMOOTHING = 48, 1, "medium", 1e-3, 0.05, 0.1
@@ -69,9 +70,15 @@ def plain_epochs(items, model_name: str, batch_size: int, epochs: int, workers: 
     labels = np.array([label for _, label in items])
     torch.manual_seed(0)
     torch.set_num_threads(os.cpu_count() or 1)
-    model = create_model(model_name, 7).to(memory_format=torch.channels_last)  # as fer_ray does
+    model = create_model(model_name, 7)
+    # The precision and memory format fer_ray's --amp auto picks on this CPU, by the same
+    # measurement, so both sides run the same kernels.
+    amp_dtype, channels_last = fastest_format(time_cpu_formats(model, batch_size, 3, SIZE))
+    print(f"plain loop and fer_ray: {format_name(amp_dtype, channels_last)}")
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
     cfg = data_config(model)
-    normalize = DeviceNormalize(SIZE, cfg["mean"], cfg["std"], channels_last=True)
+    normalize = DeviceNormalize(SIZE, cfg["mean"], cfg["std"], channels_last=channels_last)
     weight = torch.tensor(class_weights(np.bincount(labels, minlength=7).tolist()), dtype=torch.float32)
     criterion = torch.nn.CrossEntropyLoss(weight=weight, label_smoothing=SMOOTHING)
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WD)
@@ -84,7 +91,9 @@ def plain_epochs(items, model_name: str, batch_size: int, epochs: int, workers: 
         model.train()
         start = time.perf_counter()
         for x, y in loader:
-            loss = criterion(model(normalize(x)), y)
+            with torch.autocast("cpu", dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                logits = model(normalize(x))
+            loss = criterion(logits.float(), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -103,7 +103,7 @@ class OptimOptions:
     time_budget: float = field(
         default=0.0,
         metadata={
-            "help": "minutes the whole run may take, start-up included: after the first epoch "
+            "help": "minutes the whole run may take, start-up included: after each epoch "
             "the LR schedule is fitted to the epochs that fit (at most --epochs); 0: no limit"
         },
     )
@@ -165,7 +165,10 @@ class RunOptions:
     )
     amp: str = field(
         default="auto",
-        metadata={"help": "mixed precision: auto (bf16/fp16 on GPU, off on CPU), bf16, fp16, off"},
+        metadata={
+            "help": "mixed precision: auto (bf16/fp16 on GPU; on CPU fp32 or bf16, whichever a few "
+            "timed steps find faster), bf16, fp16, off"
+        },
     )
     seed: int = field(default=0, metadata={"help": "seed for model init"})
     max_failures: int = field(

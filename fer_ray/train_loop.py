@@ -86,7 +86,8 @@ class TrainState:
 
 
 def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
-    """auto: bf16 where the GPU has it, fp16 on older GPUs, off on CPU."""
+    """auto: bf16 where the GPU has it, fp16 on older GPUs; on CPU off here (the training
+    loop then measures whether bf16 is faster on this CPU, see `time_cpu_formats`)."""
     if amp == "off" or (amp == "auto" and device.type != "cuda"):
         return None
     if amp == "bf16":
@@ -94,6 +95,48 @@ def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
     if amp == "fp16":
         return torch.float16
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+CPU_FORMATS = ((None, False), (None, True), (torch.bfloat16, False), (torch.bfloat16, True))
+
+
+def format_name(amp_dtype: torch.dtype | None, channels_last: bool) -> str:
+    return ("bf16" if amp_dtype == torch.bfloat16 else "fp32") + ("+channels_last" if channels_last else "")
+
+
+def time_cpu_formats(
+    model: torch.nn.Module, batch_size: int, in_chans: int, image_size: int,
+    rounds: int = 3, max_seconds: float = 15.0,
+) -> list[float]:
+    """Seconds of one training step (forward and backward, on a copy of `model`) in each of
+    CPU_FORMATS: the best of up to `rounds` after a warm-up, fewer when a round is slow."""
+    import copy
+
+    probe = copy.deepcopy(model).train()
+    x = torch.randn(min(batch_size, 32), in_chans, image_size, image_size)
+    y = torch.randint(0, 2, (len(x),))
+    best = [math.inf] * len(CPU_FORMATS)
+    start = time.perf_counter()
+    for r in range(rounds + 1):  # round 0 warms each format's kernels up
+        for i, (amp_dtype, channels_last) in enumerate(CPU_FORMATS):
+            fmt = torch.channels_last if channels_last else torch.contiguous_format
+            probe.to(memory_format=fmt)
+            xf = x.contiguous(memory_format=fmt)
+            t = time.perf_counter()
+            with torch.autocast("cpu", dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                loss = torch.nn.functional.cross_entropy(probe(xf).float(), y)
+            loss.backward()
+            probe.zero_grad(set_to_none=True)
+            if r:
+                best[i] = min(best[i], time.perf_counter() - t)
+        if r and time.perf_counter() - start > max_seconds:
+            break
+    return best
+
+
+def fastest_format(seconds: list[float]) -> tuple[torch.dtype | None, bool]:
+    """The (amp dtype, channels_last) of CPU_FORMATS with the fewest seconds per step."""
+    return CPU_FORMATS[min(range(len(CPU_FORMATS)), key=lambda i: seconds[i])]
 
 
 def phase_of(epoch: int, freeze_epochs: int) -> str:
@@ -348,14 +391,23 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if s.pretrained_state is not None:
         model.load_state_dict(ray.get(s.pretrained_state))
     model.to(device)
-    # channels_last: tensor cores on GPUs, oneDNN's fast kernels on CPUs (5-140% faster
-    # training steps for the timm CNNs measured here).
-    model.to(memory_format=torch.channels_last)
+    # channels_last: tensor cores on GPUs, and on most CPUs oneDNN's fast kernels (5-140%
+    # faster training steps for the timm CNNs measured on one VM, slower on another). On a
+    # CPU, --amp auto measures fp32 and bf16, each with and without channels_last, and
+    # trains in the fastest (every worker in the same, from their summed step times).
+    amp_dtype, channels_last = resolve_amp(s.amp, device), True
+    if s.amp == "auto" and device.type == "cpu":
+        seconds = all_reduce(time_cpu_formats(model, s.batch_size, spec.in_chans, spec.image_size), device)
+        amp_dtype, channels_last = fastest_format(seconds)
+        log0("Training step on this CPU: " + ", ".join(
+            f"{format_name(*f)} {t / max(world, 1):.3f} s" for f, t in zip(CPU_FORMATS, seconds)
+        ) + f"; training in {format_name(amp_dtype, channels_last)}")
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
     normalize = DeviceNormalize(
-        spec.image_size, spec.mean, spec.std, in_chans=spec.in_chans, channels_last=True,
+        spec.image_size, spec.mean, spec.std, in_chans=spec.in_chans, channels_last=channels_last,
         blur_sigma=spec.input_blur,
     ).to(device)
-    amp_dtype = resolve_amp(s.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     weight = torch.tensor(s.class_weights, dtype=torch.float32, device=device) if s.class_weights else None
     criterion = torch.nn.CrossEntropyLoss(weight=weight, label_smoothing=s.label_smoothing)
@@ -368,6 +420,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             restored = load_checkpoint(folder, model)
         state = TrainState(**restored["state"])
         log0(f"Resuming after epoch {state.epoch} (step {state.global_step}) from {checkpoint.path}")
+    configured_epochs = s.epochs  # --epochs: the most a time budget's plan may grow to
     if state.planned_epochs:  # the schedule the time budget fitted, kept across restarts
         s.epochs = state.planned_epochs
     if state.stopped_early or state.epoch >= s.epochs:
@@ -394,11 +447,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     )
     phase, wrapped, optimizer, scheduler = None, model, None, None
     first_epoch = state.epoch
-    epoch_seconds, mark = 0.0, time.time()  # the slowest whole epoch (train, val, report)
-    for epoch in range(state.epoch, s.epochs):
+    epoch_times, mark = [], time.time()  # whole epochs (train, val, report) in this process
+    epoch = state.epoch
+    while epoch < s.epochs:  # (a time budget may move the end either way)
         if s.deadline and epoch > first_epoch:
-            epoch_seconds, mark, scheduler = _fit_to_deadline(
-                s, state, epoch_seconds, mark, phase, optimizer, scheduler, epoch_steps, device
+            mark, scheduler = _fit_to_deadline(
+                s, state, configured_epochs, epoch_times, mark, phase, optimizer, scheduler,
+                epoch_steps, device,
             )
             if epoch >= s.epochs:
                 break
@@ -473,30 +528,35 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"epoch_{state.epoch:04d}")
         if state.stopped_early:
             break
+        epoch += 1
 
 
 def _fit_to_deadline(
-    s: LoopSettings, state: TrainState, epoch_seconds: float, mark: float, phase: str,
-    optimizer: torch.optim.Optimizer, scheduler: Any, epoch_steps: int, device: torch.device,
-) -> tuple[float, float, Any]:
-    """--time-budget, before each epoch after this process's first: the slowest whole
-    epoch so far (train, val and report, on the slowest worker) decides how many fit.
+    s: LoopSettings, state: TrainState, configured_epochs: int, epoch_times: list[float],
+    mark: float, phase: str, optimizer: torch.optim.Optimizer, scheduler: Any, epoch_steps: int,
+    device: torch.device,
+) -> tuple[float, Any]:
+    """--time-budget, before each epoch after this process's first: how many epochs fit.
 
-    When fewer fit than planned, the run is shortened and the cosine schedule refitted to
-    end there, so the learning rate still decays to its end (after the first epoch, and
-    again should epochs get slower). The plan is kept in the train state for a resume.
-    Sets `s.epochs`; returns the new (epoch_seconds, mark, scheduler)."""
+    The estimate is the slowest whole epoch (train, val and report, on the slowest worker)
+    since the process's first, which also pays the pipeline's warm-up and so is used only
+    until a second epoch has run. When the number that fits changes, the run is shortened or
+    lengthened (up to --epochs) and the cosine schedule refitted to end there, so the
+    learning rate still decays to its end. The plan is kept in the train state for a resume. Appends to `epoch_times`, sets `s.epochs`; returns the
+    new (mark, scheduler)."""
     now = time.time()
-    [epoch_seconds] = all_reduce([max(epoch_seconds, now - mark)], device, op=dist.ReduceOp.MAX)
-    fit = epochs_that_fit(state.epoch, s.epochs, s.deadline, now, epoch_seconds)
-    if fit < s.epochs:
-        log0(f"Time budget: {epoch_seconds:.0f} s per epoch leaves room for {fit} of "
-             f"{s.epochs} epochs; the learning-rate schedule now ends at epoch {fit}")
+    [seconds] = all_reduce([now - mark], device, op=dist.ReduceOp.MAX)
+    epoch_times.append(seconds)
+    estimate = max(epoch_times[1:]) if len(epoch_times) > 1 else epoch_times[0]
+    fit = epochs_that_fit(state.epoch, configured_epochs, s.deadline, now, estimate)
+    if fit != s.epochs:
+        log0(f"Time budget: {estimate:.0f} s per epoch leaves room for {fit} of at most "
+             f"{configured_epochs} epochs; the learning-rate schedule now ends at epoch {fit}")
         s.epochs = fit
         if scheduler is not None and fit > state.epoch and phase == phase_of(fit - 1, s.freeze_epochs):
             scheduler = build_scheduler(optimizer, phase, s, epoch_steps)
     state.planned_epochs = s.epochs
-    return epoch_seconds, now, scheduler
+    return now, scheduler
 
 
 def steps_per_epoch(num_train: int, batch_size: int, workers: int) -> int:

@@ -128,6 +128,53 @@ def test_epochs_that_fit_counts_whole_epochs_with_a_margin() -> None:
     assert epochs_that_fit(3, 22, deadline=50.0, now=60.0, epoch_seconds=10.0) == 3  # past the deadline
 
 
+def test_time_budget_plan_grows_once_the_warm_up_epoch_is_behind(monkeypatch) -> None:
+    """The first epoch (pipeline warm-up included) sets the plan until a second has run;
+    then the slowest epoch after it does, which may give room for more epochs (up to
+    --epochs) or fewer."""
+    from types import SimpleNamespace
+
+    import fer_ray.train_loop as tl
+
+    clock = [0.0]
+    monkeypatch.setattr(tl, "time", SimpleNamespace(time=lambda: clock[0]))
+    monkeypatch.setattr(tl, "log0", lambda message: None)  # (outside a Ray Train worker)
+    s = SimpleNamespace(epochs=22, deadline=1000.0, freeze_epochs=0)
+    state, times, mark = tl.TrainState(), [], 0.0
+    planned = []
+    for epoch_seconds in (200, 100, 100, 150, 150):
+        clock[0] += epoch_seconds
+        state.epoch += 1
+        mark, _ = tl._fit_to_deadline(s, state, 22, times, mark, "finetune", None, None, 10, torch.device("cpu"))
+        planned.append(s.epochs)
+    assert times == [200, 100, 100, 150, 150]
+    # after epoch 1: 1 + 800 // 210; epoch 2: 2 + 700 // 105 (grows); 3: 3 + 600 // 105;
+    # 4 (slower): 4 + 450 // 157.5; 5: 5 + 300 // 157.5
+    assert planned == [4, 8, 8, 6, 6]
+    assert state.planned_epochs == 6
+    s.deadline = 1e6
+    clock[0] += 100
+    state.epoch += 1
+    tl._fit_to_deadline(s, state, 22, times, mark, "finetune", None, None, 10, torch.device("cpu"))
+    assert s.epochs == 22  # never beyond --epochs
+
+
+def test_cpu_formats_are_timed_on_a_copy_and_the_fastest_wins() -> None:
+    from fer_ray.model import create_model
+    from fer_ray.train_loop import CPU_FORMATS, fastest_format, time_cpu_formats
+
+    torch.manual_seed(0)
+    model = create_model("test_resnet", 7, in_chans=1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    seconds = time_cpu_formats(model, 16, 1, 32, rounds=2)
+    assert len(seconds) == len(CPU_FORMATS) and all(0 < t < 60 for t in seconds)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # BN statistics included
+    assert all(p.grad is None for p in model.parameters())
+    assert fastest_format([0.3, 0.2, 0.1, 0.4]) == (torch.bfloat16, False)
+    assert fastest_format([0.1, 0.2, 0.3, 0.4]) == (None, False)
+
+
 def test_time_budget_fits_the_schedule_and_ends_in_time(ray_cluster, synth_shards, tmp_path) -> None:
     """--time-budget: after the first epoch the cosine schedule is fitted to the epochs that
     fit, so the run ends within the budget with its learning rate decayed, not cut off."""
