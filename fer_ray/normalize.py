@@ -63,5 +63,9 @@ class DeviceNormalize(torch.nn.Module):
             x = x.expand(-1, self.in_chans, -1, -1) if x.shape[1] == 1 else x.mean(1, keepdim=True)
         x = x * self.scale + self.shift
         if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x
+            return x.contiguous(memory_format=torch.channels_last)
+        if x.shape[1] == 1 and x.stride(1) == 1 and x.shape[-1] > 1:
+            # One channel, permuted from [B, H, W, 1]: counts as contiguous but has
+            # channels-last strides, and a convolution would carry on in channels_last.
+            x = x.clone(memory_format=torch.contiguous_format)
+        return x.contiguous()

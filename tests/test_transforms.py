@@ -92,6 +92,24 @@ def test_device_normalize_resizes_expands_and_normalises() -> None:
     torch.testing.assert_close(same_size[0, :, 0, 0], -torch.tensor(mean) / torch.tensor(std))
 
 
+@pytest.mark.parametrize("in_chans,channels", [(1, 1), (3, 1), (3, 3)])
+def test_device_normalize_gives_the_memory_format_asked_for(in_chans: int, channels: int) -> None:
+    """A convolution carries its input's memory format through the network, so the batch
+    must be plainly NCHW when channels_last is off: a 1-channel batch permuted from NHWC
+    counts as contiguous but has channels-last strides."""
+    images = torch.zeros((4, 32, 32, channels), dtype=torch.uint8)
+    conv = torch.nn.Conv2d(in_chans, 8, 3)
+    for channels_last in (False, True):
+        x = DeviceNormalize(32, [0.5] * in_chans, [0.25] * in_chans, in_chans=in_chans,
+                            channels_last=channels_last)(images)
+        y = conv(x)
+        if channels_last:
+            assert y.is_contiguous(memory_format=torch.channels_last)
+        else:
+            assert x.stride() == (in_chans * 32 * 32, 32 * 32, 32, 1)
+            assert y.is_contiguous() and not y.is_contiguous(memory_format=torch.channels_last)
+
+
 def test_eval_resize_matches_albumentations_resize() -> None:
     import albumentations as A
     import cv2
