@@ -10,7 +10,8 @@ timed from listing the folder to the predictions' Parquet on disk, with the Ray 
 already started. Ray workers run at niceness 0 here like the plain loop (Ray's default
 is 15), so other work on a shared machine does not tilt the comparison.
 The plain loop is what one writes without Ray: a DataLoader with 2 worker processes
-decoding, the model in eval mode (channels_last, inference_mode) in the main process,
+decoding, the model in eval mode (inference_mode; channels_last or not as fer_ray picks it
+on this CPU) in the main process,
 pandas to Parquet at the end.
 
 Memory and CPU: during every run a thread samples, once a second, the proportional set
@@ -46,7 +47,16 @@ import torch  # noqa: E402
 
 from bench.common import MiB, Sampler, tree_memory  # noqa: E402
 from fer_ray.constants import FER_CLASSES, IMAGE_EXTENSIONS  # noqa: E402
-from fer_ray.model import ModelSpec, create_model, data_config, load_model_dir, save_model_dir  # noqa: E402
+from fer_ray.model import (  # noqa: E402
+    FP32_FORMATS,
+    ModelSpec,
+    create_model,
+    data_config,
+    fastest_format,
+    load_model_dir,
+    save_model_dir,
+    time_cpu_formats,
+)
 from fer_ray.normalize import DeviceNormalize  # noqa: E402
 from fer_ray.transforms import create_transform, decode_image  # noqa: E402
 
@@ -84,14 +94,17 @@ class FolderImages(torch.utils.data.Dataset):
 
 def plain_loop(model_dir: str, source: str, output: str, batch_size: int, workers: int) -> int:
     model, spec = load_model_dir(model_dir)
-    model = model.to(memory_format=torch.channels_last).eval()
+    # The memory format fer_ray's scoring actor picks on this CPU, by the same measurement.
+    seconds = time_cpu_formats(model, 32, spec.in_chans, spec.image_size, FP32_FORMATS, train=False)
+    fmt = torch.channels_last if fastest_format(seconds, FP32_FORMATS)[1] else torch.contiguous_format
+    model = model.to(memory_format=fmt).eval()
     normalize = DeviceNormalize(spec.image_size, spec.mean, spec.std)
     data = FolderImages(source, spec.class_names, spec.data_size, spec.channels)
     loader = torch.utils.data.DataLoader(data, batch_size=batch_size, num_workers=workers)
     paths, labels, probs = [], [], []
     with torch.inference_mode():
         for images, label, path in loader:
-            x = normalize(images).contiguous(memory_format=torch.channels_last)
+            x = normalize(images).contiguous(memory_format=fmt)
             probs.append(model(x).softmax(1).numpy())
             labels.append(label.numpy())
             paths += list(path)

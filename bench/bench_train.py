@@ -42,9 +42,8 @@ import torch  # noqa: E402
 from bench.bench_ingest import folder_items  # noqa: E402
 from bench.common import DEFAULT_FER, machine  # noqa: E402
 from fer_ray.data import class_weights  # noqa: E402
-from fer_ray.model import create_model, data_config  # noqa: E402
+from fer_ray.model import create_model, data_config, fastest_format, format_name, time_cpu_formats  # noqa: E402
 from fer_ray.normalize import DeviceNormalize  # noqa: E402
-from fer_ray.train_loop import fastest_format, format_name, time_cpu_formats  # noqa: E402
 from fer_ray.transforms import create_transform, decode_image  # noqa: E402
 
 SIZE, CHANNELS, AUGMENT, LR, WD, SMOOTHING = 48, 1, "medium", 1e-3, 0.05, 0.1

@@ -28,7 +28,17 @@ from fer_ray.constants import (
     VAL_PREDICTIONS_FILE,
     WEIGHTS_FILE,
 )
-from fer_ray.model import ModelSpec, create_model, save_model_dir, set_frozen_eval, set_trainable
+from fer_ray.model import (
+    CPU_FORMATS,
+    ModelSpec,
+    create_model,
+    fastest_format,
+    format_name,
+    save_model_dir,
+    set_frozen_eval,
+    set_trainable,
+    time_cpu_formats,
+)
 from fer_ray.normalize import DeviceNormalize
 
 HEAD_PHASE = "head"
@@ -95,48 +105,6 @@ def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
     if amp == "fp16":
         return torch.float16
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
-CPU_FORMATS = ((None, False), (None, True), (torch.bfloat16, False), (torch.bfloat16, True))
-
-
-def format_name(amp_dtype: torch.dtype | None, channels_last: bool) -> str:
-    return ("bf16" if amp_dtype == torch.bfloat16 else "fp32") + ("+channels_last" if channels_last else "")
-
-
-def time_cpu_formats(
-    model: torch.nn.Module, batch_size: int, in_chans: int, image_size: int,
-    rounds: int = 3, max_seconds: float = 15.0,
-) -> list[float]:
-    """Seconds of one training step (forward and backward, on a copy of `model`) in each of
-    CPU_FORMATS: the best of up to `rounds` after a warm-up, fewer when a round is slow."""
-    import copy
-
-    probe = copy.deepcopy(model).train()
-    x = torch.randn(min(batch_size, 32), in_chans, image_size, image_size)
-    y = torch.randint(0, 2, (len(x),))
-    best = [math.inf] * len(CPU_FORMATS)
-    start = time.perf_counter()
-    for r in range(rounds + 1):  # round 0 warms each format's kernels up
-        for i, (amp_dtype, channels_last) in enumerate(CPU_FORMATS):
-            fmt = torch.channels_last if channels_last else torch.contiguous_format
-            probe.to(memory_format=fmt)
-            xf = x.contiguous(memory_format=fmt)
-            t = time.perf_counter()
-            with torch.autocast("cpu", dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                loss = torch.nn.functional.cross_entropy(probe(xf).float(), y)
-            loss.backward()
-            probe.zero_grad(set_to_none=True)
-            if r:
-                best[i] = min(best[i], time.perf_counter() - t)
-        if r and time.perf_counter() - start > max_seconds:
-            break
-    return best
-
-
-def fastest_format(seconds: list[float]) -> tuple[torch.dtype | None, bool]:
-    """The (amp dtype, channels_last) of CPU_FORMATS with the fewest seconds per step."""
-    return CPU_FORMATS[min(range(len(CPU_FORMATS)), key=lambda i: seconds[i])]
 
 
 def phase_of(epoch: int, freeze_epochs: int) -> str:
@@ -398,7 +366,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     amp_dtype, channels_last = resolve_amp(s.amp, device), True
     if s.amp == "auto" and device.type == "cpu":
         seconds = all_reduce(time_cpu_formats(model, s.batch_size, spec.in_chans, spec.image_size), device)
-        amp_dtype, channels_last = fastest_format(seconds)
+        amp_dtype, channels_last = fastest_format(seconds, CPU_FORMATS)
         log0("Training step on this CPU: " + ", ".join(
             f"{format_name(*f)} {t / max(world, 1):.3f} s" for f, t in zip(CPU_FORMATS, seconds)
         ) + f"; training in {format_name(amp_dtype, channels_last)}")

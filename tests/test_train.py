@@ -161,13 +161,16 @@ def test_time_budget_plan_grows_once_the_warm_up_epoch_is_behind(monkeypatch) ->
 
 def test_cpu_formats_are_timed_on_a_copy_and_the_fastest_wins() -> None:
     from fer_ray.model import create_model
-    from fer_ray.train_loop import CPU_FORMATS, fastest_format, time_cpu_formats
+    from fer_ray.model import CPU_FORMATS, FP32_FORMATS, fastest_format, time_cpu_formats
 
     torch.manual_seed(0)
     model = create_model("test_resnet", 7, in_chans=1)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     seconds = time_cpu_formats(model, 16, 1, 32, rounds=2)
     assert len(seconds) == len(CPU_FORMATS) and all(0 < t < 60 for t in seconds)
+    scoring = time_cpu_formats(model, 16, 1, 32, FP32_FORMATS, train=False, rounds=2)
+    assert len(scoring) == 2 and all(0 < t < 60 for t in scoring)
+    assert fastest_format([0.2, 0.1], FP32_FORMATS) == (None, True)
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # BN statistics included
     assert all(p.grad is None for p in model.parameters())
