@@ -48,14 +48,12 @@ import torch  # noqa: E402
 from bench.common import MiB, Sampler, tree_memory  # noqa: E402
 from fer_ray.constants import FER_CLASSES, IMAGE_EXTENSIONS  # noqa: E402
 from fer_ray.model import (  # noqa: E402
-    FP32_FORMATS,
     ModelSpec,
     create_model,
     data_config,
-    fastest_format,
+    fastest_inference_layout,
     load_model_dir,
     save_model_dir,
-    time_cpu_formats,
 )
 from fer_ray.normalize import DeviceNormalize  # noqa: E402
 from fer_ray.transforms import create_transform, decode_image  # noqa: E402
@@ -94,9 +92,7 @@ class FolderImages(torch.utils.data.Dataset):
 
 def plain_loop(model_dir: str, source: str, output: str, batch_size: int, workers: int) -> int:
     model, spec = load_model_dir(model_dir)
-    # The memory format fer_ray's scoring actor picks on this CPU, by the same measurement.
-    seconds = time_cpu_formats(model, 32, spec.in_chans, spec.image_size, FP32_FORMATS, train=False)
-    fmt = torch.channels_last if fastest_format(seconds, FP32_FORMATS)[1] else torch.contiguous_format
+    fmt = fastest_inference_layout(model, spec.in_chans, spec.image_size)  # as fer_ray's scorer picks it
     model = model.to(memory_format=fmt).eval()
     normalize = DeviceNormalize(spec.image_size, spec.mean, spec.std)
     data = FolderImages(source, spec.class_names, spec.data_size, spec.channels)

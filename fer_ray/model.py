@@ -8,10 +8,13 @@ loads it without fer_ray; `load_model_dir` does the same and returns the descrip
 
 from __future__ import annotations
 
+import copy
 import difflib
 import json
+import math
 import os
 import tempfile
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -173,10 +176,6 @@ def time_cpu_formats(
     """Seconds of one step of a copy of `model` in each of `formats` on a random batch (a
     training step, forward and backward, or with train=False an inference forward): the
     best of up to `rounds` after a warm-up round, fewer when the rounds are slow."""
-    import copy
-    import math
-    import time
-
     probe = copy.deepcopy(model).train(train)
     x = torch.randn(min(batch_size, 32), in_chans, image_size, image_size)
     y = torch.randint(0, 2, (len(x),))
@@ -206,6 +205,13 @@ def time_cpu_formats(
 def fastest_format(seconds: list[float], formats: tuple = CPU_FORMATS) -> tuple[torch.dtype | None, bool]:
     """The (amp dtype, channels_last) of `formats` with the fewest seconds per step."""
     return formats[min(range(len(formats)), key=lambda i: seconds[i])]
+
+
+def fastest_inference_layout(model: torch.nn.Module, in_chans: int, image_size: int) -> torch.memory_format:
+    """channels_last or contiguous: whichever a few timed fp32 forward passes of a copy of
+    `model` find faster on this CPU (scoring; up to 20% more images per second)."""
+    seconds = time_cpu_formats(model, 32, in_chans, image_size, FP32_FORMATS, train=False)
+    return torch.channels_last if fastest_format(seconds, FP32_FORMATS)[1] else torch.contiguous_format
 
 
 def save_model_dir(model: torch.nn.Module, folder: str | Path, spec: ModelSpec) -> None:

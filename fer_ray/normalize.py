@@ -64,8 +64,8 @@ class DeviceNormalize(torch.nn.Module):
         x = x * self.scale + self.shift
         if self.channels_last:
             return x.contiguous(memory_format=torch.channels_last)
-        if x.shape[1] == 1 and x.stride(1) == 1 and x.shape[-1] > 1:
-            # One channel, permuted from [B, H, W, 1]: counts as contiguous but has
-            # channels-last strides, and a convolution would carry on in channels_last.
-            x = x.clone(memory_format=torch.contiguous_format)
-        return x.contiguous()
+        # Plain NCHW strides, not just "contiguous": a batch permuted from [B, H, W, 1] counts
+        # as contiguous with channels-last strides, and a convolution carries its input's
+        # layout on through the network.
+        b, c, h, w = x.shape
+        return x if x.stride() == (c * h * w, h * w, w, 1) else x.clone(memory_format=torch.contiguous_format)

@@ -335,13 +335,13 @@ class Scorer:
     ) -> None:
         import torch
 
-        from fer_ray.model import FP32_FORMATS, fastest_format, load_model_dir, time_cpu_formats
+        from fer_ray.model import fastest_inference_layout, load_model_dir
         from fer_ray.normalize import DeviceNormalize
 
         # Read from the folder: faster than shipping the pickled model through the object store.
         model, spec = load_model_dir(model_dir)
         self.device = torch.device("cuda" if use_gpu else "cpu")
-        self.channels_last = True  # tensor cores on GPUs
+        self.memory_format = torch.channels_last  # tensor cores on GPUs
         if use_gpu:
             torch.backends.cudnn.benchmark = True
             self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -350,11 +350,7 @@ class Scorer:
             # here: the actors share the node's cores (decode runs in them too, fused).
             torch.set_num_threads(_cpu_threads(num_actors))
             self.amp_dtype = None  # fp32, as the model was validated in
-            # channels_last or not: whichever a few timed forward passes find faster on
-            # this CPU (a fraction of a second; up to 20% more images per second).
-            seconds = time_cpu_formats(model, 32, spec.in_chans, spec.image_size, FP32_FORMATS, train=False)
-            self.channels_last = fastest_format(seconds, FP32_FORMATS)[1]
-        self.memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+            self.memory_format = fastest_inference_layout(model, spec.in_chans, spec.image_size)
         self.model = model.to(self.device).to(memory_format=self.memory_format).eval()
         # The blur that matches these images to the training images (fer_ray.blur).
         blur = spec.input_blur if input_blur is None else input_blur

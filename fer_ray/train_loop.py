@@ -510,8 +510,8 @@ def _fit_to_deadline(
     since the process's first, which also pays the pipeline's warm-up and so is used only
     until a second epoch has run. When the number that fits changes, the run is shortened or
     lengthened (up to --epochs) and the cosine schedule refitted to end there, so the
-    learning rate still decays to its end. The plan is kept in the train state for a resume. Appends to `epoch_times`, sets `s.epochs`; returns the
-    new (mark, scheduler)."""
+    learning rate still decays to its end. The plan is kept in the train state for a resume.
+    Appends to `epoch_times`, sets `s.epochs`; returns the new (mark, scheduler)."""
     now = time.time()
     [seconds] = all_reduce([now - mark], device, op=dist.ReduceOp.MAX)
     epoch_times.append(seconds)

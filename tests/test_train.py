@@ -160,8 +160,9 @@ def test_time_budget_plan_grows_once_the_warm_up_epoch_is_behind(monkeypatch) ->
 
 
 def test_cpu_formats_are_timed_on_a_copy_and_the_fastest_wins() -> None:
-    from fer_ray.model import create_model
-    from fer_ray.model import CPU_FORMATS, FP32_FORMATS, fastest_format, time_cpu_formats
+    from fer_ray.model import (
+        CPU_FORMATS, FP32_FORMATS, create_model, fastest_format, fastest_inference_layout, time_cpu_formats,
+    )
 
     torch.manual_seed(0)
     model = create_model("test_resnet", 7, in_chans=1)
@@ -171,6 +172,7 @@ def test_cpu_formats_are_timed_on_a_copy_and_the_fastest_wins() -> None:
     scoring = time_cpu_formats(model, 16, 1, 32, FP32_FORMATS, train=False, rounds=2)
     assert len(scoring) == 2 and all(0 < t < 60 for t in scoring)
     assert fastest_format([0.2, 0.1], FP32_FORMATS) == (None, True)
+    assert fastest_inference_layout(model, 1, 32) in (torch.channels_last, torch.contiguous_format)
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # BN statistics included
     assert all(p.grad is None for p in model.parameters())
