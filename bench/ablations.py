@@ -23,6 +23,8 @@ REPO = Path(__file__).resolve().parents[1]
 BASE = ["--config", "configs/fer2013-cpu.yaml"]
 RUNS = {
     "base (cpu preset)": [],
+    "resnet18 at 32 px": ["--model", "resnet18"],
+    "resnet18 at 48 px (the preset before)": ["--model", "resnet18", "--image-size", "48"],
     "no input blur (val as it is)": ["--input-blur", "off"],
     "+ class weights": ["--class-weights"],
     "augment medium": ["--augment", "medium"],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import pytest
 
@@ -80,3 +81,13 @@ def test_defaults_that_depend_on_pretraining() -> None:
     assert scratch.optim.freeze_epochs == 0 and scratch.optim.backbone_lr_scale == 1.0
     explicit = parse(["--data", "d", "--output", "o", "--freeze-epochs", "4"]).resolve_defaults()
     assert explicit.optim.freeze_epochs == 4
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "fer2013-cpu.yaml", "fer2013-gpu.yaml"])
+def test_shipped_configs_parse_and_validate(name: str) -> None:
+    from fer_ray.model import check_model_name
+
+    path = Path(__file__).resolve().parents[1] / "configs" / name
+    cfg = parse(["--config", str(path), "--data", "d", "--output", "o"]).validate()
+    check_model_name(cfg.model.model)
+    assert cfg.optim.epochs >= 1
