@@ -33,6 +33,7 @@ RUNS = {
     "3-channel stem": ["--model-kwargs", "{in_chans: 3}"],
     "fp32 (no bf16 autocast)": ["--amp", "off"],
     "EMA of weights (decay 0.999)": ["--ema-decay", "0.999"],
+    "mixup 0.2 / cutmix 1.0 on half the batches": ["--mixup", "0.2", "--cutmix", "1.0", "--mix-prob", "0.5"],
 }
 
 

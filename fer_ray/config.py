@@ -143,6 +143,20 @@ class OptimOptions:
         },
     )
     warmup_epochs: float = field(default=1.0, metadata={"help": "linear warm-up per phase"})
+    mixup: float = field(
+        default=0.0,
+        metadata={"help": "mixup alpha: blend pairs of training images and their labels (e.g. 0.2); 0: off"},
+    )
+    cutmix: float = field(
+        default=0.0,
+        metadata={
+            "help": "cutmix alpha: paste a box of one training image into another, labels by area "
+            "(e.g. 1.0); 0: off. With --mixup too, each batch takes one of the two"
+        },
+    )
+    mix_prob: float = field(
+        default=1.0, metadata={"help": "fraction of training batches that --mixup/--cutmix mix"}
+    )
     ema_decay: float = field(
         default=0.0,
         metadata={
@@ -225,6 +239,14 @@ class TrainConfig:
             f"--backbone-lr-scale must be in (0, 1], got {o.backbone_lr_scale}.",
         )
         _require(o.warmup_epochs >= 0, f"--warmup-epochs must be >= 0, got {o.warmup_epochs}.")
+        _require(o.mixup >= 0, f"--mixup must be >= 0 (0: off), got {o.mixup}.")
+        _require(o.cutmix >= 0, f"--cutmix must be >= 0 (0: off), got {o.cutmix}.")
+        _require(0 < o.mix_prob <= 1, f"--mix-prob must be in (0, 1], got {o.mix_prob}.")
+        _require(
+            not (o.mixup or o.cutmix) or d.batch_size % 2 == 0,
+            f"--mixup/--cutmix pair each image with another in its batch: --batch-size must be "
+            f"even, got {d.batch_size}.",
+        )
         _require(0 <= o.ema_decay < 1, f"--ema-decay must be in [0, 1), got {o.ema_decay}.")
         _require(o.patience >= 1, f"--patience must be at least 1, got {o.patience}.")
         _require(r.num_workers >= 1, f"--num-workers must be at least 1, got {r.num_workers}.")

@@ -67,6 +67,9 @@ class LoopSettings:
     seed: int
     drop_rate: float = 0.0
     ema_decay: float = 0.0  # 0: no moving average of the weights
+    mixup: float = 0.0  # mixup alpha; 0: off
+    cutmix: float = 0.0  # cutmix alpha; 0: off
+    mix_prob: float = 1.0  # fraction of batches mixed
     deadline: float = 0.0  # time.time() by which the run must end (--time-budget); 0: none
     cpus_per_worker: int = 1
     pretrained_state: Any = None  # an ObjectRef to a state dict, fetched once by the driver
@@ -220,18 +223,24 @@ def train_epoch(
     device: torch.device,
     ema: Any = None,
     global_step: int = 0,
+    mix: Any = None,
 ) -> tuple[float, float, int, int]:
     """Returns (loss sum, correct, images, steps) on this worker. `ema` (timm's ModelEmaV3)
-    follows the model after every step; `global_step` is the steps done before this epoch."""
+    follows the model after every step; `global_step` is the steps done before this epoch.
+    `mix` (timm's Mixup) blends the batch and turns its labels into soft targets; accuracy
+    is still counted against the unmixed labels."""
     wrapped.train()
     set_frozen_eval(model)
     loss_sum, correct, seen, steps = 0.0, 0, 0, 0
     for batch in batches:
         x = normalize(batch[IMAGE_COL], match_blur=False)  # training images as they are
         y = batch[LABEL_COL]
+        target = y
+        if mix is not None:
+            x, target = mix(x, y)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             logits = wrapped(x)
-            loss = criterion(logits.float(), y)
+            loss = criterion(logits.float(), target)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -378,7 +387,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ).to(device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     weight = torch.tensor(s.class_weights, dtype=torch.float32, device=device) if s.class_weights else None
+    # With soft (mixed) targets too: smoothing and class weights apply to them as to labels.
     criterion = torch.nn.CrossEntropyLoss(weight=weight, label_smoothing=s.label_smoothing)
+    mix = None
+    if s.mixup or s.cutmix:
+        from timm.data import Mixup
+
+        mix = Mixup(mixup_alpha=s.mixup, cutmix_alpha=s.cutmix, prob=s.mix_prob,
+                    label_smoothing=0.0, num_classes=len(spec.class_names))
 
     # Resume: after a worker failure, or when the same run folder is run again.
     state, restored = TrainState(), None
@@ -412,6 +428,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         f"{spec.image_size}px from {spec.data_size}px data"
         + (f", val blurred by sigma {spec.input_blur:g} px" if spec.input_blur else "")
         + (f", weights averaged (EMA decay {s.ema_decay:g})" if ema is not None else "")
+        + (f", mixup {s.mixup:g} / cutmix {s.cutmix:g} on {s.mix_prob:.0%} of batches" if mix is not None else "")
     )
     phase, wrapped, optimizer, scheduler = None, model, None, None
     first_epoch = state.epoch
@@ -440,7 +457,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         loss_sum, correct, seen, steps = train_epoch(
             wrapped, model, train_shard.iter_torch_batches(drop_last=True, **iter_args),
             normalize, criterion, optimizer, scheduler, scaler, amp_dtype, step_in_phase, device,
-            ema, state.global_step,
+            ema, state.global_step, mix,
         )
         train_seconds = time.time() - start
         val_loss_sum, labels, preds = evaluate(

@@ -67,6 +67,10 @@ def test_wrong_type_is_rejected() -> None:
         (["--data", "d", "--output", "o", "--no-pretrained", "--pretrained-file", "w.pth"],
          "--pretrained-file"),
         (["--data", "d", "--output", "o", "--epochs", "2", "--freeze-epochs", "3"], "--freeze-epochs"),
+        (["--data", "d", "--output", "o", "--mixup", "-0.2"], "--mixup must be >= 0"),
+        (["--data", "d", "--output", "o", "--cutmix", "1", "--mix-prob", "0"], "--mix-prob must be in"),
+        (["--data", "d", "--output", "o", "--cutmix", "1", "--batch-size", "33"],
+         "--batch-size must be even"),
     ],
 )
 def test_validation_messages(flags: list[str], message: str) -> None:

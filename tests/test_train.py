@@ -120,6 +120,61 @@ def test_ema_run_validates_and_saves_the_average_and_resumes(ray_cluster, synth_
     assert pd.read_csv(run / "history.csv")["epoch"].tolist() == [1, 2, 3]
 
 
+def test_mixup_and_cutmix_train_on_soft_targets() -> None:
+    """train_epoch's loss is the weighted, smoothed cross-entropy on the mixed batch and
+    its soft targets (timm's Mixup draws from numpy's global generator: same seed, same mix)."""
+    import numpy as np
+    from timm.data import Mixup
+
+    from fer_ray.constants import IMAGE_COL, LABEL_COL
+    from fer_ray.model import create_model
+    from fer_ray.normalize import DeviceNormalize
+    from fer_ray.train_loop import train_epoch
+
+    torch.manual_seed(0)
+    model = create_model("test_resnet", 7, in_chans=1)
+    normalize = DeviceNormalize(32, [0.5], [0.25], in_chans=1)
+    images = torch.randint(0, 256, (8, 32, 32, 1), dtype=torch.uint8)
+    labels = torch.tensor([0, 1, 2, 3, 4, 5, 6, 1])  # row i is mixed with row 7 - i: another class
+    criterion = torch.nn.CrossEntropyLoss(weight=torch.linspace(0.5, 2.0, 7), label_smoothing=0.1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # the weights stay as they are
+
+    class NoSchedule:
+        def step_update(self, num_updates: int) -> None:
+            pass
+
+    def run(mix) -> float:
+        np.random.seed(3)
+        loss_sum, _, seen, steps = train_epoch(
+            model, model, [{IMAGE_COL: images, LABEL_COL: labels}], normalize, criterion, optimizer,
+            NoSchedule(), torch.amp.GradScaler("cpu", enabled=False), None, 0, torch.device("cpu"),
+            mix=mix,
+        )
+        assert (seen, steps) == (8, 1)
+        return loss_sum / seen
+
+    for mix in (Mixup(mixup_alpha=0.4, cutmix_alpha=0.0, label_smoothing=0.0, num_classes=7),
+                Mixup(mixup_alpha=0.0, cutmix_alpha=1.0, label_smoothing=0.0, num_classes=7)):
+        loss = run(mix)
+        np.random.seed(3)
+        x, target = mix(normalize(images, match_blur=False), labels)
+        assert target.shape == (8, 7) and 0 < target.max() < 1  # soft: two classes share each row
+        model.train()
+        expected = criterion(model(x), target).item()
+        assert loss == pytest.approx(expected, rel=1e-5)
+        assert loss != pytest.approx(run(None), rel=1e-3)  # unmixed: another loss
+
+
+def test_mixup_run_end_to_end(ray_cluster, synth_shards, tmp_path) -> None:
+    run = tmp_path / "mix"
+    args = tiny_train_args(str(synth_shards), str(run), "--mixup", "0.2", "--cutmix", "1.0", "--mix-prob", "0.5")
+    assert train_main(args) == 0
+    history = pd.read_csv(run / "history.csv")
+    assert history["epoch"].tolist() == [1, 2] and history["train_loss"].notna().all()
+    cfg = json.loads((run / "config.json").read_text())
+    assert (cfg["optim"]["mixup"], cfg["optim"]["cutmix"], cfg["optim"]["mix_prob"]) == (0.2, 1.0, 0.5)
+
+
 def test_epochs_that_fit_counts_whole_epochs_with_a_margin() -> None:
     from fer_ray.train_loop import epochs_that_fit
 
