@@ -29,6 +29,7 @@ import logging
 import os
 import re
 import tempfile
+import threading
 import time
 import uuid
 from typing import TYPE_CHECKING, Any, Sequence
@@ -443,7 +444,9 @@ def input_dataset(source: str, class_names: Sequence[str], split: str | None, ro
         listing = list_images(source, class_names)
         if not listing.num_rows:
             raise ConfigError(f"Input {source!r} holds no files; give a folder with images in it.")
-        return ray.data.from_arrow(_blocks(listing, rows_per_block)), listing.num_rows, None
+        # from_blocks takes the blocks' metadata from the driver's own tables; from_arrow
+        # computes it in a task, which waits ~2 s for a worker process on a just-started Ray.
+        return ray.data.from_blocks(_blocks(listing, rows_per_block)), listing.num_rows, None
     from fer_ray.prepare import read_manifest
 
     root, split = shards[0], split or shards[1]
@@ -540,6 +543,8 @@ def predict(
         scored = score_dataset(
             ds, model_dir, spec, errors, batch_size, num_actors, use_gpu, tta, input_blur
         )
+        # The reports' libraries (matplotlib, scikit-learn: ~1.6 s) load while the actors start.
+        threading.Thread(target=_import_reports, daemon=True).start()
         scored.write_parquet(predictions, min_rows_per_file=ROWS_PER_FILE)
         n_errors = ray.get(errors.close.remote())
         _ensure_parquet(predictions, prediction_schema(spec.class_names))
@@ -588,6 +593,14 @@ def describe(summary: dict[str, Any]) -> str:
         f"{summary['seconds']:.1f} s, {summary['images_per_second']:.0f} images/s"
         f"{' with TTA' if summary['tta'] else ''}{quality}; output: {summary['output']}"
     )
+
+
+def _import_reports() -> None:
+    try:
+        import fer_ray.metrics  # noqa: F401
+        import fer_ray.reports  # noqa: F401
+    except Exception:  # noqa: BLE001 - write_reports imports them again and reports the error
+        pass
 
 
 def _here() -> Any:
