@@ -94,9 +94,7 @@ def plain_loop(model_dir: str, source: str, output: str, batch_size: int, worker
     model, spec = load_model_dir(model_dir)
     fmt = fastest_inference_layout(model, spec.in_chans, spec.image_size)  # as fer_ray's scorer picks it
     model = model.to(memory_format=fmt).eval()
-    # As fer_ray's scorer prepares images: the model's stem channels and its input blur.
-    normalize = DeviceNormalize(spec.image_size, spec.mean, spec.std, in_chans=spec.in_chans,
-                                blur_sigma=spec.input_blur)
+    normalize = DeviceNormalize.for_model(spec)  # as fer_ray's scorer prepares images
     data = FolderImages(source, spec.class_names, spec.data_size, spec.channels)
     loader = torch.utils.data.DataLoader(data, batch_size=batch_size, num_workers=workers)
     paths, labels, probs = [], [], []

@@ -3,12 +3,15 @@ worker's device (GPU or CPU), after Ray Data has decoded them at their small siz
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from fer_ray.blur import gaussian_blur
+
+if TYPE_CHECKING:
+    from fer_ray.model import ModelSpec
 
 
 def match_channels(values: Sequence[float], in_chans: int) -> list[float]:
@@ -47,6 +50,17 @@ class DeviceNormalize(torch.nn.Module):
         # (x / 255 - mean) / std folded into one multiply-add
         self.register_buffer("scale", 1.0 / (255.0 * std_t), persistent=False)
         self.register_buffer("shift", -mean_t / std_t, persistent=False)
+
+    @classmethod
+    def for_model(
+        cls, spec: "ModelSpec", blur_sigma: float | None = None, channels_last: bool = False
+    ) -> "DeviceNormalize":
+        """As a model folder describes its input: size, statistics, stem channels and the
+        blur it recorded (`blur_sigma` overrides it)."""
+        return cls(
+            spec.image_size, spec.mean, spec.std, in_chans=spec.in_chans, channels_last=channels_last,
+            blur_sigma=spec.input_blur if blur_sigma is None else blur_sigma,
+        )
 
     def forward(self, images: torch.Tensor, match_blur: bool = True) -> torch.Tensor:
         x = images.permute(0, 3, 1, 2).float()

@@ -353,11 +353,8 @@ class Scorer:
             self.amp_dtype = None  # fp32, as the model was validated in
             self.memory_format = fastest_inference_layout(model, spec.in_chans, spec.image_size)
         self.model = model.to(self.device).to(memory_format=self.memory_format).eval()
-        # The blur that matches these images to the training images (fer_ray.blur).
-        blur = spec.input_blur if input_blur is None else input_blur
-        self.normalize = DeviceNormalize(
-            spec.image_size, spec.mean, spec.std, in_chans=spec.in_chans, blur_sigma=blur
-        ).to(self.device)
+        # With the blur that matches these images to the training images (fer_ray.blur).
+        self.normalize = DeviceNormalize.for_model(spec, blur_sigma=input_blur).to(self.device)
         self.class_names = list(spec.class_names)
         self.tta = tta
 

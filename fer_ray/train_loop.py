@@ -381,10 +381,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         ) + f"; training in {format_name(amp_dtype, channels_last)}")
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    normalize = DeviceNormalize(
-        spec.image_size, spec.mean, spec.std, in_chans=spec.in_chans, channels_last=channels_last,
-        blur_sigma=spec.input_blur,
-    ).to(device)
+    normalize = DeviceNormalize.for_model(spec, channels_last=channels_last).to(device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     weight = torch.tensor(s.class_weights, dtype=torch.float32, device=device) if s.class_weights else None
     # With soft (mixed) targets too: smoothing and class weights apply to them as to labels.
