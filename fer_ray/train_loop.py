@@ -197,6 +197,10 @@ def build_scheduler(optimizer: torch.optim.Optimizer, phase: str, s: LoopSetting
     )
 
 
+# --time-budget estimates an epoch's time from this many of the latest epochs.
+ESTIMATE_WINDOW = 3
+
+
 def epochs_that_fit(done: int, configured: int, deadline: float, now: float, epoch_seconds: float) -> int:
     """How many epochs in all the run can have and still end by `deadline`: those done plus
     the whole epochs of `epoch_seconds` (+5% margin) left, at most `configured`."""
@@ -207,6 +211,27 @@ def epochs_that_fit(done: int, configured: int, deadline: float, now: float, epo
 # --------------------------------------------------------------------------------------
 # One epoch of training and of validation
 # --------------------------------------------------------------------------------------
+
+
+class TimedBatches:
+    """Iterates `batches`, adding up the seconds spent waiting for each next batch: how long
+    the loop stood idle for its input (the first batch of an epoch included)."""
+
+    def __init__(self, batches: Any) -> None:
+        self.batches = batches
+        self.wait = 0.0
+
+    def __iter__(self) -> Any:
+        it = iter(self.batches)
+        while True:
+            start = time.perf_counter()
+            try:
+                batch = next(it)
+            except StopIteration:
+                self.wait += time.perf_counter() - start
+                return
+            self.wait += time.perf_counter() - start
+            yield batch
 
 
 def train_epoch(
@@ -451,8 +476,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         lr = optimizer.param_groups[0]["lr"]
 
         start = time.time()
+        train_batches = TimedBatches(train_shard.iter_torch_batches(drop_last=True, **iter_args))
         loss_sum, correct, seen, steps = train_epoch(
-            wrapped, model, train_shard.iter_torch_batches(drop_last=True, **iter_args),
+            wrapped, model, train_batches,
             normalize, criterion, optimizer, scheduler, scaler, amp_dtype, step_in_phase, device,
             ema, state.global_step, mix,
         )
@@ -488,6 +514,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "val_acc": val_acc,
             "seconds": round(seconds, 2),
             "images_per_s": round(seen / max(train_seconds, 1e-9), 1),
+            # This worker's training pass stood idle this long waiting for batches.
+            "data_wait_s": round(train_batches.wait, 2),
             "steps": steps,  # optimizer steps, the same on every worker
         }
         state.history.append(row)
@@ -495,7 +523,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             f"epoch {state.epoch}/{s.epochs} [{phase}] lr {lr:.2e} "
             f"train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f} | "
             f"val loss {row['val_loss']:.4f} acc {val_acc:.4f}{' *' if improved else ''} | "
-            f"{seconds:.1f}s {row['images_per_s']:.0f} img/s"
+            f"{seconds:.1f}s {row['images_per_s']:.0f} img/s, {row['data_wait_s']:.1f}s waiting for data"
             + (f" | early stop: no gain for {state.bad_epochs} epochs" if state.stopped_early else "")
         )
 
@@ -520,16 +548,19 @@ def _fit_to_deadline(
 ) -> tuple[float, Any]:
     """--time-budget, before each epoch after this process's first: how many epochs fit.
 
-    The estimate is the slowest whole epoch (train, val and report, on the slowest worker)
-    since the process's first, which also pays the pipeline's warm-up and so is used only
-    until a second epoch has run. When the number that fits changes, the run is shortened or
+    The estimate is the slowest of the last ESTIMATE_WINDOW whole epochs (train, val and
+    report, on the slowest worker) after the process's first, which also pays the
+    pipeline's warm-up and so is used only until a second epoch has run. A window, not the
+    whole run: one epoch slowed by other work on a shared machine cuts the plan for a few
+    epochs, not for the rest of the run (seen here: a 2-minute epoch among 50-second ones
+    took a 28-epoch plan down to 15). When the number that fits changes, the run is shortened or
     lengthened (up to --epochs) and the cosine schedule refitted to end there, so the
     learning rate still decays to its end. The plan is kept in the train state for a resume.
     Appends to `epoch_times`, sets `s.epochs`; returns the new (mark, scheduler)."""
     now = time.time()
     [seconds] = all_reduce([now - mark], device, op=dist.ReduceOp.MAX)
     epoch_times.append(seconds)
-    estimate = max(epoch_times[1:]) if len(epoch_times) > 1 else epoch_times[0]
+    estimate = max(epoch_times[1:][-ESTIMATE_WINDOW:]) if len(epoch_times) > 1 else epoch_times[0]
     fit = epochs_that_fit(state.epoch, configured_epochs, s.deadline, now, estimate)
     if fit != s.epochs:
         log0(f"Time budget: {estimate:.0f} s per epoch leaves room for {fit} of at most "

@@ -25,11 +25,14 @@ def test_run_folder_is_complete(tiny_run) -> None:
         assert (tiny_run / name).stat().st_size > 0, name
     history = pd.read_csv(tiny_run / "history.csv")
     assert history.columns.tolist() == [
-        "epoch", "phase", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "seconds", "images_per_s", "steps",
+        "epoch", "phase", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "seconds", "images_per_s",
+        "data_wait_s", "steps",
     ]
     assert history["epoch"].tolist() == [1, 2]
     assert history["phase"].tolist() == ["head", "finetune"]  # --freeze-epochs 1
     assert (history["images_per_s"] > 0).all()
+    # Waiting for batches is part of the epoch, never more than all of it.
+    assert ((history["data_wait_s"] > 0) & (history["data_wait_s"] < history["seconds"])).all()
     assert (history["steps"] == 280 // 16).all()
 
     metrics = pd.read_parquet(tiny_run / "val_metrics.parquet").set_index("name")
@@ -185,8 +188,8 @@ def test_epochs_that_fit_counts_whole_epochs_with_a_margin() -> None:
 
 def test_time_budget_plan_grows_once_the_warm_up_epoch_is_behind(monkeypatch) -> None:
     """The first epoch (pipeline warm-up included) sets the plan until a second has run;
-    then the slowest epoch after it does, which may give room for more epochs (up to
-    --epochs) or fewer."""
+    then the slowest of the latest epochs after it does, which may give room for more
+    epochs (up to --epochs) or fewer."""
     from types import SimpleNamespace
 
     import fer_ray.train_loop as tl
@@ -207,6 +210,17 @@ def test_time_budget_plan_grows_once_the_warm_up_epoch_is_behind(monkeypatch) ->
     # 4 (slower): 4 + 450 // 157.5; 5: 5 + 300 // 157.5
     assert planned == [4, 8, 8, 6, 6]
     assert state.planned_epochs == 6
+    # One slow epoch (other work on the machine) shortens the plan only while it is among
+    # the last ESTIMATE_WINDOW (3) epochs.
+    s.deadline = 3000.0
+    for epoch_seconds in (400, 100, 100, 100, 100):
+        clock[0] += epoch_seconds
+        state.epoch += 1
+        mark, _ = tl._fit_to_deadline(s, state, 22, times, mark, "finetune", None, None, 10, torch.device("cpu"))
+        planned.append(s.epochs)
+    # after epoch 6 (clock 1100, window 150, 150, 400): 6 + 1900 // 420; 7: 7 + 1800 // 420;
+    # 8: 8 + 1700 // 420; 9 (window 100, 100, 100): 9 + 1600 // 105, at most 22; 10: the same
+    assert planned[5:] == [10, 11, 12, 22, 22]
     s.deadline = 1e6
     clock[0] += 100
     state.epoch += 1
@@ -264,3 +278,22 @@ def test_time_budget_fits_the_schedule_and_ends_in_time(ray_cluster, synth_shard
     peak = history["lr"].max()
     fitted = 0.5 * (1 + math.cos(math.pi * (n - 2) / n))
     assert history["lr"].iloc[-1] == pytest.approx(fitted * peak, rel=0.05, abs=1e-5)
+
+
+def test_timed_batches_adds_up_the_waits() -> None:
+    import time
+
+    from fer_ray.train_loop import TimedBatches
+
+    def slow():
+        for i in range(3):
+            time.sleep(0.05)
+            yield i
+
+    timed = TimedBatches(slow())
+    got = []
+    for item in timed:
+        got.append(item)
+        time.sleep(0.1)  # the loop's own work is not waiting
+    assert got == [0, 1, 2]
+    assert 0.15 <= timed.wait < 0.25
