@@ -12,6 +12,16 @@ from fer_ray.constants import IMAGE_COL, LABEL_COL, TRAIN, VAL
 from fer_ray.transforms import transform_batch
 
 MAP_BATCH_SIZE = 256
+# Training images leave the transform in blocks of about one map batch, so they stream to
+# the loop as they are made: with Ray's default (128 MiB) a task's whole output is one
+# block, and every epoch began with the loop idle until the first tasks had decoded a
+# quarter of the split each (`data_wait_s` in the history shows what is left).
+MIN_BLOCK_BYTES = 1 << 20
+
+
+def train_block_bytes(size: int, channels: int) -> int:
+    """One map batch of uint8 images and int64 labels, at least MIN_BLOCK_BYTES."""
+    return max(MIN_BLOCK_BYTES, MAP_BATCH_SIZE * (size * size * channels + 8))
 # Splits up to this share of the object store are kept there between epochs.
 CACHE_FRACTION = 0.2
 
@@ -91,6 +101,7 @@ def split_dataset(
         # (the shuffle of a small split ends in a single block).
         blocks = max(2, int(ray.cluster_resources().get("CPU", 2)))
         ds = ds.random_shuffle().repartition(num_blocks=blocks)
+        ds.context.target_max_block_size = train_block_bytes(size, channels)  # this dataset's own
     ds = ds.map_batches(
         transform_batch,
         fn_kwargs={"size": size, "channels": channels, "is_training": is_training, "augment": augment},

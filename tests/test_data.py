@@ -49,3 +49,17 @@ def test_eval_data_keeps_every_image_once(ray_cluster, synth_shards) -> None:
     batches = list(ds.iter_batches(batch_size=32, batch_format="numpy"))
     assert sum(len(b["label"]) for b in batches) == 70
     assert all(b["image"].shape[1:] == (32, 32, 1) and b["image"].dtype == np.uint8 for b in batches)
+
+
+def test_training_images_stream_in_blocks_of_one_map_batch(ray_cluster, synth_shards, monkeypatch) -> None:
+    """Each map batch leaves as its own block, so the loop gets its first batch as soon as
+    one is made, not once a task has transformed its whole share of the split."""
+    import fer_ray.data as data
+
+    monkeypatch.setattr(data, "MAP_BATCH_SIZE", 16)
+    monkeypatch.setattr(data, "MIN_BLOCK_BYTES", 0)
+    ds = data.split_dataset(str(synth_shards), "train", 32, 1, True, "none").materialize()
+    sizes = [len(b["label"]) for b in ds.iter_batches(batch_size=None, batch_format="numpy")]
+    assert sum(sizes) == 280
+    # About a map batch each (Ray slices at the byte target); 4 blocks of 70 rows without it.
+    assert max(sizes) < 2 * 16 and len(sizes) >= 280 // 24
