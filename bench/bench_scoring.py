@@ -164,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=None, help="model folder (default: a fresh resnet18)")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the plain loop")
+    parser.add_argument("--num-actors", type=int, default=None,
+                        help="fer_ray's scoring actors (default: jobs/predict.py's default)")
     parser.add_argument("--skip-memory", action="store_true", help="skip the train-folder memory run")
     args = parser.parse_args(argv)
 
@@ -201,8 +203,9 @@ def main(argv: list[str] | None = None) -> int:
         def fer_ray_run(split: str, folder: str) -> None:
             with Sampler() as sampler:
                 start = time.perf_counter()
+                actors = {} if args.num_actors is None else {"num_actors": args.num_actors}
                 summary = predict(model_dir, folder, os.path.join(tmp, f"fer_ray_{split}"),
-                                  batch_size=args.batch_size)
+                                  batch_size=args.batch_size, **actors)
                 seconds = time.perf_counter() - start
             rows.append(("fer_ray.predict", split, summary["scored"], seconds, sampler))
 

@@ -19,6 +19,7 @@ OUT/confusion_matrix.parquet and OUT/confusion_matrix.png. A rerun replaces OUT.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -42,6 +43,16 @@ def _blur_arg(value: str) -> float | None:
         raise argparse.ArgumentTypeError(f"must be model, off or a sigma >= 0 in pixels, got {value!r}") from None
 
 
+def _actors_arg(value: str) -> int | None:
+    """--num-actors: None for 'auto', else a count (checked with the other inputs)."""
+    if value == "auto":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be auto or a number, got {value!r}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="Score image folders with a trained model (Ray Data batch inference).",
@@ -53,9 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", default=None,
                         help="shards input only: the split to score (all splits when left out)")
     parser.add_argument("--batch-size", type=int, default=256, help="images per model call")
-    parser.add_argument("--num-actors", type=int, default=1,
+    parser.add_argument("--num-actors", type=_actors_arg, default="auto",
                         help="model replicas: one GPU each with --use-gpu; on CPU they split the "
-                        "cores and each decodes its own batches")
+                        "cores and each decodes its own batches. auto: one per 10,000 images, at "
+                        "most the cores (the cluster's GPUs with --use-gpu)")
     parser.add_argument("--use-gpu", action="store_true", help="one GPU per actor, mixed precision")
     parser.add_argument("--tta", action="store_true", help="average with the horizontally flipped image")
     parser.add_argument("--input-blur", default="model", type=_blur_arg,
@@ -68,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
 
         options = {"split": args.split, "batch_size": args.batch_size, "num_actors": args.num_actors}
         check_inputs(args.model, args.input, args.output, **options)  # before Ray starts
-        init_ray(min_cpus=args.num_actors + 2)
+        init_ray(min_cpus=(args.num_actors or os.cpu_count() or 1) + 2)
         summary = predict(args.model, args.input, args.output, use_gpu=args.use_gpu, tta=args.tta,
                           input_blur=args.input_blur, **options)
         print(describe(summary))

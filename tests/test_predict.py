@@ -316,3 +316,24 @@ def test_bad_inputs_exit_2_with_one_sentence(case, model_dir, image_folder, tmp_
     assert err.startswith("error: ") and len(err.splitlines()) == 1, err
     assert err.count(". ") + err.count("; ") <= 2  # one sentence (maybe with a clause after ';')
     assert not Path(out).exists() or case == "foreign_output" or case == "input_inside_output"
+
+
+def test_auto_actors_one_per_ten_thousand_images_up_to_the_cores(monkeypatch) -> None:
+    import fer_ray.predict as P
+
+    monkeypatch.setattr(P, "_cores", lambda: 2)
+    assert [P.auto_actors(n, use_gpu=False) for n in (1, 3_589, 9_999, 10_000, 28_709)] == [1, 1, 1, 2, 2]
+    monkeypatch.setattr(P, "_cores", lambda: 8)
+    assert P.auto_actors(28_709, use_gpu=False) == 3
+    assert P.auto_actors(10**7, use_gpu=False) == 8
+    monkeypatch.setattr(P, "_cores", lambda: 1)
+    assert P.auto_actors(10**7, use_gpu=False) == 1
+
+
+def test_num_actors_flag_takes_auto_or_a_count(tmp_path, capsys) -> None:
+    from jobs.predict import main as predict_main
+
+    with pytest.raises(SystemExit) as e:
+        predict_main(["--model", "m", "--input", "i", "--output", "o", "--num-actors", "many"])
+    assert e.value.code == 2
+    assert "must be auto or a number, got 'many'" in capsys.readouterr().err
