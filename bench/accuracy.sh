@@ -7,8 +7,8 @@
 #
 # Prepares FER (train/ and val/ class folders) into Parquet shards, trains the preset
 # (selection on val only: the test split is never seen), scores val with jobs/predict.py
-# with and without flip TTA, and prints on its last line:
-#   val_acc=X val_macro_f1=X val_acc_tta=X val_macro_f1_tta=X train_minutes=X
+# without TTA, with flip TTA and with ten-crop TTA, and prints on its last line:
+#   val_acc=X val_macro_f1=X val_acc_tta=X val_macro_f1_tta=X val_acc_tencrop=X val_macro_f1_tencrop=X train_minutes=X
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -34,13 +34,16 @@ minutes=$(( ($(date +%s) - start) ))
 
 "$PY" jobs/predict.py --model "$OUT/run/best" --input "$FER/val" --output "$OUT/val"
 "$PY" jobs/predict.py --model "$OUT/run/best" --input "$FER/val" --output "$OUT/val_tta" --tta
+"$PY" jobs/predict.py --model "$OUT/run/best" --input "$FER/val" --output "$OUT/val_tencrop" --tta ten-crop
 
 "$PY" - "$OUT" "$minutes" <<'EOF'
 import json, sys
 out, seconds = sys.argv[1], int(sys.argv[2])
 plain = json.load(open(f"{out}/val/summary.json"))
 tta = json.load(open(f"{out}/val_tta/summary.json"))
+crops = json.load(open(f"{out}/val_tencrop/summary.json"))
 print(f"val_acc={plain['accuracy']:.4f} val_macro_f1={plain['macro_f1']:.4f} "
       f"val_acc_tta={tta['accuracy']:.4f} val_macro_f1_tta={tta['macro_f1']:.4f} "
+      f"val_acc_tencrop={crops['accuracy']:.4f} val_macro_f1_tencrop={crops['macro_f1']:.4f} "
       f"train_minutes={seconds / 60:.1f}")
 EOF

@@ -80,6 +80,46 @@ ERROR_ROWS_PER_WRITE = 10_000
 AUTO_IMAGES_PER_ACTOR = 10_000
 
 
+# Test-time augmentation (--tta): "flip" averages the image with its mirror image;
+# "ten-crop" adds the four corners and the centre cropped to CROP_FRACTION of the side (each
+# resized back to the model's input and mirrored): 12 views. Measured on FER2013 val with
+# three CPU-preset models: +0.9 to +1.3 points of accuracy over "flip" (bench/ACCURACY.md).
+TTA_MODES = ("flip", "ten-crop")
+CROP_FRACTION = 15 / 16
+
+
+def tta_mode(tta: bool | str | None) -> str | None:
+    """None, "flip" or "ten-crop" from what predict() was given (True means "flip")."""
+    if tta is True:
+        return "flip"
+    if not tta:
+        return None
+    if tta not in TTA_MODES:
+        raise ConfigError(f"--tta must be one of {', '.join(TTA_MODES)}, got {tta!r}.")
+    return str(tta)
+
+
+def tta_views(x: Any, mode: str | None) -> list[Any]:
+    """The normalised batch [B, C, S, S] as the model sees it under `mode`: the batch, its
+    mirror image, and for ten-crop the five crops and their mirror images."""
+    import torch.nn.functional as F
+
+    views = [x]
+    if mode:
+        views.append(x.flip(-1))
+    if mode == "ten-crop":
+        side = x.shape[-1]
+        crop = max(1, round(side * CROP_FRACTION))
+        mid, end = (side - crop) // 2, side - crop
+        for top, left in ((mid, mid), (0, 0), (0, end), (end, 0), (end, end)):
+            view = F.interpolate(
+                x[..., top : top + crop, left : left + crop], size=x.shape[-2:], mode="bilinear",
+                align_corners=False,
+            )
+            views += [view, view.flip(-1)]
+    return views
+
+
 def prob_col(class_name: str) -> str:
     return PROB_PREFIX + class_name
 
@@ -338,7 +378,7 @@ class Scorer:
     """Ray Data callable class: uint8 images -> class probabilities, one model per actor."""
 
     def __init__(
-        self, model_dir: str, use_gpu: bool, tta: bool, num_actors: int, input_blur: float | None = None
+        self, model_dir: str, use_gpu: bool, tta: str | None, num_actors: int, input_blur: float | None = None
     ) -> None:
         import torch
 
@@ -377,13 +417,10 @@ class Scorer:
         with torch.inference_mode(), torch.autocast(
             self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None
         ):
-            x = self.normalize(x)
-            if self.tta:
-                x = torch.cat([x, x.flip(-1)])
-            x = x.contiguous(memory_format=self.memory_format)
-            probs = self.model(x).float().softmax(1)
-            if self.tta:
-                probs = (probs[: len(images)] + probs[len(images) :]) / 2
+            views = tta_views(self.normalize(x), self.tta)
+            probs = sum(
+                self.model(v.contiguous(memory_format=self.memory_format)).float().softmax(1) for v in views
+            ) / len(views)
         return prediction_table(
             batch[PATH_COL], batch[LABEL_COL], probs.cpu().numpy(), self.class_names
         )
@@ -483,7 +520,7 @@ def score_dataset(
     batch_size: int,
     num_actors: int,
     use_gpu: bool,
-    tta: bool,
+    tta: str | None,
     input_blur: float | None = None,
 ) -> Any:
     """Decode in CPU tasks, score on the actor pool (fused into it on CPU, see above)."""
@@ -531,19 +568,21 @@ def predict(
     batch_size: int = 256,
     num_actors: int | None = None,
     use_gpu: bool = False,
-    tta: bool = False,
+    tta: bool | str | None = False,
     split: str | None = None,
     input_blur: float | None = None,
 ) -> dict[str, Any]:
     """Score every image under SOURCE (or every row of a shards folder, or of its `split`)
     with the model in MODEL_DIR; write OUTPUT and return its summary.json. `input_blur`
     overrides the model's blur sigma (None: the model's own, see fer_ray.blur);
-    `num_actors` None sizes the actor pool to the input (auto_actors)."""
+    `num_actors` None sizes the actor pool to the input (auto_actors); `tta` is None,
+    "flip" (or True) or "ten-crop" (tta_views)."""
     import ray
 
     start = time.time()
     model_dir, source, output = (storage.normalize(p) for p in (model_dir, source, output))
     spec = check_inputs(model_dir, source, output, split, batch_size, num_actors)
+    tta = tta_mode(tta)
     for stale in _stale_temp_folders(output):
         log.warning("%s is left from an interrupted run; remove it", stale)
     ds, total, split = input_dataset(source, spec.class_names, split, batch_size)  # starts Ray if needed
@@ -612,7 +651,7 @@ def describe(summary: dict[str, Any]) -> str:
     return (
         f"scored {summary['scored']} of {summary['total']} ({summary['errors']} errors) in "
         f"{summary['seconds']:.1f} s, {summary['images_per_second']:.0f} images/s"
-        f"{' with TTA' if summary['tta'] else ''}{quality}; output: {summary['output']}"
+        f"{' with ' + summary['tta'] + ' TTA' if summary['tta'] else ''}{quality}; output: {summary['output']}"
     )
 
 

@@ -131,7 +131,7 @@ def test_every_good_file_scored_and_every_bad_one_in_errors(labelled_run, image_
         assert bad[path] in reason, (path, reason)
     assert (summary["scored"], summary["errors"], summary["total"]) == (len(good), len(bad), len(good) + len(bad))
     assert json.loads((out / SUMMARY_FILE).read_text()) == summary
-    assert summary["tta"] is False and summary["images_per_second"] > 0
+    assert summary["tta"] is None and summary["images_per_second"] > 0
     _no_temp_left(out)
 
 
@@ -211,7 +211,7 @@ def test_cli_rerun_with_tta_replaces_the_output(labelled_run, model_dir, image_f
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("scored 21 of 25 (4 errors)")
     assert not (out / "stale.txt").exists()
     summary = json.loads((out / SUMMARY_FILE).read_text())
-    assert summary["tta"] is True and summary["scored"] == 21
+    assert summary["tta"] == "flip" and summary["scored"] == 21
     probs = _predictions(out)[PROB_COLS].to_numpy()
     np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
     # Flip TTA changes the numbers (the model is not mirror-symmetric).
@@ -330,10 +330,52 @@ def test_auto_actors_one_per_ten_thousand_images_up_to_the_cores(monkeypatch) ->
     assert P.auto_actors(10**7, use_gpu=False) == 1
 
 
-def test_num_actors_flag_takes_auto_or_a_count(tmp_path, capsys) -> None:
-    from jobs.predict import main as predict_main
-
+def test_num_actors_flag_takes_auto_or_a_count(capsys) -> None:
     with pytest.raises(SystemExit) as e:
         predict_main(["--model", "m", "--input", "i", "--output", "o", "--num-actors", "many"])
     assert e.value.code == 2
     assert "must be auto or a number, got 'many'" in capsys.readouterr().err
+
+
+def test_ten_crop_views_are_the_corners_and_centre_and_their_mirrors() -> None:
+    import torch.nn.functional as F
+
+    from fer_ray.predict import tta_views
+
+    x = torch.arange(2 * 1 * 32 * 32, dtype=torch.float32).view(2, 1, 32, 32)
+    assert len(tta_views(x, None)) == 1
+    plain, mirror = tta_views(x, "flip")
+    assert torch.equal(plain, x) and torch.equal(mirror, x.flip(-1))
+    views = tta_views(x, "ten-crop")
+    assert len(views) == 12 and all(v.shape == x.shape for v in views)
+    # 30 of 32 px (15/16): the centre crop starts at 1, the bottom-right one at 2.
+    resize = lambda c: F.interpolate(c, size=(32, 32), mode="bilinear", align_corners=False)  # noqa: E731
+    assert torch.equal(views[2], resize(x[..., 1:31, 1:31]))
+    assert torch.equal(views[3], views[2].flip(-1))
+    assert torch.equal(views[10], resize(x[..., 2:, 2:]))
+    assert len({tuple(v.flatten()[:50].tolist()) for v in views}) == 12  # all different
+
+
+def test_scorer_averages_the_softmax_of_every_view(model_dir) -> None:
+    from fer_ray.constants import IMAGE_COL, LABEL_COL, PATH_COL
+    from fer_ray.predict import PROB_PREFIX, Scorer, tta_views
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (5, SIZE, SIZE, 1), dtype=np.uint8)
+    batch = {IMAGE_COL: images, PATH_COL: np.array([f"{i}.png" for i in range(5)]), LABEL_COL: np.full(5, -1)}
+    scorer = Scorer(str(model_dir), use_gpu=False, tta="ten-crop", num_actors=1)
+    table = scorer(batch)
+    got = np.stack([table.column(c).to_numpy() for c in table.column_names if c.startswith(PROB_PREFIX)], 1)
+    with torch.inference_mode():
+        views = tta_views(scorer.normalize(torch.from_numpy(images)), "ten-crop")
+        want = sum(scorer.model(v).softmax(1) for v in views).numpy() / 12
+        one = scorer.model(scorer.normalize(torch.from_numpy(images))).softmax(1).numpy()
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert not np.allclose(got, one, atol=1e-3)  # the views change the answer
+
+
+def test_tta_flag_takes_flip_or_ten_crop(capsys) -> None:
+    with pytest.raises(SystemExit) as e:
+        predict_main(["--model", "m", "--input", "i", "--output", "o", "--tta", "five-crop"])
+    assert e.value.code == 2
+    assert "invalid choice: 'five-crop'" in capsys.readouterr().err
