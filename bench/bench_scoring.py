@@ -22,7 +22,11 @@ each of them (processes that end between samples lose at most a second of it). A
 costs ~0.1 s of CPU, a few percent of this 2-core machine, carried by both sides; the
 plain loop's tree includes the idle Ray cluster too. `memory_growth` is fer_ray's peak PSS
 on DATA/train (28,709 images) over its peak on DATA/val (3,589 images): 1.0 means memory
-does not grow with the size of the folder.
+does not grow with the size of the folder. jobs/predict.py's default (`--num-actors auto`)
+scores the train folder with more actors than val (one per 10,000 images, up to the cores),
+and each actor holds its own torch and model; so with the default, fer_ray also scores the
+train folder with val's number of actors, and memory_growth compares those two runs (same
+configuration, 8x the images). The speed rows use the default.
 
 The last line is `scoring_vs_plain=X memory_growth=Y` (X > 1: fer_ray is faster).
 """
@@ -132,20 +136,22 @@ def fresh_model(folder: str) -> str:
 
 def print_report(rows: list, idle_pss: int, idle_rss: int, load_before: str) -> None:
     """The table, memory above idle, start-up vs steady rate, and the summary line."""
-    print(f"\n{'run':<24}{'folder':<8}{'images':>8}{'seconds':>9}{'images/s':>10}"
+    print(f"\n{'run':<44}{'folder':<8}{'images':>8}{'seconds':>9}{'images/s':>10}"
           f"{'CPU s':>8}{'peak PSS MiB':>14}{'peak RSS MiB':>14}")
     for name, split, n, seconds, m in rows:
-        print(f"{name:<24}{split:<8}{n:>8}{seconds:>9.1f}{n / seconds:>10.0f}{m.cpu_seconds:>8.1f}"
+        print(f"{name:<44}{split:<8}{n:>8}{seconds:>9.1f}{n / seconds:>10.0f}{m.cpu_seconds:>8.1f}"
               f"{m.peak_pss / MiB:>14.0f}{m.peak_rss / MiB:>14.0f}")
     print(f"idle Ray cluster + this process: PSS {idle_pss / MiB:.0f} MiB, RSS {idle_rss / MiB:.0f} MiB; "
           f"load average before/after: {load_before} / {os.getloadavg()[0]:.1f}")
 
-    by = {(name.split()[0], split): (n, s) for name, split, n, s, _ in rows}
-    mem = {split: m for name, split, _, _, m in rows if name.startswith("fer_ray")}
+    by = {(name.split()[0], split): (n, s) for name, split, n, s, _ in rows if "same actors" not in name}
+    # The memory comparison holds the number of actors fixed (see the docstring).
+    mem = {split: m for name, split, _, _, m in rows if name.startswith("fer_ray") and "same actors" not in name}
+    mem.update({"train": m for name, split, _, _, m in rows if "same actors" in name})
     ratio = (by[("fer_ray.predict", "val")][0] / by[("fer_ray.predict", "val")][1]) / (
         by[("plain", "val")][0] / by[("plain", "val")][1])
     growth = mem["train"].peak_pss / mem["val"].peak_pss if "train" in mem else float("nan")
-    above = ", ".join(f"{name.split()[0]} {split} {(m.peak_pss - idle_pss) / MiB:.0f} MiB"
+    above = ", ".join(f"{name} {split} {(m.peak_pss - idle_pss) / MiB:.0f} MiB"
                       for name, split, _, _, m in rows)
     print(f"peak PSS above idle: {above}")
     if "train" in mem:
@@ -200,21 +206,28 @@ def main(argv: list[str] | None = None) -> int:
                 seconds = time.perf_counter() - start
             rows.append(("plain DataLoader loop", split, n, seconds, sampler))
 
-        def fer_ray_run(split: str, folder: str) -> None:
+        def fer_ray_run(split: str, folder: str, actors: int | None = args.num_actors, name: str = "") -> int:
             with Sampler() as sampler:
                 start = time.perf_counter()
-                actors = {} if args.num_actors is None else {"num_actors": args.num_actors}
-                summary = predict(model_dir, folder, os.path.join(tmp, f"fer_ray_{split}"),
-                                  batch_size=args.batch_size, **actors)
+                summary = predict(model_dir, folder, os.path.join(tmp, f"fer_ray_{split}{name}"),
+                                  batch_size=args.batch_size, num_actors=actors)
                 seconds = time.perf_counter() - start
-            rows.append(("fer_ray.predict", split, summary["scored"], seconds, sampler))
+            label = f"fer_ray.predict ({summary['num_actors']} actor{'s' if summary['num_actors'] > 1 else ''})"
+            rows.append((label + name, split, summary["scored"], seconds, sampler))
+            return summary["num_actors"]
 
         idle_pss, idle_rss = tree_memory()
         load_before = f"{os.getloadavg()[0]:.1f}"
-        fer_ray_run("val", val)
+        val_actors = fer_ray_run("val", val)
         plain_run("val", val)
         if not args.skip_memory:
             if os.path.isdir(train):
+                # The memory pair first: later runs find processes of earlier ones still
+                # winding down in the tree.
+                from fer_ray.predict import auto_actors
+
+                if args.num_actors is None and auto_actors(len(FolderImages(train, [], 1, 1)), False) != val_actors:
+                    fer_ray_run("train", train, val_actors, ", same actors as val")
                 fer_ray_run("train", train)
                 plain_run("train", train)
             else:
