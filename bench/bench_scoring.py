@@ -134,30 +134,30 @@ def fresh_model(folder: str) -> str:
     return folder
 
 
-def print_report(rows: list, idle_pss: int, idle_rss: int, load_before: str) -> None:
-    """The table, memory above idle, start-up vs steady rate, and the summary line."""
-    print(f"\n{'run':<44}{'folder':<8}{'images':>8}{'seconds':>9}{'images/s':>10}"
+def print_report(
+    rows: list, speed: dict, memory: dict, idle_pss: int, idle_rss: int, load_before: str
+) -> None:
+    """The table, memory above idle, start-up vs steady rate, and the summary line. `speed`
+    maps (who, split) to (images, seconds); `memory` maps a split to fer_ray's sampler for
+    the memory comparison."""
+    print(f"\n{"run":<50}{'folder':<8}{'images':>8}{'seconds':>9}{'images/s':>10}"
           f"{'CPU s':>8}{'peak PSS MiB':>14}{'peak RSS MiB':>14}")
     for name, split, n, seconds, m in rows:
-        print(f"{name:<44}{split:<8}{n:>8}{seconds:>9.1f}{n / seconds:>10.0f}{m.cpu_seconds:>8.1f}"
+        print(f"{name:<50}{split:<8}{n:>8}{seconds:>9.1f}{n / seconds:>10.0f}{m.cpu_seconds:>8.1f}"
               f"{m.peak_pss / MiB:>14.0f}{m.peak_rss / MiB:>14.0f}")
     print(f"idle Ray cluster + this process: PSS {idle_pss / MiB:.0f} MiB, RSS {idle_rss / MiB:.0f} MiB; "
           f"load average before/after: {load_before} / {os.getloadavg()[0]:.1f}")
 
-    by = {(name.split()[0], split): (n, s) for name, split, n, s, _ in rows if "same actors" not in name}
-    # The memory comparison holds the number of actors fixed (see the docstring).
-    mem = {split: m for name, split, _, _, m in rows if name.startswith("fer_ray") and "same actors" not in name}
-    mem.update({"train": m for name, split, _, _, m in rows if "same actors" in name})
-    ratio = (by[("fer_ray.predict", "val")][0] / by[("fer_ray.predict", "val")][1]) / (
-        by[("plain", "val")][0] / by[("plain", "val")][1])
-    growth = mem["train"].peak_pss / mem["val"].peak_pss if "train" in mem else float("nan")
+    ratio = (speed[("fer_ray.predict", "val")][0] / speed[("fer_ray.predict", "val")][1]) / (
+        speed[("plain", "val")][0] / speed[("plain", "val")][1])
+    growth = memory["train"].peak_pss / memory["val"].peak_pss if "train" in memory else float("nan")
     above = ", ".join(f"{name} {split} {(m.peak_pss - idle_pss) / MiB:.0f} MiB"
                       for name, split, _, _, m in rows)
     print(f"peak PSS above idle: {above}")
-    if "train" in mem:
+    if "train" in memory:
         # Images per extra second from val to train: the rate once start-up is paid.
         for who in ("fer_ray.predict", "plain"):
-            (n0, s0), (n1, s1) = by[(who, "val")], by[(who, "train")]
+            (n0, s0), (n1, s1) = speed[(who, "val")], speed[(who, "train")]
             print(f"{who}: {(n1 - n0) / max(s1 - s0, 1e-9):.0f} images/s beyond start-up "
                   f"({s0 - n0 * (s1 - s0) / (n1 - n0):.1f} s of start-up)")
     print(f"scoring_vs_plain={ratio:.2f} memory_growth={growth:.2f}")
@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         import ray
 
         ray.data.DataContext.get_current().enable_progress_bars = False
-        rows = []
+        rows, speed, memory = [], {}, {}  # the table; what the ratios compare
 
         def plain_run(split: str, folder: str) -> None:
             with Sampler() as sampler:
@@ -205,8 +205,12 @@ def main(argv: list[str] | None = None) -> int:
                                args.workers)
                 seconds = time.perf_counter() - start
             rows.append(("plain DataLoader loop", split, n, seconds, sampler))
+            speed[("plain", split)] = (n, seconds)
 
-        def fer_ray_run(split: str, folder: str, actors: int | None = args.num_actors, name: str = "") -> int:
+        def fer_ray_run(
+            split: str, folder: str, actors: int | None = args.num_actors, name: str = "",
+            for_speed: bool = True, for_memory: bool = True,
+        ) -> int:
             with Sampler() as sampler:
                 start = time.perf_counter()
                 summary = predict(model_dir, folder, os.path.join(tmp, f"fer_ray_{split}{name}"),
@@ -214,6 +218,10 @@ def main(argv: list[str] | None = None) -> int:
                 seconds = time.perf_counter() - start
             label = f"fer_ray.predict ({summary['num_actors']} actor{'s' if summary['num_actors'] > 1 else ''})"
             rows.append((label + name, split, summary["scored"], seconds, sampler))
+            if for_speed:
+                speed[("fer_ray.predict", split)] = (summary["scored"], seconds)
+            if for_memory:
+                memory[split] = sampler
             return summary["num_actors"]
 
         idle_pss, idle_rss = tree_memory()
@@ -224,16 +232,17 @@ def main(argv: list[str] | None = None) -> int:
             if os.path.isdir(train):
                 # The memory pair first: later runs find processes of earlier ones still
                 # winding down in the tree.
-                from fer_ray.predict import auto_actors
+                from fer_ray.predict import auto_actors, list_images
 
-                if args.num_actors is None and auto_actors(len(FolderImages(train, [], 1, 1)), False) != val_actors:
-                    fer_ray_run("train", train, val_actors, ", same actors as val")
-                fer_ray_run("train", train)
+                pair = args.num_actors is None and auto_actors(list_images(train, []).num_rows, False) != val_actors
+                if pair:
+                    fer_ray_run("train", train, val_actors, ", same actors as val", for_speed=False)
+                fer_ray_run("train", train, for_memory=not pair)
                 plain_run("train", train)
             else:
                 print(f"memory run skipped: {train} does not exist")
 
-        print_report(rows, idle_pss, idle_rss, load_before)
+        print_report(rows, speed, memory, idle_pss, idle_rss, load_before)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return 0

@@ -27,6 +27,9 @@ FER_CLASSES = ("angry", "disgust", "fear", "happy", "neutral", "sad", "surprise"
 FER_CSV_CODES = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
 FER_CSV_USAGE = {"Training": TRAIN, "PublicTest": VAL, "PrivateTest": TEST}
 
+# jobs/predict.py --tta modes (fer_ray.predict.tta_views).
+TTA_MODES = ("flip", "ten-crop")
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
 # Files in a prepared shards folder.

@@ -17,13 +17,13 @@ MAP_BATCH_SIZE = 256
 # block, and every epoch began with the loop idle until the first tasks had decoded a
 # quarter of the split each (`data_wait_s` in the history shows what is left).
 MIN_BLOCK_BYTES = 1 << 20
+# Splits up to this share of the object store are kept there between epochs.
+CACHE_FRACTION = 0.2
 
 
 def train_block_bytes(size: int, channels: int) -> int:
     """One map batch of uint8 images and int64 labels, at least MIN_BLOCK_BYTES."""
     return max(MIN_BLOCK_BYTES, MAP_BATCH_SIZE * (size * size * channels + 8))
-# Splits up to this share of the object store are kept there between epochs.
-CACHE_FRACTION = 0.2
 
 
 def class_weights(counts: Sequence[int]) -> list[float]:

@@ -41,7 +41,9 @@ import pyarrow as pa
 from fer_ray import storage
 from fer_ray.cli import require_gpus
 from fer_ray.config import ConfigError
-from fer_ray.constants import IMAGE_COL, IMAGE_EXTENSIONS, LABEL_COL, MANIFEST_FILE, PATH_COL, SPLITS
+from fer_ray.constants import (
+    IMAGE_COL, IMAGE_EXTENSIONS, LABEL_COL, MANIFEST_FILE, PATH_COL, SPLITS, TTA_MODES,
+)
 
 if TYPE_CHECKING:
     from fer_ray.model import ModelSpec
@@ -80,11 +82,11 @@ ERROR_ROWS_PER_WRITE = 10_000
 AUTO_IMAGES_PER_ACTOR = 10_000
 
 
-# Test-time augmentation (--tta): "flip" averages the image with its mirror image;
+# Test-time augmentation (--tta, TTA_MODES): "flip" averages the image with its mirror image;
 # "ten-crop" adds the four corners and the centre cropped to CROP_FRACTION of the side (each
 # resized back to the model's input and mirrored): 12 views. Measured on FER2013 val with
-# three CPU-preset models: +0.9 to +1.3 points of accuracy over "flip" (bench/ACCURACY.md).
-TTA_MODES = ("flip", "ten-crop")
+# five CPU-preset models: 0 to +1.4 points of accuracy over "flip", +0.9 on average
+# (bench/ACCURACY.md).
 CROP_FRACTION = 15 / 16
 
 
@@ -434,16 +436,17 @@ def auto_actors(total: int, use_gpu: bool) -> int:
 
         limit = int(ray.cluster_resources().get("GPU", 0))
     else:
-        limit = _cores()
+        limit = cores()
     return max(1, min(limit, 1 + total // AUTO_IMAGES_PER_ACTOR))
 
 
-def _cores() -> int:
+def cores() -> int:
+    """The cores this process may run on."""
     return (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()) or 1
 
 
 def _cpu_threads(num_actors: int) -> int:
-    return max(1, _cores() // num_actors)
+    return max(1, cores() // num_actors)
 
 
 # --------------------------------------------------------------------------------------
@@ -581,8 +584,8 @@ def predict(
 
     start = time.time()
     model_dir, source, output = (storage.normalize(p) for p in (model_dir, source, output))
+    tta = tta_mode(tta)  # before check_inputs, which loads the model
     spec = check_inputs(model_dir, source, output, split, batch_size, num_actors)
-    tta = tta_mode(tta)
     for stale in _stale_temp_folders(output):
         log.warning("%s is left from an interrupted run; remove it", stale)
     ds, total, split = input_dataset(source, spec.class_names, split, batch_size)  # starts Ray if needed

@@ -228,9 +228,9 @@ class TimedBatches:
             try:
                 batch = next(it)
             except StopIteration:
-                self.wait += time.perf_counter() - start
                 return
-            self.wait += time.perf_counter() - start
+            finally:
+                self.wait += time.perf_counter() - start
             yield batch
 
 

@@ -19,13 +19,13 @@ OUT/confusion_matrix.parquet and OUT/confusion_matrix.png. A rerun replaces OUT.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fer_ray.cli import init_ray, run_job  # noqa: E402
+from fer_ray.constants import TTA_MODES  # noqa: E402
 
 
 def _blur_arg(value: str) -> float | None:
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
                         "cores and each decodes its own batches. auto: one per 10,000 images, at "
                         "most the cores (the cluster's GPUs with --use-gpu)")
     parser.add_argument("--use-gpu", action="store_true", help="one GPU per actor, mixed precision")
-    parser.add_argument("--tta", nargs="?", const="flip", default=None, choices=["flip", "ten-crop"],
+    parser.add_argument("--tta", nargs="?", const="flip", default=None, choices=TTA_MODES,
                         help="test-time augmentation: flip (what --tta alone means) averages each "
                         "image with its mirror image; ten-crop adds the corners and centre at 15/16 "
                         "of the side, and their mirror images (12 model passes per image, against 2 for flip)")
@@ -79,11 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def job() -> None:
-        from fer_ray.predict import check_inputs, describe, predict
+        from fer_ray.predict import check_inputs, cores, describe, predict
 
         options = {"split": args.split, "batch_size": args.batch_size, "num_actors": args.num_actors}
         check_inputs(args.model, args.input, args.output, **options)  # before Ray starts
-        init_ray(min_cpus=(args.num_actors or os.cpu_count() or 1) + 2)
+        init_ray(min_cpus=(args.num_actors or cores()) + 2)  # auto: at most one actor per core
         summary = predict(args.model, args.input, args.output, use_gpu=args.use_gpu, tta=args.tta,
                           input_blur=args.input_blur, **options)
         print(describe(summary))

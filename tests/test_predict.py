@@ -321,12 +321,12 @@ def test_bad_inputs_exit_2_with_one_sentence(case, model_dir, image_folder, tmp_
 def test_auto_actors_one_per_ten_thousand_images_up_to_the_cores(monkeypatch) -> None:
     import fer_ray.predict as P
 
-    monkeypatch.setattr(P, "_cores", lambda: 2)
+    monkeypatch.setattr(P, "cores", lambda: 2)
     assert [P.auto_actors(n, use_gpu=False) for n in (1, 3_589, 9_999, 10_000, 28_709)] == [1, 1, 1, 2, 2]
-    monkeypatch.setattr(P, "_cores", lambda: 8)
+    monkeypatch.setattr(P, "cores", lambda: 8)
     assert P.auto_actors(28_709, use_gpu=False) == 3
     assert P.auto_actors(10**7, use_gpu=False) == 8
-    monkeypatch.setattr(P, "_cores", lambda: 1)
+    monkeypatch.setattr(P, "cores", lambda: 1)
     assert P.auto_actors(10**7, use_gpu=False) == 1
 
 
