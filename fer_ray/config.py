@@ -49,6 +49,7 @@ def parse_input_blur(value: str) -> float | None:
 AUGMENT_LEVELS = ("none", "light", "medium", "strong")
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 LR_SCALING = ("linear", "sqrt", "none")
+SAMPLERS = ("none", "sqrt", "balanced")
 
 
 @dataclass
@@ -66,6 +67,14 @@ class DataOptions:
     batch_size: int = field(default=32, metadata={"help": "images per worker per step"})
     augment: str = field(
         default="medium", metadata={"help": f"augmentation strength: {'|'.join(AUGMENT_LEVELS)}"}
+    )
+    sampler: str = field(
+        default="none",
+        metadata={
+            "help": "draw each epoch's training images with replacement, weighted by class: "
+            "balanced (every class equally often), sqrt (by the inverse square root of its "
+            "frequency) or none (every image once); the epoch keeps its size"
+        },
     )
     input_blur: str = field(
         default="auto",
@@ -209,6 +218,12 @@ class TrainConfig:
         )
         _require(d.batch_size >= 1, f"--batch-size must be at least 1, got {d.batch_size}.")
         _choice("--augment", d.augment, AUGMENT_LEVELS)
+        _choice("--sampler", d.sampler, SAMPLERS)
+        _require(
+            d.sampler == "none" or not o.class_weights,
+            f"--sampler {d.sampler} and --class-weights both rebalance the classes; "
+            "add --no-class-weights to use the sampler alone.",
+        )
         try:
             parse_input_blur(d.input_blur)
         except ValueError:

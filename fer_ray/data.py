@@ -34,6 +34,28 @@ def class_weights(counts: Sequence[int]) -> list[float]:
     return (inv / inv[present].mean()).tolist()
 
 
+SAMPLER_POWERS = {"none": 0.0, "sqrt": 0.5, "balanced": 1.0}
+
+
+def sampling_rates(counts: Sequence[int], sampler: str) -> list[float]:
+    """--sampler: the mean number of times each class's training images are drawn per
+    epoch, proportional to count ** -power and scaled so the epoch keeps its size."""
+    c = np.asarray(counts, dtype=np.float64)
+    w = np.where(c > 0, np.maximum(c, 1) ** -SAMPLER_POWERS[sampler], 0.0)
+    return (w * c.sum() / max((w * c).sum(), 1e-12)).tolist()
+
+
+def resample_batch(batch: dict[str, np.ndarray], rates: Sequence[float]) -> dict[str, np.ndarray]:
+    """A weighted sampler for streamed data: each row is repeated a random number of times
+    whose mean is its class's rate (the whole part, plus one with the fraction's
+    probability), freshly drawn every epoch."""
+    rate = np.asarray(rates, dtype=np.float64)[batch[LABEL_COL]]
+    whole = np.floor(rate)
+    copies = whole.astype(np.int64) + (np.random.default_rng().random(len(rate)) < rate - whole)
+    rows = np.repeat(np.arange(len(rate)), copies)
+    return {k: v[rows] for k, v in batch.items()}
+
+
 def train_counts(manifest: dict[str, Any]) -> list[int]:
     per_class = manifest["splits"][TRAIN]["per_class"]
     return [int(per_class[c]) for c in manifest["classes"]]
@@ -78,6 +100,7 @@ def split_dataset(
     channels: int,
     is_training: bool,
     augment: str = "medium",
+    rates: Sequence[float] | None = None,
 ):
     """A Dataset of uint8 [size, size, channels] images and int64 labels.
 
@@ -86,7 +109,8 @@ def split_dataset(
     augmentations each time. A split that fits easily in the object store (FER2013's 24 MB)
     is read once and kept there, which saves each epoch the Parquet planning (1-2 s);
     eval data, decoded the same way every epoch, is then kept decoded. Larger splits
-    stream from Parquet every epoch.
+    stream from Parquet every epoch. `rates` (sampling_rates) resample the training rows
+    by class before the shuffle, on the encoded bytes.
     """
     import ray
 
@@ -96,6 +120,8 @@ def split_dataset(
     _quiet(ds)
     if cache:
         ds = ds.materialize()
+    if is_training and rates is not None:
+        ds = ds.map_batches(resample_batch, fn_kwargs={"rates": list(rates)}, batch_format="numpy")
     if is_training:
         # A global row shuffle, then one block per CPU so the decoding runs in parallel
         # (the shuffle of a small split ends in a single block).
@@ -120,8 +146,10 @@ def _quiet(ds: Any) -> None:
     ds.context.print_on_execution_start = False
 
 
-def train_val_datasets(shards: str, size: int, channels: int, augment: str) -> dict[str, Any]:
+def train_val_datasets(
+    shards: str, size: int, channels: int, augment: str, rates: Sequence[float] | None = None
+) -> dict[str, Any]:
     return {
-        TRAIN: split_dataset(shards, TRAIN, size, channels, True, augment),
+        TRAIN: split_dataset(shards, TRAIN, size, channels, True, augment, rates),
         VAL: split_dataset(shards, VAL, size, channels, False),
     }

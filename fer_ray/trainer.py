@@ -37,7 +37,9 @@ from fer_ray.constants import (
     VAL_PREDICTIONS_FILE,
     WEIGHTS_FILE,
 )
-from fer_ray.data import class_weights, resolve_data_size, sample_images, train_counts, train_val_datasets
+from fer_ray.data import (
+    class_weights, resolve_data_size, sample_images, sampling_rates, train_counts, train_val_datasets,
+)
 from fer_ray.metrics import confusion_table, metrics_table, summary
 from fer_ray.model import ModelSpec, check_model_name, create_model, data_config, fetch_pretrained_state
 from fer_ray.prepare import read_manifest
@@ -200,7 +202,9 @@ def build_trainer(
     from ray.train.torch import TorchTrainer
 
     spec = settings.spec
-    datasets = train_val_datasets(cfg.data.data, spec.data_size, spec.channels, cfg.data.augment)
+    datasets = train_val_datasets(
+        cfg.data.data, spec.data_size, spec.channels, cfg.data.augment, train_sampling_rates(cfg)
+    )
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=asdict(settings),
@@ -238,6 +242,13 @@ def load_pretrained(cfg: TrainConfig, num_classes: int) -> Any:
     return ray.put(state)
 
 
+def train_sampling_rates(cfg: TrainConfig) -> list[float] | None:
+    """--sampler's draws per image of each class and epoch; None without a sampler."""
+    if cfg.data.sampler == "none":
+        return None
+    return sampling_rates(train_counts(read_manifest(cfg.data.data)), cfg.data.sampler)
+
+
 def write_config(cfg: TrainConfig, settings: LoopSettings, run_dir: str) -> None:
     """The resolved config, with the values derived from it, next to the run's outputs."""
     resolved = {
@@ -251,6 +262,7 @@ def write_config(cfg: TrainConfig, settings: LoopSettings, run_dir: str) -> None
         "global_batch": cfg.data.batch_size * cfg.run.num_workers,
         "steps_per_epoch": steps_per_epoch(settings.num_train, cfg.data.batch_size, cfg.run.num_workers),
         "class_weights": settings.class_weights,
+        "sampling_rates": train_sampling_rates(cfg),
     }
     storage.write_json(storage.join(run_dir, CONFIG_FILE), {**to_dict(cfg), RESOLVED_KEY: resolved})
 

@@ -71,6 +71,8 @@ def test_wrong_type_is_rejected() -> None:
         (["--data", "d", "--output", "o", "--cutmix", "1", "--mix-prob", "0"], "--mix-prob must be in"),
         (["--data", "d", "--output", "o", "--cutmix", "1", "--batch-size", "33"],
          "--batch-size must be even"),
+        (["--data", "d", "--output", "o", "--sampler", "uniform"], "--sampler must be one of"),
+        (["--data", "d", "--output", "o", "--sampler", "sqrt"], "add --no-class-weights"),
     ],
 )
 def test_validation_messages(flags: list[str], message: str) -> None:

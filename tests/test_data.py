@@ -1,10 +1,11 @@
-"""Class weights and the decode size chosen from the manifest."""
+"""Class weights, the weighted sampler, the decode size chosen from the manifest, and the
+training and eval datasets."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from fer_ray.data import class_weights, resolve_data_size
+from fer_ray.data import class_weights, resample_batch, resolve_data_size, sampling_rates
 
 
 def test_class_weights_inverse_frequency_mean_one() -> None:
@@ -17,6 +18,34 @@ def test_class_weights_inverse_frequency_mean_one() -> None:
 
 def test_class_weights_balanced_data_are_all_one() -> None:
     assert np.allclose(class_weights([10, 10, 10]), 1.0)
+
+
+def test_sampling_rates_keep_the_epoch_size() -> None:
+    counts = [400, 100, 0, 1600]
+    assert np.allclose(sampling_rates(counts, "none"), [1, 1, 0, 1])
+    for sampler in ("sqrt", "balanced"):
+        rates = np.array(sampling_rates(counts, sampler))
+        assert np.isclose((rates * counts).sum(), sum(counts)) and rates[2] == 0
+    balanced = np.array(sampling_rates(counts, "balanced")) * counts
+    assert np.allclose(balanced[[0, 1, 3]], 700)  # every present class equally often
+    sqrt = np.array(sampling_rates(counts, "sqrt"))
+    assert np.isclose(sqrt[1] / sqrt[0], 2.0) and np.isclose(sqrt[0] / sqrt[3], 2.0)
+
+
+def test_resample_batch_draws_each_class_at_its_rate() -> None:
+    labels = np.repeat([0, 1, 2], 4000)
+    batch = {"label": labels, "image": np.array([f"img{i}".encode() for i in range(len(labels))], dtype=object)}
+    out = resample_batch(batch, [1.0, 2.5, 0.25])
+    per_class = np.bincount(out["label"], minlength=3)
+    assert per_class[0] == 4000  # a whole rate: every row exactly that often
+    assert abs(per_class[1] - 10_000) < 200 and abs(per_class[2] - 1000) < 120
+    # Rows stay whole: an image keeps its own label, and rate 2.5 gives 2 or 3 copies.
+    source = dict(zip(batch["image"], batch["label"]))
+    assert all(source[img] == lab for img, lab in zip(out["image"], out["label"]))
+    _, copies = np.unique(out["image"][out["label"] == 1], return_counts=True)
+    assert set(copies) == {2, 3}
+    again = resample_batch(batch, [1.0, 2.5, 0.25])
+    assert not np.array_equal(again["image"], out["image"])  # a fresh draw every call
 
 
 def test_data_size_never_exceeds_images_or_model_input() -> None:
@@ -40,6 +69,16 @@ def test_training_batches_mix_classes_and_reshuffle_every_epoch(ray_cluster, syn
         epochs.append(np.concatenate(labels))
     assert not np.array_equal(epochs[0], epochs[1])  # a fresh shuffle each epoch
     assert sorted(epochs[0]) == sorted(epochs[1])
+
+
+def test_training_data_resampled_by_class_every_epoch(ray_cluster, synth_shards) -> None:
+    from fer_ray.data import split_dataset
+
+    rates = [3.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0]  # 40 images per class in the synthetic set
+    ds = split_dataset(str(synth_shards), "train", 32, 1, True, "none", rates)
+    for _ in range(2):
+        labels = np.concatenate([b["label"] for b in ds.iter_batches(batch_size=16, batch_format="numpy")])
+        assert np.bincount(labels, minlength=7).tolist() == [120, 0, 40, 40, 40, 40, 40]
 
 
 def test_eval_data_keeps_every_image_once(ray_cluster, synth_shards) -> None:
