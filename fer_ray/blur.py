@@ -29,9 +29,6 @@ BLUR_RATIO = 0.5
 SIGMA_STEP = 0.05
 MAX_SIGMA = 8.0
 
-_LAPLACIAN = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]])
-
-
 def gaussian_kernel(sigma: float, max_radius: int) -> torch.Tensor:
     """A normalised 1-D Gaussian reaching 4 sigma each side, at most `max_radius`."""
     radius = min(max(1, math.ceil(4 * sigma)), max_radius)
@@ -41,21 +38,37 @@ def gaussian_kernel(sigma: float, max_radius: int) -> torch.Tensor:
 
 
 def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Blur float images [B, C, H, W] channel by channel (reflected borders); sigma in px."""
+    """Blur float images [B, C, H, W] channel by channel (reflected borders); sigma in px.
+
+    Each pass is a product with a small [n, n] matrix that holds the kernel and the
+    reflection: 10-20x faster on a CPU than a convolution of one channel."""
     if sigma <= 0:
         return x
     # Reflect padding needs a border thinner than the image: tiny inputs get a shorter kernel.
-    k = gaussian_kernel(sigma, min(x.shape[-2:]) - 1).to(device=x.device, dtype=x.dtype)
-    c, r = x.shape[1], (len(k) - 1) // 2
-    x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="reflect"), k.view(1, 1, 1, -1).repeat(c, 1, 1, 1), groups=c)
-    return F.conv2d(F.pad(x, (0, 0, r, r), mode="reflect"), k.view(1, 1, -1, 1).repeat(c, 1, 1, 1), groups=c)
+    k = gaussian_kernel(sigma, min(x.shape[-2:]) - 1)
+    rows = _blur_matrix(k, x.shape[-2]).to(device=x.device, dtype=x.dtype)
+    cols = _blur_matrix(k, x.shape[-1]).to(device=x.device, dtype=x.dtype)
+    return rows @ x @ cols.T
+
+
+def _blur_matrix(k: torch.Tensor, n: int) -> torch.Tensor:
+    """M [n, n] with (M @ v)[i] = sum_j k[j] v[reflect(i + j - r)] (reflect without repeating
+    the edge, OpenCV's BORDER_REFLECT_101, torch's 'reflect'); radius r <= n - 1."""
+    r = (len(k) - 1) // 2
+    src = torch.arange(n).view(-1, 1) + torch.arange(-r, r + 1).view(1, -1)
+    src = torch.where(src < 0, -src, src)
+    src = torch.where(src > n - 1, 2 * (n - 1) - src, src)
+    m = torch.zeros(n, n, dtype=k.dtype)
+    m.scatter_add_(1, src, k.expand(n, -1).contiguous())
+    return m
 
 
 def sharpness(images: torch.Tensor) -> torch.Tensor:
     """Per-image focus measure of float images [B, C, H, W] in 0..255: variance of the
-    Laplacian of the channel mean."""
+    Laplacian (4-neighbour, reflected borders) of the channel mean."""
     gray = images.float().mean(1, keepdim=True)
-    lap = F.conv2d(F.pad(gray, (1, 1, 1, 1), mode="reflect"), _LAPLACIAN.view(1, 1, 3, 3).to(gray.device))
+    p = F.pad(gray, (1, 1, 1, 1), mode="reflect")
+    lap = p[..., :-2, 1:-1] + p[..., 2:, 1:-1] + p[..., 1:-1, :-2] + p[..., 1:-1, 2:] - 4 * gray
     return lap.flatten(1).var(1)
 
 
@@ -72,27 +85,36 @@ def estimate_blur(train: np.ndarray, val: np.ndarray) -> tuple[float, dict[str, 
     """The Gaussian sigma (px) that makes `val` images as sharp as `train` ones, or 0 when
     train is not clearly blurrier; uint8 [B, H, W, C] samples of each split. Also returns
     the measurements, for the log and the run's config."""
-    target, val_x = median_sharpness(to_float(train)), to_float(val)
-    found = {"train_sharpness": round(target, 3), "val_sharpness": round(median_sharpness(val_x), 3)}
-    if not target < BLUR_RATIO * found["val_sharpness"]:
-        return 0.0, found
+    target = median_sharpness(to_float(train))
+    sigma, val_sharpness = match_sharpness(target, val)
+    return sigma, {"train_sharpness": round(target, 3), "val_sharpness": round(val_sharpness, 3)}
+
+
+def match_sharpness(target: float, images: np.ndarray) -> tuple[float, float]:
+    """The Gaussian sigma (px) that brings the median sharpness of `images` (uint8
+    [B, H, W, C]) down to `target`, 0 unless they are clearly sharper (BLUR_RATIO); and
+    their median sharpness. Training uses it for val, scoring for the images it scores."""
+    x = to_float(images)
+    measured = median_sharpness(x)
+    if not target < BLUR_RATIO * measured:
+        return 0.0, measured
 
     def blurred(sigma: float) -> float:
         # Rounded to 8 bits as the training images were: the rounding noise alone is a
         # Laplacian variance of about 1.7, a quarter of FER2013's blurred train images' 6.2.
-        return median_sharpness(gaussian_blur(val_x, sigma).round())
+        return median_sharpness(gaussian_blur(x, sigma).round())
 
     # Sharpness falls monotonically with sigma: bisect on the median.
     lo, hi = 0.0, MAX_SIGMA
     if blurred(hi) > target:
-        return hi, found
+        return hi, measured
     while hi - lo > SIGMA_STEP:
         mid = (lo + hi) / 2
         if blurred(mid) > target:
             lo = mid
         else:
             hi = mid
-    return round((lo + hi) / 2, 2), found
+    return round((lo + hi) / 2, 2), measured
 
 
 def describe(sigma: float, found: dict[str, float], source: str) -> str:

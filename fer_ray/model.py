@@ -41,6 +41,9 @@ class ModelSpec:
     std: list[float]
     model_kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model args
     input_blur: float = 0.0  # Gaussian sigma (px at data_size) applied to images it scores
+    # With a blur: the training images' median sharpness (fer_ray.blur), so scoring can
+    # measure the blur that matches the images it is given instead (--input-blur auto).
+    train_sharpness: float | None = None
 
     @property
     def in_chans(self) -> int:

@@ -33,7 +33,7 @@ import tempfile
 import threading
 import time
 import uuid
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -80,6 +80,12 @@ ERROR_ROWS_PER_WRITE = 10_000
 # VM, and a second actor saves ~0.35 ms per image there (1,005 against 744 images/s with
 # resnet18 at 48 px), so it pays for itself from about 10,000 images.
 AUTO_IMAGES_PER_ACTOR = 10_000
+
+
+# --input-blur auto measures the input's sharpness on this many images, as training
+# measures val's (fer_ray.data.sample_images).
+BLUR_SAMPLE = 1024
+INPUT_BLUR_MODES = ("auto", "model")
 
 
 # Test-time augmentation (--tta, TTA_MODES): "flip" averages the image with its mirror image;
@@ -317,6 +323,22 @@ def load_batch(
 ) -> dict[str, np.ndarray]:
     """Ray Data task: read (or take) each file's bytes, decode and resize it to `size` as
     the eval transform does; files that fail go to the `errors` actor, not downstream."""
+    paths, labels = batch[PATH_COL], batch[LABEL_COL]
+    images, keep, bad_paths, reasons = decode_files(paths, batch.get(IMAGE_COL), size, channels)
+    if bad_paths:
+        import ray
+
+        # Waited for, so every error is recorded before the driver closes the file.
+        ray.get(errors.write.remote(bad_paths, reasons))
+    return {IMAGE_COL: images, PATH_COL: paths[keep], LABEL_COL: labels[keep]}
+
+
+def decode_files(
+    paths: Sequence[Any], blobs: Sequence[bytes] | None, size: int, channels: int
+) -> tuple[np.ndarray, list[int], list[str], list[str]]:
+    """Read (or take) each file's bytes, decode and resize it to `size` as the eval
+    transform does: (uint8 images [len(keep), size, size, channels], the indices that
+    decoded, the paths that did not and why)."""
     import cv2
 
     from fer_ray.transforms import create_transform, decode_image
@@ -324,8 +346,6 @@ def load_batch(
     # Undecodable files are expected here and reported in errors.parquet instead.
     cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
     transform = create_transform(False, size)
-    paths, labels = batch[PATH_COL], batch[LABEL_COL]
-    blobs = batch.get(IMAGE_COL)
     images = np.empty((len(paths), size, size, channels), dtype=np.uint8)
     keep: list[int] = []
     bad_paths: list[str] = []
@@ -349,12 +369,7 @@ def load_batch(
                 reason = _POINTER.sub("", str(e)) or type(e).__name__
         bad_paths.append(path)
         reasons.append(reason)
-    if bad_paths:
-        import ray
-
-        # Waited for, so every error is recorded before the driver closes the file.
-        ray.get(errors.write.remote(bad_paths, reasons))
-    return {IMAGE_COL: images[: len(keep)], PATH_COL: paths[keep], LABEL_COL: labels[keep]}
+    return images[: len(keep)], keep, bad_paths, reasons
 
 
 def prediction_table(
@@ -494,7 +509,8 @@ def write_reports(folder: str, class_names: Sequence[str], title: str) -> dict[s
 
 
 def input_dataset(source: str, class_names: Sequence[str], split: str | None, rows_per_block: int):
-    """(Dataset of path, label and, for shards, image bytes; number of rows; split scored)."""
+    """(Dataset of path, label and, for shards, image bytes; number of rows; split scored;
+    the folder's listing, None for shards)."""
     import ray
 
     shards = find_shards(source)
@@ -504,7 +520,7 @@ def input_dataset(source: str, class_names: Sequence[str], split: str | None, ro
             raise ConfigError(f"Input {source!r} holds no files; give a folder with images in it.")
         # from_blocks takes the blocks' metadata from the driver's own tables; from_arrow
         # computes it in a task, which waits ~2 s for a worker process on a just-started Ray.
-        return ray.data.from_blocks(_blocks(listing, rows_per_block)), listing.num_rows, None
+        return ray.data.from_blocks(_blocks(listing, rows_per_block)), listing.num_rows, None, listing
     from fer_ray.prepare import read_manifest
 
     root, split = shards[0], split or shards[1]
@@ -512,7 +528,52 @@ def input_dataset(source: str, class_names: Sequence[str], split: str | None, ro
     splits = [split] if split else [s for s in SPLITS if s in manifest["splits"]]
     total = sum(int(manifest["splits"][s]["total"]) for s in splits)
     folders = [storage.join(root, s) for s in splits]
-    return ray.data.read_parquet(folders).select_columns([IMAGE_COL, LABEL_COL, PATH_COL]), total, split
+    ds = ray.data.read_parquet(folders).select_columns([IMAGE_COL, LABEL_COL, PATH_COL])
+    return ds, total, split, None
+
+
+def sample_input(
+    source: str, listing: pa.Table | None, split: str | None, spec: ModelSpec, rows: int = BLUR_SAMPLE
+) -> np.ndarray:
+    """Up to `rows` of the images to score, decoded as the scorer sees them: a fixed random
+    choice of a folder's files (the ones that decode), or a shards split's first rows."""
+    if listing is None:
+        from fer_ray.data import sample_images
+        from fer_ray.prepare import read_manifest
+
+        root, split = find_shards(source)[0], split or find_shards(source)[1]
+        if split is None:
+            split = next(s for s in SPLITS if s in read_manifest(root)["splits"])
+        return sample_images(root, split, spec.data_size, spec.channels, rows)
+    pick = np.sort(np.random.default_rng(0).permutation(listing.num_rows)[:rows])
+    paths = listing.column(PATH_COL).take(pa.array(pick)).to_numpy(zero_copy_only=False)
+    return decode_files(paths, None, spec.data_size, spec.channels)[0]
+
+
+def scoring_blur(
+    input_blur: float | str | None, spec: ModelSpec, sample: Callable[[], np.ndarray]
+) -> tuple[float, str]:
+    """The Gaussian sigma the scorer applies and where it came from. `auto` (None): for a
+    model trained with a blur that recorded its training images' sharpness, the blur that
+    brings a sample of the input (`sample()`) to that sharpness, so images already as blurry
+    as the training images are left alone; otherwise the model's sigma. `model`: the
+    model's sigma. A number: that sigma."""
+    if input_blur is None or input_blur == "auto":
+        if not spec.input_blur or spec.train_sharpness is None:
+            return spec.input_blur, "the model's"
+        from fer_ray import blur
+
+        images = sample()
+        if not len(images):
+            return spec.input_blur, "the model's: no sampled image decoded"
+        sigma, measured = blur.match_sharpness(spec.train_sharpness, images)
+        return sigma, (
+            f"measured on {len(images)} input images: sharpness {measured:.3g} against the "
+            f"training images' {spec.train_sharpness:.3g}"
+        )
+    if input_blur == "model":
+        return spec.input_blur, "the model's"
+    return float(input_blur), "given"
 
 
 def score_dataset(
@@ -573,11 +634,11 @@ def predict(
     use_gpu: bool = False,
     tta: bool | str | None = False,
     split: str | None = None,
-    input_blur: float | None = None,
+    input_blur: float | str | None = None,
 ) -> dict[str, Any]:
     """Score every image under SOURCE (or every row of a shards folder, or of its `split`)
-    with the model in MODEL_DIR; write OUTPUT and return its summary.json. `input_blur`
-    overrides the model's blur sigma (None: the model's own, see fer_ray.blur);
+    with the model in MODEL_DIR; write OUTPUT and return its summary.json. `input_blur`:
+    None or "auto" (measured for this input), "model" or a sigma (scoring_blur);
     `num_actors` None sizes the actor pool to the input (auto_actors); `tta` is None,
     "flip" (or True) or "ten-crop" (tta_views)."""
     import ray
@@ -588,7 +649,10 @@ def predict(
     spec = check_inputs(model_dir, source, output, split, batch_size, num_actors)
     for stale in _stale_temp_folders(output):
         log.warning("%s is left from an interrupted run; remove it", stale)
-    ds, total, split = input_dataset(source, spec.class_names, split, batch_size)  # starts Ray if needed
+    ds, total, split, listing = input_dataset(source, spec.class_names, split, batch_size)  # starts Ray if needed
+    sigma, blur_source = scoring_blur(input_blur, spec, lambda: sample_input(source, listing, split, spec))
+    if sigma or spec.input_blur:
+        log.info("Input blur: sigma %g px (%s)", sigma, blur_source)
     if num_actors is None:
         num_actors = auto_actors(total, use_gpu)
     if use_gpu:
@@ -604,7 +668,7 @@ def predict(
     try:
         predictions = storage.join(tmp, PREDICTIONS_DIR)
         scored = score_dataset(
-            ds, model_dir, spec, errors, batch_size, num_actors, use_gpu, tta, input_blur
+            ds, model_dir, spec, errors, batch_size, num_actors, use_gpu, tta, sigma
         )
         # The reports' libraries (matplotlib, scikit-learn: ~1.6 s) load while the actors start.
         threading.Thread(target=_import_reports, daemon=True).start()
@@ -622,7 +686,8 @@ def predict(
             "split": split,
             "output": output,
             "tta": tta,
-            "input_blur": spec.input_blur if input_blur is None else input_blur,
+            "input_blur": sigma,
+            "input_blur_source": blur_source,
             "use_gpu": use_gpu,
             "num_actors": num_actors,
             "batch_size": batch_size,

@@ -97,7 +97,7 @@ def resolve_settings(
     )
     # timm gives RGB statistics; a 1-channel stem sees their average.
     spec.mean, spec.std = match_channels(spec.mean, spec.in_chans), match_channels(spec.std, spec.in_chans)
-    spec.input_blur = resolve_input_blur(cfg, spec)
+    spec.input_blur, spec.train_sharpness = resolve_input_blur(cfg, spec)
     return LoopSettings(
         spec=spec,
         batch_size=d.batch_size,
@@ -126,16 +126,20 @@ def resolve_settings(
     )
 
 
-def resolve_input_blur(cfg: TrainConfig, spec: ModelSpec) -> float:
-    """--input-blur as a sigma: given, or measured on samples of train and val (auto)."""
+def resolve_input_blur(cfg: TrainConfig, spec: ModelSpec) -> tuple[float, float | None]:
+    """--input-blur as a sigma: given, or measured on samples of train and val (auto); and,
+    when there is a blur, the training images' sharpness, which lets scoring measure the
+    blur again for the images it is given (fer_ray.predict.scoring_blur)."""
     from fer_ray import blur
 
     sigma = parse_input_blur(cfg.data.input_blur)
+    train = None
+    if sigma is None or sigma > 0:
+        train = sample_images(cfg.data.data, TRAIN, spec.data_size, spec.channels)
     if sigma is not None:
         if sigma:
             log.info(blur.describe(sigma, {}, "--input-blur"))
-        return sigma
-    train = sample_images(cfg.data.data, TRAIN, spec.data_size, spec.channels)
+        return sigma, round(blur.median_sharpness(blur.to_float(train)), 3) if sigma else None
     val = sample_images(cfg.data.data, VAL, spec.data_size, spec.channels)
     sigma, found = blur.estimate_blur(train, val)
     if sigma:
@@ -145,7 +149,7 @@ def resolve_input_blur(cfg: TrainConfig, spec: ModelSpec) -> float:
             "Val images are much blurrier than train images; fer_ray can only blur, so scores "
             "on val may understate the model. Check how the splits were made."
         )
-    return sigma
+    return sigma, found["train_sharpness"] if sigma else None
 
 
 def check_inputs(cfg: TrainConfig) -> dict[str, Any]:
@@ -258,6 +262,7 @@ def write_config(cfg: TrainConfig, settings: LoopSettings, run_dir: str) -> None
         "mean": settings.spec.mean,
         "std": settings.spec.std,
         "input_blur": settings.spec.input_blur,
+        "train_sharpness": settings.spec.train_sharpness,
         "effective_lr": settings.lr,
         "global_batch": cfg.data.batch_size * cfg.run.num_workers,
         "steps_per_epoch": steps_per_epoch(settings.num_train, cfg.data.batch_size, cfg.run.num_workers),

@@ -28,19 +28,18 @@ from fer_ray.cli import init_ray, run_job  # noqa: E402
 from fer_ray.constants import TTA_MODES  # noqa: E402
 
 
-def _blur_arg(value: str) -> float | None:
-    """--input-blur: None for 'model' (the sigma the model recorded), else a sigma."""
+def _blur_arg(value: str) -> float | str:
+    """--input-blur: 'auto', 'model' or a sigma."""
     from fer_ray.config import parse_input_blur
 
-    if value == "model":
-        return None
+    if value in ("auto", "model"):
+        return value
     try:
-        sigma = parse_input_blur(value)
-        if sigma is None:  # 'auto' is a training choice; the model recorded its result
-            raise ValueError(value)
-        return sigma
+        return parse_input_blur(value)  # a number or off; 'auto' is handled above
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be model, off or a sigma >= 0 in pixels, got {value!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"must be auto, model, off or a sigma >= 0 in pixels, got {value!r}"
+        ) from None
 
 
 def _actors_arg(value: str) -> int | None:
@@ -73,9 +72,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="test-time augmentation: flip (what --tta alone means) averages each "
                         "image with its mirror image; ten-crop adds the corners and centre at 15/16 "
                         "of the side, and their mirror images (12 model passes per image, against 2 for flip)")
-    parser.add_argument("--input-blur", default="model", type=_blur_arg,
-                        help="Gaussian blur sigma in px for the images: 'model' (what the model "
-                        "recorded in training to match its training images), off, or a number")
+    parser.add_argument("--input-blur", default="auto", type=_blur_arg,
+                        help="Gaussian blur sigma in px for the images, to match a model trained "
+                        "on blurrier images: auto (for such a model, measured on 1,024 of the "
+                        "input images against the training images' sharpness the model "
+                        "recorded: images as blurry as those are left alone), model (the sigma "
+                        "the model measured on val in training), off, or a number")
     args = parser.parse_args(argv)
 
     def job() -> None:

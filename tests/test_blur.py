@@ -113,10 +113,10 @@ def test_scorer_uses_the_models_blur_unless_overridden(tmp_path) -> None:
 def test_predict_rejects_a_bad_blur_flag(tmp_path) -> None:
     out = subprocess.run(
         [sys.executable, str(REPO / "jobs/predict.py"), "--model", str(tmp_path), "--input", str(tmp_path),
-         "--output", str(tmp_path / "o"), "--input-blur", "auto"],
+         "--output", str(tmp_path / "o"), "--input-blur", "sharp"],
         capture_output=True, text=True, timeout=60,
     )
-    assert out.returncode == 2 and "--input-blur: must be model, off or a sigma" in out.stderr
+    assert out.returncode == 2 and "--input-blur: must be auto, model, off or a sigma" in out.stderr
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +152,35 @@ def settings_for(shards, *flags: str):
 
 
 def test_training_measures_the_blur_it_must_match(blurred_shards, synth_shards) -> None:
-    assert settings_for(blurred_shards).spec.input_blur == pytest.approx(1.5, abs=0.3)
-    assert settings_for(synth_shards).spec.input_blur == 0  # alike splits: nothing to do
-    assert settings_for(blurred_shards, "--input-blur", "off").spec.input_blur == 0
-    assert settings_for(synth_shards, "--input-blur", "0.8").spec.input_blur == 0.8
+    measured = settings_for(blurred_shards).spec
+    assert measured.input_blur == pytest.approx(1.5, abs=0.3)
+    # The training images' sharpness is recorded with a blur, for scoring to match again.
+    val = settings_for(synth_shards).spec
+    assert val.input_blur == 0 and val.train_sharpness is None  # alike splits: nothing to do
+    off = settings_for(blurred_shards, "--input-blur", "off").spec
+    assert off.input_blur == 0 and off.train_sharpness is None
+    given = settings_for(synth_shards, "--input-blur", "0.8").spec
+    assert given.input_blur == 0.8
+    assert 0 < measured.train_sharpness < 0.5 * given.train_sharpness  # blurred train vs sharp
+
+
+def test_scoring_blur_matches_the_input_not_only_val(synth_folder) -> None:
+    """auto: sharp input gets about the blur training measured; input already as blurry as
+    the training images gets none; 'model' and a number are taken as they are."""
+    from fer_ray.blur import median_sharpness
+    from fer_ray.predict import scoring_blur
+
+    sharp = gray_images(synth_folder / "val")
+    blurred = cv2_blur(sharp, 1.5)
+    spec = ModelSpec("test_resnet", list(FER_CLASSES), 48, 48, 1, [0.5] * 3, [0.5] * 3, input_blur=1.4,
+                     train_sharpness=median_sharpness(to_float(blurred)))
+    assert scoring_blur(None, spec, lambda: sharp)[0] == pytest.approx(1.5, abs=0.3)
+    sigma, source = scoring_blur("auto", spec, lambda: blurred)
+    assert sigma == 0 and f"measured on {len(blurred)} input images" in source
+    assert scoring_blur("model", spec, lambda: blurred)[0] == 1.4
+    assert scoring_blur(0.6, spec, lambda: blurred)[0] == 0.6
+    assert scoring_blur("auto", spec, lambda: sharp[:0])[0] == 1.4  # nothing decoded: the model's
+    old = ModelSpec("test_resnet", list(FER_CLASSES), 48, 48, 1, [0.5] * 3, [0.5] * 3, input_blur=1.4)
+    assert scoring_blur(None, old, lambda: blurred) == (1.4, "the model's")  # no sharpness recorded
+    none = ModelSpec("test_resnet", list(FER_CLASSES), 48, 48, 1, [0.5] * 3, [0.5] * 3)
+    assert scoring_blur(None, none, lambda: 1 / 0)[0] == 0  # trained without a blur: nothing sampled

@@ -135,6 +135,21 @@ def test_every_good_file_scored_and_every_bad_one_in_errors(labelled_run, image_
     _no_temp_left(out)
 
 
+def test_blur_sample_holds_what_decodes(model_dir, image_folder, labelled_run) -> None:
+    """--input-blur auto measures the input on a sample decoded as the scorer decodes."""
+    from fer_ray.model import read_model_spec
+    from fer_ray.predict import list_images, sample_input
+
+    src, good, bad = image_folder
+    spec = read_model_spec(str(model_dir))
+    listing = list_images(str(src), FER_CLASSES)
+    everything = sample_input(str(src), listing, None, spec, rows=1000)
+    assert everything.shape == (len(good), SIZE, SIZE, 1) and everything.dtype == np.uint8
+    assert len(sample_input(str(src), listing, None, spec, rows=3)) <= 3
+    # This model was trained without a blur: nothing is measured, none applied.
+    assert labelled_run[1]["input_blur"] == 0 and labelled_run[1]["input_blur_source"] == "the model's"
+
+
 def test_prediction_columns(labelled_run) -> None:
     out, _ = labelled_run
     preds = _predictions(out)
@@ -234,6 +249,11 @@ def test_shards_folder_input(ray_cluster, model_dir, tmp_path) -> None:
     truth = {str(p): FER_CLASSES.index(Path(p).parent.name) for p in (tmp_path / "faces").rglob("*.png")}
     assert dict(zip(preds[PATH_COL], preds[LABEL_COL])) == truth
     assert (out / METRICS_FILE).exists()
+    from fer_ray.model import read_model_spec
+    from fer_ray.predict import sample_input
+
+    sample = sample_input(str(tmp_path / "shards"), None, None, read_model_spec(str(model_dir)))
+    assert sample.shape == (totals["train"], SIZE, SIZE, 1)  # the first split's rows
     # One split, named by flag or by pointing at its folder.
     assert check_inputs(str(model_dir), str(tmp_path / "shards" / "val"), str(tmp_path / "o")).class_names
     with pytest.raises(ConfigError, match="no 'test' split"):
