@@ -81,6 +81,19 @@ def test_training_data_resampled_by_class_every_epoch(ray_cluster, synth_shards)
         assert np.bincount(labels, minlength=7).tolist() == [120, 0, 40, 40, 40, 40, 40]
 
 
+def test_cached_split_cut_into_blocks_the_shuffle_takes_whole(ray_cluster, synth_shards) -> None:
+    import ray
+
+    from fer_ray.data import cut_blocks
+
+    ds = ray.data.read_parquet(str(synth_shards / "train")).materialize()
+    target = ds.size_bytes() // 5
+    cut = cut_blocks(ds, target)
+    sizes = [meta.size_bytes for bundle in cut.iter_internal_ref_bundles() for meta in bundle.metadata]
+    assert len(sizes) >= 5 and max(sizes) <= 1.2 * target and cut.num_blocks() > ds.num_blocks()
+    assert sorted(cut.to_pandas()["path"]) == sorted(ds.to_pandas()["path"])  # every row once
+
+
 def test_eval_data_keeps_every_image_once(ray_cluster, synth_shards) -> None:
     from fer_ray.data import split_dataset
 
