@@ -85,7 +85,6 @@ AUTO_IMAGES_PER_ACTOR = 10_000
 # --input-blur auto measures the input's sharpness on this many images, as training
 # measures val's (fer_ray.data.sample_images).
 BLUR_SAMPLE = 1024
-INPUT_BLUR_MODES = ("auto", "model")
 
 
 # Test-time augmentation (--tta, TTA_MODES): "flip" averages the image with its mirror image;
@@ -541,7 +540,8 @@ def sample_input(
         from fer_ray.data import sample_images
         from fer_ray.prepare import read_manifest
 
-        root, split = find_shards(source)[0], split or find_shards(source)[1]
+        root, named = find_shards(source)
+        split = split or named
         if split is None:
             split = next(s for s in SPLITS if s in read_manifest(root)["splits"])
         return sample_images(root, split, spec.data_size, spec.channels, rows)
