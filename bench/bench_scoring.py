@@ -28,6 +28,10 @@ and each actor holds its own torch and model; so with the default, fer_ray also 
 train folder with val's number of actors, and memory_growth compares those two runs (same
 configuration, 8x the images). The speed rows use the default.
 
+Bytes: one more pass over DATA/val with jobs/predict.py's own pipeline (the same stages,
+then write_parquet), reading Ray Data's per-operator output sizes (`Dataset.stats()`): the
+bytes per image each stage puts in the object store, against the encoded files' mean size.
+
 The last line is `scoring_vs_plain=X memory_growth=Y` (X > 1: fer_ray is faster).
 """
 
@@ -36,6 +40,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -119,6 +124,47 @@ def plain_loop(model_dir: str, source: str, output: str, batch_size: int, worker
 
 
 # --------------------------------------------------------------------------------------
+# Bytes through the object store
+# --------------------------------------------------------------------------------------
+
+_OPERATOR = re.compile(r"^Operator \d+ (.+?):", re.M)
+_TOTAL = re.compile(r"\* Output (num rows|size bytes) per block: .*?(\d+) total")
+
+
+def operator_outputs(stats: str) -> list[tuple[str, int, int]]:
+    """(operator, rows, bytes) it output, from a Dataset.stats() text."""
+    found = []
+    starts = [m for m in _OPERATOR.finditer(stats)]
+    for m, end in zip(starts, [n.start() for n in starts[1:]] + [len(stats)]):
+        totals = dict(_TOTAL.findall(stats[m.end():end]))
+        if "size bytes" in totals:
+            found.append((m.group(1), int(totals.get("num rows", 0)), int(totals["size bytes"])))
+    return found
+
+
+def store_bytes(model_dir: str, folder: str, output: str, batch_size: int) -> list[str]:
+    """Lines: bytes per image each stage of jobs/predict.py's pipeline puts in the object
+    store when it scores `folder` (one actor, no TTA), against the encoded files' size."""
+    import ray
+
+    from fer_ray.predict import ErrorWriter, input_dataset, sample_input, score_dataset, scoring_blur
+
+    _, spec = load_model_dir(model_dir)
+    ds, total, split, listing = input_dataset(folder, spec.class_names, None, batch_size)
+    sigma, _ = scoring_blur(None, spec, lambda: sample_input(folder, listing, split, spec))
+    errors = ray.remote(ErrorWriter).options(num_cpus=0).remote(os.path.join(output, "errors.parquet"))
+    scored = score_dataset(ds, model_dir, spec, errors, batch_size, 1, False, None, sigma)
+    scored.write_parquet(os.path.join(output, "predictions"))
+    ray.get(errors.close.remote())
+    encoded = sum(os.path.getsize(p) for p in listing.column("path").to_pylist()) / total
+    lines = [f"bytes per image through the object store, scoring {total} images of {folder} "
+             f"(encoded files: {encoded:.0f} B per image):"]
+    for name, rows, nbytes in operator_outputs(scored.stats()):
+        lines.append(f"  {name}: {nbytes / total:.0f} B per image ({rows} rows out)")
+    return lines
+
+
+# --------------------------------------------------------------------------------------
 # The benchmark
 # --------------------------------------------------------------------------------------
 
@@ -135,12 +181,13 @@ def fresh_model(folder: str) -> str:
 
 
 def print_report(
-    rows: list, speed: dict, memory: dict, idle_pss: int, idle_rss: int, load_before: str
+    rows: list, speed: dict, memory: dict, idle_pss: int, idle_rss: int, load_before: str,
+    notes: list[str] = (),
 ) -> None:
-    """The table, memory above idle, start-up vs steady rate, and the summary line. `speed`
-    maps (who, split) to (images, seconds); `memory` maps a split to fer_ray's sampler for
-    the memory comparison."""
-    print(f"\n{"run":<50}{'folder':<8}{'images':>8}{'seconds':>9}{'images/s':>10}"
+    """The table, memory above idle, start-up vs steady rate, `notes`, and the summary line.
+    `speed` maps (who, split) to (images, seconds); `memory` maps a split to fer_ray's
+    sampler for the memory comparison."""
+    print(f"\n{'run':<50}{'folder':<8}{'images':>8}{'seconds':>9}{'images/s':>10}"
           f"{'CPU s':>8}{'peak PSS MiB':>14}{'peak RSS MiB':>14}")
     for name, split, n, seconds, m in rows:
         print(f"{name:<50}{split:<8}{n:>8}{seconds:>9.1f}{n / seconds:>10.0f}{m.cpu_seconds:>8.1f}"
@@ -160,6 +207,8 @@ def print_report(
             (n0, s0), (n1, s1) = speed[(who, "val")], speed[(who, "train")]
             print(f"{who}: {(n1 - n0) / max(s1 - s0, 1e-9):.0f} images/s beyond start-up "
                   f"({s0 - n0 * (s1 - s0) / (n1 - n0):.1f} s of start-up)")
+    for line in notes:
+        print(line)
     print(f"scoring_vs_plain={ratio:.2f} memory_growth={growth:.2f}")
 
 
@@ -242,7 +291,8 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 print(f"memory run skipped: {train} does not exist")
 
-        print_report(rows, speed, memory, idle_pss, idle_rss, load_before)
+        notes = store_bytes(model_dir, val, os.path.join(tmp, "bytes"), args.batch_size)
+        print_report(rows, speed, memory, idle_pss, idle_rss, load_before, notes)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return 0
