@@ -38,6 +38,19 @@ def summary(table: pd.DataFrame) -> dict[str, float]:
     }
 
 
+def calibration_error(correct: np.ndarray, confidence: np.ndarray, bins: int = 15) -> float:
+    """Expected calibration error (Guo et al., 2017): the images split into `bins` equal-width
+    bins of confidence; per bin, |accuracy - mean confidence|, weighted by the bin's share of
+    the images. 0: the confidence column is the chance the prediction is right."""
+    correct, confidence = np.asarray(correct, dtype=float), np.asarray(confidence, dtype=float)
+    if not len(correct):
+        return 0.0
+    which = np.minimum((confidence * bins).astype(int), bins - 1)
+    # Per bin |sum(correct) - sum(confidence)| / n_bin, weighted by n_bin / n.
+    gap = np.abs(np.bincount(which, correct, bins) - np.bincount(which, confidence, bins))
+    return float(gap.sum() / len(correct))
+
+
 def confusion_table(y_true: np.ndarray, y_pred: np.ndarray, class_names: Sequence[str]) -> pd.DataFrame:
     """Counts, one row per true class and one column per predicted class."""
     cm = confusion_matrix(y_true, y_pred, labels=list(range(len(class_names))))

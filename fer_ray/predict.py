@@ -475,15 +475,18 @@ def _write_parquet(df: Any, path: str) -> None:
 
 
 def write_reports(folder: str, class_names: Sequence[str], title: str) -> dict[str, Any]:
-    """Counts, and with true labels the metrics files; reads only label and pred back."""
+    """Counts, and with true labels the metrics files and the calibration error; reads only
+    label, pred and confidence back."""
     import pyarrow.compute as pc
     import pyarrow.dataset as pads
 
-    from fer_ray.metrics import confusion_table, metrics_table, summary
+    from fer_ray.metrics import calibration_error, confusion_table, metrics_table, summary
     from fer_ray.reports import plot_confusion_matrix
 
     fs, inner = storage.resolve(storage.join(folder, PREDICTIONS_DIR))
-    table = pads.dataset(inner, filesystem=fs, format="parquet").to_table(columns=[LABEL_COL, PRED_COL])
+    table = pads.dataset(inner, filesystem=fs, format="parquet").to_table(
+        columns=[LABEL_COL, PRED_COL, CONFIDENCE_COL]
+    )
     out: dict[str, Any] = {"scored": table.num_rows}
     table = table.filter(pc.is_valid(table[LABEL_COL]))
     out["labelled"] = table.num_rows
@@ -499,7 +502,8 @@ def write_reports(folder: str, class_names: Sequence[str], title: str) -> dict[s
         plot_confusion_matrix(cm[list(class_names)].to_numpy(), class_names, png, title=title)
         with open(png, "rb") as f:
             storage.write_bytes(storage.join(folder, CONFUSION_PLOT_FILE), f.read())
-    return {**out, **summary(metrics)}
+    calibration = calibration_error(y_true == y_pred, table[CONFIDENCE_COL].to_numpy())
+    return {**out, **summary(metrics), "calibration_error": round(calibration, 4)}
 
 
 # --------------------------------------------------------------------------------------
@@ -712,8 +716,8 @@ def predict(
 def describe(summary: dict[str, Any]) -> str:
     """The one line a job prints at the end."""
     quality = (
-        f"; accuracy {summary['accuracy']:.4f}, macro F1 {summary['macro_f1']:.4f} "
-        f"on {summary['labelled']} labelled"
+        f"; accuracy {summary['accuracy']:.4f}, macro F1 {summary['macro_f1']:.4f}, "
+        f"calibration error {summary['calibration_error']:.3f} on {summary['labelled']} labelled"
         if "accuracy" in summary else "; no true labels"
     )
     return (

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support
 
-from fer_ray.metrics import confusion_table, metrics_table, summary
+from fer_ray.metrics import calibration_error, confusion_table, metrics_table, summary
 
 
 def test_metrics_table_matches_sklearn() -> None:
@@ -29,3 +30,13 @@ def test_confusion_table_counts() -> None:
     table = confusion_table(np.array([0, 0, 1, 2]), np.array([0, 1, 1, 1]), ["x", "y", "z"])
     assert table["true"].tolist() == ["x", "y", "z"]
     assert table[["x", "y", "z"]].to_numpy().tolist() == [[1, 1, 0], [0, 1, 0], [0, 1, 0]]
+
+
+def test_calibration_error() -> None:
+    # Two bins: confidence 0.95 right half the time, 0.55 always right: 0.45 off in each.
+    assert calibration_error([1, 0, 1, 1], [0.95, 0.95, 0.55, 0.55]) == pytest.approx(0.45)
+    # Right exactly as often as the confidence says, in every bin: 0.
+    right = [1] * 3 + [0] + [1] * 2 + [0] * 2
+    assert calibration_error(right, [0.75] * 4 + [0.5] * 4) == pytest.approx(0.0)
+    assert calibration_error([1, 1], [1.0, 1.0]) == pytest.approx(0.0)  # confidence 1 is in the last bin
+    assert calibration_error([], []) == 0.0

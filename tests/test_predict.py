@@ -206,6 +206,12 @@ def test_metrics_equal_scikit_learn(labelled_run) -> None:
     assert metrics.loc["accuracy", "f1"] == pytest.approx(report["accuracy"])
     assert summary["accuracy"] == pytest.approx(report["accuracy"])
     assert summary["macro_f1"] == pytest.approx(report["macro avg"]["f1-score"])
+    # Calibration: the same 15 bins by hand, one bin at a time.
+    conf, right = preds["confidence"].to_numpy(), (y_true == y_pred)
+    bins = np.minimum((conf * 15).astype(int), 14)
+    expected = sum(abs(right[bins == b].mean() - conf[bins == b].mean()) * (bins == b).mean()
+                   for b in np.unique(bins))
+    assert summary["calibration_error"] == pytest.approx(expected, abs=1e-4)
 
     cm = pd.read_parquet(out / CONFUSION_TABLE_FILE)
     counts = cm[list(FER_CLASSES)].to_numpy()
