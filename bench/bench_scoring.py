@@ -28,9 +28,9 @@ and each actor holds its own torch and model; so with the default, fer_ray also 
 train folder with val's number of actors, and memory_growth compares those two runs (same
 configuration, 8x the images). The speed rows use the default.
 
-Bytes: one more pass over DATA/val with jobs/predict.py's own pipeline (the same stages,
-then write_parquet), reading Ray Data's per-operator output sizes (`Dataset.stats()`): the
-bytes per image each stage puts in the object store, against the encoded files' mean size.
+Bytes: Ray Data's per-operator output sizes from fer_ray's val run (jobs/predict.py logs
+`Dataset.stats()` at DEBUG level): the bytes per image each stage puts in the object store,
+against the encoded files' mean size.
 
 The last line is `scoring_vs_plain=X memory_growth=Y` (X > 1: fer_ray is faster).
 """
@@ -134,7 +134,7 @@ _TOTAL = re.compile(r"\* Output (num rows|size bytes) per block: .*?(\d+) total"
 def operator_outputs(stats: str) -> list[tuple[str, int, int]]:
     """(operator, rows, bytes) it output, from a Dataset.stats() text."""
     found = []
-    starts = [m for m in _OPERATOR.finditer(stats)]
+    starts = list(_OPERATOR.finditer(stats))
     for m, end in zip(starts, [n.start() for n in starts[1:]] + [len(stats)]):
         totals = dict(_TOTAL.findall(stats[m.end():end]))
         if "size bytes" in totals:
@@ -142,25 +142,42 @@ def operator_outputs(stats: str) -> list[tuple[str, int, int]]:
     return found
 
 
-def store_bytes(model_dir: str, folder: str, output: str, batch_size: int) -> list[str]:
-    """Lines: bytes per image each stage of jobs/predict.py's pipeline puts in the object
-    store when it scores `folder` (one actor, no TTA), against the encoded files' size."""
-    import ray
+class StatsLog(logging.Handler):
+    """Keeps the Ray Data stats text that fer_ray.predict logs at DEBUG level, while in use."""
 
-    from fer_ray.predict import ErrorWriter, input_dataset, sample_input, score_dataset, scoring_blur
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.text = ""
+        self.logger = logging.getLogger("fer_ray.predict")
 
-    _, spec = load_model_dir(model_dir)
-    ds, total, split, listing = input_dataset(folder, spec.class_names, None, batch_size)
-    sigma, _ = scoring_blur(None, spec, lambda: sample_input(folder, listing, split, spec))
-    errors = ray.remote(ErrorWriter).options(num_cpus=0).remote(os.path.join(output, "errors.parquet"))
-    scored = score_dataset(ds, model_dir, spec, errors, batch_size, 1, False, None, sigma)
-    scored.write_parquet(os.path.join(output, "predictions"))
-    ray.get(errors.close.remote())
-    encoded = sum(os.path.getsize(p) for p in listing.column("path").to_pylist()) / total
-    lines = [f"bytes per image through the object store, scoring {total} images of {folder} "
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage().startswith("Ray Data stats:"):
+            self.text = record.getMessage()
+
+    def __enter__(self) -> "StatsLog":
+        self.saved = self.logger.level, self.logger.propagate
+        self.logger.addHandler(self)
+        self.logger.setLevel(logging.DEBUG)
+        self.logger.propagate = False  # the job's own INFO lines stay out of the report
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.logger.removeHandler(self)
+        self.logger.setLevel(self.saved[0])
+        self.logger.propagate = self.saved[1]
+
+
+def store_bytes(stats: str, folder: str) -> list[str]:
+    """Lines: bytes per image each stage of jobs/predict.py's pipeline put in the object store
+    when it scored `folder` (its logged `stats`), against the encoded files' size."""
+    from fer_ray.predict import list_images
+
+    paths = list_images(folder, []).column("path").to_pylist()
+    encoded = sum(os.path.getsize(p) for p in paths) / len(paths)
+    lines = [f"bytes per image through the object store, scoring {len(paths)} images of {folder} "
              f"(encoded files: {encoded:.0f} B per image):"]
-    for name, rows, nbytes in operator_outputs(scored.stats()):
-        lines.append(f"  {name}: {nbytes / total:.0f} B per image ({rows} rows out)")
+    for name, rows, nbytes in operator_outputs(stats):
+        lines.append(f"  {name}: {nbytes / len(paths):.0f} B per image ({rows} rows out)")
     return lines
 
 
@@ -246,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
 
         ray.data.DataContext.get_current().enable_progress_bars = False
         rows, speed, memory = [], {}, {}  # the table; what the ratios compare
+        ray_stats = {}  # (split, run name): Ray Data's stats text of that fer_ray run
 
         def plain_run(split: str, folder: str) -> None:
             with Sampler() as sampler:
@@ -260,11 +278,12 @@ def main(argv: list[str] | None = None) -> int:
             split: str, folder: str, actors: int | None = args.num_actors, name: str = "",
             for_speed: bool = True, for_memory: bool = True,
         ) -> int:
-            with Sampler() as sampler:
+            with Sampler() as sampler, StatsLog() as stats:
                 start = time.perf_counter()
                 summary = predict(model_dir, folder, os.path.join(tmp, f"fer_ray_{split}{name}"),
                                   batch_size=args.batch_size, num_actors=actors)
                 seconds = time.perf_counter() - start
+            ray_stats[(split, name)] = stats.text
             label = f"fer_ray.predict ({summary['num_actors']} actor{'s' if summary['num_actors'] > 1 else ''})"
             rows.append((label + name, split, summary["scored"], seconds, sampler))
             if for_speed:
@@ -291,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 print(f"memory run skipped: {train} does not exist")
 
-        notes = store_bytes(model_dir, val, os.path.join(tmp, "bytes"), args.batch_size)
+        notes = store_bytes(ray_stats[("val", "")], val)
         print_report(rows, speed, memory, idle_pss, idle_rss, load_before, notes)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -677,6 +677,8 @@ def predict(
         # The reports' libraries (matplotlib, scikit-learn: ~1.6 s) load while the actors start.
         threading.Thread(target=_import_reports, daemon=True).start()
         scored.write_parquet(predictions, min_rows_per_file=ROWS_PER_FILE)
+        if log.isEnabledFor(logging.DEBUG):  # per stage: rows, bytes, time (bench_scoring reads it)
+            log.debug("Ray Data stats:\n%s", scored.stats())
         n_errors = ray.get(errors.close.remote())
         _ensure_parquet(predictions, prediction_schema(spec.class_names))
 

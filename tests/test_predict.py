@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -273,13 +274,18 @@ def test_shards_with_other_classes_are_refused(model_dir, tmp_path) -> None:
         check_inputs(str(model_dir), str(tmp_path / "shards"), str(tmp_path / "out"))
 
 
-def test_unlabelled_folder_writes_no_metrics(ray_cluster, model_dir, tmp_path) -> None:
-    # No class folders: one loose file and one in a folder named otherwise.
+def _unlabelled_photos(tmp_path: Path) -> Path:
+    """No class folders: one loose file and one in a folder named otherwise."""
     generate_dataset(tmp_path / "gen", {"x": 1}, size=SIZE, classes=["happy", "sad"])
     src = tmp_path / "photos"
     (src / "2024").mkdir(parents=True)
     shutil.copy(tmp_path / "gen" / "x" / "happy" / "happy_00000.png", src / "a.png")
     shutil.copy(tmp_path / "gen" / "x" / "sad" / "sad_00000.png", src / "2024" / "b.png")
+    return src
+
+
+def test_unlabelled_folder_writes_no_metrics(ray_cluster, model_dir, tmp_path) -> None:
+    src = _unlabelled_photos(tmp_path)
 
     summary = predict(str(model_dir), str(src), str(tmp_path / "out"))
 
@@ -290,6 +296,17 @@ def test_unlabelled_folder_writes_no_metrics(ray_cluster, model_dir, tmp_path) -
     for name in (METRICS_FILE, CONFUSION_TABLE_FILE, CONFUSION_PLOT_FILE):
         assert not (out / name).exists()
     assert len(pd.read_parquet(out / ERRORS_FILE)) == 0
+
+
+def test_ray_data_stats_logged_at_debug_level(ray_cluster, model_dir, tmp_path, caplog) -> None:
+    from bench.bench_scoring import operator_outputs
+
+    src = _unlabelled_photos(tmp_path)
+    with caplog.at_level(logging.DEBUG, logger="fer_ray.predict"):
+        predict(str(model_dir), str(src), str(tmp_path / "out"))
+    [text] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Ray Data stats:")]
+    stages = {name: rows for name, rows, _ in operator_outputs(text)}
+    assert stages["MapBatches(load_batch)->MapBatches(Scorer)"] == 2  # decode fused into scoring
 
 
 def test_folder_of_bad_files_scores_nothing_and_lists_them(ray_cluster, model_dir, tmp_path) -> None:
