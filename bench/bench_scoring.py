@@ -7,7 +7,8 @@
 Speed: one run each over DATA/val (and, with the memory run, DATA/train) with the same
 model, preprocessing (decode_image, the eval transform, DeviceNormalize) and batch size,
 timed from listing the folder to the predictions' Parquet on disk, with the Ray cluster
-already started. Ray workers run at niceness 0 here like the plain loop (Ray's default
+already started and every file read once beforehand (both sides read from the page
+cache, whichever runs first). Ray workers run at niceness 0 here like the plain loop (Ray's default
 is 15), so other work on a shared machine does not tilt the comparison.
 The plain loop is what one writes without Ray: a DataLoader with 2 worker processes
 decoding, the model in eval mode (inference_mode; channels_last or not as fer_ray picks it
@@ -54,7 +55,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from bench.common import MiB, Sampler, tree_memory  # noqa: E402
+from bench.common import MiB, Sampler, read_all, tree_memory  # noqa: E402
 from fer_ray.constants import FER_CLASSES, IMAGE_EXTENSIONS  # noqa: E402
 from fer_ray.model import (  # noqa: E402
     ModelSpec,
@@ -292,6 +293,11 @@ def main(argv: list[str] | None = None) -> int:
                 memory[split] = sampler
             return summary["num_actors"]
 
+        from fer_ray.predict import list_images
+
+        # Both sides read the files from memory: the first run would otherwise pay the disk.
+        for folder in [val] + ([train] if not args.skip_memory and os.path.isdir(train) else []):
+            read_all(list_images(folder, []).column("path").to_pylist())
         idle_pss, idle_rss = tree_memory()
         load_before = f"{os.getloadavg()[0]:.1f}"
         val_actors = fer_ray_run("val", val)
@@ -300,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
             if os.path.isdir(train):
                 # The memory pair first: later runs find processes of earlier ones still
                 # winding down in the tree.
-                from fer_ray.predict import auto_actors, list_images
+                from fer_ray.predict import auto_actors
 
                 pair = args.num_actors is None and auto_actors(list_images(train, []).num_rows, False) != val_actors
                 if pair:

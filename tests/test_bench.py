@@ -44,3 +44,13 @@ def test_operator_outputs_reads_the_stats_text() -> None:
         ("Write", 15, 2580),
     ]
     assert operator_outputs("Dataset throughput: nothing") == []
+
+
+def test_read_all_reads_every_file(tmp_path: Path) -> None:
+    from bench.common import read_all
+
+    (tmp_path / "a.png").write_bytes(b"x" * 10)
+    (tmp_path / "b.jpg").write_bytes(b"")
+    assert read_all(str(p) for p in sorted(tmp_path.iterdir())) == 10
+    with pytest.raises(FileNotFoundError):
+        read_all([str(tmp_path / "missing.jpg")])
