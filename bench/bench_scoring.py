@@ -168,12 +168,10 @@ class StatsLog(logging.Handler):
         self.logger.propagate = self.saved[1]
 
 
-def store_bytes(stats: str, folder: str) -> list[str]:
+def store_bytes(stats: str, folder: str, paths: list[str]) -> list[str]:
     """Lines: bytes per image each stage of jobs/predict.py's pipeline put in the object store
-    when it scored `folder` (its logged `stats`), against the encoded files' size."""
-    from fer_ray.predict import list_images
-
-    paths = list_images(folder, []).column("path").to_pylist()
+    when it scored `folder` (its logged `stats`), against the encoded size of its files
+    (`paths`)."""
     encoded = sum(os.path.getsize(p) for p in paths) / len(paths)
     lines = [f"bytes per image through the object store, scoring {len(paths)} images of {folder} "
              f"(encoded files: {encoded:.0f} B per image):"]
@@ -295,9 +293,12 @@ def main(argv: list[str] | None = None) -> int:
 
         from fer_ray.predict import list_images
 
-        # Both sides read the files from memory: the first run would otherwise pay the disk.
-        for folder in [val] + ([train] if not args.skip_memory and os.path.isdir(train) else []):
-            read_all(list_images(folder, []).column("path").to_pylist())
+        # Every file the runs will read, listed once; read once here so that both sides
+        # read from memory (the first run would otherwise pay the disk).
+        folders = [val] + ([train] if not args.skip_memory and os.path.isdir(train) else [])
+        paths = {folder: list_images(folder, []).column("path").to_pylist() for folder in folders}
+        for folder in folders:
+            read_all(paths[folder])
         idle_pss, idle_rss = tree_memory()
         load_before = f"{os.getloadavg()[0]:.1f}"
         val_actors = fer_ray_run("val", val)
@@ -308,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
                 # winding down in the tree.
                 from fer_ray.predict import auto_actors
 
-                pair = args.num_actors is None and auto_actors(list_images(train, []).num_rows, False) != val_actors
+                pair = args.num_actors is None and auto_actors(len(paths[train]), False) != val_actors
                 if pair:
                     fer_ray_run("train", train, val_actors, ", same actors as val", for_speed=False)
                 fer_ray_run("train", train, for_memory=not pair)
@@ -316,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 print(f"memory run skipped: {train} does not exist")
 
-        notes = store_bytes(ray_stats[("val", "")], val)
+        notes = store_bytes(ray_stats[("val", "")], val, paths[val])
         print_report(rows, speed, memory, idle_pss, idle_rss, load_before, notes)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
