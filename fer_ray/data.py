@@ -13,18 +13,25 @@ from fer_ray.constants import IMAGE_COL, LABEL_COL, TRAIN, VAL
 from fer_ray.transforms import transform_batch
 
 MAP_BATCH_SIZE = 256
-# Training images leave the transform in blocks of about one map batch, so they stream to
-# the loop as they are made: with Ray's default (128 MiB) a task's whole output is one
-# block, and every epoch began with the loop idle until the first tasks had decoded a
-# quarter of the split each (`data_wait_s` in the history shows what is left).
+# Training images leave the transform in blocks of a few MB at most (train_block_bytes), so
+# they stream to the loop as they are made: with Ray's default (128 MiB) a task's whole
+# output is one block, and every epoch began with the loop idle until the first tasks had
+# decoded a quarter of the split each (`data_wait_s` in the history shows what is left).
 MIN_BLOCK_BYTES = 1 << 20
 # Splits up to this share of the object store are kept there between epochs.
 CACHE_FRACTION = 0.2
+# Ray's shuffle warns, in every epoch, about each input block larger than this many times
+# the dataset's block target (ray.data.context.MAX_SAFE_BLOCK_SIZE_FACTOR, 1.5), with some
+# room for blocks that the class resampling makes larger.
+SHUFFLE_BLOCK_FACTOR = 1.2
 
 
-def train_block_bytes(size: int, channels: int) -> int:
-    """One map batch of uint8 images and int64 labels, at least MIN_BLOCK_BYTES."""
-    return max(MIN_BLOCK_BYTES, MAP_BATCH_SIZE * (size * size * channels + 8))
+def train_block_bytes(size: int, channels: int, shuffle_block_bytes: int = 0) -> int:
+    """The block target of training data: one map batch of uint8 images and int64 labels,
+    at least MIN_BLOCK_BYTES, and large enough that the shuffle's input blocks
+    (`shuffle_block_bytes` at most) draw no warning."""
+    return max(MIN_BLOCK_BYTES, MAP_BATCH_SIZE * (size * size * channels + 8),
+               math.ceil(shuffle_block_bytes / SHUFFLE_BLOCK_FACTOR))
 
 
 def class_weights(counts: Sequence[int]) -> list[float]:
@@ -119,21 +126,30 @@ def split_dataset(
     cache = fits_in_object_store(encoded_bytes(folder))
     ds = ray.data.read_parquet(folder).select_columns([IMAGE_COL, LABEL_COL])
     _quiet(ds)
+    # Training data is shuffled into one block per CPU, so that every CPU decodes.
+    blocks = max(2, int(ray.cluster_resources().get("CPU", 2)))
+    shuffle_block = 0
     if cache:
         ds = ds.materialize()
         if is_training:
-            # The shuffle takes its input blocks whole and warns about each one above the
-            # dataset's block target (one map batch, set below) in every epoch: FER2013's
-            # cached train split reads as one 22 MB block.
-            ds = cut_blocks(ds, train_block_bytes(size, channels))
+            # Kept as one block per CPU (and 1 MB at least): the shuffle's output has as
+            # many blocks as its input, so an epoch needs one all-to-all exchange of N x N
+            # pieces, not 22 x 22 pieces of 1 MB and a repartition after them (FER2013's
+            # train split, 22 MB, reads as one block). Measured with the decoded blocks
+            # below: 6,400 against 5,650-5,950 images/s into the loop on 2 cores (README,
+            # "Performance").
+            ds = cut_blocks(ds, shuffle_blocks(ds.size_bytes(), blocks))
+            shuffle_block = largest_block(ds)
     if is_training and rates is not None:
         ds = ds.map_batches(resample_batch, fn_kwargs={"rates": list(rates)}, batch_format="numpy")
     if is_training:
-        # A global row shuffle, then one block per CPU so the decoding runs in parallel
-        # (the shuffle of a small split ends in a single block).
-        blocks = max(2, int(ray.cluster_resources().get("CPU", 2)))
-        ds = ds.random_shuffle().repartition(num_blocks=blocks)
-        ds.context.target_max_block_size = train_block_bytes(size, channels)  # this dataset's own
+        # A global row shuffle; a streamed split arrives in blocks of any number and size.
+        ds = ds.random_shuffle()
+        if not cache:
+            ds = ds.repartition(num_blocks=blocks)
+        # This dataset's own. For FER2013 on 4 CPUs, 4.8 MB (2,060 images at 48 px): fewer
+        # objects per epoch than at 1 MB, and the first reaches the loop in about a second.
+        ds.context.target_max_block_size = train_block_bytes(size, channels, shuffle_block)
     ds = ds.map_batches(
         transform_batch,
         fn_kwargs={"size": size, "channels": channels, "is_training": is_training, "augment": augment},
@@ -146,9 +162,20 @@ def split_dataset(
     return ds
 
 
-def cut_blocks(ds: Any, target_bytes: int) -> Any:
-    """A materialized dataset again, in blocks of at most about `target_bytes`."""
-    return ds.repartition(num_blocks=max(1, math.ceil(ds.size_bytes() / target_bytes))).materialize()
+def shuffle_blocks(nbytes: int, cpus: int) -> int:
+    """Blocks to cut a cached training split of `nbytes` into: one per CPU, 2 at least, and
+    none below MIN_BLOCK_BYTES unless there would be fewer than 2."""
+    return min(max(2, cpus), max(2, math.ceil(nbytes / max(1, MIN_BLOCK_BYTES))))
+
+
+def cut_blocks(ds: Any, blocks: int) -> Any:
+    """A materialized dataset again, in `blocks` blocks of about equal size."""
+    return ds.repartition(num_blocks=blocks).materialize()
+
+
+def largest_block(ds: Any) -> int:
+    """Bytes of a materialized dataset's largest block."""
+    return max((m.size_bytes or 0 for b in ds.iter_internal_ref_bundles() for m in b.metadata), default=0)
 
 
 def _quiet(ds: Any) -> None:

@@ -84,14 +84,51 @@ def test_training_data_resampled_by_class_every_epoch(ray_cluster, synth_shards)
 def test_cached_split_cut_into_blocks_the_shuffle_takes_whole(ray_cluster, synth_shards) -> None:
     import ray
 
-    from fer_ray.data import cut_blocks
+    from fer_ray.data import cut_blocks, largest_block
 
     ds = ray.data.read_parquet(str(synth_shards / "train")).materialize()
-    target = ds.size_bytes() // 5
-    cut = cut_blocks(ds, target)
+    cut = cut_blocks(ds, 5)
     sizes = [meta.size_bytes for bundle in cut.iter_internal_ref_bundles() for meta in bundle.metadata]
-    assert len(sizes) >= 5 and max(sizes) <= 1.2 * target and cut.num_blocks() > ds.num_blocks()
+    assert len(sizes) == 5 and max(sizes) <= 1.3 * ds.size_bytes() / 5
+    assert largest_block(cut) == max(sizes)
     assert sorted(cut.to_pandas()["path"]) == sorted(ds.to_pandas()["path"])  # every row once
+
+
+def test_training_block_target_leaves_the_shuffle_quiet() -> None:
+    """Ray warns in every epoch about shuffle input blocks above 1.5x the block target."""
+    from ray.data.context import MAX_SAFE_BLOCK_SIZE_FACTOR
+
+    from fer_ray.data import MIN_BLOCK_BYTES, train_block_bytes
+
+    assert train_block_bytes(48, 1) == MIN_BLOCK_BYTES
+    assert train_block_bytes(224, 3) == 256 * (224 * 224 * 3 + 8)
+    for block in (3_000_000, 5_723_000, 40_000_000):
+        assert MAX_SAFE_BLOCK_SIZE_FACTOR * train_block_bytes(48, 1, block) > 1.2 * block
+
+
+def test_cached_training_split_shuffles_in_one_block_per_cpu(ray_cluster, synth_shards, capsys) -> None:
+    """One all-to-all exchange per epoch, with as many blocks out as in (one per CPU): no
+    repartition after the shuffle."""
+    import ray
+
+    import fer_ray.data as data
+
+    ds = data.split_dataset(str(synth_shards), "train", 32, 1, True, "none")
+    ds.explain()
+    logical = capsys.readouterr().out.split("-------- Logical Plan (Optimized)")[0]
+    assert "RandomShuffle" in logical and "Repartition" not in logical  # the root is printed first
+    shuffled = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
+    assert sorted(np.concatenate([b["label"] for b in shuffled])) == sorted(
+        ray.data.read_parquet(str(synth_shards / "train")).to_pandas()["label"])
+
+
+def test_cached_training_split_blocks_follow_the_cpus_above_a_floor() -> None:
+    from fer_ray.data import MIN_BLOCK_BYTES, shuffle_blocks
+
+    assert shuffle_blocks(22 * MIN_BLOCK_BYTES, 4) == 4  # FER2013's train split (22 MB), 4 CPUs
+    assert shuffle_blocks(22 * MIN_BLOCK_BYTES, 64) == 22  # a cluster: blocks of 1 MiB at least
+    assert shuffle_blocks(MIN_BLOCK_BYTES // 3, 4) == 2
+    assert shuffle_blocks(10 * MIN_BLOCK_BYTES, 1) == 2
 
 
 def test_eval_data_keeps_every_image_once(ray_cluster, synth_shards) -> None:
@@ -109,7 +146,8 @@ def test_training_images_stream_in_blocks_of_one_map_batch(ray_cluster, synth_sh
     import fer_ray.data as data
 
     monkeypatch.setattr(data, "MAP_BATCH_SIZE", 16)
-    monkeypatch.setattr(data, "MIN_BLOCK_BYTES", 0)
+    monkeypatch.setattr(data, "MIN_BLOCK_BYTES", 1)
+    monkeypatch.setattr(data, "SHUFFLE_BLOCK_FACTOR", 1e9)  # the synthetic split's 4 blocks are ~70 images
     ds = data.split_dataset(str(synth_shards), "train", 32, 1, True, "none").materialize()
     sizes = [len(b["label"]) for b in ds.iter_batches(batch_size=None, batch_format="numpy")]
     assert sum(sizes) == 280
