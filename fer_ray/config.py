@@ -50,6 +50,7 @@ AUGMENT_LEVELS = ("none", "light", "medium", "strong")
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 LR_SCALING = ("linear", "sqrt", "none")
 SAMPLERS = ("none", "sqrt", "balanced")
+OPTIMIZERS = ("adamw", "sgd")
 
 
 @dataclass
@@ -128,7 +129,14 @@ class OptimOptions:
         },
     )
     min_lr: float = field(default=1e-6, metadata={"help": "LR at the end of the cosine decay"})
-    weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay"})
+    optimizer: str = field(
+        default="adamw",
+        metadata={"help": "adamw, or sgd (momentum 0.9, Nesterov)"},
+    )
+    weight_decay: float = field(
+        default=0.05,
+        metadata={"help": "weight decay (decoupled for adamw, L2 for sgd: ~5e-4 there)"},
+    )
     label_smoothing: float = field(default=0.1, metadata={"help": "label smoothing"})
     class_weights: bool = field(
         default=True, metadata={"help": "weight the loss by inverse class frequency"}
@@ -236,6 +244,7 @@ class TrainConfig:
         _require(o.lr > 0, f"--lr must be positive, got {o.lr}.")
         _choice("--lr-scaling", o.lr_scaling, LR_SCALING)
         _require(o.min_lr >= 0, f"--min-lr must be non-negative, got {o.min_lr}.")
+        _choice("--optimizer", o.optimizer, OPTIMIZERS)
         _require(o.weight_decay >= 0, f"--weight-decay must be non-negative, got {o.weight_decay}.")
         _require(
             0 <= o.label_smoothing < 1,

@@ -66,6 +66,7 @@ class LoopSettings:
     amp: str
     seed: int
     drop_rate: float = 0.0
+    optimizer: str = "adamw"  # or "sgd": momentum 0.9, Nesterov
     ema_decay: float = 0.0  # 0: no moving average of the weights
     mixup: float = 0.0  # mixup alpha; 0: off
     cutmix: float = 0.0  # cutmix alpha; 0: off
@@ -164,7 +165,8 @@ def log0(message: str) -> None:
 def build_phase(
     model: torch.nn.Module, phase: str, s: LoopSettings, steps_per_epoch: int
 ) -> tuple[torch.nn.Module, torch.optim.Optimizer, Any]:
-    """Freeze/unfreeze, wrap for DDP, and build AdamW with a warm-up + cosine schedule."""
+    """Freeze/unfreeze, wrap for DDP, and build the optimizer (AdamW, or SGD with Nesterov
+    momentum) with a warm-up + cosine schedule."""
     import ray.train.torch
 
     unfreeze = None if phase == HEAD_PHASE else s.unfreeze
@@ -177,11 +179,18 @@ def build_phase(
     groups = [{"params": head_params, "lr": s.lr}]
     if backbone_params:
         groups.append({"params": backbone_params, "lr": backbone_lr})
-    optimizer = torch.optim.AdamW(groups, lr=s.lr, weight_decay=s.weight_decay)
+    optimizer = build_optimizer(groups, s)
     scheduler = build_scheduler(optimizer, phase, s, steps_per_epoch)
     # A fresh DDP wrapper per phase: DDP registers exactly the parameters that train.
     wrapped = ray.train.torch.prepare_model(model, move_to_device=False)
     return wrapped, optimizer, scheduler
+
+
+def build_optimizer(groups: list[dict[str, Any]], s: LoopSettings) -> torch.optim.Optimizer:
+    """AdamW (decoupled weight decay), or SGD with Nesterov momentum 0.9 (L2 weight decay)."""
+    if s.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=s.lr, momentum=0.9, nesterov=True, weight_decay=s.weight_decay)
+    return torch.optim.AdamW(groups, lr=s.lr, weight_decay=s.weight_decay)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, phase: str, s: LoopSettings, steps_per_epoch: int) -> Any:

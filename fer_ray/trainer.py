@@ -109,6 +109,7 @@ def resolve_settings(
         backbone_lr_scale=float(o.backbone_lr_scale or 1.0),
         min_lr=o.min_lr,
         weight_decay=o.weight_decay,
+        optimizer=o.optimizer,
         warmup_epochs=o.warmup_epochs,
         ema_decay=o.ema_decay,
         mixup=o.mixup,

@@ -29,6 +29,22 @@ def tiny_train_args(data: str, output: str, *extra: str) -> list[str]:
     ]
 
 
+def settings_for(shards, *flags: str):
+    """The LoopSettings a tiny training run on `shards` with these flags would get."""
+    import argparse
+
+    from fer_ray.config import TrainConfig, parse_config
+    from fer_ray.trainer import check_inputs, resolve_settings
+
+    cfg, _ = parse_config(
+        TrainConfig,
+        ["--data", str(shards), "--output", "unused", "--model", "test_resnet", "--no-pretrained",
+         "--image-size", "32", *flags],
+        argparse.ArgumentParser(),
+    )
+    return resolve_settings(cfg, check_inputs(cfg))
+
+
 def free_ports(n: int) -> list[int]:
     """`n` distinct ports that are free now (all held open while choosing)."""
     import socket

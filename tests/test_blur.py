@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, settings_for
 from fer_ray.blur import estimate_blur, gaussian_blur, sharpness, to_float
 from fer_ray.config import ConfigError, TrainConfig, parse_config, parse_input_blur
 from fer_ray.constants import FER_CLASSES
@@ -137,18 +137,6 @@ def blurred_shards(synth_shards, tmp_path_factory):
         idx = table.schema.get_field_index("image")
         pq.write_table(table.set_column(idx, table.schema.field(idx), pa.array(blurred, pa.binary())), f)
     return out
-
-
-def settings_for(shards, *flags: str):
-    from fer_ray.trainer import check_inputs, resolve_settings
-
-    cfg, _ = parse_config(
-        TrainConfig,
-        ["--data", str(shards), "--output", "unused", "--model", "test_resnet", "--no-pretrained",
-         "--image-size", "32", *flags],
-        argparse.ArgumentParser(),
-    )
-    return resolve_settings(cfg, check_inputs(cfg))
 
 
 def test_training_measures_the_blur_it_must_match(blurred_shards, synth_shards) -> None:

@@ -72,6 +72,7 @@ def test_wrong_type_is_rejected() -> None:
         (["--data", "d", "--output", "o", "--cutmix", "1", "--batch-size", "33"],
          "--batch-size must be even"),
         (["--data", "d", "--output", "o", "--sampler", "uniform"], "--sampler must be one of"),
+        (["--data", "d", "--output", "o", "--optimizer", "adam"], "--optimizer must be one of"),
         (["--data", "d", "--output", "o", "--sampler", "sqrt"], "add --no-class-weights"),
     ],
 )

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import tiny_train_args
+from conftest import settings_for, tiny_train_args
 from fer_ray.constants import FER_CLASSES
 from fer_ray.model import load_model_dir
 from jobs.train import main as train_main
@@ -166,6 +166,29 @@ def test_mixup_and_cutmix_train_on_soft_targets() -> None:
         expected = criterion(model(x), target).item()
         assert loss == pytest.approx(expected, rel=1e-5)
         assert loss != pytest.approx(run(None), rel=1e-3)  # unmixed: another loss
+
+
+def test_optimizer_choice_reaches_the_loop_and_keeps_the_lr_groups(synth_shards) -> None:
+    """--optimizer sgd: SGD with Nesterov momentum 0.9 and L2 weight decay, the head and
+    backbone LRs kept per group; the default stays AdamW."""
+    from fer_ray.model import create_model
+    from fer_ray.train_loop import build_optimizer
+
+    model = create_model("test_resnet", 7, in_chans=1)
+    head, body = list(model.get_classifier().parameters()), list(model.conv1.parameters())
+    groups = [{"params": head, "lr": 0.05}, {"params": body, "lr": 0.005}]
+
+    s = settings_for(synth_shards, "--optimizer", "sgd", "--lr", "0.05", "--weight-decay", "5e-4")
+    assert s.optimizer == "sgd"
+    sgd = build_optimizer(groups, s)
+    assert type(sgd) is torch.optim.SGD
+    assert [(g["lr"], g["momentum"], g["nesterov"], g["weight_decay"]) for g in sgd.param_groups] == [
+        (0.05, 0.9, True, 5e-4), (0.005, 0.9, True, 5e-4)]
+
+    default = settings_for(synth_shards)
+    assert default.optimizer == "adamw"
+    adamw = build_optimizer([{"params": head, "lr": 0.001}], default)
+    assert type(adamw) is torch.optim.AdamW and adamw.param_groups[0]["weight_decay"] == 0.05
 
 
 def test_mixup_run_end_to_end(ray_cluster, synth_shards, tmp_path) -> None:
