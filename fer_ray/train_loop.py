@@ -362,12 +362,27 @@ def load_checkpoint(folder: str, model: torch.nn.Module) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------
 
 
+def quiet_ray_train_reports() -> None:
+    """Ray Train logs every report (its whole metrics dict) and every checkpoint at INFO in
+    each worker: two long lines an epoch beside the loop's own, which says the same. Its
+    warnings still show."""
+    import logging
+
+    try:  # internal modules; a Ray that moved them just keeps its lines
+        from ray.train.v2._internal.execution import context, storage
+    except ImportError:
+        return
+    for logger in (context.logger, storage.logger):
+        logger.setLevel(logging.WARNING)
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray
     import ray.train
     import ray.train.torch
 
     s = LoopSettings(**config)
+    quiet_ray_train_reports()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
