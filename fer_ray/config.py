@@ -440,14 +440,15 @@ def add_config_flags(
             default = f.default_factory()
         else:
             default = None
-        if typing.get_origin(f.type) is tuple:
+        items = _tuple_items(f.type)
+        if items:
             parser.add_argument(
                 flag,
                 dest=name,
-                nargs=len(typing.get_args(f.type)),
+                nargs=items,
                 default=argparse.SUPPRESS,
-                metavar=("LO", "HI") if len(typing.get_args(f.type)) == 2 else None,
-                help=f"{helptext} (default: {' '.join(map(str, default))})",
+                metavar=("LO", "HI") if items == 2 else None,
+                help=helptext if default is None else f"{helptext} (default: {' '.join(map(str, default))})",
             )
         elif f.type is bool:
             parser.add_argument(
@@ -465,6 +466,13 @@ def add_config_flags(
                 metavar=name.upper(),
                 help=f"{helptext} (default: {default})",
             )
+
+
+def _tuple_items(tp: Any) -> int:
+    """How many values a tuple field (or an optional one) takes; 0 for other fields."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    return len(typing.get_args(tp)) if typing.get_origin(tp) is tuple else 0
 
 
 def parse_config(
@@ -492,6 +500,8 @@ def parse_config(
 # --------------------------------------------------------------------------------------
 
 SEARCHERS = ("random", "optuna")
+# --lr-range when not given: around each optimizer's usual learning rates.
+LR_RANGES = {"adamw": (1e-4, 3e-3), "sgd": (5e-3, 0.2)}
 
 
 @dataclass
@@ -501,8 +511,13 @@ class SweepOptions:
         default=None,
         metadata={"help": "trials at once (default: as many as the cluster's CPUs/GPUs hold)"},
     )
-    lr_range: tuple[float, float] = field(
-        default=(1e-4, 3e-3), metadata={"help": "learning rate range, sampled log-uniformly"}
+    lr_range: tuple[float, float] | None = field(
+        default=None,
+        metadata={
+            "help": "learning rate range, sampled log-uniformly (default: "
+            + ", ".join(f"{lo:g} {hi:g} with --optimizer {o}" for o, (lo, hi) in LR_RANGES.items())
+            + ")"
+        },
     )
     smoothing_range: tuple[float, float] = field(
         default=(0.0, 0.3), metadata={"help": "label smoothing range, sampled uniformly"}
@@ -520,10 +535,14 @@ class SweepOptions:
 class SweepConfig(TrainConfig):
     sweep: SweepOptions = field(default_factory=SweepOptions)
 
+    def lr_range(self) -> tuple[float, float]:
+        """--lr-range, or the usual range of the optimizer the trials use."""
+        return self.sweep.lr_range or LR_RANGES[self.optim.optimizer]
+
     def validate(self) -> "SweepConfig":
         super().validate()
         s = self.sweep
-        lo, hi = s.lr_range
+        lo, hi = self.lr_range()
         _require(0 < lo < hi, f"--lr-range must be two positive numbers LO < HI, got {lo} {hi}.")
         lo, hi = s.smoothing_range
         _require(

@@ -127,7 +127,7 @@ def build_tuner(cfg: SweepConfig, manifest: dict[str, Any]):
 
     lo, hi = cfg.sweep.smoothing_range
     space = {
-        "lr": ray.tune.loguniform(*cfg.sweep.lr_range),
+        "lr": ray.tune.loguniform(*cfg.lr_range()),
         "label_smoothing": ray.tune.uniform(lo, hi) if hi > lo else lo,
     }
     return ray.tune.Tuner(

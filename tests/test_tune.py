@@ -30,6 +30,23 @@ def test_trial_config_overrides_only_the_swept_values() -> None:
     assert not hasattr(trial, "sweep")
 
 
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        ([], (1e-4, 3e-3)),  # AdamW's usual range
+        (["--optimizer", "sgd"], (5e-3, 0.2)),  # SGD's: AdamW's would barely move it
+        (["--optimizer", "sgd", "--lr-range", "0.01", "0.1"], (0.01, 0.1)),  # given: kept
+    ],
+)
+def test_lr_range_follows_the_optimizer_unless_given(flags, expected) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    cfg, _ = parse_config(SweepConfig, ["--data", "d", "--output", "o", *flags], parser)
+    assert cfg.validate().lr_range() == expected
+    assert "0.005 0.2 with --optimizer sgd" in " ".join(parser.format_help().split())  # --help says so
+
+
 def test_sweep_writes_every_output_and_resumes_without_retraining(ray_cluster, synth_shards, tmp_path, capsys):
     out = tmp_path / "sweep"
     assert tune_main(sweep_args(str(synth_shards), str(out))) == 0
