@@ -71,7 +71,10 @@ class ShardedValConfig(ray.train.DataConfig):
 
 
 # Settings that cannot change when a run folder is trained again (resume).
-RESUME_KEYS = ("model", "data", "image_size", "data_size")
+# Settings a run cannot change when it resumes (the optimizer: its state in the checkpoint).
+RESUME_KEYS = ("model", "data", "image_size", "data_size", "optimizer")
+# What runs from before a setting existed used.
+RESUME_DEFAULTS = {"optimizer": "adamw"}
 
 
 def resolve_settings(
@@ -170,7 +173,7 @@ def _check_resume_compatible(cfg: TrainConfig) -> None:
     path = storage.join(storage.normalize(cfg.run.output), CONFIG_FILE)
     if not storage.exists(path):
         return
-    old = _flat(storage.read_json(path))
+    old = {**RESUME_DEFAULTS, **_flat(storage.read_json(path))}
     new = _flat(to_dict(cfg))
     changed = [k for k in RESUME_KEYS if k in old and old.get(k) != new.get(k)]
     if changed:

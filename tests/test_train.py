@@ -101,6 +101,15 @@ def test_changed_model_on_an_existing_run_is_refused(tiny_run, tmp_path, capsys)
     args = tiny_train_args(data, str(run), "--model", "resnet18")
     assert train_main(args) == 2
     assert "different settings (model 'test_resnet' -> 'resnet18')" in capsys.readouterr().err
+    # The optimizer's state is in the checkpoint: another optimizer cannot resume it, and a
+    # run from before the setting existed (no "optimizer" in its config) used AdamW.
+    assert train_main(tiny_train_args(data, str(run), "--optimizer", "sgd")) == 2
+    assert "different settings (optimizer 'adamw' -> 'sgd')" in capsys.readouterr().err
+    config = json.loads((run / "config.json").read_text())
+    del config["optim"]["optimizer"]
+    (run / "config.json").write_text(json.dumps(config))
+    assert train_main(tiny_train_args(data, str(run), "--optimizer", "sgd")) == 2
+    assert "different settings (optimizer 'adamw' -> 'sgd')" in capsys.readouterr().err
 
 
 def test_ema_run_validates_and_saves_the_average_and_resumes(ray_cluster, synth_shards, tmp_path) -> None:
