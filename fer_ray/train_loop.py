@@ -369,10 +369,11 @@ def quiet_ray_train_reports() -> None:
     import logging
 
     try:  # internal modules; a Ray that moved them just keeps its lines
-        from ray.train.v2._internal.execution import context, storage
+        from ray.train.v2._internal.execution import context as train_context
+        from ray.train.v2._internal.execution import storage as train_storage
     except ImportError:
         return
-    for logger in (context.logger, storage.logger):
+    for logger in (train_context.logger, train_storage.logger):
         logger.setLevel(logging.WARNING)
 
 

@@ -70,8 +70,8 @@ class ShardedValConfig(ray.train.DataConfig):
         return output
 
 
-# Settings that cannot change when a run folder is trained again (resume).
-# Settings a run cannot change when it resumes (the optimizer: its state in the checkpoint).
+# Settings that cannot change when a run folder is trained again (resume; the optimizer's
+# state is in the checkpoint).
 RESUME_KEYS = ("model", "data", "image_size", "data_size", "optimizer")
 # What runs from before a setting existed used.
 RESUME_DEFAULTS = {"optimizer": "adamw"}
