@@ -6,6 +6,7 @@ trial is exactly a training run.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import shutil
@@ -16,6 +17,7 @@ from dataclasses import asdict
 from typing import Any, Iterator, Sequence
 
 import pandas as pd
+import ray.data
 import ray.train
 import torch
 
@@ -52,10 +54,16 @@ log = logging.getLogger(__name__)
 
 class ShardedValConfig(ray.train.DataConfig):
     """Train split in equal shares (every worker takes the same number of steps); val split
-    unevenly, because validation must see every image exactly once."""
+    unevenly, because validation must see every image exactly once.
+
+    The execution options are the driver's Ray Data options, copied. Left to Ray, its
+    `DataConfig.default_ingest_options()` builds them with the deprecated
+    `exclude_resources` argument, and every training job printed a RayDeprecationWarning
+    from Ray Train's dataset manager (Ray 2.60)."""
 
     def __init__(self) -> None:
-        super().__init__(datasets_to_split=[TRAIN])
+        options = copy.deepcopy(ray.data.DataContext.get_current().execution_options)
+        super().__init__(datasets_to_split=[TRAIN], execution_options=options)
 
     def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
         output = super().configure(

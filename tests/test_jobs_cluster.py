@@ -376,6 +376,7 @@ def test_train_job_writes_the_run_folder(run) -> None:
     # The loop's own line per epoch; Ray Train's report and checkpoint lines are quieted.
     assert "epoch 1/1" in output
     assert "Reporting training result" not in output and "Checkpoint successfully created" not in output
+    assert "DeprecationWarning" not in output
     for name in ("config.json", "history.csv", "learning_curves.png", "confusion_matrix.png",
                  "val_metrics.parquet"):
         assert (out / name).is_file(), name
