@@ -50,6 +50,7 @@ AUGMENT_LEVELS = ("none", "light", "medium", "strong")
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 LR_SCALING = ("linear", "sqrt", "none")
 SAMPLERS = ("none", "sqrt", "balanced")
+INPUT_NORMS = ("dataset", "image")
 OPTIMIZERS = ("adamw", "sgd")
 
 
@@ -83,6 +84,13 @@ class DataOptions:
             "help": "Gaussian blur (sigma in px at --data-size) for val and scored images, to "
             "match training images that are blurrier: auto (measured on train vs val), off, "
             "or a number"
+        },
+    )
+    input_norm: str = field(
+        default="dataset",
+        metadata={
+            "help": "how images are normalised for the model: dataset (the model's mean/std) "
+            "or image (each image to zero mean and unit std: brightness and contrast removed)"
         },
     )
 
@@ -227,6 +235,7 @@ class TrainConfig:
         _require(d.batch_size >= 1, f"--batch-size must be at least 1, got {d.batch_size}.")
         _choice("--augment", d.augment, AUGMENT_LEVELS)
         _choice("--sampler", d.sampler, SAMPLERS)
+        _choice("--input-norm", d.input_norm, INPUT_NORMS)
         _require(
             d.sampler == "none" or not o.class_weights,
             f"--sampler {d.sampler} and --class-weights both rebalance the classes; "

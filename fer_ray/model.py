@@ -26,6 +26,7 @@ from timm.models import group_parameters
 from fer_ray import storage
 from fer_ray.config import ConfigError
 from fer_ray.constants import MODEL_CONFIG_FILE, WEIGHTS_FILE
+from fer_ray.normalize import per_image_norm
 
 
 @dataclass
@@ -44,6 +45,8 @@ class ModelSpec:
     # With a blur: the training images' median sharpness (fer_ray.blur), so scoring can
     # measure the blur that matches the images it is given instead (--input-blur auto).
     train_sharpness: float | None = None
+    # "dataset": (x - mean) / std; "image": each image to zero mean and unit std
+    input_norm: str = "dataset"
 
     @property
     def in_chans(self) -> int:
@@ -251,7 +254,9 @@ def read_model_spec(folder: str) -> ModelSpec:
         )
     try:
         cfg = json.loads(storage.read_bytes(cfg_path))
-        return ModelSpec(**cfg["fer_ray"])
+        spec = ModelSpec(**cfg["fer_ray"])
+        per_image_norm(spec.input_norm)  # a value this version knows
+        return spec
     except (KeyError, TypeError, ValueError) as e:
         raise ConfigError(
             f"{cfg_path!r} is not a fer_ray model config ({type(e).__name__}: {e}); "

@@ -23,12 +23,22 @@ def match_channels(values: Sequence[float], in_chans: int) -> list[float]:
     return values
 
 
+def per_image_norm(input_norm: str) -> bool:
+    """A model folder's `input_norm`: True for "image", False for "dataset"."""
+    if input_norm not in ("dataset", "image"):
+        raise ValueError(f"unknown input_norm {input_norm!r}: expected dataset or image")
+    return input_norm == "image"
+
+
 class DeviceNormalize(torch.nn.Module):
     """uint8 [B, H, W, C] on the device -> normalised float [B, in_chans, S, S] for the model.
 
     `blur_sigma` (the model's `input_blur`, see fer_ray.blur) blurs images at the size
     they arrive in before the resize: applied to what the model evaluates or scores, not to
-    its training batches (`match_blur=False`)."""
+    its training batches (`match_blur=False`).
+
+    `per_image` (the model's `input_norm: image`) takes each image to zero mean and unit
+    standard deviation instead of the dataset's mean/std: brightness and contrast go."""
 
     def __init__(
         self,
@@ -38,8 +48,10 @@ class DeviceNormalize(torch.nn.Module):
         in_chans: int = 3,
         channels_last: bool = False,
         blur_sigma: float = 0.0,
+        per_image: bool = False,
     ) -> None:
         super().__init__()
+        self.per_image = bool(per_image)
         self.image_size = image_size
         self.in_chans = in_chans
         self.channels_last = channels_last
@@ -60,6 +72,7 @@ class DeviceNormalize(torch.nn.Module):
         return cls(
             spec.image_size, spec.mean, spec.std, in_chans=spec.in_chans, channels_last=channels_last,
             blur_sigma=spec.input_blur if blur_sigma is None else blur_sigma,
+            per_image=per_image_norm(spec.input_norm),
         )
 
     def forward(self, images: torch.Tensor, match_blur: bool = True) -> torch.Tensor:
@@ -75,7 +88,12 @@ class DeviceNormalize(torch.nn.Module):
             )
         if x.shape[1] != self.in_chans:
             x = x.expand(-1, self.in_chans, -1, -1) if x.shape[1] == 1 else x.mean(1, keepdim=True)
-        x = x * self.scale + self.shift
+        if self.per_image:
+            # Per image over all its pixels; a flat image (std < 1 grey level) is only centred.
+            std, mean = torch.std_mean(x, dim=(1, 2, 3), keepdim=True)
+            x = (x - mean) / std.clamp_min(1.0)
+        else:
+            x = x * self.scale + self.shift
         if self.channels_last:
             return x.contiguous(memory_format=torch.channels_last)
         # Plain NCHW strides, not just "contiguous": a batch permuted from [B, H, W, 1] counts

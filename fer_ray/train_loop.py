@@ -474,6 +474,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         f"{s.num_train} images, {epoch_steps} steps/epoch of {s.batch_size}x{world}, "
         f"{spec.image_size}px from {spec.data_size}px data"
         + (f", val blurred by sigma {spec.input_blur:g} px" if spec.input_blur else "")
+        + (", each image normalised to zero mean and unit std" if spec.input_norm == "image" else "")
         + (f", weights averaged (EMA decay {s.ema_decay:g})" if ema is not None else "")
         + (f", mixup {s.mixup:g} / cutmix {s.cutmix:g} on {s.mix_prob:.0%} of batches" if mix is not None else "")
     )

@@ -80,9 +80,9 @@ class ShardedValConfig(ray.train.DataConfig):
 
 # Settings that cannot change when a run folder is trained again (resume; the optimizer's
 # state is in the checkpoint).
-RESUME_KEYS = ("model", "data", "image_size", "data_size", "optimizer")
+RESUME_KEYS = ("model", "data", "image_size", "data_size", "optimizer", "input_norm")
 # What runs from before a setting existed used.
-RESUME_DEFAULTS = {"optimizer": "adamw"}
+RESUME_DEFAULTS = {"optimizer": "adamw", "input_norm": "dataset"}
 
 
 def resolve_settings(
@@ -105,6 +105,7 @@ def resolve_settings(
         mean=list(dcfg["mean"]),
         std=list(dcfg["std"]),
         model_kwargs=dict(m.model_kwargs),
+        input_norm=d.input_norm,
     )
     # timm gives RGB statistics; a 1-channel stem sees their average.
     spec.mean, spec.std = match_channels(spec.mean, spec.in_chans), match_channels(spec.std, spec.in_chans)

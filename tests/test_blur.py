@@ -100,6 +100,26 @@ def test_model_folder_carries_the_blur_and_old_folders_load(tmp_path) -> None:
     assert load_model_dir(str(tmp_path))[1].input_blur == 0.0
 
 
+def test_model_folder_carries_the_input_norm(tmp_path) -> None:
+    from fer_ray.predict import Scorer
+
+    model = create_model("test_resnet", 7).eval()
+    spec = ModelSpec("test_resnet", list(FER_CLASSES), 32, 32, 1, [0.5] * 3, [0.5] * 3, input_norm="image")
+    save_model_dir(model, tmp_path, spec)
+    assert load_model_dir(str(tmp_path))[1].input_norm == "image"
+    assert Scorer(str(tmp_path), False, False, 1).normalize.per_image
+    cfg_path = tmp_path / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["fer_ray"]["input_norm"] = "per-pixel"  # not a value this version knows
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match="unknown input_norm 'per-pixel'"):
+        load_model_dir(str(tmp_path))
+    del cfg["fer_ray"]["input_norm"]  # a folder written before input_norm existed
+    cfg_path.write_text(json.dumps(cfg))
+    assert load_model_dir(str(tmp_path))[1].input_norm == "dataset"
+    assert not Scorer(str(tmp_path), False, False, 1).normalize.per_image
+
+
 def test_scorer_uses_the_models_blur_unless_overridden(tmp_path) -> None:
     from fer_ray.predict import Scorer
 

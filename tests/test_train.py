@@ -78,6 +78,7 @@ def test_bf16_autocast_path_on_cpu(ray_cluster, synth_shards, tmp_path) -> None:
         (["--batch-size", "0"], "--batch-size must be at least 1"),
         (["--ema-decay", "1"], "--ema-decay must be in [0, 1)"),
         (["--time-budget", "-1"], "--time-budget must be >= 0 minutes"),
+        (["--input-norm", "pixel"], "--input-norm must be one of dataset, image; got 'pixel'"),
         (["--pretrained", "--pretrained-file", "/no/such/weights.pth"], "does not exist"),
     ],
 )
@@ -110,6 +111,11 @@ def test_changed_model_on_an_existing_run_is_refused(tiny_run, tmp_path, capsys)
     (run / "config.json").write_text(json.dumps(config))
     assert train_main(tiny_train_args(data, str(run), "--optimizer", "sgd")) == 2
     assert "different settings (optimizer 'adamw' -> 'sgd')" in capsys.readouterr().err
+    # The weights learnt one input normalisation; a run from before the setting used the dataset's.
+    del config["data"]["input_norm"]
+    (run / "config.json").write_text(json.dumps(config))
+    assert train_main(tiny_train_args(data, str(run), "--input-norm", "image")) == 2
+    assert "different settings (input_norm 'dataset' -> 'image')" in capsys.readouterr().err
 
 
 def test_ema_run_validates_and_saves_the_average_and_resumes(ray_cluster, synth_shards, tmp_path) -> None:
@@ -208,6 +214,17 @@ def test_mixup_run_end_to_end(ray_cluster, synth_shards, tmp_path) -> None:
     assert history["epoch"].tolist() == [1, 2] and history["train_loss"].notna().all()
     cfg = json.loads((run / "config.json").read_text())
     assert (cfg["optim"]["mixup"], cfg["optim"]["cutmix"], cfg["optim"]["mix_prob"]) == (0.2, 1.0, 0.5)
+
+
+def test_per_image_norm_run_end_to_end_and_scored_the_same_way(ray_cluster, synth_shards, tmp_path) -> None:
+    from fer_ray.predict import Scorer
+
+    run = tmp_path / "pernorm"
+    assert train_main(tiny_train_args(str(synth_shards), str(run), "--input-norm", "image", "--epochs", "1")) == 0
+    assert json.loads((run / "config.json").read_text())["data"]["input_norm"] == "image"
+    assert json.loads((run / "best" / "config.json").read_text())["fer_ray"]["input_norm"] == "image"
+    assert pd.read_csv(run / "history.csv")["val_acc"].notna().all()
+    assert Scorer(str(run / "best"), False, False, 1).normalize.per_image
 
 
 def test_epochs_that_fit_counts_whole_epochs_with_a_margin() -> None:

@@ -92,6 +92,22 @@ def test_device_normalize_resizes_expands_and_normalises() -> None:
     torch.testing.assert_close(same_size[0, :, 0, 0], -torch.tensor(mean) / torch.tensor(std))
 
 
+def test_device_normalize_per_image_removes_brightness_and_contrast() -> None:
+    rng = np.random.default_rng(0)
+    base = rng.integers(60, 140, size=(32, 32, 1))
+    # The same face darker and flatter, and a blank image
+    images = torch.from_numpy(np.stack([base, (base - 60) // 2 + 10, np.full_like(base, 200)]).astype(np.uint8))
+    norm = DeviceNormalize(32, [0.5], [0.25], in_chans=1, per_image=True)
+    x = norm(images)
+    assert x.shape == (3, 1, 32, 32)
+    torch.testing.assert_close(x[:2].mean(dim=(1, 2, 3)), torch.zeros(2), atol=1e-5, rtol=0)
+    torch.testing.assert_close(x[:2].std(dim=(1, 2, 3)), torch.ones(2), atol=1e-5, rtol=0)
+    torch.testing.assert_close(x[0], x[1], atol=0.05, rtol=0)  # only rounding tells them apart
+    assert torch.equal(x[2], torch.zeros_like(x[2]))  # a flat image: centred, no division by 0
+    dataset = DeviceNormalize(32, [0.5], [0.25], in_chans=1)(images)
+    assert not torch.allclose(dataset[0], dataset[1], atol=0.05)
+
+
 @pytest.mark.parametrize("in_chans,channels", [(1, 1), (3, 1), (3, 3)])
 def test_device_normalize_gives_the_memory_format_asked_for(in_chans: int, channels: int) -> None:
     """A convolution carries its input's memory format through the network, so the batch
