@@ -531,7 +531,9 @@ def input_dataset(source: str, class_names: Sequence[str], split: str | None, ro
     splits = [split] if split else [s for s in SPLITS if s in manifest["splits"]]
     total = sum(int(manifest["splits"][s]["total"]) for s in splits)
     folders = [storage.join(root, s) for s in splits]
-    ds = ray.data.read_parquet(folders).select_columns([IMAGE_COL, LABEL_COL, PATH_COL])
+    from fer_ray.data import read_shards
+
+    ds = read_shards(folders).select_columns([IMAGE_COL, LABEL_COL, PATH_COL])
     return ds, total, split, None
 
 

@@ -153,3 +153,21 @@ def test_training_images_stream_in_blocks_of_one_map_batch(ray_cluster, synth_sh
     assert sum(sizes) == 280
     # About a map batch each (Ray slices at the byte target); 4 blocks of 70 rows without it.
     assert max(sizes) < 2 * 16 and len(sizes) >= 280 // 24
+
+
+def test_shards_read_every_row_without_ray_datas_footer_actors(ray_cluster, synth_shards) -> None:
+    import pandas as pd
+    import ray
+
+    from fer_ray.data import read_shards
+
+    ctx = ray.data.DataContext.get_current()
+    before = ctx.use_datasource_v2
+    ds = read_shards(str(synth_shards / "train")).materialize()
+    assert ctx.use_datasource_v2 == before  # the switch is the call's own
+    stats = ds.stats()
+    # The V1 reader: one ReadParquet stage, not V2's ListFiles (32 footer-reader actors) + ReadFiles.
+    assert "ReadParquet" in stats and "ListFiles" not in stats
+    expected = pd.read_parquet(synth_shards / "train", columns=["path", "label"])
+    got = ds.select_columns(["path", "label"]).to_pandas()
+    assert sorted(zip(got["path"], got["label"])) == sorted(zip(expected["path"], expected["label"]))
