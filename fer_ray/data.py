@@ -100,19 +100,20 @@ def read_shards(paths: str | list[str]) -> Any:
     Ray 2.60 reads Parquet with its V2 datasource by default, which starts 32 footer-reader
     actors (a process each) for every read and kills them after it: on a 2-core machine
     2-6 s for FER2013's train or val shards and for a 280-image split alike, with the actor
-    processes starting beside whatever else runs. The V1 reader reads the footers in the
-    driver (in tasks beyond 24 files): 0.4-1.1 s for train, 0.2 s for val (README,
-    "Performance"). Same rows; the switch is set only for this call.
+    processes starting beside whatever else runs. The V1 reader lists the files and reads
+    the schema in the driver and samples a few files in plain tasks: 0.4-1.1 s for train,
+    0.2 s for val (README, "Performance"). Same rows. The switch is set only for this call, and so is silencing
+    the V1 reader's progress bar for sampling a few files (a bar for a sub-second step).
     """
     import ray
 
     ctx = ray.data.DataContext.get_current()
-    before = ctx.use_datasource_v2
-    ctx.use_datasource_v2 = False
+    before = ctx.use_datasource_v2, ctx.enable_progress_bars
+    ctx.use_datasource_v2, ctx.enable_progress_bars = False, False
     try:
         return ray.data.read_parquet(paths)
     finally:
-        ctx.use_datasource_v2 = before
+        ctx.use_datasource_v2, ctx.enable_progress_bars = before
 
 
 def fits_in_object_store(nbytes: int) -> bool:

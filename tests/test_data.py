@@ -162,9 +162,9 @@ def test_shards_read_every_row_without_ray_datas_footer_actors(ray_cluster, synt
     from fer_ray.data import read_shards
 
     ctx = ray.data.DataContext.get_current()
-    before = ctx.use_datasource_v2
+    before = ctx.use_datasource_v2, ctx.enable_progress_bars
     ds = read_shards(str(synth_shards / "train")).materialize()
-    assert ctx.use_datasource_v2 == before  # the switch is the call's own
+    assert (ctx.use_datasource_v2, ctx.enable_progress_bars) == before  # the switches are the call's own
     stats = ds.stats()
     # The V1 reader: one ReadParquet stage, not V2's ListFiles (32 footer-reader actors) + ReadFiles.
     assert "ReadParquet" in stats and "ListFiles" not in stats
