@@ -102,8 +102,8 @@ def read_shards(paths: str | list[str]) -> Any:
     2-6 s for FER2013's train or val shards and for a 280-image split alike, with the actor
     processes starting beside whatever else runs. The V1 reader lists the files and reads
     the schema in the driver and samples a few files in plain tasks: 0.4-1.1 s for train,
-    0.2 s for val (README, "Performance"). Same rows. The switch is set only for this call, and so is silencing
-    the V1 reader's progress bar for sampling a few files (a bar for a sub-second step).
+    0.2 s for val (README, "Performance"). Same rows. The switch is set only for this
+    call, and so is silencing the V1 reader's progress bar for sampling a few files.
     """
     import ray
 
