@@ -208,6 +208,13 @@ def time_cpu_formats(
     return best
 
 
+def cuda_amp_dtype() -> torch.dtype:
+    """Mixed precision on this GPU: bf16 where it computes in bf16 natively (Ampere and
+    newer), else fp16 (training adds a GradScaler). torch's `is_bf16_supported()` also
+    says yes where bf16 is only emulated (T4, V100), and slowly."""
+    return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+
+
 def fastest_format(seconds: list[float], formats: tuple = CPU_FORMATS) -> tuple[torch.dtype | None, bool]:
     """The (amp dtype, channels_last) of `formats` with the fewest seconds per step."""
     return formats[min(range(len(formats)), key=lambda i: seconds[i])]

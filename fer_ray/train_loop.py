@@ -32,6 +32,7 @@ from fer_ray.model import (
     CPU_FORMATS,
     ModelSpec,
     create_model,
+    cuda_amp_dtype,
     fastest_format,
     format_name,
     save_model_dir,
@@ -108,7 +109,7 @@ def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
         return torch.bfloat16
     if amp == "fp16":
         return torch.float16
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return cuda_amp_dtype()
 
 
 def phase_of(epoch: int, freeze_epochs: int) -> str:
@@ -132,6 +133,15 @@ def all_reduce(values: list[float], device: torch.device, op: Any = dist.ReduceO
     if _is_distributed():
         dist.all_reduce(t, op=op)
     return t.tolist()
+
+
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm statistics) on every worker. DDP copies them only at the
+    start of a forward pass, so after an epoch's last step, and in the EMA copy, each
+    worker holds its own; validation then scores exactly the model rank 0 checkpoints."""
+    if _is_distributed():
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
 
 
 def gather_arrays(arrays: list[np.ndarray]) -> list[np.ndarray]:
@@ -350,10 +360,17 @@ def save_checkpoint(
 
 
 def load_checkpoint(folder: str, model: torch.nn.Module) -> dict[str, Any]:
-    """Restore weights in place; return the rest (loaded without unrestricted pickle)."""
+    """Restore weights in place; return the rest (load_train_state)."""
     from safetensors.torch import load_file
 
     model.load_state_dict(load_file(os.path.join(folder, WEIGHTS_FILE)))
+    return load_train_state(folder)
+
+
+def load_train_state(folder: str) -> dict[str, Any]:
+    """A checkpoint's train state (history, optimizer, scaler...), loaded without
+    unrestricted pickle and onto the CPU: a GPU worker saved the optimizer's tensors on its
+    GPU, and the job's driver (a cluster's CPU head node) may have none."""
     return torch.load(os.path.join(folder, TRAIN_STATE_FILE), weights_only=True, map_location="cpu")
 
 
@@ -509,6 +526,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             ema, state.global_step, mix,
         )
         train_seconds = time.time() - start
+        broadcast_buffers(eval_model)
         val_loss_sum, labels, preds = evaluate(
             eval_model, val_shard.iter_torch_batches(**iter_args), normalize, amp_dtype,
             s.label_smoothing, device,
@@ -583,8 +601,9 @@ def _fit_to_deadline(
     lengthened (up to --epochs) and the cosine schedule refitted to end there, so the
     learning rate still decays to its end. The plan is kept in the train state for a resume.
     Appends to `epoch_times`, sets `s.epochs`; returns the new (mark, scheduler)."""
-    now = time.time()
-    [seconds] = all_reduce([now - mark], device, op=dist.ReduceOp.MAX)
+    # The slowest worker's epoch and the latest clock: every worker must plan the same
+    # number of epochs (one that stopped early would leave the others waiting in DDP).
+    seconds, now = all_reduce([time.time() - mark, time.time()], device, op=dist.ReduceOp.MAX)
     epoch_times.append(seconds)
     estimate = max(epoch_times[1:][-ESTIMATE_WINDOW:]) if len(epoch_times) > 1 else epoch_times[0]
     fit = epochs_that_fit(state.epoch, configured_epochs, s.deadline, now, estimate)

@@ -19,7 +19,6 @@ from typing import Any, Iterator, Sequence
 import pandas as pd
 import ray.data
 import ray.train
-import torch
 
 from fer_ray import storage
 from fer_ray.cli import require_gpus
@@ -33,7 +32,6 @@ from fer_ray.constants import (
     MODEL_CONFIG_FILE,
     RAY_RUN_NAME,
     TRAIN,
-    TRAIN_STATE_FILE,
     VAL,
     VAL_METRICS_FILE,
     VAL_PREDICTIONS_FILE,
@@ -47,7 +45,9 @@ from fer_ray.model import ModelSpec, check_model_name, create_model, data_config
 from fer_ray.prepare import read_manifest
 from fer_ray.normalize import match_channels
 from fer_ray.reports import plot_confusion_matrix, plot_learning_curves
-from fer_ray.train_loop import LoopSettings, scaled_lr, steps_per_epoch, train_loop_per_worker
+from fer_ray.train_loop import (
+    LoopSettings, load_train_state, scaled_lr, steps_per_epoch, train_loop_per_worker,
+)
 
 log = logging.getLogger(__name__)
 
@@ -305,7 +305,7 @@ def finalize_run(result: Any, run_dir: str, class_names: Sequence[str]) -> dict[
         raise RuntimeError(f"The run in {run_dir} reported no checkpoint; see the log above.")
     best = result.get_best_checkpoint(metric="val_acc", mode="max") or latest
     with latest.as_directory() as folder:
-        state = torch.load(os.path.join(folder, TRAIN_STATE_FILE), weights_only=True)["state"]
+        state = load_train_state(folder)["state"]
     history = pd.DataFrame(state["history"])
     with local_staging(run_dir) as local:
         history.to_csv(os.path.join(local, HISTORY_FILE), index=False)
