@@ -160,6 +160,7 @@ def _auth_rejected(error: BaseException) -> bool:
 
 # How long a job on a cluster waits for the autoscaler to bring up GPU nodes.
 GPU_WAIT_S = float(os.environ.get("FER_RAY_GPU_WAIT_S", 900))
+GPU_POLL_S = 5.0  # how often the wait looks at the cluster's GPUs
 
 
 def require_gpus(need: int, wait_s: float | None = None) -> None:
@@ -176,12 +177,20 @@ def require_gpus(need: int, wait_s: float | None = None) -> None:
         wait_s = GPU_WAIT_S if os.environ.get("RAY_ADDRESS") else 0.0
     deadline = time.monotonic() + wait_s
     have = ray.cluster_resources().get("GPU", 0)
-    if have < need and wait_s > 0:
+    requested = have < need and wait_s > 0
+    if requested:
         request_resources(bundles=[{"GPU": 1}] * need)
         log.info("Waiting up to %.0f s for %d GPU(s) (the cluster has %g now)", wait_s, need, have)
-    while have < need and time.monotonic() < deadline:
-        time.sleep(5)
-        have = ray.cluster_resources().get("GPU", 0)
+    try:
+        while have < need and time.monotonic() < deadline:
+            time.sleep(GPU_POLL_S)
+            have = ray.cluster_resources().get("GPU", 0)
+    finally:
+        if requested:
+            # A request stands until the next one replaces it, and the autoscaler keeps
+            # the nodes it needs past their idle timeout: withdrawn once the GPUs are there
+            # (the job's workers then hold them) or the wait is over.
+            request_resources()
     if have < need:
         waited = f" after waiting {wait_s:.0f} s" if wait_s > 0 else ""
         raise ConfigError(

@@ -398,7 +398,7 @@ class Scorer:
     ) -> None:
         import torch
 
-        from fer_ray.model import fastest_inference_layout, load_model_dir
+        from fer_ray.model import cuda_amp_dtype, fastest_inference_layout, load_model_dir
         from fer_ray.normalize import DeviceNormalize
 
         # Read from the folder: faster than shipping the pickled model through the object store.
@@ -407,7 +407,7 @@ class Scorer:
         self.memory_format = torch.channels_last  # tensor cores on GPUs
         if use_gpu:
             torch.backends.cudnn.benchmark = True
-            self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            self.amp_dtype = cuda_amp_dtype()
         else:
             # Ray allows one thread per reserved CPU, but the model is nearly all the work
             # here: the actors share the node's cores (decode runs in them too, fused).
@@ -430,13 +430,16 @@ class Scorer:
         x = torch.from_numpy(np.require(images, requirements="W"))
         if self.device.type == "cuda":
             x = x.pin_memory().to(self.device, non_blocking=True)
-        with torch.inference_mode(), torch.autocast(
-            self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None
-        ):
+        with torch.inference_mode():
+            # Normalised (and blurred) in fp32 outside autocast, as validation in training is.
             views = tta_views(self.normalize(x), self.tta)
-            probs = sum(
-                self.model(v.contiguous(memory_format=self.memory_format)).float().softmax(1) for v in views
-            ) / len(views)
+            with torch.autocast(
+                self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None
+            ):
+                probs = sum(
+                    self.model(v.contiguous(memory_format=self.memory_format)).float().softmax(1)
+                    for v in views
+                ) / len(views)
         return prediction_table(
             batch[PATH_COL], batch[LABEL_COL], probs.cpu().numpy(), self.class_names
         )

@@ -1,0 +1,131 @@
+"""The parts of the GPU and multi-worker paths that a CPU machine can check: where a
+GPU run's checkpoint is read, which precision a GPU gets, the autoscaler request for GPU
+nodes, and what several workers must agree on."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import fer_ray.train_loop as tl
+from fer_ray import cli
+from fer_ray.config import ConfigError
+from fer_ray.constants import TRAIN_STATE_FILE
+from fer_ray.model import cuda_amp_dtype
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA, as a cluster's head node")
+def test_train_state_saved_by_a_gpu_worker_loads_on_a_driver_without_one(tmp_path, monkeypatch) -> None:
+    """A GPU worker's checkpoint holds its optimizer's tensors on the GPU; the job's driver
+    (a cluster's CPU head node) reads the history from it after the run."""
+    import torch.serialization as ser
+
+    with monkeypatch.context() as m:  # tensors saved as a GPU worker saves them
+        m.setattr(ser, "location_tag", lambda storage: "cuda:0")
+        torch.save({"state": {"history": [{"epoch": 1}]}, "optimizer": {"exp_avg": torch.ones(3)}},
+                   tmp_path / TRAIN_STATE_FILE)
+    with pytest.raises(RuntimeError, match="CUDA"):  # what a plain torch.load does here
+        torch.load(tmp_path / TRAIN_STATE_FILE, weights_only=True)
+
+    state = tl.load_train_state(str(tmp_path))
+
+    assert state["state"]["history"] == [{"epoch": 1}]
+    assert state["optimizer"]["exp_avg"].device.type == "cpu"
+
+
+def test_gpus_with_only_emulated_bf16_train_and_score_in_fp16(monkeypatch) -> None:
+    # torch says bf16 is supported on a T4 or V100 unless emulation is ruled out.
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert cuda_amp_dtype() is torch.float16
+    assert tl.resolve_amp("auto", torch.device("cuda")) is torch.float16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # Ampere+
+    assert cuda_amp_dtype() is torch.bfloat16
+    assert tl.resolve_amp("auto", torch.device("cuda")) is torch.bfloat16
+    assert tl.resolve_amp("auto", torch.device("cpu")) is None  # timed per CPU instead
+
+
+@pytest.mark.parametrize("gpus_come", [True, False])
+def test_the_request_for_gpu_nodes_is_withdrawn_after_the_wait(monkeypatch, gpus_come) -> None:
+    """A standing request keeps the autoscaler's GPU nodes up past their idle timeout."""
+    import ray
+    import ray.autoscaler.sdk as sdk
+
+    calls = []
+    monkeypatch.setattr(sdk, "request_resources", lambda **kwargs: calls.append(kwargs))
+    polls = iter([0, 0, 2 if gpus_come else 0] + [0] * 10_000)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"GPU": next(polls)})
+    monkeypatch.setattr(cli, "GPU_POLL_S", 0.001)
+
+    if gpus_come:
+        cli.require_gpus(2, wait_s=30)
+    else:
+        with pytest.raises(ConfigError, match="needs 2 GPU"):
+            cli.require_gpus(2, wait_s=0.05)
+
+    assert calls == [{"bundles": [{"GPU": 1}, {"GPU": 1}]}, {}]  # asked for, then withdrawn
+
+
+def test_workers_plan_the_same_epochs_whatever_their_clocks(monkeypatch) -> None:
+    """The time budget's plan uses the latest clock of all workers: a worker whose clock
+    runs behind would otherwise plan one epoch more near a boundary and wait in DDP for
+    workers that have stopped."""
+    clock = [0.0]
+    monkeypatch.setattr(tl, "time", SimpleNamespace(time=lambda: clock[0]))
+    monkeypatch.setattr(tl, "log0", lambda message: None)
+
+    def plan(skew: float) -> int:
+        """This worker's plan after a 100 s epoch, the other worker's clock `skew` s ahead."""
+        monkeypatch.setattr(tl, "all_reduce", lambda values, device, op=None: [values[0], values[1] + skew])
+        s = SimpleNamespace(epochs=22, deadline=1000.0, freeze_epochs=0)
+        state = tl.TrainState()
+        clock[0] = 100.0
+        state.epoch = 1
+        tl._fit_to_deadline(s, state, 22, [], 0.0, "finetune", None, None, 10, torch.device("cpu"))
+        return s.epochs
+
+    assert plan(0.0) == 1 + 900 // 105  # 9: from this worker's clock
+    assert plan(60.0) == 1 + 840 // 105  # 9: still fits from the later clock
+    assert plan(90.0) == 1 + 810 // 105  # 8: the later clock decides for both
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_validation_uses_rank_zeros_batchnorm_statistics(tmp_path) -> None:
+    """Each worker's BatchNorm statistics drift with its own batches between DDP's syncs;
+    before validating, every worker takes rank 0's, so the val metrics are the
+    checkpointed model's. Two gloo processes on this machine."""
+    script = tmp_path / "worker.py"
+    script.write_text(textwrap.dedent("""
+        import sys
+        import torch, torch.distributed as dist
+        from fer_ray.train_loop import broadcast_buffers
+        rank = int(sys.argv[1])
+        dist.init_process_group("gloo", rank=rank, world_size=2)
+        bn = torch.nn.BatchNorm2d(3)
+        bn.running_mean.fill_(rank + 1.0)
+        bn.num_batches_tracked.fill_(10 * (rank + 1))
+        broadcast_buffers(bn)
+        print(bn.running_mean.tolist(), int(bn.num_batches_tracked))
+        dist.destroy_process_group()
+    """))
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+           "PYTHONPATH": str(REPO)}
+    procs = [subprocess.Popen([sys.executable, str(script), str(rank)], env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for rank in (0, 1)]
+    outputs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    assert [out.strip() for out, _ in outputs] == ["[1.0, 1.0, 1.0] 10"] * 2
