@@ -3,19 +3,19 @@
 A model folder holds `model.safetensors` and timm's `config.json` (architecture,
 label names, input size, mean/std) plus a `fer_ray` section (class names, the size and
 channels images are decoded at). `timm.create_model("local-dir:FOLDER", pretrained=True)`
-loads it without fer_ray; `load_model_dir` does the same and returns the description.
+loads it without fer_ray; `load_model_dir` does the same and returns the description
+(`fer_ray.model_spec`: the description and a check of the folder without torch or timm).
 """
 
 from __future__ import annotations
 
 import copy
 import difflib
-import json
 import math
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -26,32 +26,7 @@ from timm.models import group_parameters
 from fer_ray import storage
 from fer_ray.config import ConfigError
 from fer_ray.constants import MODEL_CONFIG_FILE, WEIGHTS_FILE
-from fer_ray.normalize import per_image_norm
-
-
-@dataclass
-class ModelSpec:
-    """What inference needs besides the weights (the `fer_ray` section of config.json)."""
-
-    model: str
-    class_names: list[str]
-    image_size: int
-    data_size: int
-    channels: int
-    mean: list[float]
-    std: list[float]
-    model_kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model args
-    input_blur: float = 0.0  # Gaussian sigma (px at data_size) applied to images it scores
-    # With a blur: the training images' median sharpness (fer_ray.blur), so scoring can
-    # measure the blur that matches the images it is given instead (--input-blur auto).
-    train_sharpness: float | None = None
-    # "dataset": (x - mean) / std; "image": each image to zero mean and unit std
-    input_norm: str = "dataset"
-
-    @property
-    def in_chans(self) -> int:
-        """Channels the model's first layer takes (images are expanded or averaged to it)."""
-        return int(self.model_kwargs.get("in_chans", 3))
+from fer_ray.model_spec import ModelSpec, read_model_spec  # noqa: F401 - fer_ray.model.ModelSpec as before
 
 
 def check_model_name(name: str) -> None:
@@ -246,29 +221,6 @@ def save_model_dir(model: torch.nn.Module, folder: str | Path, spec: ModelSpec) 
             "std": tuple(spec.std),
         },
     )
-
-
-def read_model_spec(folder: str) -> ModelSpec:
-    """The description of a model folder (local path or URI); ConfigError if not one."""
-    cfg_path = storage.join(folder, MODEL_CONFIG_FILE)
-    weights = storage.join(folder, WEIGHTS_FILE)
-    if not storage.is_dir(folder):
-        raise ConfigError(f"Model folder {folder!r} does not exist; pass a run's best/ folder.")
-    if not (storage.is_file(cfg_path) and storage.is_file(weights)):
-        raise ConfigError(
-            f"{folder!r} is not a fer_ray model folder (it needs {WEIGHTS_FILE} and "
-            f"{MODEL_CONFIG_FILE}); pass a training run's or a sweep's best/ folder."
-        )
-    try:
-        cfg = json.loads(storage.read_bytes(cfg_path))
-        spec = ModelSpec(**cfg["fer_ray"])
-        per_image_norm(spec.input_norm)  # a value this version knows
-        return spec
-    except (KeyError, TypeError, ValueError) as e:
-        raise ConfigError(
-            f"{cfg_path!r} is not a fer_ray model config ({type(e).__name__}: {e}); "
-            "pass a training run's or a sweep's best/ folder."
-        ) from None
 
 
 def load_model_dir(folder: str) -> tuple[torch.nn.Module, ModelSpec]:

@@ -46,7 +46,7 @@ from fer_ray.constants import (
 )
 
 if TYPE_CHECKING:
-    from fer_ray.model import ModelSpec
+    from fer_ray.model_spec import ModelSpec
 
 # torch and timm are imported where they are used: the error-writer actor and the
 # driver's checks should not pay for them.
@@ -173,14 +173,16 @@ def check_inputs(
 ) -> ModelSpec:
     """Raise ConfigError, with what to do, for anything that would make the run fail; the
     model's description when nothing would."""
-    from fer_ray.model import read_model_spec
+    from fer_ray.model_spec import check_model_folder
 
     model_dir, source, output = (storage.normalize(p) for p in (model_dir, source, output))
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {batch_size}.")
     if num_actors is not None and num_actors < 1:
         raise ConfigError(f"--num-actors must be at least 1, got {num_actors}.")
-    spec = read_model_spec(model_dir)  # the clearest sentences for a wrong folder
+    # The clearest sentences for a wrong folder; the weights file's header is checked too,
+    # but the model is built only in the scoring actors (timm and torch cost the driver ~4 s).
+    spec = check_model_folder(model_dir)
     if not storage.exists(source):
         raise ConfigError(f"Input {source!r} does not exist; give a folder of images or a shards folder.")
     if not storage.is_dir(source):
@@ -194,7 +196,7 @@ def check_inputs(
             raise ConfigError(f"Input {source!r} holds no files; give a folder with images in it.")
     else:
         _check_shards(shards[0], split or shards[1], spec)
-    return load_model(model_dir)[1]  # last: the slowest check
+    return spec
 
 
 def _check_shards(root: str, split: str | None, spec: ModelSpec) -> None:
@@ -398,11 +400,11 @@ class Scorer:
     ) -> None:
         import torch
 
-        from fer_ray.model import cuda_amp_dtype, fastest_inference_layout, load_model_dir
+        from fer_ray.model import cuda_amp_dtype, fastest_inference_layout
         from fer_ray.normalize import DeviceNormalize
 
         # Read from the folder: faster than shipping the pickled model through the object store.
-        model, spec = load_model_dir(model_dir)
+        model, spec = load_model(model_dir)
         self.device = torch.device("cuda" if use_gpu else "cpu")
         self.memory_format = torch.channels_last  # tensor cores on GPUs
         if use_gpu:
@@ -620,7 +622,8 @@ def score_dataset(
 
 
 def load_model(model_dir: str) -> tuple[Any, ModelSpec]:
-    """load_model_dir, with a damaged folder reported as a ConfigError."""
+    """load_model_dir (in a scoring actor), with a damaged folder reported as a ConfigError
+    of one line."""
     from fer_ray.model import load_model_dir
 
     try:
@@ -628,10 +631,21 @@ def load_model(model_dir: str) -> tuple[Any, ModelSpec]:
     except ConfigError:
         raise
     except Exception as e:  # noqa: BLE001 - unreadable weights or config, whatever the library
+        first = (str(e).strip().splitlines() or [""])[0].rstrip(":. ")
         raise ConfigError(
-            f"Could not load the model in {model_dir!r} ({type(e).__name__}: {e}); "
+            f"Could not load the model in {model_dir!r} ({type(e).__name__}: {first}); "
             "it is damaged, copy the run's best/ folder again."
         ) from None
+
+
+# A ConfigError raised in a scoring actor's constructor reaches the driver as the text of
+# Ray's ActorDiedError (which keeps no exception object): its sentence, found again.
+_ACTOR_CONFIG_ERROR = re.compile(r"fer_ray\.config\.ConfigError: (.+)")
+
+
+def _config_error_in(e: BaseException) -> ConfigError | None:
+    found = _ACTOR_CONFIG_ERROR.search(str(e))
+    return ConfigError(found.group(1).strip()) if found else None
 
 
 def predict(
@@ -681,7 +695,13 @@ def predict(
         )
         # The reports' libraries (matplotlib, scikit-learn: ~1.6 s) load while the actors start.
         threading.Thread(target=_import_reports, daemon=True).start()
-        scored.write_parquet(predictions, min_rows_per_file=ROWS_PER_FILE)
+        try:
+            scored.write_parquet(predictions, min_rows_per_file=ROWS_PER_FILE)
+        except Exception as e:
+            config_error = _config_error_in(e)  # a model the actors could not build
+            if config_error is None:
+                raise
+            raise config_error from None
         if log.isEnabledFor(logging.DEBUG):  # per stage: rows, bytes, time (bench_scoring reads it)
             log.debug("Ray Data stats:\n%s", scored.stats())
         n_errors = ray.get(errors.close.remote())

@@ -422,3 +422,56 @@ def test_tta_flag_takes_flip_or_ten_crop(capsys) -> None:
         predict_main(["--model", "m", "--input", "i", "--output", "o", "--tta", "five-crop"])
     assert e.value.code == 2
     assert "invalid choice: 'five-crop'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("damage", ["truncated", "other_class_count"])
+def test_a_damaged_weights_file_is_found_from_its_header(model_dir, tmp_path, damage) -> None:
+    from fer_ray.model_spec import check_model_folder
+
+    folder = Path(shutil.copytree(model_dir, tmp_path / "m"))
+    if damage == "truncated":  # an interrupted copy
+        data = (folder / "model.safetensors").read_bytes()
+        (folder / "model.safetensors").write_bytes(data[:-100])
+        match = "not a whole safetensors file"
+    else:  # a config that names six classes for seven outputs
+        cfg = json.loads((folder / "config.json").read_text())
+        cfg["fer_ray"]["class_names"] = cfg["fer_ray"]["class_names"][:6]
+        (folder / "config.json").write_text(json.dumps(cfg))
+        match = "has 7 outputs but names 6 classes"
+    assert check_model_folder(str(model_dir)).class_names == list(FER_CLASSES)
+    with pytest.raises(ConfigError, match=match):
+        check_model_folder(str(folder))
+
+
+def test_the_drivers_checks_import_neither_torch_nor_timm(model_dir, image_folder, tmp_path) -> None:
+    """The scoring actors build the model; the job's driver only reads the folder (torch and
+    timm took it ~4 s on 2 cores)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from fer_ray.predict import check_inputs; "
+        f"spec = check_inputs({str(model_dir)!r}, {str(image_folder[0])!r}, {str(tmp_path / 'o')!r}); "
+        "print(len(spec.class_names), 'torch' in sys.modules, 'timm' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1]).stdout
+    assert out.split() == ["7", "False", "False"]
+
+
+def test_a_model_the_actors_cannot_build_ends_in_one_sentence(ray_cluster, model_dir, image_folder,
+                                                              tmp_path, capsys) -> None:
+    """Weights that do not fit the architecture config.json names: whole by their header,
+    found only when a scoring actor builds the model."""
+    folder = Path(shutil.copytree(model_dir, tmp_path / "m"))
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["architecture"] = "resnet18"
+    (folder / "config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "out"
+
+    code = predict_main(["--model", str(folder), "--input", str(image_folder[0]), "--output", str(out)])
+
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2
+    assert last.startswith("error: Could not load the model in ") and "it is damaged" in last
+    assert not out.exists() and not list(tmp_path.glob("out.tmp-*"))
