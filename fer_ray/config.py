@@ -70,6 +70,15 @@ class DataOptions:
     augment: str = field(
         default="medium", metadata={"help": f"augmentation strength: {'|'.join(AUGMENT_LEVELS)}"}
     )
+    random_erasing: float | None = field(
+        default=None,
+        metadata={
+            "help": "share of training images with random erasing (black holes a tenth "
+            "to a quarter of the side, up to 1-3 by --augment level; Albumentations' "
+            "CoarseDropout); default: the --augment level's (light 0.175, medium 0.35, "
+            "strong 0.525); 0: none"
+        },
+    )
     sampler: str = field(
         default="none",
         metadata={
@@ -234,6 +243,14 @@ class TrainConfig:
         )
         _require(d.batch_size >= 1, f"--batch-size must be at least 1, got {d.batch_size}.")
         _choice("--augment", d.augment, AUGMENT_LEVELS)
+        _require(
+            d.random_erasing is None or 0 <= d.random_erasing <= 1,
+            f"--random-erasing must be between 0 and 1, got {d.random_erasing}.",
+        )
+        _require(
+            not (d.augment == "none" and d.random_erasing),
+            "--random-erasing is part of training augmentation; give an --augment level other than none.",
+        )
         _choice("--sampler", d.sampler, SAMPLERS)
         _choice("--input-norm", d.input_norm, INPUT_NORMS)
         _require(

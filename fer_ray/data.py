@@ -131,6 +131,7 @@ def split_dataset(
     is_training: bool,
     augment: str = "medium",
     rates: Sequence[float] | None = None,
+    erasing: float | None = None,
 ):
     """A Dataset of uint8 [size, size, channels] images and int64 labels.
 
@@ -174,7 +175,8 @@ def split_dataset(
         ds.context.target_max_block_size = train_block_bytes(size, channels, shuffle_block)
     ds = ds.map_batches(
         transform_batch,
-        fn_kwargs={"size": size, "channels": channels, "is_training": is_training, "augment": augment},
+        fn_kwargs={"size": size, "channels": channels, "is_training": is_training, "augment": augment,
+                   "erasing": erasing},
         batch_size=MAP_BATCH_SIZE,
         batch_format="numpy",
     )
@@ -207,9 +209,10 @@ def _quiet(ds: Any) -> None:
 
 
 def train_val_datasets(
-    shards: str, size: int, channels: int, augment: str, rates: Sequence[float] | None = None
+    shards: str, size: int, channels: int, augment: str, rates: Sequence[float] | None = None,
+    erasing: float | None = None,
 ) -> dict[str, Any]:
     return {
-        TRAIN: split_dataset(shards, TRAIN, size, channels, True, augment, rates),
+        TRAIN: split_dataset(shards, TRAIN, size, channels, True, augment, rates, erasing),
         VAL: split_dataset(shards, VAL, size, channels, False),
     }

@@ -220,7 +220,8 @@ def build_trainer(
 
     spec = settings.spec
     datasets = train_val_datasets(
-        cfg.data.data, spec.data_size, spec.channels, cfg.data.augment, train_sampling_rates(cfg)
+        cfg.data.data, spec.data_size, spec.channels, cfg.data.augment, train_sampling_rates(cfg),
+        cfg.data.random_erasing,
     )
     return TorchTrainer(
         train_loop_per_worker,

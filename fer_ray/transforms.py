@@ -19,6 +19,9 @@ import numpy as np
 
 from fer_ray.constants import IMAGE_COL, LABEL_COL
 
+# Random erasing's share of training images at augmentation strength 1 ("medium").
+ERASING_SHARE = 0.35
+
 # cv2 would start its own thread pool in every Ray worker; Ray already runs one task per CPU.
 cv2.setNumThreads(1)
 
@@ -71,15 +74,18 @@ class EvalResize:
 
 
 def create_transform(
-    is_training: bool, size: int, augment: str = "medium"
+    is_training: bool, size: int, augment: str = "medium", erasing: float | None = None
 ) -> Callable[..., dict[str, Any]]:
-    """Train: an Albumentations pipeline to `size` x `size`. Eval: the same resize and
-    nothing random (no Albumentations needed)."""
+    """Train: an Albumentations pipeline to `size` x `size`, with random erasing
+    (CoarseDropout) on a share `erasing` of the images, by default the level's
+    (ERASING_SHARE x its strength; 0: none). Eval: the same resize and nothing random (no
+    Albumentations needed)."""
     if not is_training or augment == "none":
         return EvalResize(size)
     A = _import_albumentations()
 
     strength = {"light": 0.5, "medium": 1.0, "strong": 1.5}[augment]
+    erasing = min(1.0, ERASING_SHARE * strength) if erasing is None else erasing
     return A.Compose(
         [
             A.Resize(size, size, interpolation=cv2.INTER_AREA),
@@ -94,14 +100,14 @@ def create_transform(
             A.RandomBrightnessContrast(
                 brightness_limit=0.2 * strength, contrast_limit=0.2 * strength, p=0.5
             ),
-            A.CoarseDropout(
-                num_holes_range=(1, max(1, round(2 * strength))),
-                hole_height_range=(0.1, 0.25),
-                hole_width_range=(0.1, 0.25),
-                fill=0,
-                p=min(1.0, 0.35 * strength),
-            ),
         ]
+        + ([A.CoarseDropout(
+            num_holes_range=(1, max(1, round(2 * strength))),
+            hole_height_range=(0.1, 0.25),
+            hole_width_range=(0.1, 0.25),
+            fill=0,
+            p=erasing,
+        )] if erasing > 0 else [])
     )
 
 
@@ -136,15 +142,18 @@ def _half_imported(package: str) -> bool:
 
 
 @lru_cache(maxsize=8)
-def _cached_transform(is_training: bool, size: int, augment: str) -> Callable[..., dict[str, Any]]:
-    return create_transform(is_training, size, augment)
+def _cached_transform(
+    is_training: bool, size: int, augment: str, erasing: float | None
+) -> Callable[..., dict[str, Any]]:
+    return create_transform(is_training, size, augment, erasing)
 
 
 def transform_batch(
-    batch: dict[str, np.ndarray], size: int, channels: int, is_training: bool, augment: str
+    batch: dict[str, np.ndarray], size: int, channels: int, is_training: bool, augment: str,
+    erasing: float | None = None,
 ) -> dict[str, np.ndarray]:
     """Ray Data UDF: encoded images -> uint8 [B, size, size, C] plus labels."""
-    transform = _cached_transform(is_training, size, augment)
+    transform = _cached_transform(is_training, size, augment, erasing)
     blobs = batch[IMAGE_COL]
     out = np.empty((len(blobs), size, size, channels), dtype=np.uint8)
     for i, data in enumerate(blobs):

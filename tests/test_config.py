@@ -74,6 +74,9 @@ def test_wrong_type_is_rejected() -> None:
         (["--data", "d", "--output", "o", "--sampler", "uniform"], "--sampler must be one of"),
         (["--data", "d", "--output", "o", "--optimizer", "adam"], "--optimizer must be one of"),
         (["--data", "d", "--output", "o", "--sampler", "sqrt"], "add --no-class-weights"),
+        (["--data", "d", "--output", "o", "--random-erasing", "1.5"], "--random-erasing must be between"),
+        (["--data", "d", "--output", "o", "--augment", "none", "--random-erasing", "0.3"],
+         "give an --augment level other than none"),
     ],
 )
 def test_validation_messages(flags: list[str], message: str) -> None:

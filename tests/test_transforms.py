@@ -72,6 +72,16 @@ def test_train_transform_is_random_and_sized() -> None:
     np.testing.assert_array_equal(none(image=img)["image"], none(image=img)["image"])
 
 
+@pytest.mark.parametrize("erasing, share", [(None, (0.10, 0.26)), (0.0, (0.0, 0.0)), (1.0, (1.0, 1.0))])
+def test_random_erasing_share_is_the_levels_or_the_one_given(erasing, share) -> None:
+    """On a flat gray image only the erased holes are black: the share of outputs with a
+    hole is --random-erasing's, or the level's (light: 0.175) when it is not given."""
+    t = create_transform(True, 32, "light", erasing)
+    gray = np.full((48, 48, 1), 128, dtype=np.uint8)
+    erased = np.mean([(t(image=gray)["image"] == 0).any() for _ in range(300)])
+    assert share[0] <= erased <= share[1]
+
+
 def test_transform_batch_gives_uint8_nhwc() -> None:
     batch = {IMAGE_COL: np.array([encode(face(48)), encode(face(60))], dtype=object),
              LABEL_COL: np.array([3, 5])}
