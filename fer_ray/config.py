@@ -319,6 +319,13 @@ class TrainConfig:
         return self
 
 
+def per_image_norm(input_norm: str) -> bool:
+    """A model folder's `input_norm`: True for "image", False for "dataset"."""
+    if input_norm not in INPUT_NORMS:
+        raise ValueError(f"unknown input_norm {input_norm!r}: expected {' or '.join(INPUT_NORMS)}")
+    return input_norm == "image"
+
+
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fer_ray import storage
-from fer_ray.config import INPUT_NORMS, ConfigError
+from fer_ray.config import ConfigError, per_image_norm
 from fer_ray.constants import MODEL_CONFIG_FILE, WEIGHTS_FILE
 
 # A safetensors file: an 8-byte little-endian header length, the JSON header, the data.
@@ -88,8 +88,7 @@ def _read(folder: str) -> tuple[ModelSpec, dict[str, Any]]:
     try:
         cfg = json.loads(storage.read_bytes(cfg_path))
         spec = ModelSpec(**cfg["fer_ray"])
-        if spec.input_norm not in INPUT_NORMS:  # a value this version knows
-            raise ValueError(f"unknown input_norm {spec.input_norm!r}")
+        per_image_norm(spec.input_norm)  # a value this version knows
         return spec, cfg
     except (KeyError, TypeError, ValueError) as e:
         raise ConfigError(

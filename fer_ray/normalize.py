@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from fer_ray.blur import gaussian_blur
-from fer_ray.config import INPUT_NORMS
+from fer_ray.config import per_image_norm
 
 if TYPE_CHECKING:
     from fer_ray.model import ModelSpec
@@ -22,13 +22,6 @@ def match_channels(values: Sequence[float], in_chans: int) -> list[float]:
     if in_chans == 1 and len(values) == 3:
         return [sum(values) / 3]
     return values
-
-
-def per_image_norm(input_norm: str) -> bool:
-    """A model folder's `input_norm`: True for "image", False for "dataset"."""
-    if input_norm not in INPUT_NORMS:
-        raise ValueError(f"unknown input_norm {input_norm!r}: expected {' or '.join(INPUT_NORMS)}")
-    return input_norm == "image"
 
 
 class DeviceNormalize(torch.nn.Module):
