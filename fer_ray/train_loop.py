@@ -496,17 +496,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         + (f", mixup {s.mixup:g} / cutmix {s.cutmix:g} on {s.mix_prob:.0%} of batches" if mix is not None else "")
     )
     phase, wrapped, optimizer, scheduler = None, model, None, None
-    first_epoch = state.epoch
     epoch_times, mark = [], time.time()  # whole epochs (train, val, report) in this process
     epoch = state.epoch
     while epoch < s.epochs:  # (a time budget may move the end either way)
-        if s.deadline and epoch > first_epoch:
-            mark, scheduler = _fit_to_deadline(
-                s, state, configured_epochs, epoch_times, mark, phase, optimizer, scheduler,
-                epoch_steps, device,
-            )
-            if epoch >= s.epochs:
-                break
         if phase_of(epoch, s.freeze_epochs) != phase:
             phase = phase_of(epoch, s.freeze_epochs)
             wrapped, optimizer, scheduler = build_phase(model, phase, s, epoch_steps)
@@ -561,6 +553,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             # This worker's training pass stood idle this long waiting for batches.
             "data_wait_s": round(train_batches.wait, 2),
             "steps": steps,  # optimizer steps, the same on every worker
+            "planned_epochs": s.epochs,  # the run's length when this epoch ran
         }
         state.history.append(row)
         log0(
@@ -571,6 +564,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             + (f" | early stop: no gain for {state.bad_epochs} epochs" if state.stopped_early else "")
         )
 
+        # The time budget's plan for what is left, before the checkpoint so that it keeps
+        # the plan: a run the budget ends here is finished for a rerun, not resumed.
+        if s.deadline and not state.stopped_early and state.epoch < s.epochs:
+            mark, scheduler = _fit_to_deadline(
+                s, state, configured_epochs, epoch_times, mark, phase, optimizer, scheduler,
+                epoch_steps, device,
+            )
         metrics = {**row, "best_val_acc": state.best_val_acc, "best_epoch": state.best_epoch,
                    "stopped_early": state.stopped_early, "planned_epochs": s.epochs}
         with tempfile.TemporaryDirectory() as tmp:
@@ -590,7 +590,7 @@ def _fit_to_deadline(
     mark: float, phase: str, optimizer: torch.optim.Optimizer, scheduler: Any, epoch_steps: int,
     device: torch.device,
 ) -> tuple[float, Any]:
-    """--time-budget, before each epoch after this process's first: how many epochs fit.
+    """--time-budget, after each epoch that does not end the plan: how many epochs fit.
 
     The estimate is the slowest of the last ESTIMATE_WINDOW whole epochs (train, val and
     report, on the slowest worker) after the process's first, which also pays the
@@ -603,7 +603,8 @@ def _fit_to_deadline(
     Appends to `epoch_times`, sets `s.epochs`; returns the new (mark, scheduler)."""
     # The slowest worker's epoch and the latest clock: every worker must plan the same
     # number of epochs (one that stopped early would leave the others waiting in DDP).
-    seconds, now = all_reduce([time.time() - mark, time.time()], device, op=dist.ReduceOp.MAX)
+    now = time.time()
+    seconds, now = all_reduce([now - mark, now], device, op=dist.ReduceOp.MAX)
     epoch_times.append(seconds)
     estimate = max(epoch_times[1:][-ESTIMATE_WINDOW:]) if len(epoch_times) > 1 else epoch_times[0]
     fit = epochs_that_fit(state.epoch, configured_epochs, s.deadline, now, estimate)

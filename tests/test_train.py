@@ -26,7 +26,7 @@ def test_run_folder_is_complete(tiny_run) -> None:
     history = pd.read_csv(tiny_run / "history.csv")
     assert history.columns.tolist() == [
         "epoch", "phase", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "seconds", "images_per_s",
-        "data_wait_s", "steps",
+        "data_wait_s", "steps", "planned_epochs",
     ]
     assert history["epoch"].tolist() == [1, 2]
     assert history["phase"].tolist() == ["head", "finetune"]  # --freeze-epochs 1
@@ -34,6 +34,7 @@ def test_run_folder_is_complete(tiny_run) -> None:
     # Waiting for batches is part of the epoch, never more than all of it.
     assert ((history["data_wait_s"] > 0) & (history["data_wait_s"] < history["seconds"])).all()
     assert (history["steps"] == 280 // 16).all()
+    assert (history["planned_epochs"] == 2).all()  # no time budget: --epochs
 
     metrics = pd.read_parquet(tiny_run / "val_metrics.parquet").set_index("name")
     assert metrics.loc[list(FER_CLASSES), "support"].sum() == 70  # every val image, once
@@ -321,12 +322,22 @@ def test_time_budget_fits_the_schedule_and_ends_in_time(ray_cluster, synth_shard
     assert state["planned_epochs"] == n  # the plan, kept for a resume
     # Training ended by the deadline; writing the run folder and Ray's shutdown follow it.
     assert elapsed < budget_s + 20, elapsed
-    # Fitted (after the first epoch, and again if epochs slowed down): the last epoch starts
-    # low on the cosine of n epochs (one of warm-up), where the schedule of `configured`
-    # epochs would still be near its peak.
-    peak = history["lr"].max()
-    fitted = 0.5 * (1 + math.cos(math.pi * (n - 2) / n))
-    assert history["lr"].iloc[-1] == pytest.approx(fitted * peak, rel=0.05, abs=1e-5)
+    # Fitted after the first epoch (and again when epochs sped up or slowed down): each
+    # epoch after the warm-up one runs on the cosine of the plan in force when it ran.
+    plans, peak = history["planned_epochs"], history["lr"].max()
+    assert plans.iloc[0] == configured and (plans < configured).any()
+    for epoch, plan, lr in zip(history["epoch"], plans, history["lr"]):
+        if epoch > 1:
+            expected = 0.5 * (1 + math.cos(math.pi * (epoch - 2) / plan)) * peak
+            assert lr == pytest.approx(expected, rel=0.05, abs=1e-5), (epoch, plan)
+    # So the last epoch runs on the plan that ends there, low on its cosine where the
+    # schedule of `configured` epochs would still be near its peak. Only a last epoch that
+    # itself overran the estimate (a stall of the machine: seen once in CI, 26 s against
+    # 0.5-3 s) can end the run on a longer plan; its checkpoint still records the end.
+    if plans.iloc[-1] != n:
+        assert history["seconds"].iloc[-1] > history["seconds"].iloc[1:-1].max(), history
+    else:
+        assert history["lr"].iloc[-1] < 0.5 * peak
 
 
 def test_timed_batches_adds_up_the_waits() -> None:
