@@ -320,8 +320,9 @@ def test_time_budget_fits_the_schedule_and_ends_in_time(ray_cluster, synth_shard
 
     state = torch.load(run / "ray_train" / f"epoch_{n:04d}" / TRAIN_STATE_FILE, weights_only=True)["state"]
     assert state["planned_epochs"] == n  # the plan, kept for a resume
-    # Training ended by the deadline; writing the run folder and Ray's shutdown follow it.
-    assert elapsed < budget_s + 20, elapsed
+    # Training ended by the deadline (no epoch began without room for it; the last one can
+    # only overrun by its own stall); writing the run folder and Ray's shutdown follow it.
+    assert elapsed < budget_s + 20 + history["seconds"].iloc[-1], elapsed
     # Fitted after the first epoch (and again when epochs sped up or slowed down): each
     # epoch after the warm-up one runs on the cosine of the plan in force when it ran.
     plans, peak = history["planned_epochs"], history["lr"].max()
