@@ -572,7 +572,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 epoch_steps, device,
             )
         metrics = {**row, "best_val_acc": state.best_val_acc, "best_epoch": state.best_epoch,
-                   "stopped_early": state.stopped_early, "planned_epochs": s.epochs}
+                   "stopped_early": state.stopped_early}
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:
