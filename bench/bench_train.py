@@ -17,8 +17,12 @@ whose State API Ray Train needs).
 
 Compared: the training part of the last epoch (fer_ray's history gives it as images /
 images_per_s; its validation pass and checkpoint are reported apart), after Ray has
-started; Ray's start-up and the first epoch's warm-up are reported separately. The last
-line is `train_overhead=X` (fer_ray epoch time / plain epoch time; 1.0 = no overhead).
+started; Ray's start-up and the first epoch's warm-up are reported separately. A CPU
+table follows: the cores each kind of process had in the last epoch on each side (the
+process training the model, the data workers, Ray's other processes by name, the rest of
+the machine and the hypervisor's steal), sampled from /proc every second, which tells
+Ray's share of the machine from a VM that merely ran slower. The last line is
+`train_overhead=X` (fer_ray epoch time / plain epoch time; 1.0 = no overhead).
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from bench.bench_ingest import folder_items  # noqa: E402
-from bench.common import DEFAULT_FER, machine  # noqa: E402
+from bench.common import DEFAULT_FER, CpuTimeline, machine  # noqa: E402
 from fer_ray.data import class_weights  # noqa: E402
 from fer_ray.model import create_model, data_config, fastest_format, format_name, time_cpu_formats  # noqa: E402
 from fer_ray.normalize import DeviceNormalize  # noqa: E402
@@ -63,8 +67,11 @@ class InMemory(torch.utils.data.Dataset):
         return torch.from_numpy(image), int(self.labels[i])
 
 
-def plain_epochs(items, model_name: str, batch_size: int, epochs: int, workers: int) -> list[float]:
-    """Seconds per training epoch of a plain PyTorch loop over in-memory images."""
+def plain_epochs(
+    items, model_name: str, batch_size: int, epochs: int, workers: int
+) -> tuple[list[float], list[tuple[float, float]]]:
+    """Seconds per training epoch of a plain PyTorch loop over in-memory images, and each
+    epoch's start and end (time.time())."""
     images = np.stack([decode_image(open(p, "rb").read(), CHANNELS) for p, _ in items])
     labels = np.array([label for _, label in items])
     torch.manual_seed(0)
@@ -85,10 +92,10 @@ def plain_epochs(items, model_name: str, batch_size: int, epochs: int, workers: 
         InMemory(images, labels), batch_size=batch_size, shuffle=True, num_workers=workers,
         drop_last=True,
     )
-    times = []
+    times, bounds = [], []
     for _ in range(epochs):
         model.train()
-        start = time.perf_counter()
+        wall, start = time.time(), time.perf_counter()
         for x, y in loader:
             with torch.autocast("cpu", dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 logits = model(normalize(x))
@@ -97,7 +104,8 @@ def plain_epochs(items, model_name: str, batch_size: int, epochs: int, workers: 
             loss.backward()
             optimizer.step()
         times.append(time.perf_counter() - start)
-    return times
+        bounds.append((wall, time.time()))
+    return times, bounds
 
 
 def fer_ray_history(data: str, out: str, model_name: str, batch_size: int, epochs: int) -> pd.DataFrame:
@@ -114,6 +122,81 @@ def fer_ray_history(data: str, out: str, model_name: str, batch_size: int, epoch
     ], ap.ArgumentParser())
     train(cfg, check_inputs(cfg))
     return pd.read_csv(os.path.join(out, "history.csv"))
+
+
+# Ray's helper actors and agents: control, not data.
+RAY_HELPERS = ("TrainController", "PlacementGroupCleaner", "SplitCoordinator", "_StatsActor",
+               "_AutoscalingCoordinatorActor", "PreemptionWatcher", "DatasetManager",
+               "SynchronizationActor", "DashboardAgent", "RuntimeEnvAgent")
+
+
+def short_name(name: str) -> str:
+    """A process's name for the table: the Ray task or actor, else its script or program."""
+    tokens = name.split()
+    if not tokens:
+        return "?"
+    if tokens[0].startswith("ray::") or tokens[0].startswith("ray-dashboard-"):
+        return tokens[0]
+    return next((os.path.basename(t) for t in tokens if t.endswith(".py")), os.path.basename(tokens[0]))
+
+
+def cpu_shares(timeline: CpuTimeline, t0: float, t1: float, kind) -> tuple[float, dict[str, float], dict[str, float]]:
+    """(seconds, cores per kind, cores per process name within "Ray's other processes")
+    over a window; kind(pid, names) names each process's share. What the tree did not
+    use of the machine's busy time is "rest of the machine"; "steal" is what the
+    hypervisor took."""
+    seconds, per, busy, steal = timeline.window(t0, t1)
+    kinds: dict[str, float] = {}
+    ray_other: dict[str, float] = {}
+    for pid, (names, cpu) in per.items():
+        k = kind(pid, names)
+        kinds[k] = kinds.get(k, 0.0) + cpu
+        if k == "Ray's other processes":
+            n = short_name(sorted(names)[0])
+            ray_other[n] = ray_other.get(n, 0.0) + cpu
+    kinds["rest of the machine"] = max(0.0, busy - sum(cpu for _, cpu in per.values()))
+    kinds["steal (hypervisor)"] = steal
+    s = max(seconds, 1e-9)
+    return seconds, {k: v / s for k, v in kinds.items()}, {k: v / s for k, v in ray_other.items()}
+
+
+def plain_kind(main_pid: int):
+    return lambda pid, names: "model process" if pid == main_pid else "DataLoader workers"
+
+
+def fer_ray_kind(driver_pid: int):
+    def kind(pid: int, names: set[str]) -> str:
+        if pid == driver_pid:
+            return "driver (this script, sampling included)"
+        if any("RayTrainWorker" in n for n in names):
+            return "model process"
+        if any(h in n for n in names for h in RAY_HELPERS):
+            return "Ray's other processes"
+        if all(n.startswith("ray::") for n in names):
+            return "Ray Data tasks, idle workers"
+        return "Ray's other processes"
+    return kind
+
+
+def print_cpu(plain: tuple, fer_ray: tuple | None) -> None:
+    """The CPU table: cores each kind of process used in the last epoch, both sides."""
+    cores = os.cpu_count() or 1
+    (ps, pk, _), (fs, fk, fo) = plain, fer_ray if fer_ray else (0.0, {}, {})
+    print(f"\nCPU in the last epoch, in cores of {cores} (plain: {ps:.0f} s of training; "
+          f"fer_ray: {fs:.0f} s of training, validation and checkpoint, between two checkpoints)")
+    print(f"{'process':<42}{'plain':>8}{'fer_ray':>9}")
+    for k in ("model process", "DataLoader workers", "Ray Data tasks, idle workers", "Ray's other processes",
+              "driver (this script, sampling included)", "rest of the machine", "steal (hypervisor)"):
+        if k in pk or k in fk:
+            p = f"{pk[k]:.2f}" if k in pk else ""
+            f = f"{fk[k]:.2f}" if k in fk else ""
+            print(f"{k:<42}{p:>8}{f:>9}")
+    if fo:
+        top = sorted(fo.items(), key=lambda kv: -kv[1])
+        print("Ray's other processes, cores: " + ", ".join(f"{n} {c:.3f}" for n, c in top))
+    if fk.get("model process"):
+        print(f"the plain loop's model process had {pk['model process'] / fk['model process']:.2f}x "
+              f"the cores of fer_ray's Train worker")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,7 +219,9 @@ def main(argv: list[str] | None = None) -> int:
         items = folder_items(train_dir)
         print(f"{machine()}; {args.model} from scratch, {SIZE}px, batch {args.batch_size}, "
               f"{len(items)} images, {args.epochs} epochs")
-        plain = plain_epochs(items, args.model, args.batch_size, args.epochs, args.workers)
+        with CpuTimeline() as timeline:
+            plain, bounds = plain_epochs(items, args.model, args.batch_size, args.epochs, args.workers)
+        plain_cpu = cpu_shares(timeline, *bounds[-1], plain_kind(os.getpid()))
 
         from fer_ray.cli import init_ray
         from fer_ray.prepare import prepare
@@ -149,8 +234,15 @@ def main(argv: list[str] | None = None) -> int:
         ray.data.DataContext.get_current().enable_progress_bars = False
         prepare(args.data, shards)
         start = time.perf_counter()
-        history = fer_ray_history(shards, os.path.join(tmp, "run"), args.model, args.batch_size, args.epochs)
+        run = os.path.join(tmp, "run")
+        # An epoch ends when its checkpoint folder appears: the last epoch lies between two.
+        with CpuTimeline(marks=lambda: os.listdir(os.path.join(run, "ray_train"))
+                         if os.path.isdir(os.path.join(run, "ray_train")) else []) as timeline:
+            history = fer_ray_history(shards, run, args.model, args.batch_size, args.epochs)
         total = time.perf_counter() - start
+        ends = sorted(t for name, t in timeline.marks.items() if name.startswith("epoch_"))
+        fer_ray_cpu = (cpu_shares(timeline, ends[-2], ends[-1], fer_ray_kind(os.getpid()))
+                       if len(ends) >= 2 else None)
         ray.shutdown()
         train_s = history["steps"] * args.batch_size / history["images_per_s"]
         val_s = history["seconds"] - train_s
@@ -160,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{i + 1:<7}{plain[i]:>9.1f}{train_s[i]:>17.1f}{val_s[i]:>22.1f}{train_s[i] / plain[i]:>8.2f}")
         print(f"Ray start-up {startup:.1f} s; fer_ray job {total:.1f} s for {args.epochs} epochs "
               f"(TorchTrainer start, per-epoch val and checkpoints, reports)")
+        print_cpu(plain_cpu, fer_ray_cpu)
         print(f"train_overhead={train_s.iloc[-1] / plain[-1]:.2f}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

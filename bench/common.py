@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from pathlib import Path
 
 MiB = 2**20
@@ -83,16 +84,40 @@ def cpu_times() -> dict[int, int]:
     return ticks
 
 
-class Sampler:
+class _Periodic:
+    """Calls `_sample` every `every` seconds in a thread between `_start` and `_finish`,
+    and once more at the finish."""
+
+    def __init__(self, every: float) -> None:
+        self.every = every
+        self._stop = threading.Event()
+
+    def _sample(self) -> None:
+        raise NotImplementedError
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            self._sample()
+
+    def _start(self) -> None:
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _finish(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+
+class Sampler(_Periodic):
     """While the block runs, samples the tree's memory (keeping the peaks) and the CPU
     ticks of every process seen, so processes that exit before the end (an actor, a
     DataLoader worker) still count, to within one sampling interval."""
 
     def __init__(self, every: float = 1.0) -> None:
-        self.every = every
+        super().__init__(every)
         self.peak_pss = self.peak_rss = 0
         self.cpu_seconds = 0.0
-        self._stop = threading.Event()
 
     def _sample(self) -> None:
         pss, rss = tree_memory()
@@ -100,23 +125,91 @@ class Sampler:
         for pid, ticks in cpu_times().items():
             self._last[pid] = max(ticks, self._last.get(pid, 0))
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.every):
-            self._sample()
-
     def __enter__(self) -> "Sampler":
         self._first = cpu_times()
         self._last = dict(self._first)
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
+        self._start()
         return self
 
     def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._sample()
+        self._finish()
         ticks = sum(t - self._first.get(pid, 0) for pid, t in self._last.items())
         self.cpu_seconds = ticks / os.sysconf("SC_CLK_TCK")
+
+
+def machine_cpu() -> tuple[float, float]:
+    """(busy, steal) CPU seconds of the whole machine since boot, all cores (/proc/stat):
+    busy is user, nice, system, irq and softirq; steal is time the hypervisor gave away."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:9]]
+    tick = os.sysconf("SC_CLK_TCK")
+    return (v[0] + v[1] + v[2] + v[5] + v[6]) / tick, v[7] / tick
+
+
+def _names_and_ticks() -> dict[int, tuple[str, int]]:
+    out = {}
+    for pid in _descendants(os.getpid()):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                name = f.read(200).replace(b"\0", b" ").decode(errors="replace").strip()
+            out[pid] = (name, int(fields[11]) + int(fields[12]))
+        except (OSError, ValueError, IndexError):
+            continue
+    return out
+
+
+class CpuTimeline(_Periodic):
+    """Where the CPU time goes, by process, between two moments.
+
+    A thread samples, every `every` seconds, the CPU ticks and the name (command line,
+    which Ray sets to the task or actor a worker runs) of every process in this tree, and
+    the machine's busy and steal seconds; `marks()` (optional) returns names whose first
+    sighting is timed (a checkpoint folder appearing ends an epoch). `window(t0, t1)`
+    gives each process's CPU seconds between the samples at or before t0 and t1 (a process
+    that exits loses at most one interval), its names, and the machine's busy and steal
+    seconds: what the tree did not use went to the rest of the machine.
+    """
+
+    def __init__(self, every: float = 1.0, marks=None) -> None:
+        super().__init__(every)
+        self.marks_fn = marks
+        self.samples: list[tuple[float, dict[int, tuple[str, int]], tuple[float, float]]] = []
+        self.marks: dict[str, float] = {}
+
+    def _sample(self) -> None:
+        now = time.time()
+        self.samples.append((now, _names_and_ticks(), machine_cpu()))
+        if self.marks_fn is not None:
+            for mark in self.marks_fn():
+                self.marks.setdefault(mark, now)
+
+    def __enter__(self) -> "CpuTimeline":
+        self._sample()
+        self._start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._finish()
+
+    def window(self, t0: float, t1: float) -> tuple[float, dict[int, tuple[set[str], float]], float, float]:
+        """(seconds, {pid: (names, CPU seconds)}, machine busy s, machine steal s) between
+        the last samples at or before t0 and t1."""
+        tick = os.sysconf("SC_CLK_TCK")
+        inside = [s for s in self.samples if s[0] <= t1]
+        before = [s for s in inside if s[0] <= t0] or inside[:1]
+        start, end = before[-1], inside[-1]
+        names: dict[int, set[str]] = {}
+        last: dict[int, int] = {}
+        for when, procs, _machine in self.samples:
+            if start[0] <= when <= end[0]:
+                for pid, (name, ticks) in procs.items():
+                    names.setdefault(pid, set()).add(name)
+                    last[pid] = ticks
+        per = {pid: (names[pid], (ticks - start[1].get(pid, ("", 0))[1]) / tick)
+               for pid, ticks in last.items()}
+        return (end[0] - start[0], per, end[2][0] - start[2][0], end[2][1] - start[2][1])
 
 
 # --------------------------------------------------------------------------------------

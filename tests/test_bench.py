@@ -54,3 +54,45 @@ def test_read_all_reads_every_file(tmp_path: Path) -> None:
     assert read_all(str(p) for p in sorted(tmp_path.iterdir())) == 10
     with pytest.raises(FileNotFoundError):
         read_all([str(tmp_path / "missing.jpg")])
+
+
+def test_cpu_timeline_gives_each_process_its_cpu_between_two_moments(tmp_path: Path) -> None:
+    """A child that spins for a second and one that sleeps: the window holds the spinner's
+    CPU (to within a sampling interval), not the sleeper's; a mark is timed when it appears."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from bench.common import CpuTimeline
+
+    spin = "import time\nt = time.process_time()\nwhile time.process_time() - t < 1.0: pass\ntime.sleep(1.5)"
+    with CpuTimeline(every=0.2, marks=lambda: os.listdir(tmp_path)) as timeline:
+        t0 = time.time()
+        busy = subprocess.Popen([sys.executable, "-c", spin])
+        idle = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(2.5)"])
+        time.sleep(0.5)
+        (tmp_path / "epoch_0001").mkdir()
+        busy.wait(), idle.wait()
+        t1 = time.time()
+    seconds, per, busy_s, _steal = timeline.window(t0, t1)
+    assert 2.0 < seconds < 4.0
+    assert per[busy.pid][1] >= 0.8, per[busy.pid]
+    assert per[idle.pid][1] < 0.5, per[idle.pid]
+    assert any("time.sleep(2.5)" in n for n in per[idle.pid][0])
+    assert busy_s >= per[busy.pid][1] - 0.2  # the machine's busy time holds the tree's
+    assert t0 < timeline.marks["epoch_0001"] < t1
+
+
+def test_the_training_benchmark_sorts_ray_processes() -> None:
+    from bench.bench_train import fer_ray_kind, short_name
+
+    kind = fer_ray_kind(driver_pid=1)
+    assert kind(1, {"python bench/bench_train.py"}) == "driver (this script, sampling included)"
+    assert kind(2, {"ray::IDLE", "ray::RayTrainWorker"}) == "model process"
+    assert kind(3, {"ray::IDLE", "ray::MapBatches(transform_batch)"}) == "Ray Data tasks, idle workers"
+    assert kind(4, {"ray::SplitCoordinator"}) == "Ray's other processes"
+    assert kind(5, {"/venv/lib/ray/core/src/ray/raylet/raylet --raylet_socket_name=x"}) == "Ray's other processes"
+    assert short_name("/venv/bin/python -u /venv/lib/ray/_private/log_monitor.py --x") == "log_monitor.py"
+    assert short_name("ray::SplitCoordinator ") == "ray::SplitCoordinator"
+    assert short_name("/venv/lib/ray/core/src/ray/gcs/gcs_server --log_dir=/tmp") == "gcs_server"
