@@ -160,6 +160,14 @@ def cpu_shares(timeline: CpuTimeline, t0: float, t1: float, kind) -> tuple[float
     return seconds, {k: v / s for k, v in kinds.items()}, {k: v / s for k, v in ray_other.items()}
 
 
+def checkpoint_folders(run: str) -> list[str]:
+    """The checkpoint folders a training run has written so far (none yet: [])."""
+    try:
+        return os.listdir(os.path.join(run, "ray_train"))
+    except OSError:
+        return []
+
+
 def plain_kind(main_pid: int):
     return lambda pid, names: "model process" if pid == main_pid else "DataLoader workers"
 
@@ -182,8 +190,9 @@ def print_cpu(plain: tuple, fer_ray: tuple | None) -> None:
     """The CPU table: cores each kind of process used in the last epoch, both sides."""
     cores = os.cpu_count() or 1
     (ps, pk, _), (fs, fk, fo) = plain, fer_ray if fer_ray else (0.0, {}, {})
-    print(f"\nCPU in the last epoch, in cores of {cores} (plain: {ps:.0f} s of training; "
-          f"fer_ray: {fs:.0f} s of training, validation and checkpoint, between two checkpoints)")
+    side = (f"fer_ray: {fs:.0f} s of training, validation and checkpoint, between two checkpoints"
+            if fer_ray else "fer_ray: not measured, fewer than two checkpoints seen")
+    print(f"\nCPU in the last epoch, in cores of {cores} (plain: {ps:.0f} s of training; {side})")
     print(f"{'process':<42}{'plain':>8}{'fer_ray':>9}")
     for k in ("model process", "DataLoader workers", "Ray Data tasks, idle workers", "Ray's other processes",
               "driver (this script, sampling included)", "rest of the machine", "steal (hypervisor)"):
@@ -236,8 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         run = os.path.join(tmp, "run")
         # An epoch ends when its checkpoint folder appears: the last epoch lies between two.
-        with CpuTimeline(marks=lambda: os.listdir(os.path.join(run, "ray_train"))
-                         if os.path.isdir(os.path.join(run, "ray_train")) else []) as timeline:
+        with CpuTimeline(marks=lambda: checkpoint_folders(run)) as timeline:
             history = fer_ray_history(shards, run, args.model, args.batch_size, args.epochs)
         total = time.perf_counter() - start
         ends = sorted(t for name, t in timeline.marks.items() if name.startswith("epoch_"))
