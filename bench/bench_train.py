@@ -124,6 +124,11 @@ def fer_ray_history(data: str, out: str, model_name: str, batch_size: int, epoch
     return pd.read_csv(os.path.join(out, "history.csv"))
 
 
+# The kinds of process in the CPU table, in its order.
+MODEL, LOADER, RAY_DATA, RAY_OTHER, DRIVER, REST, STEAL = (
+    "model process", "DataLoader workers", "Ray Data tasks, idle workers", "Ray's other processes",
+    "driver (this script, sampling included)", "rest of the machine", "steal (hypervisor)")
+
 # Ray's helper actors and agents: control, not data.
 RAY_HELPERS = ("TrainController", "PlacementGroupCleaner", "SplitCoordinator", "_StatsActor",
                "_AutoscalingCoordinatorActor", "PreemptionWatcher", "DatasetManager",
@@ -151,11 +156,11 @@ def cpu_shares(timeline: CpuTimeline, t0: float, t1: float, kind) -> tuple[float
     for pid, (names, cpu) in per.items():
         k = kind(pid, names)
         kinds[k] = kinds.get(k, 0.0) + cpu
-        if k == "Ray's other processes":
+        if k == RAY_OTHER:
             n = short_name(sorted(names)[0])
             ray_other[n] = ray_other.get(n, 0.0) + cpu
-    kinds["rest of the machine"] = max(0.0, busy - sum(cpu for _, cpu in per.values()))
-    kinds["steal (hypervisor)"] = steal
+    kinds[REST] = max(0.0, busy - sum(cpu for _, cpu in per.values()))
+    kinds[STEAL] = steal
     s = max(seconds, 1e-9)
     return seconds, {k: v / s for k, v in kinds.items()}, {k: v / s for k, v in ray_other.items()}
 
@@ -169,20 +174,20 @@ def checkpoint_folders(run: str) -> list[str]:
 
 
 def plain_kind(main_pid: int):
-    return lambda pid, names: "model process" if pid == main_pid else "DataLoader workers"
+    return lambda pid, names: MODEL if pid == main_pid else LOADER
 
 
 def fer_ray_kind(driver_pid: int):
     def kind(pid: int, names: set[str]) -> str:
         if pid == driver_pid:
-            return "driver (this script, sampling included)"
+            return DRIVER
         if any("RayTrainWorker" in n for n in names):
-            return "model process"
+            return MODEL
         if any(h in n for n in names for h in RAY_HELPERS):
-            return "Ray's other processes"
+            return RAY_OTHER
         if all(n.startswith("ray::") for n in names):
-            return "Ray Data tasks, idle workers"
-        return "Ray's other processes"
+            return RAY_DATA
+        return RAY_OTHER
     return kind
 
 
@@ -194,8 +199,7 @@ def print_cpu(plain: tuple, fer_ray: tuple | None) -> None:
             if fer_ray else "fer_ray: not measured, fewer than two checkpoints seen")
     print(f"\nCPU in the last epoch, in cores of {cores} (plain: {ps:.0f} s of training; {side})")
     print(f"{'process':<42}{'plain':>8}{'fer_ray':>9}")
-    for k in ("model process", "DataLoader workers", "Ray Data tasks, idle workers", "Ray's other processes",
-              "driver (this script, sampling included)", "rest of the machine", "steal (hypervisor)"):
+    for k in (MODEL, LOADER, RAY_DATA, RAY_OTHER, DRIVER, REST, STEAL):
         if k in pk or k in fk:
             p = f"{pk[k]:.2f}" if k in pk else ""
             f = f"{fk[k]:.2f}" if k in fk else ""
@@ -203,8 +207,8 @@ def print_cpu(plain: tuple, fer_ray: tuple | None) -> None:
     if fo:
         top = sorted(fo.items(), key=lambda kv: -kv[1])
         print("Ray's other processes, cores: " + ", ".join(f"{n} {c:.3f}" for n, c in top))
-    if fk.get("model process"):
-        print(f"the plain loop's model process had {pk['model process'] / fk['model process']:.2f}x "
+    if fk.get(MODEL):
+        print(f"the plain loop's model process had {pk[MODEL] / fk[MODEL]:.2f}x "
               f"the cores of fer_ray's Train worker")
 
 

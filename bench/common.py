@@ -71,15 +71,20 @@ def tree_memory() -> tuple[int, int]:
     return pss, rss
 
 
+def _ticks(pid: int) -> int:
+    """A process's own CPU clock ticks, utime + stime (raises OSError once it has exited)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
 def cpu_times() -> dict[int, int]:
     """Clock ticks of CPU per process in this tree (their own; children are in the tree)."""
     ticks = {}
     for pid in _descendants(os.getpid()):
         try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            ticks[pid] = int(fields[11]) + int(fields[12])  # utime stime
-        except (OSError, ValueError):
+            ticks[pid] = _ticks(pid)
+        except (OSError, ValueError, IndexError):
             continue
     return ticks
 
@@ -150,11 +155,9 @@ def _names_and_ticks() -> dict[int, tuple[str, int]]:
     out = {}
     for pid in _descendants(os.getpid()):
         try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
             with open(f"/proc/{pid}/cmdline", "rb") as f:
                 name = f.read(200).replace(b"\0", b" ").decode(errors="replace").strip()
-            out[pid] = (name, int(fields[11]) + int(fields[12]))
+            out[pid] = (name, _ticks(pid))
         except (OSError, ValueError, IndexError):
             continue
     return out

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -101,13 +102,10 @@ def main(argv: list[str] | None = None) -> int:
             results[name].append(timed(nice))
             print(f"round {r + 1} {name}: {results[name][-1][0]:.1f} ms/step", flush=True)
 
-    def median(values: list[float]) -> float:
-        return sorted(values)[len(values) // 2]
-
-    base = median([ms for ms, _ in results["no noise"]])
+    base = statistics.median([ms for ms, _ in results["no noise"]])
     print(f"\n{'case':<36}{'ms/step':>9}{'CPU ms/step':>13}{'vs no noise':>13}")
     for name, rows in results.items():
-        ms, cpu = median([m for m, _ in rows]), median([c for _, c in rows])
+        ms, cpu = statistics.median([m for m, _ in rows]), statistics.median([c for _, c in rows])
         print(f"{name:<36}{ms:>9.1f}{cpu:>13.1f}{ms / base:>13.2f}")
     return 0
 
