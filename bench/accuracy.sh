@@ -32,9 +32,11 @@ start=$(date +%s)
 "$PY" jobs/train.py --config "$CONFIG" --data "$OUT/shards" --output "$OUT/run" $EXTRA
 minutes=$(( ($(date +%s) - start) ))
 
-"$PY" jobs/predict.py --model "$OUT/run/best" --input "$FER/val" --output "$OUT/val"
-"$PY" jobs/predict.py --model "$OUT/run/best" --input "$FER/val" --output "$OUT/val_tta" --tta
-"$PY" jobs/predict.py --model "$OUT/run/best" --input "$FER/val" --output "$OUT/val_tencrop" --tta ten-crop
+# In fp32 (--amp off), so that the figures in bench/ACCURACY.md compare across CPUs
+# (the default, auto, scores in bf16 where a CPU computes it faster).
+"$PY" jobs/predict.py --model "$OUT/run/best" --input "$FER/val" --output "$OUT/val" --amp off
+"$PY" jobs/predict.py --model "$OUT/run/best" --input "$FER/val" --output "$OUT/val_tta" --tta --amp off
+"$PY" jobs/predict.py --model "$OUT/run/best" --input "$FER/val" --output "$OUT/val_tencrop" --tta ten-crop --amp off
 
 "$PY" - "$OUT" "$minutes" <<'EOF'
 import json, sys

@@ -11,8 +11,9 @@ already started and every file read once beforehand (both sides read from the pa
 cache, whichever runs first). Ray workers run at niceness 0 here like the plain loop (Ray's default
 is 15), so other work on a shared machine does not tilt the comparison.
 The plain loop is what one writes without Ray: a DataLoader with 2 worker processes
-decoding, the model in eval mode (inference_mode; channels_last or not as fer_ray picks it
-on this CPU) in the main process,
+decoding, the model in eval mode (inference_mode; in the precision and memory format that
+fer_ray's scorer picks on this CPU for the same --amp, fp32 or bf16 autocast, channels_last
+or not) in the main process,
 pandas to Parquet at the end.
 
 Memory and CPU: during every run a thread samples, once a second, the proportional set
@@ -61,7 +62,7 @@ from fer_ray.model import (  # noqa: E402
     ModelSpec,
     create_model,
     data_config,
-    fastest_inference_layout,
+    fastest_inference_format,
     load_model_dir,
     save_model_dir,
 )
@@ -100,9 +101,11 @@ class FolderImages(torch.utils.data.Dataset):
         return torch.from_numpy(image), label, path
 
 
-def plain_loop(model_dir: str, source: str, output: str, batch_size: int, workers: int) -> int:
+def plain_loop(model_dir: str, source: str, output: str, batch_size: int, workers: int, amp: str) -> int:
     model, spec = load_model_dir(model_dir)
-    fmt = fastest_inference_layout(model, spec.in_chans, spec.image_size)  # as fer_ray's scorer picks it
+    (amp_dtype, channels_last), timed = fastest_inference_format(model, spec.in_chans, spec.image_size, amp)
+    print(f"plain loop: {timed}")  # as fer_ray's scorer picks it
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt).eval()
     normalize = DeviceNormalize.for_model(spec)  # as fer_ray's scorer prepares images
     data = FolderImages(source, spec.class_names, spec.data_size, spec.channels)
@@ -111,7 +114,8 @@ def plain_loop(model_dir: str, source: str, output: str, batch_size: int, worker
     with torch.inference_mode():
         for images, label, path in loader:
             x = normalize(images).contiguous(memory_format=fmt)
-            probs.append(model(x).softmax(1).numpy())
+            with torch.autocast("cpu", dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                probs.append(model(x).float().softmax(1).numpy())
             labels.append(label.numpy())
             paths += list(path)
     p = np.concatenate(probs)
@@ -237,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the plain loop")
     parser.add_argument("--num-actors", type=int, default=None,
                         help="fer_ray's scoring actors (default: jobs/predict.py's default)")
+    parser.add_argument("--amp", default="auto", choices=("auto", "off", "bf16"),
+                        help="jobs/predict.py's --amp for fer_ray; the plain loop takes the same choice")
     parser.add_argument("--skip-memory", action="store_true", help="skip the train-folder memory run")
     args = parser.parse_args(argv)
 
@@ -253,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
         model_dir = args.model or fresh_model(os.path.join(tmp, "model"))
         _, spec = load_model_dir(model_dir)
         print(f"model {spec.model} ({model_dir}), {spec.data_size}->{spec.image_size} px, "
-              f"{os.cpu_count()} CPUs, torch {torch.get_num_threads()} threads, batch {args.batch_size}")
+              f"{os.cpu_count()} CPUs, torch {torch.get_num_threads()} threads, batch {args.batch_size}, "
+              f"--amp {args.amp}")
         # Ray runs its workers at niceness 15 so the driver stays responsive; on a machine
         # shared with other work that alone would decide this race, so both sides run at 0.
         os.environ.setdefault("RAY_worker_niceness", "0")
@@ -268,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
             with Sampler() as sampler:
                 start = time.perf_counter()
                 n = plain_loop(model_dir, folder, os.path.join(tmp, f"plain_{split}"), args.batch_size,
-                               args.workers)
+                               args.workers, args.amp)
                 seconds = time.perf_counter() - start
             rows.append(("plain DataLoader loop", split, n, seconds, sampler))
             speed[("plain", split)] = (n, seconds)
@@ -280,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
             with Sampler() as sampler, StatsLog() as stats:
                 start = time.perf_counter()
                 summary = predict(model_dir, folder, os.path.join(tmp, f"fer_ray_{split}{name}"),
-                                  batch_size=args.batch_size, num_actors=actors)
+                                  batch_size=args.batch_size, num_actors=actors, amp=args.amp)
                 seconds = time.perf_counter() - start
             ray_stats[(split, name)] = stats.text
             label = f"fer_ray.predict ({summary['num_actors']} actor{'s' if summary['num_actors'] > 1 else ''})"

@@ -29,6 +29,7 @@ import io
 import logging
 import os
 import re
+import sys
 import tempfile
 import threading
 import time
@@ -40,7 +41,7 @@ import pyarrow as pa
 
 from fer_ray import storage
 from fer_ray.cli import require_gpus
-from fer_ray.config import ConfigError
+from fer_ray.config import AMP_MODES, ConfigError
 from fer_ray.constants import (
     IMAGE_COL, IMAGE_EXTENSIONS, LABEL_COL, MANIFEST_FILE, PATH_COL, SPLITS, TTA_MODES,
 )
@@ -170,6 +171,8 @@ def check_inputs(
     split: str | None = None,
     batch_size: int = 256,
     num_actors: int | None = None,
+    amp: str = "auto",
+    use_gpu: bool = False,
 ) -> ModelSpec:
     """Raise ConfigError, with what to do, for anything that would make the run fail; the
     model's description when nothing would."""
@@ -180,6 +183,10 @@ def check_inputs(
         raise ConfigError(f"--batch-size must be at least 1, got {batch_size}.")
     if num_actors is not None and num_actors < 1:
         raise ConfigError(f"--num-actors must be at least 1, got {num_actors}.")
+    if amp not in AMP_MODES:
+        raise ConfigError(f"--amp must be one of {', '.join(AMP_MODES)}, got {amp!r}.")
+    if amp == "fp16" and not use_gpu:
+        raise ConfigError("--amp fp16 is for GPUs (add --use-gpu); on a CPU use --amp bf16 or auto.")
     # The clearest sentences for a wrong folder; the weights file's header is checked too,
     # but the model is built only in the scoring actors (timm and torch cost the driver ~4 s).
     spec = check_model_folder(model_dir)
@@ -396,26 +403,30 @@ class Scorer:
     """Ray Data callable class: uint8 images -> class probabilities, one model per actor."""
 
     def __init__(
-        self, model_dir: str, use_gpu: bool, tta: str | None, num_actors: int, input_blur: float | None = None
+        self, model_dir: str, use_gpu: bool, tta: str | None, num_actors: int,
+        input_blur: float | None = None, amp: str = "auto",
     ) -> None:
         import torch
 
-        from fer_ray.model import cuda_amp_dtype, fastest_inference_layout
+        from fer_ray.model import fastest_inference_format, resolve_amp
         from fer_ray.normalize import DeviceNormalize
 
         # Read from the folder: faster than shipping the pickled model through the object store.
         model, spec = load_model(model_dir)
         self.device = torch.device("cuda" if use_gpu else "cpu")
-        self.memory_format = torch.channels_last  # tensor cores on GPUs
         if use_gpu:
             torch.backends.cudnn.benchmark = True
-            self.amp_dtype = cuda_amp_dtype()
+            self.memory_format = torch.channels_last  # tensor cores
+            self.amp_dtype = resolve_amp(amp, self.device)
         else:
             # Ray allows one thread per reserved CPU, but the model is nearly all the work
             # here: the actors share the node's cores (decode runs in them too, fused).
             torch.set_num_threads(_cpu_threads(num_actors))
-            self.amp_dtype = None  # fp32, as the model was validated in
-            self.memory_format = fastest_inference_layout(model, spec.in_chans, spec.image_size)
+            (self.amp_dtype, channels_last), timed = fastest_inference_format(
+                model, spec.in_chans, spec.image_size, amp
+            )
+            self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+            print(f"Scorer: {timed}", file=sys.stderr, flush=True)  # Ray forwards it to the driver
         self.model = model.to(self.device).to(memory_format=self.memory_format).eval()
         # With the blur that matches these images to the training images (fer_ray.blur).
         self.normalize = DeviceNormalize.for_model(spec, blur_sigma=input_blur).to(self.device)
@@ -597,6 +608,7 @@ def score_dataset(
     use_gpu: bool,
     tta: str | None,
     input_blur: float | None = None,
+    amp: str = "auto",
 ) -> Any:
     """Decode in CPU tasks, score on the actor pool (fused into it on CPU, see above)."""
     import ray
@@ -611,7 +623,7 @@ def score_dataset(
         Scorer,
         fn_constructor_kwargs={
             "model_dir": model_dir, "use_gpu": use_gpu, "tta": tta, "num_actors": num_actors,
-            "input_blur": input_blur,
+            "input_blur": input_blur, "amp": amp,
         },
         compute=ray.data.ActorPoolStrategy(size=num_actors),
         batch_size=batch_size,
@@ -658,18 +670,20 @@ def predict(
     tta: bool | str | None = False,
     split: str | None = None,
     input_blur: float | str | None = None,
+    amp: str = "auto",
 ) -> dict[str, Any]:
     """Score every image under SOURCE (or every row of a shards folder, or of its `split`)
     with the model in MODEL_DIR; write OUTPUT and return its summary.json. `input_blur`:
     None or "auto" (measured for this input), "model" or a sigma (scoring_blur);
     `num_actors` None sizes the actor pool to the input (auto_actors); `tta` is None,
-    "flip" (or True) or "ten-crop" (tta_views)."""
+    "flip" (or True) or "ten-crop" (tta_views); `amp` the autocast precision (Scorer: auto is bf16 or fp16 on a
+    GPU, and on a CPU whichever of fp32 and bf16 its scorers time faster)."""
     import ray
 
     start = time.time()
     model_dir, source, output = (storage.normalize(p) for p in (model_dir, source, output))
     tta = tta_mode(tta)  # before check_inputs, which loads the model
-    spec = check_inputs(model_dir, source, output, split, batch_size, num_actors)
+    spec = check_inputs(model_dir, source, output, split, batch_size, num_actors, amp, use_gpu)
     for stale in _stale_temp_folders(output):
         log.warning("%s is left from an interrupted run; remove it", stale)
     ds, total, split, listing = input_dataset(source, spec.class_names, split, batch_size)  # starts Ray if needed
@@ -691,7 +705,7 @@ def predict(
     try:
         predictions = storage.join(tmp, PREDICTIONS_DIR)
         scored = score_dataset(
-            ds, model_dir, spec, errors, batch_size, num_actors, use_gpu, tta, sigma
+            ds, model_dir, spec, errors, batch_size, num_actors, use_gpu, tta, sigma, amp
         )
         # The reports' libraries (matplotlib, scikit-learn: ~1.6 s) load while the actors start.
         threading.Thread(target=_import_reports, daemon=True).start()
@@ -720,6 +734,7 @@ def predict(
             "input_blur": sigma,
             "input_blur_source": blur_source,
             "use_gpu": use_gpu,
+            "amp": amp,
             "num_actors": num_actors,
             "batch_size": batch_size,
             "classes": list(spec.class_names),

@@ -32,9 +32,9 @@ from fer_ray.model import (
     CPU_FORMATS,
     ModelSpec,
     create_model,
-    cuda_amp_dtype,
     fastest_format,
     format_name,
+    resolve_amp,
     save_model_dir,
     set_frozen_eval,
     set_trainable,
@@ -98,18 +98,6 @@ class TrainState:
 # --------------------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------------------
-
-
-def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
-    """auto: bf16 where the GPU has it, fp16 on older GPUs; on CPU off here (the training
-    loop then measures whether bf16 is faster on this CPU, see `time_cpu_formats`)."""
-    if amp == "off" or (amp == "auto" and device.type != "cuda"):
-        return None
-    if amp == "bf16":
-        return torch.bfloat16
-    if amp == "fp16":
-        return torch.float16
-    return cuda_amp_dtype()
 
 
 def phase_of(epoch: int, freeze_epochs: int) -> str:

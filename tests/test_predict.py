@@ -107,7 +107,8 @@ def image_folder(tmp_path_factory) -> tuple[Path, set[str], dict[str, str]]:
 def labelled_run(ray_cluster, model_dir, image_folder, tmp_path_factory) -> tuple[Path, dict]:
     src, _, _ = image_folder
     out = tmp_path_factory.mktemp("pred") / "out"
-    summary = predict(str(model_dir), str(src), str(out), batch_size=8)
+    # fp32, so that the scores can be checked against the model's to 1e-4 (bf16: below).
+    summary = predict(str(model_dir), str(src), str(out), batch_size=8, amp="off")
     return out, summary
 
 
@@ -132,7 +133,7 @@ def test_every_good_file_scored_and_every_bad_one_in_errors(labelled_run, image_
         assert bad[path] in reason, (path, reason)
     assert (summary["scored"], summary["errors"], summary["total"]) == (len(good), len(bad), len(good) + len(bad))
     assert json.loads((out / SUMMARY_FILE).read_text()) == summary
-    assert summary["tta"] is None and summary["images_per_second"] > 0
+    assert summary["tta"] is None and summary["amp"] == "off" and summary["images_per_second"] > 0
     _no_temp_left(out)
 
 
@@ -233,7 +234,7 @@ def test_cli_rerun_with_tta_replaces_the_output(labelled_run, model_dir, image_f
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("scored 21 of 25 (4 errors)")
     assert not (out / "stale.txt").exists()
     summary = json.loads((out / SUMMARY_FILE).read_text())
-    assert summary["tta"] == "flip" and summary["scored"] == 21
+    assert summary["tta"] == "flip" and summary["amp"] == "auto" and summary["scored"] == 21
     probs = _predictions(out)[PROB_COLS].to_numpy()
     np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
     # Flip TTA changes the numbers (the model is not mirror-symmetric).
@@ -324,7 +325,7 @@ def test_folder_of_bad_files_scores_nothing_and_lists_them(ray_cluster, model_di
 
 @pytest.mark.parametrize("case", [
     "missing_model", "not_a_model", "damaged_model", "missing_input", "empty_input", "output_inside_input",
-    "input_inside_output", "foreign_output", "input_is_file",
+    "input_inside_output", "foreign_output", "input_is_file", "fp16_on_cpu",
 ])
 def test_bad_inputs_exit_2_with_one_sentence(case, model_dir, image_folder, tmp_path, capsys) -> None:
     src = str(image_folder[0])
@@ -351,8 +352,9 @@ def test_bad_inputs_exit_2_with_one_sentence(case, model_dir, image_folder, tmp_
         (tmp_path / "out" / "thesis.tex").write_text("precious")
     elif case == "input_is_file":
         src = str(next(Path(src).rglob("*.png")))
+    extra = ["--amp", "fp16"] if case == "fp16_on_cpu" else []
 
-    code = predict_main(["--model", model, "--input", src, "--output", out])
+    code = predict_main(["--model", model, "--input", src, "--output", out, *extra])
 
     err = capsys.readouterr().err.strip()
     assert code == 2
@@ -406,7 +408,7 @@ def test_scorer_averages_the_softmax_of_every_view(model_dir) -> None:
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (5, SIZE, SIZE, 1), dtype=np.uint8)
     batch = {IMAGE_COL: images, PATH_COL: np.array([f"{i}.png" for i in range(5)]), LABEL_COL: np.full(5, -1)}
-    scorer = Scorer(str(model_dir), use_gpu=False, tta="ten-crop", num_actors=1)
+    scorer = Scorer(str(model_dir), use_gpu=False, tta="ten-crop", num_actors=1, amp="off")
     table = scorer(batch)
     got = np.stack([table.column(c).to_numpy() for c in table.column_names if c.startswith(PROB_PREFIX)], 1)
     with torch.inference_mode():
@@ -415,6 +417,30 @@ def test_scorer_averages_the_softmax_of_every_view(model_dir) -> None:
         one = scorer.model(scorer.normalize(torch.from_numpy(images))).softmax(1).numpy()
     np.testing.assert_allclose(got, want, atol=1e-5)
     assert not np.allclose(got, one, atol=1e-3)  # the views change the answer
+
+
+def test_scorer_in_bf16_scores_close_to_fp32(model_dir) -> None:
+    """--amp bf16 on a CPU: the model runs under bf16 autocast, its probabilities are still
+    float32 rows summing to 1 and within bf16's rounding of fp32's; --amp off is fp32."""
+    from fer_ray.constants import IMAGE_COL, LABEL_COL, PATH_COL
+    from fer_ray.predict import PROB_PREFIX, Scorer
+
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (16, SIZE, SIZE, 1), dtype=np.uint8)
+    batch = {IMAGE_COL: images, PATH_COL: np.array([f"{i}.png" for i in range(16)]), LABEL_COL: np.full(16, -1)}
+
+    def probs(amp: str) -> tuple[Scorer, np.ndarray]:
+        scorer = Scorer(str(model_dir), use_gpu=False, tta=None, num_actors=1, amp=amp)
+        table = scorer(batch)
+        return scorer, np.stack([table.column(c).to_numpy() for c in table.column_names
+                                 if c.startswith(PROB_PREFIX)], 1)
+
+    (fp32, p32), (bf16, p16) = probs("off"), probs("bf16")
+    assert fp32.amp_dtype is None and bf16.amp_dtype is torch.bfloat16
+    assert p16.dtype == np.float32
+    np.testing.assert_allclose(p16.sum(1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(p16, p32, atol=0.05)
+    assert not np.array_equal(p16, p32)  # bf16 did run
 
 
 def test_tta_flag_takes_flip_or_ten_crop(capsys) -> None:

@@ -280,7 +280,8 @@ def test_time_budget_plan_grows_once_the_warm_up_epoch_is_behind(monkeypatch) ->
 
 def test_cpu_formats_are_timed_on_a_copy_and_the_fastest_wins() -> None:
     from fer_ray.model import (
-        CPU_FORMATS, FP32_FORMATS, create_model, fastest_format, fastest_inference_layout, time_cpu_formats,
+        CPU_FORMATS, FP32_FORMATS, create_model, fastest_format, fastest_inference_format, format_name,
+        time_cpu_formats,
     )
 
     torch.manual_seed(0)
@@ -291,7 +292,10 @@ def test_cpu_formats_are_timed_on_a_copy_and_the_fastest_wins() -> None:
     scoring = time_cpu_formats(model, 16, 1, 32, FP32_FORMATS, train=False, rounds=2)
     assert len(scoring) == 2 and all(0 < t < 60 for t in scoring)
     assert fastest_format([0.2, 0.1], FP32_FORMATS) == (None, True)
-    assert fastest_inference_layout(model, 1, 32) in (torch.channels_last, torch.contiguous_format)
+    chosen, timed = fastest_inference_format(model, 1, 32, "auto")
+    assert chosen in CPU_FORMATS and timed.count(" ms") == 4 and timed.endswith(format_name(*chosen))
+    assert fastest_inference_format(model, 1, 32, "off")[0] in FP32_FORMATS
+    assert fastest_inference_format(model, 1, 32, "bf16")[0][0] is torch.bfloat16
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # BN statistics included
     assert all(p.grad is None for p in model.parameters())
