@@ -281,7 +281,7 @@ def test_time_budget_plan_grows_once_the_warm_up_epoch_is_behind(monkeypatch) ->
 def test_cpu_formats_are_timed_on_a_copy_and_the_fastest_wins() -> None:
     from fer_ray.model import (
         CPU_FORMATS, FP32_FORMATS, create_model, fastest_format, fastest_inference_format, format_name,
-        time_cpu_formats,
+        probe_batch, time_cpu_formats,
     )
 
     torch.manual_seed(0)
@@ -296,6 +296,7 @@ def test_cpu_formats_are_timed_on_a_copy_and_the_fastest_wins() -> None:
     assert chosen in CPU_FORMATS and timed.count(" ms") == 4 and timed.endswith(format_name(*chosen))
     assert fastest_inference_format(model, 1, 32, "off")[0] in FP32_FORMATS
     assert fastest_inference_format(model, 1, 32, "bf16")[0][0] is torch.bfloat16
+    assert [probe_batch(size) for size in (32, 48, 96, 128, 160, 224, 384)] == [32, 32, 32, 18, 12, 8, 8]
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # BN statistics included
     assert all(p.grad is None for p in model.parameters())
