@@ -676,8 +676,8 @@ def predict(
     with the model in MODEL_DIR; write OUTPUT and return its summary.json. `input_blur`:
     None or "auto" (measured for this input), "model" or a sigma (scoring_blur);
     `num_actors` None sizes the actor pool to the input (auto_actors); `tta` is None,
-    "flip" (or True) or "ten-crop" (tta_views); `amp` the autocast precision (Scorer: auto is bf16 or fp16 on a
-    GPU, and on a CPU whichever of fp32 and bf16 its scorers time faster)."""
+    "flip" (or True) or "ten-crop" (tta_views); `amp` the autocast precision (Scorer: auto
+    is bf16 or fp16 on a GPU, and on a CPU whichever of fp32 and bf16 its scorers time faster)."""
     import ray
 
     start = time.time()
