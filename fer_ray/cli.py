@@ -51,7 +51,7 @@ def init_ray(min_cpus: int = 4, dashboard: bool = False) -> None:
     and the cleaner removes the placement group under the running workers (seen here: a
     training run lost its worker when a test cluster started beside it). Jobs that only
     run Ray Data (scoring, preparing shards) start without it, which leaves 2 cores ~8%
-    more throughput (README, "Performance"); FER_RAY_DASHBOARD=1 turns it on for them too.
+    more throughput (bench/PERFORMANCE.md); FER_RAY_DASHBOARD=1 turns it on for them too.
     A cluster from `ray start` or cluster.yaml keeps its own dashboard.
     """
     import ray

@@ -102,7 +102,7 @@ def read_shards(paths: str | list[str]) -> Any:
     2-6 s for FER2013's train or val shards and for a 280-image split alike, with the actor
     processes starting beside whatever else runs. The V1 reader lists the files and reads
     the schema in the driver and samples a few files in plain tasks: 0.4-1.1 s for train,
-    0.2 s for val (README, "Performance"). Same rows. The switch is set only for this
+    0.2 s for val (bench/PERFORMANCE.md). Same rows. The switch is set only for this
     call, and so is silencing the V1 reader's progress bar for sampling a few files.
     """
     import ray
@@ -160,7 +160,7 @@ def split_dataset(
             # pieces, not 22 x 22 pieces of 1 MB and a repartition after them (FER2013's
             # train split, 22 MB, reads as 24 blocks of ~1 MB on 4 logical CPUs).
             # Measured with the decoded blocks below: 6,367-6,633 against 5,229-5,937
-            # images/s into the loop on 2 cores (README, "Performance").
+            # images/s into the loop on 2 cores (bench/PERFORMANCE.md).
             ds = cut_blocks(ds, shuffle_blocks(ds.size_bytes(), blocks))
             shuffle_block = largest_block(ds)
     if is_training and rates is not None:
