@@ -287,9 +287,9 @@ def test_cpu_formats_are_timed_on_a_copy_and_the_fastest_wins() -> None:
     torch.manual_seed(0)
     model = create_model("test_resnet", 7, in_chans=1)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    seconds = time_cpu_formats(model, 16, 1, 32, rounds=2)
+    seconds = time_cpu_formats(model, 16, 1, 32, steps=2)
     assert len(seconds) == len(CPU_FORMATS) and all(0 < t < 60 for t in seconds)
-    scoring = time_cpu_formats(model, 16, 1, 32, FP32_FORMATS, train=False, rounds=2)
+    scoring = time_cpu_formats(model, 16, 1, 32, FP32_FORMATS, train=False, steps=2)
     assert len(scoring) == 2 and all(0 < t < 60 for t in scoring)
     assert fastest_format([0.2, 0.1], FP32_FORMATS) == (None, True)
     chosen, timed = fastest_inference_format(model, 1, 32, "auto")
@@ -363,3 +363,28 @@ def test_timed_batches_adds_up_the_waits() -> None:
         time.sleep(0.1)  # the loop's own work is not waiting
     assert got == [0, 1, 2]
     assert 0.15 <= timed.wait < 0.25
+
+
+def test_cpu_formats_are_timed_one_after_another_with_fewer_steps_when_slow() -> None:
+    from fer_ray.model import CPU_FORMATS, create_model, time_cpu_formats
+
+    calls: list[torch.memory_format] = []
+
+    class Counted(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = create_model("test_resnet", 7)  # 3 channels: 1 leaves the format ambiguous
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            calls.append(torch.channels_last if x.is_contiguous(memory_format=torch.channels_last)
+                         and not x.is_contiguous() else torch.contiguous_format)
+            return self.inner(x)
+
+    model = Counted()
+    time_cpu_formats(model, 8, 3, 32, train=False, steps=3, warmup=2)
+    # Each format in one block (warm-up, then timed), in the order given.
+    expected = [torch.channels_last if cl else torch.contiguous_format for _, cl in CPU_FORMATS]
+    assert calls == [fmt for fmt in expected for _ in range(5)]
+    calls.clear()
+    time_cpu_formats(model, 8, 3, 32, train=True, steps=3, warmup=2, max_seconds=0.0)
+    assert calls == [fmt for fmt in expected for _ in range(2)]  # no time left: one warm-up, one timed
