@@ -254,7 +254,7 @@ def probe_batch(image_size: int) -> int:
     Small models need the 32 for a stable ranking (resnet10t at 32 px: fp32 won one of four
     probes of 8 images, none of 32); ResNet50 at 224 px ranks the same with 8 (bf16 +
     channels_last, 2.1x fp32 + channels_last at 64 images per batch), whose probe then takes
-    ~4 s on 2 cores instead of ~15."""
+    ~5 s on 2 cores (5 passes of each format) instead of ~15."""
     return max(8, min(32, round(32 * (96 / image_size) ** 2)))
 
 
