@@ -399,12 +399,47 @@ def prediction_table(
     return pa.Table.from_arrays(columns, schema=prediction_schema(class_names))
 
 
+def in_own_thread(fn: Callable[[], Any]) -> Any:
+    """fn() in a thread of its own, which ends with it; its exception is raised here.
+
+    torch's OpenMP runtime keeps a team of threads for each thread that runs parallel work,
+    until that thread ends. Once the teams hold more threads than there are cores, OpenMP
+    stops spinning between parallel regions and every region waits for its threads to wake:
+    a thread's forward passes then took 1.2-1.5x as long as on its own (bench/PERFORMANCE.md,
+    "Two OpenMP thread teams"). Ray Data builds a callable class on the actor's main thread
+    and calls it on another, so the constructor's torch work runs here instead.
+    """
+    result: list[Any] = []
+    error: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            result.append(fn())
+        except BaseException as e:  # noqa: BLE001 - raised again in the caller's thread
+            error.append(e)
+
+    thread = threading.Thread(target=run, name="fer_ray-setup")
+    thread.start()
+    thread.join()
+    if error:
+        raise error[0]
+    return result[0]
+
+
 class Scorer:
     """Ray Data callable class: uint8 images -> class probabilities, one model per actor."""
 
     def __init__(
         self, model_dir: str, use_gpu: bool, tta: str | None, num_actors: int,
         input_blur: float | None = None, amp: str = "auto",
+    ) -> None:
+        # Loading, the format timing and the conversions run torch's parallel loops: in a
+        # thread that ends before the first batch, which runs in another (in_own_thread).
+        in_own_thread(lambda: self._setup(model_dir, use_gpu, tta, num_actors, input_blur, amp))
+
+    def _setup(
+        self, model_dir: str, use_gpu: bool, tta: str | None, num_actors: int,
+        input_blur: float | None, amp: str,
     ) -> None:
         import torch
 

@@ -443,6 +443,54 @@ def test_scorer_in_bf16_scores_close_to_fp32(model_dir) -> None:
     assert not np.array_equal(p16, p32)  # bf16 did run
 
 
+def test_in_own_thread_returns_the_result_and_raises_the_error() -> None:
+    import threading
+
+    from fer_ray.predict import in_own_thread
+
+    ran: list[threading.Thread] = []
+
+    def work() -> int:
+        ran.append(threading.current_thread())
+        return 42
+
+    assert in_own_thread(work) == 42
+    assert ran[0] is not threading.current_thread() and not ran[0].is_alive()  # it has ended
+
+    def fail() -> None:
+        raise ConfigError("the sentence")
+
+    with pytest.raises(ConfigError, match="the sentence"):
+        in_own_thread(fail)
+
+
+def test_scorer_sets_up_torch_in_a_thread_that_ends_before_scoring(model_dir, monkeypatch) -> None:
+    """Ray Data builds the Scorer on an actor's main thread and calls it on another: the
+    model's loading and the format timing (torch's parallel loops) run in a thread of their
+    own, so only the scoring thread keeps an OpenMP team (fer_ray.predict.in_own_thread)."""
+    import threading
+
+    import fer_ray.model
+    import fer_ray.predict as predict
+
+    threads: dict[str, threading.Thread] = {}
+    load, timing = predict.load_model, fer_ray.model.fastest_inference_format
+
+    def recorded(name: str, fn):
+        def wrapper(*args, **kwargs):
+            threads[name] = threading.current_thread()
+            return fn(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(predict, "load_model", recorded("load", load))
+    monkeypatch.setattr(fer_ray.model, "fastest_inference_format", recorded("timing", timing))
+    predict.Scorer(str(model_dir), use_gpu=False, tta=None, num_actors=1, amp="auto")
+
+    assert set(threads) == {"load", "timing"}
+    assert threads["load"] is threads["timing"] is not threading.current_thread()
+    assert not threads["load"].is_alive()
+
+
 def test_tta_flag_takes_flip_or_ten_crop(capsys) -> None:
     with pytest.raises(SystemExit) as e:
         predict_main(["--model", "m", "--input", "i", "--output", "o", "--tta", "five-crop"])
