@@ -405,7 +405,7 @@ def in_own_thread(fn: Callable[[], Any]) -> Any:
     torch's OpenMP runtime keeps a team of threads for each thread that runs parallel work,
     until that thread ends. Once the teams hold more threads than there are cores, OpenMP
     stops spinning between parallel regions and every region waits for its threads to wake:
-    a thread's forward passes then took 1.2-1.5x as long as on its own (bench/PERFORMANCE.md,
+    a thread's forward passes then took 1.2-1.6x as long as on its own (bench/PERFORMANCE.md,
     "Two OpenMP thread teams"). Ray Data builds a callable class on the actor's main thread
     and calls it on another, so the constructor's torch work runs here instead.
     """
