@@ -236,7 +236,8 @@ def _check_output(model_dir: str, source: str, output: str) -> None:
     if storage.exists(output):
         if not storage.is_dir(output):
             raise ConfigError(f"--output {output!r} is a file; choose a folder.")
-        if storage.list_dir(output) and not storage.exists(storage.join(output, SUMMARY_FILE)):
+        # Hidden entries count (a folder holding only .git is not empty): a rerun replaces it.
+        if storage.list_dir(output, hidden=True) and not storage.exists(storage.join(output, SUMMARY_FILE)):
             raise ConfigError(
                 f"--output {output!r} is a non-empty folder that jobs/predict.py did not write; "
                 "choose a new folder (a predictions folder is replaced on rerun)."
@@ -720,7 +721,8 @@ def predict(
     tta = tta_mode(tta)  # before check_inputs, which loads the model
     spec = check_inputs(model_dir, source, output, split, batch_size, num_actors, amp, use_gpu)
     for stale in _stale_temp_folders(output):
-        log.warning("%s is left from an interrupted run; remove it", stale)
+        what = "the output before it, kept" if ".old-" in stale.rsplit("/", 1)[-1] else "its unfinished output"
+        log.warning("%s is left from an interrupted run (%s); remove it when not needed", stale, what)
     ds, total, split, listing = input_dataset(source, spec.class_names, split, batch_size)  # starts Ray if needed
     sigma, blur_source = scoring_blur(input_blur, spec, lambda: sample_input(source, listing, split, spec))
     if sigma or spec.input_blur:
@@ -831,18 +833,24 @@ def _ensure_parquet(folder: str, schema: pa.Schema) -> None:
 
 
 def _stale_temp_folders(output: str) -> list[str]:
+    """Folders an interrupted run left beside OUT: its unfinished `.tmp-` folder, or the
+    previous output (`.old-`) when it ended between the two moves of _publish."""
     parent, _, name = output.rstrip("/").rpartition("/")
     if not parent or not storage.is_dir(parent):
         return []
-    return [e.path for e in storage.list_dir(parent) if e.base_name.startswith(f"{name}.tmp-")]
+    return [
+        e.path for e in storage.list_dir(parent)
+        if e.base_name.startswith((f"{name}.tmp-", f"{name}.old-"))
+    ]
 
 
 def _publish(tmp: str, output: str) -> None:
-    """Swap the finished folder in; the old output goes only once the new one is complete."""
+    """Swap the finished folder in; the old output goes only once the new one is complete.
+    On an object store the folder is copied with summary.json last (storage.move)."""
     if storage.exists(output):
         old = f"{output}.old-{uuid.uuid4().hex[:8]}"
         storage.move(output, old)
-        storage.move(tmp, output)
+        storage.move(tmp, output, last=SUMMARY_FILE)
         storage.delete_dir(old)
     else:
-        storage.move(tmp, output)
+        storage.move(tmp, output, last=SUMMARY_FILE)

@@ -97,11 +97,11 @@ def write_json(path: str, value: Any) -> None:
     write_bytes(path, (json.dumps(value, indent=2) + "\n").encode())
 
 
-def list_dir(path: str) -> list[pafs.FileInfo]:
-    """Direct children of a folder, sorted by name, hidden entries left out."""
+def list_dir(path: str, hidden: bool = False) -> list[pafs.FileInfo]:
+    """Direct children of a folder, sorted by name, hidden entries left out unless `hidden`."""
     fs, inner = resolve(path)
     entries = fs.get_file_info(pafs.FileSelector(inner, recursive=False))
-    return sorted((e for e in entries if not e.base_name.startswith(".")), key=lambda e: e.path)
+    return sorted((e for e in entries if hidden or not e.base_name.startswith(".")), key=lambda e: e.path)
 
 
 def list_files(path: str) -> list[str]:
@@ -122,10 +122,31 @@ def delete_dir(path: str) -> None:
         fs.delete_dir(inner)
 
 
-def move(src: str, dst: str) -> None:
+def move(src: str, dst: str, last: str | None = None) -> None:
+    """Rename a file or folder within one filesystem. Locally a rename (atomic). Object
+    stores (S3, GCS) rename no folders (pyarrow refuses), so there a folder is copied file by
+    file, the file named `last` (relative to the folder) after every other one, and the
+    source deleted after: a reader that waits for `last` never sees half a folder."""
     fs, src_inner = resolve(src)
     _, dst_inner = resolve(dst)
-    fs.move(src_inner, dst_inner)
+    if isinstance(fs, pafs.LocalFileSystem) or fs.get_file_info(src_inner).type != pafs.FileType.Directory:
+        fs.move(src_inner, dst_inner)
+        return
+    entries = fs.get_file_info(pafs.FileSelector(src_inner, recursive=True))
+    relative = sorted(
+        (e.path[len(src_inner) :].strip("/") for e in entries if e.type == pafs.FileType.File),
+        key=lambda rel: (rel == last, rel),
+    )
+    made = set()
+    for rel in relative:
+        target = f"{dst_inner}/{rel}"
+        parent = target.rsplit("/", 1)[0]
+        if parent not in made:
+            fs.create_dir(parent, recursive=True)
+            made.add(parent)
+        fs.copy_file(f"{src_inner}/{rel}", target)
+    fs.create_dir(dst_inner, recursive=True)  # an empty folder moves too
+    fs.delete_dir(src_inner)
 
 
 def copy_dir(src: str, dst: str) -> None:

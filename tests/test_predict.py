@@ -29,6 +29,7 @@ from fer_ray.predict import (
     PREDICTIONS_DIR,
     REASON_COL,
     SUMMARY_FILE,
+    _stale_temp_folders,
     check_inputs,
     predict,
     prob_col,
@@ -325,7 +326,7 @@ def test_folder_of_bad_files_scores_nothing_and_lists_them(ray_cluster, model_di
 
 @pytest.mark.parametrize("case", [
     "missing_model", "not_a_model", "damaged_model", "missing_input", "empty_input", "output_inside_input",
-    "input_inside_output", "foreign_output", "input_is_file", "fp16_on_cpu",
+    "input_inside_output", "foreign_output", "hidden_only_output", "input_is_file", "fp16_on_cpu",
 ])
 def test_bad_inputs_exit_2_with_one_sentence(case, model_dir, image_folder, tmp_path, capsys) -> None:
     src = str(image_folder[0])
@@ -350,6 +351,9 @@ def test_bad_inputs_exit_2_with_one_sentence(case, model_dir, image_folder, tmp_
     elif case == "foreign_output":
         (tmp_path / "out").mkdir()
         (tmp_path / "out" / "thesis.tex").write_text("precious")
+    elif case == "hidden_only_output":  # hidden entries are not nothing
+        (tmp_path / "out" / ".git").mkdir(parents=True)
+        (tmp_path / "out" / ".git" / "HEAD").write_text("precious")
     elif case == "input_is_file":
         src = str(next(Path(src).rglob("*.png")))
     extra = ["--amp", "fp16"] if case == "fp16_on_cpu" else []
@@ -360,7 +364,18 @@ def test_bad_inputs_exit_2_with_one_sentence(case, model_dir, image_folder, tmp_
     assert code == 2
     assert err.startswith("error: ") and len(err.splitlines()) == 1, err
     assert err.count(". ") + err.count("; ") <= 2  # one sentence (maybe with a clause after ';')
-    assert not Path(out).exists() or case == "foreign_output" or case == "input_inside_output"
+    assert not Path(out).exists() or case in ("foreign_output", "hidden_only_output", "input_inside_output")
+    if case == "hidden_only_output":
+        assert (Path(out) / ".git" / "HEAD").read_text() == "precious"
+
+
+def test_leftovers_of_interrupted_runs_are_named(tmp_path) -> None:
+    for name in ("out.tmp-1a2b3c4d", "out.old-5e6f7a8b", "out", "outer.tmp-1", "other"):
+        (tmp_path / name).mkdir()
+
+    found = _stale_temp_folders(str(tmp_path / "out"))
+
+    assert sorted(Path(p).name for p in found) == ["out.old-5e6f7a8b", "out.tmp-1a2b3c4d"]
 
 
 def test_auto_actors_one_per_ten_thousand_images_up_to_the_cores(monkeypatch) -> None:

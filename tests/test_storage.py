@@ -1,0 +1,149 @@
+"""fer_ray.storage on a filesystem that, like S3 and GCS in pyarrow, renames files but no folders."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.fs as pafs
+import pytest
+
+from fer_ray import prepare, storage
+from fer_ray.constants import MANIFEST_FILE
+from fer_ray.predict import SUMMARY_FILE, _publish
+
+
+class FolderlessHandler(pafs.FileSystemHandler):
+    """The local disk, except that moving a folder fails as on an object store; every
+    copy is recorded in order."""
+
+    def __init__(self) -> None:
+        self.local = pafs.LocalFileSystem()
+        self.copies: list[str] = []
+
+    def move(self, src, dest):
+        if self.local.get_file_info(src).type == pafs.FileType.Directory:
+            raise OSError(f"cannot move folder {src!r} on this filesystem")
+        self.local.move(src, dest)
+
+    def copy_file(self, src, dest):
+        self.copies.append(dest)
+        self.local.copy_file(src, dest)
+
+    def get_type_name(self):
+        return "folderless"
+
+    def equals(self, other):
+        return self is other
+
+    def normalize_path(self, path):
+        return path
+
+    def get_file_info(self, paths):
+        return self.local.get_file_info(paths)
+
+    def get_file_info_selector(self, selector):
+        return self.local.get_file_info(selector)
+
+    def create_dir(self, path, recursive):
+        self.local.create_dir(path, recursive=recursive)
+
+    def delete_dir(self, path):
+        self.local.delete_dir(path)
+
+    def delete_dir_contents(self, path, missing_dir_ok=False):
+        self.local.delete_dir_contents(path, missing_dir_ok=missing_dir_ok)
+
+    def delete_root_dir_contents(self):
+        raise OSError("not here")
+
+    def delete_file(self, path):
+        self.local.delete_file(path)
+
+    def open_input_stream(self, path):
+        return self.local.open_input_stream(path)
+
+    def open_input_file(self, path):
+        return self.local.open_input_file(path)
+
+    def open_output_stream(self, path, metadata):
+        return self.local.open_output_stream(path, metadata=metadata)
+
+    def open_append_stream(self, path, metadata):
+        return self.local.open_append_stream(path, metadata=metadata)
+
+
+@pytest.fixture
+def folderless(monkeypatch) -> FolderlessHandler:
+    handler = FolderlessHandler()
+    fs = pafs.PyFileSystem(handler)
+    monkeypatch.setattr(storage, "resolve", lambda path: (fs, storage.normalize(path)))
+    return handler
+
+
+def _tree(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): p.read_text() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _folder(root: Path, files: dict[str, str]) -> Path:
+    for rel, text in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    return root
+
+
+def test_a_folder_is_copied_with_the_named_file_last_and_the_source_removed(folderless, tmp_path) -> None:
+    files = {"summary.json": "{}", "a.parquet": "1", "predictions/p-0.parquet": "2", "predictions/p-1.parquet": "3"}
+    src = _folder(tmp_path / "src", files)
+
+    storage.move(str(src), str(tmp_path / "dst"), last="summary.json")
+
+    assert _tree(tmp_path / "dst") == files
+    assert not src.exists()
+    assert folderless.copies[-1] == str(tmp_path / "dst" / "summary.json")
+    assert len(folderless.copies) == len(files)
+
+
+def test_a_file_and_an_empty_folder_move_too(folderless, tmp_path) -> None:
+    (tmp_path / "f.txt").write_text("x")
+    (tmp_path / "empty").mkdir()
+
+    storage.move(str(tmp_path / "f.txt"), str(tmp_path / "g.txt"))
+    storage.move(str(tmp_path / "empty"), str(tmp_path / "moved"))
+
+    assert (tmp_path / "g.txt").read_text() == "x" and not (tmp_path / "f.txt").exists()
+    assert (tmp_path / "moved").is_dir() and not (tmp_path / "empty").exists()
+    assert folderless.copies == []  # a file moves by the filesystem's own move
+
+
+def test_scoring_output_replaced_on_a_filesystem_without_folder_moves(folderless, tmp_path) -> None:
+    out = _folder(tmp_path / "out", {SUMMARY_FILE: "old", "predictions/p.parquet": "old"})
+    tmp = _folder(tmp_path / "out.tmp-1", {SUMMARY_FILE: "new", "predictions/p.parquet": "new", "metrics.parquet": "m"})
+
+    _publish(str(tmp), str(out))
+
+    assert _tree(out) == {SUMMARY_FILE: "new", "predictions/p.parquet": "new", "metrics.parquet": "m"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no .tmp- or .old- folder left
+    assert folderless.copies[-1] == str(out / SUMMARY_FILE)
+
+
+def test_shards_republished_on_a_filesystem_without_folder_moves(folderless, tmp_path) -> None:
+    out = _folder(tmp_path / "shards", {MANIFEST_FILE: "{}", "train/old.parquet": "old", "test/old.parquet": "old"})
+    staging = _folder(tmp_path / "staging", {"train/part-0.parquet": "t", "val/part-0.parquet": "v"})
+
+    prepare._publish(str(staging), str(out), ["train", "val"], {"splits": ["train", "val"]})
+
+    assert _tree(out) == {
+        MANIFEST_FILE: json.dumps({"splits": ["train", "val"]}, indent=2) + "\n",
+        "train/part-0.parquet": "t",
+        "val/part-0.parquet": "v",
+    }
+
+
+def test_local_folders_still_move_by_rename(tmp_path) -> None:
+    src = _folder(tmp_path / "src", {"a": "1"})
+    inode = (src / "a").stat().st_ino
+
+    storage.move(str(src), str(tmp_path / "dst"))
+
+    assert (tmp_path / "dst" / "a").stat().st_ino == inode
