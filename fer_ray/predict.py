@@ -86,6 +86,10 @@ AUTO_IMAGES_PER_ACTOR = 10_000
 # --input-blur auto measures the input's sharpness on this many images, as training
 # measures val's (fer_ray.data.sample_images).
 BLUR_SAMPLE = 1024
+# Splits of one shards folder scored together when the blurs measured for them differ by at
+# most this (px): 0.23-0.27 px off the measured sigma cost FER2013 val 0.5-2.0 points
+# (flip TTA, bench/ACCURACY.md).
+BLUR_AGREE = 0.2
 
 
 # Test-time augmentation (--tta, TTA_MODES): "flip" averages the image with its mirror image;
@@ -591,9 +595,11 @@ def input_dataset(source: str, class_names: Sequence[str], split: str | None, ro
 
 def sample_input(
     source: str, listing: pa.Table | None, split: str | None, spec: ModelSpec, rows: int = BLUR_SAMPLE
-) -> np.ndarray:
+) -> np.ndarray | dict[str, np.ndarray]:
     """Up to `rows` of the images to score, decoded as the scorer sees them: a fixed random
-    choice of a folder's files (the ones that decode), or a shards split's first rows."""
+    choice of a folder's files (the ones that decode), or a shards split's first rows; for
+    a whole shards folder, those of each split, by split (the splits can differ: FER2013's
+    train images here are blurred, val and test are not)."""
     if listing is None:
         from fer_ray.data import sample_images
         from fer_ray.prepare import read_manifest
@@ -601,7 +607,8 @@ def sample_input(
         root, named = find_shards(source)
         split = split or named
         if split is None:
-            split = next(s for s in SPLITS if s in read_manifest(root)["splits"])
+            splits = [s for s in SPLITS if s in read_manifest(root)["splits"]]
+            return {s: sample_images(root, s, spec.data_size, spec.channels, rows) for s in splits}
         return sample_images(root, split, spec.data_size, spec.channels, rows)
     pick = np.sort(np.random.default_rng(0).permutation(listing.num_rows)[:rows])
     paths = listing.column(PATH_COL).take(pa.array(pick)).to_numpy(zero_copy_only=False)
@@ -609,19 +616,32 @@ def sample_input(
 
 
 def scoring_blur(
-    input_blur: float | str | None, spec: ModelSpec, sample: Callable[[], np.ndarray]
+    input_blur: float | str | None, spec: ModelSpec,
+    sample: Callable[[], np.ndarray | dict[str, np.ndarray]],
 ) -> tuple[float, str]:
     """The Gaussian sigma the scorer applies and where it came from. `auto` (None): for a
     model trained with a blur that recorded its training images' sharpness, the blur that
     brings a sample of the input (`sample()`) to that sharpness, so images already as blurry
     as the training images are left alone; otherwise the model's sigma. `model`: the
-    model's sigma. A number: that sigma."""
+    model's sigma. A number: that sigma. A sample by split (a whole shards folder) is
+    measured split by split: one blur for all when they agree (within BLUR_AGREE px), else
+    ConfigError, as one blur would suit some splits and not others."""
     if input_blur is None or input_blur == "auto":
         if not spec.input_blur or spec.train_sharpness is None:
             return spec.input_blur, "the model's"
         from fer_ray import blur
 
         images = sample()
+        if isinstance(images, dict):
+            by_split = {s: x for s, x in images.items() if len(x)}
+            sigmas = {s: blur.match_sharpness(spec.train_sharpness, x)[0] for s, x in by_split.items()}
+            if len(sigmas) > 1 and max(sigmas.values()) - min(sigmas.values()) > BLUR_AGREE:
+                each = ", ".join(f"{s} {v:g}" for s, v in sigmas.items())
+                raise ConfigError(
+                    f"The splits of this shards folder need different input blurs to match the "
+                    f"training images ({each} px); score one --split at a time, or give --input-blur."
+                )
+            images = np.concatenate(list(by_split.values())) if by_split else np.zeros((0,))
         if not len(images):
             return spec.input_blur, "the model's: no sampled image decoded"
         sigma, measured = blur.match_sharpness(spec.train_sharpness, images)

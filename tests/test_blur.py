@@ -192,3 +192,22 @@ def test_scoring_blur_matches_the_input_not_only_val(synth_folder) -> None:
     assert scoring_blur(None, old, lambda: blurred) == (1.4, "the model's")  # no sharpness recorded
     none = ModelSpec("test_resnet", list(FER_CLASSES), 48, 48, 1, [0.5] * 3, [0.5] * 3)
     assert scoring_blur(None, none, lambda: 1 / 0)[0] == 0  # trained without a blur: nothing sampled
+
+
+def test_scoring_blur_measures_a_whole_shards_folder_split_by_split(synth_folder) -> None:
+    """FER2013 here: train blurred, val and test sharp. One blur for every split would be
+    measured on whichever split came first; now the splits must agree or the job says so."""
+    from fer_ray.blur import median_sharpness
+    from fer_ray.predict import scoring_blur
+
+    sharp = gray_images(synth_folder / "val")
+    blurred = cv2_blur(sharp, 1.5)
+    spec = ModelSpec("test_resnet", list(FER_CLASSES), 48, 48, 1, [0.5] * 3, [0.5] * 3, input_blur=1.4,
+                     train_sharpness=median_sharpness(to_float(blurred)))
+
+    with pytest.raises(ConfigError, match=r"different input blurs .*\(train 0, val 1\.\d+, test 1\.\d+ px\)"):
+        scoring_blur(None, spec, lambda: {"train": blurred, "val": sharp, "test": sharp})
+    sigma, source = scoring_blur("auto", spec, lambda: {"val": sharp[:100], "test": sharp[100:]})
+    assert sigma == pytest.approx(1.5, abs=0.3) and f"measured on {len(sharp)} input images" in source
+    assert scoring_blur(None, spec, lambda: {"train": blurred, "val": sharp[:0]})[0] == 0  # empty split left out
+    assert scoring_blur(0.6, spec, lambda: 1 / 0)[0] == 0.6  # a given blur: nothing measured

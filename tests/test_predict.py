@@ -262,7 +262,7 @@ def test_shards_folder_input(ray_cluster, model_dir, tmp_path) -> None:
     from fer_ray.predict import sample_input
 
     sample = sample_input(str(tmp_path / "shards"), None, None, read_model_spec(str(model_dir)))
-    assert sample.shape == (totals["train"], SIZE, SIZE, 1)  # the first split's rows
+    assert {s: x.shape for s, x in sample.items()} == {s: (n, SIZE, SIZE, 1) for s, n in totals.items()}
     # One split, named by flag or by pointing at its folder.
     assert check_inputs(str(model_dir), str(tmp_path / "shards" / "val"), str(tmp_path / "o")).class_names
     with pytest.raises(ConfigError, match="no 'test' split"):
