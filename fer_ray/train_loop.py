@@ -560,7 +560,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 epoch_steps, device,
             )
         metrics = {**row, "best_val_acc": state.best_val_acc, "best_epoch": state.best_epoch,
-                   "stopped_early": state.stopped_early}
+                   "stopped_early": state.stopped_early, CHECKPOINT_SCORE: checkpoint_score(val_acc, improved)}
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:
@@ -604,6 +604,17 @@ def _fit_to_deadline(
             scheduler = build_scheduler(optimizer, phase, s, epoch_steps)
     state.planned_epochs = s.epochs
     return now, scheduler
+
+
+# The metric Ray keeps the best checkpoint by (fer_ray.trainer): val accuracy on the epochs
+# that improved on the best so far, below any accuracy on the others. Ray keeps the later of
+# two checkpoints with equal scores, and the loop calls the earlier of two equal val
+# accuracies best: by val_acc alone, a tie left best/ holding another epoch than best_epoch.
+CHECKPOINT_SCORE = "checkpoint_score"
+
+
+def checkpoint_score(val_acc: float, improved: bool) -> float:
+    return val_acc if improved else -1.0
 
 
 def steps_per_epoch(num_train: int, batch_size: int, workers: int) -> int:

@@ -46,7 +46,7 @@ from fer_ray.prepare import read_manifest
 from fer_ray.normalize import match_channels
 from fer_ray.reports import plot_confusion_matrix, plot_learning_curves
 from fer_ray.train_loop import (
-    LoopSettings, load_train_state, scaled_lr, steps_per_epoch, train_loop_per_worker,
+    CHECKPOINT_SCORE, LoopSettings, load_train_state, scaled_lr, steps_per_epoch, train_loop_per_worker,
 )
 
 log = logging.getLogger(__name__)
@@ -235,8 +235,8 @@ def build_trainer(
             name=RAY_RUN_NAME,
             storage_path=storage_path or storage.normalize(cfg.run.output),
             checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=1,  # the best by val accuracy; Ray always keeps the latest too
-                checkpoint_score_attribute="val_acc",
+                num_to_keep=1,  # the best epoch's (by val accuracy); Ray always keeps the latest too
+                checkpoint_score_attribute=CHECKPOINT_SCORE,
                 checkpoint_score_order="max",
             ),
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
@@ -304,7 +304,7 @@ def finalize_run(result: Any, run_dir: str, class_names: Sequence[str]) -> dict[
     latest = result.checkpoint
     if latest is None:
         raise RuntimeError(f"The run in {run_dir} reported no checkpoint; see the log above.")
-    best = result.get_best_checkpoint(metric="val_acc", mode="max") or latest
+    best = result.get_best_checkpoint(metric=CHECKPOINT_SCORE, mode="max") or latest
     with latest.as_directory() as folder:
         state = load_train_state(folder)["state"]
     history = pd.DataFrame(state["history"])

@@ -65,6 +65,25 @@ def test_resume_continues_without_repeating_epochs(tiny_run, tmp_path) -> None:
     pd.testing.assert_frame_equal(pd.read_csv(run / "history.csv"), after)
 
 
+def test_best_folder_holds_the_best_epoch_when_val_accuracy_ties(ray_cluster, synth_shards, tiny_run, tmp_path) -> None:
+    """Two head-only epochs at a learning rate of 1e-12 score val the same: the loop calls
+    the first best, and best/, val_metrics.parquet and Ray's kept checkpoint are its."""
+    from fer_ray.constants import RAY_RUN_NAME
+
+    out = tmp_path / "tie"
+    args = tiny_train_args(str(synth_shards), str(out), "--pretrained", "--pretrained-file",
+                           str(tiny_run.parent / "pretrained.pth"), "--freeze-epochs", "2",
+                           "--lr", "1e-12", "--min-lr", "0")
+    assert train_main(args) == 0
+    history = pd.read_csv(out / "history.csv")
+    assert history["val_acc"].nunique() == 1 and len(history) == 2  # the tie
+    kept = sorted(p.name for p in (out / RAY_RUN_NAME).glob("epoch_*"))
+    assert kept == ["epoch_0001", "epoch_0002"]  # the best (the first of the tie) and the latest
+    best = load_model_dir(str(out / "best"))[0].state_dict()
+    first = load_model_dir(str(out / RAY_RUN_NAME / "epoch_0001"))[0].state_dict()
+    assert all(torch.equal(best[k], first[k]) for k in best)
+
+
 def test_bf16_autocast_path_on_cpu(ray_cluster, synth_shards, tmp_path) -> None:
     out = tmp_path / "bf16"
     args = tiny_train_args(str(synth_shards), str(out), "--epochs", "1", "--amp", "bf16")
