@@ -198,8 +198,9 @@ def build_scheduler(optimizer: torch.optim.Optimizer, phase: str, s: LoopSetting
     _, n_epochs = phase_bounds(phase, s)
     total = max(1, n_epochs * steps_per_epoch)
     warmup = min(int(round(s.warmup_epochs * steps_per_epoch)), total // 2)
+    # warmup_prefix: the cosine starts after the warm-up, so it gets the phase's other steps.
     return CosineLRScheduler(
-        optimizer, t_initial=total, lr_min=s.min_lr, warmup_t=warmup,
+        optimizer, t_initial=max(1, total - warmup), lr_min=s.min_lr, warmup_t=warmup,
         warmup_lr_init=s.lr * 0.01, warmup_prefix=True, t_in_epochs=False,
     )
 

@@ -247,6 +247,30 @@ def test_per_image_norm_run_end_to_end_and_scored_the_same_way(ray_cluster, synt
     assert Scorer(str(run / "best"), False, False, 1).normalize.per_image
 
 
+@pytest.mark.parametrize("epochs, freeze, phase", [(10, 0, "finetune"), (2, 2, "head"), (40, 0, "finetune")])
+def test_schedule_warms_up_then_decays_to_min_lr_at_the_phase_end(epochs, freeze, phase) -> None:
+    """A 2-epoch head phase ended at half the peak LR, and a 10-epoch one at 2.4% of it,
+    when the cosine ran its length after the warm-up instead of within the phase."""
+    from types import SimpleNamespace
+
+    from fer_ray.train_loop import build_scheduler
+
+    s = SimpleNamespace(epochs=epochs, freeze_epochs=freeze, warmup_epochs=1, lr=0.05, min_lr=1e-6)
+    steps = 10
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=s.lr)
+    scheduler = build_scheduler(optimizer, phase, s, steps)
+    n = (epochs - freeze if phase == "finetune" else freeze) * steps
+    lrs = []
+    for step in range(n + 1):
+        scheduler.step_update(num_updates=step)
+        lrs.append(optimizer.param_groups[0]["lr"])
+    assert lrs[0] == pytest.approx(s.lr * 0.01)
+    assert lrs[steps] == pytest.approx(s.lr)  # the warm-up's end (1 epoch, or half a 2-epoch phase)
+    assert all(a >= b for a, b in zip(lrs[steps:], lrs[steps + 1:]))  # then only down
+    assert lrs[n] == pytest.approx(s.min_lr)
+    assert lrs[n - 1] < 0.03 * s.lr  # the last step trains near the bottom (10 cosine steps in the head case)
+
+
 def test_epochs_that_fit_counts_whole_epochs_with_a_margin() -> None:
     from fer_ray.train_loop import epochs_that_fit
 
