@@ -80,7 +80,10 @@ class ShardedValConfig(ray.train.DataConfig):
 
 # Settings that cannot change when a run folder is trained again (resume; the optimizer's
 # state is in the checkpoint).
-RESUME_KEYS = ("model", "data", "image_size", "data_size", "optimizer", "input_norm")
+RESUME_KEYS = (
+    "model", "model_kwargs", "data", "image_size", "data_size", "optimizer", "input_norm", "unfreeze",
+    "ema_decay",
+)
 # What runs from before a setting existed used.
 RESUME_DEFAULTS = {"optimizer": "adamw", "input_norm": "dataset"}
 
@@ -172,6 +175,12 @@ def check_inputs(cfg: TrainConfig) -> dict[str, Any]:
     for split in (TRAIN, VAL):
         if not manifest["splits"].get(split, {}).get("total"):
             raise ConfigError(f"Shards {cfg.data.data!r} have no {split!r} split; re-run jobs/prepare.py.")
+    classes = manifest.get("classes") or []
+    if len(classes) < 2:
+        raise ConfigError(
+            f"Shards {cfg.data.data!r} have {len(classes)} class ({', '.join(classes) or 'none'}); "
+            "a classifier needs at least two, one subfolder of images per class."
+        )
     cfg.resolve_defaults()
     check_model_name(cfg.model.model)
     _check_resume_compatible(cfg)
@@ -184,6 +193,9 @@ def _check_resume_compatible(cfg: TrainConfig) -> None:
         return
     old = {**RESUME_DEFAULTS, **_flat(storage.read_json(path))}
     new = _flat(to_dict(cfg))
+    for flat in (old, new):  # data/x and ./data/x are one folder
+        if isinstance(flat.get("data"), str):
+            flat["data"] = storage.normalize(flat["data"])
     changed = [k for k in RESUME_KEYS if k in old and old.get(k) != new.get(k)]
     if changed:
         diffs = ", ".join(f"{k} {old[k]!r} -> {new[k]!r}" for k in changed)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -136,6 +138,41 @@ def test_changed_model_on_an_existing_run_is_refused(tiny_run, tmp_path, capsys)
     (run / "config.json").write_text(json.dumps(config))
     assert train_main(tiny_train_args(data, str(run), "--input-norm", "image")) == 2
     assert "different settings (input_norm 'dataset' -> 'image')" in capsys.readouterr().err
+    # The architecture's arguments, the fine-tuned stages and the weight average are in the
+    # checkpoint too (the weights, the optimizer's groups, the EMA copy).
+    for flags, diff in [
+        (["--model-kwargs", '{"drop_rate": 0.1}'], "model_kwargs {} -> {'drop_rate': 0.1}"),
+        (["--unfreeze", "1"], "unfreeze 'all' -> '1'"),
+        (["--ema-decay", "0.999"], "ema_decay 0.0 -> 0.999"),
+    ]:
+        assert train_main(tiny_train_args(data, str(run), *flags)) == 2
+        assert f"different settings ({diff})" in capsys.readouterr().err
+
+
+def test_resume_check_takes_one_folder_under_two_spellings(tiny_run, tmp_path, monkeypatch) -> None:
+    from fer_ray.config import TrainConfig, parse_config
+    from fer_ray.trainer import _check_resume_compatible
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    data = Path(json.loads((run / "config.json").read_text())["data"]["data"])
+    monkeypatch.chdir(data.parent)
+    for spelling in (f"./{data.name}", f"{data.name}/", str(data.parent / "." / data.name)):
+        cfg, _ = parse_config(TrainConfig, tiny_train_args(spelling, str(run), "--pretrained", "--pretrained-file",
+                              str(tiny_run.parent / "pretrained.pth"), "--freeze-epochs", "1"), argparse.ArgumentParser())
+        cfg.resolve_defaults()
+        _check_resume_compatible(cfg)  # no ConfigError
+
+
+def test_one_class_shards_are_refused_before_workers_start(synth_shards, tmp_path, capsys) -> None:
+    shards = Path(shutil.copytree(synth_shards, tmp_path / "one"))
+    manifest = json.loads((shards / "manifest.json").read_text())
+    manifest["classes"] = ["happy"]
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+
+    assert train_main(tiny_train_args(str(shards), str(tmp_path / "o"))) == 2
+    err = capsys.readouterr().err
+    assert "have 1 class (happy); a classifier needs at least two" in err and err.count("\n") == 1
 
 
 def test_ema_run_validates_and_saves_the_average_and_resumes(ray_cluster, synth_shards, tmp_path) -> None:
