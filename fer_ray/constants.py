@@ -37,6 +37,7 @@ MANIFEST_FILE = "manifest.json"
 
 # Files in a run folder (and in a model folder, `best/`).
 CONFIG_FILE = "config.json"
+SWEEP_CONFIG_FILE = "sweep_config.json"  # a sweep folder's settings
 HISTORY_FILE = "history.csv"
 BEST_DIR = "best"
 WEIGHTS_FILE = "model.safetensors"

@@ -31,6 +31,7 @@ from fer_ray.constants import (
     LEARNING_CURVES_FILE,
     MODEL_CONFIG_FILE,
     RAY_RUN_NAME,
+    SWEEP_CONFIG_FILE,
     TRAIN,
     VAL,
     VAL_METRICS_FILE,
@@ -188,8 +189,11 @@ def check_inputs(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def _check_resume_compatible(cfg: TrainConfig) -> None:
-    path = storage.join(storage.normalize(cfg.run.output), CONFIG_FILE)
-    if not storage.exists(path):
+    """A run's or a sweep's folder resumes only with the settings its checkpoints need."""
+    folder = storage.normalize(cfg.run.output)
+    paths = [storage.join(folder, name) for name in (CONFIG_FILE, SWEEP_CONFIG_FILE)]
+    path = next((p for p in paths if storage.exists(p)), None)
+    if path is None:
         return
     old = {**RESUME_DEFAULTS, **_flat(storage.read_json(path))}
     new = _flat(to_dict(cfg))

@@ -22,7 +22,7 @@ import ray.tune
 
 from fer_ray import storage
 from fer_ray.config import ConfigError, SweepConfig, TrainConfig, from_flat, to_dict
-from fer_ray.constants import BEST_DIR, CONFIG_FILE, HISTORY_FILE, RAY_RUN_NAME
+from fer_ray.constants import BEST_DIR, CONFIG_FILE, HISTORY_FILE, RAY_RUN_NAME, SWEEP_CONFIG_FILE
 from fer_ray.trainer import build_trainer, check_gpus, finalize_run, load_pretrained, local_staging, resolve_settings, write_config
 
 log = logging.getLogger(__name__)
@@ -157,7 +157,7 @@ def build_tuner(cfg: SweepConfig, manifest: dict[str, Any]):
     )
 
 
-def collect_results(grid: Any, tune_dir: str, classes: list[str], epochs: int) -> pd.DataFrame:
+def collect_results(grid: Any, tune_dir: str, classes: list[str]) -> pd.DataFrame:
     """One row per trial; each trial's run folder is completed (best/, plots) on the way."""
     import ray.train
 
@@ -173,9 +173,10 @@ def collect_results(grid: Any, tune_dir: str, classes: list[str], epochs: int) -
         train_dir = storage.join(trial_dir, RAY_RUN_NAME)
         if storage.exists(storage.join(train_dir, "checkpoint_manager_snapshot.json")):
             summary = finalize_run(ray.train.Result.from_path(train_dir), trial_dir, classes)
+            # stopped_early: by --patience; fewer epochs without it were ASHA's or the budget's cut.
             row.update(best_val_acc=summary["accuracy"], best_epoch=summary["best_epoch"],
                        epochs_run=summary["epochs_run"], best_dir=summary["best_dir"],
-                       stopped_early=summary["epochs_run"] < epochs)
+                       stopped_early=summary["stopped_early"])
         rows.append(row)
     return pd.DataFrame(rows, columns=RESULT_COLUMNS).sort_values("trial_id", ignore_index=True)
 
@@ -221,8 +222,8 @@ def sweep(cfg: SweepConfig, manifest: dict[str, Any]) -> tuple[pd.DataFrame, dic
     # Measured once here (see fer_ray.blur) rather than by every trial: all trials match the same.
     cfg.data.input_blur = str(resolve_settings(cfg, manifest).spec.input_blur)
     storage.makedirs(tune_dir)
-    storage.write_json(storage.join(tune_dir, "sweep_config.json"), to_dict(copy.deepcopy(cfg)))
+    storage.write_json(storage.join(tune_dir, SWEEP_CONFIG_FILE), to_dict(copy.deepcopy(cfg)))
     grid = build_tuner(cfg, manifest).fit()
-    results = collect_results(grid, tune_dir, list(manifest["classes"]), cfg.optim.epochs)
+    results = collect_results(grid, tune_dir, list(manifest["classes"]))
     best = write_outputs(results, tune_dir)
     return results, best

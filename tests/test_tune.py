@@ -76,6 +76,12 @@ def test_sweep_writes_every_output_and_resumes_without_retraining(ray_cluster, s
     again = pd.read_parquet(out / "results.parquet")
     pd.testing.assert_frame_equal(again, results)
     assert {p: p.stat().st_mtime for p in (out / "trials").glob("*/ray_train/epoch_*")} == stamps
+    # stopped_early is early stopping by --patience (2 epochs never trigger it), not ASHA's cut.
+    assert not results["stopped_early"].any()
+    # Another model cannot resume these trials' checkpoints: refused before any trial starts.
+    capsys.readouterr()
+    assert tune_main(sweep_args(str(synth_shards), str(out), "--model", "resnet18")) == 2
+    assert "different settings (model 'test_resnet' -> 'resnet18')" in capsys.readouterr().err
 
 
 def test_failed_trials_are_recorded_not_fatal(ray_cluster, synth_shards, tmp_path) -> None:
