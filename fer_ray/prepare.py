@@ -38,6 +38,7 @@ from fer_ray.constants import (
     PATH_COL,
     SPLIT_ALIASES,
     SPLITS,
+    TEST,
     TRAIN,
     VAL,
 )
@@ -156,7 +157,7 @@ def _list_split_folders(
         tr, va = stratified_split([lab for _, lab in train_items], val_fraction, seed)
         listing.items[TRAIN] = [train_items[i] for i in tr]
         listing.items[VAL] = [train_items[i] for i in va]
-    _check_not_empty(listing, source)
+    _check_not_empty(listing, source, None if VAL in split_dirs else val_fraction, split_dirs)
     return listing
 
 
@@ -169,11 +170,15 @@ def _list_class_folders(source: str, subdirs: list[str], val_fraction: float, se
         classes=classes,
         items={TRAIN: [items[i] for i in tr], VAL: [items[i] for i in va]},
     )
-    _check_not_empty(listing, source)
+    _check_not_empty(listing, source, val_fraction)
     return listing
 
 
-def _check_not_empty(listing: Listing, source: str) -> None:
+def _check_not_empty(
+    listing: Listing, source: str, val_fraction: float | None, split_dirs: dict[str, str] | None = None
+) -> None:
+    """Every class in train, and files in val (carved from train at `val_fraction`, or its
+    own folder); an empty test folder is left out with a warning."""
     if not listing.items.get(TRAIN):
         raise ConfigError(f"Source {source!r} holds no files in its class folders; add images.")
     counts = Counter(lab for _, lab in listing.items[TRAIN])
@@ -183,6 +188,20 @@ def _check_not_empty(listing: Listing, source: str) -> None:
             f"Class folder(s) {', '.join(empty)} hold no training files in {source!r}; "
             "add images or remove the folder."
         )
+    if not listing.items.get(VAL):
+        if val_fraction is not None:
+            raise ConfigError(
+                f"--val-fraction {val_fraction} leaves no val images (a class keeps at least one "
+                f"training image and rounds its share down to none); raise it or add a val/ folder."
+            )
+        raise ConfigError(
+            f"The val folder {(split_dirs or {}).get(VAL, VAL)!r} of {source!r} holds no images; "
+            "add images, or remove it to carve val from train."
+        )
+    if TEST in listing.items and not listing.items[TEST]:
+        log.warning("The test folder %r of %s holds no images; leaving the test split out",
+                    (split_dirs or {}).get(TEST, TEST), source)
+        del listing.items[TEST]
 
 
 def _iter_lines(stream: Any, chunk: int = 1 << 23) -> Any:
@@ -295,15 +314,18 @@ def _keep_good(
 
 def read_files_batch(batch: dict[str, np.ndarray], log_actor: Any) -> dict[str, np.ndarray]:
     """Read each listed file and keep the ones that decode."""
-    paths = [str(p) for p in batch[PATH_COL]]
-    blobs = []
-    for p in paths:
+    paths, labels, blobs, unreadable = [], [], [], {}
+    for p, label in zip((str(p) for p in batch[PATH_COL]), batch[LABEL_COL].tolist()):
         try:
             blobs.append(storage.read_bytes(p))
-        except OSError as e:
-            blobs.append(b"")
-            log.warning("cannot read %s: %s", p, e)
-    return _keep_good(paths, batch[LABEL_COL].tolist(), blobs, log_actor)
+        except (OSError, ValueError) as e:  # ValueError: a URI pyarrow cannot parse
+            unreadable[p] = f"cannot read: {e}"
+            continue
+        paths.append(p)
+        labels.append(label)
+    if unreadable:
+        ray.get(log_actor.record.remote(unreadable, [], []))
+    return _keep_good(paths, labels, blobs, log_actor)
 
 
 def pixels_to_png(pixels: str) -> bytes:
@@ -331,8 +353,11 @@ def read_csv_chunks(batch: dict[str, np.ndarray], source: str, log_actor: Any) -
                 path = f"csv:{int(first_row) + k}"
                 parts = line.decode().split(",")
                 try:
-                    label, blob = label_of_code[int(parts[0])], pixels_to_png(parts[1])
-                except (ValueError, IndexError) as e:
+                    code = int(parts[0])
+                    if not 0 <= code < len(label_of_code):
+                        raise ValueError(f"emotion code {code} is not 0-{len(label_of_code) - 1}")
+                    label, blob = label_of_code[code], pixels_to_png(parts[1])
+                except (ValueError, IndexError, OverflowError) as e:  # Overflow: a pixel outside 0-255
                     skipped[path] = f"bad CSV row: {e}"
                     continue
                 paths.append(path)

@@ -97,6 +97,25 @@ def test_bad_sources(tmp_path, setup, message) -> None:
         list_source(str(target))
 
 
+def test_a_val_share_that_rounds_to_nothing_is_named(tmp_path) -> None:
+    make_tree(tmp_path, {"a": 5, "b": 5})  # 5 x 0.05 rounds to no val image in either class
+    with pytest.raises(ConfigError, match="--val-fraction 0.05 leaves no val images"):
+        list_source(str(tmp_path), val_fraction=0.05)
+
+
+def test_an_empty_val_folder_is_named_and_an_empty_test_folder_left_out(tmp_path, caplog) -> None:
+    make_tree(tmp_path / "a", {"train/happy": 2, "train/sad": 2})
+    (tmp_path / "a" / "val" / "happy").mkdir(parents=True)
+    with pytest.raises(ConfigError, match="The val folder 'val' of .* holds no images"):
+        list_source(str(tmp_path / "a"))
+
+    make_tree(tmp_path / "b", {"train/happy": 2, "train/sad": 2, "val/happy": 1})
+    (tmp_path / "b" / "test" / "sad").mkdir(parents=True)
+    listing = list_source(str(tmp_path / "b"))
+    assert sorted(listing.items) == ["train", "val"]
+    assert "The test folder 'test' of" in caplog.text
+
+
 def test_csv_without_expected_columns(tmp_path) -> None:
     path = tmp_path / "fer.csv"
     path.write_text("label,image\n1,0 0 0\n")
@@ -157,6 +176,9 @@ def test_prepare_fer_csv(ray_cluster, tmp_path) -> None:
         pixels = " ".join(str(v) for v in rng.integers(0, 256, 48 * 48))
         rows.append(f"{i % 7},{pixels},{usage}")
     rows.insert(4, "3,1 2 3,Training")  # not a square image: skipped, rows still counted
+    rows.append("3,300 " + " ".join(["0"] * 3) + ",Training")  # a pixel above 255 (row 12)
+    rows.append("-1,0 0 0 0,Training")  # codes are 0-6 (row 13)
+    rows.append("7,0 0 0 0,Training")  # (row 14)
     path = tmp_path / "fer2013.csv"
     path.write_text("emotion,pixels,Usage\n" + "\n".join(rows) + "\n")
     out = tmp_path / "shards"
@@ -164,13 +186,37 @@ def test_prepare_fer_csv(ray_cluster, tmp_path) -> None:
 
     assert manifest["classes"] == list(FER_CLASSES)
     assert {k: v["total"] for k, v in manifest["splits"].items()} == {"train": 6, "val": 3, "test": 2}
-    assert manifest["skipped"] == [{"path": "csv:4", "reason": "bad CSV row: 3 pixels is not a square image"}]
+    skipped = {s["path"]: s["reason"] for s in manifest["skipped"]}
+    assert skipped.pop("csv:4") == "bad CSV row: 3 pixels is not a square image"
+    assert skipped == {
+        "csv:12": "bad CSV row: Python integer 300 out of bounds for uint8",
+        "csv:13": "bad CSV row: emotion code -1 is not 0-6",
+        "csv:14": "bad CSV row: emotion code 7 is not 0-6",
+    }
     train = read_split(out, "train").sort_values("path")
     # CSV code 4 is "sad" in the CSV, which is label 5 in the project's order.
     row = train[train["path"] == "csv:5"].iloc[0]
     assert FER_CLASSES[row["label"]] == FER_CSV_CODES[4]
     img = Image.open(io.BytesIO(row["image"]))
     assert img.format == "PNG" and img.size == (48, 48) and img.mode == "L"
+
+
+def test_a_file_that_cannot_be_read_is_skipped_with_the_reason(ray_cluster, tmp_path) -> None:
+    import ray
+
+    from fer_ray.prepare import PrepareLog, read_files_batch
+
+    (tmp_path / "good.png").write_bytes(png())
+    log_actor = ray.remote(PrepareLog).options(num_cpus=0).remote()
+    batch = {"path": np.array([str(tmp_path / "good.png"), str(tmp_path / "gone.png")], dtype=object),
+             "label": np.array([0, 1])}
+
+    out = read_files_batch(batch, log_actor)
+
+    assert out["path"].tolist() == [str(tmp_path / "good.png")] and out["label"].tolist() == [0]
+    skipped = ray.get(log_actor.summary.remote())["skipped"]
+    assert list(skipped) == [str(tmp_path / "gone.png")]
+    assert skipped[str(tmp_path / "gone.png")].startswith("cannot read: ")  # not "empty file"
 
 
 def test_prepare_refuses_unsafe_outputs(ray_cluster, tmp_path) -> None:
