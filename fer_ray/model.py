@@ -54,12 +54,15 @@ def fetch_pretrained_state(
     and first conv (`in_chans=1` sums the RGB filters). Raises ConfigError when the weights
     cannot be had.
     """
-    check_model_name(name)
-    overlay = None
+    # The architecture first, so that wrong --model-kwargs read as such, not as a download failure.
+    create_model(name, num_classes, **kwargs)
+    overlay, downloaded = None, None
     if pretrained_file:
         if not storage.is_file(pretrained_file):
             raise ConfigError(f"--pretrained-file {pretrained_file!r} does not exist.")
-        local = storage.local_path(pretrained_file) or _download(pretrained_file)
+        local = storage.local_path(pretrained_file)
+        if local is None:
+            local = downloaded = _download(pretrained_file)
         overlay = {"file": local}
     try:
         model = timm.create_model(
@@ -75,6 +78,9 @@ def fetch_pretrained_state(
             f"Could not download pretrained weights for {name} ({type(e).__name__}); with no "
             "network, pass --pretrained-file PATH (a local .pth or .safetensors) or --no-pretrained."
         ) from None
+    finally:
+        if downloaded:
+            os.remove(downloaded)  # a bucket's weights, copied here only for timm to read
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 

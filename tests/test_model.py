@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import timm
@@ -63,6 +64,31 @@ def test_pretrained_file_loads_backbone_and_fresh_head(tmp_path, suffix) -> None
     state = fetch_pretrained_state("test_resnet", 7, str(path))
     torch.testing.assert_close(state["conv1.0.weight"], source.state_dict()["conv1.0.weight"])
     assert state["fc.weight"].shape == (7, source.num_features)
+
+
+def test_pretrained_file_in_a_bucket_is_read_through_a_temporary_copy_then_removed(tmp_path, monkeypatch) -> None:
+    import tempfile
+
+    import pyarrow.fs as pafs
+
+    from fer_ray import model as fer_model
+    from fer_ray import storage
+
+    source = timm.create_model("test_resnet", num_classes=1000)
+    torch.save(source.state_dict(), tmp_path / "weights.pth")
+    bucket = pafs.SubTreeFileSystem(str(tmp_path), pafs.LocalFileSystem())  # not a local filesystem
+    monkeypatch.setattr(storage, "resolve", lambda path: (bucket, path.split("://", 1)[1].split("/", 1)[1]))
+    made, real_mkstemp = [], tempfile.mkstemp
+
+    def mkstemp(*args, **kwargs):
+        made.append(real_mkstemp(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(fer_model.tempfile, "mkstemp", mkstemp)
+    state = fetch_pretrained_state("test_resnet", 7, "s3://bucket/weights.pth")
+
+    torch.testing.assert_close(state["conv1.0.weight"], source.state_dict()["conv1.0.weight"])
+    assert len(made) == 1 and not Path(made[0][1]).exists()
 
 
 def test_missing_pretrained_file_is_a_config_error(tmp_path) -> None:

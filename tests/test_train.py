@@ -102,6 +102,7 @@ def test_bf16_autocast_path_on_cpu(ray_cluster, synth_shards, tmp_path) -> None:
         (["--time-budget", "-1"], "--time-budget must be >= 0 minutes"),
         (["--input-norm", "pixel"], "--input-norm must be one of dataset, image; got 'pixel'"),
         (["--pretrained", "--pretrained-file", "/no/such/weights.pth"], "does not exist"),
+        (["--pretrained", "--model-kwargs", '{"bogus": 1}'], "--model-kwargs {'bogus': 1} do not fit test_resnet"),
     ],
 )
 def test_bad_input_fails_before_workers_start(synth_shards, tmp_path, capsys, extra, message) -> None:
