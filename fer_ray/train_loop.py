@@ -484,6 +484,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         + (f", weights averaged (EMA decay {s.ema_decay:g})" if ema is not None else "")
         + (f", mixup {s.mixup:g} / cutmix {s.cutmix:g} on {s.mix_prob:.0%} of batches" if mix is not None else "")
     )
+    # The model starts alike on every worker (seeded above); its dropout masks and timm's
+    # mixup draws (numpy's global generator) differ by worker and go on after a resume.
+    reseed(s.seed, rank, state.epoch)
     phase, wrapped, optimizer, scheduler = None, model, None, None
     epoch_times, mark = [], time.time()  # whole epochs (train, val, report) in this process
     epoch = state.epoch
@@ -616,6 +619,15 @@ CHECKPOINT_SCORE = "checkpoint_score"
 
 def checkpoint_score(val_acc: float, improved: bool) -> float:
     return val_acc if improved else -1.0
+
+
+def reseed(seed: int, rank: int, epoch: int) -> int:
+    """Seed torch's and numpy's global generators for the training steps of worker `rank`
+    from epoch `epoch` on: a seed of its own for each (seed, rank, epoch). Returns it."""
+    step_seed = int(np.random.SeedSequence([seed, rank, epoch]).generate_state(1)[0])
+    torch.manual_seed(step_seed)
+    np.random.seed(step_seed)
+    return step_seed
 
 
 def steps_per_epoch(num_train: int, batch_size: int, workers: int) -> int:

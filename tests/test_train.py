@@ -309,6 +309,20 @@ def test_schedule_warms_up_then_decays_to_min_lr_at_the_phase_end(epochs, freeze
     assert lrs[n - 1] < 0.03 * s.lr  # the last step trains near the bottom (10 cosine steps in the head case)
 
 
+def test_each_worker_and_each_resume_draws_its_own_dropout_and_mixup() -> None:
+    import numpy as np
+
+    from fer_ray.train_loop import reseed
+
+    def draws(seed, rank, epoch):
+        reseed(seed, rank, epoch)
+        return torch.nn.functional.dropout(torch.ones(64), 0.5).tolist(), np.random.beta(1.0, 1.0)
+
+    assert draws(0, 0, 0) == draws(0, 0, 0)  # reproducible
+    outcomes = [draws(0, 0, 0), draws(0, 1, 0), draws(0, 0, 3), draws(1, 0, 0)]
+    assert len({str(o) for o in outcomes}) == 4  # another worker, a resume, another --seed
+
+
 def test_epochs_that_fit_counts_whole_epochs_with_a_margin() -> None:
     from fer_ray.train_loop import epochs_that_fit
 
