@@ -275,7 +275,7 @@ def list_images(source: str, class_names: Sequence[str]) -> pa.Table:
         label = index.get(parts[0].lower(), NO_LABEL) if len(parts) > 1 else NO_LABEL
         if label == NO_LABEL and len(parts) > 1:
             strangers.add(parts[0])
-        paths.append(storage.full_path(fs, path))
+        paths.append(storage.full_path(fs, path, source))
         labels.append(label)
     unlabelled = labels.count(NO_LABEL)
     if 0 < unlabelled < len(labels):

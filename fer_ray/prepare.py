@@ -100,7 +100,7 @@ def _files_by_class(folder: str, classes: list[str]) -> list[tuple[str, int]]:
         class_dir = storage.join(folder, name)
         if storage.is_dir(class_dir):
             fs, _ = storage.resolve(class_dir)
-            items.extend((storage.full_path(fs, p), label) for p in storage.list_files(class_dir))
+            items.extend((storage.full_path(fs, p, class_dir), label) for p in storage.list_files(class_dir))
     return items
 
 

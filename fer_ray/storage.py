@@ -9,8 +9,12 @@ from __future__ import annotations
 import json
 import os
 from typing import Any
+from urllib.parse import quote
 
+import pyarrow as pa
 import pyarrow.fs as pafs
+
+from fer_ray.config import ConfigError
 
 
 def is_uri(path: str) -> bool:
@@ -28,18 +32,36 @@ def normalize(path: str) -> str:
 
 
 def resolve(path: str) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path inside it) for a local path or URI."""
+    """(filesystem, path inside it) for a local path or URI (percent-encoded, options such
+    as S3's `?endpoint_override=` after the path); ConfigError for a URI that does not parse."""
     path = normalize(path)
     if is_uri(path):
-        fs, inner = pafs.FileSystem.from_uri(path)
+        try:
+            fs, inner = _from_uri(path)
+        except pa.ArrowInvalid as e:
+            raise ConfigError(
+                f"{path!r} is not a valid URI ({e}); percent-encode spaces and other special "
+                "characters in it (a space is %20)."
+            ) from None
         return fs, inner.rstrip("/") or "/"
     return pafs.LocalFileSystem(), path
+
+
+def _from_uri(uri: str) -> tuple[pafs.FileSystem, str]:
+    return pafs.FileSystem.from_uri(uri)
+
+
+def _split_query(uri: str) -> tuple[str, str]:
+    """("scheme://path", "?options" or "")."""
+    head, sep, query = uri.partition("?")
+    return head, sep + query
 
 
 def join(base: str, *parts: str) -> str:
     base = str(base)
     if is_uri(base):
-        return "/".join([base.rstrip("/"), *[p.strip("/") for p in parts]])
+        head, query = _split_query(base)  # the options stay at the end
+        return "/".join([head.rstrip("/"), *[p.strip("/") for p in parts]]) + query
     return os.path.join(base, *parts)
 
 
@@ -157,8 +179,10 @@ def copy_dir(src: str, dst: str) -> None:
     pafs.copy_files(src_inner, dst_inner, source_filesystem=src_fs, destination_filesystem=dst_fs)
 
 
-def full_path(fs: pafs.FileSystem, inner: str) -> str:
-    """Turn a filesystem-internal path back into the string a user would pass."""
+def full_path(fs: pafs.FileSystem, inner: str, listed_from: str = "") -> str:
+    """Turn a filesystem-internal path back into the string a user would pass: a URI's path
+    percent-encoded (a key with spaces, % or # resolves back to itself), with the options of
+    the URI it was listed from (`listed_from`), such as S3's endpoint_override."""
     if isinstance(fs, pafs.LocalFileSystem):
         return inner
-    return f"{fs.type_name}://{inner}"
+    return f"{fs.type_name}://{quote(inner, safe='/')}{_split_query(str(listed_from))[1]}"

@@ -147,3 +147,50 @@ def test_local_folders_still_move_by_rename(tmp_path) -> None:
     storage.move(str(src), str(tmp_path / "dst"))
 
     assert (tmp_path / "dst" / "a").stat().st_ino == inode
+
+
+@pytest.fixture
+def bucket(monkeypatch) -> pafs.FileSystem:
+    """An in-memory object store behind mock:// URIs that, like S3's, keep the bucket as the
+    first part of the path (pyarrow's own mock:// drops it)."""
+    fs = pafs._MockFileSystem()
+
+    def from_uri(uri: str):
+        _, inner = pafs.FileSystem.from_uri("mock:///" + uri.split("://", 1)[1])  # parses and decodes
+        return fs, inner
+
+    monkeypatch.setattr(storage, "_from_uri", from_uri)
+    return fs
+
+
+def test_keys_with_spaces_percent_hash_and_accents_are_listed_and_read_back(bucket) -> None:
+    from fer_ray.constants import FER_CLASSES
+    from fer_ray.prepare import _files_by_class
+    from fer_ray.predict import list_images
+
+    keys = ["faces/happy/my photo.png", "faces/sad/100%.png", "faces/sad/a#b.png", "faces/happy/ünï.png"]
+    for key in keys:
+        bucket.create_dir("bucket/" + key.rsplit("/", 1)[0])
+        with bucket.open_output_stream("bucket/" + key) as f:
+            f.write(key.encode())
+    source = "mock://bucket/faces?region=somewhere"  # options (S3's endpoint_override) stay on every path
+
+    listing = list_images(source, FER_CLASSES)
+    paths, labels = listing.column("path").to_pylist(), listing.column("label").to_pylist()
+
+    assert sorted(storage.read_bytes(p).decode() for p in paths) == sorted(keys)
+    assert all(p.endswith("?region=somewhere") for p in paths)
+    assert {storage.read_bytes(p).decode().split("/")[1]: FER_CLASSES[lab] for p, lab in zip(paths, labels)} == {
+        "happy": "happy", "sad": "sad"}
+    items = _files_by_class(source, ["happy", "sad"])
+    assert sorted(storage.read_bytes(p).decode() for p, _ in items) == sorted(keys)
+
+
+def test_uri_joins_keep_the_options_last_and_bad_uris_are_named() -> None:
+    from fer_ray.config import ConfigError
+
+    assert storage.join("s3://b/shards?endpoint_override=h:9000", "train", "part.parquet") == (
+        "s3://b/shards/train/part.parquet?endpoint_override=h:9000")
+    assert storage.join("s3://b/shards/", "train") == "s3://b/shards/train"
+    with pytest.raises(ConfigError, match="percent-encode spaces"):
+        storage.resolve("s3://bucket/my photos")
