@@ -23,18 +23,22 @@ def setup_logging() -> None:
     )
 
 
-def run_job(job: Callable[[], None]) -> int:
-    """Run a job; user errors end in one clear sentence and exit status 2."""
+INTERRUPTED_RESUMES = "interrupted; rerun the same command to resume where possible"
+
+
+def run_job(job: Callable[[], int | None], interrupted: str = INTERRUPTED_RESUMES) -> int:
+    """Run a job; user errors end in one clear sentence and exit status 2, Ctrl-C in the
+    line `interrupted` and 130; otherwise the status the job returns (0 for None)."""
     setup_logging()
     try:
-        job()
+        status = job()
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; rerun the same command to resume where possible", file=sys.stderr)
+        print(interrupted, file=sys.stderr)
         return 130
-    return 0
+    return status or 0
 
 
 def init_ray(min_cpus: int = 4, dashboard: bool = False) -> None:

@@ -23,6 +23,7 @@ import yaml
 
 
 RESOLVED_KEY = "resolved"
+TRIAL_KEY = "trial"  # a sweep's best_config.json: which trial it was, and how it did
 
 
 class ConfigError(ValueError):
@@ -451,10 +452,14 @@ def load_config_file(path: str | Path, cls: type) -> dict[str, Any]:
     try:
         values = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"Config file {str(p)!r} is not valid YAML: {e}") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"Config file {str(p)!r} is not valid YAML{where}: {problem}.") from None
     if not isinstance(values, dict):
         raise ConfigError(f"Config file {str(p)!r} must hold a mapping of settings.")
     values.pop(RESOLVED_KEY, None)  # a run's config.json also lists derived values
+    values.pop(TRIAL_KEY, None)  # and a sweep's best_config.json the trial's results
     return _flatten(values, cls, str(p))
 
 

@@ -172,6 +172,10 @@ def resolve_input_blur(cfg: TrainConfig, spec: ModelSpec) -> tuple[float, float 
 def check_inputs(cfg: TrainConfig) -> dict[str, Any]:
     """Validate the config against the data before any worker starts; return the manifest."""
     cfg.validate()
+    # Absolute: config.json then names the folder wherever a rerun starts, and a sweep's
+    # trials (run from working folders of their own) find it.
+    cfg.data.data = storage.normalize(cfg.data.data)
+    _check_output(cfg)
     manifest = read_manifest(cfg.data.data)
     for split in (TRAIN, VAL):
         if not manifest["splits"].get(split, {}).get("total"):
@@ -186,6 +190,30 @@ def check_inputs(cfg: TrainConfig) -> dict[str, Any]:
     check_model_name(cfg.model.model)
     _check_resume_compatible(cfg)
     return manifest
+
+
+def _check_output(cfg: TrainConfig) -> None:
+    """--output: a new or empty folder, or a run's or sweep's folder to resume; never the
+    data, a file, or a folder of something else."""
+    output, data = storage.normalize(cfg.run.output), cfg.data.data
+    for a, b in ((output, data), (data, output)):
+        if a == b or a.startswith(b.rstrip("/") + "/"):
+            raise ConfigError(f"--output {cfg.run.output!r} and --data {cfg.data.data!r} overlap; "
+                              "choose an --output outside the data.")
+    if not storage.exists(output):
+        return
+    if not storage.is_dir(output):
+        raise ConfigError(f"--output {cfg.run.output!r} is a file; choose a folder.")
+    run_config = storage.join(output, CONFIG_FILE)
+    if storage.exists(storage.join(output, SWEEP_CONFIG_FILE)) or (
+        storage.exists(run_config) and "data" in storage.read_json(run_config)
+    ):
+        return  # a run or sweep folder: resumed (_check_resume_compatible)
+    if storage.list_dir(output, hidden=True):
+        raise ConfigError(
+            f"--output {cfg.run.output!r} is a non-empty folder that holds no training run or "
+            "sweep; choose a new or empty folder."
+        )
 
 
 def _check_resume_compatible(cfg: TrainConfig) -> None:

@@ -21,7 +21,7 @@ import pandas as pd
 import ray.tune
 
 from fer_ray import storage
-from fer_ray.config import ConfigError, SweepConfig, TrainConfig, from_flat, to_dict
+from fer_ray.config import TRIAL_KEY, ConfigError, SweepConfig, TrainConfig, from_flat, to_dict
 from fer_ray.constants import BEST_DIR, CONFIG_FILE, HISTORY_FILE, RAY_RUN_NAME, SWEEP_CONFIG_FILE
 from fer_ray.trainer import build_trainer, check_gpus, finalize_run, load_pretrained, local_staging, resolve_settings, write_config
 
@@ -123,7 +123,9 @@ def build_tuner(cfg: SweepConfig, manifest: dict[str, Any]):
     experiment = storage.join(tune_dir, TUNE_RUN_NAME)
     if ray.tune.Tuner.can_restore(experiment):
         log.info("Resuming the sweep in %s", experiment)
-        return ray.tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=False)
+        # Failed trials run again from their last checkpoint (the settings cannot have
+        # changed: fer_ray.trainer.check_inputs refuses that).
+        return ray.tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=True)
 
     lo, hi = cfg.sweep.smoothing_range
     space = {
@@ -209,7 +211,7 @@ def write_outputs(results: pd.DataFrame, tune_dir: str) -> dict[str, Any] | None
             trial_dir = storage.join(tune_dir, TRIALS_DIR, best["trial_id"])
             storage.copy_dir(storage.join(trial_dir, BEST_DIR), best_local)
             best_config = storage.read_json(storage.join(trial_dir, CONFIG_FILE))
-            best_config["trial"] = {k: (None if isinstance(v, float) and math.isnan(v) else v)
+            best_config[TRIAL_KEY] = {k: (None if isinstance(v, float) and math.isnan(v) else v)
                                     for k, v in best.to_dict().items()}
             storage.write_json(os.path.join(local, BEST_CONFIG_FILE), best_config)
     return None if best is None else best.to_dict()

@@ -11,6 +11,7 @@ pose, lighting and noise. The same --seed writes the same bytes.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -45,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--size must be at least 8 pixels, got {args.size}")
     if not any(per_split.values()):
         parser.error("every split has 0 images per class; nothing to write")
+    if os.path.exists(args.output) and not os.path.isdir(args.output):
+        parser.error(f"--output {args.output!r} is a file; choose a folder")
 
     start = time.perf_counter()
     counts = generate_dataset(args.output, per_split, size=args.size, seed=args.seed,

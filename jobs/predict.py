@@ -96,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
                           input_blur=args.input_blur, **options)
         print(describe(summary))
 
-    return run_job(job)
+    return run_job(job, interrupted="interrupted; nothing was written (the output is complete or absent): "
+                                    "run the same command again to score from the start")
 
 
 if __name__ == "__main__":

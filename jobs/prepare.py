@@ -44,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"skipped {len(manifest['skipped'])} files; manifest: "
               f"{args.output.rstrip('/')}/manifest.json ({manifest['seconds']} s)")
 
-    return run_job(job)
+    return run_job(job, interrupted="interrupted; nothing was written (the output is complete or absent): "
+                                    "run the same command again to prepare from the start")
 
 
 if __name__ == "__main__":

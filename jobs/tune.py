@@ -48,6 +48,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"best: trial {best['trial_id']} lr {best['lr']:.2e} label smoothing "
                   f"{best['label_smoothing']:.3f} val acc {best['best_val_acc']:.4f}; "
                   f"model: {cfg.run.output.rstrip('/')}/best")
+            return 0
+        print(f"error: no trial finished; each trial's error is in {cfg.run.output.rstrip('/')}/results.parquet",
+              file=sys.stderr)
+        return 1
 
     return run_job(job)
 

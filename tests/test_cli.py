@@ -20,6 +20,23 @@ from fer_ray.synthetic import generate_dataset
 BOUND_S = 30
 
 
+def test_run_job_exit_statuses_and_the_interrupted_line(capsys) -> None:
+    from fer_ray.cli import run_job
+    from fer_ray.config import ConfigError
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    def bad():
+        raise ConfigError("--lr must be positive, got 0.")
+
+    assert run_job(lambda: None) == 0 and run_job(lambda: 1) == 1
+    assert run_job(bad) == 2 and capsys.readouterr().err == "error: --lr must be positive, got 0.\n"
+    assert run_job(interrupted) == 130 and "resume" in capsys.readouterr().err
+    assert run_job(interrupted, interrupted="interrupted; nothing was written") == 130
+    assert capsys.readouterr().err == "interrupted; nothing was written\n"
+
+
 @pytest.mark.parametrize(
     ("address", "expected"),
     [

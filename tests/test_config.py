@@ -44,6 +44,23 @@ def test_run_config_json_feeds_back(tmp_path) -> None:
     assert to_dict(again) == to_dict(cfg)
 
 
+def test_a_sweeps_best_config_feeds_back(tmp_path) -> None:
+    cfg = parse(["--model", "resnet18", "--lr", "0.004", "--data", "d", "--output", "o"])
+    saved = {**to_dict(cfg), "resolved": {"effective_lr": 0.004},
+             "trial": {"trial_id": "a1b2c3", "best_val_acc": 0.61, "status": "TERMINATED"}}
+    path = tmp_path / "best_config.json"
+    path.write_text(json.dumps(saved))
+    assert to_dict(parse(["--config", str(path)])) == to_dict(cfg)
+
+
+def test_malformed_yaml_is_one_sentence_naming_the_line(tmp_path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("lr: 0.01\nepochs: [3\n")
+    with pytest.raises(ConfigError) as e:
+        parse(["--config", str(path)])
+    assert "is not valid YAML at line 3" in str(e.value) and "\n" not in str(e.value)
+
+
 def test_unknown_setting_is_rejected_with_valid_names(tmp_path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text("learning_rate: 0.1\n")

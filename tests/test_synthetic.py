@@ -101,6 +101,14 @@ def test_cli_runs_from_a_checkout(tmp_path: Path) -> None:
     assert len(list((out / "train").rglob("*.jpg"))) == 14
 
 
+def test_cli_refuses_an_output_that_is_a_file(tmp_path: Path) -> None:
+    (tmp_path / "f").write_text("precious")
+    result = subprocess.run([sys.executable, "jobs/make_synthetic.py", "--output", str(tmp_path / "f")],
+                            cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 2 and "is a file; choose a folder" in result.stderr.splitlines()[-1]
+    assert (tmp_path / "f").read_text() == "precious"
+
+
 def test_classes_are_learnable_but_not_linearly_trivial() -> None:
     linear_model = pytest.importorskip("sklearn.linear_model")
 

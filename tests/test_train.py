@@ -113,6 +113,41 @@ def test_bad_input_fails_before_workers_start(synth_shards, tmp_path, capsys, ex
     assert not (out / "ray_train").exists()
 
 
+@pytest.mark.parametrize("case", ["file", "the_data", "inside_the_data", "foreign", "hidden_only", "model_folder"])
+def test_outputs_that_are_not_run_folders_are_refused(synth_shards, tiny_run, tmp_path, capsys, case) -> None:
+    out = tmp_path / "out"
+    if case == "file":
+        out.write_text("precious")
+    elif case == "the_data":
+        out = synth_shards
+    elif case == "inside_the_data":
+        out = synth_shards / "runs"
+    elif case == "foreign":
+        out.mkdir()
+        (out / "thesis.tex").write_text("precious")
+    elif case == "hidden_only":
+        (out / ".git").mkdir(parents=True)
+    else:
+        out = tiny_run / "best"  # a model folder: its config.json is timm's
+    before = sorted(p.relative_to(out) for p in out.rglob("*")) if out.is_dir() else None
+
+    assert train_main(tiny_train_args(str(synth_shards), str(out))) == 2
+
+    err = capsys.readouterr().err
+    assert err.startswith("error: --output ") and err.count("\n") == 1, err
+    assert (sorted(p.relative_to(out) for p in out.rglob("*")) if out.is_dir() else None) == before
+
+
+def test_data_is_recorded_absolute_so_reruns_and_trials_find_it(synth_shards, tmp_path, monkeypatch) -> None:
+    from fer_ray.config import TrainConfig, parse_config
+    from fer_ray.trainer import check_inputs
+
+    monkeypatch.chdir(synth_shards.parent)
+    cfg, _ = parse_config(TrainConfig, tiny_train_args(synth_shards.name, str(tmp_path / "o")), argparse.ArgumentParser())
+    check_inputs(cfg)
+    assert cfg.data.data == str(synth_shards)
+
+
 def test_missing_shards_folder(tmp_path, capsys) -> None:
     assert train_main(tiny_train_args(str(tmp_path / "nothing"), str(tmp_path / "o"))) == 2
     assert "not a prepared shards folder" in capsys.readouterr().err
@@ -424,12 +459,13 @@ def test_time_budget_fits_the_schedule_and_ends_in_time(ray_cluster, synth_shard
     # only overrun by its own stall); writing the run folder and Ray's shutdown follow it.
     assert elapsed < budget_s + 20 + history["seconds"].iloc[-1], elapsed
     # Fitted after the first epoch (and again when epochs sped up or slowed down): each
-    # epoch after the warm-up one runs on the cosine of the plan in force when it ran.
+    # epoch after the warm-up one runs on the cosine of the plan in force when it ran, which
+    # spans the plan's epochs after the warm-up.
     plans, peak = history["planned_epochs"], history["lr"].max()
     assert plans.iloc[0] == configured and (plans < configured).any()
     for epoch, plan, lr in zip(history["epoch"], plans, history["lr"]):
         if epoch > 1:
-            expected = 0.5 * (1 + math.cos(math.pi * (epoch - 2) / plan)) * peak
+            expected = 0.5 * (1 + math.cos(math.pi * (epoch - 2) / (plan - 1))) * peak
             assert lr == pytest.approx(expected, rel=0.05, abs=1e-5), (epoch, plan)
     # So the last epoch runs on the plan that ends there, low on its cosine where the
     # schedule of `configured` epochs would still be near its peak. Only a last epoch that
@@ -438,7 +474,7 @@ def test_time_budget_fits_the_schedule_and_ends_in_time(ray_cluster, synth_shard
     if plans.iloc[-1] != n:
         assert history["seconds"].iloc[-1] > history["seconds"].iloc[1:-1].max(), history
     else:  # below where the unfitted schedule would be at the last epoch
-        assert history["lr"].iloc[-1] < 0.5 * (1 + math.cos(math.pi * (n - 2) / configured)) * peak
+        assert history["lr"].iloc[-1] < 0.5 * (1 + math.cos(math.pi * (n - 2) / (configured - 1))) * peak
 
 
 def test_timed_batches_adds_up_the_waits() -> None:

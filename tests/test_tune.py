@@ -84,12 +84,13 @@ def test_sweep_writes_every_output_and_resumes_without_retraining(ray_cluster, s
     assert "different settings (model 'test_resnet' -> 'resnet18')" in capsys.readouterr().err
 
 
-def test_failed_trials_are_recorded_not_fatal(ray_cluster, synth_shards, tmp_path) -> None:
+def test_failed_trials_are_recorded_not_fatal(ray_cluster, synth_shards, tmp_path, capsys) -> None:
     out = tmp_path / "failing"
     # 280 images cannot fill one batch of 4096: every trial's training raises.
     args = sweep_args(str(synth_shards), str(out), "--num-samples", "2", "--batch-size", "4096",
                       "--max-failures", "0")
-    assert tune_main(args) == 0
+    assert tune_main(args) == 1  # no trial finished: a script sees it
+    assert "error: no trial finished" in capsys.readouterr().err
     results = pd.read_parquet(out / "results.parquet")
     assert len(results) == 2 and (results["status"] == "ERROR").all()
     assert results["error"].str.contains("cannot fill one batch").all()
