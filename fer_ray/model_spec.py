@@ -78,6 +78,8 @@ def check_model_folder(folder: str) -> ModelSpec:
 def _read(folder: str) -> tuple[ModelSpec, dict[str, Any]]:
     cfg_path = storage.join(folder, MODEL_CONFIG_FILE)
     weights = storage.join(folder, WEIGHTS_FILE)
+    if storage.is_file(folder):
+        raise ConfigError(f"Model folder {folder!r} is a file; pass the folder that holds it (a run's best/).")
     if not storage.is_dir(folder):
         raise ConfigError(f"Model folder {folder!r} does not exist; pass a run's best/ folder.")
     if not (storage.is_file(cfg_path) and storage.is_file(weights)):

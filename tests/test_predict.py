@@ -325,7 +325,7 @@ def test_folder_of_bad_files_scores_nothing_and_lists_them(ray_cluster, model_di
 
 
 @pytest.mark.parametrize("case", [
-    "missing_model", "not_a_model", "damaged_model", "missing_input", "empty_input", "output_inside_input",
+    "missing_model", "model_file", "not_a_model", "damaged_model", "missing_input", "empty_input", "output_inside_input",
     "input_inside_output", "foreign_output", "hidden_only_output", "input_is_file", "fp16_on_cpu",
 ])
 def test_bad_inputs_exit_2_with_one_sentence(case, model_dir, image_folder, tmp_path, capsys) -> None:
@@ -333,6 +333,8 @@ def test_bad_inputs_exit_2_with_one_sentence(case, model_dir, image_folder, tmp_
     model, out = str(model_dir), str(tmp_path / "out")
     if case == "missing_model":
         model = str(tmp_path / "nope")
+    elif case == "model_file":
+        model = str(model_dir / "model.safetensors")
     elif case == "not_a_model":
         model = str(tmp_path)
     elif case == "damaged_model":
@@ -367,6 +369,8 @@ def test_bad_inputs_exit_2_with_one_sentence(case, model_dir, image_folder, tmp_
     assert not Path(out).exists() or case in ("foreign_output", "hidden_only_output", "input_inside_output")
     if case == "hidden_only_output":
         assert (Path(out) / ".git" / "HEAD").read_text() == "precious"
+    if case == "model_file":
+        assert "is a file; pass the folder that holds it" in err
 
 
 def test_leftovers_of_interrupted_runs_are_named(tmp_path) -> None:
