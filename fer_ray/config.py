@@ -502,7 +502,8 @@ def add_config_flags(
                 dest=name,
                 default=argparse.SUPPRESS,
                 metavar=name.upper(),
-                help=f"{helptext} (default: {default})",
+                # A default derived later (None here) is described in the help itself.
+                help=helptext if default is None and "default" in helptext else f"{helptext} (default: {default})",
             )
 
 
