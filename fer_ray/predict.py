@@ -225,15 +225,11 @@ def _check_shards(root: str, split: str | None, spec: ModelSpec) -> None:
         )
 
 
-def _inside(path: str, folder: str) -> bool:
-    return path == folder or path.startswith(folder.rstrip("/") + "/")
-
-
 def _check_output(model_dir: str, source: str, output: str) -> None:
-    if _inside(output, source):
+    if storage.inside(output, source):
         raise ConfigError(f"--output {output!r} is inside --input; choose a folder outside it.")
     for name, path in (("--input", source), ("--model", model_dir)):
-        if _inside(path, output):
+        if storage.inside(path, output):
             raise ConfigError(
                 f"{name} {path!r} is inside --output, which a run replaces; choose another --output."
             )

@@ -57,6 +57,11 @@ def _split_query(uri: str) -> tuple[str, str]:
     return head, sep + query
 
 
+def inside(path: str, folder: str) -> bool:
+    """Whether `path` is `folder` or under it (both normalized)."""
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
+
+
 def join(base: str, *parts: str) -> str:
     base = str(base)
     if is_uri(base):

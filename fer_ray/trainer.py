@@ -175,7 +175,7 @@ def check_inputs(cfg: TrainConfig) -> dict[str, Any]:
     # Absolute: config.json then names the folder wherever a rerun starts, and a sweep's
     # trials (run from working folders of their own) find it.
     cfg.data.data = storage.normalize(cfg.data.data)
-    _check_output(cfg)
+    existing = _check_output(cfg)
     manifest = read_manifest(cfg.data.data)
     for split in (TRAIN, VAL):
         if not manifest["splits"].get(split, {}).get("total"):
@@ -188,42 +188,42 @@ def check_inputs(cfg: TrainConfig) -> dict[str, Any]:
         )
     cfg.resolve_defaults()
     check_model_name(cfg.model.model)
-    _check_resume_compatible(cfg)
+    _check_resume_compatible(cfg, existing)
     return manifest
 
 
-def _check_output(cfg: TrainConfig) -> None:
+def _check_output(cfg: TrainConfig) -> dict[str, Any] | None:
     """--output: a new or empty folder, or a run's or sweep's folder to resume; never the
-    data, a file, or a folder of something else."""
+    data, a file, or a folder of something else. Returns the settings of the run or sweep
+    there (its config.json or sweep_config.json), or None."""
     output, data = storage.normalize(cfg.run.output), cfg.data.data
-    for a, b in ((output, data), (data, output)):
-        if a == b or a.startswith(b.rstrip("/") + "/"):
-            raise ConfigError(f"--output {cfg.run.output!r} and --data {cfg.data.data!r} overlap; "
-                              "choose an --output outside the data.")
+    if storage.inside(output, data) or storage.inside(data, output):
+        raise ConfigError(f"--output {cfg.run.output!r} and --data {cfg.data.data!r} overlap; "
+                          "choose an --output outside the data.")
     if not storage.exists(output):
-        return
+        return None
     if not storage.is_dir(output):
         raise ConfigError(f"--output {cfg.run.output!r} is a file; choose a folder.")
-    run_config = storage.join(output, CONFIG_FILE)
-    if storage.exists(storage.join(output, SWEEP_CONFIG_FILE)) or (
-        storage.exists(run_config) and "data" in storage.read_json(run_config)
-    ):
-        return  # a run or sweep folder: resumed (_check_resume_compatible)
+    for name in (CONFIG_FILE, SWEEP_CONFIG_FILE):
+        path = storage.join(output, name)
+        if storage.exists(path):
+            settings = storage.read_json(path)
+            if "data" in settings:  # (a model folder's config.json is timm's)
+                return settings
     if storage.list_dir(output, hidden=True):
         raise ConfigError(
             f"--output {cfg.run.output!r} is a non-empty folder that holds no training run or "
             "sweep; choose a new or empty folder."
         )
+    return None
 
 
-def _check_resume_compatible(cfg: TrainConfig) -> None:
-    """A run's or a sweep's folder resumes only with the settings its checkpoints need."""
-    folder = storage.normalize(cfg.run.output)
-    paths = [storage.join(folder, name) for name in (CONFIG_FILE, SWEEP_CONFIG_FILE)]
-    path = next((p for p in paths if storage.exists(p)), None)
-    if path is None:
+def _check_resume_compatible(cfg: TrainConfig, existing: dict[str, Any] | None) -> None:
+    """A run's or a sweep's folder (`existing`: its settings) resumes only with the settings
+    its checkpoints need."""
+    if existing is None:
         return
-    old = {**RESUME_DEFAULTS, **_flat(storage.read_json(path))}
+    old = {**RESUME_DEFAULTS, **_flat(existing)}
     new = _flat(to_dict(cfg))
     for flat in (old, new):  # data/x and ./data/x are one folder
         if isinstance(flat.get("data"), str):

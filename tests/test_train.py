@@ -187,7 +187,7 @@ def test_changed_model_on_an_existing_run_is_refused(tiny_run, tmp_path, capsys)
 
 def test_resume_check_takes_one_folder_under_two_spellings(tiny_run, tmp_path, monkeypatch) -> None:
     from fer_ray.config import TrainConfig, parse_config
-    from fer_ray.trainer import _check_resume_compatible
+    from fer_ray.trainer import _check_output, _check_resume_compatible
 
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
@@ -197,7 +197,7 @@ def test_resume_check_takes_one_folder_under_two_spellings(tiny_run, tmp_path, m
         cfg, _ = parse_config(TrainConfig, tiny_train_args(spelling, str(run), "--pretrained", "--pretrained-file",
                               str(tiny_run.parent / "pretrained.pth"), "--freeze-epochs", "1"), argparse.ArgumentParser())
         cfg.resolve_defaults()
-        _check_resume_compatible(cfg)  # no ConfigError
+        _check_resume_compatible(cfg, _check_output(cfg))  # no ConfigError
 
 
 def test_one_class_shards_are_refused_before_workers_start(synth_shards, tmp_path, capsys) -> None:
