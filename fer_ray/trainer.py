@@ -391,5 +391,11 @@ def train(
     settings = resolve_settings(cfg, manifest, pretrained, started=started)
     write_config(cfg, settings, run_dir)
     trainer = build_trainer(cfg, settings, callbacks=callbacks)
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except SystemExit as e:
+        # Ray Train's own Ctrl-C handler aborts the run (the epochs saved so far stay), and
+        # the driver's wait on it then ends in a bare SystemExit(1): exit 1 without a word.
+        # Raised as the interruption it is, which the job script reports (exit 130).
+        raise KeyboardInterrupt("training aborted") from e
     return finalize_run(result, run_dir, manifest["classes"])

@@ -226,6 +226,12 @@ def sweep(cfg: SweepConfig, manifest: dict[str, Any]) -> tuple[pd.DataFrame, dic
     storage.makedirs(tune_dir)
     storage.write_json(storage.join(tune_dir, SWEEP_CONFIG_FILE), to_dict(copy.deepcopy(cfg)))
     grid = build_tuner(cfg, manifest).fit()
+    ended = grid.num_terminated + grid.num_errors
+    if ended < cfg.sweep.num_samples:
+        # Tune's Ctrl-C handler ends the experiment and fit() returns as if it were done;
+        # the sweep's outputs would then crown an unfinished trial. Nothing is written.
+        log.warning("The sweep was stopped with %d of %d trials ended", ended, cfg.sweep.num_samples)
+        raise KeyboardInterrupt("sweep interrupted")
     results = collect_results(grid, tune_dir, list(manifest["classes"]))
     best = write_outputs(results, tune_dir)
     return results, best

@@ -46,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{' (stopped early)' if out['stopped_early'] else ''}; model: {out['best_dir']}"
         )
 
-    return run_job(job)
+    return run_job(job, interrupted="interrupted; the epochs finished so far are saved: rerun the same "
+                   "command to resume after the last one")
 
 
 if __name__ == "__main__":

@@ -53,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 1
 
-    return run_job(job)
+    return run_job(job, interrupted="interrupted; each trial's finished epochs are saved: rerun the same "
+                   "command to resume the sweep")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ otherwise wait on each other.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -108,3 +109,29 @@ def tiny_run(ray_cluster, synth_shards, tmp_path_factory) -> Path:
                            str(weights), "--freeze-epochs", "1")
     assert main(args) == 0
     return out
+
+
+@contextlib.contextmanager
+def ctrl_c_when(folder: Path, pattern: str, timeout_s: float = 300):
+    """Send this process SIGINT (a user's Ctrl-C) once `folder` holds a path matching `pattern`;
+    afterwards the default SIGINT handler is back (Ray Train's stays registered otherwise)."""
+    import signal
+    import threading
+    import time
+
+    stop = threading.Event()
+
+    def watch() -> None:
+        deadline = time.monotonic() + timeout_s
+        while not stop.is_set() and time.monotonic() < deadline:
+            if list(folder.glob(pattern)):
+                os.kill(os.getpid(), signal.SIGINT)
+                return
+            time.sleep(0.2)
+
+    threading.Thread(target=watch, daemon=True).start()
+    try:
+        yield
+    finally:
+        stop.set()
+        signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import settings_for, tiny_train_args
+from conftest import ctrl_c_when, settings_for, tiny_train_args
 from fer_ray.constants import FER_CLASSES
 from fer_ray.model import load_model_dir
 from jobs.train import main as train_main
@@ -65,6 +65,21 @@ def test_resume_continues_without_repeating_epochs(tiny_run, tmp_path) -> None:
     # A finished run trains nothing more when started again.
     assert train_main(args) == 0
     pd.testing.assert_frame_equal(pd.read_csv(run / "history.csv"), after)
+
+
+def test_ctrl_c_says_interrupted_and_the_rerun_resumes(ray_cluster, synth_shards, tmp_path, capsys) -> None:
+    """Ray Train's SIGINT handler aborts the run and its wait then ended in SystemExit(1):
+    exit 1 without a word. Now exit 130 and a sentence; the rerun continues the epochs."""
+    run = tmp_path / "run"
+    with ctrl_c_when(run, "ray_train/epoch_*"):
+        status = train_main(tiny_train_args(str(synth_shards), str(run), "--epochs", "60"))
+    assert status == 130
+    assert "interrupted; the epochs finished so far are saved" in capsys.readouterr().err
+    assert not (run / "history.csv").exists()  # the run did not finish
+    saved = max(int(p.name.split("_")[1]) for p in (run / "ray_train").glob("epoch_*"))
+    assert saved < 60
+    assert train_main(tiny_train_args(str(synth_shards), str(run), "--epochs", str(saved + 1))) == 0
+    assert pd.read_csv(run / "history.csv")["epoch"].tolist() == list(range(1, saved + 2))
 
 
 def test_best_folder_holds_the_best_epoch_when_val_accuracy_ties(ray_cluster, synth_shards, tiny_run, tmp_path) -> None:

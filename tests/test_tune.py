@@ -7,7 +7,7 @@ import json
 import pandas as pd
 import pytest
 
-from conftest import tiny_train_args
+from conftest import ctrl_c_when, tiny_train_args
 from fer_ray.config import SweepConfig, parse_config, to_dict
 from fer_ray.model import load_model_dir
 from fer_ray.tuning import RESULT_COLUMNS, trial_config
@@ -82,6 +82,26 @@ def test_sweep_writes_every_output_and_resumes_without_retraining(ray_cluster, s
     capsys.readouterr()
     assert tune_main(sweep_args(str(synth_shards), str(out), "--model", "resnet18")) == 2
     assert "different settings (model 'test_resnet' -> 'resnet18')" in capsys.readouterr().err
+
+
+def test_ctrl_c_leaves_no_sweep_outputs_and_the_rerun_finishes(ray_cluster, synth_shards, tmp_path, capsys) -> None:
+    """Tune's SIGINT handler ends the experiment and fit() returns as if done: the sweep
+    used to crown its unfinished trial in best/ and exit 0."""
+    out = tmp_path / "sweep"
+    args = sweep_args(str(synth_shards), str(out), "--num-samples", "2", "--epochs", "3")
+    with ctrl_c_when(out, "trials/*/ray_train/epoch_*"):
+        status = tune_main(args)
+    assert status == 130
+    assert "interrupted; each trial's finished epochs are saved" in capsys.readouterr().err
+    for name in ("results.parquet", "best", "best_config.json"):
+        assert not (out / name).exists(), name
+
+    assert tune_main(args) == 0
+    results = pd.read_parquet(out / "results.parquet")
+    assert len(results) == 2 and (results["status"] == "TERMINATED").all()
+    for trial_id, ran in zip(results["trial_id"], results["epochs_run"]):
+        history = pd.read_csv(out / "trials" / trial_id / "history.csv")
+        assert history["epoch"].tolist() == list(range(1, ran + 1))
 
 
 def test_failed_trials_are_recorded_not_fatal(ray_cluster, synth_shards, tmp_path, capsys) -> None:
