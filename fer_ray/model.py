@@ -153,7 +153,9 @@ FP32_FORMATS = CPU_FORMATS[:2]
 
 
 def format_name(amp_dtype: torch.dtype | None, channels_last: bool) -> str:
-    return ("bf16" if amp_dtype == torch.bfloat16 else "fp32") + ("+channels_last" if channels_last else "")
+    """How logs name a format: fp32, bf16 or fp16 (autocast), +channels_last."""
+    name = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(amp_dtype, "fp32")
+    return name + ("+channels_last" if channels_last else "")
 
 
 def time_cpu_formats(

@@ -476,7 +476,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     eval_model = ema.module if ema is not None else model
 
     log0(
-        f"Training {spec.model} on {world} worker(s) ({device.type}, amp={amp_dtype}), "
+        f"Training {spec.model} on {world} worker(s) ({device.type}, {format_name(amp_dtype, channels_last)}), "
         f"{s.num_train} images, {epoch_steps} steps/epoch of {s.batch_size}x{world}, "
         f"{spec.image_size}px from {spec.data_size}px data"
         + (f", val blurred by sigma {spec.input_blur:g} px" if spec.input_blur else "")

@@ -447,6 +447,9 @@ def test_cpu_formats_are_timed_on_a_copy_and_the_fastest_wins() -> None:
     assert all(p.grad is None for p in model.parameters())
     assert fastest_format([0.3, 0.2, 0.1, 0.4]) == (torch.bfloat16, False)
     assert fastest_format([0.1, 0.2, 0.3, 0.4]) == (None, False)
+    # Logs name formats, not dtypes (the training line read 'amp=torch.bfloat16').
+    assert [format_name(d, c) for d, c in [(None, False), (torch.bfloat16, True), (torch.float16, False)]] == [
+        "fp32", "bf16+channels_last", "fp16"]
 
 
 def test_time_budget_fits_the_schedule_and_ends_in_time(ray_cluster, synth_shards, tmp_path) -> None:
