@@ -85,8 +85,9 @@ def main(argv: list[str] | None = None) -> int:
                         "the model measured on val in training), off, or a number")
     args = parser.parse_args(argv)
 
-    def job() -> None:
-        from fer_ray.predict import check_inputs, cores, describe, predict
+    def job() -> int:
+        from fer_ray import storage
+        from fer_ray.predict import ERRORS_FILE, check_inputs, cores, describe, predict
 
         options = {"split": args.split, "batch_size": args.batch_size, "num_actors": args.num_actors,
                    "amp": args.amp}
@@ -95,6 +96,12 @@ def main(argv: list[str] | None = None) -> int:
         summary = predict(args.model, args.input, args.output, use_gpu=args.use_gpu, tta=args.tta,
                           input_blur=args.input_blur, **options)
         print(describe(summary))
+        if summary["total"] and not summary["scored"]:
+            errors = storage.join(summary["output"], ERRORS_FILE)
+            print(f"error: none of the {summary['total']} files could be scored; the reasons are in {errors}",
+                  file=sys.stderr)
+            return 1
+        return 0
 
     return run_job(job, interrupted="interrupted; nothing was written (the output is complete or absent): "
                                     "run the same command again to score from the start")

@@ -311,15 +311,20 @@ def test_ray_data_stats_logged_at_debug_level(ray_cluster, model_dir, tmp_path, 
     assert stages["MapBatches(load_batch)->MapBatches(Scorer)"] == 2  # decode fused into scoring
 
 
-def test_folder_of_bad_files_scores_nothing_and_lists_them(ray_cluster, model_dir, tmp_path) -> None:
+def test_folder_of_bad_files_scores_nothing_lists_them_and_fails(ray_cluster, model_dir, tmp_path, capsys) -> None:
     src = tmp_path / "junk"
     src.mkdir()
     (src / "a.jpg").write_bytes(b"")
     (src / "b.png").write_text("not a png")
 
-    summary = predict(str(model_dir), str(src), str(tmp_path / "out"))
+    code = predict_main(["--model", str(model_dir), "--input", str(src), "--output", str(tmp_path / "out")])
 
+    assert code == 1  # a script must not take an empty result for a finished one
+    assert f"error: none of the 2 files could be scored; the reasons are in {tmp_path / 'out' / ERRORS_FILE}" \
+        in capsys.readouterr().err
+    summary = json.loads((tmp_path / "out" / SUMMARY_FILE).read_text())
     assert (summary["scored"], summary["errors"]) == (0, 2)
+    assert len(pd.read_parquet(tmp_path / "out" / ERRORS_FILE)) == 2
     preds = _predictions(tmp_path / "out")
     assert len(preds) == 0 and prob_col("happy") in preds.columns
 
