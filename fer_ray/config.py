@@ -539,6 +539,7 @@ def parse_config(
 # --------------------------------------------------------------------------------------
 
 SEARCHERS = ("random", "optuna")
+OPTUNA_MISSING = "--searcher optuna needs Optuna: `pip install optuna`, or use --searcher random."
 # --lr-range when not given: around each optimizer's usual learning rates.
 LR_RANGES = {"adamw": (1e-4, 3e-3), "sgd": (5e-3, 0.2)}
 
@@ -594,4 +595,9 @@ class SweepConfig(TrainConfig):
         )
         _require(s.grace_period >= 1, f"--grace-period must be at least 1, got {s.grace_period}.")
         _choice("--searcher", s.searcher, SEARCHERS)
+        if s.searcher == "optuna":
+            try:
+                import optuna  # noqa: F401
+            except ImportError:
+                raise ConfigError(OPTUNA_MISSING) from None
         return self

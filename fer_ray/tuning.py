@@ -21,7 +21,7 @@ import pandas as pd
 import ray.tune
 
 from fer_ray import storage
-from fer_ray.config import TRIAL_KEY, ConfigError, SweepConfig, TrainConfig, from_flat, to_dict
+from fer_ray.config import OPTUNA_MISSING, TRIAL_KEY, ConfigError, SweepConfig, TrainConfig, from_flat, to_dict
 from fer_ray.constants import BEST_DIR, CONFIG_FILE, HISTORY_FILE, RAY_RUN_NAME, SWEEP_CONFIG_FILE
 from fer_ray.trainer import build_trainer, check_gpus, finalize_run, load_pretrained, local_staging, resolve_settings, write_config
 
@@ -82,7 +82,7 @@ def _searcher(cfg: SweepConfig) -> Any:
         from ray.tune.search.optuna import OptunaSearch
         import optuna  # noqa: F401
     except ImportError:
-        raise ConfigError("--searcher optuna needs Optuna: `pip install optuna`, or use --searcher random.") from None
+        raise ConfigError(OPTUNA_MISSING) from None
     return OptunaSearch(metric=METRIC, mode="max", seed=cfg.run.seed)
 
 

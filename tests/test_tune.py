@@ -134,6 +134,19 @@ def test_bad_sweep_settings(synth_shards, tmp_path, capsys, extra, message) -> N
     assert not out.exists()
 
 
+def test_searcher_optuna_without_optuna_is_refused_before_ray_starts(synth_shards, tmp_path, capsys, monkeypatch) -> None:
+    import sys
+
+    import jobs.tune
+
+    monkeypatch.setitem(sys.modules, "optuna", None)  # as if not installed
+    monkeypatch.setattr(jobs.tune, "init_ray", lambda **_: pytest.fail("Ray was started"))
+    out = tmp_path / "optuna"
+    assert tune_main(sweep_args(str(synth_shards), str(out), "--searcher", "optuna")) == 2
+    assert "--searcher optuna needs Optuna: `pip install optuna`" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_unknown_flag_is_rejected(synth_shards, tmp_path, capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:
         tune_main(sweep_args(str(synth_shards), str(tmp_path / "x"), "--learning-rate", "0.1"))
