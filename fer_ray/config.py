@@ -467,11 +467,15 @@ def add_config_flags(
     parser: argparse.ArgumentParser, cls: type, skip: Sequence[str] = ()
 ) -> None:
     """One flag per leaf field, defaulting to 'unset' so file values are not overridden."""
+    sampled = getattr(cls, "SAMPLED", {})
     for name, (section, f) in _leaf_fields(cls).items():
         if name in skip:
             continue
         flag = "--" + name.replace("_", "-")
         helptext = f.metadata.get("help", "")
+        if name in sampled:  # parsed to be refused in one sentence (parse_config), not listed
+            parser.add_argument(flag, dest=name, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+            continue
         if f.default is not dataclasses.MISSING:
             default = f.default
         elif f.default_factory is not dataclasses.MISSING:
@@ -526,6 +530,10 @@ def parse_config(
     parser.add_argument("--config", default=None, help="YAML or JSON file of settings")
     add_config_flags(parser, cls)
     ns = parser.parse_args(argv)
+    for name, instead in getattr(cls, "SAMPLED", {}).items():
+        if name in vars(ns):
+            flag = "--" + name.replace("_", "-")
+            raise ConfigError(f"{flag} is what the sweep samples for each trial; give its range with {instead}.")
     flat: dict[str, Any] = {}
     if ns.config:
         flat.update(load_config_file(ns.config, cls))
@@ -574,6 +582,9 @@ class SweepOptions:
 @dataclass
 class SweepConfig(TrainConfig):
     sweep: SweepOptions = field(default_factory=SweepOptions)
+    # Training settings each trial samples: refused as flags (a --config file's values are
+    # left to the sweep, so a training preset feeds a sweep as it is).
+    SAMPLED: typing.ClassVar[dict[str, str]] = {"lr": "--lr-range LO HI", "label_smoothing": "--smoothing-range LO HI"}
 
     def lr_range(self) -> tuple[float, float]:
         """--lr-range, or the usual range of the optimizer the trials use."""

@@ -7,7 +7,8 @@
     ray job submit --working-dir . -- python jobs/tune.py --data s3://b/shards \\
         --output s3://b/sweeps/s1 --num-samples 32 --use-gpu --num-workers 1
 
-Every training flag of jobs/train.py works here too and applies to each trial.
+Every training flag of jobs/train.py works here too and applies to each trial, but --lr and
+--label-smoothing: each trial samples them from --lr-range and --smoothing-range.
 Running again with the same --output resumes an interrupted sweep; a finished one is
 not retrained. TUNE_DIR: results.parquet, best/, best_config.json, tune_summary.png,
 trials/<id>/ (each a complete run folder).

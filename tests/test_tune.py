@@ -124,6 +124,8 @@ def test_failed_trials_are_recorded_not_fatal(ray_cluster, synth_shards, tmp_pat
         (["--lr-range", "0.01", "0.001"], "--lr-range must be two positive numbers"),
         (["--smoothing-range", "0.1", "1.2"], "--smoothing-range must satisfy"),
         (["--num-samples", "0"], "--num-samples must be at least 1"),
+        (["--lr", "0.01"], "--lr is what the sweep samples for each trial; give its range with --lr-range LO HI."),
+        (["--label-smoothing", "0.2"], "--label-smoothing is what the sweep samples"),
     ],
 )
 def test_bad_sweep_settings(synth_shards, tmp_path, capsys, extra, message) -> None:
@@ -145,6 +147,14 @@ def test_searcher_optuna_without_optuna_is_refused_before_ray_starts(synth_shard
     assert tune_main(sweep_args(str(synth_shards), str(out), "--searcher", "optuna")) == 2
     assert "--searcher optuna needs Optuna: `pip install optuna`" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_help_leaves_out_what_the_sweep_samples(capsys) -> None:
+    with pytest.raises(SystemExit):
+        tune_main(["--help"])
+    text = capsys.readouterr().out
+    assert "--lr-range" in text and "--smoothing-range" in text and "--lr-scaling" in text
+    assert "--lr LR" not in text and "--label-smoothing" not in text
 
 
 def test_unknown_flag_is_rejected(synth_shards, tmp_path, capsys) -> None:
