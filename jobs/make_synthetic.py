@@ -3,7 +3,7 @@
     python jobs/make_synthetic.py --output data/synth --train-per-class 200 --val-per-class 50
     python jobs/make_synthetic.py --output data/synth_jpg --test-per-class 50 --format jpg
 
-Writes OUTPUT/<split>/<class>/<class>_<index>.<ext> for the seven FER2013 classes:
+Writes OUTPUT/<split>/<class>/<class>_<index>.<ext> (OUTPUT new or empty) for the seven FER2013 classes:
 cartoon faces whose brows, eyes and mouth take each expression's shape, under random
 pose, lighting and noise. The same --seed writes the same bytes.
 """
@@ -48,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("every split has 0 images per class; nothing to write")
     if os.path.exists(args.output) and not os.path.isdir(args.output):
         parser.error(f"--output {args.output!r} is a file; choose a folder")
+    if os.path.isdir(args.output) and os.listdir(args.output):
+        # Files of another run (other counts, size or format) would mix with the new ones.
+        parser.error(f"--output {args.output!r} is not empty; choose a new folder or remove it first")
 
     start = time.perf_counter()
     counts = generate_dataset(args.output, per_split, size=args.size, seed=args.seed,

@@ -109,6 +109,20 @@ def test_cli_refuses_an_output_that_is_a_file(tmp_path: Path) -> None:
     assert (tmp_path / "f").read_text() == "precious"
 
 
+def test_cli_refuses_a_non_empty_folder_whose_files_would_mix_with_the_new_ones(tmp_path: Path) -> None:
+    out = tmp_path / "synth"
+    generate_dataset(out, {"train": 1}, size=16, image_format="png")
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    result = subprocess.run([sys.executable, "jobs/make_synthetic.py", "--output", str(out), "--format", "jpg",
+                             "--train-per-class", "1", "--val-per-class", "1", "--size", "16"],
+                            cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 2 and "is not empty; choose a new folder" in result.stderr.splitlines()[-1]
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before  # no jpg beside the pngs
+    (tmp_path / "empty").mkdir()  # an empty folder is fine
+    subprocess.run([sys.executable, "jobs/make_synthetic.py", "--output", str(tmp_path / "empty"),
+                    "--train-per-class", "1", "--val-per-class", "1", "--size", "16"], cwd=REPO, check=True)
+
+
 def test_classes_are_learnable_but_not_linearly_trivial() -> None:
     linear_model = pytest.importorskip("sklearn.linear_model")
 
