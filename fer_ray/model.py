@@ -15,9 +15,10 @@ import math
 import os
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import timm
 import torch
@@ -64,24 +65,68 @@ def fetch_pretrained_state(
         if local is None:
             local = downloaded = _download(pretrained_file)
         overlay = {"file": local}
+    unreachable = None if pretrained_file else hub_unreachable()
     try:
-        model = timm.create_model(
-            name, pretrained=True, num_classes=num_classes, pretrained_cfg_overlay=overlay, **kwargs
-        )
+        with _hub_offline(unreachable is not None):
+            model = timm.create_model(
+                name, pretrained=True, num_classes=num_classes, pretrained_cfg_overlay=overlay, **kwargs
+            )
     except Exception as e:  # noqa: BLE001 - network, hub and file errors all end the same way
         if pretrained_file:
             raise ConfigError(
                 f"Could not load --pretrained-file {pretrained_file!r} into {name}: "
                 f"{type(e).__name__}: {e}"
             ) from None
+        why = f"{unreachable}; not in the Hub's local cache either" if unreachable else type(e).__name__
         raise ConfigError(
-            f"Could not download pretrained weights for {name} ({type(e).__name__}); with no "
+            f"Could not download pretrained weights for {name} ({why}); with no "
             "network, pass --pretrained-file PATH (a local .pth or .safetensors) or --no-pretrained."
         ) from None
     finally:
         if downloaded:
             os.remove(downloaded)  # a bucket's weights, copied here only for timm to read
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+HUB_PROBE_TIMEOUT_S = 5.0
+_PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+
+
+def hub_unreachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> str | None:
+    """Why the Hugging Face Hub (HF_ENDPOINT) takes no connection, or None when it does.
+
+    Without network huggingface_hub retries each request five times with back-off (about
+    50 s) before it looks in its cache; one connection attempt tells sooner. Behind a proxy
+    the Hub is not probed (a direct connection would fail where the proxy's succeeds).
+    """
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or any(os.environ.get(v) for v in _PROXY_VARIABLES):
+        return None
+    url = urlparse(constants.ENDPOINT)
+    host, port = url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:
+        return f"{host}: {e.strerror or e}"
+    return None
+
+
+@contextmanager
+def _hub_offline(offline: bool) -> Iterator[None]:
+    """huggingface_hub's offline mode for the block: requests fail at once and downloads
+    come from the local cache (the mode HF_HUB_OFFLINE=1 sets, read on every request)."""
+    from huggingface_hub import constants
+
+    before = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = before or offline
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
 
 
 def _download(uri: str) -> str:

@@ -106,6 +106,37 @@ def test_no_network_names_the_offline_flag(monkeypatch) -> None:
         fetch_pretrained_state("test_resnet", 7)
 
 
+def test_an_unreachable_hub_fails_at_once_or_loads_the_cached_weights(tmp_path, monkeypatch) -> None:
+    """huggingface_hub retried ~50 s without network before its sentence (or the cache)."""
+    import time
+
+    import huggingface_hub.constants as hub
+
+    for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hub, "ENDPOINT", "http://127.0.0.1:9")  # a closed port: no Hub here
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    start = time.monotonic()
+    with pytest.raises(ConfigError, match=r"\(127\.0\.0\.1: Connection refused; not in the Hub's local cache"):
+        fetch_pretrained_state("test_resnet", 7)
+    assert time.monotonic() - start < 15
+    assert hub.HF_HUB_OFFLINE is False  # offline only while loading
+
+    # The weights in huggingface_hub's cache, as an earlier download with network left them.
+    repo = tmp_path / "hub" / "models--timm--test_resnet.r160_in1k"
+    (repo / "snapshots" / ("0" * 40)).mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    reference = timm.create_model("test_resnet")
+    save_file(reference.state_dict(), repo / "snapshots" / ("0" * 40) / "model.safetensors")
+    start = time.monotonic()
+    state = fetch_pretrained_state("test_resnet", 7)
+    assert time.monotonic() - start < 15
+    assert torch.equal(state["conv1.0.weight"], reference.state_dict()["conv1.0.weight"])
+    assert state["fc.weight"].shape[0] == 7
+
+
 def test_model_folder_round_trip_and_timm_can_load_it(tmp_path) -> None:
     model = create_model("test_resnet", 7).eval()
     save_model_dir(model, tmp_path, spec())
