@@ -374,10 +374,10 @@ def read_csv_chunks(batch: dict[str, np.ndarray], source: str, log_actor: Any) -
 
 
 def _check_output(source: str, output: str) -> None:
-    src_local, out_local = storage.local_path(source), storage.local_path(output)
-    if src_local and out_local and os.path.isdir(src_local):
-        if os.path.commonpath([src_local, out_local]) == src_local:
-            raise ConfigError(f"--output {output!r} is inside --source; choose a folder outside it.")
+    """Both normalized. Refuses an output in the source folder (a bucket's too) or one that
+    holds something other than shards."""
+    if storage.inside(output, source) and storage.is_dir(source):  # (a CSV source has no inside)
+        raise ConfigError(f"--output {output!r} is inside --source; choose a folder outside it.")
     if storage.exists(output):
         if not storage.is_dir(output):
             raise ConfigError(f"--output {output!r} is a file; choose a folder.")

@@ -186,6 +186,18 @@ def test_keys_with_spaces_percent_hash_and_accents_are_listed_and_read_back(buck
     assert sorted(storage.read_bytes(p).decode() for p, _ in items) == sorted(keys)
 
 
+def test_prepare_refuses_shards_inside_a_bucket_source_as_it_does_local_ones(bucket) -> None:
+    from fer_ray.config import ConfigError
+    from fer_ray.prepare import prepare
+
+    bucket.create_dir("bucket/faces/happy")
+    with bucket.open_output_stream("bucket/faces/happy/a.png") as f:
+        f.write(b"x")
+    with pytest.raises(ConfigError, match="--output 'mock://bucket/faces/shards' is inside --source"):
+        prepare("mock://bucket/faces", "mock://bucket/faces/shards")
+    assert [i.path for i in bucket.get_file_info(pafs.FileSelector("bucket/faces"))] == ["bucket/faces/happy"]
+
+
 def test_uri_joins_keep_the_options_last_and_bad_uris_are_named() -> None:
     from fer_ray.config import ConfigError
 
