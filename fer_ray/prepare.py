@@ -16,7 +16,6 @@ from __future__ import annotations
 import io
 import logging
 import math
-import os
 import time
 import uuid
 from collections import Counter
