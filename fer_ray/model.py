@@ -55,8 +55,6 @@ def fetch_pretrained_state(
     and first conv (`in_chans=1` sums the RGB filters). Raises ConfigError when the weights
     cannot be had.
     """
-    # The architecture first, so that wrong --model-kwargs read as such, not as a download failure.
-    create_model(name, num_classes, **kwargs)
     overlay, downloaded = None, None
     if pretrained_file:
         if not storage.is_file(pretrained_file):
@@ -72,6 +70,8 @@ def fetch_pretrained_state(
                 name, pretrained=True, num_classes=num_classes, pretrained_cfg_overlay=overlay, **kwargs
             )
     except Exception as e:  # noqa: BLE001 - network, hub and file errors all end the same way
+        # Wrong --model-kwargs read as such (create_model's ConfigError), not as a failed download.
+        create_model(name, num_classes, **kwargs)
         if pretrained_file:
             raise ConfigError(
                 f"Could not load --pretrained-file {pretrained_file!r} into {name}: "
