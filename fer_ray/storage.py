@@ -190,4 +190,10 @@ def full_path(fs: pafs.FileSystem, inner: str, listed_from: str = "") -> str:
     the URI it was listed from (`listed_from`), such as S3's endpoint_override."""
     if isinstance(fs, pafs.LocalFileSystem):
         return inner
-    return f"{fs.type_name}://{quote(inner, safe='/')}{_split_query(str(listed_from))[1]}"
+    head, query = _split_query(str(listed_from))
+    if inner.startswith("/") and "://" in head:
+        # HDFS-style: the path inside is absolute and the host:port stays in the URI's authority
+        # (object stores' inner paths begin with the bucket instead).
+        scheme, rest = head.split("://", 1)
+        return f"{scheme}://{rest.split('/', 1)[0]}{quote(inner, safe='/')}{query}"
+    return f"{fs.type_name}://{quote(inner, safe='/')}{query}"

@@ -198,6 +198,16 @@ def test_prepare_refuses_shards_inside_a_bucket_source_as_it_does_local_ones(buc
     assert [i.path for i in bucket.get_file_info(pafs.FileSelector("bucket/faces"))] == ["bucket/faces/happy"]
 
 
+def test_listed_paths_keep_an_hdfs_host_and_port() -> None:
+    from types import SimpleNamespace
+
+    hdfs, s3 = SimpleNamespace(type_name="hdfs"), SimpleNamespace(type_name="s3")
+    assert storage.full_path(hdfs, "/user/me/faces/a b.png", "hdfs://namenode:8020/user/me/faces?replication=1") == (
+        "hdfs://namenode:8020/user/me/faces/a%20b.png?replication=1")
+    assert storage.full_path(hdfs, "/faces/a.png", "hdfs:///faces") == "hdfs:///faces/a.png"  # the default namenode
+    assert storage.full_path(s3, "bucket/faces/a.png", "s3://bucket/faces") == "s3://bucket/faces/a.png"
+
+
 def test_uri_joins_keep_the_options_last_and_bad_uris_are_named() -> None:
     from fer_ray.config import ConfigError
 
