@@ -456,6 +456,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         with checkpoint.as_directory() as folder:
             restored = load_checkpoint(folder, model)
         state = TrainState(**restored["state"])
+        # The loss scale goes on across phases; a run saved without fp16 has none (an
+        # empty state, which GradScaler refuses) and --amp may change on resume.
+        if restored.get("scaler"):
+            scaler.load_state_dict(restored["scaler"])
         log0(f"Resuming after epoch {state.epoch} (step {state.global_step}) from {checkpoint.path}")
     configured_epochs = s.epochs  # --epochs: the most a time budget's plan may grow to
     if state.planned_epochs:  # the schedule the time budget fitted, kept across restarts
@@ -496,7 +500,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             wrapped, optimizer, scheduler = build_phase(model, phase, s, epoch_steps)
             if restored is not None and restored["phase"] == phase and epoch == state.epoch:
                 optimizer.load_state_dict(restored["optimizer"])
-                scaler.load_state_dict(restored["scaler"])
         phase_start, _ = phase_bounds(phase, s)
         step_in_phase = state.global_step - phase_start * epoch_steps
         scheduler.step_update(num_updates=step_in_phase)

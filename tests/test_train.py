@@ -56,7 +56,9 @@ def test_resume_continues_without_repeating_epochs(tiny_run, tmp_path) -> None:
     shutil.copytree(tiny_run, run)
     data = json.loads((run / "config.json").read_text())["data"]["data"]
     before = pd.read_csv(run / "history.csv")
-    args = tiny_train_args(data, str(run), "--epochs", "3", "--freeze-epochs", "1",
+    # --amp may change on resume: the run was saved in fp32, whose GradScaler state is empty
+    # (fp16's scaler used to refuse it and the worker crashed).
+    args = tiny_train_args(data, str(run), "--epochs", "3", "--freeze-epochs", "1", "--amp", "fp16",
                            "--pretrained", "--pretrained-file", str(tiny_run.parent / "pretrained.pth"))
     assert train_main(args) == 0
     after = pd.read_csv(run / "history.csv")
