@@ -264,7 +264,9 @@ def train_epoch(
     is still counted against the unmixed labels."""
     wrapped.train()
     set_frozen_eval(model)
-    loss_sum, correct, seen, steps = 0.0, 0, 0, 0
+    # Sums stay on the device: a .item() per step would wait for the GPU every batch.
+    loss_sum, correct = torch.zeros((), device=device), torch.zeros((), dtype=torch.long, device=device)
+    seen, steps = 0, 0
     for batch in batches:
         x = normalize(batch[IMAGE_COL], match_blur=False)  # training images as they are
         y = batch[LABEL_COL]
@@ -282,10 +284,10 @@ def train_epoch(
         scheduler.step_update(num_updates=step_in_phase + steps)
         if ema is not None:
             ema.update(model, step=global_step + steps)
-        loss_sum += loss.item() * len(y)
-        correct += (logits.argmax(1) == y).sum().item()
+        loss_sum += loss.detach().float() * len(y)
+        correct += (logits.argmax(1) == y).sum()
         seen += len(y)
-    return loss_sum, correct, seen, steps
+    return loss_sum.item(), int(correct.item()), seen, steps
 
 
 @torch.no_grad()
@@ -300,17 +302,18 @@ def evaluate(
     """(loss sum, labels, predictions) on this worker's share of the val split."""
     model.eval()
     criterion = torch.nn.CrossEntropyLoss(reduction="sum", label_smoothing=label_smoothing)
-    loss_sum, labels, preds = 0.0, [], []
+    # Kept on the device until the end (one sync per epoch, not one per batch).
+    loss_sum, labels, preds = torch.zeros((), device=device), [], []
     for batch in batches:
         x = normalize(batch[IMAGE_COL])
         y = batch[LABEL_COL]
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             logits = model(x).float()
-        loss_sum += criterion(logits, y).item()
-        labels.append(y.cpu().numpy())
-        preds.append(logits.argmax(1).cpu().numpy())
-    cat = lambda xs: np.concatenate(xs) if xs else np.zeros(0, dtype=np.int64)  # noqa: E731
-    return loss_sum, cat(labels), cat(preds)
+        loss_sum += criterion(logits, y)
+        labels.append(y)
+        preds.append(logits.argmax(1))
+    cat = lambda xs: torch.cat(xs).cpu().numpy() if xs else np.zeros(0, dtype=np.int64)  # noqa: E731
+    return loss_sum.item(), cat(labels), cat(preds)
 
 
 # --------------------------------------------------------------------------------------
