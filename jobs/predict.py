@@ -14,6 +14,10 @@ classes give the true labels) or a shards folder written by jobs/prepare.py. Wri
 OUT/predictions/*.parquet, OUT/errors.parquet (files that could not be scored, with the
 reason), OUT/summary.json and, when true labels are known, OUT/metrics.parquet,
 OUT/confusion_matrix.parquet and OUT/confusion_matrix.png. A rerun replaces OUT.
+
+Exit status: 0 when scored; 1 when none of the files could be scored (OUT is still written,
+the reasons in OUT/errors.parquet); 2 for bad input (one sentence, nothing written); 130
+on Ctrl-C (OUT untouched).
 """
 
 from __future__ import annotations
