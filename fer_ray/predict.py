@@ -450,6 +450,9 @@ class Scorer:
         # Read from the folder: faster than shipping the pickled model through the object store.
         model, spec = load_model(model_dir)
         self.device = torch.device("cuda" if use_gpu else "cpu")
+        # On a GPU every batch is padded to the largest size seen: cudnn.benchmark tunes its
+        # kernels once per shape, and batches shrink wherever files fail to decode.
+        self.pad_rows = 0 if use_gpu else None
         if use_gpu:
             torch.backends.cudnn.benchmark = True
             self.memory_format = torch.channels_last  # tensor cores
@@ -477,6 +480,11 @@ class Scorer:
             empty = np.zeros((0, len(self.class_names)), dtype=np.float32)
             return prediction_table(batch[PATH_COL], batch[LABEL_COL], empty, self.class_names)
         x = torch.from_numpy(np.require(images, requirements="W"))
+        n = len(x)
+        if self.pad_rows is not None:
+            self.pad_rows = max(self.pad_rows, n)
+            if n < self.pad_rows:  # with copies of a real image (a blank one's std is 0)
+                x = torch.cat([x, x[:1].expand(self.pad_rows - n, *x.shape[1:])])
         if self.device.type == "cuda":
             x = x.pin_memory().to(self.device, non_blocking=True)
         with torch.inference_mode():
@@ -488,7 +496,7 @@ class Scorer:
                 probs = sum(
                     self.model(v.contiguous(memory_format=self.memory_format)).float().softmax(1)
                     for v in views
-                ) / len(views)
+                )[:n] / len(views)  # (eval-mode BatchNorm: the padding rows change no other row)
         return prediction_table(
             batch[PATH_COL], batch[LABEL_COL], probs.cpu().numpy(), self.class_names
         )

@@ -443,6 +443,30 @@ def test_scorer_averages_the_softmax_of_every_view(model_dir) -> None:
     assert not np.allclose(got, one, atol=1e-3)  # the views change the answer
 
 
+def test_padded_batches_score_as_unpadded_ones(model_dir) -> None:
+    """On a GPU the scorer pads a short batch (files that failed to decode leave gaps) to the
+    largest size seen, so cudnn tunes one shape: the rows it returns are the same."""
+    from fer_ray.constants import IMAGE_COL, LABEL_COL, PATH_COL
+    from fer_ray.predict import Scorer
+
+    rng = np.random.default_rng(2)
+
+    def batch(n: int) -> dict:
+        images = rng.integers(0, 256, (n, SIZE, SIZE, 1), dtype=np.uint8)
+        return {IMAGE_COL: images, PATH_COL: np.array([f"{i}.png" for i in range(n)]), LABEL_COL: np.full(n, -1)}
+
+    plain = Scorer(str(model_dir), use_gpu=False, tta="flip", num_actors=1, amp="off")
+    padded = Scorer(str(model_dir), use_gpu=False, tta="flip", num_actors=1, amp="off")
+    assert plain.pad_rows is None
+    padded.pad_rows = 0  # as on a GPU
+    big, small = batch(12), batch(5)
+    padded(big)
+    assert padded.pad_rows == 12
+    got, want = padded(small).to_pandas(), plain(small).to_pandas()
+    assert len(got) == 5
+    pd.testing.assert_frame_equal(got, want, atol=1e-5)
+
+
 def test_scorer_in_bf16_scores_close_to_fp32(model_dir) -> None:
     """--amp bf16 on a CPU: the model runs under bf16 autocast, its probabilities are still
     float32 rows summing to 1 and within bf16's rounding of fp32's; --amp off is fp32."""
