@@ -63,7 +63,7 @@ def fetch_pretrained_state(
         if local is None:
             local = downloaded = _download(pretrained_file)
         overlay = {"file": local}
-    unreachable = None if pretrained_file else hub_unreachable()
+    unreachable = hub_unreachable() if not pretrained_file and weights_on_hub(name) else None
     try:
         with _hub_offline(unreachable is not None):
             model = timm.create_model(
@@ -77,7 +77,10 @@ def fetch_pretrained_state(
                 f"Could not load --pretrained-file {pretrained_file!r} into {name}: "
                 f"{type(e).__name__}: {e}"
             ) from None
-        why = f"{unreachable}; not in the Hub's local cache either" if unreachable else type(e).__name__
+        if unreachable:
+            why = f"{unreachable}; not in the Hub's local cache either"
+        else:  # (the Hub's answer, or a URL-hosted weight file's download error)
+            why = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}".rstrip(": ")
         raise ConfigError(
             f"Could not download pretrained weights for {name} ({why}); with no "
             "network, pass --pretrained-file PATH (a local .pth or .safetensors) or --no-pretrained."
@@ -89,7 +92,20 @@ def fetch_pretrained_state(
 
 
 HUB_PROBE_TIMEOUT_S = 5.0
-_PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+
+
+def weights_on_hub(name: str) -> bool:
+    """Whether timm fetches `name`'s weights from the Hugging Face Hub (nearly all its
+    models) rather than from a URL of their own."""
+    from timm.models import get_pretrained_cfg
+
+    if name.startswith("hf-hub:"):
+        return True
+    try:
+        cfg = get_pretrained_cfg(name)
+    except Exception:  # noqa: BLE001 - an unknown tag: timm's own error comes with the load
+        return False
+    return bool(cfg and cfg.hf_hub_id)
 
 
 def hub_unreachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> str | None:
@@ -100,14 +116,19 @@ def hub_unreachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> str | None:
     the Hub is not probed (a direct connection would fail where the proxy's succeeds).
     """
     import socket
+    import urllib.request
     from urllib.parse import urlparse
 
     from huggingface_hub import constants
 
-    if constants.HF_HUB_OFFLINE or any(os.environ.get(v) for v in _PROXY_VARIABLES):
+    if constants.HF_HUB_OFFLINE:
         return None
     url = urlparse(constants.ENDPOINT)
     host, port = url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
+    # The proxies requests would use: the *_proxy variables, or the system's settings.
+    proxies = urllib.request.getproxies()
+    if any(proxies.get(k) for k in (url.scheme, "all")) and not urllib.request.proxy_bypass(host):
+        return None
     try:
         socket.create_connection((host, port), timeout=timeout).close()
     except OSError as e:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import timm
@@ -135,6 +136,32 @@ def test_an_unreachable_hub_fails_at_once_or_loads_the_cached_weights(tmp_path, 
     assert time.monotonic() - start < 15
     assert torch.equal(state["conv1.0.weight"], reference.state_dict()["conv1.0.weight"])
     assert state["fc.weight"].shape[0] == 7
+
+
+def test_the_hub_is_probed_only_without_a_proxy_and_for_hub_hosted_weights(monkeypatch) -> None:
+    import huggingface_hub.constants as hub
+    import timm.models
+
+    from fer_ray.model import hub_unreachable, weights_on_hub
+
+    for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy",
+                 "NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hub, "ENDPOINT", "http://127.0.0.1:9")
+    assert "Connection refused" in hub_unreachable()
+    # Behind a proxy a direct connection says nothing about the Hub: not probed...
+    monkeypatch.setenv("http_proxy", "http://proxy.example:3128")
+    assert hub_unreachable() is None
+    # ...unless the Hub's host bypasses the proxy.
+    monkeypatch.setenv("no_proxy", "127.0.0.1")
+    assert "Connection refused" in hub_unreachable()
+
+    assert weights_on_hub("test_resnet") and weights_on_hub("hf-hub:timm/resnet18.a1_in1k")
+    # A model whose weights sit at a URL of their own: the Hub is not what fails it.
+    monkeypatch.setattr(timm.models, "get_pretrained_cfg",
+                        lambda name: SimpleNamespace(hf_hub_id=None, url="https://example.org/w.pth"))
+    assert not weights_on_hub("some_net")
 
 
 def test_model_folder_round_trip_and_timm_can_load_it(tmp_path) -> None:
