@@ -58,8 +58,21 @@ def _split_query(uri: str) -> tuple[str, str]:
 
 
 def inside(path: str, folder: str) -> bool:
-    """Whether `path` is `folder` or under it (both normalized)."""
+    """Whether `path` is `folder` or under it, however each is spelt: a local path and its
+    file:// URI are one place, and a URI's ?options name no other place."""
+    path, folder = _place(path), _place(folder)
     return path == folder or path.startswith(folder.rstrip("/") + "/")
+
+
+def _place(path: str) -> str:
+    """The local path of a local path or file:// URI; any other URI without its options."""
+    path = normalize(path)
+    if path.startswith("file://"):
+        try:
+            return os.path.normpath(local_path(path) or path)
+        except ConfigError:
+            return path
+    return _split_query(path)[0].rstrip("/") if is_uri(path) else path
 
 
 def join(base: str, *parts: str) -> str:

@@ -198,6 +198,22 @@ def test_prepare_refuses_shards_inside_a_bucket_source_as_it_does_local_ones(buc
     assert [i.path for i in bucket.get_file_info(pafs.FileSelector("bucket/faces"))] == ["bucket/faces/happy"]
 
 
+@pytest.mark.parametrize("path, folder, expected", [
+    ("file:///data/faces/out", "/data/faces", True),  # a local path and its file:// URI
+    ("/data/faces/out", "file:///data/faces/", True),
+    ("file:///data/my%20faces/out", "/data/my faces", True),
+    ("s3://b/faces/out?endpoint_override=h:9000", "s3://b/faces?endpoint_override=h:9000", True),
+    ("s3://b/faces/out", "s3://b/faces?region=eu-west-1", True),
+    ("s3://b/faces2", "s3://b/faces", False),
+    ("/data/faces2", "file:///data/faces", False),
+    ("gs://b/faces/out", "s3://b/faces", False),
+])
+def test_inside_sees_one_place_under_two_spellings(path, folder, expected) -> None:
+    """Output-inside-input checks compared the strings: file:// against a plain path, or a
+    URI with ?options against one without, let an output inside its input through."""
+    assert storage.inside(path, folder) is expected
+
+
 def test_listed_paths_keep_an_hdfs_host_and_port() -> None:
     from types import SimpleNamespace
 
