@@ -7,6 +7,7 @@ trial is exactly a training run.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
 import shutil
@@ -85,6 +86,9 @@ RESUME_KEYS = (
     "model", "model_kwargs", "data", "image_size", "data_size", "optimizer", "input_norm", "unfreeze",
     "ema_decay",
 )
+# A sweep's search, fixed when it starts: a resumed sweep is restored with the values it
+# began with, so a changed one would be ignored (a larger --num-samples would never end).
+SWEEP_RESUME_KEYS = ("num_samples", "lr_range", "smoothing_range", "grace_period", "searcher")
 # What runs from before a setting existed used.
 RESUME_DEFAULTS = {"optimizer": "adamw", "input_norm": "dataset"}
 
@@ -224,11 +228,12 @@ def _check_resume_compatible(cfg: TrainConfig, existing: dict[str, Any] | None) 
     if existing is None:
         return
     old = {**RESUME_DEFAULTS, **_flat(existing)}
-    new = _flat(to_dict(cfg))
+    new = json.loads(json.dumps(_flat(to_dict(cfg))))  # tuples as the saved lists
     for flat in (old, new):  # data/x and ./data/x are one folder
         if isinstance(flat.get("data"), str):
             flat["data"] = storage.normalize(flat["data"])
-    changed = [k for k in RESUME_KEYS if k in old and old.get(k) != new.get(k)]
+    keys = RESUME_KEYS + (SWEEP_RESUME_KEYS if hasattr(cfg, "sweep") else ())
+    changed = [k for k in keys if k in old and old.get(k) != new.get(k)]
     if changed:
         diffs = ", ".join(f"{k} {old[k]!r} -> {new[k]!r}" for k in changed)
         raise ConfigError(

@@ -82,6 +82,12 @@ def test_sweep_writes_every_output_and_resumes_without_retraining(ray_cluster, s
     capsys.readouterr()
     assert tune_main(sweep_args(str(synth_shards), str(out), "--model", "resnet18")) == 2
     assert "different settings (model 'test_resnet' -> 'resnet18')" in capsys.readouterr().err
+    # A resumed sweep is restored with the search it began with: a changed one is refused
+    # (a larger --num-samples used to leave the rerun exiting 130, "interrupted", forever).
+    for flags, diff in [(["--num-samples", "4"], "num_samples 3 -> 4"),
+                        (["--smoothing-range", "0", "0.2"], "smoothing_range [0.0, 0.3] -> [0.0, 0.2]")]:
+        assert tune_main([*sweep_args(str(synth_shards), str(out)), *flags]) == 2
+        assert f"different settings ({diff})" in capsys.readouterr().err
 
 
 def test_ctrl_c_leaves_no_sweep_outputs_and_the_rerun_finishes(ray_cluster, synth_shards, tmp_path, capsys) -> None:
