@@ -167,6 +167,19 @@ GPU_WAIT_S = float(os.environ.get("FER_RAY_GPU_WAIT_S", 900))
 GPU_POLL_S = 5.0  # how often the wait looks at the cluster's GPUs
 
 
+def autoscaler_limits() -> dict[str, float] | None:
+    """The most of each resource (CPU, GPU...) the cluster's autoscaler may grow to, from
+    the node types' max_workers (what Ray Train and Ray Data check their requests against),
+    or None where Ray knows no such limit (a local instance, a fixed cluster, or an
+    autoscaler that does not publish its config)."""
+    try:
+        from ray._private.state import state
+
+        return state.get_max_resources_from_cluster_config() or None
+    except Exception:  # a private API: when it moves, behave as if no limit were known
+        return None
+
+
 def require_gpus(need: int, wait_s: float | None = None) -> None:
     """Raise ConfigError unless the Ray cluster has `need` GPUs.
 
@@ -181,6 +194,13 @@ def require_gpus(need: int, wait_s: float | None = None) -> None:
         wait_s = GPU_WAIT_S if os.environ.get("RAY_ADDRESS") else 0.0
     deadline = time.monotonic() + wait_s
     have = ray.cluster_resources().get("GPU", 0)
+    most = (autoscaler_limits() or {}).get("GPU") if have < need else None
+    if most is not None and most < need:
+        raise ConfigError(
+            f"--use-gpu needs {need} GPU(s) but this cluster's autoscaler can bring up at most "
+            f"{most:g}; lower --num-workers/--num-actors, or raise the GPU node type's "
+            "max_workers in cluster.yaml."
+        )
     requested = have < need and wait_s > 0
     if requested:
         request_resources(bundles=[{"GPU": 1}] * need)

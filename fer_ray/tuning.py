@@ -21,6 +21,7 @@ import pandas as pd
 import ray.tune
 
 from fer_ray import storage
+from fer_ray.cli import autoscaler_limits
 from fer_ray.config import OPTUNA_MISSING, TRIAL_KEY, ConfigError, SweepConfig, TrainConfig, from_flat, to_dict
 from fer_ray.constants import BEST_DIR, CONFIG_FILE, HISTORY_FILE, RAY_RUN_NAME, SWEEP_CONFIG_FILE
 from fer_ray.trainer import build_trainer, check_gpus, finalize_run, load_pretrained, local_staging, resolve_settings, write_config
@@ -63,11 +64,21 @@ def run_trial(config: dict[str, Any], base: dict[str, Any], manifest: dict[str, 
     build_trainer(cfg, settings, callbacks=[TuneReportCallback()]).fit()
 
 
-def cluster_capacity(cfg: TrainConfig) -> int:
-    """Trials that fit at once: each needs its workers plus one CPU for Ray Data."""
+def cluster_capacity(cfg: SweepConfig) -> int:
+    """Trials that fit at once: each needs its workers plus one CPU for Ray Data. Under an
+    autoscaler, counted on the most the cluster may grow to, not on the nodes up now (the
+    extra trials' workers wait for the nodes their requests bring up)."""
     import ray
 
-    res = ray.cluster_resources()
+    res = dict(ray.cluster_resources())
+    most = autoscaler_limits()
+    if most:
+        res = {k: max(res.get(k, 0), most.get(k, 0)) for k in {*res, *most}}
+    elif cfg.run.use_gpu and os.environ.get("RAY_ADDRESS"):
+        # A cluster whose autoscaler's limits Ray does not report: GPU trials are not held
+        # to the GPUs up now (a GPU trial's own CPU worker leaves its node's other CPUs to
+        # Ray Data, so waiting trials cannot starve the running ones).
+        return cfg.sweep.num_samples
     per_trial_cpu = cfg.run.num_workers * cfg.run.cpus_per_worker + 1
     fit = int(res.get("CPU", 0) // per_trial_cpu)
     if cfg.run.use_gpu:
@@ -127,6 +138,8 @@ def build_tuner(cfg: SweepConfig, manifest: dict[str, Any]):
         # changed: fer_ray.trainer.check_inputs refuses that).
         return ray.tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=True)
 
+    concurrent = cfg.sweep.max_concurrent or cluster_capacity(cfg)
+    log.info("Sweeping %d trials, up to %d at once", cfg.sweep.num_samples, concurrent)
     lo, hi = cfg.sweep.smoothing_range
     space = {
         "lr": ray.tune.loguniform(*cfg.lr_range()),
@@ -139,7 +152,7 @@ def build_tuner(cfg: SweepConfig, manifest: dict[str, Any]):
             metric=METRIC,
             mode="max",
             num_samples=cfg.sweep.num_samples,
-            max_concurrent_trials=cfg.sweep.max_concurrent or cluster_capacity(cfg),
+            max_concurrent_trials=concurrent,
             # max_t one past the last epoch: a trial that runs all its epochs returns by itself
             # instead of being stopped by ASHA at its last report, which would kill its
             # TorchTrainer before it releases its workers (ray-project/ray#54305).

@@ -75,6 +75,43 @@ def test_the_request_for_gpu_nodes_is_withdrawn_after_the_wait(monkeypatch, gpus
     assert calls == [{"bundles": [{"GPU": 1}, {"GPU": 1}]}, {}]  # asked for, then withdrawn
 
 
+def test_gpus_the_autoscaler_can_never_bring_up_are_refused_at_once(monkeypatch) -> None:
+    import ray
+    import ray.autoscaler.sdk as sdk
+
+    calls = []
+    monkeypatch.setattr(sdk, "request_resources", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"GPU": 0})
+    monkeypatch.setattr(cli, "autoscaler_limits", lambda: {"CPU": 48, "GPU": 4})
+    with pytest.raises(ConfigError, match="can bring up at most 4"):
+        cli.require_gpus(8, wait_s=900)  # (would otherwise wait 15 minutes)
+    assert calls == []
+
+
+@pytest.mark.parametrize("current, limits, address, expected", [
+    ({"CPU": 4}, None, "", 2),  # 1 worker + 1 Ray Data CPU per trial
+    ({"CPU": 16, "GPU": 2}, None, "", 2),  # the GPUs here
+    ({"CPU": 4, "GPU": 1}, {"CPU": 48, "GPU": 4}, "127.0.0.1:6379", 4),  # cluster.yaml's ceiling
+    ({"CPU": 4, "GPU": 1}, None, "127.0.0.1:6379", 16),  # limits unknown: not held to the GPU up now
+])
+def test_sweep_concurrency_counts_what_the_cluster_may_grow_to(monkeypatch, current, limits, address, expected) -> None:
+    """A sweep on cluster.yaml used to run one GPU trial at a time: the cap was taken from
+    the one GPU node the start-up wait had brought up."""
+    import argparse
+
+    import ray
+
+    from fer_ray import tuning
+    from fer_ray.config import SweepConfig, parse_config
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: current)
+    monkeypatch.setattr(tuning, "autoscaler_limits", lambda: limits)
+    monkeypatch.setenv("RAY_ADDRESS", address)
+    flags = ["--data", "d", "--output", "o", "--num-samples", "16"] + (["--use-gpu"] if "GPU" in current else [])
+    cfg, _ = parse_config(SweepConfig, flags, argparse.ArgumentParser())
+    assert tuning.cluster_capacity(cfg) == expected
+
+
 def test_workers_plan_the_same_epochs_whatever_their_clocks(monkeypatch) -> None:
     """The time budget's plan uses the latest clock of all workers: a worker whose clock
     runs behind would otherwise plan one epoch more near a boundary and wait in DDP for
