@@ -316,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
                 # winding down in the tree.
                 from fer_ray.predict import auto_actors
 
-                pair = args.num_actors is None and auto_actors(len(paths[train]), False) != val_actors
+                pair = args.num_actors is None and auto_actors(len(paths[train]), False)[1] != val_actors
                 if pair:
                     fer_ray_run("train", train, val_actors, ", same actors as val", for_speed=False)
                 fer_ray_run("train", train, for_memory=not pair)

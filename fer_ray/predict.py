@@ -40,7 +40,7 @@ import numpy as np
 import pyarrow as pa
 
 from fer_ray import storage
-from fer_ray.cli import require_gpus
+from fer_ray.cli import autoscaler_limits, require_gpus
 from fer_ray.config import AMP_MODES, ConfigError
 from fer_ray.constants import (
     IMAGE_COL, IMAGE_EXTENSIONS, LABEL_COL, MANIFEST_FILE, PATH_COL, SPLITS, TTA_MODES,
@@ -502,16 +502,20 @@ class Scorer:
         )
 
 
-def auto_actors(total: int, use_gpu: bool) -> int:
-    """Scoring actors for `total` images: one per AUTO_IMAGES_PER_ACTOR, at least one, at
-    most this machine's cores, or with GPUs the cluster's GPUs."""
-    if use_gpu:
-        import ray
+def auto_actors(total: int, use_gpu: bool) -> tuple[int, int]:
+    """(fewest, most) scoring actors for `total` images: one per AUTO_IMAGES_PER_ACTOR, at
+    least one, at most this machine's cores. With GPUs the most is what the cluster's GPUs
+    allow, counting those its autoscaler may add (cluster.yaml starts none), and the pool
+    starts with the GPUs up now (at least one) and grows as Ray Data's queue asks for actors."""
+    want = 1 + total // AUTO_IMAGES_PER_ACTOR
+    if not use_gpu:
+        n = max(1, min(cores(), want))
+        return n, n
+    import ray
 
-        limit = int(ray.cluster_resources().get("GPU", 0))
-    else:
-        limit = cores()
-    return max(1, min(limit, 1 + total // AUTO_IMAGES_PER_ACTOR))
+    have = int(ray.cluster_resources().get("GPU", 0))
+    most = max(1, min(max(have, int((autoscaler_limits() or {}).get("GPU", 0))), want))
+    return max(1, min(have, most)), most
 
 
 def cores() -> int:
@@ -669,8 +673,10 @@ def score_dataset(
     tta: str | None,
     input_blur: float | None = None,
     amp: str = "auto",
+    min_actors: int | None = None,
 ) -> Any:
-    """Decode in CPU tasks, score on the actor pool (fused into it on CPU, see above)."""
+    """Decode in CPU tasks, score on the actor pool (fused into it on CPU, see above): from
+    `min_actors` (default `num_actors`) up to `num_actors` actors."""
     import ray
 
     ds = ds.map_batches(
@@ -685,7 +691,7 @@ def score_dataset(
             "model_dir": model_dir, "use_gpu": use_gpu, "tta": tta, "num_actors": num_actors,
             "input_blur": input_blur, "amp": amp,
         },
-        compute=ray.data.ActorPoolStrategy(size=num_actors),
+        compute=ray.data.ActorPoolStrategy(min_size=min_actors or num_actors, max_size=num_actors),
         batch_size=batch_size,
         batch_format="numpy",
         num_cpus=1,
@@ -751,10 +757,11 @@ def predict(
     sigma, blur_source = scoring_blur(input_blur, spec, lambda: sample_input(source, listing, split, spec))
     if sigma or spec.input_blur:
         log.info("Input blur: sigma %g px (%s)", sigma, blur_source)
+    min_actors = num_actors
     if num_actors is None:
-        num_actors = auto_actors(total, use_gpu)
+        min_actors, num_actors = auto_actors(total, use_gpu)
     if use_gpu:
-        require_gpus(num_actors)  # one GPU per scoring actor
+        require_gpus(min_actors)  # one GPU per scoring actor
     kind = "shards" if find_shards(source) else "folder"
     log.info("Scoring %d images (%s) from %s with %s", total, kind, source, model_dir)
 
@@ -766,7 +773,7 @@ def predict(
     try:
         predictions = storage.join(tmp, PREDICTIONS_DIR)
         scored = score_dataset(
-            ds, model_dir, spec, errors, batch_size, num_actors, use_gpu, tta, sigma, amp
+            ds, model_dir, spec, errors, batch_size, num_actors, use_gpu, tta, sigma, amp, min_actors
         )
         # The reports' libraries (matplotlib, scikit-learn: ~1.6 s) load while the actors start.
         threading.Thread(target=_import_reports, daemon=True).start()

@@ -391,12 +391,29 @@ def test_auto_actors_one_per_ten_thousand_images_up_to_the_cores(monkeypatch) ->
     import fer_ray.predict as P
 
     monkeypatch.setattr(P, "cores", lambda: 2)
-    assert [P.auto_actors(n, use_gpu=False) for n in (1, 3_589, 9_999, 10_000, 28_709)] == [1, 1, 1, 2, 2]
+    assert [P.auto_actors(n, use_gpu=False)[1] for n in (1, 3_589, 9_999, 10_000, 28_709)] == [1, 1, 1, 2, 2]
     monkeypatch.setattr(P, "cores", lambda: 8)
-    assert P.auto_actors(28_709, use_gpu=False) == 3
-    assert P.auto_actors(10**7, use_gpu=False) == 8
+    assert P.auto_actors(28_709, use_gpu=False) == (3, 3)
+    assert P.auto_actors(10**7, use_gpu=False) == (8, 8)
     monkeypatch.setattr(P, "cores", lambda: 1)
-    assert P.auto_actors(10**7, use_gpu=False) == 1
+    assert P.auto_actors(10**7, use_gpu=False) == (1, 1)
+
+
+@pytest.mark.parametrize("gpus, limits, total, expected", [
+    (2, None, 10**6, (2, 2)),  # a fixed GPU machine
+    (0, {"CPU": 48, "GPU": 4}, 10**6, (1, 4)),  # cluster.yaml: none up yet, four may come
+    (1, {"CPU": 48, "GPU": 4}, 25_000, (1, 3)),  # one per 10,000 images
+    (3, {"CPU": 48, "GPU": 4}, 5_000, (1, 1)),
+])
+def test_gpu_scoring_grows_into_the_gpus_an_autoscaler_may_add(monkeypatch, gpus, limits, total, expected) -> None:
+    """On cluster.yaml (no GPU node up at the start) the pool was sized to the GPUs up, one."""
+    import ray
+
+    import fer_ray.predict as P
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4, "GPU": gpus})
+    monkeypatch.setattr(P, "autoscaler_limits", lambda: limits)
+    assert P.auto_actors(total, use_gpu=True) == expected
 
 
 def test_num_actors_flag_takes_auto_or_a_count(capsys) -> None:
