@@ -57,6 +57,7 @@ class Listing:
     classes: list[str]
     items: dict[str, list[tuple[str, int]]] = field(default_factory=dict)
     csv_chunks: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    csv_columns: dict[str, int] = field(default_factory=dict)  # a CSV's column -> its index
 
 
 # --------------------------------------------------------------------------------------
@@ -221,7 +222,7 @@ def _list_csv(source: str) -> Listing:
     with fs.open_input_stream(inner) as f:
         lines = _iter_lines(f)
         first = next(lines, b"")
-        header = first.decode().strip().split(",")
+        header = [c.strip().strip('"') for c in first.decode(errors="replace").strip().split(",")]
         missing = [c for c in CSV_COLUMNS if c not in header]
         if missing:
             raise ConfigError(
@@ -242,10 +243,15 @@ def _list_csv(source: str) -> Listing:
             current["nbytes"] += len(line)
             offset += len(line)
             row += 1
-    if not any(s in chunks for s in SPLITS):
-        raise ConfigError(f"CSV {source!r} has no Training/PublicTest/PrivateTest rows.")
+    lacking = [usage for usage, split in FER_CSV_USAGE.items() if split in (TRAIN, VAL) and split not in chunks]
+    if lacking:
+        raise ConfigError(
+            f"CSV {source!r} has no {' or '.join(lacking)} rows (its Usage column names each row's "
+            "split: Training, PublicTest for val, PrivateTest for test); give the full FER2013 CSV."
+        )
     unknown = chunks.pop("?", [])
-    listing = Listing(kind="csv", classes=list(FER_CLASSES), csv_chunks=chunks)
+    listing = Listing(kind="csv", classes=list(FER_CLASSES), csv_chunks=chunks,
+                      csv_columns={c: header.index(c) for c in CSV_COLUMNS})
     if unknown:
         log.warning("%d CSV rows have an unknown Usage and are skipped", sum(c["rows"] for c in unknown))
     return listing
@@ -340,8 +346,13 @@ def pixels_to_png(pixels: str) -> bytes:
     return out.getvalue()
 
 
-def read_csv_chunks(batch: dict[str, np.ndarray], source: str, log_actor: Any) -> dict[str, np.ndarray]:
-    """Read byte ranges of the CSV (their first row number known) and encode rows as PNG."""
+def read_csv_chunks(
+    batch: dict[str, np.ndarray], source: str, log_actor: Any, columns: dict[str, int] | None = None
+) -> dict[str, np.ndarray]:
+    """Read byte ranges of the CSV (their first row number known) and encode rows as PNG;
+    `columns` gives the emotion and pixels columns' places (the header's order)."""
+    columns = columns or {c: i for i, c in enumerate(CSV_COLUMNS)}
+    emotion_at, pixels_at = columns["emotion"], columns["pixels"]
     fs, inner = storage.resolve(source)
     label_of_code = [FER_CLASSES.index(name) for name in FER_CSV_CODES]
     paths, labels, blobs, skipped = [], [], [], {}
@@ -352,10 +363,10 @@ def read_csv_chunks(batch: dict[str, np.ndarray], source: str, log_actor: Any) -
                 path = f"csv:{int(first_row) + k}"
                 parts = line.decode().split(",")
                 try:
-                    code = int(parts[0])
+                    code = int(parts[emotion_at])
                     if not 0 <= code < len(label_of_code):
                         raise ValueError(f"emotion code {code} is not 0-{len(label_of_code) - 1}")
-                    label, blob = label_of_code[code], pixels_to_png(parts[1])
+                    label, blob = label_of_code[code], pixels_to_png(parts[pixels_at])
                 except (ValueError, IndexError, OverflowError) as e:  # Overflow: a pixel outside 0-255
                     skipped[path] = f"bad CSV row: {e}"
                     continue
@@ -418,7 +429,7 @@ def prepare(
                 chunks = listing.csv_chunks[split]
                 ds = ray.data.from_items(chunks, override_num_blocks=len(chunks)).map_batches(
                     read_csv_chunks,
-                    fn_kwargs={"source": source, "log_actor": log_actor},
+                    fn_kwargs={"source": source, "log_actor": log_actor, "columns": listing.csv_columns},
                     batch_size=1,
                     batch_format="numpy",
                 )

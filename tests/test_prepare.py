@@ -123,6 +123,19 @@ def test_csv_without_expected_columns(tmp_path) -> None:
         list_source(str(path))
 
 
+@pytest.mark.parametrize("usages, lacking", [
+    (["Training", "PrivateTest"], "PublicTest"),
+    (["PublicTest"], "Training"),
+])
+def test_csv_without_a_train_or_val_split_is_refused(tmp_path, usages, lacking) -> None:
+    """It used to write shards with no val split, which training then refused ("re-run
+    jobs/prepare.py": the same shards again)."""
+    path = tmp_path / "fer.csv"
+    path.write_text("emotion,pixels,Usage\n" + "".join(f"0,0 0 0 0,{u}\n" for u in usages))
+    with pytest.raises(ConfigError, match=f"has no {lacking} rows"):
+        list_source(str(path))
+
+
 # ---------------------------------------------------------------- Ray: whole job
 
 
@@ -199,6 +212,30 @@ def test_prepare_fer_csv(ray_cluster, tmp_path) -> None:
     assert FER_CLASSES[row["label"]] == FER_CSV_CODES[4]
     img = Image.open(io.BytesIO(row["image"]))
     assert img.format == "PNG" and img.size == (48, 48) and img.mode == "L"
+
+
+@pytest.mark.parametrize("header", ["Usage,pixels,emotion", "index,emotion,Usage,pixels"])
+def test_fer_csv_columns_are_read_by_their_header(ray_cluster, tmp_path, header) -> None:
+    """The header's names were checked but the rows read as emotion,pixels,...: another
+    order (or pandas' index column) skipped every row or read row numbers as labels."""
+    rng = np.random.default_rng(1)
+    columns = header.split(",")
+    rows, codes = [], []
+    for i, usage in enumerate(["Training"] * 5 + ["PublicTest"] * 2):
+        values = {"index": str(i), "emotion": str(i % 7), "Usage": usage,
+                  "pixels": " ".join(str(v) for v in rng.integers(0, 256, 48 * 48))}
+        rows.append(",".join(values[c] for c in columns))
+        codes.append(i % 7)
+    path = tmp_path / "fer2013.csv"
+    path.write_text(header + "\n" + "\n".join(rows) + "\n")
+    manifest = prepare(str(path), str(tmp_path / "shards"))
+
+    assert manifest["skipped"] == []
+    assert {k: v["total"] for k, v in manifest["splits"].items()} == {"train": 5, "val": 2}
+    train = read_split(tmp_path / "shards", "train")
+    labels = dict(zip(train["path"], train["label"]))
+    assert labels == {f"csv:{i}": FER_CLASSES.index(FER_CSV_CODES[codes[i]]) for i in range(5)}
+    assert {Image.open(io.BytesIO(b)).size for b in train["image"]} == {(48, 48)}
 
 
 def test_a_file_that_cannot_be_read_is_skipped_with_the_reason(ray_cluster, tmp_path) -> None:
