@@ -392,11 +392,24 @@ def _check_output(source: str, output: str) -> None:
         if not storage.is_dir(output):
             raise ConfigError(f"--output {output!r} is a file; choose a folder.")
         entries = storage.list_dir(output)
-        if entries and not storage.exists(storage.join(output, MANIFEST_FILE)):
+        shards = storage.exists(storage.join(output, MANIFEST_FILE)) or _half_published(output, entries)
+        if entries and not shards:
             raise ConfigError(
                 f"--output {output!r} is a non-empty folder that is not a shards folder; "
                 "choose a new or empty folder (nothing was written)."
             )
+
+
+def _half_published(output: str, entries: list[Any]) -> bool:
+    """Whether `output`, a folder without a manifest, holds shards that a stopped run left
+    while it swapped them in (_publish): only split folders of Parquet files (a folder of
+    images in split folders has class folders in them)."""
+    return all(
+        e.type.name == "Directory" and e.base_name in SPLITS
+        and all(c.type.name == "File" and c.base_name.endswith(".parquet")
+                for c in storage.list_dir(storage.join(output, e.base_name)))
+        for e in entries
+    )
 
 
 def prepare(
@@ -454,12 +467,22 @@ def prepare(
             log.info("Wrote split %s", split)
         stats = ray.get(log_actor.summary.remote())
         counts = count_labels(staging, splits, listing.classes)
-        for split in splits:
-            if not counts.get(split, {}).get("total"):
-                raise ConfigError(
-                    f"No readable images in split {split!r} of {source!r}; "
-                    "see the skipped files in the log."
-                )
+        for split in list(splits):
+            if counts.get(split, {}).get("total"):
+                continue
+            listed = {p for p, _ in listing.items.get(split, [])}
+            skipped = [(p, r) for p, r in sorted(stats["skipped"].items()) if not listed or p in listed]
+            examples = "; ".join(f"{p!r}: {r}" for p, r in skipped[:3])
+            if split == TEST:  # optional, as an empty test folder is
+                log.warning("No readable images in the test split of %s (%s); leaving it out", source, examples)
+                splits.remove(split)
+                counts.pop(split, None)
+                storage.delete_dir(storage.join(staging, split))
+                continue
+            raise ConfigError(
+                f"No readable images in split {split!r} of {source!r} ({len(skipped)} skipped, "
+                f"e.g. {examples}); nothing was written."
+            )
         manifest = {
             "classes": listing.classes,
             "source": source,

@@ -267,3 +267,41 @@ def test_prepare_refuses_unsafe_outputs(ray_cluster, tmp_path) -> None:
     with pytest.raises(ConfigError, match="not a shards folder"):
         prepare(str(src), str(other))
     assert (other / "keep.txt").read_text() == "mine"
+
+
+def test_a_run_stopped_while_publishing_is_replaced_by_the_rerun(ray_cluster, tmp_path) -> None:
+    """Stopped between removing the old manifest and writing the new one, prepare left split
+    folders of Parquet files and no manifest; the rerun it asked for was refused ("not a
+    shards folder"). A folder of images in split folders is still never replaced."""
+    src = tmp_path / "src"
+    make_tree(src, {"a": 4, "b": 4})
+    out = tmp_path / "shards"
+    prepare(str(src), str(out), val_fraction=0.5)
+    (out / "manifest.json").unlink()  # as _publish leaves it when stopped there
+    manifest = prepare(str(src), str(out), val_fraction=0.5)
+    assert json.loads((out / "manifest.json").read_text()) == manifest
+
+    images = tmp_path / "images"
+    make_tree(images, {"train/a": 1, "val/a": 1})
+    with pytest.raises(ConfigError, match="not a shards folder"):
+        prepare(str(src), str(images))
+    assert (images / "train/a/img_0.png").exists()
+
+
+def test_a_split_of_only_unreadable_files_is_named_with_examples(ray_cluster, tmp_path) -> None:
+    """The error pointed to "the skipped files in the log", which held none of them, and an
+    unreadable test/ stopped the run while an empty one was only left out."""
+    src = tmp_path / "src"
+    make_tree(src, {"train/a": 2, "train/b": 2, "val/a": 1, "test/a": 0})
+    (src / "test/a/photo.heic").write_bytes(b"ftypheic...")
+    manifest = prepare(str(src), str(tmp_path / "shards"))
+    assert sorted(manifest["splits"]) == ["train", "val"]
+    assert not (tmp_path / "shards" / "test").exists()
+    assert [s["reason"] for s in manifest["skipped"]] == ["not an image file"]
+
+    for f in (src / "val/a").iterdir():
+        f.write_text("not an image")
+    with pytest.raises(ConfigError, match=r"No readable images in split 'val' .*\(1 skipped, e\.g\. "
+                                          r"'.*img_0\.png': not an image file\); nothing was written"):
+        prepare(str(src), str(tmp_path / "shards2"))
+    assert not (tmp_path / "shards2").exists() or not any((tmp_path / "shards2").iterdir())
