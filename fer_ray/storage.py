@@ -140,20 +140,52 @@ def write_json(path: str, value: Any) -> None:
 def list_dir(path: str, hidden: bool = False) -> list[pafs.FileInfo]:
     """Direct children of a folder, sorted by name, hidden entries left out unless `hidden`."""
     fs, inner = resolve(path)
-    entries = fs.get_file_info(pafs.FileSelector(inner, recursive=False))
+    entries = _listing(fs, inner, path, recursive=False)
     return sorted((e for e in entries if hidden or not e.base_name.startswith(".")), key=lambda e: e.path)
 
 
 def list_files(path: str) -> list[str]:
     """Every file under a folder at any depth (hidden ones left out), sorted."""
     fs, inner = resolve(path)
-    entries = fs.get_file_info(pafs.FileSelector(inner, recursive=True))
+    entries = _listing(fs, inner, path, recursive=True)
     out = []
     for e in entries:
         rel = e.path[len(inner) :].strip("/")
         if e.type == pafs.FileType.File and not any(p.startswith(".") for p in rel.split("/")):
             out.append(e.path)
     return sorted(out)
+
+
+def _listing(fs: pafs.FileSystem, inner: str, path: str, recursive: bool) -> list[pafs.FileInfo]:
+    """The folder's entries; a name that is not UTF-8 (pyarrow cannot list it) is named in a
+    ConfigError instead of a bare UnicodeDecodeError."""
+    try:
+        entries = fs.get_file_info(pafs.FileSelector(inner, recursive=recursive))
+        for e in entries:
+            e.path  # noqa: B018 - decoded when read: a bad name fails here, not in the caller
+        return entries
+    except UnicodeDecodeError:
+        where = path
+        if isinstance(fs, pafs.LocalFileSystem):  # find the first such name
+            for root, dirs, files in os.walk(os.fsencode(inner)):
+                bad = [n for n in dirs + files if not _utf8(n)]
+                if bad:
+                    where = os.path.join(root, bad[0]).decode(errors="replace")
+                    break
+                if not recursive:
+                    break
+        raise ConfigError(
+            f"{where!r} has a name that is not UTF-8 text (shown with \ufffd for the bytes "
+            "that are not); rename it (e.g. `convmv -f cp1252 -t utf8`)."
+        ) from None
+
+
+def _utf8(name: bytes) -> bool:
+    try:
+        name.decode()
+        return True
+    except UnicodeDecodeError:
+        return False
 
 
 def delete_dir(path: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -232,3 +233,17 @@ def test_uri_joins_keep_the_options_last_and_bad_uris_are_named() -> None:
     assert storage.join("s3://b/shards/", "train") == "s3://b/shards/train"
     with pytest.raises(ConfigError, match="percent-encode spaces"):
         storage.resolve("s3://bucket/my photos")
+
+
+def test_a_name_that_is_not_utf8_is_named_in_one_sentence(tmp_path) -> None:
+    """pyarrow cannot decode such a name: listing ended in a bare UnicodeDecodeError that
+    named neither the file nor the folder (a zip made on Windows, say)."""
+    from fer_ray.config import ConfigError
+
+    (tmp_path / "happy").mkdir()
+    (tmp_path / "happy" / "ok.png").write_bytes(b"x")
+    open(os.path.join(os.fsencode(tmp_path / "happy"), b"caf\xe9.png"), "wb").close()
+    for listing in (storage.list_files, lambda p: storage.list_dir(os.path.join(p, "happy"))):
+        with pytest.raises(ConfigError, match=r"happy/caf\ufffd\.png' has a name that is not UTF-8"):
+            listing(str(tmp_path))
+    assert [e.base_name for e in storage.list_dir(str(tmp_path))] == ["happy"]
