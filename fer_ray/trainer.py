@@ -190,6 +190,12 @@ def check_inputs(cfg: TrainConfig) -> dict[str, Any]:
             f"Shards {cfg.data.data!r} have {len(classes)} class ({', '.join(classes) or 'none'}); "
             "a classifier needs at least two, one subfolder of images per class."
         )
+    num_train, workers = int(manifest["splits"][TRAIN]["total"]), cfg.run.num_workers
+    if (num_train // workers) // cfg.data.batch_size < 1:  # (steps_per_epoch, as the workers count)
+        raise ConfigError(
+            f"{num_train} training images cannot fill one batch of {cfg.data.batch_size} on each of "
+            f"{workers} worker(s); lower --batch-size or --num-workers."
+        )
     cfg.resolve_defaults()
     check_model_name(cfg.model.model)
     _check_resume_compatible(cfg, existing)
