@@ -306,8 +306,28 @@ class TrainConfig:
         )
         _choice("--amp", r.amp, AMP_MODES)
         _require(r.max_failures >= 0, f"--max-failures must be >= 0, got {r.max_failures}.")
+        _require(r.seed >= 0, f"--seed must be >= 0, got {r.seed}.")
+        reserved = sorted(set(m.model_kwargs) & set(RESERVED_MODEL_KWARGS))
+        _require(
+            not reserved,
+            f"--model-kwargs cannot set {', '.join(reserved)}: fer_ray sets "
+            + "; ".join(RESERVED_MODEL_KWARGS[k] for k in reserved) + ".",
+        )
         if m.pretrained_file and not m.pretrained:
-            raise ConfigError("--pretrained-file was given with --no-pretrained; drop one of them.")
+            raise ConfigError("--pretrained-file was given with --no-pretrained (pretrained: false in "
+                              "a --config file counts too); drop one of them.")
+        if not m.pretrained:
+            # Without ImageNet weights there is nothing to keep: frozen stages stay random.
+            _require(
+                not o.freeze_epochs,
+                f"--freeze-epochs {o.freeze_epochs} trains only the head of a backbone that is not "
+                "pretrained (random); drop it, or train with --pretrained.",
+            )
+            _require(
+                o.unfreeze == "all",
+                f"--unfreeze {o.unfreeze} keeps the other stages of a backbone that is not pretrained "
+                "random for the whole run; drop it, or train with --pretrained.",
+            )
         return self
 
     def resolve_defaults(self) -> "TrainConfig":
@@ -318,6 +338,15 @@ class TrainConfig:
         if o.backbone_lr_scale is None:
             o.backbone_lr_scale = 0.1 if self.model.pretrained else 1.0
         return self
+
+
+# timm.create_model arguments fer_ray passes itself, and where they come from.
+RESERVED_MODEL_KWARGS = {
+    "num_classes": "num_classes from the data's classes",
+    "pretrained": "pretrained by --pretrained/--no-pretrained",
+    "drop_rate": "drop_rate by --drop-rate",
+    "pretrained_cfg_overlay": "pretrained_cfg_overlay by --pretrained-file",
+}
 
 
 def per_image_norm(input_norm: str) -> bool:
@@ -392,7 +421,10 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
     """Convert a YAML/CLI value to the field's type (ConfigError when it does not fit)."""
     origin = typing.get_origin(tp)
     if origin is tuple:
-        items = value.split() if isinstance(value, str) else list(value)
+        if isinstance(value, str):
+            items = value.split()
+        else:  # a YAML list, or one number where two are due
+            items = list(value) if isinstance(value, (list, tuple)) else [value]
         args = typing.get_args(tp)
         if len(items) != len(args):
             raise ConfigError(f"Setting {name!r} expects {len(args)} values, got {value!r}.")
@@ -421,11 +453,17 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
                 raise ValueError(value)
             return int(value)
         if tp is float:
-            return float(value)
+            number = float(value)
+            if not math.isfinite(number):
+                raise ValueError(value)
+            return number
         if tp is str:
+            if isinstance(value, bool):  # YAML reads off/on/no/yes as booleans
+                return "on" if value else "off"
             return str(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"Setting {name!r} expects {tp.__name__}, got {value!r}.") from None
+        kind = "a finite number" if tp is float else tp.__name__
+        raise ConfigError(f"Setting {name!r} expects {kind}, got {value!r}.") from None
     return value
 
 

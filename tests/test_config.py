@@ -68,6 +68,20 @@ def test_unknown_setting_is_rejected_with_valid_names(tmp_path) -> None:
         parse(["--config", str(path)])
 
 
+def test_yaml_booleans_and_one_number_for_a_range(tmp_path) -> None:
+    """YAML reads `off` as false: `amp: off` and `input_blur: off` were refused ("got
+    'False'"); one number for a range crashed with a TypeError."""
+    from fer_ray.config import SweepConfig, parse_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text("data: d\noutput: o\namp: off\ninput_blur: off\n")
+    cfg = parse(["--config", str(path)]).validate()
+    assert cfg.run.amp == "off" and cfg.data.input_blur == "off"
+    path.write_text("data: d\noutput: o\nlr_range: 0.001\n")
+    with pytest.raises(ConfigError, match="'lr_range' expects 2 values, got 0.001"):
+        parse_config(SweepConfig, ["--config", str(path)], argparse.ArgumentParser())
+
+
 def test_wrong_type_is_rejected() -> None:
     with pytest.raises(ConfigError, match="'epochs' expects int"):
         parse(["--epochs", "three"])
@@ -94,6 +108,16 @@ def test_wrong_type_is_rejected() -> None:
         (["--data", "d", "--output", "o", "--random-erasing", "1.5"], "--random-erasing must be between"),
         (["--data", "d", "--output", "o", "--augment", "none", "--random-erasing", "0.3"],
          "give an --augment level other than none"),
+        # Accepted until now, then a crash in every worker or a run that trains nothing useful:
+        (["--data", "d", "--output", "o", "--seed", "-1"], "--seed must be >= 0"),
+        (["--data", "d", "--output", "o", "--time-budget", "inf"], "'time_budget' expects a finite number"),
+        (["--data", "d", "--output", "o", "--lr", "nan"], "'lr' expects a finite number"),
+        (["--data", "d", "--output", "o", "--model-kwargs", "{num_classes: 3, drop_rate: 0.2}"],
+         "--model-kwargs cannot set drop_rate, num_classes: fer_ray sets drop_rate by --drop-rate"),
+        (["--data", "d", "--output", "o", "--no-pretrained", "--unfreeze", "1"],
+         "--unfreeze 1 keeps the other stages of a backbone that is not pretrained"),
+        (["--data", "d", "--output", "o", "--no-pretrained", "--freeze-epochs", "2"],
+         "--freeze-epochs 2 trains only the head of a backbone that is not pretrained"),
     ],
 )
 def test_validation_messages(flags: list[str], message: str) -> None:

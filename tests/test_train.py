@@ -194,8 +194,9 @@ def test_changed_model_on_an_existing_run_is_refused(tiny_run, tmp_path, capsys)
     # The architecture's arguments, the fine-tuned stages and the weight average are in the
     # checkpoint too (the weights, the optimizer's groups, the EMA copy).
     for flags, diff in [
-        (["--model-kwargs", '{"drop_rate": 0.1}'], "model_kwargs {} -> {'drop_rate': 0.1}"),
-        (["--unfreeze", "1"], "unfreeze 'all' -> '1'"),
+        (["--model-kwargs", '{"drop_path_rate": 0.1}'], "model_kwargs {} -> {'drop_path_rate': 0.1}"),
+        (["--unfreeze", "1", "--pretrained", "--pretrained-file", str(tiny_run.parent / "pretrained.pth")],
+         "unfreeze 'all' -> '1'"),
         (["--ema-decay", "0.999"], "ema_decay 0.0 -> 0.999"),
     ]:
         assert train_main(tiny_train_args(data, str(run), *flags)) == 2
@@ -226,6 +227,16 @@ def test_one_class_shards_are_refused_before_workers_start(synth_shards, tmp_pat
     assert train_main(tiny_train_args(str(shards), str(tmp_path / "o"))) == 2
     err = capsys.readouterr().err
     assert "have 1 class (happy); a classifier needs at least two" in err and err.count("\n") == 1
+
+
+def test_a_batch_larger_than_the_data_is_refused_before_workers_start(synth_shards, tmp_path, capsys) -> None:
+    """It passed the driver's checks and failed in every worker (retried --max-failures times)."""
+    total = json.loads((synth_shards / "manifest.json").read_text())["splits"]["train"]["total"]
+    args = tiny_train_args(str(synth_shards), str(tmp_path / "o"), "--batch-size", str(total + 2))
+    assert train_main(args) == 2
+    err = capsys.readouterr().err
+    assert f"{total} training images cannot fill one batch of {total + 2} on each of 1 worker(s)" in err
+    assert err.count("\n") == 1 and not (tmp_path / "o").exists()
 
 
 def test_ema_run_validates_and_saves_the_average_and_resumes(ray_cluster, synth_shards, tmp_path) -> None:
