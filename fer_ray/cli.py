@@ -77,7 +77,23 @@ def init_ray(min_cpus: int = 4, dashboard: bool = False) -> None:
 # How long a job waits for the host in RAY_ADDRESS to accept a TCP connection, and then for
 # `ray.init` to connect (Ray's own retries on a rejected token take about 20 s).
 CONNECT_TIMEOUT_S = 10.0
-INIT_TIMEOUT_S = float(os.environ.get("FER_RAY_CONNECT_TIMEOUT_S", 45))
+def env_seconds(name: str, default: float) -> float:
+    """A number of seconds from the environment; a value that is not one is named on stderr
+    and the default used (a bad variable made every job, --help too, end in a traceback)."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = float(text)
+        if value >= 0 and value != float("inf"):
+            return value
+    except ValueError:
+        pass
+    print(f"warning: {name}={text!r} is not a number of seconds; using {default:g}", file=sys.stderr)
+    return default
+
+
+INIT_TIMEOUT_S = env_seconds("FER_RAY_CONNECT_TIMEOUT_S", 45)
 
 _TOKEN_HELP = (
     "set RAY_AUTH_MODE=token and give the cluster's token (`ray get-auth-token` on the head "
@@ -163,7 +179,7 @@ def _auth_rejected(error: BaseException) -> bool:
 
 
 # How long a job on a cluster waits for the autoscaler to bring up GPU nodes.
-GPU_WAIT_S = float(os.environ.get("FER_RAY_GPU_WAIT_S", 900))
+GPU_WAIT_S = env_seconds("FER_RAY_GPU_WAIT_S", 900)
 GPU_POLL_S = 5.0  # how often the wait looks at the cluster's GPUs
 
 

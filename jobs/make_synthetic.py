@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--test-per-class", type=_count, default=0,
                         help="test images per class; 0 writes no test split")
     parser.add_argument("--size", type=int, default=48, help="image side in pixels")
-    parser.add_argument("--seed", type=int, default=0, help="seed of every image's randomness")
+    parser.add_argument("--seed", type=_count, default=0, help="seed of every image's randomness")
     parser.add_argument("--format", choices=IMAGE_FORMATS, default="png", help="image file format")
     args = parser.parse_args(argv)
     per_split = {TRAIN: args.train_per_class, VAL: args.val_per_class, TEST: args.test_per_class}

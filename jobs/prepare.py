@@ -30,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
     parser.add_argument("--shard-rows", type=int, default=5000, help="rows per Parquet file")
     args = parser.parse_args(argv)
+    if args.seed < 0:
+        parser.error(f"--seed must be 0 or more, got {args.seed}")
 
     def job() -> None:
         from fer_ray.prepare import prepare

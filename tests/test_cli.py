@@ -76,6 +76,34 @@ def _one_sentence(result: subprocess.CompletedProcess) -> str:
     return result.stderr.strip().splitlines()[-1]
 
 
+@pytest.mark.parametrize("text, expected, warned", [
+    ("", 900.0, False), ("120", 120.0, False), (" 0 ", 0.0, False),
+    ("15m", 900.0, True), ("-5", 900.0, True), ("inf", 900.0, True),
+])
+def test_a_bad_wait_variable_is_named_and_the_default_used(monkeypatch, capsys, text, expected, warned) -> None:
+    """FER_RAY_GPU_WAIT_S=15m made every job, --help too, end in a traceback at import."""
+    from fer_ray.cli import env_seconds
+
+    monkeypatch.setenv("FER_RAY_GPU_WAIT_S", text)
+    assert env_seconds("FER_RAY_GPU_WAIT_S", 900) == expected
+    err = capsys.readouterr().err
+    assert ("FER_RAY_GPU_WAIT_S=" in err and "is not a number of seconds; using 900" in err) == warned
+
+
+@pytest.mark.parametrize("job, flags", [
+    ("make_synthetic.py", ["--output", "OUT"]),
+    ("prepare.py", ["--source", "SRC", "--output", "OUT"]),
+])
+def test_a_negative_seed_is_refused_before_anything_is_written(tmp_path, job, flags) -> None:
+    """numpy refuses negative seeds: make_synthetic failed after its first folder (and then
+    refused its own rerun as "not empty"), prepare after Ray had started."""
+    argv = [a.replace("OUT", str(tmp_path / "out")).replace("SRC", str(tmp_path)) for a in flags]
+    run = subprocess.run([sys.executable, str(REPO / "jobs" / job), *argv, "--seed", "-1"],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and "--seed" in run.stderr and "0 or more" in run.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_dead_address_fails_fast(tiny_faces, tmp_path) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
