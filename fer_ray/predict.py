@@ -206,6 +206,11 @@ def check_inputs(
         if not _has_any_file(source):
             raise ConfigError(f"Input {source!r} holds no files; give a folder with images in it.")
     else:
+        if split and shards[1] and split != shards[1]:
+            raise ConfigError(
+                f"--split {split} contradicts --input {source!r}, the {shards[1]!r} split of a shards "
+                "folder; drop --split, or give the shards folder itself."
+            )
         _check_shards(shards[0], split or shards[1], spec)
     return spec
 
@@ -765,7 +770,7 @@ def predict(
     kind = "shards" if find_shards(source) else "folder"
     log.info("Scoring %d images (%s) from %s with %s", total, kind, source, model_dir)
 
-    tmp = f"{output}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = storage.sibling(output, f".tmp-{uuid.uuid4().hex[:8]}")
     storage.makedirs(tmp)
     errors = ray.remote(ErrorWriter).options(num_cpus=0, scheduling_strategy=_here()).remote(
         storage.join(tmp, ERRORS_FILE)
@@ -879,7 +884,7 @@ def _publish(tmp: str, output: str) -> None:
     """Swap the finished folder in; the old output goes only once the new one is complete.
     On an object store the folder is copied with summary.json last (storage.move)."""
     if storage.exists(output):
-        old = f"{output}.old-{uuid.uuid4().hex[:8]}"
+        old = storage.sibling(output, f".old-{uuid.uuid4().hex[:8]}")
         storage.move(output, old)
         storage.move(tmp, output, last=SUMMARY_FILE)
         storage.delete_dir(old)

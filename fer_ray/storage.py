@@ -83,6 +83,16 @@ def join(base: str, *parts: str) -> str:
     return os.path.join(base, *parts)
 
 
+def sibling(path: str, suffix: str) -> str:
+    """`path` with `suffix` added to its last name: a folder beside it (a URI's ?options
+    stay at the end, not inside the suffix)."""
+    path = normalize(path)
+    if is_uri(path):
+        head, query = _split_query(path)
+        return head.rstrip("/") + suffix + query
+    return path.rstrip("/") + suffix
+
+
 def local_path(path: str) -> str | None:
     """The local filesystem path for a plain path or file:// URI, else None."""
     fs, inner = resolve(path)

@@ -267,6 +267,10 @@ def test_shards_folder_input(ray_cluster, model_dir, tmp_path) -> None:
     assert check_inputs(str(model_dir), str(tmp_path / "shards" / "val"), str(tmp_path / "o")).class_names
     with pytest.raises(ConfigError, match="no 'test' split"):
         check_inputs(str(model_dir), str(tmp_path / "shards"), str(tmp_path / "o"), split="test")
+    # A split folder with another --split scored the other split without a word.
+    with pytest.raises(ConfigError, match="--split train contradicts --input .*the 'val' split"):
+        check_inputs(str(model_dir), str(tmp_path / "shards" / "val"), str(tmp_path / "o"), split="train")
+    assert check_inputs(str(model_dir), str(tmp_path / "shards" / "val"), str(tmp_path / "o"), split="val")
 
 
 def test_shards_with_other_classes_are_refused(model_dir, tmp_path) -> None:

@@ -247,3 +247,11 @@ def test_a_name_that_is_not_utf8_is_named_in_one_sentence(tmp_path) -> None:
         with pytest.raises(ConfigError, match=r"happy/caf\ufffd\.png' has a name that is not UTF-8"):
             listing(str(tmp_path))
     assert [e.base_name for e in storage.list_dir(str(tmp_path))] == ["happy"]
+
+
+def test_a_sibling_folder_keeps_a_uris_options_at_the_end(tmp_path) -> None:
+    """Scoring's OUT.tmp-<id> was appended to the whole string, inside the ?options."""
+    assert storage.sibling("s3://b/preds?endpoint_override=h:9000", ".tmp-1") == \
+        "s3://b/preds.tmp-1?endpoint_override=h:9000"
+    assert storage.sibling("s3://b/preds/", ".old-2") == "s3://b/preds.old-2"
+    assert storage.sibling(str(tmp_path / "out") + "/", ".tmp-3") == str(tmp_path / "out.tmp-3")
