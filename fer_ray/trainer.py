@@ -85,6 +85,9 @@ class ShardedValConfig(ray.train.DataConfig):
 RESUME_KEYS = (
     "model", "model_kwargs", "data", "image_size", "data_size", "optimizer", "input_norm", "unfreeze",
     "ema_decay",
+    # The schedule's position is counted in steps: another steps-per-epoch or phase boundary
+    # would resume it elsewhere (a negative learning rate for a while, or a jump ahead).
+    "batch_size", "num_workers", "lr_scaling", "freeze_epochs",
 )
 # A sweep's search, fixed when it starts: a resumed sweep is restored with the values it
 # began with, so a changed one would be ignored (a larger --num-samples would never end).

@@ -174,32 +174,36 @@ def test_changed_model_on_an_existing_run_is_refused(tiny_run, tmp_path, capsys)
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
     data = json.loads((run / "config.json").read_text())["data"]["data"]
-    args = tiny_train_args(data, str(run), "--model", "resnet18")
+    # The run's own weights and phases (tiny_train_args alone trains from scratch: no head phase).
+    same = ["--pretrained", "--pretrained-file", str(tiny_run.parent / "pretrained.pth"), "--freeze-epochs", "1"]
+    args = tiny_train_args(data, str(run), *same, "--model", "resnet18")
     assert train_main(args) == 2
     assert "different settings (model 'test_resnet' -> 'resnet18')" in capsys.readouterr().err
     # The optimizer's state is in the checkpoint: another optimizer cannot resume it, and a
     # run from before the setting existed (no "optimizer" in its config) used AdamW.
-    assert train_main(tiny_train_args(data, str(run), "--optimizer", "sgd")) == 2
+    assert train_main(tiny_train_args(data, str(run), *same, "--optimizer", "sgd")) == 2
     assert "different settings (optimizer 'adamw' -> 'sgd')" in capsys.readouterr().err
     config = json.loads((run / "config.json").read_text())
     del config["optim"]["optimizer"]
     (run / "config.json").write_text(json.dumps(config))
-    assert train_main(tiny_train_args(data, str(run), "--optimizer", "sgd")) == 2
+    assert train_main(tiny_train_args(data, str(run), *same, "--optimizer", "sgd")) == 2
     assert "different settings (optimizer 'adamw' -> 'sgd')" in capsys.readouterr().err
     # The weights learnt one input normalisation; a run from before the setting used the dataset's.
     del config["data"]["input_norm"]
     (run / "config.json").write_text(json.dumps(config))
-    assert train_main(tiny_train_args(data, str(run), "--input-norm", "image")) == 2
+    assert train_main(tiny_train_args(data, str(run), *same, "--input-norm", "image")) == 2
     assert "different settings (input_norm 'dataset' -> 'image')" in capsys.readouterr().err
     # The architecture's arguments, the fine-tuned stages and the weight average are in the
     # checkpoint too (the weights, the optimizer's groups, the EMA copy).
     for flags, diff in [
         (["--model-kwargs", '{"drop_path_rate": 0.1}'], "model_kwargs {} -> {'drop_path_rate': 0.1}"),
-        (["--unfreeze", "1", "--pretrained", "--pretrained-file", str(tiny_run.parent / "pretrained.pth")],
-         "unfreeze 'all' -> '1'"),
+        (["--unfreeze", "1"], "unfreeze 'all' -> '1'"),
         (["--ema-decay", "0.999"], "ema_decay 0.0 -> 0.999"),
+        # The schedule's position is in steps: other steps per epoch would resume it elsewhere.
+        (["--batch-size", "8"], "batch_size 16 -> 8"),
+        (["--num-workers", "2"], "num_workers 1 -> 2"),
     ]:
-        assert train_main(tiny_train_args(data, str(run), *flags)) == 2
+        assert train_main(tiny_train_args(data, str(run), *same, *flags)) == 2
         assert f"different settings ({diff})" in capsys.readouterr().err
 
 
