@@ -501,6 +501,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if phase_of(epoch, s.freeze_epochs) != phase:
             phase = phase_of(epoch, s.freeze_epochs)
             wrapped, optimizer, scheduler = build_phase(model, phase, s, epoch_steps)
+            if epoch == s.freeze_epochs and epoch > 0:  # patience counts in the final phase only
+                state.bad_epochs = 0
             if restored is not None and restored["phase"] == phase and epoch == state.epoch:
                 optimizer.load_state_dict(restored["optimizer"])
         phase_start, _ = phase_bounds(phase, s)
