@@ -200,7 +200,7 @@ def _one_line(error: BaseException) -> str:
     """The root cause of a trial's error: the last 'SomeError: message' line of its trace."""
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))
     lines = [line.strip() for line in text.splitlines() if line.strip()]
-    causes = [line for line in lines if re.match(r"^[\w.]+(Error|Exception|Interrupt)\b.*:", line)]
+    causes = [line for line in lines if re.match(r"^[\w.]+(Error|Exception|Interrupt|Invalid)\b.*:", line)]
     return (causes[-1] if causes else lines[0] if lines else type(error).__name__)[:500]
 
 

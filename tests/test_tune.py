@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -112,14 +114,18 @@ def test_ctrl_c_leaves_no_sweep_outputs_and_the_rerun_finishes(ray_cluster, synt
 
 def test_failed_trials_are_recorded_not_fatal(ray_cluster, synth_shards, tmp_path, capsys) -> None:
     out = tmp_path / "failing"
-    # 280 images cannot fill one batch of 4096: every trial's training raises.
-    args = sweep_args(str(synth_shards), str(out), "--num-samples", "2", "--batch-size", "4096",
+    # Shards whose train files are not Parquet: every trial's training raises (the driver
+    # reads only the manifest with --input-blur off; a batch too large is now refused there).
+    shards = Path(shutil.copytree(synth_shards, tmp_path / "broken"))
+    for f in (shards / "train").glob("*.parquet"):
+        f.write_bytes(b"not a parquet file")
+    args = sweep_args(str(shards), str(out), "--num-samples", "2", "--input-blur", "off",
                       "--max-failures", "0")
     assert tune_main(args) == 1  # no trial finished: a script sees it
     assert "error: no trial finished" in capsys.readouterr().err
     results = pd.read_parquet(out / "results.parquet")
     assert len(results) == 2 and (results["status"] == "ERROR").all()
-    assert results["error"].str.contains("cannot fill one batch").all()
+    assert results["error"].str.contains("ArrowInvalid|Could not read schema").all()
     assert not (out / "best").exists()
 
 
