@@ -3,6 +3,7 @@
     python bench/bench_scoring.py                                   # FER2013 val and train
     python bench/bench_scoring.py --model runs/r50/best --data ../shared/datasets/fer2013
     python bench/bench_scoring.py --skip-memory                     # speed on val only
+    python bench/bench_scoring.py --use-gpu --model runs/r50/best    # both sides on the GPU
 
 Speed: one run each over DATA/val (and, with the memory run, DATA/train) with the same
 model, preprocessing (decode_image, the eval transform, DeviceNormalize) and batch size,
@@ -63,7 +64,9 @@ from fer_ray.model import (  # noqa: E402
     create_model,
     data_config,
     fastest_inference_format,
+    format_name,
     load_model_dir,
+    resolve_amp,
     save_model_dir,
 )
 from fer_ray.normalize import DeviceNormalize  # noqa: E402
@@ -101,21 +104,29 @@ class FolderImages(torch.utils.data.Dataset):
         return torch.from_numpy(image), label, path
 
 
-def plain_loop(model_dir: str, source: str, output: str, batch_size: int, workers: int, amp: str) -> int:
+def plain_loop(
+    model_dir: str, source: str, output: str, batch_size: int, workers: int, amp: str, use_gpu: bool = False,
+) -> int:
     model, spec = load_model_dir(model_dir)
-    (amp_dtype, channels_last), timed = fastest_inference_format(model, spec.in_chans, spec.image_size, amp)
-    print(f"plain loop: {timed}")  # as fer_ray's scorer picks it
+    device = torch.device("cuda" if use_gpu else "cpu")
+    if use_gpu:  # as fer_ray's scorer runs on a GPU
+        torch.backends.cudnn.benchmark = True
+        amp_dtype, channels_last = resolve_amp(amp, device), True
+        print(f"plain loop: {format_name(amp_dtype, channels_last)} on {torch.cuda.get_device_name()}")
+    else:
+        (amp_dtype, channels_last), timed = fastest_inference_format(model, spec.in_chans, spec.image_size, amp)
+        print(f"plain loop: {timed}")  # as fer_ray's scorer picks it
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    model = model.to(memory_format=fmt).eval()
-    normalize = DeviceNormalize.for_model(spec)  # as fer_ray's scorer prepares images
+    model = model.to(device).to(memory_format=fmt).eval()
+    normalize = DeviceNormalize.for_model(spec).to(device)  # as fer_ray's scorer prepares images
     data = FolderImages(source, spec.class_names, spec.data_size, spec.channels)
-    loader = torch.utils.data.DataLoader(data, batch_size=batch_size, num_workers=workers)
+    loader = torch.utils.data.DataLoader(data, batch_size=batch_size, num_workers=workers, pin_memory=use_gpu)
     paths, labels, probs = [], [], []
     with torch.inference_mode():
         for images, label, path in loader:
-            x = normalize(images).contiguous(memory_format=fmt)
-            with torch.autocast("cpu", dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                probs.append(model(x).float().softmax(1).numpy())
+            x = normalize(images.to(device, non_blocking=True)).contiguous(memory_format=fmt)
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                probs.append(model(x).float().softmax(1).cpu().numpy())
             labels.append(label.numpy())
             paths += list(path)
     p = np.concatenate(probs)
@@ -243,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="fer_ray's scoring actors (default: jobs/predict.py's default)")
     parser.add_argument("--amp", default="auto", choices=("auto", "off", "bf16"),
                         help="jobs/predict.py's --amp for fer_ray; the plain loop takes the same choice")
+    parser.add_argument("--use-gpu", action="store_true",
+                        help="both sides score on the GPU (fer_ray: one GPU per actor, as jobs/predict.py --use-gpu)")
     parser.add_argument("--skip-memory", action="store_true", help="skip the train-folder memory run")
     args = parser.parse_args(argv)
 
@@ -260,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         _, spec = load_model_dir(model_dir)
         print(f"model {spec.model} ({model_dir}), {spec.data_size}->{spec.image_size} px, "
               f"{os.cpu_count()} CPUs, torch {torch.get_num_threads()} threads, batch {args.batch_size}, "
-              f"--amp {args.amp}")
+              f"--amp {args.amp}{', GPU' if args.use_gpu else ''}")
         # Ray runs its workers at niceness 15 so the driver stays responsive; on a machine
         # shared with other work that alone would decide this race, so both sides run at 0.
         os.environ.setdefault("RAY_worker_niceness", "0")
@@ -275,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
             with Sampler() as sampler:
                 start = time.perf_counter()
                 n = plain_loop(model_dir, folder, os.path.join(tmp, f"plain_{split}"), args.batch_size,
-                               args.workers, args.amp)
+                               args.workers, args.amp, args.use_gpu)
                 seconds = time.perf_counter() - start
             rows.append(("plain DataLoader loop", split, n, seconds, sampler))
             speed[("plain", split)] = (n, seconds)
@@ -287,7 +300,8 @@ def main(argv: list[str] | None = None) -> int:
             with Sampler() as sampler, StatsLog() as stats:
                 start = time.perf_counter()
                 summary = predict(model_dir, folder, os.path.join(tmp, f"fer_ray_{split}{name}"),
-                                  batch_size=args.batch_size, num_actors=actors, amp=args.amp)
+                                  batch_size=args.batch_size, num_actors=actors, amp=args.amp,
+                                  use_gpu=args.use_gpu)
                 seconds = time.perf_counter() - start
             ray_stats[(split, name)] = stats.text
             label = f"fer_ray.predict ({summary['num_actors']} actor{'s' if summary['num_actors'] > 1 else ''})"
@@ -316,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
                 # winding down in the tree.
                 from fer_ray.predict import auto_actors
 
-                pair = args.num_actors is None and auto_actors(len(paths[train]), False)[1] != val_actors
+                pair = args.num_actors is None and auto_actors(len(paths[train]), args.use_gpu)[1] != val_actors
                 if pair:
                     fer_ray_run("train", train, val_actors, ", same actors as val", for_speed=False)
                 fer_ray_run("train", train, for_memory=not pair)

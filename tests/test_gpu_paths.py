@@ -166,3 +166,42 @@ def test_validation_uses_rank_zeros_batchnorm_statistics(tmp_path) -> None:
     outputs = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
     assert [out.strip() for out, _ in outputs] == ["[1.0, 1.0, 1.0] 10"] * 2
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bench/gpu_check.sh)")
+
+
+@needs_cuda
+def test_gpu_training_in_fp16_resumes_in_bf16_and_gpu_scoring_agrees_with_the_cpu(
+    ray_cluster, synth_shards, synth_folder, tmp_path
+) -> None:
+    """One GPU worker end to end: an fp16 epoch (GradScaler, channels_last), a resumed bf16
+    epoch (the saved scaler state is not for bf16), then scoring on the GPU with flip TTA
+    gives the CPU's fp32 predictions."""
+    import pandas as pd
+
+    from jobs.predict import main as predict_main
+    from jobs.train import main as train_main
+    from tests.conftest import tiny_train_args
+
+    run = tmp_path / "run"
+    assert train_main(tiny_train_args(str(synth_shards), str(run), "--epochs", "1", "--use-gpu",
+                                      "--amp", "fp16")) == 0
+    assert train_main(tiny_train_args(str(synth_shards), str(run), "--epochs", "2", "--use-gpu",
+                                      "--amp", "bf16")) == 0
+    history = pd.read_csv(run / "history.csv")
+    assert history["epoch"].tolist() == [1, 2]
+    assert history[["train_loss", "val_loss"]].notna().all().all()
+
+    scored = {}
+    for name, flags in {"gpu": ["--use-gpu"], "cpu": ["--amp", "off"]}.items():
+        out = tmp_path / name
+        assert predict_main(["--model", str(run / "best"), "--input", str(synth_folder / "val"),
+                             "--output", str(out), "--tta", *flags]) == 0
+        scored[name] = pd.read_parquet(out / "predictions").sort_values("path").reset_index(drop=True)
+    gpu, cpu = scored["gpu"], scored["cpu"]
+    assert gpu["path"].tolist() == cpu["path"].tolist() and len(gpu) == 7 * 10
+    probs = [c for c in gpu.columns if c.startswith("prob_")]
+    # bf16 autocast on the GPU against fp32 on the CPU: close, not equal.
+    assert (gpu[probs] - cpu[probs]).abs().to_numpy().max() < 0.05
+    assert (gpu["pred"] == cpu["pred"]).mean() >= 0.95
