@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import copy
 import difflib
+import inspect
+import json
 import math
 import os
 import tempfile
@@ -341,16 +343,18 @@ def save_model_dir(model: torch.nn.Module, folder: str | Path, spec: ModelSpec) 
     folder.mkdir(parents=True, exist_ok=True)
     # Contiguous copies: channels_last weights cannot be written by safetensors as they are.
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / WEIGHTS_FILE))
-    save_config_for_hf(
-        model,
-        str(folder / MODEL_CONFIG_FILE),
-        model_config={"label_names": list(spec.class_names), "fer_ray": asdict(spec)},
-        data_config={
-            "input_size": (spec.in_chans, spec.image_size, spec.image_size),
-            "mean": tuple(spec.mean),
-            "std": tuple(spec.std),
-        },
-    )
+    data = {"input_size": (spec.in_chans, spec.image_size, spec.image_size),
+            "mean": tuple(spec.mean), "std": tuple(spec.std)}
+    path = folder / MODEL_CONFIG_FILE
+    # model_args rebuild the same model (timm before 1.0.30 records none itself: a 1-channel
+    # stem came back with 3); data_config is only in timm 1.0.30 and later.
+    kwargs = {"data_config": data} if "data_config" in inspect.signature(save_config_for_hf).parameters else {}
+    save_config_for_hf(model, path, model_args=dict(spec.model_kwargs),
+                       model_config={"label_names": list(spec.class_names), "fer_ray": asdict(spec)}, **kwargs)
+    if not kwargs:  # what data_config sets: the input this model was trained on
+        config = json.loads(path.read_text())
+        config["pretrained_cfg"].update({k: list(v) for k, v in data.items()})
+        path.write_text(json.dumps(config, indent=2))
 
 
 def load_model_dir(folder: str) -> tuple[torch.nn.Module, ModelSpec]:
