@@ -200,3 +200,26 @@ def test_worker_with_an_interrupted_torch_import_is_replaced(ray_cluster, tmp_pa
     pid, shape = ray.get(remote.remote(batch), timeout=120)
     assert shape == (2, 24, 24, 1)
     assert pid != int(marker.read_text())  # ran again in another process
+
+
+def test_importing_fer_ray_asks_no_server_for_albumentations_updates() -> None:
+    """Every Ray worker imports albumentations; none of them may reach out to PyPI."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import urllib.request\n"
+        "calls = []\n"
+        "def refuse(self, *args, **kwargs):\n"
+        "    calls.append(args)\n"
+        "    raise OSError('no network')\n"
+        "urllib.request.OpenerDirector.open = refuse\n"
+        "import fer_ray.transforms\n"
+        "fer_ray.transforms.create_transform(True, 48)  # imports albumentations\n"
+        "print(len(calls))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "NO_ALBUMENTATIONS_UPDATE"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "0"
