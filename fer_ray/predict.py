@@ -305,11 +305,15 @@ class ErrorWriter:
         self.count = 0
         self.pending: dict[str, list[str]] = {PATH_COL: [], REASON_COL: []}
         self.writer: Any = None
+        self.seen: set[str] = set()  # a batch Ray runs again (its worker died) reports its files again
 
     def write(self, paths: list[str], reasons: list[str]) -> None:
-        self.pending[PATH_COL].extend(paths)
-        self.pending[REASON_COL].extend(reasons)
-        self.count += len(paths)
+        for path, reason in zip(paths, reasons):
+            if path not in self.seen:
+                self.seen.add(path)
+                self.pending[PATH_COL].append(path)
+                self.pending[REASON_COL].append(reason)
+                self.count += 1
         if len(self.pending[PATH_COL]) >= ERROR_ROWS_PER_WRITE:
             self._flush()
 

@@ -28,6 +28,7 @@ from fer_ray.predict import (
     PRED_NAME_COL,
     PREDICTIONS_DIR,
     REASON_COL,
+    ErrorWriter,
     SUMMARY_FILE,
     _stale_temp_folders,
     check_inputs,
@@ -389,6 +390,18 @@ def test_leftovers_of_interrupted_runs_are_named(tmp_path) -> None:
     found = _stale_temp_folders(str(tmp_path / "out"))
 
     assert sorted(Path(p).name for p in found) == ["out.old-5e6f7a8b", "out.tmp-1a2b3c4d"]
+
+
+def test_a_batch_run_again_lists_its_bad_files_once(tmp_path) -> None:
+    """Ray Data runs a batch again when its worker dies; its bad files arrive twice."""
+    writer = ErrorWriter(str(tmp_path / ERRORS_FILE))
+    writer.write(["a.jpg", "b.jpg"], ["empty file", "not an image"])
+    writer.write(["b.jpg", "c.jpg"], ["not an image", "empty file"])
+
+    assert writer.close() == 3
+    table = pd.read_parquet(tmp_path / ERRORS_FILE)
+    assert table[PATH_COL].tolist() == ["a.jpg", "b.jpg", "c.jpg"]
+    assert table[REASON_COL].tolist() == ["empty file", "not an image", "empty file"]
 
 
 def test_auto_actors_one_per_ten_thousand_images_up_to_the_cores(monkeypatch) -> None:
