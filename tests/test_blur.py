@@ -49,6 +49,29 @@ def test_blur_keeps_flat_images_and_works_on_tiny_ones() -> None:
     assert sharpness(gaussian_blur(x * 255, 1.0)) < sharpness(x * 255)
 
 
+def test_blur_matrices_are_made_once_per_size_and_serve_any_mode(monkeypatch) -> None:
+    """On a GPU a per-batch copy of the matrices waited for the GPU's queued work."""
+    import fer_ray.blur as blur
+
+    made = []
+    original = blur._blur_matrix
+    monkeypatch.setattr(blur, "_blur_matrix", lambda k, n: made.append(n) or original(k, n))
+    blur._blur_matrices.cache_clear()
+    x = np.random.default_rng(1).integers(0, 256, (2, 30, 44, 1), dtype=np.uint8)  # not square
+    with torch.inference_mode():  # as the scorer calls it first
+        first = gaussian_blur(to_float(x), 1.3)
+    again = gaussian_blur(to_float(x), 1.3)
+    assert made == [30, 44]  # once each, not per call
+    torch.testing.assert_close(first, again)
+    ref = np.stack([cv2.GaussianBlur(i.astype(np.float32), (0, 0), 1.3, borderType=cv2.BORDER_REFLECT_101)
+                    for i in x[..., 0]])
+    np.testing.assert_allclose(again[:, 0].numpy(), ref, atol=0.05)
+    # Matrices first made in inference mode still serve a computation that needs gradients.
+    y = to_float(x).requires_grad_()
+    gaussian_blur(y, 1.3).sum().backward()
+    assert y.grad is not None
+
+
 def test_estimate_recovers_the_blur_of_a_blurred_split(synth_folder) -> None:
     val = gray_images(synth_folder / "val")
     train = cv2_blur(gray_images(synth_folder / "train"), 1.5)
