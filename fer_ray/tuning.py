@@ -58,7 +58,7 @@ def run_trial(config: dict[str, Any], base: dict[str, Any], manifest: dict[str, 
     trial_id = ray.tune.get_context().get_trial_id()
     trial_dir = storage.join(tune_dir, TRIALS_DIR, trial_id)
     cfg = trial_config(base, config["lr"], config["label_smoothing"], trial_dir)
-    settings = resolve_settings(cfg, manifest, pretrained)
+    settings = resolve_settings(cfg, manifest, pretrained[0] if pretrained else None)
     write_config(cfg, settings, trial_dir)
     # Re-running a trial (sweep resumed) resumes its TorchTrainer from the trial folder.
     build_trainer(cfg, settings, callbacks=[TuneReportCallback()]).fit()
@@ -124,8 +124,11 @@ def build_tuner(cfg: SweepConfig, manifest: dict[str, Any]):
 
     tune_dir = storage.normalize(cfg.run.output)
     pretrained = load_pretrained(cfg, len(manifest["classes"]))
+    # In a list: with_parameters hands a bare ObjectRef to the trial as the object itself (a
+    # state dict, then copied to every Train worker, whose ray.get of it failed every trial).
     trainable = ray.tune.with_parameters(
-        run_trial, base=to_dict(cfg), manifest=manifest, tune_dir=tune_dir, pretrained=pretrained
+        run_trial, base=to_dict(cfg), manifest=manifest, tune_dir=tune_dir,
+        pretrained=None if pretrained is None else [pretrained],
     )
     # The trial function only waits on its TorchTrainer: it holds a sliver of a CPU (Tune
     # wants a non-empty request), leaving whole CPUs to Train workers and Ray Data, which

@@ -92,6 +92,30 @@ def test_sweep_writes_every_output_and_resumes_without_retraining(ray_cluster, s
         assert f"different settings ({diff})" in capsys.readouterr().err
 
 
+def test_sweep_from_pretrained_weights_starts_every_trial_from_them(ray_cluster, synth_shards, tmp_path) -> None:
+    """The weights are fetched once by the driver and shared through the object store."""
+    import timm
+    import torch
+
+    weights = tmp_path / "pretrained.pth"
+    torch.manual_seed(1)
+    torch.save(timm.create_model("test_resnet").state_dict(), weights)
+    out = tmp_path / "sweep"
+    args = [*tiny_train_args(str(synth_shards), str(out), "--epochs", "1"), "--pretrained", "--pretrained-file",
+            str(weights), "--freeze-epochs", "1", "--num-samples", "1", "--max-failures", "0"]
+    assert tune_main(args) == 0
+    results = pd.read_parquet(out / "results.parquet")
+    assert (results["status"] == "TERMINATED").all(), results["error"].tolist()
+    # Only the head trained (--freeze-epochs 1): the backbone is the file's.
+    model = load_model_dir(str(out / "best"))[0]
+    head = model.pretrained_cfg["classifier"]
+    trained, given = model.state_dict(), torch.load(weights)
+    backbone = [k for k in given if not k.startswith(head + ".")]
+    assert len(backbone) > 10
+    for k in backbone:
+        torch.testing.assert_close(trained[k], given[k])
+
+
 def test_ctrl_c_leaves_no_sweep_outputs_and_the_rerun_finishes(ray_cluster, synth_shards, tmp_path, capsys) -> None:
     """Tune's SIGINT handler ends the experiment and fit() returns as if done: the sweep
     used to crown its unfinished trial in best/ and exit 0."""
