@@ -90,8 +90,10 @@ RESUME_KEYS = (
     "batch_size", "num_workers", "lr_scaling", "freeze_epochs",
 )
 # A sweep's search, fixed when it starts: a resumed sweep is restored with the values it
-# began with, so a changed one would be ignored (a larger --num-samples would never end).
-SWEEP_RESUME_KEYS = ("num_samples", "lr_range", "smoothing_range", "grace_period", "searcher")
+# began with, so a changed one would be ignored (a larger --num-samples would never end;
+# ASHA would stop longer trials at the old --epochs).
+SWEEP_RESUME_KEYS = ("num_samples", "lr_range", "smoothing_range", "grace_period", "searcher", "epochs",
+                     "max_concurrent")
 # What runs from before a setting existed used.
 RESUME_DEFAULTS = {"optimizer": "adamw", "input_norm": "dataset"}
 

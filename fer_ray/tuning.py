@@ -159,7 +159,10 @@ def build_tuner(cfg: SweepConfig, manifest: dict[str, Any]):
             # max_t one past the last epoch: a trial that runs all its epochs returns by itself
             # instead of being stopped by ASHA at its last report, which would kill its
             # TorchTrainer before it releases its workers (ray-project/ray#54305).
+            # Counted in epochs, which a trial resumed with its TorchTrainer goes on from
+            # (Tune's own training_iteration starts again at 0 in a restarted trial).
             scheduler=ASHAScheduler(
+                time_attr="epoch",
                 max_t=cfg.optim.epochs + 1,
                 grace_period=min(cfg.sweep.grace_period, cfg.optim.epochs),
             ),
@@ -207,6 +210,13 @@ def _one_line(error: BaseException) -> str:
     return (causes[-1] if causes else lines[0] if lines else type(error).__name__)[:500]
 
 
+def best_trial(results: pd.DataFrame) -> pd.Series | None:
+    """The finished trial with the best val accuracy; None when none finished. A failed
+    trial's checkpoints are not a result (it may have failed as its backbone was unfrozen)."""
+    scored = results[results["status"] == "TERMINATED"].dropna(subset=["best_val_acc"])
+    return scored.loc[scored["best_val_acc"].idxmax()] if len(scored) else None
+
+
 def write_outputs(results: pd.DataFrame, tune_dir: str) -> dict[str, Any] | None:
     """results.parquet, the best trial's model and config, and the summary plot."""
     from fer_ray.reports import plot_sweep
@@ -216,8 +226,7 @@ def write_outputs(results: pd.DataFrame, tune_dir: str) -> dict[str, Any] | None
         path = storage.join(tune_dir, TRIALS_DIR, trial_id, HISTORY_FILE)
         if storage.exists(path):
             histories[trial_id] = pd.read_csv(io.BytesIO(storage.read_bytes(path)))
-    scored = results.dropna(subset=["best_val_acc"])
-    best = scored.loc[scored["best_val_acc"].idxmax()] if len(scored) else None
+    best = best_trial(results)
     with local_staging(tune_dir) as local:
         results.to_parquet(os.path.join(local, RESULTS_FILE), index=False)
         plot_sweep(results, histories, os.path.join(local, SUMMARY_PLOT))
@@ -227,6 +236,9 @@ def write_outputs(results: pd.DataFrame, tune_dir: str) -> dict[str, Any] | None
             trial_dir = storage.join(tune_dir, TRIALS_DIR, best["trial_id"])
             storage.copy_dir(storage.join(trial_dir, BEST_DIR), best_local)
             best_config = storage.read_json(storage.join(trial_dir, CONFIG_FILE))
+            # Without the trial's folder: `jobs/train.py --config best_config.json` given no
+            # --output would otherwise train on inside the sweep's trial.
+            best_config.get("run", {}).pop("output", None)
             best_config[TRIAL_KEY] = {k: (None if isinstance(v, float) and math.isnan(v) else v)
                                     for k, v in best.to_dict().items()}
             storage.write_json(os.path.join(local, BEST_CONFIG_FILE), best_config)

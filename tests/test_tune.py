@@ -12,7 +12,7 @@ import pytest
 from conftest import ctrl_c_when, tiny_train_args
 from fer_ray.config import SweepConfig, parse_config, to_dict
 from fer_ray.model import load_model_dir
-from fer_ray.tuning import RESULT_COLUMNS, trial_config
+from fer_ray.tuning import RESULT_COLUMNS, best_trial, trial_config
 from jobs.tune import main as tune_main
 
 
@@ -65,6 +65,7 @@ def test_sweep_writes_every_output_and_resumes_without_retraining(ray_cluster, s
     assert best_config["trial"]["trial_id"] == best["trial_id"]
     assert best_config["optim"]["lr"] == pytest.approx(best["lr"])
     assert best_config["trial"]["best_val_acc"] == results["best_val_acc"].max()
+    assert "output" not in best_config["run"]  # a training run from it needs its own --output
     _, spec = load_model_dir(str(out / "best"))
     assert spec.model == "test_resnet"
     assert (out / "tune_summary.png").stat().st_size > 0
@@ -87,9 +88,18 @@ def test_sweep_writes_every_output_and_resumes_without_retraining(ray_cluster, s
     # A resumed sweep is restored with the search it began with: a changed one is refused
     # (a larger --num-samples used to leave the rerun exiting 130, "interrupted", forever).
     for flags, diff in [(["--num-samples", "4"], "num_samples 3 -> 4"),
-                        (["--smoothing-range", "0", "0.2"], "smoothing_range [0.0, 0.3] -> [0.0, 0.2]")]:
+                        (["--smoothing-range", "0", "0.2"], "smoothing_range [0.0, 0.3] -> [0.0, 0.2]"),
+                        (["--epochs", "3"], "epochs 2 -> 3"), (["--max-concurrent", "2"], "max_concurrent 1 -> 2")]:
         assert tune_main([*sweep_args(str(synth_shards), str(out)), *flags]) == 2
         assert f"different settings ({diff})" in capsys.readouterr().err
+
+
+def test_the_best_trial_is_a_finished_one() -> None:
+    """A trial that failed after some epochs has checkpoints but is not a result."""
+    results = pd.DataFrame({"trial_id": ["a", "b", "c"], "best_val_acc": [0.6, 0.5, float("nan")],
+                            "status": ["ERROR", "TERMINATED", "TERMINATED"]})
+    assert best_trial(results)["trial_id"] == "b"
+    assert best_trial(results.iloc[[0, 2]]) is None  # none finished: the job exits 1
 
 
 def test_sweep_from_pretrained_weights_starts_every_trial_from_them(ray_cluster, synth_shards, tmp_path) -> None:
