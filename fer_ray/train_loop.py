@@ -105,9 +105,10 @@ def phase_of(epoch: int, freeze_epochs: int) -> str:
 
 
 def phase_bounds(phase: str, s: LoopSettings) -> tuple[int, int]:
-    """(first epoch, number of epochs) of a phase."""
+    """(first epoch, number of epochs) of a phase; a time budget may end the run inside the
+    head phase (`s.epochs` below --freeze-epochs)."""
     if phase == HEAD_PHASE:
-        return 0, s.freeze_epochs
+        return 0, min(s.freeze_epochs, s.epochs)
     return s.freeze_epochs, s.epochs - s.freeze_epochs
 
 

@@ -352,10 +352,12 @@ def test_per_image_norm_run_end_to_end_and_scored_the_same_way(ray_cluster, synt
     assert Scorer(str(run / "best"), False, False, 1).normalize.per_image
 
 
-@pytest.mark.parametrize("epochs, freeze, phase", [(10, 0, "finetune"), (2, 2, "head"), (40, 0, "finetune")])
+@pytest.mark.parametrize("epochs, freeze, phase", [(10, 0, "finetune"), (2, 2, "head"), (40, 0, "finetune"),
+                                                   (2, 3, "head")])
 def test_schedule_warms_up_then_decays_to_min_lr_at_the_phase_end(epochs, freeze, phase) -> None:
     """A 2-epoch head phase ended at half the peak LR, and a 10-epoch one at 2.4% of it,
-    when the cosine ran its length after the warm-up instead of within the phase."""
+    when the cosine ran its length after the warm-up instead of within the phase. A time
+    budget that ends the run inside the head phase (2 of 3 frozen epochs) ends its cosine."""
     from types import SimpleNamespace
 
     from fer_ray.train_loop import build_scheduler
@@ -364,7 +366,7 @@ def test_schedule_warms_up_then_decays_to_min_lr_at_the_phase_end(epochs, freeze
     steps = 10
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=s.lr)
     scheduler = build_scheduler(optimizer, phase, s, steps)
-    n = (epochs - freeze if phase == "finetune" else freeze) * steps
+    n = (epochs - freeze if phase == "finetune" else min(freeze, epochs)) * steps
     lrs = []
     for step in range(n + 1):
         scheduler.step_update(num_updates=step)
