@@ -183,17 +183,48 @@ GPU_WAIT_S = env_seconds("FER_RAY_GPU_WAIT_S", 900)
 GPU_POLL_S = 5.0  # how often the wait looks at the cluster's GPUs
 
 
+# Where `ray up` leaves the cluster's config on the head node, for its autoscaler (the
+# head_start_ray_commands in cluster.yaml); `ray job submit` runs job drivers there.
+BOOTSTRAP_CONFIG = "~/ray_bootstrap_config.yaml"
+
+
 def autoscaler_limits() -> dict[str, float] | None:
     """The most of each resource (CPU, GPU...) the cluster's autoscaler may grow to, from
     the node types' max_workers (what Ray Train and Ray Data check their requests against),
-    or None where Ray knows no such limit (a local instance, a fixed cluster, or an
-    autoscaler that does not publish its config)."""
+    or None where no such limit is known (a local instance, a fixed cluster).
+
+    Ray publishes the config only where the autoscaler reports it to the GCS (not `ray up`'s
+    autoscaler in Ray 2.60); on a cluster, a job on the head node then reads the same from
+    the config file `ray up` put there (`bootstrap_limits`)."""
     try:
         from ray._private.state import state
 
-        return state.get_max_resources_from_cluster_config() or None
-    except Exception:  # a private API: when it moves, behave as if no limit were known
+        limits = state.get_max_resources_from_cluster_config()
+    except Exception:  # a private API: when it moves, behave as if Ray knew no limit
+        limits = None
+    if not limits and os.environ.get("RAY_ADDRESS"):
+        limits = bootstrap_limits(os.path.expanduser(BOOTSTRAP_CONFIG))
+    return limits or None
+
+
+def bootstrap_limits(path: str) -> dict[str, float] | None:
+    """Each resource summed over the node types of an autoscaler config file: the head node
+    once, every other type max_workers times, from the `resources` it names (a type whose
+    resources are left to detection counts nothing; cluster.yaml names them). None when the
+    file is missing or unreadable."""
+    import yaml
+
+    try:
+        with open(path) as f:
+            config = yaml.safe_load(f) or {}
+        total: dict[str, float] = {}
+        for name, node_type in (config.get("available_node_types") or {}).items():
+            count = 1 if name == config.get("head_node_type") else int(node_type.get("max_workers", 0))
+            for key, value in (node_type.get("resources") or {}).items():
+                total[key] = total.get(key, 0) + count * float(value)
+    except (OSError, yaml.YAMLError, AttributeError, TypeError, ValueError):
         return None
+    return total or None
 
 
 def require_gpus(need: int, wait_s: float | None = None) -> None:
@@ -225,6 +256,11 @@ def require_gpus(need: int, wait_s: float | None = None) -> None:
         while have < need and time.monotonic() < deadline:
             time.sleep(GPU_POLL_S)
             have = ray.cluster_resources().get("GPU", 0)
+            if have < need:
+                # Asked again at every look: a request replaces the one before it, and Ray
+                # Data's autoscaling coordinator (a detached actor that outlives the jobs that
+                # used Ray Data) sends its own, empty when idle, every 20 s.
+                request_resources(bundles=[{"GPU": 1}] * need)
     finally:
         if requested:
             # A request stands until the next one replaces it, and the autoscaler keeps

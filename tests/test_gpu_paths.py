@@ -72,7 +72,27 @@ def test_the_request_for_gpu_nodes_is_withdrawn_after_the_wait(monkeypatch, gpus
         with pytest.raises(ConfigError, match="needs 2 GPU"):
             cli.require_gpus(2, wait_s=0.05)
 
-    assert calls == [{"bundles": [{"GPU": 1}, {"GPU": 1}]}, {}]  # asked for, then withdrawn
+    ask = {"bundles": [{"GPU": 1}, {"GPU": 1}]}
+    # Asked for at every look while short (Ray Data's coordinator replaces requests every
+    # 20 s), then withdrawn.
+    assert calls[-1] == {} and all(c == ask for c in calls[:-1])
+    assert len(calls) == 3 if gpus_come else len(calls) > 3  # first, after the poll that found 0, last
+
+
+def test_the_cluster_ceiling_is_read_from_the_config_ray_up_leaves_on_the_head(monkeypatch, tmp_path) -> None:
+    """Ray 2.60's `ray up` autoscaler does not publish its config to the GCS."""
+    from ray._private.state import state
+
+    monkeypatch.setattr(state, "get_max_resources_from_cluster_config", lambda: None)
+    monkeypatch.setattr(cli, "BOOTSTRAP_CONFIG", str(REPO / "cluster.yaml"))  # what ray up copies there
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    # head once (CPU 0), up to 4 GPU workers (CPU 4, GPU 1) and 2 CPU workers (CPU 16)
+    assert cli.autoscaler_limits() == {"CPU": 48, "GPU": 4}
+    monkeypatch.delenv("RAY_ADDRESS")  # a local Ray: no ceiling, whatever files lie around
+    assert cli.autoscaler_limits() is None
+    assert cli.bootstrap_limits(str(tmp_path / "missing.yaml")) is None
+    (tmp_path / "bad.yaml").write_text("available_node_types: [1, 2]\n")
+    assert cli.bootstrap_limits(str(tmp_path / "bad.yaml")) is None
 
 
 def test_gpus_the_autoscaler_can_never_bring_up_are_refused_at_once(monkeypatch) -> None:
