@@ -227,6 +227,35 @@ def bootstrap_limits(path: str) -> dict[str, float] | None:
     return total or None
 
 
+def warn_local_paths(**paths: str | None) -> None:
+    """On a cluster whose work runs on other nodes than this driver's (several nodes up, a
+    head that holds no CPUs, or an autoscaler that adds nodes), a local path is right only on
+    a filesystem every node mounts at the same place: one warning names the flags that give
+    one. (Ray Train finds out only at the first checkpoint, after an epoch's work; Ray Data's
+    writes would land on the workers' own disks.) Flags are given as keyword names."""
+    import ray
+
+    from fer_ray import storage
+
+    if not os.environ.get("RAY_ADDRESS"):
+        return
+    local = [f"--{flag.replace('_', '-')} {path}" for flag, path in paths.items()
+             if path and (not storage.is_uri(path) or path.startswith("file://"))]
+    if not local:
+        return
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    here = ray.get_runtime_context().get_node_id()
+    head_cpus = next((n.get("Resources", {}).get("CPU", 0) for n in nodes if n.get("NodeID") == here), None)
+    if len(nodes) > 1 or head_cpus == 0 or autoscaler_limits():
+        log.warning(
+            "%s: local path%s on a cluster whose work runs on other nodes (%d up now): unless "
+            "%s on a filesystem every node mounts at the same place, the workers cannot read or "
+            "write %s; use s3://, gs:// or such a shared mount.",
+            ", ".join(local), "s" if len(local) > 1 else "", len(nodes),
+            "they are" if len(local) > 1 else "it is", "them" if len(local) > 1 else "it",
+        )
+
+
 def require_gpus(need: int, wait_s: float | None = None) -> None:
     """Raise ConfigError unless the Ray cluster has `need` GPUs.
 

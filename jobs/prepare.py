@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fer_ray.cli import init_ray, run_job  # noqa: E402
+from fer_ray.cli import init_ray, run_job, warn_local_paths  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         from fer_ray.prepare import prepare
 
         init_ray()
+        warn_local_paths(source=args.source, output=args.output)
 
         manifest = prepare(args.source, args.output, val_fraction=args.val_fraction,
                            seed=args.seed, shard_rows=args.shard_rows)

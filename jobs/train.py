@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fer_ray.cli import init_ray, run_job  # noqa: E402
+from fer_ray.cli import init_ray, run_job, warn_local_paths  # noqa: E402
 from fer_ray.config import TrainConfig, parse_config  # noqa: E402
 
 
@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         manifest = check_inputs(cfg)  # bad input fails here, before Ray starts
         # With the dashboard: Ray Train's placement-group cleaner asks its State API.
         init_ray(min_cpus=cfg.run.num_workers * cfg.run.cpus_per_worker + 2, dashboard=True)
+        warn_local_paths(data=cfg.data.data, output=cfg.run.output)
         out = train(cfg, manifest, started=started)
         print(
             f"best val accuracy {out['accuracy']:.4f} (macro F1 {out['macro_f1']:.4f}) at epoch "

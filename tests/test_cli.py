@@ -209,3 +209,33 @@ def test_state_api_of_a_local_ray_answers_for_its_own_actors_only_with_the_dashb
 
 def _no_ray_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "FER_RAY_"))}
+
+
+@pytest.mark.parametrize("nodes, head_cpus, warned", [
+    (1, 0, True),  # cluster.yaml's head: no CPUs, every task runs elsewhere
+    (3, 4, True),  # several nodes
+    (1, 4, False),  # `ray start --head` on this machine alone
+])
+def test_local_paths_on_a_cluster_that_works_elsewhere_are_warned_about(monkeypatch, caplog, nodes, head_cpus,
+                                                                        warned) -> None:
+    import logging
+    from types import SimpleNamespace
+
+    import ray
+
+    from fer_ray import cli
+
+    up = [{"Alive": True, "NodeID": f"n{i}", "Resources": {"CPU": head_cpus if i == 0 else 4}}
+          for i in range(nodes)]
+    monkeypatch.setattr(ray, "nodes", lambda: up + [{"Alive": False, "NodeID": "gone"}])
+    monkeypatch.setattr(ray, "get_runtime_context", lambda: SimpleNamespace(get_node_id=lambda: "n0"))
+    monkeypatch.setattr(cli, "autoscaler_limits", lambda: None)
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    with caplog.at_level(logging.WARNING, logger="fer_ray"):
+        cli.warn_local_paths(data="s3://bucket/shards", output="runs/r50", pretrained_file=None)
+    assert ("--output runs/r50: local path on a cluster whose work runs on other nodes" in caplog.text) is warned
+    assert "s3://bucket" not in caplog.text  # a URI reaches every node
+    caplog.clear()
+    monkeypatch.delenv("RAY_ADDRESS")  # a Ray the job started itself: its paths are its own
+    cli.warn_local_paths(output="runs/r50")
+    assert not caplog.text
