@@ -199,7 +199,9 @@ def collect_results(grid: Any, tune_dir: str, classes: list[str]) -> pd.DataFram
                        epochs_run=summary["epochs_run"], best_dir=summary["best_dir"],
                        stopped_early=summary["stopped_early"])
         rows.append(row)
-    return pd.DataFrame(rows, columns=RESULT_COLUMNS).sort_values("trial_id", ignore_index=True)
+    # Epochs stay whole numbers when some trial has none (a float column otherwise: 2.0).
+    results = pd.DataFrame(rows, columns=RESULT_COLUMNS).astype({"best_epoch": "Int64"})
+    return results.sort_values("trial_id", ignore_index=True)
 
 
 def _one_line(error: BaseException) -> str:

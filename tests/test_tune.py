@@ -65,6 +65,7 @@ def test_sweep_writes_every_output_and_resumes_without_retraining(ray_cluster, s
     assert best_config["trial"]["trial_id"] == best["trial_id"]
     assert best_config["optim"]["lr"] == pytest.approx(best["lr"])
     assert best_config["trial"]["best_val_acc"] == results["best_val_acc"].max()
+    assert isinstance(best_config["trial"]["best_epoch"], int)
     assert "output" not in best_config["run"]  # a training run from it needs its own --output
     _, spec = load_model_dir(str(out / "best"))
     assert spec.model == "test_resnet"
@@ -159,6 +160,7 @@ def test_failed_trials_are_recorded_not_fatal(ray_cluster, synth_shards, tmp_pat
     assert "error: no trial finished" in capsys.readouterr().err
     results = pd.read_parquet(out / "results.parquet")
     assert len(results) == 2 and (results["status"] == "ERROR").all()
+    assert str(results["best_epoch"].dtype) == "Int64"  # whole epochs, none known here
     assert results["error"].str.contains("ArrowInvalid|Could not read schema").all()
     assert not (out / "best").exists()
 
