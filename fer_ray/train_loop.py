@@ -73,6 +73,9 @@ class LoopSettings:
     cutmix: float = 0.0  # cutmix alpha; 0: off
     mix_prob: float = 1.0  # fraction of batches mixed
     deadline: float = 0.0  # time.time() by which the run must end (--time-budget); 0: none
+    # A sweep trial's --time-budget in seconds, counted from when its workers start: its
+    # workers may wait minutes for the nodes an autoscaler brings up. 0: none (or `deadline`).
+    budget_s: float = 0.0
     cpus_per_worker: int = 1
     pretrained_state: Any = None  # an ObjectRef to a state dict, fetched once by the driver
 
@@ -465,6 +468,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if restored.get("scaler"):
             scaler.load_state_dict(restored["scaler"])
         log0(f"Resuming after epoch {state.epoch} (step {state.global_step}) from {checkpoint.path}")
+    start_budget_clock(s, device)
     configured_epochs = s.epochs  # --epochs: the most a time budget's plan may grow to
     if state.planned_epochs:  # the schedule the time budget fitted, kept across restarts
         s.epochs = state.planned_epochs
@@ -584,6 +588,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if state.stopped_early:
             break
         epoch += 1
+
+
+def start_budget_clock(s: LoopSettings, device: torch.device) -> None:
+    """A sweep trial's --time-budget starts when its workers do (each time they start: a
+    trial's workers restarted after a failure have the whole budget again); every worker
+    takes the latest start, so that all plan the same epochs."""
+    if s.budget_s and not s.deadline:
+        s.deadline = all_reduce([time.time()], device, op=dist.ReduceOp.MAX)[0] + s.budget_s
 
 
 def _fit_to_deadline(

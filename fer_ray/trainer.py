@@ -99,11 +99,13 @@ RESUME_DEFAULTS = {"optimizer": "adamw", "input_norm": "dataset"}
 
 
 def resolve_settings(
-    cfg: TrainConfig, manifest: dict[str, Any], pretrained_state: Any = None, started: float | None = None
+    cfg: TrainConfig, manifest: dict[str, Any], pretrained_state: Any = None, started: float | None = None,
+    budget_from_workers: bool = False,
 ) -> LoopSettings:
     """Everything the worker loop needs, from the config and the shards' manifest.
 
-    `started` (time.time(); default now) is when the run began: --time-budget counts from it.
+    `started` (time.time(); default now) is when the run began: --time-budget counts from it;
+    with `budget_from_workers` (a sweep's trial), from the workers' start instead.
     """
     d, m, o, r = cfg.data, cfg.model, cfg.optim, cfg.run
     classes = list(manifest["classes"])
@@ -140,7 +142,8 @@ def resolve_settings(
         mixup=o.mixup,
         cutmix=o.cutmix,
         mix_prob=o.mix_prob,
-        deadline=((started or time.time()) + o.time_budget * 60) if o.time_budget else 0.0,
+        deadline=((started or time.time()) + o.time_budget * 60) if o.time_budget and not budget_from_workers else 0.0,
+        budget_s=o.time_budget * 60 if budget_from_workers else 0.0,
         label_smoothing=o.label_smoothing,
         class_weights=class_weights(train_counts(manifest)) if o.class_weights else None,
         patience=o.patience,

@@ -58,7 +58,9 @@ def run_trial(config: dict[str, Any], base: dict[str, Any], manifest: dict[str, 
     trial_id = ray.tune.get_context().get_trial_id()
     trial_dir = storage.join(tune_dir, TRIALS_DIR, trial_id)
     cfg = trial_config(base, config["lr"], config["label_smoothing"], trial_dir)
-    settings = resolve_settings(cfg, manifest, pretrained[0] if pretrained else None)
+    # The trial's budget counts from its workers' start, not from the minutes they may wait
+    # for the nodes an autoscaler brings up.
+    settings = resolve_settings(cfg, manifest, pretrained[0] if pretrained else None, budget_from_workers=True)
     write_config(cfg, settings, trial_dir)
     # Re-running a trial (sweep resumed) resumes its TorchTrainer from the trial folder.
     build_trainer(cfg, settings, callbacks=[TuneReportCallback()]).fit()

@@ -556,3 +556,42 @@ def test_cpu_formats_are_timed_one_after_another_with_fewer_steps_when_slow() ->
     calls.clear()
     time_cpu_formats(model, 8, 3, 32, train=True, steps=3, warmup=2, max_seconds=0.0)
     assert calls == [fmt for fmt in expected for _ in range(2)]  # no time left: one warm-up, one timed
+
+
+def test_a_sweep_trials_budget_counts_from_its_workers_start(synth_shards, monkeypatch) -> None:
+    """A sweep trial's workers may wait minutes for the nodes an autoscaler brings up: its
+    --time-budget starts when they do (the latest worker's clock), not when the trial did;
+    a training job's counts from the job's start."""
+    from types import SimpleNamespace
+
+    import fer_ray.train_loop as tl
+    import fer_ray.tuning as tuning
+    from fer_ray.trainer import resolve_settings
+
+    job = settings_for(synth_shards, "--time-budget", "2")
+    assert job.deadline > 0 and job.budget_s == 0
+    seen = {}
+    monkeypatch.setattr(tuning, "resolve_settings",
+                        lambda *a, **k: seen.update(k) or (_ for _ in ()).throw(RuntimeError("stop")))
+    monkeypatch.setattr(tuning.ray.tune, "get_context", lambda: SimpleNamespace(get_trial_id=lambda: "t1"))
+    with pytest.raises(RuntimeError, match="stop"):
+        tuning.run_trial({"lr": 0.01, "label_smoothing": 0.1}, {"optim": {"time_budget": 2.0}}, {}, "/tmp/x", None)
+    assert seen.get("budget_from_workers") is True
+    import argparse
+
+    from fer_ray.config import TrainConfig, parse_config
+    from fer_ray.trainer import check_inputs
+
+    cfg, _ = parse_config(TrainConfig, ["--data", str(synth_shards), "--output", "unused", "--model", "test_resnet",
+                                        "--no-pretrained", "--image-size", "32", "--time-budget", "2"],
+                          argparse.ArgumentParser())
+    trial = resolve_settings(cfg, check_inputs(cfg), budget_from_workers=True)
+    assert trial.deadline == 0 and trial.budget_s == 120.0
+
+    monkeypatch.setattr(tl, "time", SimpleNamespace(time=lambda: 1000.0))
+    monkeypatch.setattr(tl, "all_reduce", lambda values, device, op=None: [values[0] + 7.0])  # a later worker
+    tl.start_budget_clock(trial, torch.device("cpu"))
+    assert trial.deadline == 1127.0
+    before = job.deadline
+    tl.start_budget_clock(job, torch.device("cpu"))
+    assert job.deadline == before  # a job's deadline is left as it was
