@@ -160,6 +160,23 @@ def _download(uri: str) -> str:
     return path
 
 
+def check_input_size(model: torch.nn.Module, name: str, in_chans: int, size: int) -> None:
+    """One forward pass at the training input size, on the driver: a model built for a
+    fixed size (ViTs, for one) would otherwise fail in every worker."""
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, in_chans, size, size))
+    except Exception as e:  # noqa: BLE001 (the model's own message says what it needs)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ConfigError(
+            f"{name} does not take {in_chans}-channel {size} px images ({first}); choose another "
+            f"--image-size, or give the model its input size, e.g. --model-kwargs '{{\"img_size\": {size}}}'."
+        ) from None
+    finally:
+        model.train(was_training)
+
+
 def data_config(model: torch.nn.Module) -> dict[str, Any]:
     """Mean/std and interpolation the model's weights expect (timm's resolved data config)."""
     return timm.data.resolve_model_data_config(model)
@@ -171,9 +188,15 @@ def data_config(model: torch.nn.Module) -> dict[str, Any]:
 
 
 def parameter_groups(model: torch.nn.Module) -> list[list[str]]:
-    """Parameter names by stage, stem first and classifier last (timm's coarse groups)."""
-    groups = group_parameters(model, model.group_matcher(coarse=True))
-    return [groups[k] for k in sorted(groups)]
+    """Parameter names by stage, stem first and classifier last (timm's coarse groups). A
+    model without timm's group matcher (PiT, PoolFormer and a few more) has two groups: the
+    rest, then its classifier."""
+    if hasattr(model, "group_matcher"):
+        groups = group_parameters(model, model.group_matcher(coarse=True))
+        return [groups[k] for k in sorted(groups)]
+    head = {id(p) for p in model.get_classifier().parameters()}
+    names = [(name, id(p) in head) for name, p in model.named_parameters()]
+    return [[n for n, is_head in names if not is_head], [n for n, is_head in names if is_head]]
 
 
 def set_trainable(model: torch.nn.Module, unfreeze: str | int | None) -> set[str]:

@@ -43,7 +43,7 @@ from fer_ray.data import (
     class_weights, resolve_data_size, sample_images, sampling_rates, train_counts, train_val_datasets,
 )
 from fer_ray.metrics import confusion_table, metrics_table, summary
-from fer_ray.model import ModelSpec, check_model_name, create_model, data_config, fetch_pretrained_state
+from fer_ray.model import ModelSpec, check_input_size, check_model_name, create_model, data_config, fetch_pretrained_state
 from fer_ray.prepare import read_manifest
 from fer_ray.normalize import match_channels
 from fer_ray.reports import plot_confusion_matrix, plot_learning_curves
@@ -124,6 +124,7 @@ def resolve_settings(
     )
     # timm gives RGB statistics; a 1-channel stem sees their average.
     spec.mean, spec.std = match_channels(spec.mean, spec.in_chans), match_channels(spec.std, spec.in_chans)
+    check_input_size(probe, m.model, spec.in_chans, d.image_size)
     spec.input_blur, spec.train_sharpness = resolve_input_blur(cfg, spec)
     return LoopSettings(
         spec=spec,
@@ -222,11 +223,20 @@ def _check_output(cfg: TrainConfig) -> dict[str, Any] | None:
         return None
     if not storage.is_dir(output):
         raise ConfigError(f"--output {cfg.run.output!r} is a file; choose a folder.")
+    is_sweep = hasattr(cfg, "sweep")
     for name in (CONFIG_FILE, SWEEP_CONFIG_FILE):
         path = storage.join(output, name)
         if storage.exists(path):
             settings = storage.read_json(path)
             if "data" in settings:  # (a model folder's config.json is timm's)
+                if (name == SWEEP_CONFIG_FILE) != is_sweep:
+                    # A training run would resume "from" a sweep's folder and overwrite its
+                    # best/ (easily done with --config SWEEP/best_config.json), and a sweep
+                    # would write its trials into a run's folder.
+                    held, job = ("a sweep", "training run") if not is_sweep else ("a training run", "sweep")
+                    raise ConfigError(
+                        f"--output {cfg.run.output!r} holds {held}; give this {job} a folder of its own."
+                    )
                 return settings
     if storage.list_dir(output, hidden=True):
         raise ConfigError(

@@ -46,6 +46,18 @@ def test_staged_unfreezing_follows_timm_stages() -> None:
     assert len(set_trainable(model, "all")) == sum(len(g) for g in groups[:-1])
 
 
+def test_a_model_without_timms_group_matcher_trains_its_classifier_first() -> None:
+    """PiT, PoolFormer and a few more timm models have no group matcher: their head phase
+    trains the classifier, and unfreezing opens the rest."""
+    model = create_model("pit_ti_224", 7)
+    assert not hasattr(model, "group_matcher")
+    groups = parameter_groups(model)
+    assert groups[-1] == ["head.weight", "head.bias"] and len(groups) == 2
+    assert set_trainable(model, None) == set()
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {"head.weight", "head.bias"}
+    assert set_trainable(model, "1") == set(groups[0]) == set_trainable(model, "all")
+
+
 def test_frozen_modules_stay_in_eval_mode() -> None:
     model = create_model("test_resnet", 7)
     set_trainable(model, None)

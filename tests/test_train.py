@@ -120,6 +120,8 @@ def test_bf16_autocast_path_on_cpu(ray_cluster, synth_shards, tmp_path) -> None:
         (["--input-norm", "pixel"], "--input-norm must be one of dataset, image; got 'pixel'"),
         (["--pretrained", "--pretrained-file", "/no/such/weights.pth"], "does not exist"),
         (["--pretrained", "--model-kwargs", '{"bogus": 1}'], "--model-kwargs {'bogus': 1} do not fit test_resnet"),
+        (["--model", "vit_tiny_patch16_224"], "vit_tiny_patch16_224 does not take 3-channel 32 px images (Input "
+                                              "height (32) doesn't match model (224)"),
     ],
 )
 def test_bad_input_fails_before_workers_start(synth_shards, tmp_path, capsys, extra, message) -> None:
@@ -130,7 +132,8 @@ def test_bad_input_fails_before_workers_start(synth_shards, tmp_path, capsys, ex
     assert not (out / "ray_train").exists()
 
 
-@pytest.mark.parametrize("case", ["file", "the_data", "inside_the_data", "foreign", "hidden_only", "model_folder"])
+@pytest.mark.parametrize("case", ["file", "the_data", "inside_the_data", "foreign", "hidden_only", "model_folder",
+                                  "sweep_folder"])
 def test_outputs_that_are_not_run_folders_are_refused(synth_shards, tiny_run, tmp_path, capsys, case) -> None:
     out = tmp_path / "out"
     if case == "file":
@@ -144,6 +147,11 @@ def test_outputs_that_are_not_run_folders_are_refused(synth_shards, tiny_run, tm
         (out / "thesis.tex").write_text("precious")
     elif case == "hidden_only":
         (out / ".git").mkdir(parents=True)
+    elif case == "sweep_folder":  # with the same settings: `--config SWEEP/best_config.json`
+        out.mkdir()
+        shutil.copy(tiny_run / "config.json", out / "sweep_config.json")
+        (out / "best").mkdir()
+        (out / "best" / "model.safetensors").write_bytes(b"the sweep's best model")
     else:
         out = tiny_run / "best"  # a model folder: its config.json is timm's
     before = sorted(p.relative_to(out) for p in out.rglob("*")) if out.is_dir() else None

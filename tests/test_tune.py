@@ -210,3 +210,14 @@ def test_unknown_flag_is_rejected(synth_shards, tmp_path, capsys) -> None:
         tune_main(sweep_args(str(synth_shards), str(tmp_path / "x"), "--learning-rate", "0.1"))
     assert exit_info.value.code == 2
     assert "unrecognized arguments: --learning-rate" in capsys.readouterr().err
+
+
+def test_a_sweep_into_a_training_runs_folder_is_refused(synth_shards, tiny_run, tmp_path, capsys) -> None:
+    """A sweep would write its trials and best/ into a training run's folder."""
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run, out)
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    assert tune_main(sweep_args(str(synth_shards), str(out))) == 2
+    err = capsys.readouterr().err
+    assert "holds a training run; give this sweep a folder of its own" in err and err.count("\n") == 1, err
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
