@@ -63,12 +63,20 @@ def init_ray(min_cpus: int = 4, dashboard: bool = False) -> None:
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS")
-    if address:
+    if address and address != "local":
         connect_ray(address)
+        return
+    running = None if address else running_local_cluster()
+    if running:
+        # As Ray's own `ray.init()` does (which then refuses num_cpus in a traceback).
+        log.info("Joining the Ray cluster that `ray start` runs on this machine at %s "
+                 "(RAY_ADDRESS=local starts a Ray of this job's own instead)", running)
+        connect_ray(running, where=f"{running!r} (the cluster `ray start` runs on this machine)")
+        os.environ["RAY_ADDRESS"] = running  # a cluster, as for a submitted job (warn_local_paths)
         return
     dashboard = dashboard or _coerce(os.environ.get("FER_RAY_DASHBOARD", "0").strip(), bool, "FER_RAY_DASHBOARD")
     num_cpus = max(os.cpu_count() or 1, min_cpus)
-    ray.init(num_cpus=num_cpus, include_dashboard=dashboard)
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard)
     if not dashboard:
         log.info("Started a local Ray (%d logical CPUs) without the dashboard; "
                  "FER_RAY_DASHBOARD=1 keeps it, or `ray start --head` and submit jobs to it.", num_cpus)
@@ -101,7 +109,26 @@ _TOKEN_HELP = (
 )
 
 
-def connect_ray(address: str) -> None:
+def running_local_cluster() -> str | None:
+    """The address of the cluster the latest `ray start` on this machine runs, when it
+    still answers (Ray leaves the file that names it behind when a head dies)."""
+    try:
+        from ray._private.utils import read_ray_address
+
+        address = read_ray_address()
+    except Exception:  # noqa: BLE001 (a private helper of Ray's: without it, start a local Ray)
+        return None
+    host_port = _host_port(address) if address else None
+    if host_port is None:
+        return None
+    try:
+        socket.create_connection(host_port, timeout=1.0).close()
+    except OSError:
+        return None
+    return address
+
+
+def connect_ray(address: str, where: str | None = None) -> None:
     """`ray.init(address)` that fails in one sentence instead of retrying for minutes.
 
     Against a closed port `ray.init` keeps retrying the GCS for well over two minutes, so
@@ -113,17 +140,19 @@ def connect_ray(address: str) -> None:
     import ray
     from ray.exceptions import AuthenticationError
 
+    where = where or f"RAY_ADDRESS={address!r}"
+
     host_port = _host_port(address)
     if host_port is not None:
         try:
             socket.create_connection(host_port, timeout=CONNECT_TIMEOUT_S).close()
         except OSError as e:
             raise ConfigError(
-                f"Nothing answers at RAY_ADDRESS={address!r} ({e.strerror or e}); start the "
+                f"Nothing answers at {where} ({e.strerror or e}); start the "
                 "cluster (`ray start --head` or `ray up cluster.yaml`) or unset RAY_ADDRESS to "
                 "run on a Ray instance of this machine."
             ) from None
-    watchdog = threading.Timer(INIT_TIMEOUT_S, _give_up, args=(address,))
+    watchdog = threading.Timer(INIT_TIMEOUT_S, _give_up, args=(where,))
     watchdog.daemon = True
     watchdog.start()
     try:
@@ -131,26 +160,26 @@ def connect_ray(address: str) -> None:
     except AuthenticationError:
         raise ConfigError(
             f"Token authentication is on (RAY_AUTH_MODE=token) but no token was found for "
-            f"RAY_ADDRESS={address!r}; {_TOKEN_HELP}."
+            f"{where}; {_TOKEN_HELP}."
         ) from None
     except ConnectionError as e:
         if _auth_rejected(e):
             raise ConfigError(
-                f"The Ray cluster at RAY_ADDRESS={address!r} rejected this job's authentication "
+                f"The Ray cluster at {where} rejected this job's authentication "
                 f"token; {_TOKEN_HELP}."
             ) from None
         raise ConfigError(
-            f"Could not connect to a Ray cluster at RAY_ADDRESS={address!r}; give the head "
+            f"Could not connect to a Ray cluster at {where}; give the head "
             "node's GCS address (host:port, 6379 by default) of a running cluster."
         ) from None
     finally:
         watchdog.cancel()
 
 
-def _give_up(address: str) -> None:
+def _give_up(where: str) -> None:
     # ray.init cannot be interrupted from here; end the process as run_job would.
     print(
-        f"error: No Ray cluster answered at RAY_ADDRESS={address!r} within "
+        f"error: No Ray cluster answered at {where} within "
         f"{INIT_TIMEOUT_S:.0f} s; give the head node's GCS address (host:port, 6379 by "
         "default), not the dashboard's.",
         file=sys.stderr, flush=True,

@@ -43,7 +43,7 @@ from fer_ray import storage
 from fer_ray.cli import autoscaler_limits, require_gpus
 from fer_ray.config import AMP_MODES, ConfigError
 from fer_ray.constants import (
-    IMAGE_COL, IMAGE_EXTENSIONS, LABEL_COL, MANIFEST_FILE, PATH_COL, SPLITS, TTA_MODES,
+    IMAGE_COL, IMAGE_EXTENSIONS, LABEL_COL, PATH_COL, SPLITS, TTA_MODES,
 )
 
 if TYPE_CHECKING:
@@ -160,10 +160,12 @@ ERROR_SCHEMA = pa.schema([(PATH_COL, pa.string()), (REASON_COL, pa.string())])
 
 def find_shards(source: str) -> tuple[str, str | None] | None:
     """(shards root, split) when SRC is a prepared shards folder or one split of one."""
-    if storage.exists(storage.join(source, MANIFEST_FILE)):
+    from fer_ray.prepare import is_shards
+
+    if is_shards(source):
         return source, None
-    parent, _, name = source.rstrip("/").rpartition("/")
-    if name in SPLITS and parent and storage.exists(storage.join(parent, MANIFEST_FILE)):
+    parent, name = storage.split_last(source)  # (a URI's ?options stay on the root)
+    if name in SPLITS and parent and is_shards(parent):
         return parent, name
     return None
 
@@ -242,18 +244,30 @@ def _check_output(model_dir: str, source: str, output: str) -> None:
         if not storage.is_dir(output):
             raise ConfigError(f"--output {output!r} is a file; choose a folder.")
         # Hidden entries count (a folder holding only .git is not empty): a rerun replaces it.
-        if storage.list_dir(output, hidden=True) and not storage.exists(storage.join(output, SUMMARY_FILE)):
+        if storage.list_dir(output, hidden=True) and not _is_scoring_output(output):
             raise ConfigError(
                 f"--output {output!r} is a non-empty folder that jobs/predict.py did not write; "
                 "choose a new folder (a predictions folder is replaced on rerun)."
             )
 
 
+def _is_scoring_output(folder: str) -> bool:
+    """Written by jobs/predict.py: its summary.json (other tools write files of that name
+    too) beside its predictions folder. Only such a folder is replaced by a rerun."""
+    path = storage.join(folder, SUMMARY_FILE)
+    try:
+        summary = storage.read_json(path) if storage.is_file(path) else None
+    except (ValueError, UnicodeDecodeError):
+        return False
+    return (isinstance(summary, dict) and {"input_kind", "classes", "scored", "total"} <= summary.keys()
+            and storage.is_dir(storage.join(folder, PREDICTIONS_DIR)))
+
+
 def _has_any_file(folder: str) -> bool:
     local = storage.local_path(folder)
     if local is None:
         return bool(storage.list_files(folder))
-    for root, dirs, files in os.walk(local):
+    for root, dirs, files in os.walk(local, followlinks=True):  # as the listing follows them
         dirs[:] = [d for d in dirs if not d.startswith(".")]
         if any(not f.startswith(".") for f in files):
             return True

@@ -58,6 +58,7 @@ class Listing:
     items: dict[str, list[tuple[str, int]]] = field(default_factory=dict)
     csv_chunks: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     csv_columns: dict[str, int] = field(default_factory=dict)  # a CSV's column -> its index
+    val_fraction: float | None = None  # the share of train carved out as val; None: val given
 
 
 # --------------------------------------------------------------------------------------
@@ -97,7 +98,7 @@ def _class_dirs(folder: str) -> list[str]:
 def _files_by_class(folder: str, classes: list[str]) -> list[tuple[str, int]]:
     items = []
     for label, name in enumerate(classes):
-        class_dir = storage.join(folder, name)
+        class_dir = storage.child(folder, name)
         if storage.is_dir(class_dir):
             fs, _ = storage.resolve(class_dir)
             items.extend((storage.full_path(fs, p, class_dir), label) for p in storage.list_files(class_dir))
@@ -137,13 +138,13 @@ def _list_split_folders(
         )
     if TRAIN not in split_dirs:
         raise ConfigError(f"Source {source!r} has split folders but no train/ folder; add one.")
-    train_dir = storage.join(source, split_dirs[TRAIN])
+    train_dir = storage.child(source, split_dirs[TRAIN])
     classes = class_order(_class_dirs(train_dir))
     if not classes:
         raise ConfigError(f"{train_dir!r} has no class folders; put each class's images in a folder named after the class.")
     listing = Listing(kind="split_folders", classes=classes)
     for split, dirname in split_dirs.items():
-        folder = storage.join(source, dirname)
+        folder = storage.child(source, dirname)
         extra = sorted(set(_class_dirs(folder)) - set(classes))
         if extra:
             raise ConfigError(
@@ -157,6 +158,7 @@ def _list_split_folders(
         tr, va = stratified_split([lab for _, lab in train_items], val_fraction, seed)
         listing.items[TRAIN] = [train_items[i] for i in tr]
         listing.items[VAL] = [train_items[i] for i in va]
+        listing.val_fraction = val_fraction
     _check_not_empty(listing, source, None if VAL in split_dirs else val_fraction, split_dirs)
     return listing
 
@@ -169,6 +171,7 @@ def _list_class_folders(source: str, subdirs: list[str], val_fraction: float, se
         kind="class_folders",
         classes=classes,
         items={TRAIN: [items[i] for i in tr], VAL: [items[i] for i in va]},
+        val_fraction=val_fraction,
     )
     _check_not_empty(listing, source, val_fraction)
     return listing
@@ -181,6 +184,12 @@ def _check_not_empty(
     own folder); an empty test folder is left out with a warning."""
     if not listing.items.get(TRAIN):
         raise ConfigError(f"Source {source!r} holds no files in its class folders; add images.")
+    if len(listing.classes) < 2:
+        # A folder one level too high (SOURCE/fer2013/train/...) reads as one class.
+        raise ConfigError(
+            f"Source {source!r} has one class folder ({listing.classes[0]}); a classifier needs at "
+            "least two: give the folder whose subfolders are the classes (or train/ and val/)."
+        )
     counts = Counter(lab for _, lab in listing.items[TRAIN])
     empty = [c for i, c in enumerate(listing.classes) if counts[i] == 0]
     if empty:
@@ -392,7 +401,7 @@ def _check_output(source: str, output: str) -> None:
         if not storage.is_dir(output):
             raise ConfigError(f"--output {output!r} is a file; choose a folder.")
         entries = storage.list_dir(output)
-        shards = storage.exists(storage.join(output, MANIFEST_FILE)) or _half_published(output, entries)
+        shards = is_shards(output) or _half_published(output, entries)
         if entries and not shards:
             raise ConfigError(
                 f"--output {output!r} is a non-empty folder that is not a shards folder; "
@@ -490,7 +499,7 @@ def prepare(
             "splits": counts,
             "image": _image_summary(stats),
             "skipped": [{"path": p, "reason": r} for p, r in sorted(stats["skipped"].items())],
-            "val_fraction": val_fraction if listing.kind == "class_folders" else None,
+            "val_fraction": listing.val_fraction,  # None when the source had its val split
             "seed": seed,
             "shard_rows": shard_rows,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -549,12 +558,34 @@ def _publish(staging: str, output: str, splits: list[str], manifest: dict[str, A
     storage.write_json(manifest_path, manifest)
 
 
+def _manifest_or_none(shards: str) -> dict[str, Any] | None:
+    """The folder's manifest.json when jobs/prepare.py wrote it (other tools write files of
+    that name too), else None."""
+    path = storage.join(storage.normalize(shards), MANIFEST_FILE)
+    if not storage.is_file(path):
+        return None
+    try:
+        manifest = storage.read_json(path)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    ok = isinstance(manifest, dict) and isinstance(manifest.get("classes"), list) and isinstance(
+        manifest.get("splits"), dict)
+    return manifest if ok else None
+
+
+def is_shards(folder: str) -> bool:
+    """Whether `folder` is a shards folder jobs/prepare.py wrote."""
+    return _manifest_or_none(folder) is not None
+
+
 def read_manifest(shards: str) -> dict[str, Any]:
     """The manifest of a shards folder; ConfigError when the folder is not one."""
-    path = storage.join(storage.normalize(shards), MANIFEST_FILE)
-    if not storage.exists(path):
+    manifest = _manifest_or_none(shards)
+    if manifest is None:
+        written = storage.exists(storage.join(storage.normalize(shards), MANIFEST_FILE))
         raise ConfigError(
-            f"{shards!r} is not a prepared shards folder (no {MANIFEST_FILE}); "
+            f"{shards!r} is not a prepared shards folder "
+            f"({'its ' + MANIFEST_FILE + ' is not one jobs/prepare.py wrote' if written else 'no ' + MANIFEST_FILE}); "
             "run jobs/prepare.py first."
         )
-    return storage.read_json(path)
+    return manifest

@@ -83,6 +83,20 @@ def join(base: str, *parts: str) -> str:
     return os.path.join(base, *parts)
 
 
+def child(folder: str, name: str) -> str:
+    """`folder`/`name` for a name as a listing gives it (decoded): percent-encoded under a
+    URI, where a space, % or # would otherwise not parse or name another key."""
+    return join(folder, quote(name, safe="")) if is_uri(folder) else join(folder, name)
+
+
+def split_last(path: str) -> tuple[str, str]:
+    """(parent, last name) of a path or URI; a URI's ?options stay on the parent."""
+    path = normalize(path)
+    head, query = _split_query(path) if is_uri(path) else (path, "")
+    parent, _, name = head.rstrip("/").rpartition("/")
+    return (parent + query if parent and not parent.endswith(":/") else ""), name
+
+
 def sibling(path: str, suffix: str) -> str:
     """`path` with `suffix` added to its last name: a folder beside it (a URI's ?options
     stay at the end, not inside the suffix)."""

@@ -23,7 +23,7 @@ import ray.train
 
 from fer_ray import storage
 from fer_ray.cli import require_gpus
-from fer_ray.config import RESOLVED_KEY, ConfigError, TrainConfig, parse_input_blur, to_dict
+from fer_ray.config import LR_RANGES, RESOLVED_KEY, ConfigError, TrainConfig, parse_input_blur, to_dict
 from fer_ray.constants import (
     BEST_DIR,
     CONFIG_FILE,
@@ -256,6 +256,10 @@ def _check_resume_compatible(cfg: TrainConfig, existing: dict[str, Any] | None) 
     for flat in (old, new):  # data/x and ./data/x are one folder
         if isinstance(flat.get("data"), str):
             flat["data"] = storage.normalize(flat["data"])
+    if hasattr(cfg, "sweep"):  # the range searched: --lr-range, or the optimizer's default one
+        for flat in (old, new):
+            if flat.get("lr_range") is None:
+                flat["lr_range"] = list(LR_RANGES[flat.get("optimizer") or "adamw"])
     keys = RESUME_KEYS + (SWEEP_RESUME_KEYS if hasattr(cfg, "sweep") else ())
     changed = [k for k in keys if k in old and old.get(k) != new.get(k)]
     if changed:

@@ -46,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--size must be at least 8 pixels, got {args.size}")
     if not any(per_split.values()):
         parser.error("every split has 0 images per class; nothing to write")
+    if "://" in args.output:  # (written with the local filesystem: s3:// made a folder "s3:")
+        parser.error(f"--output {args.output!r}: the generator writes local folders only; "
+                     "write one here and copy it (e.g. `aws s3 sync`)")
     if os.path.exists(args.output) and not os.path.isdir(args.output):
         parser.error(f"--output {args.output!r} is a file; choose a folder")
     if os.path.isdir(args.output) and os.listdir(args.output):

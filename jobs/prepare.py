@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--source", required=True, help="image folder(s) or FER2013 CSV")
     parser.add_argument("--output", required=True, help="shards folder to write")
     parser.add_argument("--val-fraction", type=float, default=0.1,
-                        help="val share for a folder of class folders (stratified)")
+                        help="val share carved out of train (stratified) when the source has no val split")
     parser.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
     parser.add_argument("--shard-rows", type=int, default=5000, help="rows per Parquet file")
     args = parser.parse_args(argv)

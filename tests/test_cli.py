@@ -239,3 +239,43 @@ def test_local_paths_on_a_cluster_that_works_elsewhere_are_warned_about(monkeypa
     monkeypatch.delenv("RAY_ADDRESS")  # a Ray the job started itself: its paths are its own
     cli.warn_local_paths(output="runs/r50")
     assert not caplog.text
+
+
+@pytest.mark.parametrize("case", ["ray_start_running", "stale_address_file", "ray_address_local"])
+def test_without_ray_address_a_job_joins_the_cluster_ray_start_runs_here(monkeypatch, case) -> None:
+    """Ray's own `ray.init()` joins the cluster the latest `ray start` on this machine runs,
+    and then refuses the num_cpus a local start passes (every job ended in a traceback);
+    the job joins it as a submitted job would, unless it no longer answers or
+    RAY_ADDRESS=local asks for a Ray of the job's own."""
+    import socket
+
+    import ray
+    import ray._private.utils
+
+    from fer_ray import cli
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    if case == "stale_address_file":
+        listener.close()  # the head is gone; its address file is not
+    else:
+        listener.listen(1)
+    monkeypatch.setattr(ray._private.utils, "read_ray_address", lambda temp_dir=None: f"127.0.0.1:{port}")
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    calls = []
+    monkeypatch.setattr(cli, "connect_ray", lambda address, where=None: calls.append(("connect", address)))
+    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(("init", kwargs)))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    if case == "ray_address_local":
+        monkeypatch.setenv("RAY_ADDRESS", "local")
+    try:
+        cli.init_ray()
+    finally:
+        listener.close()
+    if case == "ray_start_running":
+        assert calls == [("connect", f"127.0.0.1:{port}")]
+        assert os.environ["RAY_ADDRESS"] == f"127.0.0.1:{port}"  # a cluster, for warn_local_paths
+    else:
+        assert len(calls) == 1 and calls[0][0] == "init", calls
+        assert calls[0][1]["address"] == "local" and calls[0][1]["num_cpus"] >= 4

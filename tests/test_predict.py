@@ -274,6 +274,35 @@ def test_shards_folder_input(ray_cluster, model_dir, tmp_path) -> None:
     assert check_inputs(str(model_dir), str(tmp_path / "shards" / "val"), str(tmp_path / "o"), split="val")
 
 
+def test_a_folder_with_another_tools_manifest_is_scored_as_images(model_dir, image_folder, tmp_path) -> None:
+    """A manifest.json that jobs/prepare.py did not write (in the folder, or above a folder
+    named val) made the job take images for shards and end in a KeyError traceback."""
+    src = tmp_path / "photos"
+    shutil.copytree(image_folder[0], src / "val")
+    for folder in (src, src / "val"):
+        (folder / "manifest.json").write_text('{"version": 1}')
+    from fer_ray.predict import find_shards
+
+    assert find_shards(str(src)) is None and find_shards(str(src / "val")) is None
+    assert check_inputs(str(model_dir), str(src / "val"), str(tmp_path / "o")).class_names
+    with pytest.raises(ConfigError, match="is an image folder"):
+        check_inputs(str(model_dir), str(src / "val"), str(tmp_path / "o"), split="val")
+
+
+def test_class_folders_that_are_symlinks_are_scored(ray_cluster, model_dir, image_folder, tmp_path, capsys) -> None:
+    """The listing follows symlinks; the check that the input holds any file did not, and
+    refused such a folder as empty."""
+    src = tmp_path / "links"
+    src.mkdir()
+    for name in ("happy", "sad"):
+        (src / name).symlink_to(image_folder[0] / name, target_is_directory=True)
+    out = tmp_path / "out"
+    assert predict_main(["--model", str(model_dir), "--input", str(src), "--output", str(out)]) in (0, 1)
+    summary = json.loads((out / SUMMARY_FILE).read_text())
+    expected = sum(1 for name in ("happy", "sad") for p in (image_folder[0] / name).rglob("*") if p.is_file())
+    assert summary["total"] == expected and summary["scored"] > 0
+
+
 def test_shards_with_other_classes_are_refused(model_dir, tmp_path) -> None:
     (tmp_path / "shards").mkdir()
     (tmp_path / "shards" / "manifest.json").write_text(json.dumps({"classes": ["cat", "dog"], "splits": {}}))
@@ -336,7 +365,8 @@ def test_folder_of_bad_files_scores_nothing_lists_them_and_fails(ray_cluster, mo
 
 @pytest.mark.parametrize("case", [
     "missing_model", "model_file", "not_a_model", "damaged_model", "missing_input", "empty_input", "output_inside_input",
-    "input_inside_output", "foreign_output", "hidden_only_output", "input_is_file", "fp16_on_cpu",
+    "input_inside_output", "foreign_output", "foreign_output_with_a_summary", "hidden_only_output", "input_is_file",
+    "fp16_on_cpu",
 ])
 def test_bad_inputs_exit_2_with_one_sentence(case, model_dir, image_folder, tmp_path, capsys) -> None:
     src = str(image_folder[0])
@@ -363,6 +393,10 @@ def test_bad_inputs_exit_2_with_one_sentence(case, model_dir, image_folder, tmp_
     elif case == "foreign_output":
         (tmp_path / "out").mkdir()
         (tmp_path / "out" / "thesis.tex").write_text("precious")
+    elif case == "foreign_output_with_a_summary":  # other tools write summary.json files too
+        (tmp_path / "out" / "chapters").mkdir(parents=True)
+        (tmp_path / "out" / "thesis.tex").write_text("precious")
+        (tmp_path / "out" / SUMMARY_FILE).write_text('{"loss": 0.1}')
     elif case == "hidden_only_output":  # hidden entries are not nothing
         (tmp_path / "out" / ".git").mkdir(parents=True)
         (tmp_path / "out" / ".git" / "HEAD").write_text("precious")
@@ -376,7 +410,10 @@ def test_bad_inputs_exit_2_with_one_sentence(case, model_dir, image_folder, tmp_
     assert code == 2
     assert err.startswith("error: ") and len(err.splitlines()) == 1, err
     assert err.count(". ") + err.count("; ") <= 2  # one sentence (maybe with a clause after ';')
-    assert not Path(out).exists() or case in ("foreign_output", "hidden_only_output", "input_inside_output")
+    assert not Path(out).exists() or case in ("foreign_output", "foreign_output_with_a_summary",
+                                              "hidden_only_output", "input_inside_output")
+    if case == "foreign_output_with_a_summary":
+        assert (Path(out) / "thesis.tex").read_text() == "precious" and (Path(out) / "chapters").is_dir()
     if case == "hidden_only_output":
         assert (Path(out) / ".git" / "HEAD").read_text() == "precious"
     if case == "model_file":

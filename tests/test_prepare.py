@@ -63,6 +63,16 @@ def test_split_folders_listing(tmp_path) -> None:
     assert listing.classes == ["happy", "sad"]
     assert {k: len(v) for k, v in listing.items.items()} == {"train": 5, "val": 1, "test": 1}
     assert all(lab == 1 for p, lab in listing.items["test"])
+    assert listing.val_fraction is None  # val was given
+
+
+def test_split_folders_without_val_carve_it_from_train_and_say_so(tmp_path) -> None:
+    """The Kaggle layout (train/ and test/): val comes out of train at --val-fraction, and
+    the listing (so the manifest) records the fraction (it said None)."""
+    make_tree(tmp_path, {"train/happy": 10, "train/sad": 10, "test/sad": 1})
+    listing = list_source(str(tmp_path), val_fraction=0.2)
+    assert {k: len(v) for k, v in listing.items.items()} == {"train": 16, "val": 4, "test": 1}
+    assert listing.val_fraction == 0.2
 
 
 def test_class_folders_listing_splits_by_fraction(tmp_path) -> None:
@@ -72,6 +82,7 @@ def test_class_folders_listing_splits_by_fraction(tmp_path) -> None:
     val = [lab for _, lab in listing.items["val"]]
     assert val.count(0) == 2 and val.count(1) == 4
     assert len(listing.items["train"]) == 24
+    assert listing.val_fraction == 0.2
 
 
 def test_split_class_missing_from_train_is_an_error(tmp_path) -> None:
@@ -95,6 +106,15 @@ def test_bad_sources(tmp_path, setup, message) -> None:
     target = tmp_path / "x.txt" if message == "not a .csv" else src
     with pytest.raises(ConfigError, match=message):
         list_source(str(target))
+
+
+def test_a_source_one_level_too_high_is_named_not_taken_for_one_class(tmp_path) -> None:
+    """SRC/fer2013/{train,val}/<class>: one class folder, 'fer2013', whose train and val
+    images were pooled into one label and written as shards that no training can use."""
+    make_tree(tmp_path / "src" / "fer2013", {"train/happy": 2, "train/sad": 2, "val/happy": 1, "val/sad": 1})
+    with pytest.raises(ConfigError, match=r"has one class folder \(fer2013\); a classifier needs at least two"):
+        list_source(str(tmp_path / "src"))
+    assert sorted(list_source(str(tmp_path / "src" / "fer2013")).classes) == ["happy", "sad"]
 
 
 def test_a_val_share_that_rounds_to_nothing_is_named(tmp_path) -> None:
@@ -267,6 +287,12 @@ def test_prepare_refuses_unsafe_outputs(ray_cluster, tmp_path) -> None:
     with pytest.raises(ConfigError, match="not a shards folder"):
         prepare(str(src), str(other))
     assert (other / "keep.txt").read_text() == "mine"
+    # Another tool's manifest.json does not make a folder shards (its train/ was replaced).
+    (other / "manifest.json").write_text('{"version": 1}')
+    make_tree(other, {"train/a": 1})
+    with pytest.raises(ConfigError, match="not a shards folder"):
+        prepare(str(src), str(other))
+    assert (other / "train/a/img_0.png").exists() and (other / "manifest.json").read_text() == '{"version": 1}'
 
 
 def test_a_run_stopped_while_publishing_is_replaced_by_the_rerun(ray_cluster, tmp_path) -> None:

@@ -255,3 +255,41 @@ def test_a_sibling_folder_keeps_a_uris_options_at_the_end(tmp_path) -> None:
         "s3://b/preds.tmp-1?endpoint_override=h:9000"
     assert storage.sibling("s3://b/preds/", ".old-2") == "s3://b/preds.old-2"
     assert storage.sibling(str(tmp_path / "out") + "/", ".tmp-3") == str(tmp_path / "out.tmp-3")
+
+
+def test_class_folders_with_spaces_percent_or_hash_in_a_bucket_are_listed(bucket) -> None:
+    """prepare joined a listed class folder's name to the URI as it is; a space, % or #
+    made the URI unparsable (or another key) and the job ended telling the user to
+    percent-encode a name they never typed."""
+    from fer_ray.prepare import list_source
+
+    for key in ["faces/train/very happy/a.png", "faces/train/100% sad/b.png", "faces/train/a#b/c.png",
+                "faces/val/very happy/d.png", "faces/val/100% sad/e.png", "faces/val/a#b/f.png"]:
+        bucket.create_dir("bucket/" + key.rsplit("/", 1)[0])
+        with bucket.open_output_stream("bucket/" + key) as f:
+            f.write(key.encode())
+    listing = list_source("mock://bucket/faces?region=somewhere")
+    assert sorted(listing.classes) == ["100% sad", "a#b", "very happy"]
+    read = {split: sorted((storage.read_bytes(p).decode(), listing.classes[lab]) for p, lab in items)
+            for split, items in listing.items.items()}
+    assert read["train"] == [("faces/train/100% sad/b.png", "100% sad"), ("faces/train/a#b/c.png", "a#b"),
+                             ("faces/train/very happy/a.png", "very happy")]
+    assert len(read["val"]) == 3
+
+
+def test_a_split_folder_of_shards_in_a_bucket_is_found_with_the_uris_options(bucket) -> None:
+    """`--input s3://b/shards/val?endpoint_override=...` was split at its last '/' with the
+    options still on: the shards went unrecognised and were scored as images."""
+    import json
+
+    from fer_ray.predict import find_shards
+
+    bucket.create_dir("bucket/shards/val")
+    with bucket.open_output_stream("bucket/shards/manifest.json") as f:
+        f.write(json.dumps({"classes": ["a", "b"], "splits": {"val": {"total": 1}}}).encode())
+    with bucket.open_output_stream("bucket/shards/val/part-0.parquet") as f:
+        f.write(b"x")
+    assert find_shards("mock://bucket/shards/val?region=x") == ("mock://bucket/shards?region=x", "val")
+    assert find_shards("mock://bucket/shards?region=x") == ("mock://bucket/shards?region=x", None)
+    assert storage.split_last("s3://bucket") == ("", "bucket")
+    assert storage.split_last("/data/shards/val") == ("/data/shards", "val")

@@ -109,6 +109,13 @@ def test_cli_refuses_an_output_that_is_a_file(tmp_path: Path) -> None:
     assert (tmp_path / "f").read_text() == "precious"
 
 
+def test_cli_refuses_a_uri_it_would_write_as_a_local_folder(tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, str(REPO / "jobs/make_synthetic.py"), "--output", "s3://bucket/synth"],
+                            cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 2 and "writes local folders only" in result.stderr.splitlines()[-1]
+    assert not (tmp_path / "s3:").exists()
+
+
 def test_cli_refuses_a_non_empty_folder_whose_files_would_mix_with_the_new_ones(tmp_path: Path) -> None:
     out = tmp_path / "synth"
     generate_dataset(out, {"train": 1}, size=16, image_format="png")

@@ -221,3 +221,21 @@ def test_a_sweep_into_a_training_runs_folder_is_refused(synth_shards, tiny_run, 
     err = capsys.readouterr().err
     assert "holds a training run; give this sweep a folder of its own" in err and err.count("\n") == 1, err
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+
+
+def test_a_resumed_sweep_takes_the_default_lr_range_given_as_flags(synth_shards, tmp_path) -> None:
+    """A sweep begun without --lr-range searched its optimizer's default range; the same
+    range given as flags on the rerun was refused as a changed search (None -> [...])."""
+    import argparse
+
+    from fer_ray.config import ConfigError
+    from fer_ray.trainer import _check_resume_compatible
+
+    def cfg(*extra: str) -> SweepConfig:
+        return parse_config(SweepConfig, sweep_args(str(synth_shards), str(tmp_path / "s"), *extra),
+                            argparse.ArgumentParser())[0].resolve_defaults()
+
+    begun = json.loads(json.dumps(to_dict(cfg())))  # as sweep_config.json holds it
+    _check_resume_compatible(cfg("--lr-range", "1e-4", "3e-3"), begun)  # AdamW's default range
+    with pytest.raises(ConfigError, match=r"lr_range \[0.0001, 0.003\] -> \[0.0001, 0.01\]"):
+        _check_resume_compatible(cfg("--lr-range", "1e-4", "1e-2"), begun)
