@@ -271,6 +271,9 @@ class TrainConfig:
         _require(o.lr > 0, f"--lr must be positive, got {o.lr}.")
         _choice("--lr-scaling", o.lr_scaling, LR_SCALING)
         _require(o.min_lr >= 0, f"--min-lr must be non-negative, got {o.min_lr}.")
+        if not hasattr(self, "sweep"):  # (a sweep's trials sample their LR: checked there)
+            _require(o.min_lr < o.lr, f"--min-lr ({o.min_lr:g}), where the cosine ends, must be below --lr "
+                                      f"({o.lr:g}), where it starts.")
         _choice("--optimizer", o.optimizer, OPTIMIZERS)
         _require(o.weight_decay >= 0, f"--weight-decay must be non-negative, got {o.weight_decay}.")
         _require(
@@ -439,6 +442,8 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
             return None
         return _coerce(value, args[0], name)
+    if value is None and tp is str:  # a key left blank in YAML (`output:`) was the text "None"
+        raise ConfigError(f"Setting {name!r} is blank; give it a value or leave the key out.")
     try:
         if tp is bool:
             if isinstance(value, str):
@@ -633,6 +638,8 @@ class SweepConfig(TrainConfig):
         s = self.sweep
         lo, hi = self.lr_range()
         _require(0 < lo < hi, f"--lr-range must be two positive numbers LO < HI, got {lo} {hi}.")
+        _require(self.optim.min_lr < lo, f"--min-lr ({self.optim.min_lr:g}), where the cosine ends, must be "
+                                         f"below the lowest LR a trial may draw ({lo:g}).")
         lo, hi = s.smoothing_range
         _require(
             0 <= lo <= hi < 1, f"--smoothing-range must satisfy 0 <= LO <= HI < 1, got {lo} {hi}."

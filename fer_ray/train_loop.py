@@ -107,6 +107,13 @@ def phase_of(epoch: int, freeze_epochs: int) -> str:
     return HEAD_PHASE if epoch < freeze_epochs else FINETUNE_PHASE
 
 
+def phase_step(global_step: int, phase_start: int, epoch_steps: int) -> int:
+    """The step within a phase that begins at epoch `phase_start`. Epochs drawn by
+    --sampler vary by a few steps around `epoch_steps`, so a phase's first step may be
+    counted a step or two early: not below 0, where timm's warm-up line goes negative."""
+    return max(0, global_step - phase_start * epoch_steps)
+
+
 def phase_bounds(phase: str, s: LoopSettings) -> tuple[int, int]:
     """(first epoch, number of epochs) of a phase; a time budget may end the run inside the
     head phase (`s.epochs` below --freeze-epochs)."""
@@ -164,6 +171,25 @@ def log0(message: str) -> None:
 # --------------------------------------------------------------------------------------
 
 
+class WeightedCrossEntropy(torch.nn.Module):
+    """Cross-entropy with label smoothing and optional class weights, for labels and for
+    soft (mixup/cutmix) targets alike: the weighted loss is divided by the batch's total
+    weight in both cases. torch divides by the batch size for soft targets, so with class
+    weights a mixed batch's loss (and gradient) was about half a plain batch's."""
+
+    def __init__(self, weight: torch.Tensor | None, label_smoothing: float) -> None:
+        super().__init__()
+        self.weight = weight
+        self.ce = torch.nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing,
+                                            reduction="mean" if weight is None else "none")
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if self.weight is None:
+            return self.ce(logits, target)
+        total = (target @ self.weight) if target.is_floating_point() else self.weight[target]
+        return self.ce(logits, target).sum() / total.sum()
+
+
 def build_phase(
     model: torch.nn.Module, phase: str, s: LoopSettings, steps_per_epoch: int
 ) -> tuple[torch.nn.Module, torch.optim.Optimizer, Any]:
@@ -203,9 +229,13 @@ def build_scheduler(optimizer: torch.optim.Optimizer, phase: str, s: LoopSetting
     total = max(1, n_epochs * steps_per_epoch)
     warmup = min(int(round(s.warmup_epochs * steps_per_epoch)), total // 2)
     # warmup_prefix: the cosine starts after the warm-up, so it gets the phase's other steps.
+    # timm warms every group up from one value: 1% of the lowest group's peak, so that a
+    # backbone at --backbone-lr-scale of the head's LR rises to its peak too (from 1% of
+    # the head's it started near, or above, its own peak).
+    peaks = [g.get("initial_lr", g["lr"]) for g in optimizer.param_groups]
     return CosineLRScheduler(
         optimizer, t_initial=max(1, total - warmup), lr_min=s.min_lr, warmup_t=warmup,
-        warmup_lr_init=s.lr * 0.01, warmup_prefix=True, t_in_epochs=False,
+        warmup_lr_init=min(peaks) * 0.01, warmup_prefix=True, t_in_epochs=False,
     )
 
 
@@ -448,7 +478,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     weight = torch.tensor(s.class_weights, dtype=torch.float32, device=device) if s.class_weights else None
     # With soft (mixed) targets too: smoothing and class weights apply to them as to labels.
-    criterion = torch.nn.CrossEntropyLoss(weight=weight, label_smoothing=s.label_smoothing)
+    criterion = WeightedCrossEntropy(weight, s.label_smoothing)
     mix = None
     if s.mixup or s.cutmix:
         from timm.data import Mixup
@@ -471,7 +501,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     start_budget_clock(s, device)
     configured_epochs = s.epochs  # --epochs: the most a time budget's plan may grow to
     if state.planned_epochs:  # the schedule the time budget fitted, kept across restarts
-        s.epochs = state.planned_epochs
+        s.epochs = min(state.planned_epochs, s.epochs)  # (a rerun may lower --epochs)
     if state.stopped_early or state.epoch >= s.epochs:
         log0(f"Run already finished at epoch {state.epoch}; nothing to train.")
         return
@@ -511,7 +541,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if restored is not None and restored["phase"] == phase and epoch == state.epoch:
                 optimizer.load_state_dict(restored["optimizer"])
         phase_start, _ = phase_bounds(phase, s)
-        step_in_phase = state.global_step - phase_start * epoch_steps
+        step_in_phase = phase_step(state.global_step, phase_start, epoch_steps)
         scheduler.step_update(num_updates=step_in_phase)
         lr = optimizer.param_groups[0]["lr"]
 
@@ -624,8 +654,12 @@ def _fit_to_deadline(
     if fit != s.epochs:
         log0(f"Time budget: {estimate:.0f} s per epoch leaves room for {fit} of at most "
              f"{configured_epochs} epochs; the learning-rate schedule now ends at epoch {fit}")
+        before = phase_bounds(phase, s)
         s.epochs = fit
-        if scheduler is not None and fit > state.epoch and phase == phase_of(fit - 1, s.freeze_epochs):
+        # The running phase's cosine is refitted when its end moved: the plan shrank into it,
+        # or grew again past a head phase it had cut short (which would otherwise run its
+        # last epochs at --min-lr).
+        if scheduler is not None and fit > state.epoch and phase_bounds(phase, s) != before:
             scheduler = build_scheduler(optimizer, phase, s, epoch_steps)
     state.planned_epochs = s.epochs
     return now, scheduler

@@ -82,6 +82,16 @@ def test_yaml_booleans_and_one_number_for_a_range(tmp_path) -> None:
         parse_config(SweepConfig, ["--config", str(path)], argparse.ArgumentParser())
 
 
+def test_a_blank_yaml_value_is_named_not_read_as_the_text_none(tmp_path) -> None:
+    """`output:` left blank was the text "None": the run wrote to ./None."""
+    path = tmp_path / "c.yaml"
+    path.write_text("data: d\noutput:\n")
+    with pytest.raises(ConfigError, match="Setting 'output' is blank; give it a value or leave the key out"):
+        parse(["--config", str(path)])
+    path.write_text("data: d\noutput: o\npretrained_file:\n")  # a setting that may be none stays none
+    assert parse(["--config", str(path)]).model.pretrained_file is None
+
+
 def test_wrong_type_is_rejected() -> None:
     with pytest.raises(ConfigError, match="'epochs' expects int"):
         parse(["--epochs", "three"])
@@ -110,6 +120,8 @@ def test_wrong_type_is_rejected() -> None:
          "give an --augment level other than none"),
         # Accepted until now, then a crash in every worker or a run that trains nothing useful:
         (["--data", "d", "--output", "o", "--seed", "-1"], "--seed must be >= 0"),
+        (["--data", "d", "--output", "o", "--lr", "1e-4", "--min-lr", "1e-3"],
+         r"--min-lr \(0.001\), where the cosine ends, must be below --lr \(0.0001\)"),
         (["--data", "d", "--output", "o", "--time-budget", "inf"], "'time_budget' expects a finite number"),
         (["--data", "d", "--output", "o", "--lr", "nan"], "'lr' expects a finite number"),
         (["--data", "d", "--output", "o", "--model-kwargs", "{num_classes: 3, drop_rate: 0.2}"],

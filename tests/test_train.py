@@ -603,3 +603,84 @@ def test_a_sweep_trials_budget_counts_from_its_workers_start(synth_shards, monke
     before = job.deadline
     tl.start_budget_clock(job, torch.device("cpu"))
     assert job.deadline == before  # a job's deadline is left as it was
+
+
+def test_class_weighted_loss_is_the_same_for_labels_and_their_one_hot_targets() -> None:
+    """Mixup/cutmix hand the loss soft targets, for which torch divides a class-weighted
+    loss by the batch size instead of the batch's weight: about half the loss (and the
+    gradient) of the same batch as labels with FER2013's weights."""
+    from fer_ray.train_loop import WeightedCrossEntropy
+
+    torch.manual_seed(0)
+    logits, labels = torch.randn(32, 7), torch.randint(0, 7, (32,))
+    weight = torch.tensor([1.0, 9.4, 1.0, 0.6, 0.8, 0.9, 1.3])
+    one_hot = torch.nn.functional.one_hot(labels, 7).float()
+    for smoothing in (0.0, 0.1):
+        loss = WeightedCrossEntropy(weight, smoothing)
+        reference = torch.nn.CrossEntropyLoss(weight=weight, label_smoothing=smoothing)(logits, labels)
+        assert loss(logits, labels).item() == pytest.approx(reference.item(), rel=1e-5)
+        assert loss(logits, one_hot).item() == pytest.approx(reference.item(), rel=1e-5)
+    unweighted = WeightedCrossEntropy(None, 0.1)
+    assert unweighted(logits, one_hot).item() == pytest.approx(unweighted(logits, labels).item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("scale", [0.1, 0.01, 0.001])
+def test_every_param_group_warms_up_to_its_own_peak(scale) -> None:
+    """One warm-up start for all groups (1% of the head's LR) started a backbone at
+    --backbone-lr-scale 0.1 at a tenth of its peak, left one at 0.01 flat and made one at
+    0.001 fall from ten times its peak."""
+    from types import SimpleNamespace
+
+    from fer_ray.train_loop import build_optimizer, build_scheduler
+
+    s = SimpleNamespace(epochs=10, freeze_epochs=2, warmup_epochs=1, lr=1e-3, min_lr=1e-7, optimizer="adamw",
+                        weight_decay=0.05)
+    groups = [{"params": [torch.nn.Parameter(torch.zeros(1))], "lr": s.lr},
+              {"params": [torch.nn.Parameter(torch.zeros(1))], "lr": s.lr * scale}]
+    optimizer = build_optimizer(groups, s)
+    scheduler = build_scheduler(optimizer, "finetune", s, 100)
+    lrs = []
+    for step in range(0, 101, 10):
+        scheduler.step_update(num_updates=step)
+        lrs.append([g["lr"] for g in optimizer.param_groups])
+    for group, peak in ((0, s.lr), (1, s.lr * scale)):
+        curve = [lr[group] for lr in lrs]
+        assert curve[0] <= 0.011 * peak and curve[-1] == pytest.approx(peak, rel=1e-6)
+        assert all(a < b for a, b in zip(curve, curve[1:]))  # rising through the warm-up
+
+
+def test_a_plan_that_grows_past_a_cut_head_phase_refits_its_cosine(monkeypatch) -> None:
+    """A slow first epoch cut the plan inside the head phase (3 of 5 frozen epochs); when
+    the plan grew again, the head's cosine still ended at epoch 3 and its epochs 4-5 ran
+    at --min-lr."""
+    from types import SimpleNamespace
+
+    import fer_ray.train_loop as tl
+
+    clock = [0.0]
+    monkeypatch.setattr(tl, "time", SimpleNamespace(time=lambda: clock[0]))
+    monkeypatch.setattr(tl, "log0", lambda message: None)
+    s = SimpleNamespace(epochs=30, deadline=1000.0, freeze_epochs=5, warmup_epochs=0, lr=1e-3, min_lr=1e-6)
+    steps = 10
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=s.lr)
+    scheduler = tl.build_scheduler(optimizer, "head", s, steps)
+    state, times, mark, plans = tl.TrainState(), [], 0.0, []
+    for epoch_seconds in (300, 60, 60):  # the warm-up epoch slow, then fast
+        clock[0] += epoch_seconds
+        state.epoch += 1
+        state.global_step += steps
+        mark, scheduler = tl._fit_to_deadline(s, state, 30, times, mark, "head", optimizer, scheduler, steps,
+                                              torch.device("cpu"))
+        plans.append(s.epochs)
+    assert plans[0] == 3 and plans[-1] > 5  # cut into the head phase, then grown past it
+    scheduler.step_update(num_updates=4 * steps)  # the first step of head epoch 5 (of 5)
+    assert optimizer.param_groups[0]["lr"] > 10 * s.min_lr
+
+
+def test_a_phases_first_step_is_never_below_zero() -> None:
+    """A --sampler epoch a step short of epoch_steps put the fine-tuning phase's first step
+    at -1, where timm's warm-up line gives a negative learning rate."""
+    from fer_ray.train_loop import phase_step
+
+    assert phase_step(global_step=2 * 897 - 2, phase_start=2, epoch_steps=897) == 0
+    assert phase_step(global_step=2 * 897 + 5, phase_start=2, epoch_steps=897) == 5
