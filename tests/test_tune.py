@@ -172,8 +172,8 @@ def test_failed_trials_are_recorded_not_fatal(ray_cluster, synth_shards, tmp_pat
         (["--lr-range", "0.01", "0.001"], "--lr-range must be two positive numbers"),
         (["--smoothing-range", "0.1", "1.2"], "--smoothing-range must satisfy"),
         (["--num-samples", "0"], "--num-samples must be at least 1"),
-        (["--lr-range", "1e-4", "1e-2", "--min-lr", "2e-4"], r"--min-lr \(0.0002\), where the cosine ends, must "
-                                                            r"be below the lowest LR a trial may draw \(0.0001\)"),
+        (["--lr-range", "1e-4", "1e-2", "--min-lr", "2e-4"], "--min-lr (0.0002), where the cosine ends, must "
+                                                            "be below the lowest LR a trial may draw (0.0001)"),
         (["--lr", "0.01"], "--lr is what the sweep samples for each trial; give its range with --lr-range LO HI."),
         (["--label-smoothing", "0.2"], "--label-smoothing is what the sweep samples"),
     ],
