@@ -233,6 +233,9 @@ def _check_shards(root: str, split: str | None, spec: ModelSpec) -> None:
 
 
 def _check_output(model_dir: str, source: str, output: str) -> None:
+    if storage.is_uri(output) and not storage.split_last(output)[0]:
+        # Written beside itself under a temporary name: beside a bucket is another bucket.
+        raise ConfigError(f"--output {output!r} is a bucket; give a folder inside it (e.g. {output.rstrip('/')}/preds).")
     if storage.inside(output, source):
         raise ConfigError(f"--output {output!r} is inside --input; choose a folder outside it.")
     for name, path in (("--input", source), ("--model", model_dir)):

@@ -243,7 +243,7 @@ def _list_csv(source: str) -> Listing:
         current: dict[str, Any] | None = None
         for line in lines:
             parts = line.rstrip(b"\r\n").split(b",")
-            usage = parts[usage_col].decode().strip() if len(parts) > usage_col else ""
+            usage = parts[usage_col].decode().strip().strip('"') if len(parts) > usage_col else ""
             split = FER_CSV_USAGE.get(usage, "?")
             if current is None or current["split"] != split or current["rows"] >= CSV_ROWS_PER_TASK:
                 current = {"split": split, "start": offset, "row": row, "rows": 0, "nbytes": 0}
@@ -370,7 +370,7 @@ def read_csv_chunks(
             f.seek(int(start))
             for k, line in enumerate(f.read(int(nbytes)).splitlines()):
                 path = f"csv:{int(first_row) + k}"
-                parts = line.decode().split(",")
+                parts = [p.strip().strip('"') for p in line.decode().split(",")]  # (a CSV may quote its values)
                 try:
                     code = int(parts[emotion_at])
                     if not 0 <= code < len(label_of_code):

@@ -234,17 +234,19 @@ def test_prepare_fer_csv(ray_cluster, tmp_path) -> None:
     assert img.format == "PNG" and img.size == (48, 48) and img.mode == "L"
 
 
-@pytest.mark.parametrize("header", ["Usage,pixels,emotion", "index,emotion,Usage,pixels"])
-def test_fer_csv_columns_are_read_by_their_header(ray_cluster, tmp_path, header) -> None:
+@pytest.mark.parametrize("header, quote", [("Usage,pixels,emotion", ""), ("index,emotion,Usage,pixels", ""),
+                                           ("emotion,pixels,Usage", '"')])
+def test_fer_csv_columns_are_read_by_their_header(ray_cluster, tmp_path, header, quote) -> None:
     """The header's names were checked but the rows read as emotion,pixels,...: another
-    order (or pandas' index column) skipped every row or read row numbers as labels."""
+    order (or pandas' index column) skipped every row or read row numbers as labels. A CSV
+    written with every value quoted was refused as having no Training rows."""
     rng = np.random.default_rng(1)
     columns = header.split(",")
     rows, codes = [], []
     for i, usage in enumerate(["Training"] * 5 + ["PublicTest"] * 2):
         values = {"index": str(i), "emotion": str(i % 7), "Usage": usage,
                   "pixels": " ".join(str(v) for v in rng.integers(0, 256, 48 * 48))}
-        rows.append(",".join(values[c] for c in columns))
+        rows.append(",".join(quote + values[c] + quote for c in columns))
         codes.append(i % 7)
     path = tmp_path / "fer2013.csv"
     path.write_text(header + "\n" + "\n".join(rows) + "\n")

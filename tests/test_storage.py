@@ -293,3 +293,15 @@ def test_a_split_folder_of_shards_in_a_bucket_is_found_with_the_uris_options(buc
     assert find_shards("mock://bucket/shards?region=x") == ("mock://bucket/shards?region=x", None)
     assert storage.split_last("s3://bucket") == ("", "bucket")
     assert storage.split_last("/data/shards/val") == ("/data/shards", "val")
+
+
+def test_scoring_into_a_bucket_root_is_refused() -> None:
+    """The output is written beside itself under a temporary name, which beside a bucket
+    is another bucket (s3://bucket.tmp-1a2b3c4d)."""
+    from fer_ray.config import ConfigError
+    from fer_ray.predict import _check_output
+
+    for output in ("s3://bucket", "s3://bucket/", "gs://bucket?endpoint_override=h:9000"):
+        with pytest.raises(ConfigError, match="is a bucket; give a folder inside it"):
+            _check_output("/models/best", "/data/faces", output)
+    assert storage.split_last("s3://bucket/preds?x=1") == ("s3://bucket?x=1", "preds")
