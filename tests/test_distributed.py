@@ -19,21 +19,31 @@ CHECKPOINT_FILES = {"model.safetensors", "config.json", "train_state.pt", "val_p
 
 
 def test_two_workers_with_file_uris(ray_cluster, synth_shards, tmp_path) -> None:
+    """Two DDP workers through both phases: a frozen-backbone epoch, then the model wrapped
+    again with every parameter training."""
+    import timm
+
+    from conftest import TINY_MODEL
+
+    weights = tmp_path / "pretrained.pth"
+    torch.save(timm.create_model(TINY_MODEL).state_dict(), weights)
     out = tmp_path / "ddp"
     args = tiny_train_args(f"file://{synth_shards}", f"file://{out}", "--num-workers", "2",
-                           "--epochs", "1", "--lr", "0.001")
+                           "--epochs", "2", "--lr", "0.001", "--pretrained", "--pretrained-file", str(weights),
+                           "--freeze-epochs", "1", "--patience", "5")
     assert train_main(args) == 0
 
     resolved = json.loads((out / "config.json").read_text())["resolved"]
     assert resolved["global_batch"] == 32  # 16 per worker x 2 workers
     assert resolved["effective_lr"] == pytest.approx(0.002)  # linear scaling rule
     history = pd.read_csv(out / "history.csv")
-    assert history["steps"].tolist() == [(280 // 2) // 16]  # each worker: its half, full batches
+    assert history["steps"].tolist() == [(280 // 2) // 16] * 2  # each worker: its half, full batches
+    assert history["phase"].tolist() == ["head", "finetune"]
     metrics = pd.read_parquet(out / "val_metrics.parquet").set_index("name")
     assert metrics.loc["accuracy", "support"] == 70  # val reduced over both workers, every image once
     checkpoints = list((out / "ray_train").glob("epoch_*"))
-    assert len(checkpoints) == 1
-    assert {p.name for p in checkpoints[0].iterdir()} == CHECKPOINT_FILES  # rank 0 alone writes
+    assert 1 <= len(checkpoints) <= 2
+    assert all({p.name for p in c.iterdir()} == CHECKPOINT_FILES for c in checkpoints)  # rank 0 alone writes
     assert (out / "best" / "model.safetensors").exists()
 
 
