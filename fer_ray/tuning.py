@@ -120,10 +120,26 @@ class TrialLine(ray.tune.Callback):
         print(f"trial {trial.trial_id} failed; its error is in {trial.error_file}", flush=True)
 
 
-def build_tuner(cfg: SweepConfig, manifest: dict[str, Any]):
-    """A new Tuner, or the interrupted sweep in TUNE_DIR restored (finished trials kept)."""
+def asha(epochs: int, grace_period: int) -> Any:
+    """ASHA on val accuracy with rungs before the last epoch only; None (no early stops)
+    when a trial has no epoch between its grace period and its end.
+
+    A trial that runs all its epochs returns by itself: stopped at its last report, its
+    TorchTrainer would be killed before it releases its workers (ray-project/ray#54305).
+    ASHA's rungs are grace_period x 4^k up to max_t; max_t one before the last epoch, and
+    no stop for reaching it, keeps every rung off the last epoch (max_t one past it put a
+    rung there whenever epochs was grace_period x 4^k, 8 for the default 2). Counted in
+    epochs, which a trial resumed with its TorchTrainer goes on from (Tune's own
+    training_iteration starts again at 0 in a restarted trial)."""
     from ray.tune.schedulers import ASHAScheduler
 
+    if epochs <= grace_period:
+        return None
+    return ASHAScheduler(time_attr="epoch", max_t=epochs - 1, grace_period=grace_period, stop_last_trials=False)
+
+
+def build_tuner(cfg: SweepConfig, manifest: dict[str, Any]):
+    """A new Tuner, or the interrupted sweep in TUNE_DIR restored (finished trials kept)."""
     tune_dir = storage.normalize(cfg.run.output)
     pretrained = load_pretrained(cfg, len(manifest["classes"]))
     # In a list: with_parameters hands a bare ObjectRef to the trial as the object itself (a
@@ -158,16 +174,7 @@ def build_tuner(cfg: SweepConfig, manifest: dict[str, Any]):
             mode="max",
             num_samples=cfg.sweep.num_samples,
             max_concurrent_trials=concurrent,
-            # max_t one past the last epoch: a trial that runs all its epochs returns by itself
-            # instead of being stopped by ASHA at its last report, which would kill its
-            # TorchTrainer before it releases its workers (ray-project/ray#54305).
-            # Counted in epochs, which a trial resumed with its TorchTrainer goes on from
-            # (Tune's own training_iteration starts again at 0 in a restarted trial).
-            scheduler=ASHAScheduler(
-                time_attr="epoch",
-                max_t=cfg.optim.epochs + 1,
-                grace_period=min(cfg.sweep.grace_period, cfg.optim.epochs),
-            ),
+            scheduler=asha(cfg.optim.epochs, cfg.sweep.grace_period),
             search_alg=_searcher(cfg),
             trial_dirname_creator=lambda t: t.trial_id,
         ),

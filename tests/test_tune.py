@@ -241,3 +241,32 @@ def test_a_resumed_sweep_takes_the_default_lr_range_given_as_flags(synth_shards,
     _check_resume_compatible(cfg("--lr-range", "1e-4", "3e-3"), begun)  # AdamW's default range
     with pytest.raises(ConfigError, match=r"lr_range \[0.0001, 0.003\] -> \[0.0001, 0.01\]"):
         _check_resume_compatible(cfg("--lr-range", "1e-4", "1e-2"), begun)
+
+
+@pytest.mark.parametrize("epochs, grace, rungs", [(8, 2, [2]), (20, 2, [8, 2]), (2, 1, [1]), (2, 2, None)])
+def test_asha_never_stops_a_trial_at_its_last_epoch(epochs, grace, rungs) -> None:
+    """Stopped at its last report, a trial's TorchTrainer is killed before it releases its
+    workers (ray-project/ray#54305). With max_t one past the last epoch, ASHA had a rung
+    at the last epoch whenever epochs was grace x 4^k (8 for the default grace of 2)."""
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import TrialScheduler
+
+    from fer_ray.tuning import asha
+
+    scheduler = asha(epochs, grace)
+    if rungs is None:  # no epoch between the grace period and the end: nothing to stop
+        assert scheduler is None
+        return
+    scheduler.set_search_properties("val_acc", "max")
+    trials = [SimpleNamespace(trial_id=f"t{i}") for i in range(4)]
+    for trial in trials:
+        scheduler.on_trial_add(None, trial)
+    actions = {}
+    for i, trial in enumerate(trials):
+        for epoch in range(1, epochs + 1):
+            # t3 is the best until the last epoch, where it is by far the worst
+            acc = (0.9 if epoch < epochs else 0.1) if i == 3 else 0.5 + 0.01 * i
+            actions[trial.trial_id, epoch] = scheduler.on_trial_result(None, trial, {"epoch": epoch, "val_acc": acc})
+    assert actions["t3", epochs] == TrialScheduler.CONTINUE
+    assert sorted({m for bracket in scheduler._brackets for m, _ in bracket._rungs}, reverse=True) == rungs
