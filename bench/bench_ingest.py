@@ -108,7 +108,7 @@ def ingest_loop(config: dict) -> None:
         start, n, nbytes = time.perf_counter(), 0, 0
         for batch in shard.iter_torch_batches(
             batch_size=config["batch_size"], drop_last=True,
-            dtypes={IMAGE_COL: torch.uint8, LABEL_COL: torch.int64},
+            dtypes={IMAGE_COL: torch.uint8, LABEL_COL: torch.int64}, prefetch_batches=2,  # as training
         ):
             n += len(batch[LABEL_COL])
             nbytes += batch[IMAGE_COL].nbytes + batch[LABEL_COL].nbytes
@@ -163,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"skipped: {train} does not exist; pass --data FOLDER with a train/ folder of class folders")
         return 0
     logging.basicConfig(level=logging.WARNING)
+    os.environ.setdefault("RAY_ADDRESS", "local")  # a Ray of its own: all of it in the samples
     os.environ.setdefault("RAY_worker_niceness", "0")  # as the DataLoader's processes
     from fer_ray.cli import init_ray
     from fer_ray.prepare import prepare

@@ -16,8 +16,11 @@ fer_ray's side runs on a local Ray started as `jobs/train.py` starts one (with t
 whose State API Ray Train needs).
 
 Compared: the training part of the last epoch (fer_ray's history gives it as images /
-images_per_s; its validation pass and checkpoint are reported apart), after Ray has
-started; Ray's start-up and the first epoch's warm-up are reported separately. A CPU
+images_per_s; its validation pass and report, and its whole epoch between two checkpoint
+folders appearing, are printed beside it), after Ray has started; Ray's start-up and the
+first epoch's warm-up are reported separately. fer_ray runs first (`--amp auto` times the
+formats in its worker); the plain loop then trains in the precision and memory format
+fer_ray's history says it chose, so both run the same kernels. A CPU
 table follows: the cores each kind of process had in the last epoch on each side (the
 process training the model, the data workers, Ray's other processes by name, the rest of
 the machine and the hypervisor's steal), sampled from /proc every second, which tells
@@ -67,20 +70,30 @@ class InMemory(torch.utils.data.Dataset):
         return torch.from_numpy(image), int(self.labels[i])
 
 
+def parse_format(name: str) -> tuple[torch.dtype | None, bool]:
+    """(autocast dtype, channels_last) from a name format_name gives (history's `format`)."""
+    dtype, _, layout = name.partition("+")
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype], layout == "channels_last"
+
+
 def plain_epochs(
-    items, model_name: str, batch_size: int, epochs: int, workers: int
+    items, model_name: str, batch_size: int, epochs: int, workers: int, fmt: str | None = None,
 ) -> tuple[list[float], list[tuple[float, float]]]:
     """Seconds per training epoch of a plain PyTorch loop over in-memory images, and each
-    epoch's start and end (time.time())."""
+    epoch's start and end (time.time()). `fmt`: the format to train in (format_name's
+    name); None: the fastest by fer_ray's measurement."""
     images = np.stack([decode_image(open(p, "rb").read(), CHANNELS) for p, _ in items])
     labels = np.array([label for _, label in items])
     torch.manual_seed(0)
     torch.set_num_threads(os.cpu_count() or 1)
     model = create_model(model_name, 7)
-    # The precision and memory format fer_ray's --amp auto picks on this CPU, by the same
-    # measurement, so both sides run the same kernels.
-    amp_dtype, channels_last = fastest_format(time_cpu_formats(model, batch_size, 3, SIZE))
-    print(f"plain loop and fer_ray: {format_name(amp_dtype, channels_last)}")
+    # The precision and memory format fer_ray's worker trained in, so that both sides run the
+    # same kernels (or, alone, what its --amp auto would pick by the same measurement).
+    if fmt:
+        amp_dtype, channels_last = parse_format(fmt)
+    else:
+        amp_dtype, channels_last = fastest_format(time_cpu_formats(model, batch_size, 3, SIZE))
+    print(f"plain loop: {format_name(amp_dtype, channels_last)}")
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     cfg = data_config(model)
@@ -226,16 +239,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"skipped: {train_dir} does not exist; pass --data FOLDER with train/ and val/ class folders")
         return 0
     logging.basicConfig(level=logging.WARNING)
+    os.environ.setdefault("RAY_ADDRESS", "local")  # a Ray of its own: all of it in the samples
     os.environ.setdefault("RAY_worker_niceness", "0")
     tmp = tempfile.mkdtemp(prefix="bench_train_")
     try:
         items = folder_items(train_dir)
         print(f"{machine()}; {args.model} from scratch, {SIZE}px, batch {args.batch_size}, "
               f"{len(items)} images, {args.epochs} epochs")
-        with CpuTimeline() as timeline:
-            plain, bounds = plain_epochs(items, args.model, args.batch_size, args.epochs, args.workers)
-        plain_cpu = cpu_shares(timeline, *bounds[-1], plain_kind(os.getpid()))
-
         from fer_ray.cli import init_ray
         from fer_ray.prepare import prepare
         import ray
@@ -258,10 +268,20 @@ def main(argv: list[str] | None = None) -> int:
         ray.shutdown()
         train_s = history["steps"] * args.batch_size / history["images_per_s"]
         val_s = history["seconds"] - train_s
+        print(f"fer_ray trained in {history['format'].iloc[-1]}")
 
-        print(f"\n{'epoch':<7}{'plain s':>9}{'fer_ray train s':>17}{'fer_ray val+report s':>22}{'ratio':>8}")
+        with CpuTimeline() as timeline:
+            plain, bounds = plain_epochs(items, args.model, args.batch_size, args.epochs, args.workers,
+                                         fmt=history["format"].iloc[-1])
+        plain_cpu = cpu_shares(timeline, *bounds[-1], plain_kind(os.getpid()))
+
+        # A whole epoch: between two checkpoint folders appearing (train, val, report, checkpoint).
+        whole = [ends[i] - ends[i - 1] if 0 < i < len(ends) else float("nan") for i in range(args.epochs)]
+        print(f"\n{'epoch':<7}{'plain s':>9}{'fer_ray train s':>17}{'fer_ray val+report s':>22}"
+              f"{'fer_ray whole epoch s':>23}{'ratio':>8}")
         for i in range(args.epochs):
-            print(f"{i + 1:<7}{plain[i]:>9.1f}{train_s[i]:>17.1f}{val_s[i]:>22.1f}{train_s[i] / plain[i]:>8.2f}")
+            print(f"{i + 1:<7}{plain[i]:>9.1f}{train_s[i]:>17.1f}{val_s[i]:>22.1f}{whole[i]:>23.1f}"
+                  f"{train_s[i] / plain[i]:>8.2f}")
         print(f"Ray start-up {startup:.1f} s; fer_ray job {total:.1f} s for {args.epochs} epochs "
               f"(TorchTrainer start, per-epoch val and checkpoints, reports)")
         print_cpu(plain_cpu, fer_ray_cpu)

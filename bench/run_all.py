@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default=str(DEFAULT_FER), help="folder with train/ and val/ of class folders")
     args = parser.parse_args(argv)
+    args.data = os.path.abspath(args.data)  # the scripts run from the repository root
     if not (Path(args.data) / "train").is_dir():
         print(f"skipped: {args.data}/train does not exist; pass --data FOLDER (FER2013 as class folders)")
         return 0
@@ -47,7 +48,10 @@ def main(argv: list[str] | None = None) -> int:
         start = time.time()
         proc = subprocess.run(
             [sys.executable, str(REPO / "bench" / script), "--data", args.data],
-            cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"},
+            # RAY_ADDRESS=local: a Ray of the benchmark's own, never a cluster `ray start` runs
+            # here (its processes would be outside the memory and CPU samples).
+            cwd=REPO, capture_output=True, text=True,
+            env={**os.environ, "PYTHONWARNINGS": "ignore", "RAY_ADDRESS": "local"},
         )
         minutes[script] = (time.time() - start) / 60
         # Ray's own log lines go to stderr; the scripts' tables go to stdout.

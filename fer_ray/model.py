@@ -366,8 +366,10 @@ def save_model_dir(model: torch.nn.Module, folder: str | Path, spec: ModelSpec) 
     folder.mkdir(parents=True, exist_ok=True)
     # Contiguous copies: channels_last weights cannot be written by safetensors as they are.
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / WEIGHTS_FILE))
+    # The whole image, resized (fer_ray crops nothing): timm's default eval transform
+    # otherwise resizes to 1/0.875 of the size and crops the centre, which training never did.
     data = {"input_size": (spec.in_chans, spec.image_size, spec.image_size),
-            "mean": tuple(spec.mean), "std": tuple(spec.std)}
+            "mean": tuple(spec.mean), "std": tuple(spec.std), "crop_pct": 1.0, "interpolation": "bilinear"}
     path = folder / MODEL_CONFIG_FILE
     # model_args rebuild the same model (timm before 1.0.30 records none itself: a 1-channel
     # stem came back with 3); data_config is only in timm 1.0.30 and later.
@@ -376,7 +378,7 @@ def save_model_dir(model: torch.nn.Module, folder: str | Path, spec: ModelSpec) 
                        model_config={"label_names": list(spec.class_names), "fer_ray": asdict(spec)}, **kwargs)
     if not kwargs:  # what data_config sets: the input this model was trained on
         config = json.loads(path.read_text())
-        config["pretrained_cfg"].update({k: list(v) for k, v in data.items()})
+        config["pretrained_cfg"].update({k: list(v) if isinstance(v, tuple) else v for k, v in data.items()})
         path.write_text(json.dumps(config, indent=2))
 
 

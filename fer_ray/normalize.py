@@ -69,7 +69,15 @@ class DeviceNormalize(torch.nn.Module):
             per_image=per_image_norm(spec.input_norm),
         )
 
-    def forward(self, images: torch.Tensor, match_blur: bool = True) -> torch.Tensor:
+    def standardize(self, x: torch.Tensor) -> torch.Tensor:
+        """Each image to zero mean and unit std over all its pixels (input_norm: image); a
+        flat image (std < 1 grey level) is only centred."""
+        std, mean = torch.std_mean(x, dim=(1, 2, 3), keepdim=True)
+        return (x - mean) / std.clamp_min(1.0)
+
+    def forward(self, images: torch.Tensor, match_blur: bool = True, standardize: bool = True) -> torch.Tensor:
+        """`standardize=False` leaves per-image standardisation to the caller (ten-crop takes
+        its crops first: a crop of a standardised image is not standardised)."""
         x = images.permute(0, 3, 1, 2).float()
         if match_blur and self.blur_sigma > 0:
             x = gaussian_blur(x, self.blur_sigma)
@@ -83,9 +91,8 @@ class DeviceNormalize(torch.nn.Module):
         if x.shape[1] != self.in_chans:
             x = x.expand(-1, self.in_chans, -1, -1) if x.shape[1] == 1 else x.mean(1, keepdim=True)
         if self.per_image:
-            # Per image over all its pixels; a flat image (std < 1 grey level) is only centred.
-            std, mean = torch.std_mean(x, dim=(1, 2, 3), keepdim=True)
-            x = (x - mean) / std.clamp_min(1.0)
+            if standardize:
+                x = self.standardize(x)
         else:
             x = x * self.scale + self.shift
         if self.channels_last:

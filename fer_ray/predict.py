@@ -514,8 +514,13 @@ class Scorer:
         if self.device.type == "cuda":
             x = x.pin_memory().to(self.device, non_blocking=True)
         with torch.inference_mode():
-            # Normalised (and blurred) in fp32 outside autocast, as validation in training is.
-            views = tta_views(self.normalize(x), self.tta)
+            # Normalised (and blurred) in fp32 outside autocast, as validation in training is;
+            # each view standardised on its own with input_norm: image, as every image the
+            # model saw was (ten-crop's crops of a standardised image were not).
+            per_image = self.normalize.per_image
+            views = tta_views(self.normalize(x, standardize=not per_image), self.tta)
+            if per_image:
+                views = [self.normalize.standardize(v) for v in views]
             with torch.autocast(
                 self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None
             ):

@@ -589,6 +589,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "data_wait_s": round(train_batches.wait, 2),
             "steps": steps,  # optimizer steps, the same on every worker
             "planned_epochs": s.epochs,  # the run's length when this epoch ran
+            "format": format_name(amp_dtype, channels_last),  # precision and memory format trained in
         }
         state.history.append(row)
         log0(

@@ -188,6 +188,13 @@ def test_model_folder_round_trip_and_timm_can_load_it(tmp_path) -> None:
     torch.testing.assert_close(loaded(x), model(x))
     plain = timm.create_model(f"local-dir:{tmp_path}", pretrained=True).eval()
     torch.testing.assert_close(plain(x), model(x))
+    # timm's own eval transform for the folder resizes the whole image, as fer_ray does; it
+    # cropped the centre 87.5% (Resize(36), CenterCrop(32)), which training never saw.
+    transform = timm.data.create_transform(**timm.data.resolve_model_data_config(plain), is_training=False)
+    names = [type(t).__name__ for t in transform.transforms]
+    assert "CenterCrop" not in names or transform.transforms[names.index("CenterCrop")].size == (32, 32)
+    resize = transform.transforms[names.index("Resize")]
+    assert resize.size in (32, (32, 32), [32, 32]), resize
 
 
 def test_not_a_model_folder(tmp_path) -> None:

@@ -514,6 +514,27 @@ def test_scorer_averages_the_softmax_of_every_view(model_dir) -> None:
     assert not np.allclose(got, one, atol=1e-3)  # the views change the answer
 
 
+def test_ten_crop_views_are_each_standardised_for_a_per_image_norm_model(tmp_path) -> None:
+    """With input_norm: image every image the model saw had zero mean and unit std; the
+    crops of a standardised batch did not (|mean| up to 0.2, std 0.68-1.04 on FER2013 val)."""
+    from fer_ray.constants import IMAGE_COL, LABEL_COL, PATH_COL
+    from fer_ray.predict import Scorer
+
+    model = create_model("test_resnet", 7).eval()
+    spec = ModelSpec("test_resnet", list(FER_CLASSES), 32, 48, 1, [0.5] * 3, [0.5] * 3, input_norm="image")
+    save_model_dir(model, tmp_path, spec)
+    scorer = Scorer(str(tmp_path), use_gpu=False, tta="ten-crop", num_actors=1, amp="off")
+    seen = []
+    scorer.model = lambda x: seen.append(x.clone()) or torch.zeros(len(x), 7)  # what the model is given
+    yy, xx = np.mgrid[0:48, 0:48]
+    images = np.stack([((yy * k + xx * 3) % 256).astype(np.uint8) for k in (1, 2, 5)])[..., None]  # uneven
+    scorer({IMAGE_COL: images, PATH_COL: np.array(["a", "b", "c"]), LABEL_COL: np.full(3, -1)})
+    assert len(seen) == 12
+    for view in seen:
+        std, mean = torch.std_mean(view.float(), dim=(1, 2, 3))
+        assert torch.allclose(mean, torch.zeros(3), atol=1e-4) and torch.allclose(std, torch.ones(3), atol=1e-4)
+
+
 def test_padded_batches_score_as_unpadded_ones(model_dir) -> None:
     """On a GPU the scorer pads a short batch (files that failed to decode leave gaps) to the
     largest size seen, so cudnn tunes one shape: the rows it returns are the same."""

@@ -28,7 +28,7 @@ def test_run_folder_is_complete(tiny_run) -> None:
     history = pd.read_csv(tiny_run / "history.csv")
     assert history.columns.tolist() == [
         "epoch", "phase", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "seconds", "images_per_s",
-        "data_wait_s", "steps", "planned_epochs",
+        "data_wait_s", "steps", "planned_epochs", "format",
     ]
     assert history["epoch"].tolist() == [1, 2]
     assert history["phase"].tolist() == ["head", "finetune"]  # --freeze-epochs 1
@@ -37,6 +37,7 @@ def test_run_folder_is_complete(tiny_run) -> None:
     assert ((history["data_wait_s"] > 0) & (history["data_wait_s"] < history["seconds"])).all()
     assert (history["steps"] == 280 // 16).all()
     assert (history["planned_epochs"] == 2).all()  # no time budget: --epochs
+    assert history["format"].isin(["fp32", "fp32+channels_last", "bf16", "bf16+channels_last"]).all()
 
     metrics = pd.read_parquet(tiny_run / "val_metrics.parquet").set_index("name")
     assert metrics.loc[list(FER_CLASSES), "support"].sum() == 70  # every val image, once
