@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -57,7 +56,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from bench.common import MiB, Sampler, read_all, tree_memory  # noqa: E402
+from bench.common import MiB, Sampler, operator_outputs, read_all, tree_memory  # noqa: E402
 from fer_ray.constants import FER_CLASSES, IMAGE_EXTENSIONS  # noqa: E402
 from fer_ray.model import (  # noqa: E402
     ModelSpec,
@@ -142,20 +141,6 @@ def plain_loop(
 # --------------------------------------------------------------------------------------
 # Bytes through the object store
 # --------------------------------------------------------------------------------------
-
-_OPERATOR = re.compile(r"^Operator \d+ (.+?):", re.M)
-_TOTAL = re.compile(r"\* Output (num rows|size bytes) per block: .*?(\d+) total")
-
-
-def operator_outputs(stats: str) -> list[tuple[str, int, int]]:
-    """(operator, rows, bytes) it output, from a Dataset.stats() text."""
-    found = []
-    starts = list(_OPERATOR.finditer(stats))
-    for m, end in zip(starts, [n.start() for n in starts[1:]] + [len(stats)]):
-        totals = dict(_TOTAL.findall(stats[m.end():end]))
-        if "size bytes" in totals:
-            found.append((m.group(1), int(totals.get("num rows", 0)), int(totals["size bytes"])))
-    return found
 
 
 class StatsLog(logging.Handler):

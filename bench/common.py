@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import threading
 import time
 from pathlib import Path
@@ -215,6 +216,17 @@ class CpuTimeline(_Periodic):
         return (end[0] - start[0], per, end[2][0] - start[2][0], end[2][1] - start[2][1])
 
 
-# --------------------------------------------------------------------------------------
+# Ray Data's stats text: an operator's header, and its output totals.
+_OPERATOR = re.compile(r"^Operator \d+ (.+?):", re.M)
+_TOTAL = re.compile(r"\* Output (num rows|size bytes) per block: .*?(\d+) total")
 
 
+def operator_outputs(stats: str) -> list[tuple[str, int, int]]:
+    """(operator, rows, bytes) it output, from a Dataset.stats() text."""
+    found = []
+    starts = list(_OPERATOR.finditer(stats))
+    for m, end in zip(starts, [n.start() for n in starts[1:]] + [len(stats)]):
+        totals = dict(_TOTAL.findall(stats[m.end():end]))
+        if "size bytes" in totals:
+            found.append((m.group(1), int(totals.get("num rows", 0)), int(totals["size bytes"])))
+    return found

@@ -36,7 +36,7 @@ def test_script_compiles(script: str) -> None:
 
 
 def test_operator_outputs_reads_the_stats_text() -> None:
-    from bench.bench_scoring import operator_outputs
+    from bench.common import operator_outputs
 
     assert operator_outputs(STATS) == [
         ("FromBlocks", 3589, 269538),
