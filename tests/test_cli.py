@@ -266,7 +266,10 @@ def test_without_ray_address_a_job_joins_the_cluster_ray_start_runs_here(monkeyp
     calls = []
     monkeypatch.setattr(cli, "connect_ray", lambda address, where=None: calls.append(("connect", address)))
     monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(("init", kwargs)))
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    # Recorded as it is (unset) so that teardown undoes what init_ray sets: a bare delenv of
+    # an unset variable records nothing, and RAY_ADDRESS leaked into every later test.
+    monkeypatch.setenv("RAY_ADDRESS", "placeholder")
+    monkeypatch.delenv("RAY_ADDRESS")
     if case == "ray_address_local":
         monkeypatch.setenv("RAY_ADDRESS", "local")
     try:
