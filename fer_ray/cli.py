@@ -119,13 +119,16 @@ def running_local_cluster() -> str | None:
     except Exception:  # noqa: BLE001 (a private helper of Ray's: without it, start a local Ray)
         return None
     host_port = _host_port(address) if address else None
-    if host_port is None:
-        return None
+    return address if host_port is not None and _answers(host_port, 1.0) is None else None
+
+
+def _answers(host_port: tuple[str, int], timeout: float) -> OSError | None:
+    """None when something accepts a TCP connection at `host_port`, else the error."""
     try:
-        socket.create_connection(host_port, timeout=1.0).close()
-    except OSError:
-        return None
-    return address
+        socket.create_connection(host_port, timeout=timeout).close()
+    except OSError as e:
+        return e
+    return None
 
 
 def connect_ray(address: str, where: str | None = None) -> None:
@@ -143,15 +146,13 @@ def connect_ray(address: str, where: str | None = None) -> None:
     where = where or f"RAY_ADDRESS={address!r}"
 
     host_port = _host_port(address)
-    if host_port is not None:
-        try:
-            socket.create_connection(host_port, timeout=CONNECT_TIMEOUT_S).close()
-        except OSError as e:
-            raise ConfigError(
-                f"Nothing answers at {where} ({e.strerror or e}); start the "
-                "cluster (`ray start --head` or `ray up cluster.yaml`) or unset RAY_ADDRESS to "
-                "run on a Ray instance of this machine."
-            ) from None
+    refused = _answers(host_port, CONNECT_TIMEOUT_S) if host_port is not None else None
+    if refused is not None:
+        raise ConfigError(
+            f"Nothing answers at {where} ({refused.strerror or refused}); start the "
+            "cluster (`ray start --head` or `ray up cluster.yaml`) or unset RAY_ADDRESS to "
+            "run on a Ray instance of this machine."
+        )
     watchdog = threading.Timer(INIT_TIMEOUT_S, _give_up, args=(where,))
     watchdog.daemon = True
     watchdog.start()

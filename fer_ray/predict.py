@@ -257,11 +257,7 @@ def _check_output(model_dir: str, source: str, output: str) -> None:
 def _is_scoring_output(folder: str) -> bool:
     """Written by jobs/predict.py: its summary.json (other tools write files of that name
     too) beside its predictions folder. Only such a folder is replaced by a rerun."""
-    path = storage.join(folder, SUMMARY_FILE)
-    try:
-        summary = storage.read_json(path) if storage.is_file(path) else None
-    except (ValueError, UnicodeDecodeError):
-        return False
+    summary = storage.read_json_or_none(storage.join(folder, SUMMARY_FILE))
     return (isinstance(summary, dict) and {"input_kind", "classes", "scored", "total"} <= summary.keys()
             and storage.is_dir(storage.join(folder, PREDICTIONS_DIR)))
 

@@ -561,13 +561,7 @@ def _publish(staging: str, output: str, splits: list[str], manifest: dict[str, A
 def _manifest_or_none(shards: str) -> dict[str, Any] | None:
     """The folder's manifest.json when jobs/prepare.py wrote it (other tools write files of
     that name too), else None."""
-    path = storage.join(storage.normalize(shards), MANIFEST_FILE)
-    if not storage.is_file(path):
-        return None
-    try:
-        manifest = storage.read_json(path)
-    except (ValueError, UnicodeDecodeError):
-        return None
+    manifest = storage.read_json_or_none(storage.join(storage.normalize(shards), MANIFEST_FILE))
     ok = isinstance(manifest, dict) and isinstance(manifest.get("classes"), list) and isinstance(
         manifest.get("splits"), dict)
     return manifest if ok else None

@@ -157,6 +157,17 @@ def read_json(path: str) -> Any:
     return json.loads(read_bytes(path).decode())
 
 
+def read_json_or_none(path: str) -> Any:
+    """The JSON in `path`, or None when it is not a file or not JSON (a file another tool
+    wrote under a name fer_ray uses)."""
+    if not is_file(path):
+        return None
+    try:
+        return read_json(path)
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
 def write_json(path: str, value: Any) -> None:
     write_bytes(path, (json.dumps(value, indent=2) + "\n").encode())
 
