@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from fer_ray.metrics import summary
+
 REPO = Path(__file__).resolve().parents[1]
 
 BASE = ["--config", "configs/fer2013-cpu.yaml"]
@@ -59,8 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         if proc.returncode != 0:
             print(f"{name}: failed\n{proc.stderr[-2000:]}", file=sys.stderr)
             continue
-        metrics = pd.read_parquet(run / "val_metrics.parquet").set_index("name")
-        row = [name, f"{metrics.loc['accuracy', 'f1']:.4f}", f"{metrics.loc['macro avg', 'f1']:.4f}",
+        found = summary(pd.read_parquet(run / "val_metrics.parquet"))
+        row = [name, f"{found['accuracy']:.4f}", f"{found['macro_f1']:.4f}",
                f"{minutes:.1f}", shlex.join(["python", *cmd[1:]])]
         with open(table, "a") as f:
             f.write("\t".join(row) + "\n")

@@ -16,13 +16,12 @@ def metrics_table(y_true: np.ndarray, y_pred: np.ndarray, class_names: Sequence[
     """Per-class precision, recall, F1 and support, then macro and weighted averages, then
     accuracy (in the f1 column, support = all images): scikit-learn's classification_report."""
     labels = list(range(len(class_names)))
-    report = classification_report(
-        y_true, y_pred, labels=labels, target_names=list(class_names),
-        output_dict=True, zero_division=0,
-    )
+    # Keyed by label id, not name: a class named "accuracy" or "macro avg" would replace
+    # the report's own entry of that name.
+    report = classification_report(y_true, y_pred, labels=labels, output_dict=True, zero_division=0)
     rows = []
-    for name in [*class_names, *AVERAGE_ROWS]:
-        r = report[name]
+    for key, name in [*((str(i), n) for i, n in enumerate(class_names)), *((a, a) for a in AVERAGE_ROWS)]:
+        r = report[key]
         rows.append((name, r["precision"], r["recall"], r["f1-score"], int(r["support"])))
     accuracy = float(np.mean(np.asarray(y_true) == np.asarray(y_pred))) if len(y_true) else 0.0
     rows.append((ACCURACY_ROW, np.nan, np.nan, accuracy, int(len(y_true))))
@@ -30,12 +29,11 @@ def metrics_table(y_true: np.ndarray, y_pred: np.ndarray, class_names: Sequence[
 
 
 def summary(table: pd.DataFrame) -> dict[str, float]:
-    """Accuracy and macro F1 out of a metrics table."""
-    by_name = table.set_index("name")
-    return {
-        "accuracy": float(by_name.loc[ACCURACY_ROW, "f1"]),
-        "macro_f1": float(by_name.loc["macro avg", "f1"]),
-    }
+    """Accuracy and macro F1 out of a metrics table (its last three rows: a class may have
+    any of their names)."""
+    macro, _, accuracy = table.iloc[-3:].itertuples(index=False)
+    assert (macro.name, accuracy.name) == (AVERAGE_ROWS[0], ACCURACY_ROW), table.tail(3)
+    return {"accuracy": float(accuracy.f1), "macro_f1": float(macro.f1)}
 
 
 def calibration_error(correct: np.ndarray, confidence: np.ndarray, bins: int = 15) -> float:
@@ -51,9 +49,14 @@ def calibration_error(correct: np.ndarray, confidence: np.ndarray, bins: int = 1
     return float(gap.sum() / len(correct))
 
 
+# The confusion table's first column, the true class: a name no class can have (class names
+# are folder names, which hold no "/"), as a column named "true" clashed with a class "true".
+TRUE_COL = "true/pred"
+
+
 def confusion_table(y_true: np.ndarray, y_pred: np.ndarray, class_names: Sequence[str]) -> pd.DataFrame:
-    """Counts, one row per true class and one column per predicted class."""
+    """Counts, one row per true class (named in TRUE_COL) and one column per predicted class."""
     cm = confusion_matrix(y_true, y_pred, labels=list(range(len(class_names))))
     df = pd.DataFrame(cm, columns=list(class_names))
-    df.insert(0, "true", list(class_names))
+    df.insert(0, TRUE_COL, list(class_names))
     return df

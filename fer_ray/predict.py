@@ -266,11 +266,7 @@ def _has_any_file(folder: str) -> bool:
     local = storage.local_path(folder)
     if local is None:
         return bool(storage.list_files(folder))
-    for root, dirs, files in os.walk(local, followlinks=True):  # as the listing follows them
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        if any(not f.startswith(".") for f in files):
-            return True
-    return False
+    return next(storage.local_files(local), None) is not None  # stops at the first
 
 
 # --------------------------------------------------------------------------------------
@@ -346,6 +342,10 @@ class ErrorWriter:
         return self.count
 
 
+class _NotAnImage(Exception):
+    pass
+
+
 _POINTER = re.compile(r" <_io\.BytesIO object at 0x[0-9a-f]+>")
 
 
@@ -372,7 +372,7 @@ def decode_files(
     decoded, the paths that did not and why)."""
     import cv2
 
-    from fer_ray.transforms import create_transform, decode_image
+    from fer_ray.transforms import SIGNATURE_BYTES, create_transform, decode_image, looks_like_image
 
     # Undecodable files are expected here and reported in errors.parquet instead.
     cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
@@ -383,21 +383,25 @@ def decode_files(
     reasons: list[str] = []
     for i, path in enumerate(paths):
         path = str(path)
-        if blobs is None and not path.lower().endswith(IMAGE_EXTENSIONS):
-            reason = f"not an image file (extension {os.path.splitext(path)[1] or 'none'})"
-        else:
-            try:
-                data = storage.read_bytes(path) if blobs is None else blobs[i]
-                if not data:
-                    raise ValueError("empty file")
-                image = transform(image=decode_image(data, channels))["image"]
-                images[len(keep)] = image.reshape(size, size, channels)
-                keep.append(i)
-                continue
-            except OSError as e:
-                reason = f"cannot read file: {e}"
-            except Exception as e:  # noqa: BLE001 - any decoder failure means an unusable file
-                reason = _POINTER.sub("", str(e)) or type(e).__name__
+        try:
+            # A file named as no image is read only if its first bytes are an image's (a
+            # .jfif, a PNG without extension: prepare keeps what decodes, whatever its name).
+            if blobs is None and not path.lower().endswith(IMAGE_EXTENSIONS):
+                if not looks_like_image(storage.read_head(path, SIGNATURE_BYTES)):
+                    raise _NotAnImage(f"not an image file (extension {os.path.splitext(path)[1] or 'none'})")
+            data = storage.read_bytes(path) if blobs is None else blobs[i]
+            if not data:
+                raise ValueError("empty file")
+            image = transform(image=decode_image(data, channels))["image"]
+            images[len(keep)] = image.reshape(size, size, channels)
+            keep.append(i)
+            continue
+        except _NotAnImage as e:
+            reason = str(e)
+        except OSError as e:
+            reason = f"cannot read file: {e}"
+        except Exception as e:  # noqa: BLE001 - any decoder failure means an unusable file
+            reason = _POINTER.sub("", str(e)) or type(e).__name__
         bad_paths.append(path)
         reasons.append(reason)
     return images[: len(keep)], keep, bad_paths, reasons

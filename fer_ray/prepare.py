@@ -282,7 +282,13 @@ def check_image(data: bytes) -> tuple[str | None, tuple[int, int, str] | None]:
             img.load()  # decodes fully, so truncated files are caught here, not in training
             return None, (img.width, img.height, img.mode)
     except UnidentifiedImageError:
-        return "not an image file", None
+        try:  # what training's decoder reads beyond Pillow (TIFFs of float RGB samples)
+            from fer_ray.transforms import decode_image
+
+            img = decode_image(data, 3)
+            return None, (img.shape[1], img.shape[0], "OpenCV")
+        except Exception:  # noqa: BLE001 - neither decoder reads it
+            return "not an image file", None
     except Exception as e:  # noqa: BLE001 - any decoder failure means a corrupt file
         return f"corrupt image: {type(e).__name__}: {e}", None
 

@@ -7,14 +7,17 @@ Ray's own `storage_path` and `read_parquet` take the same strings, so a user can
 from __future__ import annotations
 
 import json
+import logging
 import os
-from typing import Any
+from typing import Any, Iterator
 from urllib.parse import quote
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 
 from fer_ray.config import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 def is_uri(path: str) -> bool:
@@ -141,6 +144,13 @@ def read_bytes(path: str) -> bytes:
         return f.read()
 
 
+def read_head(path: str, size: int) -> bytes:
+    """A file's first `size` bytes (fewer if it is shorter)."""
+    fs, inner = resolve(path)
+    with fs.open_input_stream(inner) as f:
+        return f.read(size)
+
+
 def write_bytes(path: str, data: bytes) -> None:
     """Write via a temporary name and a move, so readers never see half a file."""
     fs, inner = resolve(path)
@@ -180,8 +190,12 @@ def list_dir(path: str, hidden: bool = False) -> list[pafs.FileInfo]:
 
 
 def list_files(path: str) -> list[str]:
-    """Every file under a folder at any depth (hidden ones left out), sorted."""
+    """Every file under a folder at any depth (hidden ones left out), sorted. Symlinked
+    folders are followed; locally (local_files) a link to a folder above it is not, and a
+    link to nothing is listed, so that whoever reads it says why it cannot be read."""
     fs, inner = resolve(path)
+    if isinstance(fs, pafs.LocalFileSystem):
+        return sorted(local_files(inner))
     entries = _listing(fs, inner, path, recursive=True)
     out = []
     for e in entries:
@@ -189,6 +203,44 @@ def list_files(path: str) -> list[str]:
         if e.type == pafs.FileType.File and not any(p.startswith(".") for p in rel.split("/")):
             out.append(e.path)
     return sorted(out)
+
+
+def local_files(root: str) -> Iterator[str]:
+    """The files under a local folder, depth first, as they are found (hidden entries left
+    out). A symlinked folder is followed unless it is one of the folders above it: pyarrow's
+    listing followed such a loop until the path was 40 links deep and listed every file
+    under it once per turn. A symlink to nothing (or to what cannot be read) is listed; sockets
+    and pipes are not (reading a pipe would wait forever). ConfigError for a folder that
+    cannot be read or a name that is not UTF-8."""
+    top = os.stat(root)
+    stack = [(root, ((top.st_dev, top.st_ino),))]
+    while stack:
+        folder, above = stack.pop()
+        try:
+            with os.scandir(folder) as it:
+                entries = list(it)
+        except OSError as e:
+            raise ConfigError(f"Cannot list the folder {folder!r}: {e.strerror or e}.") from None
+        subfolders = []
+        for e in entries:
+            if e.name.startswith("."):
+                continue
+            if not _utf8(os.fsencode(e.name)):
+                raise _not_utf8(os.fsencode(e.path).decode(errors="replace"))
+            try:
+                is_dir = e.is_dir()  # follows symlinks
+            except OSError:
+                is_dir = False
+            if is_dir:
+                st = e.stat()
+                key = (st.st_dev, st.st_ino)
+                if key in above:
+                    log.warning("%s links back to a folder above it; not followed", e.path)
+                    continue
+                subfolders.append((e.path, above + (key,)))
+            elif e.is_file() or (e.is_symlink() and not os.path.exists(e.path)):
+                yield e.path
+        stack.extend(subfolders)
 
 
 def _listing(fs: pafs.FileSystem, inner: str, path: str, recursive: bool) -> list[pafs.FileInfo]:
@@ -209,10 +261,14 @@ def _listing(fs: pafs.FileSystem, inner: str, path: str, recursive: bool) -> lis
                     break
                 if not recursive:
                     break
-        raise ConfigError(
-            f"{where!r} has a name that is not UTF-8 text (shown with \ufffd for the bytes "
-            "that are not); rename it (e.g. `convmv -f cp1252 -t utf8`)."
-        ) from None
+        raise _not_utf8(where) from None
+
+
+def _not_utf8(where: str) -> ConfigError:
+    return ConfigError(
+        f"{where!r} has a name that is not UTF-8 text (shown with \ufffd for the bytes "
+        "that are not); rename it (e.g. `convmv -f cp1252 -t utf8`)."
+    )
 
 
 def _utf8(name: bytes) -> bool:

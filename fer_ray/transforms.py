@@ -26,22 +26,61 @@ ERASING_SHARE = 0.35
 cv2.setNumThreads(1)
 
 
+# The first bytes of the formats decode_image reads (JPEG, PNG, GIF, BMP, WebP, TIFF):
+# scoring reads a file whose name has no image extension only when it begins so.
+_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
+SIGNATURE_BYTES = 12
+
+
+def looks_like_image(head: bytes) -> bool:
+    """Whether a file's first SIGNATURE_BYTES bytes are those of an image decode_image reads."""
+    return head.startswith(_SIGNATURES) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
+
+
 def decode_image(data: bytes, channels: int) -> np.ndarray:
     """Encoded bytes -> uint8 HxWxC (C=1 grayscale or 3 RGB), the way training sees images.
 
     cv2 is fast for JPEG/PNG/BMP/WebP and converts 16-bit and alpha images to 8-bit
-    gray or RGB; Pillow covers what it cannot read (GIF: first frame). Raises ValueError.
+    gray or RGB; images of float or 32-bit samples (TIFF) are scaled to 8 bits
+    (_deep_to_uint8); Pillow covers what cv2 cannot read (GIF: first frame). Raises ValueError.
     """
     buf = np.frombuffer(data, dtype=np.uint8)
     flag = cv2.IMREAD_GRAYSCALE if channels == 1 else cv2.IMREAD_COLOR
     img = cv2.imdecode(buf, flag) if buf.size else None
     if img is None:
-        img = _decode_with_pillow(data, channels)
+        deep = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED) if buf.size else None
+        if deep is not None and deep.dtype != np.uint8:  # cv2 reads them, not converted
+            img = _deep_to_uint8(deep, channels)
+        else:
+            img = _decode_with_pillow(data, channels)
     elif channels == 3:
         img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
     if img.ndim == 2:
         img = img[:, :, None]
     return np.ascontiguousarray(img)
+
+
+def _deep_to_uint8(img: np.ndarray, channels: int) -> np.ndarray:
+    """A float or 32-bit image (cv2's BGR/BGRA order) as uint8 gray or RGB. Floats in [0, 1]
+    are that share of white, values in [0, 255] are kept, any other range is stretched to
+    0-255 (Pillow clipped floats to 0-255: a [0, 1] image came out black); NaN is black."""
+    x = np.nan_to_num(img.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+    lo, hi = (float(x.min()), float(x.max())) if x.size else (0.0, 0.0)
+    if img.dtype.kind == "f" and lo >= 0 and hi <= 1:
+        x = x * 255
+    elif lo < 0 or hi > 255:
+        x = (x - lo) * (255 / max(hi - lo, 1e-12))
+    if x.ndim == 3 and x.shape[2] in (1, 2):  # gray, gray + alpha
+        x = x[:, :, 0]
+    if x.ndim == 3:  # BGR or BGRA
+        alpha = x.shape[2] == 4
+        if channels == 1:
+            x = cv2.cvtColor(x, cv2.COLOR_BGRA2GRAY if alpha else cv2.COLOR_BGR2GRAY)
+        else:
+            x = cv2.cvtColor(x, cv2.COLOR_BGRA2RGB if alpha else cv2.COLOR_BGR2RGB)
+    elif channels == 3:
+        x = cv2.cvtColor(x, cv2.COLOR_GRAY2RGB)
+    return np.clip(np.rint(x), 0, 255).astype(np.uint8)
 
 
 def _decode_with_pillow(data: bytes, channels: int) -> np.ndarray:

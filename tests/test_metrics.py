@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support
 
-from fer_ray.metrics import calibration_error, confusion_table, metrics_table, summary
+from fer_ray.metrics import TRUE_COL, calibration_error, confusion_table, metrics_table, summary
 
 
 def test_metrics_table_matches_sklearn() -> None:
@@ -28,8 +28,28 @@ def test_metrics_table_matches_sklearn() -> None:
 
 def test_confusion_table_counts() -> None:
     table = confusion_table(np.array([0, 0, 1, 2]), np.array([0, 1, 1, 1]), ["x", "y", "z"])
-    assert table["true"].tolist() == ["x", "y", "z"]
+    assert table[TRUE_COL].tolist() == ["x", "y", "z"]
     assert table[["x", "y", "z"]].to_numpy().tolist() == [[1, 1, 0], [0, 1, 0], [0, 1, 0]]
+
+
+def test_classes_named_like_the_reports_own_rows_and_columns() -> None:
+    """A class "true" clashed with the confusion table's column of that name (pandas
+    refused it); classes "accuracy" or "macro avg" replaced scikit-learn's entries of those
+    names, and the summary read two rows as one number."""
+    names = ["accuracy", "macro avg", "true", "weighted avg"]
+    y_true = np.array([0, 0, 1, 1, 2, 2, 3, 3, 3, 3])
+    y_pred = np.array([0, 1, 1, 1, 2, 0, 3, 3, 2, 3])
+    table = metrics_table(y_true, y_pred, names)
+    assert table["name"].tolist() == [*names, "macro avg", "weighted avg", "accuracy"]
+    p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=range(4), zero_division=0)
+    np.testing.assert_allclose(table["f1"][:4], f)
+    assert table["support"][:4].tolist() == s.tolist()
+    assert summary(table) == pytest.approx(
+        {"accuracy": accuracy_score(y_true, y_pred), "macro_f1": f1_score(y_true, y_pred, average="macro")}
+    )
+    cm = confusion_table(y_true, y_pred, names)
+    assert cm.columns.tolist() == [TRUE_COL, *names]
+    assert cm[names].to_numpy().sum() == len(y_true)
 
 
 def test_calibration_error() -> None:

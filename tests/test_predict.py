@@ -8,6 +8,7 @@ import logging
 import shutil
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pandas as pd
 import pytest
@@ -89,13 +90,24 @@ def image_folder(tmp_path_factory) -> tuple[Path, set[str], dict[str, str]]:
     frames[0].save(src / "surprise" / "anim.gif", save_all=True, append_images=frames[1:])
     _save(Image.fromarray(rgb(20, 28)), src / "angry" / "pic.bmp")
     _save(Image.fromarray(rgb(20, 28)), src / "disgust" / "pic.webp")
+    # Named as no image but holding one (prepare keeps such files): read for their first bytes.
+    (src / "disgust" / "photo.jfif").write_bytes(_jpeg(rgb(30, 30)))
+    _save(Image.fromarray(rgb(26, 26)), src / "neutral" / "no_extension", format="PNG")
+    # Float samples in [0, 1] (Pillow made them black, cv2's default read refuses them).
+    ok, tiff = cv2.imencode(".tiff", rng.random((40, 40)).astype(np.float32))
+    (src / "fear" / "float.tiff").write_bytes(tiff.tobytes())
     good = {str(p) for p in src.rglob("*") if p.is_file()}
+    # A link back to the folder above (pyarrow's listing followed it 40 links deep, listing
+    # every file again each turn) and a link to nothing (left out of the listing, unreported).
+    (src / "surprise" / "back").symlink_to(src, target_is_directory=True)
+    (src / "angry" / "gone.jpg").symlink_to(root / "deleted.jpg")
 
     bad = {
         src / "angry" / "truncated.jpg": "truncated",
         src / "happy" / "empty.jpg": "empty file",
         src / "sad" / "notes.jpg": "cannot decode",
         src / "neutral" / "readme.txt": "not an image file",
+        src / "angry" / "gone.jpg": "cannot read file",
     }
     (src / "angry" / "truncated.jpg").write_bytes(_jpeg(rgb(64, 64))[:700])
     (src / "happy" / "empty.jpg").write_bytes(b"")
@@ -233,10 +245,10 @@ def test_cli_rerun_with_tta_replaces_the_output(labelled_run, model_dir, image_f
                              "--output", str(out), "--tta", "--batch-size", "16"])
 
     assert code == 0
-    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("scored 21 of 25 (4 errors)")
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("scored 24 of 29 (5 errors)")
     assert not (out / "stale.txt").exists()
     summary = json.loads((out / SUMMARY_FILE).read_text())
-    assert summary["tta"] == "flip" and summary["amp"] == "auto" and summary["scored"] == 21
+    assert summary["tta"] == "flip" and summary["amp"] == "auto" and summary["scored"] == 24
     probs = _predictions(out)[PROB_COLS].to_numpy()
     np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
     # Flip TTA changes the numbers (the model is not mirror-symmetric).
@@ -278,7 +290,7 @@ def test_a_folder_with_another_tools_manifest_is_scored_as_images(model_dir, ima
     """A manifest.json that jobs/prepare.py did not write (in the folder, or above a folder
     named val) made the job take images for shards and end in a KeyError traceback."""
     src = tmp_path / "photos"
-    shutil.copytree(image_folder[0], src / "val")
+    shutil.copytree(image_folder[0], src / "val", symlinks=True)
     for folder in (src, src / "val"):
         (folder / "manifest.json").write_text('{"version": 1}')
     from fer_ray.predict import find_shards

@@ -305,3 +305,30 @@ def test_scoring_into_a_bucket_root_is_refused() -> None:
         with pytest.raises(ConfigError, match="is a bucket; give a folder inside it"):
             _check_output("/models/best", "/data/faces", output)
     assert storage.split_last("s3://bucket/preds?x=1") == ("s3://bucket?x=1", "preds")
+
+
+def test_a_link_back_up_is_not_followed_and_a_link_to_nothing_is_listed(tmp_path, caplog) -> None:
+    """pyarrow's listing followed a link to a folder above it 40 links deep, listing every
+    file under it once per turn, and left a link to nothing out without a word; links to
+    other folders are still followed, and a pipe is not listed (reading it waits forever)."""
+    root = tmp_path / "src"
+    (root / "happy" / "deep").mkdir(parents=True)
+    (root / "happy" / "a.png").write_bytes(b"a")
+    (root / "happy" / "deep" / "b.png").write_bytes(b"b")
+    (root / "happy" / "deep" / "up").symlink_to(root / "happy", target_is_directory=True)
+    (root / "happy" / "top").symlink_to(root, target_is_directory=True)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "x.png").write_bytes(b"x")
+    (root / "sad").symlink_to(tmp_path / "elsewhere", target_is_directory=True)  # followed
+    (root / "happy" / "gone.png").symlink_to(tmp_path / "deleted.png")
+    os.mkfifo(root / "happy" / "pipe.png")
+    (root / ".hidden").mkdir()
+    (root / ".hidden" / "c.png").write_bytes(b"c")
+
+    with caplog.at_level("WARNING", logger="fer_ray.storage"):
+        listed = storage.list_files(str(root))
+    assert listed == [
+        str(root / p) for p in ("happy/a.png", "happy/deep/b.png", "happy/gone.png", "sad/x.png")
+    ]
+    loops = sorted(r.getMessage().split()[0] for r in caplog.records)
+    assert loops == [str(root / "happy" / "deep" / "up"), str(root / "happy" / "top")]

@@ -49,6 +49,37 @@ def test_decode_16_bit_keeps_the_picture() -> None:
     assert np.abs(img16[:, :, 0].astype(int) - face().astype(int)).max() <= 1
 
 
+@pytest.mark.parametrize("kind", ["float gray", "float BGR", "int32 gray", "float beyond 0-1"])
+def test_decode_float_and_32_bit_tiffs_keep_the_picture(kind: str) -> None:
+    """Pillow clipped float samples in [0, 1] to 0-255 (a black image) and cannot open float
+    RGB TIFFs at all; 32-bit integers are stretched to the 8 bits."""
+    import cv2
+
+    from fer_ray.prepare import check_image
+
+    gray = face().astype(np.float32) / 255
+    array = {
+        "float gray": gray,
+        "float BGR": np.dstack([gray, gray * 0.5, gray * 0.25]),
+        "int32 gray": (gray * 1e6).astype(np.int32),
+        "float beyond 0-1": gray * 4 - 2,
+    }[kind]
+    ok, buf = cv2.imencode(".tiff", array)
+    data = buf.tobytes()
+    rgb = decode_image(data, 3)
+    expected = face().astype(int)
+    if kind == "float BGR":  # blue is the picture, red a quarter of it
+        assert np.abs(rgb[:, :, 2].astype(int) - expected).max() <= 1
+        assert np.abs(rgb[:, :, 0].astype(int) - expected // 4).max() <= 1
+    else:
+        lo, hi = expected.min(), expected.max()
+        if kind != "float gray":  # a range other than [0, 1] is stretched to 0-255
+            expected = (expected - lo) * 255 / (hi - lo)
+        assert np.abs(decode_image(data, 1)[:, :, 0] - expected).max() <= 1.5
+        assert np.abs(rgb - expected[:, :, None]).max() <= 1.5
+    assert check_image(data)[0] is None  # prepare keeps it
+
+
 def test_decode_garbage_raises() -> None:
     with pytest.raises(ValueError, match="cannot decode"):
         decode_image(b"definitely not an image", 1)
