@@ -191,11 +191,21 @@ def transform_batch(
     batch: dict[str, np.ndarray], size: int, channels: int, is_training: bool, augment: str,
     erasing: float | None = None,
 ) -> dict[str, np.ndarray]:
-    """Ray Data UDF: encoded images -> uint8 [B, size, size, C] plus labels."""
+    """Ray Data UDF: encoded images, or uint8 ones decoded at `size` already (decode_batch),
+    -> uint8 [B, size, size, C] plus labels."""
     transform = _cached_transform(is_training, size, augment, erasing)
-    blobs = batch[IMAGE_COL]
-    out = np.empty((len(blobs), size, size, channels), dtype=np.uint8)
-    for i, data in enumerate(blobs):
-        image = transform(image=decode_image(data, channels))["image"]
+    images = batch[IMAGE_COL]
+    decoded = isinstance(images, np.ndarray) and images.dtype == np.uint8 and images.ndim == 4
+    out = np.empty((len(images), size, size, channels), dtype=np.uint8)
+    for i, data in enumerate(images):
+        # (The train transform's first step, the resize, leaves an image of `size` as it is.)
+        image = transform(image=data if decoded else decode_image(data, channels))["image"]
         out[i] = image.reshape(size, size, channels)
     return {IMAGE_COL: out, LABEL_COL: batch[LABEL_COL].astype(np.int64)}
+
+
+def decode_batch(batch: dict[str, np.ndarray], size: int, channels: int) -> dict[str, np.ndarray]:
+    """Ray Data UDF: encoded images -> uint8 [B, size, size, C] as every transform's first
+    steps make them (decode, resize to `size`), nothing random: what a training split kept
+    decoded in the object store holds (fer_ray.data.split_dataset)."""
+    return transform_batch(batch, size, channels, is_training=False, augment="none")

@@ -71,6 +71,25 @@ def test_training_batches_mix_classes_and_reshuffle_every_epoch(ray_cluster, syn
     assert sorted(epochs[0]) == sorted(epochs[1])
 
 
+def test_training_split_kept_decoded_gives_the_images_decoded_from_the_shards(ray_cluster, synth_shards) -> None:
+    """A cached training split is decoded once and kept as pixels; every epoch must still
+    see each image as the decode of its shard row would give it."""
+    import pyarrow.parquet as pq
+
+    from fer_ray.data import split_dataset
+    from fer_ray.transforms import decode_batch
+
+    table = pq.read_table(synth_shards / "train", columns=["image", "label"])
+    direct = decode_batch({"image": np.array(table.column("image").to_pylist(), dtype=object),
+                           "label": table.column("label").to_numpy()}, 24, 1)
+    expected = sorted((img.tobytes(), int(label)) for img, label in zip(direct["image"], direct["label"]))
+    ds = split_dataset(str(synth_shards), "train", 24, 1, True, "none")
+    for _ in range(2):
+        got = [(img.tobytes(), int(label)) for b in ds.iter_batches(batch_size=None, batch_format="numpy")
+               for img, label in zip(b["image"], b["label"])]
+        assert sorted(got) == expected
+
+
 def test_training_data_resampled_by_class_every_epoch(ray_cluster, synth_shards) -> None:
     from fer_ray.data import split_dataset
 

@@ -80,6 +80,30 @@ def test_decode_float_and_32_bit_tiffs_keep_the_picture(kind: str) -> None:
     assert check_image(data)[0] is None  # prepare keeps it
 
 
+def test_train_transform_of_decoded_images_equals_that_of_the_encoded_ones() -> None:
+    """Training splits kept decoded in the object store (fer_ray.data) skip the decode and
+    resize; the random steps after them must give the same images, draw for draw."""
+    import random
+
+    from fer_ray.transforms import _cached_transform, decode_batch
+
+    rng = np.random.default_rng(1)
+    blobs = np.array([encode(rng.integers(0, 256, (48, 48), dtype=np.uint8), fmt="JPEG") for _ in range(32)],
+                     dtype=object)
+    batch = {IMAGE_COL: blobs, LABEL_COL: np.arange(32)}
+    for size in (48, 32):
+        decoded = decode_batch(batch, size, 1)
+        assert decoded[IMAGE_COL].shape == (32, size, size, 1) and decoded[IMAGE_COL].dtype == np.uint8
+        out = []
+        for source in (batch, decoded):
+            _cached_transform(True, size, "medium", None).set_random_seed(7)
+            random.seed(7)
+            np.random.seed(7)
+            out.append(transform_batch(source, size, 1, True, "medium"))
+        assert np.array_equal(out[0][IMAGE_COL], out[1][IMAGE_COL])
+        assert out[1][LABEL_COL].tolist() == list(range(32))
+
+
 def test_decode_garbage_raises() -> None:
     with pytest.raises(ValueError, match="cannot decode"):
         decode_image(b"definitely not an image", 1)
