@@ -206,7 +206,9 @@ class OptimOptions:
 
 @dataclass
 class RunOptions:
-    output: str = field(default="", metadata={"help": "run folder or URI (required)"})
+    output: str = field(
+        default="", metadata={"help": "the run folder (jobs/tune.py: the sweep folder), local or a URI (required)"}
+    )
     num_workers: int = field(default=1, metadata={"help": "Ray Train workers"})
     use_gpu: bool = field(default=False, metadata={"help": "one GPU per worker"})
     cpus_per_worker: int = field(
@@ -436,6 +438,13 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
         parsed = yaml.safe_load(value) if isinstance(value, str) else value
         if not isinstance(parsed, dict):
             raise ConfigError(f"Setting {name!r} expects a mapping such as '{{a: 1}}', got {value!r}.")
+        # A key without a value would be dropped unseen (timm leaves out None arguments);
+        # '{in_chans:1}' is one: YAML reads the key "in_chans:1", as it needs ": ".
+        blank = [str(k) for k, v in parsed.items() if v is None]
+        if blank:
+            hint = (" (YAML needs a space after the colon: '{a: 1}', not '{a:1}')"
+                    if any(":" in k for k in blank) else "")
+            raise ConfigError(f"Setting {name!r} gives no value for {', '.join(map(repr, blank))}{hint}.")
         return parsed
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]

@@ -352,7 +352,13 @@ def pixels_to_png(pixels: str) -> bytes:
     """One FER2013 CSV row's space-separated pixels as a 48x48 grayscale PNG."""
     from PIL import Image
 
-    values = np.array(pixels.split(), dtype=np.uint8)
+    try:
+        values = np.array(pixels.split(), dtype=np.int64)
+    except ValueError:
+        raise ValueError("pixels are not whole numbers") from None
+    if values.size and not (0 <= values.min() and values.max() <= 255):
+        raise ValueError(f"pixel values must be 0-255, found {values.min()}..{values.max()}")
+    values = values.astype(np.uint8)
     side = int(math.isqrt(values.size))
     if side * side != values.size:
         raise ValueError(f"{values.size} pixels is not a square image")

@@ -265,7 +265,8 @@ def _check_resume_compatible(cfg: TrainConfig, existing: dict[str, Any] | None) 
     if changed:
         diffs = ", ".join(f"{k} {old[k]!r} -> {new[k]!r}" for k in changed)
         raise ConfigError(
-            f"{cfg.run.output!r} holds a run with different settings ({diffs}); "
+            f"{cfg.run.output!r} holds a {'sweep' if hasattr(cfg, 'sweep') else 'run'} with different "
+            f"settings ({diffs}); "
             "use a new --output, or the same settings to resume it."
         )
 

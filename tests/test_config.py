@@ -126,6 +126,12 @@ def test_wrong_type_is_rejected() -> None:
         (["--data", "d", "--output", "o", "--lr", "nan"], "'lr' expects a finite number"),
         (["--data", "d", "--output", "o", "--model-kwargs", "{num_classes: 3, drop_rate: 0.2}"],
          "--model-kwargs cannot set drop_rate, num_classes: fer_ray sets drop_rate by --drop-rate"),
+        # YAML reads '{in_chans:1}' as the key "in_chans:1" without a value, which timm dropped:
+        # the run trained with a 3-channel stem without a word.
+        (["--data", "d", "--output", "o", "--model-kwargs", "{in_chans:1}"],
+         r"gives no value for 'in_chans:1' \(YAML needs a space after the colon"),
+        (["--data", "d", "--output", "o", "--model-kwargs", "{drop_path_rate: }"],
+         "gives no value for 'drop_path_rate'."),
         (["--data", "d", "--output", "o", "--no-pretrained", "--unfreeze", "1"],
          "--unfreeze 1 keeps the other stages of a backbone that is not pretrained"),
         (["--data", "d", "--output", "o", "--no-pretrained", "--freeze-epochs", "2"],

@@ -222,7 +222,7 @@ def test_prepare_fer_csv(ray_cluster, tmp_path) -> None:
     skipped = {s["path"]: s["reason"] for s in manifest["skipped"]}
     assert skipped.pop("csv:4") == "bad CSV row: 3 pixels is not a square image"
     assert skipped == {
-        "csv:12": "bad CSV row: Python integer 300 out of bounds for uint8",
+        "csv:12": "bad CSV row: pixel values must be 0-255, found 0..300",
         "csv:13": "bad CSV row: emotion code -1 is not 0-6",
         "csv:14": "bad CSV row: emotion code 7 is not 0-6",
     }
