@@ -20,6 +20,10 @@ MAP_BATCH_SIZE = 256
 MIN_BLOCK_BYTES = 1 << 20
 # Splits up to this share of the object store are kept there between epochs.
 CACHE_FRACTION = 0.2
+# A cached training split is kept decoded when its pixels are at most this share: besides
+# the decoded copy, every epoch's shuffle holds two more copies of it for a while, and a
+# sweep's concurrent trials each keep their own (FER2013's train split at 48 px: 66 MB).
+DECODED_FRACTION = 0.05
 # Ray's shuffle warns, in every epoch, about each input block larger than this many times
 # the dataset's block target (ray.data.context.MAX_SAFE_BLOCK_SIZE_FACTOR, 1.5), with some
 # room for blocks that the class resampling makes larger.
@@ -116,11 +120,11 @@ def read_shards(paths: str | list[str]) -> Any:
         ctx.use_datasource_v2, ctx.enable_progress_bars = before
 
 
-def fits_in_object_store(nbytes: int) -> bool:
-    """Whether a split is small enough to keep in the object store between epochs."""
+def fits_in_object_store(nbytes: int, fraction: float = CACHE_FRACTION) -> bool:
+    """Whether `nbytes` are at most `fraction` of the cluster's object store."""
     import ray
 
-    return nbytes <= CACHE_FRACTION * ray.cluster_resources().get("object_store_memory", 0)
+    return nbytes <= fraction * ray.cluster_resources().get("object_store_memory", 0)
 
 
 def split_dataset(
@@ -156,7 +160,7 @@ def split_dataset(
     shuffle_block = 0
     if cache:
         ds = ds.materialize()
-        if is_training and fits_in_object_store(ds.count() * (size * size * channels + 8)):
+        if is_training and fits_in_object_store(ds.count() * (size * size * channels + 8), DECODED_FRACTION):
             # Decoded once: the train transform's first step (the resize to `size`) is
             # deterministic, so epochs need only its random steps (bit for bit the same
             # images; the decode was ~15% of an image's CPU time at 48 px). The shuffle

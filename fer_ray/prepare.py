@@ -286,7 +286,8 @@ def check_image(data: bytes) -> tuple[str | None, tuple[int, int, str] | None]:
             from fer_ray.transforms import decode_image
 
             img = decode_image(data, 3)
-            return None, (img.shape[1], img.shape[0], "OpenCV")
+            gray = bool((img == img[:, :, :1]).all())  # a gray TIFF must not make the set colour
+            return None, (img.shape[1], img.shape[0], "L" if gray else "RGB")
         except Exception:  # noqa: BLE001 - neither decoder reads it
             return "not an image file", None
     except Exception as e:  # noqa: BLE001 - any decoder failure means a corrupt file

@@ -207,13 +207,23 @@ def list_files(path: str) -> list[str]:
 
 def local_files(root: str) -> Iterator[str]:
     """The files under a local folder, depth first, as they are found (hidden entries left
-    out). A symlinked folder is followed unless it is one of the folders above it: pyarrow's
-    listing followed such a loop until the path was 40 links deep and listed every file
-    under it once per turn. A symlink to nothing (or to what cannot be read) is listed; sockets
-    and pipes are not (reading a pipe would wait forever). ConfigError for a folder that
-    cannot be read or a name that is not UTF-8."""
-    top = os.stat(root)
-    stack = [(root, ((top.st_dev, top.st_ino),))]
+    out). A symlinked folder is followed unless it is the folder listed or one above it
+    (within the listing, or above the folder itself): pyarrow's listing followed such a loop
+    until the path was 40 links deep and listed every file under it once per turn. A
+    symlink to nothing, or to what cannot be reached (a link loop, a folder without
+    permission), is listed, so that its reader says why it cannot be read; sockets and
+    pipes are not (reading a pipe would wait forever). ConfigError for a folder that cannot
+    be listed or a name that is not UTF-8."""
+    above_root = []
+    folder = os.path.realpath(root)
+    while True:
+        st = os.stat(folder)
+        above_root.append((st.st_dev, st.st_ino))
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            break
+        folder = parent
+    stack = [(root, tuple(above_root))]
     while stack:
         folder, above = stack.pop()
         try:
@@ -228,9 +238,9 @@ def local_files(root: str) -> Iterator[str]:
             if not _utf8(os.fsencode(e.name)):
                 raise _not_utf8(os.fsencode(e.path).decode(errors="replace"))
             try:
-                is_dir = e.is_dir()  # follows symlinks
-            except OSError:
-                is_dir = False
+                is_dir, is_file = e.is_dir(), e.is_file()  # both follow symlinks
+            except OSError:  # a link loop, a folder without permission on the way
+                is_dir = is_file = False
             if is_dir:
                 st = e.stat()
                 key = (st.st_dev, st.st_ino)
@@ -238,7 +248,7 @@ def local_files(root: str) -> Iterator[str]:
                     log.warning("%s links back to a folder above it; not followed", e.path)
                     continue
                 subfolders.append((e.path, above + (key,)))
-            elif e.is_file() or (e.is_symlink() and not os.path.exists(e.path)):
+            elif is_file or (e.is_symlink() and not os.path.exists(e.path)):  # exists: False on any error
                 yield e.path
         stack.extend(subfolders)
 

@@ -28,13 +28,15 @@ cv2.setNumThreads(1)
 
 # The first bytes of the formats decode_image reads (JPEG, PNG, GIF, BMP, WebP, TIFF):
 # scoring reads a file whose name has no image extension only when it begins so.
-_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
+_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"II*\x00", b"MM\x00*")
 SIGNATURE_BYTES = 12
 
 
 def looks_like_image(head: bytes) -> bool:
-    """Whether a file's first SIGNATURE_BYTES bytes are those of an image decode_image reads."""
-    return head.startswith(_SIGNATURES) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
+    """Whether a file's first SIGNATURE_BYTES bytes are those of an image decode_image reads
+    (a BMP: "BM", its size, then 4 reserved zero bytes; "BM" alone begins text too)."""
+    return (head.startswith(_SIGNATURES) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
+            or (head[:2] == b"BM" and head[6:10] == b"\0\0\0\0"))
 
 
 def decode_image(data: bytes, channels: int) -> np.ndarray:

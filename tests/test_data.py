@@ -4,6 +4,7 @@ training and eval datasets."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from fer_ray.data import class_weights, resample_batch, resolve_data_size, sampling_rates
 
@@ -71,23 +72,30 @@ def test_training_batches_mix_classes_and_reshuffle_every_epoch(ray_cluster, syn
     assert sorted(epochs[0]) == sorted(epochs[1])
 
 
-def test_training_split_kept_decoded_gives_the_images_decoded_from_the_shards(ray_cluster, synth_shards) -> None:
-    """A cached training split is decoded once and kept as pixels; every epoch must still
-    see each image as the decode of its shard row would give it."""
+@pytest.mark.parametrize("decoded", [True, False])
+def test_training_split_kept_decoded_gives_the_images_decoded_from_the_shards(
+    ray_cluster, synth_shards, monkeypatch, decoded
+) -> None:
+    """A cached training split is decoded once, before the shuffle, when its pixels fit in
+    DECODED_FRACTION of the object store, and left encoded when not; every epoch sees each
+    image as the decode of its shard row gives it either way."""
     import pyarrow.parquet as pq
 
-    from fer_ray.data import split_dataset
+    import fer_ray.data as data
     from fer_ray.transforms import decode_batch
 
+    monkeypatch.setattr(data, "DECODED_FRACTION", data.DECODED_FRACTION if decoded else 1e-9)
     table = pq.read_table(synth_shards / "train", columns=["image", "label"])
     direct = decode_batch({"image": np.array(table.column("image").to_pylist(), dtype=object),
                            "label": table.column("label").to_numpy()}, 24, 1)
     expected = sorted((img.tobytes(), int(label)) for img, label in zip(direct["image"], direct["label"]))
-    ds = split_dataset(str(synth_shards), "train", 24, 1, True, "none")
+    ds = data.split_dataset(str(synth_shards), "train", 24, 1, True, "none")
     for _ in range(2):
         got = [(img.tobytes(), int(label)) for b in ds.iter_batches(batch_size=None, batch_format="numpy")
                for img, label in zip(b["image"], b["label"])]
         assert sorted(got) == expected
+    # Ray Data's stats name every stage behind the epoch's, the cached ones included.
+    assert ("MapBatches(decode_batch)" in ds.stats()) == decoded
 
 
 def test_training_data_resampled_by_class_every_epoch(ray_cluster, synth_shards) -> None:

@@ -322,13 +322,18 @@ def test_a_link_back_up_is_not_followed_and_a_link_to_nothing_is_listed(tmp_path
     (root / "sad").symlink_to(tmp_path / "elsewhere", target_is_directory=True)  # followed
     (root / "happy" / "gone.png").symlink_to(tmp_path / "deleted.png")
     os.mkfifo(root / "happy" / "pipe.png")
+    (root / "happy" / "self.png").symlink_to(root / "happy" / "self.png")  # a link loop: listed,
+    (root / "happy" / "x.png").symlink_to(root / "happy" / "y.png")  # its reader says why
+    (root / "happy" / "y.png").symlink_to(root / "happy" / "x.png")
+    (root / "happy" / "outside").symlink_to(tmp_path, target_is_directory=True)  # above the root
     (root / ".hidden").mkdir()
     (root / ".hidden" / "c.png").write_bytes(b"c")
 
     with caplog.at_level("WARNING", logger="fer_ray.storage"):
         listed = storage.list_files(str(root))
     assert listed == [
-        str(root / p) for p in ("happy/a.png", "happy/deep/b.png", "happy/gone.png", "sad/x.png")
+        str(root / p) for p in ("happy/a.png", "happy/deep/b.png", "happy/gone.png", "happy/self.png",
+                                "happy/x.png", "happy/y.png", "sad/x.png")
     ]
     loops = sorted(r.getMessage().split()[0] for r in caplog.records)
-    assert loops == [str(root / "happy" / "deep" / "up"), str(root / "happy" / "top")]
+    assert loops == [str(root / "happy" / p) for p in ("deep/up", "outside", "top")]

@@ -49,7 +49,7 @@ def test_decode_16_bit_keeps_the_picture() -> None:
     assert np.abs(img16[:, :, 0].astype(int) - face().astype(int)).max() <= 1
 
 
-@pytest.mark.parametrize("kind", ["float gray", "float BGR", "int32 gray", "float beyond 0-1"])
+@pytest.mark.parametrize("kind", ["float gray", "float64 gray", "float BGR", "int32 gray", "float beyond 0-1"])
 def test_decode_float_and_32_bit_tiffs_keep_the_picture(kind: str) -> None:
     """Pillow clipped float samples in [0, 1] to 0-255 (a black image) and cannot open float
     RGB TIFFs at all; 32-bit integers are stretched to the 8 bits."""
@@ -60,6 +60,7 @@ def test_decode_float_and_32_bit_tiffs_keep_the_picture(kind: str) -> None:
     gray = face().astype(np.float32) / 255
     array = {
         "float gray": gray,
+        "float64 gray": gray.astype(np.float64),  # Pillow cannot open it: prepare asks OpenCV
         "float BGR": np.dstack([gray, gray * 0.5, gray * 0.25]),
         "int32 gray": (gray * 1e6).astype(np.int32),
         "float beyond 0-1": gray * 4 - 2,
@@ -73,11 +74,29 @@ def test_decode_float_and_32_bit_tiffs_keep_the_picture(kind: str) -> None:
         assert np.abs(rgb[:, :, 0].astype(int) - expected // 4).max() <= 1
     else:
         lo, hi = expected.min(), expected.max()
-        if kind != "float gray":  # a range other than [0, 1] is stretched to 0-255
+        if kind not in ("float gray", "float64 gray"):  # a range other than [0, 1] is stretched to 0-255
             expected = (expected - lo) * 255 / (hi - lo)
         assert np.abs(decode_image(data, 1)[:, :, 0] - expected).max() <= 1.5
         assert np.abs(rgb - expected[:, :, None]).max() <= 1.5
-    assert check_image(data)[0] is None  # prepare keeps it
+    from fer_ray.prepare import GRAY_MODES
+
+    reason, (width, height, mode) = check_image(data)  # prepare keeps it, as gray or colour
+    assert reason is None and (width, height) == (40, 40)
+    assert (mode == "RGB") if kind == "float BGR" else (mode in GRAY_MODES), mode
+
+
+def test_image_signatures_of_every_format_read_and_not_of_text() -> None:
+    """Scoring reads a file named as no image only when its first bytes are an image's."""
+    import cv2
+
+    from fer_ray.transforms import SIGNATURE_BYTES, looks_like_image
+
+    img = np.stack([face()] * 3, -1)
+    encoded = [encode(img, fmt) for fmt in ("PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF")]
+    encoded.append(cv2.imencode(".tiff", face().astype(np.float32))[1].tobytes())
+    assert all(looks_like_image(data[:SIGNATURE_BYTES]) for data in encoded)
+    for text in (b"BMW drivers, 2024 list\n", b"", b"RIFF....WAVEfmt ", b"{\"a\": 1}"):
+        assert not looks_like_image(text[:SIGNATURE_BYTES]), text
 
 
 def test_train_transform_of_decoded_images_equals_that_of_the_encoded_ones() -> None:
