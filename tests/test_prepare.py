@@ -167,6 +167,10 @@ def test_prepare_split_folders_skips_bad_files(ray_cluster, tmp_path) -> None:
     (src / "train/sad/truncated.png").write_bytes(png(size=40)[:60])
     (src / "train/happy/deep/er").mkdir(parents=True)
     (src / "train/happy/deep/er/rgb.png").write_bytes(png(mode="RGB"))
+    # A link to nothing is skipped with its reason (it was left out unseen), and a link back
+    # to a folder above is not followed (it listed every image again, 40 links deep).
+    (src / "train/sad/gone.png").symlink_to(tmp_path / "deleted.png")
+    (src / "train/happy/deep/again").symlink_to(src / "train", target_is_directory=True)
     out = tmp_path / "shards"
     manifest = prepare(str(src), str(out), shard_rows=2)
 
@@ -177,6 +181,7 @@ def test_prepare_split_folders_skips_bad_files(ray_cluster, tmp_path) -> None:
     assert reasons["empty.jpg"] == "empty file"
     assert reasons["notes.jpg"] == "not an image file"
     assert reasons["truncated.png"].startswith("corrupt image")
+    assert reasons["gone.png"].startswith("cannot read: ")
     assert manifest["image"]["channels"] == 3  # one RGB image among gray ones
     assert json.loads((out / "manifest.json").read_text()) == manifest
 
