@@ -29,7 +29,9 @@ does not grow with the size of the folder. jobs/predict.py's default (`--num-act
 scores the train folder with more actors than val (one per 10,000 images, up to the cores),
 and each actor holds its own torch and model; so with the default, fer_ray also scores the
 train folder with val's number of actors, and memory_growth compares those two runs (same
-configuration, 8x the images). The speed rows use the default.
+configuration, 8x the images), run back to back before the plain loop runs in this process
+(which is also fer_ray's driver: what the plain loop's heap keeps would count in fer_ray's
+later peaks). The speed rows use the default.
 
 Bytes: Ray Data's per-operator output sizes from fer_ray's val run (jobs/predict.py logs
 `Dataset.stats()` at DEBUG level): the bytes per image each stage puts in the object store,
@@ -316,20 +318,24 @@ def main(argv: list[str] | None = None) -> int:
         idle_pss, idle_rss = tree_memory()
         load_before = f"{os.getloadavg()[0]:.1f}"
         val_actors = fer_ray_run("val", val)
-        plain_run("val", val)
-        if not args.skip_memory:
-            if os.path.isdir(train):
-                # The memory pair first: later runs find processes of earlier ones still
-                # winding down in the tree.
-                from fer_ray.predict import auto_actors
+        memory_run = not args.skip_memory and os.path.isdir(train)
+        pair = False
+        if memory_run:
+            # fer_ray's memory pair back to back, before anything else runs: the plain loop
+            # runs in this process, and what its heap keeps would count in fer_ray's train
+            # peak (this process is the driver of both); later runs also find processes of
+            # earlier ones still winding down in the tree.
+            from fer_ray.predict import auto_actors
 
-                pair = args.num_actors is None and auto_actors(len(paths[train]), args.use_gpu)[1] != val_actors
-                if pair:
-                    fer_ray_run("train", train, val_actors, ", same actors as val", for_speed=False)
-                fer_ray_run("train", train, for_memory=not pair)
-                plain_run("train", train)
-            else:
-                print(f"memory run skipped: {train} does not exist")
+            pair = args.num_actors is None and auto_actors(len(paths[train]), args.use_gpu)[1] != val_actors
+            fer_ray_run("train", train, val_actors, ", same actors as val" if pair else "", for_speed=not pair)
+        elif not args.skip_memory:
+            print(f"memory run skipped: {train} does not exist")
+        plain_run("val", val)
+        if memory_run:
+            if pair:
+                fer_ray_run("train", train, for_memory=False)
+            plain_run("train", train)
 
         notes = store_bytes(ray_stats[("val", "")], val, paths[val])
         ray.shutdown()  # (nothing of Ray's may print after the summary line)
