@@ -43,7 +43,7 @@ from fer_ray import storage
 from fer_ray.cli import autoscaler_limits, require_gpus
 from fer_ray.config import AMP_MODES, ConfigError
 from fer_ray.constants import (
-    IMAGE_COL, IMAGE_EXTENSIONS, LABEL_COL, PATH_COL, SPLITS, TTA_MODES,
+    IMAGE_COL, LABEL_COL, PATH_COL, SPLITS, TTA_MODES,
 )
 
 if TYPE_CHECKING:
@@ -372,7 +372,9 @@ def decode_files(
     decoded, the paths that did not and why)."""
     import cv2
 
-    from fer_ray.transforms import SIGNATURE_BYTES, create_transform, decode_image, looks_like_image
+    from fer_ray.transforms import (
+        SIGNATURE_BYTES, create_transform, decode_image, has_image_name, looks_like_image,
+    )
 
     # Undecodable files are expected here and reported in errors.parquet instead.
     cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
@@ -385,8 +387,8 @@ def decode_files(
         path = str(path)
         try:
             # A file named as no image is read only if its first bytes are an image's (a
-            # .jfif, a PNG without extension: prepare keeps what decodes, whatever its name).
-            if blobs is None and not path.lower().endswith(IMAGE_EXTENSIONS):
+            # PNG without extension: prepare keeps what decodes, whatever its name).
+            if blobs is None and not has_image_name(path):
                 if not looks_like_image(storage.read_head(path, SIGNATURE_BYTES)):
                     raise _NotAnImage(f"not an image file (extension {os.path.splitext(path)[1] or 'none'})")
             data = storage.read_bytes(path) if blobs is None else blobs[i]

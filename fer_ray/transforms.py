@@ -17,7 +17,7 @@ from typing import Any, Callable
 import cv2
 import numpy as np
 
-from fer_ray.constants import IMAGE_COL, LABEL_COL
+from fer_ray.constants import IMAGE_COL, IMAGE_EXTENSIONS, LABEL_COL
 
 # Random erasing's share of training images at augmentation strength 1 ("medium").
 ERASING_SHARE = 0.35
@@ -30,6 +30,35 @@ cv2.setNumThreads(1)
 # scoring reads a file whose name has no image extension only when it begins so.
 _SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"II*\x00", b"MM\x00*")
 SIGNATURE_BYTES = 12
+
+
+# Raster formats Pillow also reads (prepare keeps them, as any file that decodes): scoring
+# reads files so named too. Video, PostScript, metafile and scientific containers are left
+# out (a file of them is checked by its first bytes like any other name).
+_MORE_IMAGE_EXTENSIONS = (
+    ".jfif", ".jpe", ".apng", ".dib", ".ico", ".cur", ".tga", ".pbm", ".pgm", ".ppm", ".pnm",
+    ".pcx", ".sgi", ".rgb", ".rgba", ".bw", ".ras", ".qoi", ".dds", ".icns", ".psd", ".jp2",
+    ".j2k", ".jpx", ".jpf", ".jpc", ".j2c", ".avif", ".avifs", ".xbm", ".xpm", ".msp", ".blp",
+)
+
+
+@lru_cache(maxsize=1)
+def _pillow_image_extensions() -> tuple[str, ...]:
+    """_MORE_IMAGE_EXTENSIONS that this Pillow opens (AVIF and JPEG 2000 need optional codecs)."""
+    from PIL import Image, features
+
+    opens = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
+    optional = {".avif": "avif", ".avifs": "avif", ".jp2": "jpg_2000", ".j2k": "jpg_2000",
+                ".jpx": "jpg_2000", ".jpf": "jpg_2000", ".jpc": "jpg_2000", ".j2c": "jpg_2000"}
+    return tuple(ext for ext in _MORE_IMAGE_EXTENSIONS
+                 if ext in opens and (ext not in optional or features.check(optional[ext])))
+
+
+def has_image_name(path: str) -> bool:
+    """Whether a file's name ends as an image's: the usual formats (IMAGE_EXTENSIONS),
+    or another raster format that Pillow reads here (TGA, ICO, PPM, ...)."""
+    name = path.lower()
+    return name.endswith(IMAGE_EXTENSIONS) or name.endswith(_pillow_image_extensions())
 
 
 def looks_like_image(head: bytes) -> bool:

@@ -93,6 +93,10 @@ def image_folder(tmp_path_factory) -> tuple[Path, set[str], dict[str, str]]:
     # Named as no image but holding one (prepare keeps such files): read for their first bytes.
     (src / "disgust" / "photo.jfif").write_bytes(_jpeg(rgb(30, 30)))
     _save(Image.fromarray(rgb(26, 26)), src / "neutral" / "no_extension", format="PNG")
+    # Formats Pillow reads beyond the usual ones (prepare keeps them): TGA has no signature.
+    _save(Image.fromarray(rgb(22, 18)), src / "happy" / "pic.tga")
+    _save(Image.fromarray(rgb(32, 32)).convert("RGBA"), src / "sad" / "icon.ico")
+    _save(Image.fromarray(rgb(21, 19)), src / "angry" / "pic.ppm")
     # Float samples in [0, 1] (Pillow made them black, cv2's default read refuses them).
     ok, tiff = cv2.imencode(".tiff", rng.random((40, 40)).astype(np.float32))
     (src / "fear" / "float.tiff").write_bytes(tiff.tobytes())
@@ -245,10 +249,12 @@ def test_cli_rerun_with_tta_replaces_the_output(labelled_run, model_dir, image_f
                              "--output", str(out), "--tta", "--batch-size", "16"])
 
     assert code == 0
-    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("scored 24 of 29 (5 errors)")
+    _, good, bad = image_folder
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith(
+        f"scored {len(good)} of {len(good) + len(bad)} ({len(bad)} errors)")
     assert not (out / "stale.txt").exists()
     summary = json.loads((out / SUMMARY_FILE).read_text())
-    assert summary["tta"] == "flip" and summary["amp"] == "auto" and summary["scored"] == 24
+    assert summary["tta"] == "flip" and summary["amp"] == "auto" and summary["scored"] == len(good)
     probs = _predictions(out)[PROB_COLS].to_numpy()
     np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
     # Flip TTA changes the numbers (the model is not mirror-symmetric).
