@@ -67,7 +67,9 @@ def ray_cluster():
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     # The dashboard on a free port, not Ray's default 8265: a Ray started without a dashboard
     # on this machine names 127.0.0.1:8265 as its State API (see fer_ray.cli.init_ray).
-    ray.init(num_cpus=4, _node_ip_address="127.0.0.1", include_dashboard=True,
+    # address="local": a Ray of the session's own, even while a `ray start` cluster runs on
+    # this machine (ray.init would join that one and then refuse num_cpus).
+    ray.init(address="local", num_cpus=4, _node_ip_address="127.0.0.1", include_dashboard=True,
              dashboard_port=free_ports(1)[0], log_to_driver=True, ignore_reinit_error=True)
     yield
     ray.shutdown()

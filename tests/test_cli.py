@@ -61,7 +61,7 @@ def tiny_faces(tmp_path_factory) -> Path:
 
 def _run_prepare(faces: Path, out: Path, **env_vars: str) -> tuple[subprocess.CompletedProcess, float]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env.update(env_vars)
+    env.update({"RAY_ADDRESS": "local", **env_vars})  # (local: see _no_ray_env)
     start = time.monotonic()
     result = subprocess.run(
         [sys.executable, "jobs/prepare.py", "--source", str(faces), "--output", str(out)],
@@ -148,7 +148,7 @@ def test_missing_token_is_named(tiny_faces, tmp_path) -> None:
 
 
 def test_local_training_run_has_its_own_dashboard_and_trains(synth_shards, tmp_path) -> None:
-    # No RAY_ADDRESS: the job starts its own Ray, with the dashboard (Ray Train's
+    # No cluster named: the job starts its own Ray, with the dashboard (Ray Train's
     # placement-group cleaner asks its State API), and trains to the end while the test
     # session's cluster, dashboard and all, runs beside it.
     from conftest import tiny_train_args
@@ -167,9 +167,12 @@ def test_local_training_run_has_its_own_dashboard_and_trains(synth_shards, tmp_p
 
 # What the State API of a local Ray says about an actor of that same Ray.
 _STATE_PROBE = r"""
-import sys, ray
+import os, sys, ray
 from fer_ray.cli import init_ray
 init_ray(dashboard=sys.argv[1] == "1")
+# The State API takes RAY_ADDRESS over the address it is given: "local" would make it look
+# for the one Ray on this machine, and a `ray start` cluster beside this one makes two.
+os.environ.pop("RAY_ADDRESS", None)
 @ray.remote(num_cpus=0)
 class Alive:
     def ping(self):
@@ -208,7 +211,10 @@ def test_state_api_of_a_local_ray_answers_for_its_own_actors_only_with_the_dashb
 
 
 def _no_ray_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "FER_RAY_"))}
+    """No Ray or fer_ray settings but RAY_ADDRESS=local: the job starts a Ray of its own, as
+    with no RAY_ADDRESS, and does not join a `ray start` cluster running on this machine."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "FER_RAY_"))}
+    return {**env, "RAY_ADDRESS": "local"}
 
 
 @pytest.mark.parametrize("nodes, head_cpus, warned", [
