@@ -15,6 +15,8 @@ import math
 import os
 import re
 import shutil
+import signal
+import threading
 from typing import Any
 
 import pandas as pd
@@ -120,6 +122,29 @@ class TrialLine(ray.tune.Callback):
         print(f"trial {trial.trial_id} failed; its error is in {trial.error_file}", flush=True)
 
 
+# Set when a Ctrl-C reaches the sweep's driver while Tune runs (see InterruptWatch).
+_INTERRUPTED = threading.Event()
+
+
+class InterruptWatch(ray.tune.Callback):
+    """Notes a Ctrl-C during the sweep. Tune's SIGINT handler ends the experiment, marks the
+    trials that were running TERMINATED as if they had finished, and fit() returns as usual:
+    without this, a sweep whose trials were all running when stopped would crown one of them.
+    Tune installs its handler before it sets its callbacks up; this wraps it then (in the
+    module's _INTERRUPTED: Tune keeps its own copy of the callbacks, pickled with the sweep)."""
+
+    def setup(self, **info: Any) -> None:
+        tune_handler = signal.getsignal(signal.SIGINT)
+        if not callable(tune_handler) or threading.current_thread() is not threading.main_thread():
+            return
+
+        def noted(sig: int, frame: Any) -> None:
+            _INTERRUPTED.set()
+            tune_handler(sig, frame)
+
+        signal.signal(signal.SIGINT, noted)
+
+
 def asha(epochs: int, grace_period: int) -> Any:
     """ASHA on val accuracy with rungs before the last epoch only; None (no early stops)
     when a trial has no epoch between its grace period and its end.
@@ -181,7 +206,7 @@ def build_tuner(cfg: SweepConfig, manifest: dict[str, Any]):
         run_config=ray.tune.RunConfig(
             name=TUNE_RUN_NAME,
             storage_path=tune_dir,
-            callbacks=[TrialLine(cfg.optim.epochs)],
+            callbacks=[TrialLine(cfg.optim.epochs), InterruptWatch()],
             failure_config=ray.tune.FailureConfig(max_failures=0, fail_fast=False),
         ),
     )
@@ -264,12 +289,20 @@ def sweep(cfg: SweepConfig, manifest: dict[str, Any]) -> tuple[pd.DataFrame, dic
     cfg.data.input_blur = str(resolve_settings(cfg, manifest).spec.input_blur)
     storage.makedirs(tune_dir)
     storage.write_json(storage.join(tune_dir, SWEEP_CONFIG_FILE), to_dict(copy.deepcopy(cfg)))
-    grid = build_tuner(cfg, manifest).fit()
+    _INTERRUPTED.clear()
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        grid = build_tuner(cfg, manifest).fit()
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, handler)  # Tune leaves its own installed
     ended = grid.num_terminated + grid.num_errors
-    if ended < cfg.sweep.num_samples:
-        # Tune's Ctrl-C handler ends the experiment and fit() returns as if it were done;
-        # the sweep's outputs would then crown an unfinished trial. Nothing is written.
-        log.warning("The sweep was stopped with %d of %d trials ended", ended, cfg.sweep.num_samples)
+    if _INTERRUPTED.is_set() or ended < cfg.sweep.num_samples:
+        # Tune's Ctrl-C handler ends the experiment and fit() returns as if it were done,
+        # the running trials TERMINATED; the sweep's outputs would then crown an unfinished
+        # trial. Nothing is written. (The count catches a sweep resumed from one made
+        # before InterruptWatch, whose callbacks Tune restores as they were.)
+        log.warning("The sweep was stopped before all its %d trials ended", cfg.sweep.num_samples)
         raise KeyboardInterrupt("sweep interrupted")
     results = collect_results(grid, tune_dir, list(manifest["classes"]))
     best = write_outputs(results, tune_dir)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 from pathlib import Path
 
 import pandas as pd
@@ -114,7 +115,10 @@ def test_sweep_from_pretrained_weights_starts_every_trial_from_them(ray_cluster,
     out = tmp_path / "sweep"
     args = [*tiny_train_args(str(synth_shards), str(out), "--epochs", "1"), "--pretrained", "--pretrained-file",
             str(weights), "--freeze-epochs", "1", "--num-samples", "1", "--max-failures", "0"]
+    handler = signal.getsignal(signal.SIGINT)
     assert tune_main(args) == 0
+    # Tune's SIGINT handler (and fer_ray's watch around it) is gone: a later Ctrl-C stops as usual.
+    assert signal.getsignal(signal.SIGINT) is handler
     results = pd.read_parquet(out / "results.parquet")
     assert (results["status"] == "TERMINATED").all(), results["error"].tolist()
     # Only the head trained (--freeze-epochs 1): the backbone is the file's.
@@ -145,6 +149,19 @@ def test_ctrl_c_leaves_no_sweep_outputs_and_the_rerun_finishes(ray_cluster, synt
     for trial_id, ran in zip(results["trial_id"], results["epochs_run"]):
         history = pd.read_csv(out / "trials" / trial_id / "history.csv")
         assert history["epoch"].tolist() == list(range(1, ran + 1))
+
+
+def test_ctrl_c_while_every_trial_runs_leaves_no_sweep_outputs(ray_cluster, synth_shards, tmp_path, capsys) -> None:
+    """Tune marks the trials it stops on Ctrl-C TERMINATED, as if finished: a sweep whose
+    trials were all running (here its only one) exited 0 with that trial crowned in best/."""
+    out = tmp_path / "sweep"
+    args = sweep_args(str(synth_shards), str(out), "--num-samples", "1", "--epochs", "3")
+    with ctrl_c_when(out, "trials/*/ray_train/epoch_*"):
+        status = tune_main(args)
+    assert status == 130
+    assert "interrupted; each trial's finished epochs are saved" in capsys.readouterr().err
+    for name in ("results.parquet", "best", "best_config.json"):
+        assert not (out / name).exists(), name
 
 
 def test_failed_trials_are_recorded_not_fatal(ray_cluster, synth_shards, tmp_path, capsys) -> None:
