@@ -131,17 +131,23 @@ def test_sweep_from_pretrained_weights_starts_every_trial_from_them(ray_cluster,
         torch.testing.assert_close(trained[k], given[k])
 
 
-def test_ctrl_c_leaves_no_sweep_outputs_and_the_rerun_finishes(ray_cluster, synth_shards, tmp_path, capsys) -> None:
-    """Tune's SIGINT handler ends the experiment and fit() returns as if done: the sweep
-    used to crown its unfinished trial in best/ and exit 0."""
-    out = tmp_path / "sweep"
-    args = sweep_args(str(synth_shards), str(out), "--num-samples", "2", "--epochs", "3")
+def _interrupted_sweep(synth_shards: Path, out: Path, capsys, num_samples: int) -> list[str]:
+    """Ctrl-C once a trial has saved an epoch: exit 130 and none of the sweep's outputs."""
+    args = sweep_args(str(synth_shards), str(out), "--num-samples", str(num_samples), "--epochs", "3")
     with ctrl_c_when(out, "trials/*/ray_train/epoch_*"):
         status = tune_main(args)
     assert status == 130
     assert "interrupted; each trial's finished epochs are saved" in capsys.readouterr().err
     for name in ("results.parquet", "best", "best_config.json"):
         assert not (out / name).exists(), name
+    return args
+
+
+def test_ctrl_c_leaves_no_sweep_outputs_and_the_rerun_finishes(ray_cluster, synth_shards, tmp_path, capsys) -> None:
+    """Tune's SIGINT handler ends the experiment and fit() returns as if done: the sweep
+    used to crown its unfinished trial in best/ and exit 0 (here one trial runs, one waits)."""
+    out = tmp_path / "sweep"
+    args = _interrupted_sweep(synth_shards, out, capsys, num_samples=2)
 
     assert tune_main(args) == 0
     results = pd.read_parquet(out / "results.parquet")
@@ -154,14 +160,7 @@ def test_ctrl_c_leaves_no_sweep_outputs_and_the_rerun_finishes(ray_cluster, synt
 def test_ctrl_c_while_every_trial_runs_leaves_no_sweep_outputs(ray_cluster, synth_shards, tmp_path, capsys) -> None:
     """Tune marks the trials it stops on Ctrl-C TERMINATED, as if finished: a sweep whose
     trials were all running (here its only one) exited 0 with that trial crowned in best/."""
-    out = tmp_path / "sweep"
-    args = sweep_args(str(synth_shards), str(out), "--num-samples", "1", "--epochs", "3")
-    with ctrl_c_when(out, "trials/*/ray_train/epoch_*"):
-        status = tune_main(args)
-    assert status == 130
-    assert "interrupted; each trial's finished epochs are saved" in capsys.readouterr().err
-    for name in ("results.parquet", "best", "best_config.json"):
-        assert not (out / name).exists(), name
+    _interrupted_sweep(synth_shards, tmp_path / "sweep", capsys, num_samples=1)
 
 
 def test_failed_trials_are_recorded_not_fatal(ray_cluster, synth_shards, tmp_path, capsys) -> None:
