@@ -145,6 +145,15 @@ def connect_ray(address: str, where: str | None = None) -> None:
 
     where = where or f"RAY_ADDRESS={address!r}"
 
+    scheme = address.partition("://")[0].lower() if "://" in address else ""
+    if scheme and scheme != "ray":
+        # Ray's docs export the dashboard's URL as RAY_ADDRESS for `ray job submit`; ray.init
+        # ends in a traceback on it.
+        raise ConfigError(
+            f"{where} is a web address (a dashboard's, as `ray job submit --address` takes); a "
+            "job joins a cluster at its GCS address, host:port (6379 by default), e.g. "
+            "RAY_ADDRESS=127.0.0.1:6379, or unset RAY_ADDRESS to run on this machine."
+        )
     host_port = _host_port(address)
     refused = _answers(host_port, CONNECT_TIMEOUT_S) if host_port is not None else None
     if refused is not None:
@@ -158,6 +167,8 @@ def connect_ray(address: str, where: str | None = None) -> None:
     watchdog.start()
     try:
         ray.init(address=address, log_to_driver=True)
+    except ValueError as e:  # an address ray.init cannot parse
+        raise ConfigError(f"Ray cannot use {where}: {e}") from None
     except AuthenticationError:
         raise ConfigError(
             f"Token authentication is on (RAY_AUTH_MODE=token) but no token was found for "

@@ -114,6 +114,15 @@ def test_dead_address_fails_fast(tiny_faces, tmp_path) -> None:
     assert seconds < BOUND_S
 
 
+def test_a_dashboard_url_as_address_is_named(tiny_faces, tmp_path) -> None:
+    # Ray's docs export the dashboard's URL as RAY_ADDRESS for `ray job submit`.
+    result, seconds = _run_prepare(tiny_faces, tmp_path / "out", RAY_ADDRESS="http://127.0.0.1:8265")
+    last = _one_sentence(result)
+    assert last.startswith("error: RAY_ADDRESS='http://127.0.0.1:8265' is a web address")
+    assert "host:port" in last
+    assert seconds < BOUND_S and not (tmp_path / "out").exists()
+
+
 def test_silent_address_fails_after_the_deadline(tiny_faces, tmp_path) -> None:
     # A port that accepts and never answers (a dashboard port given as RAY_ADDRESS does
     # the same): ray.init would wait forever.
