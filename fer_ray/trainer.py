@@ -93,7 +93,13 @@ RESUME_KEYS = (
 # began with, so a changed one would be ignored (a larger --num-samples would never end;
 # ASHA would stop longer trials at the old --epochs).
 SWEEP_RESUME_KEYS = ("num_samples", "lr_range", "smoothing_range", "grace_period", "searcher", "epochs",
-                     "max_concurrent")
+                     "max_concurrent",
+                     # What the trials train with besides the sampled values: a resumed trial
+                     # (or one not yet started) would otherwise train with the new value, its
+                     # results compared with trials that had the old one.
+                     "augment", "random_erasing", "sampler", "pretrained", "drop_rate", "time_budget",
+                     "min_lr", "weight_decay", "class_weights", "backbone_lr_scale", "warmup_epochs",
+                     "mixup", "cutmix", "mix_prob", "patience", "seed")
 # What runs from before a setting existed used.
 RESUME_DEFAULTS = {"optimizer": "adamw", "input_norm": "dataset"}
 

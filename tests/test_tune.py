@@ -91,7 +91,9 @@ def test_sweep_writes_every_output_and_resumes_without_retraining(ray_cluster, s
     # (a larger --num-samples used to leave the rerun exiting 130, "interrupted", forever).
     for flags, diff in [(["--num-samples", "4"], "num_samples 3 -> 4"),
                         (["--smoothing-range", "0", "0.2"], "smoothing_range [0.0, 0.3] -> [0.0, 0.2]"),
-                        (["--epochs", "3"], "epochs 2 -> 3"), (["--max-concurrent", "2"], "max_concurrent 1 -> 2")]:
+                        (["--epochs", "3"], "epochs 2 -> 3"), (["--max-concurrent", "2"], "max_concurrent 1 -> 2"),
+                        # and what the trials train with (sweep_config.json was rewritten with it)
+                        (["--patience", "1"], "patience 6 -> 1"), (["--augment", "strong"], "augment 'medium' -> 'strong'")]:
         assert tune_main([*sweep_args(str(synth_shards), str(out)), *flags]) == 2
         assert f"different settings ({diff})" in capsys.readouterr().err
 
