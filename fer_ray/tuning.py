@@ -8,6 +8,7 @@ complete run folder under TUNE_DIR/trials/<trial id>/.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import logging
@@ -212,6 +213,24 @@ def build_tuner(cfg: SweepConfig, manifest: dict[str, Any]):
     )
 
 
+# Ray Train logs, for every trial whose results are read back, that a snapshot was found
+# and that the folder should be deleted to start a new job: advice for a resumed job, not
+# for a finished sweep reading its results.
+_CHECKPOINT_MANAGER_LOG = "ray.train.v2._internal.execution.checkpoint.checkpoint_manager"
+
+
+@contextlib.contextmanager
+def _quiet(name: str):
+    """The logger `name` at WARNING and above only, while in use."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def collect_results(grid: Any, tune_dir: str, classes: list[str]) -> pd.DataFrame:
     """One row per trial; each trial's run folder is completed (best/, plots) on the way."""
     import ray.train
@@ -227,7 +246,9 @@ def collect_results(grid: Any, tune_dir: str, classes: list[str]) -> pd.DataFram
                "error": _one_line(result.error) if result.error else None, "best_dir": None}
         train_dir = storage.join(trial_dir, RAY_RUN_NAME)
         if storage.exists(storage.join(train_dir, "checkpoint_manager_snapshot.json")):
-            summary = finalize_run(ray.train.Result.from_path(train_dir), trial_dir, classes)
+            with _quiet(_CHECKPOINT_MANAGER_LOG):
+                result_of_trial = ray.train.Result.from_path(train_dir)
+            summary = finalize_run(result_of_trial, trial_dir, classes)
             # stopped_early: by --patience; fewer epochs without it were ASHA's or the budget's cut.
             row.update(best_val_acc=summary["accuracy"], best_epoch=summary["best_epoch"],
                        epochs_run=summary["epochs_run"], best_dir=summary["best_dir"],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import signal
 from pathlib import Path
@@ -50,9 +51,26 @@ def test_lr_range_follows_the_optimizer_unless_given(flags, expected) -> None:
     assert "0.005 0.2 with --optimizer sgd" in " ".join(parser.format_help().split())  # --help says so
 
 
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+        self.logger = logging.getLogger("ray.train.v2._internal.execution.checkpoint.checkpoint_manager")
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
 def test_sweep_writes_every_output_and_resumes_without_retraining(ray_cluster, synth_shards, tmp_path, capsys):
     out = tmp_path / "sweep"
-    assert tune_main(sweep_args(str(synth_shards), str(out))) == 0
+    records = _Records()
+    records.logger.addHandler(records)
+    try:
+        assert tune_main(sweep_args(str(synth_shards), str(out))) == 0
+    finally:
+        records.logger.removeHandler(records)
+    # Reading the trials' results back is not a resumed job: no "delete the existing folder".
+    assert not [m for m in records.messages if "brand new training job" in m]
     printed = capsys.readouterr().out
     assert printed.count(" done: lr ") == 3  # one line per finished trial
 
