@@ -326,12 +326,14 @@ class TrainConfig:
             _require(
                 not o.freeze_epochs,
                 f"--freeze-epochs {o.freeze_epochs} trains only the head of a backbone that is not "
-                "pretrained (random); drop it, or train with --pretrained.",
+                "pretrained (random); give --freeze-epochs 0 (a --config file's freeze_epochs counts "
+                "too), or train with --pretrained.",
             )
             _require(
                 o.unfreeze == "all",
                 f"--unfreeze {o.unfreeze} keeps the other stages of a backbone that is not pretrained "
-                "random for the whole run; drop it, or train with --pretrained.",
+                "random for the whole run; give --unfreeze all (a --config file's unfreeze counts "
+                "too), or train with --pretrained.",
             )
         return self
 
@@ -432,19 +434,19 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
             items = list(value) if isinstance(value, (list, tuple)) else [value]
         args = typing.get_args(tp)
         if len(items) != len(args):
-            raise ConfigError(f"Setting {name!r} expects {len(args)} values, got {value!r}.")
+            raise ConfigError(f"{_setting(name)} expects {len(args)} values, got {value!r}.")
         return tuple(_coerce(v, t, name) for v, t in zip(items, args))
     if tp is dict:
         parsed = yaml.safe_load(value) if isinstance(value, str) else value
         if not isinstance(parsed, dict):
-            raise ConfigError(f"Setting {name!r} expects a mapping such as '{{a: 1}}', got {value!r}.")
+            raise ConfigError(f"{_setting(name)} expects a mapping such as '{{a: 1}}', got {value!r}.")
         # A key without a value would be dropped unseen (timm leaves out None arguments);
         # '{in_chans:1}' is one: YAML reads the key "in_chans:1", as it needs ": ".
         blank = [str(k) for k, v in parsed.items() if v is None]
         if blank:
             hint = (" (YAML needs a space after the colon: '{a: 1}', not '{a:1}')"
                     if any(":" in k for k in blank) else "")
-            raise ConfigError(f"Setting {name!r} gives no value for {', '.join(map(repr, blank))}{hint}.")
+            raise ConfigError(f"{_setting(name)} gives no value for {', '.join(map(repr, blank))}{hint}.")
         return parsed
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
@@ -452,7 +454,7 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
             return None
         return _coerce(value, args[0], name)
     if value is None and tp is str:  # a key left blank in YAML (`output:`) was the text "None"
-        raise ConfigError(f"Setting {name!r} is blank; give it a value or leave the key out.")
+        raise ConfigError(f"{_setting(name)} is blank; give it a value or leave the key out.")
     try:
         if tp is bool:
             if isinstance(value, str):
@@ -477,8 +479,13 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
             return str(value)
     except (TypeError, ValueError):
         kind = "a finite number" if tp is float else tp.__name__
-        raise ConfigError(f"Setting {name!r} expects {kind}, got {value!r}.") from None
+        raise ConfigError(f"{_setting(name)} expects {kind}, got {value!r}.") from None
     return value
+
+
+def _setting(name: str) -> str:
+    """A setting named as a --config file (its key) and the command line (its flag) call it."""
+    return f"Setting {name!r} (--{name.replace('_', '-')})"
 
 
 def from_flat(cls: type, flat: dict[str, Any]) -> Any:
