@@ -41,6 +41,13 @@ def run_job(job: Callable[[], int | None], interrupted: str = INTERRUPTED_RESUME
     return status or 0
 
 
+def on_cluster() -> bool:
+    """Whether this job runs on a cluster it joined (RAY_ADDRESS names one, as `ray job
+    submit` sets it, or init_ray joined a `ray start` one) rather than a Ray of its own
+    (no RAY_ADDRESS, or RAY_ADDRESS=local)."""
+    return os.environ.get("RAY_ADDRESS", "").strip().lower() not in ("", "local")
+
+
 def init_ray(min_cpus: int = 4, dashboard: bool = False) -> None:
     """Connect to the cluster in RAY_ADDRESS (as `ray job submit` sets it) or start one locally.
 
@@ -145,8 +152,7 @@ def connect_ray(address: str, where: str | None = None) -> None:
 
     where = where or f"RAY_ADDRESS={address!r}"
 
-    scheme = address.partition("://")[0].lower() if "://" in address else ""
-    if scheme and scheme != "ray":
+    if address.lower().startswith(("http://", "https://")):
         # Ray's docs export the dashboard's URL as RAY_ADDRESS for `ray job submit`; ray.init
         # ends in a traceback on it.
         raise ConfigError(
@@ -243,7 +249,7 @@ def autoscaler_limits() -> dict[str, float] | None:
         limits = state.get_max_resources_from_cluster_config()
     except Exception:  # a private API: when it moves, behave as if Ray knew no limit
         limits = None
-    if not limits and os.environ.get("RAY_ADDRESS"):
+    if not limits and on_cluster():
         limits = bootstrap_limits(os.path.expanduser(BOOTSTRAP_CONFIG))
     return limits or None
 
@@ -278,7 +284,7 @@ def warn_local_paths(**paths: str | None) -> None:
 
     from fer_ray import storage
 
-    if not os.environ.get("RAY_ADDRESS"):
+    if not on_cluster():
         return
     local = [f"--{flag.replace('_', '-')} {path}" for flag, path in paths.items()
              if path and (not storage.is_uri(path) or path.startswith("file://"))]
@@ -300,15 +306,15 @@ def warn_local_paths(**paths: str | None) -> None:
 def require_gpus(need: int, wait_s: float | None = None) -> None:
     """Raise ConfigError unless the Ray cluster has `need` GPUs.
 
-    A Ray instance this job started itself fails at once. On a cluster (RAY_ADDRESS set,
-    as under `ray job submit`) the autoscaler is asked for the GPUs and given `wait_s`
+    A Ray instance this job started itself fails at once. On a cluster (RAY_ADDRESS set to
+    one, as under `ray job submit`) the autoscaler is asked for the GPUs and given `wait_s`
     seconds (FER_RAY_GPU_WAIT_S, 900) to add GPU nodes: cluster.yaml starts none.
     """
     import ray
     from ray.autoscaler.sdk import request_resources
 
     if wait_s is None:
-        wait_s = GPU_WAIT_S if os.environ.get("RAY_ADDRESS") else 0.0
+        wait_s = GPU_WAIT_S if on_cluster() else 0.0
     deadline = time.monotonic() + wait_s
     have = ray.cluster_resources().get("GPU", 0)
     most = (autoscaler_limits() or {}).get("GPU") if have < need else None

@@ -484,8 +484,10 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
 
 
 def _setting(name: str) -> str:
-    """A setting named as a --config file (its key) and the command line (its flag) call it."""
-    return f"Setting {name!r} (--{name.replace('_', '-')})"
+    """A setting named as a --config file (its key) and the command line (its flag) call it;
+    an environment variable (FER_RAY_...) by its name alone."""
+    flag = f" (--{name.replace('_', '-')})" if name.islower() else ""
+    return f"Setting {name!r}{flag}"
 
 
 def from_flat(cls: type, flat: dict[str, Any]) -> Any:

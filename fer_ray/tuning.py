@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import io
 import logging
 import math
@@ -24,7 +25,7 @@ import pandas as pd
 import ray.tune
 
 from fer_ray import storage
-from fer_ray.cli import autoscaler_limits
+from fer_ray.cli import autoscaler_limits, on_cluster
 from fer_ray.config import OPTUNA_MISSING, TRIAL_KEY, ConfigError, SweepConfig, TrainConfig, from_flat, to_dict
 from fer_ray.constants import BEST_DIR, CONFIG_FILE, HISTORY_FILE, RAY_RUN_NAME, SWEEP_CONFIG_FILE
 from fer_ray.trainer import build_trainer, check_gpus, finalize_run, load_pretrained, local_staging, resolve_settings, write_config
@@ -79,7 +80,7 @@ def cluster_capacity(cfg: SweepConfig) -> int:
     most = autoscaler_limits()
     if most:
         res = {k: max(res.get(k, 0), most.get(k, 0)) for k in {*res, *most}}
-    elif cfg.run.use_gpu and os.environ.get("RAY_ADDRESS"):
+    elif cfg.run.use_gpu and on_cluster():
         # A cluster whose autoscaler's limits Ray does not report: GPU trials are not held
         # to the GPUs up now (a GPU trial's own CPU worker leaves its node's other CPUs to
         # Ray Data, so waiting trials cannot starve the running ones).
@@ -128,22 +129,29 @@ _INTERRUPTED = threading.Event()
 
 
 class InterruptWatch(ray.tune.Callback):
-    """Notes a Ctrl-C during the sweep. Tune's SIGINT handler ends the experiment, marks the
-    trials that were running TERMINATED as if they had finished, and fit() returns as usual:
-    without this, a sweep whose trials were all running when stopped would crown one of them.
-    Tune installs its handler before it sets its callbacks up; this wraps it then (in the
-    module's _INTERRUPTED: Tune keeps its own copy of the callbacks, pickled with the sweep)."""
+    """Notes a stop signal during the sweep. On SIGINT (Ctrl-C) or SIGUSR1 (a batch system's
+    warning) Tune's handler ends the experiment, marks the trials that were running
+    TERMINATED as if they had finished, and fit() returns as usual: without this, a sweep
+    whose trials were all running when stopped would crown one of them. Tune installs its
+    handler before it sets its callbacks up; this wraps it then (in the module's
+    _INTERRUPTED: Tune keeps its own copy of the callbacks, pickled with the sweep)."""
 
     def setup(self, **info: Any) -> None:
-        tune_handler = signal.getsignal(signal.SIGINT)
-        if not callable(tune_handler) or threading.current_thread() is not threading.main_thread():
+        if threading.current_thread() is not threading.main_thread():
             return
+        for sig in STOP_SIGNALS:
+            tune_handler = signal.getsignal(sig)
+            if callable(tune_handler):
+                signal.signal(sig, functools.partial(_noted, tune_handler))
 
-        def noted(sig: int, frame: Any) -> None:
-            _INTERRUPTED.set()
-            tune_handler(sig, frame)
 
-        signal.signal(signal.SIGINT, noted)
+def _noted(tune_handler: Any, sig: int, frame: Any) -> None:
+    _INTERRUPTED.set()
+    tune_handler(sig, frame)
+
+
+# The signals Tune ends an experiment on (SIGUSR1 is not on every platform).
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGUSR1") if hasattr(signal, name))
 
 
 def asha(epochs: int, grace_period: int) -> Any:
@@ -311,18 +319,21 @@ def sweep(cfg: SweepConfig, manifest: dict[str, Any]) -> tuple[pd.DataFrame, dic
     storage.makedirs(tune_dir)
     storage.write_json(storage.join(tune_dir, SWEEP_CONFIG_FILE), to_dict(copy.deepcopy(cfg)))
     _INTERRUPTED.clear()
-    handler = signal.getsignal(signal.SIGINT)
+    handlers = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
     try:
         grid = build_tuner(cfg, manifest).fit()
     finally:
         if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGINT, handler)  # Tune leaves its own installed
+            for sig, handler in handlers.items():  # Tune leaves its own installed
+                if handler is not None:
+                    signal.signal(sig, handler)
     ended = grid.num_terminated + grid.num_errors
     if _INTERRUPTED.is_set() or ended < cfg.sweep.num_samples:
         # Tune's Ctrl-C handler ends the experiment and fit() returns as if it were done,
         # the running trials TERMINATED; the sweep's outputs would then crown an unfinished
-        # trial. Nothing is written. (The count catches a sweep resumed from one made
-        # before InterruptWatch, whose callbacks Tune restores as they were.)
+        # trial. Nothing is written. (A sweep begun before InterruptWatch existed is
+        # restored with the callbacks it began with: there only the count tells, and only
+        # when some trial had not started.)
         log.warning("The sweep was stopped before all its %d trials ended", cfg.sweep.num_samples)
         raise KeyboardInterrupt("sweep interrupted")
     results = collect_results(grid, tune_dir, list(manifest["classes"]))

@@ -114,12 +114,15 @@ def tiny_run(ray_cluster, synth_shards, tmp_path_factory) -> Path:
 
 
 @contextlib.contextmanager
-def ctrl_c_when(folder: Path, pattern: str, timeout_s: float = 300):
-    """Send this process SIGINT (a user's Ctrl-C) once `folder` holds a path matching `pattern`;
-    afterwards the default SIGINT handler is back (Ray Train's stays registered otherwise)."""
+def ctrl_c_when(folder: Path, pattern: str, timeout_s: float = 300, sig: int | None = None):
+    """Send this process SIGINT (a user's Ctrl-C), or `sig`, once `folder` holds a path
+    matching `pattern`; afterwards the default SIGINT handler is back (Ray Train's stays
+    registered otherwise)."""
     import signal
     import threading
     import time
+
+    sig = signal.SIGINT if sig is None else sig
 
     stop = threading.Event()
 
@@ -127,7 +130,7 @@ def ctrl_c_when(folder: Path, pattern: str, timeout_s: float = 300):
         deadline = time.monotonic() + timeout_s
         while not stop.is_set() and time.monotonic() < deadline:
             if list(folder.glob(pattern)):
-                os.kill(os.getpid(), signal.SIGINT)
+                os.kill(os.getpid(), sig)
                 return
             time.sleep(0.2)
 

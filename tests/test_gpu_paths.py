@@ -90,9 +90,34 @@ def test_the_cluster_ceiling_is_read_from_the_config_ray_up_leaves_on_the_head(m
     assert cli.autoscaler_limits() == {"CPU": 48, "GPU": 4}
     monkeypatch.delenv("RAY_ADDRESS")  # a local Ray: no ceiling, whatever files lie around
     assert cli.autoscaler_limits() is None
+    monkeypatch.setenv("RAY_ADDRESS", "local")  # a Ray of the job's own too
+    assert cli.autoscaler_limits() is None
     assert cli.bootstrap_limits(str(tmp_path / "missing.yaml")) is None
     (tmp_path / "bad.yaml").write_text("available_node_types: [1, 2]\n")
     assert cli.bootstrap_limits(str(tmp_path / "bad.yaml")) is None
+
+
+@pytest.mark.parametrize("address", [None, "local"])
+def test_a_ray_of_the_jobs_own_without_gpus_fails_at_once(monkeypatch, address) -> None:
+    """Only a cluster's autoscaler can bring GPUs: RAY_ADDRESS=local waited its 15 minutes."""
+    import time
+
+    import ray
+    import ray.autoscaler.sdk as sdk
+
+    monkeypatch.setattr(sdk, "request_resources", lambda **kwargs: None)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"GPU": 0})
+    monkeypatch.setattr(cli, "autoscaler_limits", lambda: None)
+    monkeypatch.setattr(cli, "GPU_WAIT_S", 3.0)  # (instead of 900, should it wait)
+    monkeypatch.setattr(cli, "GPU_POLL_S", 0.01)
+    if address is None:
+        monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    else:
+        monkeypatch.setenv("RAY_ADDRESS", address)
+    start = time.monotonic()
+    with pytest.raises(ConfigError, match="needs 1 GPU"):
+        cli.require_gpus(1)
+    assert time.monotonic() - start < 1.0
 
 
 def test_gpus_the_autoscaler_can_never_bring_up_are_refused_at_once(monkeypatch) -> None:

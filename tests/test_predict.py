@@ -91,7 +91,7 @@ def image_folder(tmp_path_factory) -> tuple[Path, set[str], dict[str, str]]:
     _save(Image.fromarray(rgb(20, 28)), src / "angry" / "pic.bmp")
     _save(Image.fromarray(rgb(20, 28)), src / "disgust" / "pic.webp")
     # Named as no image but holding one (prepare keeps such files): read for their first bytes.
-    (src / "disgust" / "photo.jfif").write_bytes(_jpeg(rgb(30, 30)))
+    (src / "disgust" / "photo.img").write_bytes(_jpeg(rgb(30, 30)))
     _save(Image.fromarray(rgb(26, 26)), src / "neutral" / "no_extension", format="PNG")
     # Formats Pillow reads beyond the usual ones (prepare keeps them): TGA has no signature.
     _save(Image.fromarray(rgb(22, 18)), src / "happy" / "pic.tga")

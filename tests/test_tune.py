@@ -151,10 +151,10 @@ def test_sweep_from_pretrained_weights_starts_every_trial_from_them(ray_cluster,
         torch.testing.assert_close(trained[k], given[k])
 
 
-def _interrupted_sweep(synth_shards: Path, out: Path, capsys, num_samples: int) -> list[str]:
-    """Ctrl-C once a trial has saved an epoch: exit 130 and none of the sweep's outputs."""
+def _interrupted_sweep(synth_shards: Path, out: Path, capsys, num_samples: int, sig: int | None = None) -> list[str]:
+    """Ctrl-C (or `sig`) once a trial has saved an epoch: exit 130 and none of the sweep's outputs."""
     args = sweep_args(str(synth_shards), str(out), "--num-samples", str(num_samples), "--epochs", "3")
-    with ctrl_c_when(out, "trials/*/ray_train/epoch_*"):
+    with ctrl_c_when(out, "trials/*/ray_train/epoch_*", sig=sig):
         status = tune_main(args)
     assert status == 130
     assert "interrupted; each trial's finished epochs are saved" in capsys.readouterr().err
@@ -177,10 +177,13 @@ def test_ctrl_c_leaves_no_sweep_outputs_and_the_rerun_finishes(ray_cluster, synt
         assert history["epoch"].tolist() == list(range(1, ran + 1))
 
 
-def test_ctrl_c_while_every_trial_runs_leaves_no_sweep_outputs(ray_cluster, synth_shards, tmp_path, capsys) -> None:
-    """Tune marks the trials it stops on Ctrl-C TERMINATED, as if finished: a sweep whose
-    trials were all running (here its only one) exited 0 with that trial crowned in best/."""
-    _interrupted_sweep(synth_shards, tmp_path / "sweep", capsys, num_samples=1)
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGUSR1"])
+def test_ctrl_c_while_every_trial_runs_leaves_no_sweep_outputs(ray_cluster, synth_shards, tmp_path, capsys, sig) -> None:
+    """Tune marks the trials it stops on Ctrl-C (or SIGUSR1, a batch system's warning)
+    TERMINATED, as if finished: a sweep whose trials were all running (here its only one)
+    exited 0 with that trial crowned in best/."""
+    _interrupted_sweep(synth_shards, tmp_path / "sweep", capsys, num_samples=1, sig=getattr(signal, sig))
+    assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL  # Tune's handler is not left behind
 
 
 def test_failed_trials_are_recorded_not_fatal(ray_cluster, synth_shards, tmp_path, capsys) -> None:
