@@ -81,6 +81,8 @@ def init_ray(min_cpus: int = 4, dashboard: bool = False) -> None:
         connect_ray(running, where=f"{running!r} (the cluster `ray start` runs on this machine)")
         os.environ["RAY_ADDRESS"] = running  # a cluster, as for a submitted job (warn_local_paths)
         return
+    if not address:
+        warn_stale_cluster_file()
     dashboard = dashboard or _coerce(os.environ.get("FER_RAY_DASHBOARD", "0").strip(), bool, "FER_RAY_DASHBOARD")
     num_cpus = max(os.cpu_count() or 1, min_cpus)
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard)
@@ -127,6 +129,27 @@ def running_local_cluster() -> str | None:
         return None
     host_port = _host_port(address) if address else None
     return address if host_port is not None and _answers(host_port, 1.0) is None else None
+
+
+def warn_stale_cluster_file() -> bool:
+    """Warn (and return True) when Ray's file naming the latest `ray start` cluster names one
+    that no longer answers (its head was killed rather than stopped). Ray Train's
+    placement-group cleaner, inside a Ray this job starts, looks that cluster up through the
+    file and gives up: a stopped run's or ASHA-stopped trial's workers then keep their CPUs,
+    and later trials of a sweep can wait for them forever (seen in this project's tests)."""
+    try:
+        from ray._private.utils import get_ray_address_file, read_ray_address
+
+        address, path = read_ray_address(), get_ray_address_file(None)
+    except Exception:  # noqa: BLE001 (a private helper of Ray's: without it, nothing to say)
+        return False
+    host_port = _host_port(address) if address else None
+    if host_port is None or _answers(host_port, 1.0) is None:
+        return False
+    log.warning("%s names a Ray cluster that no longer answers (%s): `ray stop` clears it. While "
+                "it is there, Ray Train cannot clean up after a stopped run or sweep trial in this "
+                "job's Ray, whose workers then keep their CPUs.", path, address)
+    return True
 
 
 def _answers(host_port: tuple[str, int], timeout: float) -> OSError | None:

@@ -123,6 +123,30 @@ def test_a_dashboard_url_as_address_is_named(tiny_faces, tmp_path) -> None:
     assert seconds < BOUND_S and not (tmp_path / "out").exists()
 
 
+def test_a_file_naming_a_dead_ray_start_cluster_is_warned_about(monkeypatch, caplog) -> None:
+    import logging
+
+    import ray._private.utils as ray_utils
+
+    from fer_ray.cli import warn_stale_cluster_file
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again when the block ends
+    monkeypatch.setattr(ray_utils, "read_ray_address", lambda temp_dir=None: f"127.0.0.1:{port}")
+    with caplog.at_level(logging.WARNING, logger="fer_ray"):
+        assert warn_stale_cluster_file()
+    assert f"names a Ray cluster that no longer answers (127.0.0.1:{port}): `ray stop` clears it" in caplog.text
+    with socket.socket() as listener:  # a cluster that answers: nothing to say
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        live = listener.getsockname()[1]
+        monkeypatch.setattr(ray_utils, "read_ray_address", lambda temp_dir=None: f"127.0.0.1:{live}")
+        assert not warn_stale_cluster_file()
+    monkeypatch.setattr(ray_utils, "read_ray_address", lambda temp_dir=None: None)  # no file
+    assert not warn_stale_cluster_file()
+
+
 def test_silent_address_fails_after_the_deadline(tiny_faces, tmp_path) -> None:
     # A port that accepts and never answers (a dashboard port given as RAY_ADDRESS does
     # the same): ray.init would wait forever.
