@@ -73,7 +73,8 @@ def init_ray(min_cpus: int = 4, dashboard: bool = False) -> None:
     if address and address != "local":
         connect_ray(address)
         return
-    running = None if address else running_local_cluster()
+    note = None if address else _ray_start_note()  # read once: joined, or warned about
+    running = running_local_cluster(note) if note else None
     if running:
         # As Ray's own `ray.init()` does (which then refuses num_cpus in a traceback).
         log.info("Joining the Ray cluster that `ray start` runs on this machine at %s "
@@ -81,8 +82,8 @@ def init_ray(min_cpus: int = 4, dashboard: bool = False) -> None:
         connect_ray(running, where=f"{running!r} (the cluster `ray start` runs on this machine)")
         os.environ["RAY_ADDRESS"] = running  # a cluster, as for a submitted job (warn_local_paths)
         return
-    if not address:
-        warn_stale_cluster_file()
+    if note:
+        warn_stale_cluster_file(note)
     dashboard = dashboard or _coerce(os.environ.get("FER_RAY_DASHBOARD", "0").strip(), bool, "FER_RAY_DASHBOARD")
     num_cpus = max(os.cpu_count() or 1, min_cpus)
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard)
@@ -118,37 +119,42 @@ _TOKEN_HELP = (
 )
 
 
-def running_local_cluster() -> str | None:
-    """The address of the cluster the latest `ray start` on this machine runs, when it
-    still answers (Ray leaves the file that names it behind when a head dies)."""
-    try:
-        from ray._private.utils import read_ray_address
-
-        address = read_ray_address()
-    except Exception:  # noqa: BLE001 (a private helper of Ray's: without it, start a local Ray)
-        return None
-    host_port = _host_port(address) if address else None
-    return address if host_port is not None and _answers(host_port, 1.0) is None else None
-
-
-def warn_stale_cluster_file() -> bool:
-    """Warn (and return True) when Ray's file naming the latest `ray start` cluster names one
-    that no longer answers (its head was killed rather than stopped). Ray Train's
-    placement-group cleaner, inside a Ray this job starts, looks that cluster up through the
-    file and gives up: a stopped run's or ASHA-stopped trial's workers then keep their CPUs,
-    and later trials of a sweep can wait for them forever (seen in this project's tests)."""
+def _ray_start_note() -> tuple[str, str, bool] | None:
+    """Ray's note of the latest `ray start` cluster on this machine: (its file, the address
+    it names, whether something answers there; Ray leaves the file behind when a head dies),
+    or None when there is none."""
     try:
         from ray._private.utils import get_ray_address_file, read_ray_address
 
         address, path = read_ray_address(), get_ray_address_file(None)
-    except Exception:  # noqa: BLE001 (a private helper of Ray's: without it, nothing to say)
-        return False
+    except Exception:  # noqa: BLE001 (a private helper of Ray's: without it, start a local Ray)
+        return None
     host_port = _host_port(address) if address else None
-    if host_port is None or _answers(host_port, 1.0) is None:
+    if host_port is None:
+        return None
+    return path, address, _answers(host_port, 1.0) is None
+
+
+def running_local_cluster(note: tuple[str, str, bool] | None = None) -> str | None:
+    """The address of the cluster the latest `ray start` on this machine runs, when it
+    still answers (`note`: _ray_start_note(), when already read)."""
+    note = note or _ray_start_note()
+    return note[1] if note and note[2] else None
+
+
+def warn_stale_cluster_file(note: tuple[str, str, bool] | None = None) -> bool:
+    """Warn (and return True) when Ray's file naming the latest `ray start` cluster names one
+    that no longer answers (its head was killed rather than stopped; `note`: as for
+    running_local_cluster). Ray Train's placement-group cleaner, inside a Ray this job
+    starts, looks that cluster up through the file and gives up: a stopped run's or
+    ASHA-stopped trial's workers then keep their CPUs, and later trials of a sweep can wait
+    for them forever (seen in this project's tests)."""
+    note = note or _ray_start_note()
+    if note is None or note[2]:
         return False
     log.warning("%s names a Ray cluster that no longer answers (%s): `ray stop` clears it. While "
                 "it is there, Ray Train cannot clean up after a stopped run or sweep trial in this "
-                "job's Ray, whose workers then keep their CPUs.", path, address)
+                "job's Ray, whose workers then keep their CPUs.", note[0], note[1])
     return True
 
 
