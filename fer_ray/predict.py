@@ -5,7 +5,7 @@ One streaming Ray Data pipeline, so memory stays flat however large the input:
     listing (driver: paths and true labels, no bytes)
       -> read, decode, resize to the model's data size (CPU tasks, uint8 images)
       -> normalise and run the model, optionally with flip TTA (an actor pool, one GPU each)
-      -> OUT/predictions/*.parquet
+      -> OUT/predictions/*.parquet (driver: the rows as they come, ~135 bytes per image)
 
 On CPU, Ray fuses the decode tasks into the scoring actors (same resources): each actor
 decodes its own batches, with no copy of the decoded images between processes, and
@@ -13,9 +13,12 @@ decodes its own batches, with no copy of the decoded images between processes, a
 AUTO_IMAGES_PER_ACTOR images up to the cores or GPUs). With GPUs the decode stays in
 CPU tasks that feed the GPU actors.
 
-Files that cannot be scored go to one actor that appends them to OUT/errors.parquet as
-they come. Metrics are computed afterwards from the label columns read back from the
-written predictions. Everything is written under `OUT.tmp-<id>` beside OUT and moved into
+Files that cannot be scored travel on as rows with the reason (REASON_COL) and no
+prediction; the driver appends them to OUT/errors.parquet as they come. The driver writing
+both keeps a local --output right on a cluster of many nodes and starts no writer
+processes (on the 2-core VM, Ray Data's write tasks and an error-writer actor cost ~1.6 s of
+start-up on FER2013 val, ~15% of the job). Metrics are computed afterwards from the label
+columns read back from the written predictions. Everything is written under `OUT.tmp-<id>` beside OUT and moved into
 place at the end: OUT is complete or absent, and a rerun replaces it only once done.
 
 Prediction columns: path, label and label_name (the true class, null when the file's
@@ -72,9 +75,11 @@ REASON_COL = "reason"
 
 # Listed files with no true label carry this until the output, where it becomes null.
 NO_LABEL = -1
-# Parquet files of predictions are at least this many rows (fewer only for the last).
+# Parquet files of predictions hold this many rows (fewer only the last), in row groups of
+# at most ROWS_PER_GROUP.
 ROWS_PER_FILE = 50_000
-# The error actor writes a row group once this many errors are waiting.
+ROWS_PER_GROUP = 10_000
+# The error writer writes a row group once this many errors are waiting.
 ERROR_ROWS_PER_WRITE = 10_000
 # By default one scoring actor per this many images, up to the cores (GPUs with --use-gpu).
 # An actor's start-up (a fresh process importing torch and timm) costs ~3.5 s on the 2-core
@@ -151,6 +156,12 @@ def prediction_schema(class_names: Sequence[str]) -> pa.Schema:
 
 
 ERROR_SCHEMA = pa.schema([(PATH_COL, pa.string()), (REASON_COL, pa.string())])
+
+
+def scored_schema(class_names: Sequence[str]) -> pa.Schema:
+    """What the scoring actors return: prediction rows (reason null) and the rows of files
+    that could not be scored (reason set, no prediction)."""
+    return prediction_schema(class_names).append(pa.field(REASON_COL, pa.string()))
 
 
 # --------------------------------------------------------------------------------------
@@ -307,7 +318,7 @@ def _blocks(table: pa.Table, rows: int) -> list[pa.Table]:
 
 
 class ErrorWriter:
-    """Appends the files that cannot be scored to errors.parquet (a Ray actor)."""
+    """Appends the files that cannot be scored to errors.parquet (in the driver)."""
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -339,7 +350,53 @@ class ErrorWriter:
         """Write what is left (an empty table makes a valid file with no rows); the count."""
         self._flush()
         self.writer.close()
+        self.writer = None
         return self.count
+
+
+class PartWriter:
+    """Parquet files `part-00000.parquet`, ... of `rows_per_file` rows (the last fewer) in
+    `folder`, written in row groups of up to ROWS_PER_GROUP rows; at least one file, with
+    no rows when nothing came, so that readers find the columns."""
+
+    def __init__(self, folder: str, schema: pa.Schema, rows_per_file: int = ROWS_PER_FILE) -> None:
+        self.folder, self.schema, self.rows_per_file = folder, schema, rows_per_file
+        self.pending: list[pa.Table] = []
+        self.pending_rows = self.rows = self.in_file = self.files = 0
+        self.writer: Any = None
+
+    def write(self, table: pa.Table) -> None:
+        self.pending.append(table)
+        self.pending_rows += table.num_rows
+        if self.pending_rows >= ROWS_PER_GROUP:
+            self._flush()
+
+    def _flush(self) -> None:
+        table = pa.concat_tables(self.pending) if self.pending else self.schema.empty_table()
+        self.pending, self.pending_rows = [], 0
+        while table.num_rows or (not self.files and self.writer is None):
+            if self.writer is None:
+                import pyarrow.parquet as pq
+
+                fs, inner = storage.resolve(storage.join(self.folder, f"part-{self.files:05d}.parquet"))
+                self.writer = pq.ParquetWriter(inner, self.schema, filesystem=fs)
+                self.files += 1
+            take = min(table.num_rows, self.rows_per_file - self.in_file)
+            self.writer.write_table(table.slice(0, take), row_group_size=ROWS_PER_GROUP)
+            table = table.slice(take)
+            self.in_file += take
+            self.rows += take
+            if self.in_file >= self.rows_per_file:
+                self.writer.close()
+                self.writer, self.in_file = None, 0
+
+    def close(self) -> int:
+        """Write what is left; the rows written."""
+        self._flush()
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+        return self.rows
 
 
 class _NotAnImage(Exception):
@@ -349,19 +406,21 @@ class _NotAnImage(Exception):
 _POINTER = re.compile(r" <_io\.BytesIO object at 0x[0-9a-f]+>")
 
 
-def load_batch(
-    batch: dict[str, np.ndarray], size: int, channels: int, errors: Any
-) -> dict[str, np.ndarray]:
+def load_batch(batch: dict[str, np.ndarray], size: int, channels: int) -> dict[str, np.ndarray]:
     """Ray Data task: read (or take) each file's bytes, decode and resize it to `size` as
-    the eval transform does; files that fail go to the `errors` actor, not downstream."""
+    the eval transform does. Every row goes on: a file that fails with its reason
+    (REASON_COL, "" for the others) and a blank image that is not scored."""
     paths, labels = batch[PATH_COL], batch[LABEL_COL]
-    images, keep, bad_paths, reasons = decode_files(paths, batch.get(IMAGE_COL), size, channels)
-    if bad_paths:
-        import ray
-
-        # Waited for, so every error is recorded before the driver closes the file.
-        ray.get(errors.write.remote(bad_paths, reasons))
-    return {IMAGE_COL: images, PATH_COL: paths[keep], LABEL_COL: labels[keep]}
+    images, keep, _, reasons = decode_files(paths, batch.get(IMAGE_COL), size, channels)
+    if len(keep) == len(paths):
+        return {IMAGE_COL: images, PATH_COL: paths, LABEL_COL: labels, REASON_COL: np.full(len(paths), "")}
+    every = np.zeros((len(paths), *images.shape[1:]), dtype=np.uint8)
+    every[keep] = images
+    failed = np.ones(len(paths), dtype=bool)
+    failed[keep] = False
+    why = np.full(len(paths), "", dtype=object)
+    why[failed] = reasons  # decode_files lists the failures in the files' order
+    return {IMAGE_COL: every, PATH_COL: paths, LABEL_COL: labels, REASON_COL: why.astype(str)}
 
 
 def decode_files(
@@ -412,7 +471,7 @@ def decode_files(
 def prediction_table(
     paths: np.ndarray, labels: np.ndarray, probs: np.ndarray, class_names: Sequence[str]
 ) -> pa.Table:
-    """One output row per image; labels < 0 (unknown) become nulls."""
+    """One prediction row per image; labels < 0 (unknown) become nulls."""
     names = pa.array(list(class_names), pa.string())
     pred = probs.argmax(1)
     label = pa.array(labels, pa.int64(), mask=labels < 0)
@@ -426,6 +485,21 @@ def prediction_table(
         *[pa.array(probs[:, i], pa.float32()) for i in range(len(class_names))],
     ]
     return pa.Table.from_arrays(columns, schema=prediction_schema(class_names))
+
+
+def scored_table(
+    predictions: pa.Table, failed_paths: np.ndarray, reasons: np.ndarray, class_names: Sequence[str]
+) -> pa.Table:
+    """The scoring actors' output (scored_schema): `predictions`, then one row per file
+    that could not be scored, with its path and reason."""
+    schema = scored_schema(class_names)
+    good = predictions.append_column(schema.field(REASON_COL), pa.nulls(predictions.num_rows, pa.string()))
+    if not len(failed_paths):
+        return good
+    n = len(failed_paths)
+    given = {PATH_COL: pa.array(failed_paths, pa.string()), REASON_COL: pa.array(reasons, pa.string())}
+    bad = pa.Table.from_arrays([given.get(f.name, pa.nulls(n, f.type)) for f in schema], schema=schema)
+    return pa.concat_tables([good, bad])
 
 
 def in_own_thread(fn: Callable[[], Any]) -> Any:
@@ -501,12 +575,26 @@ class Scorer:
         self.tta = tta
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        """Rows of scored_schema: a prediction per image, and the files load_batch could not
+        decode (a REASON_COL other than "") passed on with their reasons."""
+        images, paths, labels = batch[IMAGE_COL], batch[PATH_COL], batch[LABEL_COL]
+        failed = np.zeros(len(paths), dtype=bool)
+        if REASON_COL in batch:
+            failed = batch[REASON_COL].astype(str) != ""
+        if failed.any():
+            kept = ~failed
+            images, paths, labels = images[kept], paths[kept], labels[kept]
+        probs = self._probabilities(images)
+        return scored_table(
+            prediction_table(paths, labels, probs, self.class_names),
+            batch[PATH_COL][failed], batch[REASON_COL][failed] if failed.any() else [], self.class_names,
+        )
+
+    def _probabilities(self, images: np.ndarray) -> np.ndarray:
         import torch
 
-        images = batch[IMAGE_COL]
         if not len(images):
-            empty = np.zeros((0, len(self.class_names)), dtype=np.float32)
-            return prediction_table(batch[PATH_COL], batch[LABEL_COL], empty, self.class_names)
+            return np.zeros((0, len(self.class_names)), dtype=np.float32)
         x = torch.from_numpy(np.require(images, requirements="W"))
         n = len(x)
         if self.pad_rows is not None:
@@ -530,9 +618,7 @@ class Scorer:
                     self.model(v.contiguous(memory_format=self.memory_format)).float().softmax(1)
                     for v in views
                 )[:n] / len(views)  # (eval-mode BatchNorm: the padding rows change no other row)
-        return prediction_table(
-            batch[PATH_COL], batch[LABEL_COL], probs.cpu().numpy(), self.class_names
-        )
+        return probs.cpu().numpy()
 
 
 def auto_actors(total: int, use_gpu: bool) -> tuple[int, int]:
@@ -699,7 +785,6 @@ def score_dataset(
     ds: Any,
     model_dir: str,
     spec: ModelSpec,
-    errors: Any,
     batch_size: int,
     num_actors: int,
     use_gpu: bool,
@@ -714,7 +799,7 @@ def score_dataset(
 
     ds = ds.map_batches(
         load_batch,
-        fn_kwargs={"size": spec.data_size, "channels": spec.channels, "errors": errors},
+        fn_kwargs={"size": spec.data_size, "channels": spec.channels},
         batch_size=batch_size,
         batch_format="numpy",
     )
@@ -777,8 +862,6 @@ def predict(
     `num_actors` None sizes the actor pool to the input (auto_actors); `tta` is None,
     "flip" (or True) or "ten-crop" (tta_views); `amp` the autocast precision (Scorer: auto
     is bf16 or fp16 on a GPU, and on a CPU whichever of fp32 and bf16 its scorers time faster)."""
-    import ray
-
     start = time.time()
     model_dir, source, output = (storage.normalize(p) for p in (model_dir, source, output))
     tta = tta_mode(tta)  # before check_inputs, which loads the model
@@ -800,18 +883,18 @@ def predict(
 
     tmp = storage.sibling(output, f".tmp-{uuid.uuid4().hex[:8]}")
     storage.makedirs(tmp)
-    errors = ray.remote(ErrorWriter).options(num_cpus=0, scheduling_strategy=_here()).remote(
-        storage.join(tmp, ERRORS_FILE)
-    )
+    predictions = storage.join(tmp, PREDICTIONS_DIR)
+    storage.makedirs(predictions)
+    errors = ErrorWriter(storage.join(tmp, ERRORS_FILE))
+    writer = PartWriter(predictions, prediction_schema(spec.class_names))
     try:
-        predictions = storage.join(tmp, PREDICTIONS_DIR)
         scored = score_dataset(
-            ds, model_dir, spec, errors, batch_size, num_actors, use_gpu, tta, sigma, amp, min_actors
+            ds, model_dir, spec, batch_size, num_actors, use_gpu, tta, sigma, amp, min_actors
         )
         # The reports' libraries (matplotlib, scikit-learn: ~1.6 s) load while the actors start.
         threading.Thread(target=_import_reports, daemon=True).start()
         try:
-            scored.write_parquet(predictions, min_rows_per_file=ROWS_PER_FILE)
+            write_scored(scored, writer, errors, spec.class_names)
         except Exception as e:
             config_error = _config_error_in(e)  # a model the actors could not build
             if config_error is None:
@@ -819,8 +902,8 @@ def predict(
             raise config_error from None
         if log.isEnabledFor(logging.DEBUG):  # per stage: rows, bytes, time (bench_scoring reads it)
             log.debug("Ray Data stats:\n%s", scored.stats())
-        n_errors = ray.get(errors.close.remote())
-        _ensure_parquet(predictions, prediction_schema(spec.class_names))
+        writer.close()
+        n_errors = errors.close()
 
         name = os.path.basename(source.rstrip("/")) + (f"/{split}" if split else "")
         counts = write_reports(tmp, spec.class_names, title=f"Predictions on {name}")
@@ -851,7 +934,9 @@ def predict(
         storage.write_json(storage.join(tmp, SUMMARY_FILE), summary)
         _publish(tmp, output)
     finally:
-        ray.kill(errors)
+        for open_writer in (writer.writer, errors.writer):  # (closed and None when done)
+            if open_writer is not None:
+                open_writer.close()
         storage.delete_dir(tmp)
     return summary
 
@@ -878,22 +963,20 @@ def _import_reports() -> None:
         pass
 
 
-def _here() -> Any:
-    """Keep the error writer on the driver's node, where a local --output lives."""
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+def write_scored(scored: Any, writer: PartWriter, errors: ErrorWriter, class_names: Sequence[str]) -> None:
+    """Run the pipeline, the driver writing its rows as they come: predictions to `writer`,
+    the files that could not be scored to `errors`."""
+    import pyarrow.compute as pc
 
-    return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-
-
-def _ensure_parquet(folder: str, schema: pa.Schema) -> None:
-    """Ray writes no file for an empty dataset; readers still expect the columns."""
-    import pyarrow.parquet as pq
-
-    storage.makedirs(folder)
-    if not any(p.endswith(".parquet") for p in storage.list_files(folder)):
-        fs, inner = storage.resolve(storage.join(folder, "empty.parquet"))
-        pq.write_table(schema.empty_table(), inner, filesystem=fs)
+    schema = scored_schema(class_names)
+    for table in scored.iter_batches(batch_size=None, batch_format="pyarrow"):
+        table = table.select(schema.names).cast(schema)
+        failed = pc.is_valid(table.column(REASON_COL))
+        if table.column(REASON_COL).null_count < table.num_rows:
+            bad = table.filter(failed)
+            errors.write(bad.column(PATH_COL).to_pylist(), bad.column(REASON_COL).to_pylist())
+            table = table.filter(pc.invert(failed))
+        writer.write(table.drop_columns([REASON_COL]))
 
 
 def _stale_temp_folders(output: str) -> list[str]:

@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
                    "amp": args.amp}
         check_inputs(args.model, args.input, args.output, use_gpu=args.use_gpu, **options)  # before Ray starts
         init_ray(min_cpus=(args.num_actors or cores()) + 2)  # auto: at most one actor per core
-        warn_local_paths(model=args.model, input=args.input, output=args.output)
+        warn_local_paths(model=args.model, input=args.input)  # OUT: the driver writes it all
         summary = predict(args.model, args.input, args.output, use_gpu=args.use_gpu, tta=args.tta,
                           input_blur=args.input_blur, **options)
         print(describe(summary))

@@ -30,6 +30,7 @@ from fer_ray.predict import (
     PREDICTIONS_DIR,
     REASON_COL,
     ErrorWriter,
+    PartWriter,
     SUMMARY_FILE,
     _stale_temp_folders,
     check_inputs,
@@ -457,6 +458,58 @@ def test_a_batch_run_again_lists_its_bad_files_once(tmp_path) -> None:
     table = pd.read_parquet(tmp_path / ERRORS_FILE)
     assert table[PATH_COL].tolist() == ["a.jpg", "b.jpg", "c.jpg"]
     assert table[REASON_COL].tolist() == ["empty file", "not an image", "empty file"]
+
+
+def test_part_writer_rolls_files_at_the_row_count_and_keeps_the_order(tmp_path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pa.schema([(PATH_COL, pa.string()), ("n", pa.int64())])
+    writer = PartWriter(str(tmp_path), schema, rows_per_file=5)
+    for start in (0, 4, 8):
+        writer.write(pa.table({PATH_COL: [f"{i}.png" for i in range(start, start + 4)],
+                               "n": list(range(start, start + 4))}, schema=schema))
+
+    assert writer.close() == 12
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
+    assert [pq.read_metadata(tmp_path / f).num_rows for f in files] == [5, 5, 2]
+    assert pd.read_parquet(tmp_path)["n"].tolist() == list(range(12))
+
+
+def test_part_writer_with_no_rows_leaves_one_file_with_the_columns(tmp_path) -> None:
+    import pyarrow as pa
+
+    schema = pa.schema([(PATH_COL, pa.string()), ("n", pa.int64())])
+    assert PartWriter(str(tmp_path), schema).close() == 0
+    assert [p.name for p in tmp_path.iterdir()] == ["part-00000.parquet"]
+    table = pd.read_parquet(tmp_path)
+    assert len(table) == 0 and list(table.columns) == [PATH_COL, "n"]
+
+
+def test_files_that_failed_to_decode_pass_the_scorer_with_their_reason(model_dir) -> None:
+    """load_batch keeps every row, a failed file with its reason and a blank image; the
+    scorer scores the others only and passes the failures on, with no prediction."""
+    from fer_ray.constants import IMAGE_COL
+    from fer_ray.predict import Scorer, load_batch
+
+    good = _jpeg(np.random.default_rng(3).integers(0, 256, (SIZE, SIZE), dtype=np.uint8))
+    paths = np.array(["a.jpg", "b.jpg", "c.jpg", "d.jpg"])
+    blobs = np.array([good, b"", b"not an image", good], dtype=object)
+    batch = load_batch({PATH_COL: paths, LABEL_COL: np.array([0, 1, 2, -1]), IMAGE_COL: blobs}, SIZE, 1)
+    assert len(batch[PATH_COL]) == 4 and batch[REASON_COL][0] == "" and batch[REASON_COL][1] == "empty file"
+    assert batch[REASON_COL][2] and not batch[IMAGE_COL][1].any()
+
+    scorer = Scorer(str(model_dir), use_gpu=False, tta=None, num_actors=1, amp="off")
+    table = scorer(batch).to_pandas()
+    scored, failed = table[table[REASON_COL].isna()], table[table[REASON_COL].notna()]
+    assert scored[PATH_COL].tolist() == ["a.jpg", "d.jpg"] and scored[PRED_COL].notna().all()
+    assert failed[PATH_COL].tolist() == ["b.jpg", "c.jpg"] and failed[PRED_COL].isna().all()
+    assert failed[REASON_COL].tolist() == batch[REASON_COL][1:3].tolist()
+    alone = scorer({IMAGE_COL: batch[IMAGE_COL][[0, 3]], PATH_COL: paths[[0, 3]],
+                    LABEL_COL: np.array([0, -1])}).to_pandas()
+    np.testing.assert_allclose(scored[PROB_COLS].to_numpy(), alone[PROB_COLS].to_numpy(), atol=1e-6)
+    assert scored[LABEL_COL].tolist()[0] == 0 and pd.isna(scored[LABEL_COL].tolist()[1])
 
 
 def test_auto_actors_one_per_ten_thousand_images_up_to_the_cores(monkeypatch) -> None:
