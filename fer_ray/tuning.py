@@ -310,12 +310,31 @@ def write_outputs(results: pd.DataFrame, tune_dir: str) -> dict[str, Any] | None
     return None if best is None else best.to_dict()
 
 
+def check_resumed_blur(tune_dir: str, sigma: str) -> None:
+    """A resumed sweep's validation blur (--input-blur, resolved) is the one it began with:
+    its trials' scores would not compare otherwise. Checked once resolved (not with the
+    other settings, trainer._check_resume_compatible): `auto` measures the same sigma again
+    on the same shards."""
+    begun = storage.read_json_or_none(storage.join(tune_dir, SWEEP_CONFIG_FILE)) or {}
+    old = (begun.get("data") or {}).get("input_blur")
+    try:
+        changed = old is not None and float(old) != float(sigma)
+    except (TypeError, ValueError):  # a sweep_config.json from before the blur was resolved
+        return
+    if changed:
+        raise ConfigError(
+            f"{tune_dir!r} holds a sweep with different settings (input_blur {old} -> {sigma}); "
+            f"use a new --output, or --input-blur {old} to resume it."
+        )
+
+
 def sweep(cfg: SweepConfig, manifest: dict[str, Any]) -> tuple[pd.DataFrame, dict[str, Any] | None]:
     """Run (or resume) the sweep and write TUNE_DIR; Ray must be initialised."""
     check_gpus(cfg)
     tune_dir = storage.normalize(cfg.run.output)
     # Measured once here (see fer_ray.blur) rather than by every trial: all trials match the same.
     cfg.data.input_blur = str(resolve_settings(cfg, manifest).spec.input_blur)
+    check_resumed_blur(tune_dir, cfg.data.input_blur)
     storage.makedirs(tune_dir)
     storage.write_json(storage.join(tune_dir, SWEEP_CONFIG_FILE), to_dict(copy.deepcopy(cfg)))
     _INTERRUPTED.clear()

@@ -111,7 +111,9 @@ def test_sweep_writes_every_output_and_resumes_without_retraining(ray_cluster, s
                         (["--smoothing-range", "0", "0.2"], "smoothing_range [0.0, 0.3] -> [0.0, 0.2]"),
                         (["--epochs", "3"], "epochs 2 -> 3"), (["--max-concurrent", "2"], "max_concurrent 1 -> 2"),
                         # and what the trials train with (sweep_config.json was rewritten with it)
-                        (["--patience", "1"], "patience 6 -> 1"), (["--augment", "strong"], "augment 'medium' -> 'strong'")]:
+                        (["--patience", "1"], "patience 6 -> 1"), (["--augment", "strong"], "augment 'medium' -> 'strong'"),
+                        # and the blur validation matches (saved as measured: auto resumes)
+                        (["--input-blur", "1.5"], "input_blur 0.0 -> 1.5")]:
         assert tune_main([*sweep_args(str(synth_shards), str(out)), *flags]) == 2
         assert f"different settings ({diff})" in capsys.readouterr().err
 
