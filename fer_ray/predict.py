@@ -28,6 +28,7 @@ class), confidence (its probability) and one `prob_<class>` column per class.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
@@ -52,8 +53,8 @@ from fer_ray.constants import (
 if TYPE_CHECKING:
     from fer_ray.model_spec import ModelSpec
 
-# torch and timm are imported where they are used: the error-writer actor and the
-# driver's checks should not pay for them.
+# torch and timm are imported where they are used: the driver (its checks, its writing
+# of the results) should not pay for them.
 
 log = logging.getLogger(__name__)
 
@@ -369,12 +370,16 @@ class PartWriter:
         self.pending.append(table)
         self.pending_rows += table.num_rows
         if self.pending_rows >= ROWS_PER_GROUP:
-            self._flush()
+            self._flush(whole_groups=True)
 
-    def _flush(self) -> None:
+    def _flush(self, whole_groups: bool = False) -> None:
+        """Write what is pending; with `whole_groups`, whole row groups only (the rest waits)."""
         table = pa.concat_tables(self.pending) if self.pending else self.schema.empty_table()
-        self.pending, self.pending_rows = [], 0
-        while table.num_rows or (not self.files and self.writer is None):
+        ready = table.num_rows - table.num_rows % ROWS_PER_GROUP if whole_groups else table.num_rows
+        rest = table.slice(ready)
+        self.pending, self.pending_rows = ([rest], rest.num_rows) if rest.num_rows else ([], 0)
+        table = table.slice(0, ready)
+        while table.num_rows or (not whole_groups and not self.files and self.writer is None):
             if self.writer is None:
                 import pyarrow.parquet as pq
 
@@ -884,10 +889,10 @@ def predict(
     tmp = storage.sibling(output, f".tmp-{uuid.uuid4().hex[:8]}")
     storage.makedirs(tmp)
     predictions = storage.join(tmp, PREDICTIONS_DIR)
-    storage.makedirs(predictions)
     errors = ErrorWriter(storage.join(tmp, ERRORS_FILE))
     writer = PartWriter(predictions, prediction_schema(spec.class_names))
     try:
+        storage.makedirs(predictions)
         scored = score_dataset(
             ds, model_dir, spec, batch_size, num_actors, use_gpu, tta, sigma, amp, min_actors
         )
@@ -935,8 +940,9 @@ def predict(
         _publish(tmp, output)
     finally:
         for open_writer in (writer.writer, errors.writer):  # (closed and None when done)
-            if open_writer is not None:
-                open_writer.close()
+            with contextlib.suppress(Exception):  # the error that ended the run is the one to see
+                if open_writer is not None:
+                    open_writer.close()
         storage.delete_dir(tmp)
     return summary
 

@@ -477,6 +477,25 @@ def test_part_writer_rolls_files_at_the_row_count_and_keeps_the_order(tmp_path) 
     assert pd.read_parquet(tmp_path)["n"].tolist() == list(range(12))
 
 
+def test_part_writer_writes_whole_row_groups_as_rows_come_in_small_batches(tmp_path, monkeypatch) -> None:
+    """Ray Data's blocks of 256 rows left a row group of 240 after every 10,000."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    import fer_ray.predict as P
+
+    monkeypatch.setattr(P, "ROWS_PER_GROUP", 2)
+    schema = pa.schema([("n", pa.int64())])
+    writer = PartWriter(str(tmp_path), schema, rows_per_file=4)
+    for start in range(0, 13, 3):
+        writer.write(pa.table({"n": list(range(start, start + 3))}, schema=schema))
+    assert writer.close() == 15
+    groups = [[pq.ParquetFile(p).metadata.row_group(i).num_rows for i in range(pq.ParquetFile(p).num_row_groups)]
+              for p in sorted(tmp_path.iterdir())]
+    assert groups == [[2, 2], [2, 2], [2, 2], [2, 1]]
+    assert pd.read_parquet(tmp_path)["n"].tolist() == list(range(15))
+
+
 def test_part_writer_with_no_rows_leaves_one_file_with_the_columns(tmp_path) -> None:
     import pyarrow as pa
 
