@@ -60,8 +60,7 @@ def tiny_faces(tmp_path_factory) -> Path:
 
 
 def _run_prepare(faces: Path, out: Path, **env_vars: str) -> tuple[subprocess.CompletedProcess, float]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env.update({"RAY_ADDRESS": "local", **env_vars})  # (local: see _no_ray_env)
+    env = {**_no_ray_env(), **env_vars}
     start = time.monotonic()
     result = subprocess.run(
         [sys.executable, "jobs/prepare.py", "--source", str(faces), "--output", str(out)],
