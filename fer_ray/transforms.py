@@ -10,6 +10,7 @@ Albumentations (2 s and 700 MB to import) loads only where training augments.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from functools import lru_cache
 from typing import Any, Callable
@@ -26,9 +27,11 @@ ERASING_SHARE = 0.35
 cv2.setNumThreads(1)
 
 
-# The first bytes of the formats decode_image reads (JPEG, PNG, GIF, BMP, WebP, TIFF):
-# scoring reads a file whose name has no image extension only when it begins so.
-_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"II*\x00", b"MM\x00*")
+# The first bytes of the formats decode_image reads (JPEG, PNG, GIF, BMP, WebP, TIFF, and
+# through Pillow QOI, PSD, ICO/CUR and Netpbm): scoring reads a file whose name has no image
+# extension only when it begins so (looks_like_image). TGA and PCX have no such signature.
+_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"II*\x00", b"MM\x00*",
+               b"qoif", b"8BPS")  # ... TIFF both ways, QOI, Photoshop
 SIGNATURE_BYTES = 12
 
 
@@ -61,11 +64,18 @@ def has_image_name(path: str) -> bool:
     return name.endswith(IMAGE_EXTENSIONS) or name.endswith(_pillow_image_extensions())
 
 
+# Netpbm (PBM, PGM, PPM, PAM): "P1".."P7", whitespace, then the width or a comment.
+_NETPBM = re.compile(rb"P[1-7][ \t\r\n]+[#0-9]")
+
+
 def looks_like_image(head: bytes) -> bool:
     """Whether a file's first SIGNATURE_BYTES bytes are those of an image decode_image reads
-    (a BMP: "BM", its size, then 4 reserved zero bytes; "BM" alone begins text too)."""
+    (a BMP: "BM", its size, then 4 reserved zero bytes; "BM" alone begins text too; an ICO
+    or CUR: its type and at least one image)."""
     return (head.startswith(_SIGNATURES) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
-            or (head[:2] == b"BM" and head[6:10] == b"\0\0\0\0"))
+            or (head[:2] == b"BM" and head[6:10] == b"\0\0\0\0")
+            or (head[:4] in (b"\0\0\1\0", b"\0\0\2\0") and head[4:6] not in (b"", b"\0\0"))
+            or _NETPBM.match(head) is not None)
 
 
 def decode_image(data: bytes, channels: int) -> np.ndarray:

@@ -94,8 +94,12 @@ def test_image_signatures_of_every_format_read_and_not_of_text() -> None:
     img = np.stack([face()] * 3, -1)
     encoded = [encode(img, fmt) for fmt in ("PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF")]
     encoded.append(cv2.imencode(".tiff", face().astype(np.float32))[1].tobytes())
+    # and formats Pillow reads that have a signature: ICO, Netpbm (P5 here, P2 as text)
+    encoded += [encode(img, "ICO"), encode(face(), "PPM"), b"P2\n# a comment\n2 1\n255\n0 255\n"]
     assert all(looks_like_image(data[:SIGNATURE_BYTES]) for data in encoded)
-    for text in (b"BMW drivers, 2024 list\n", b"", b"RIFF....WAVEfmt ", b"{\"a\": 1}"):
+    assert all(decode_image(data, 1).shape[-1] == 1 for data in encoded)  # and decode_image reads them
+    for text in (b"BMW drivers, 2024 list\n", b"", b"RIFF....WAVEfmt ", b"{\"a\": 1}", b"P1 drivers\n",
+                 b"P3\nabc", b"\0\0\1\0\0\0"):
         assert not looks_like_image(text[:SIGNATURE_BYTES]), text
 
 
