@@ -16,8 +16,8 @@ CPU tasks that feed the GPU actors.
 Files that cannot be scored travel on as rows with the reason (REASON_COL) and no
 prediction; the driver appends them to OUT/errors.parquet as they come. The driver writing
 both keeps a local --output right on a cluster of many nodes and starts no writer
-processes (on the 2-core VM, Ray Data's write tasks and an error-writer actor cost ~1.6 s of
-start-up on FER2013 val, ~15% of the job). Metrics are computed afterwards from the label
+processes (on the 2-core VM, Ray Data's write tasks and an error-writer actor cost ~2.5 s of
+FER2013 val's ~10.7, bench/PERFORMANCE.md). Metrics are computed afterwards from the label
 columns read back from the written predictions. Everything is written under `OUT.tmp-<id>` beside OUT and moved into
 place at the end: OUT is complete or absent, and a rerun replaces it only once done.
 
@@ -956,7 +956,7 @@ def describe(summary: dict[str, Any]) -> str:
     )
     return (
         f"scored {summary['scored']} of {summary['total']} ({summary['errors']} errors) in "
-        f"{summary['seconds']:.1f} s, {summary['images_per_second']:.0f} images/s"
+        f"{summary['seconds']:.1f} s, {summary['images_per_second']:.{0 if summary['images_per_second'] >= 10 else 1}f} images/s"
         f"{' with ' + summary['tta'] + ' TTA' if summary['tta'] else ''}{quality}; output: {summary['output']}"
     )
 

@@ -779,3 +779,13 @@ def test_a_model_the_actors_cannot_build_ends_in_one_sentence(ray_cluster, model
     assert code == 2
     assert last.startswith("error: Could not load the model in ") and "it is damaged" in last
     assert not out.exists() and not list(tmp_path.glob("out.tmp-*"))
+
+
+def test_the_last_line_gives_a_small_rate_with_a_decimal() -> None:
+    """Two images in 6.6 s printed "0 images/s"."""
+    from fer_ray.predict import describe
+
+    summary = {"scored": 2, "total": 3, "errors": 1, "seconds": 6.6, "images_per_second": 0.3, "tta": None,
+               "output": "out"}
+    assert "in 6.6 s, 0.3 images/s; no true labels" in describe(summary)
+    assert ", 1242 images/s" in describe({**summary, "images_per_second": 1241.6})
