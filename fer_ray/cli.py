@@ -74,8 +74,8 @@ def init_ray(min_cpus: int = 4, dashboard: bool = False) -> None:
         connect_ray(address)
         return
     note = None if address else _ray_start_note()  # read once: joined, or warned about
-    running = running_local_cluster(note) if note else None
-    if running:
+    if note and note[2]:  # the latest `ray start` cluster on this machine, still answering
+        running = note[1]
         # As Ray's own `ray.init()` does (which then refuses num_cpus in a traceback).
         log.info("Joining the Ray cluster that `ray start` runs on this machine at %s "
                  "(RAY_ADDRESS=local starts a Ray of this job's own instead)", running)
@@ -83,7 +83,7 @@ def init_ray(min_cpus: int = 4, dashboard: bool = False) -> None:
         os.environ["RAY_ADDRESS"] = running  # a cluster, as for a submitted job (warn_local_paths)
         return
     if note:
-        warn_stale_cluster_file(note)
+        warn_stale_cluster_file(note)  # (it no longer answers)
     dashboard = dashboard or _coerce(os.environ.get("FER_RAY_DASHBOARD", "0").strip(), bool, "FER_RAY_DASHBOARD")
     num_cpus = max(os.cpu_count() or 1, min_cpus)
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard)
@@ -135,17 +135,10 @@ def _ray_start_note() -> tuple[str, str, bool] | None:
     return path, address, _answers(host_port, 1.0) is None
 
 
-def running_local_cluster(note: tuple[str, str, bool] | None = None) -> str | None:
-    """The address of the cluster the latest `ray start` on this machine runs, when it
-    still answers (`note`: _ray_start_note(), when already read)."""
-    note = note or _ray_start_note()
-    return note[1] if note and note[2] else None
-
-
 def warn_stale_cluster_file(note: tuple[str, str, bool] | None = None) -> bool:
     """Warn (and return True) when Ray's file naming the latest `ray start` cluster names one
-    that no longer answers (its head was killed rather than stopped; `note`: as for
-    running_local_cluster). Ray Train's placement-group cleaner, inside a Ray this job
+    that no longer answers (its head was killed rather than stopped; `note`: _ray_start_note(),
+    when already read). Ray Train's placement-group cleaner, inside a Ray this job
     starts, looks that cluster up through the file and gives up: a stopped run's or
     ASHA-stopped trial's workers then keep their CPUs, and later trials of a sweep can wait
     for them forever (seen in this project's tests)."""
