@@ -977,8 +977,8 @@ def write_scored(scored: Any, writer: PartWriter, errors: ErrorWriter, class_nam
     schema = scored_schema(class_names)
     for table in scored.iter_batches(batch_size=None, batch_format="pyarrow"):
         table = table.select(schema.names).cast(schema)
-        failed = pc.is_valid(table.column(REASON_COL))
-        if table.column(REASON_COL).null_count < table.num_rows:
+        if table.column(REASON_COL).null_count < table.num_rows:  # some file failed
+            failed = pc.is_valid(table.column(REASON_COL))
             bad = table.filter(failed)
             errors.write(bad.column(PATH_COL).to_pylist(), bad.column(REASON_COL).to_pylist())
             table = table.filter(pc.invert(failed))
