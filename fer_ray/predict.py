@@ -551,11 +551,12 @@ class Scorer:
     ) -> None:
         import torch
 
-        from fer_ray.model import fastest_inference_format, resolve_amp
+        from fer_ray.model import fastest_inference_format, fold_batchnorm, resolve_amp
         from fer_ray.normalize import DeviceNormalize
 
         # Read from the folder: faster than shipping the pickled model through the object store.
         model, spec = load_model(model_dir)
+        model, folded = fold_batchnorm(model)  # before the format timing: what scores is timed
         self.device = torch.device("cuda" if use_gpu else "cpu")
         # On a GPU every batch is padded to the largest size seen: cudnn.benchmark tunes its
         # kernels once per shape, and batches shrink wherever files fail to decode.
@@ -572,7 +573,7 @@ class Scorer:
                 model, spec.in_chans, spec.image_size, amp
             )
             self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-            print(f"Scorer: {timed}", file=sys.stderr, flush=True)  # Ray forwards it to the driver
+            print(f"Scorer: {timed}{_folded_note(folded)}", file=sys.stderr, flush=True)  # Ray forwards it
         self.model = model.to(self.device).to(memory_format=self.memory_format).eval()
         # With the blur that matches these images to the training images (fer_ray.blur).
         self.normalize = DeviceNormalize.for_model(spec, blur_sigma=input_blur).to(self.device)
@@ -624,6 +625,10 @@ class Scorer:
                     for v in views
                 )[:n] / len(views)  # (eval-mode BatchNorm: the padding rows change no other row)
         return probs.cpu().numpy()
+
+
+def _folded_note(folded: int) -> str:
+    return f"; {folded} BatchNorm layers folded into the convolutions before them" if folded else ""
 
 
 def auto_actors(total: int, use_gpu: bool) -> tuple[int, int]:

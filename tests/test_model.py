@@ -17,6 +17,7 @@ from fer_ray.model import (
     ModelSpec,
     create_model,
     fetch_pretrained_state,
+    fold_batchnorm,
     load_model_dir,
     parameter_groups,
     read_model_spec,
@@ -229,3 +230,51 @@ def test_channels_last_model_saves(tmp_path) -> None:
     loaded, _ = load_model_dir(str(tmp_path))
     x = torch.randn(1, 3, 32, 32)
     torch.testing.assert_close(loaded(x), model(x))
+
+
+def _with_running_stats(model: torch.nn.Module) -> torch.nn.Module:
+    """Every BatchNorm given running statistics and an affine part far from the identity."""
+    g = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.running_mean.copy_(torch.rand(m.running_mean.shape, generator=g) - 0.5)
+            m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+            m.bias.data.copy_(torch.rand(m.bias.shape, generator=g) - 0.5)
+    return model.eval()
+
+
+@pytest.mark.parametrize("name", ["test_resnet", "resnet10t"])
+def test_folded_batchnorm_scores_as_the_model_does(name) -> None:
+    model = _with_running_stats(create_model(name, 7, in_chans=1))
+    folded, count = fold_batchnorm(model)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert count == len(norms) > 0  # in these resnets every BatchNorm follows a convolution
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    x = torch.randn(4, 1, 32, 32)
+    with torch.inference_mode():
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-4, atol=1e-5)
+        cl = folded.to(memory_format=torch.channels_last)
+        torch.testing.assert_close(cl(x.contiguous(memory_format=torch.channels_last)), model(x), rtol=1e-4, atol=1e-5)
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())  # the model itself is left as it was
+
+
+def test_batchnorm_is_left_where_it_cannot_fold() -> None:
+    class Branching(torch.nn.Module):  # the convolution's output is used twice
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn = torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return self.bn(y) + y
+
+    class Untraceable(Branching):  # control flow on a tensor's value
+        def forward(self, x):
+            return self.bn(self.conv(x)) if x.sum() > 0 else x
+
+    for cls in (Branching, Untraceable):
+        model = _with_running_stats(cls())
+        assert fold_batchnorm(model) == (model, 0)
+    with pytest.raises(ValueError, match="eval mode"):
+        fold_batchnorm(create_model("test_resnet", 7))
