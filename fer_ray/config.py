@@ -30,6 +30,16 @@ class ConfigError(ValueError):
     """A configuration a user gave that cannot be used; the message says what to do."""
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with each flag's default, but for flags that have none to show (required
+    ones, and those whose default is None or empty)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.required or action.default is None or action.default == "" or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def parse_input_blur(value: str) -> float | None:
     """--input-blur: 'auto' -> None (estimate), 'off' -> 0, else a sigma >= 0 in px."""
     value = str(value).strip().lower()
@@ -57,7 +67,7 @@ OPTIMIZERS = ("adamw", "sgd")
 
 @dataclass
 class DataOptions:
-    data: str = field(default="", metadata={"help": "prepared shards folder or URI (required)"})
+    data: str = field(default="", metadata={"help": "prepared shards folder or URI (required, here or in --config)"})
     image_size: int = field(default=224, metadata={"help": "model input size in pixels"})
     data_size: int | None = field(
         default=None,
@@ -163,7 +173,7 @@ class OptimOptions:
         default=None,
         metadata={
             "help": "epochs of head-only training with the backbone frozen "
-            "(default: 2 with pretrained weights, 0 without)"
+            "(default: 2 with pretrained weights, fewer when --epochs leaves no room, 0 without)"
         },
     )
     unfreeze: str = field(
@@ -207,7 +217,7 @@ class OptimOptions:
 @dataclass
 class RunOptions:
     output: str = field(
-        default="", metadata={"help": "the run folder (jobs/tune.py: the sweep folder), local or a URI (required)"}
+        default="", metadata={"help": "the run folder (jobs/tune.py: the sweep folder), local or a URI (required, here or in --config)"}
     )
     num_workers: int = field(default=1, metadata={"help": "Ray Train workers"})
     use_gpu: bool = field(default=False, metadata={"help": "one GPU per worker"})
@@ -221,7 +231,7 @@ class RunOptions:
             "timed steps find faster), bf16, fp16, off"
         },
     )
-    seed: int = field(default=0, metadata={"help": "seed for model init"})
+    seed: int = field(default=0, metadata={"help": "seed of the model's initialisation and, with each worker's rank and the epoch, of its dropout masks and mixup/cutmix draws"})
     max_failures: int = field(
         default=2, metadata={"help": "worker failures survived by restarting from a checkpoint"}
     )
@@ -567,8 +577,9 @@ def add_config_flags(
                 dest=name,
                 default=argparse.SUPPRESS,
                 metavar=name.upper(),
-                # A default derived later (None here) is described in the help itself.
-                help=helptext if default is None and "default" in helptext else f"{helptext} (default: {default})",
+                # None or "": no default (a required flag, or one derived later that the
+                # help itself describes).
+                help=helptext if default is None or default == "" else f"{helptext} (default: {default})",
             )
 
 

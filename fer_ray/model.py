@@ -421,10 +421,39 @@ def load_model_dir(folder: str) -> tuple[torch.nn.Module, ModelSpec]:
         if local is None:
             storage.copy_dir(folder, tmp)
             local = tmp
-        model = timm.create_model(f"local-dir:{local}", pretrained=True)
+        try:
+            model = timm.create_model(f"local-dir:{local}", pretrained=True)
+        except Exception:
+            _check_weights_fit(local, folder)  # the clearer sentence when that is the cause
+            raise
     if model.num_classes != len(spec.class_names):
         raise ConfigError(
             f"Model folder {folder!r} has {model.num_classes} outputs but names "
             f"{len(spec.class_names)} classes; it is damaged, retrain or re-export it."
         )
     return model.eval(), spec
+
+
+def _check_weights_fit(local: str, folder: str) -> None:
+    """ConfigError when the weights in `local` (a model folder on this machine) are not the
+    tensors of the model its config.json names: a model.safetensors of one run beside the
+    config.json of another, or an edited architecture. timm's own error then names a
+    missing key or even an attribute (AttributeError: Conv2d has no attribute `0`)."""
+    from fer_ray.model_spec import _safetensors_header
+
+    try:
+        want = {k: list(v.shape) for k, v in timm.create_model(f"local-dir:{local}", pretrained=False).state_dict().items()
+                if not k.endswith("num_batches_tracked")}
+        have = {k: list(v["shape"]) for k, v in _safetensors_header(os.path.join(local, WEIGHTS_FILE)).items()
+                if not k.endswith("num_batches_tracked")}
+    except Exception:  # noqa: BLE001 - not told apart here: the caller's error stands
+        return
+    differ = sorted(k for k in want.keys() | have.keys() if want.get(k) != have.get(k))
+    if differ:
+        arch = json.loads(Path(local, MODEL_CONFIG_FILE).read_text()).get("architecture", "?")
+        raise ConfigError(
+            f"The weights in {folder!r} do not fit the model its {MODEL_CONFIG_FILE} names ({arch}): "
+            f"{len(differ)} of {len(want | have)} tensors differ in name or shape (e.g. {differ[0]!r}); "
+            "the two files come from different runs or config.json was edited: copy the run's best/ folder again."
+        )
+

@@ -255,15 +255,16 @@ def _check_output(model_dir: str, source: str, output: str) -> None:
             raise ConfigError(
                 f"{name} {path!r} is inside --output, which a run replaces; choose another --output."
             )
-    if storage.exists(output):
-        if not storage.is_dir(output):
-            raise ConfigError(f"--output {output!r} is a file; choose a folder.")
-        # Hidden entries count (a folder holding only .git is not empty): a rerun replaces it.
-        if storage.list_dir(output, hidden=True) and not _is_scoring_output(output):
-            raise ConfigError(
-                f"--output {output!r} is a non-empty folder that jobs/predict.py did not write; "
-                "choose a new folder (a predictions folder is replaced on rerun)."
-            )
+    if not storage.exists(output):
+        storage.check_creatable(output, "--output")
+    elif not storage.is_dir(output):
+        raise ConfigError(f"--output {output!r} is a file; choose a folder.")
+    # Hidden entries count (a folder holding only .git is not empty): a rerun replaces it.
+    elif storage.list_dir(output, hidden=True) and not _is_scoring_output(output):
+        raise ConfigError(
+            f"--output {output!r} is a non-empty folder that jobs/predict.py did not write; "
+            "choose a new folder (a predictions folder is replaced on rerun)."
+        )
 
 
 def _is_scoring_output(folder: str) -> bool:

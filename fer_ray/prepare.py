@@ -410,9 +410,11 @@ def _check_output(source: str, output: str) -> None:
     holds something other than shards."""
     if storage.inside(output, source) and storage.is_dir(source):  # (a CSV source has no inside)
         raise ConfigError(f"--output {output!r} is inside --source; choose a folder outside it.")
-    if storage.exists(output):
-        if not storage.is_dir(output):
-            raise ConfigError(f"--output {output!r} is a file; choose a folder.")
+    if not storage.exists(output):
+        storage.check_creatable(output, "--output")
+    elif not storage.is_dir(output):
+        raise ConfigError(f"--output {output!r} is a file; choose a folder.")
+    else:
         entries = storage.list_dir(output)
         shards = is_shards(output) or _half_published(output, entries)
         if entries and not shards:
@@ -434,6 +436,19 @@ def _half_published(output: str, entries: list[Any]) -> bool:
     )
 
 
+def check_inputs(source: str, output: str, val_fraction: float = 0.1, seed: int = 0,
+                 shard_rows: int = 5000) -> Listing:
+    """Every check of prepare's arguments, without Ray: the settings, the output, and the
+    source's listing (returned, for prepare to use)."""
+    if not 0 < val_fraction < 1:
+        raise ConfigError(f"--val-fraction must be between 0 and 1, got {val_fraction}.")
+    if shard_rows < 1:
+        raise ConfigError(f"--shard-rows must be at least 1, got {shard_rows}.")
+    source, output = storage.normalize(source), storage.normalize(output)
+    _check_output(source, output)
+    return list_source(source, val_fraction=val_fraction, seed=seed)
+
+
 def prepare(
     source: str,
     output: str,
@@ -441,15 +456,13 @@ def prepare(
     seed: int = 0,
     shard_rows: int = 5000,
     batch_size: int = 256,
+    listing: Listing | None = None,
 ) -> dict[str, Any]:
-    """Write SHARDS/<split>/*.parquet and SHARDS/manifest.json; return the manifest."""
-    if not 0 < val_fraction < 1:
-        raise ConfigError(f"--val-fraction must be between 0 and 1, got {val_fraction}.")
-    if shard_rows < 1:
-        raise ConfigError(f"--shard-rows must be at least 1, got {shard_rows}.")
+    """Write SHARDS/<split>/*.parquet and SHARDS/manifest.json; return the manifest.
+    `listing`: what check_inputs returned for the same arguments (else it runs here)."""
+    if listing is None:
+        listing = check_inputs(source, output, val_fraction, seed, shard_rows)
     source, output = storage.normalize(source), storage.normalize(output)
-    _check_output(source, output)
-    listing = list_source(source, val_fraction=val_fraction, seed=seed)
     splits = sorted(set(listing.items) | set(listing.csv_chunks), key=SPLITS.index)
     log.info("Source %s (%s): classes %s", source, listing.kind, ", ".join(listing.classes))
 
@@ -457,6 +470,7 @@ def prepare(
     # Written under a temporary folder and moved into place at the end: a half-written
     # output never looks finished, and an earlier complete output stays until then.
     staging = storage.join(output, f".staging-{uuid.uuid4().hex[:8]}")
+    made_output = not storage.exists(output)  # removed again if it is left empty
     log_actor = ray.remote(PrepareLog).options(num_cpus=0).remote()
     try:
         for split in splits:
@@ -521,6 +535,8 @@ def prepare(
         _publish(staging, output, splits, manifest)
     finally:
         storage.delete_dir(staging)
+        if made_output and storage.is_dir(output) and not storage.list_dir(output, hidden=True):
+            storage.delete_dir(output)
         ray.kill(log_actor)
     return manifest
 
@@ -589,7 +605,13 @@ def read_manifest(shards: str) -> dict[str, Any]:
     """The manifest of a shards folder; ConfigError when the folder is not one."""
     manifest = _manifest_or_none(shards)
     if manifest is None:
-        written = storage.exists(storage.join(storage.normalize(shards), MANIFEST_FILE))
+        folder = storage.normalize(shards)
+        if not storage.exists(folder):
+            raise ConfigError(f"{shards!r} does not exist; give the folder jobs/prepare.py wrote.")
+        parent, name = storage.split_last(folder)
+        if name in SPLITS and parent and _manifest_or_none(parent) is not None:
+            raise ConfigError(f"{shards!r} is one split of the shards folder {parent!r}; give that folder.")
+        written = storage.exists(storage.join(folder, MANIFEST_FILE))
         raise ConfigError(
             f"{shards!r} is not a prepared shards folder "
             f"({'its ' + MANIFEST_FILE + ' is not one jobs/prepare.py wrote' if written else 'no ' + MANIFEST_FILE}); "

@@ -116,6 +116,40 @@ def local_path(path: str) -> str | None:
     return inner if isinstance(fs, pafs.LocalFileSystem) else None
 
 
+def check_creatable(path: str, flag: str) -> None:
+    """A ConfigError naming `flag` when the local folder `path` is not there and could not
+    be made: the nearest part of it that exists is a file, or a folder this process may not
+    write in. Checked before a job starts anything. Buckets are not checked (objects are
+    written without folders)."""
+    problem = _uncreatable(path)
+    if problem:
+        raise ConfigError(f"{flag} {path!r} cannot be created: {problem}; choose another folder.")
+
+
+def _uncreatable(path: str) -> str | None:
+    if is_uri(path) and not path.startswith("file:"):
+        return None
+    local = local_path(path)
+    if local is None or os.path.exists(local):
+        return None
+    missing = os.path.abspath(local)
+    while not os.path.exists(os.path.dirname(missing)):
+        if os.path.dirname(missing) == missing:
+            return None
+        missing = os.path.dirname(missing)
+    parent = os.path.dirname(missing)
+    if not os.path.isdir(parent):
+        return f"{parent!r} is a file"
+    try:  # made and removed at once: permissions, read-only and virtual filesystems alike
+        os.mkdir(missing)
+        os.rmdir(missing)
+    except FileExistsError:  # made by something else meanwhile
+        return None
+    except OSError as e:
+        return f"{(e.strerror or type(e).__name__).lower()} in {parent!r}"
+    return None
+
+
 def info(path: str) -> pafs.FileInfo:
     fs, inner = resolve(path)
     return fs.get_file_info(inner)

@@ -226,6 +226,7 @@ def _check_output(cfg: TrainConfig) -> dict[str, Any] | None:
         raise ConfigError(f"--output {cfg.run.output!r} and --data {cfg.data.data!r} overlap; "
                           "choose an --output outside the data.")
     if not storage.exists(output):
+        storage.check_creatable(output, "--output")
         return None
     if not storage.is_dir(output):
         raise ConfigError(f"--output {cfg.run.output!r} is a file; choose a folder.")

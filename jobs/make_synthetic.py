@@ -12,25 +12,36 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from fer_ray.config import ConfigError, HelpFormatter  # noqa: E402
 from fer_ray.constants import TEST, TRAIN, VAL  # noqa: E402
+from fer_ray.storage import check_creatable  # noqa: E402
 from fer_ray.synthetic import IMAGE_FORMATS, generate_dataset  # noqa: E402
 
 
+MAX_SIZE = 1024  # a face drawn at 100,000 px would take hours and gigabytes
+
+
 def _count(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, 0 or more, got {text!r}") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
     return value
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[-1].strip())
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[-1].strip(),
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--output", required=True, help="folder to write the splits into")
     parser.add_argument("--train-per-class", type=_count, default=200,
                         help="train images per class")
@@ -42,8 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--format", choices=IMAGE_FORMATS, default="png", help="image file format")
     args = parser.parse_args(argv)
     per_split = {TRAIN: args.train_per_class, VAL: args.val_per_class, TEST: args.test_per_class}
-    if args.size < 8:
-        parser.error(f"--size must be at least 8 pixels, got {args.size}")
+    if not 8 <= args.size <= MAX_SIZE:
+        parser.error(f"--size must be 8 to {MAX_SIZE} pixels, got {args.size}")
     if not any(per_split.values()):
         parser.error("every split has 0 images per class; nothing to write")
     if "://" in args.output:  # (written with the local filesystem: s3:// made a folder "s3:")
@@ -54,10 +65,28 @@ def main(argv: list[str] | None = None) -> int:
     if os.path.isdir(args.output) and os.listdir(args.output):
         # Files of another run (other counts, size or format) would mix with the new ones.
         parser.error(f"--output {args.output!r} is not empty; choose a new folder or remove it first")
+    try:
+        check_creatable(args.output, "--output")
+    except ConfigError as e:
+        parser.error(str(e).rstrip("."))
 
     start = time.perf_counter()
-    counts = generate_dataset(args.output, per_split, size=args.size, seed=args.seed,
-                              image_format=args.format)
+    # Written beside OUTPUT under a hidden name and moved into place at the end: a stopped
+    # run leaves nothing, and OUTPUT is complete whenever it is there.
+    target = os.path.abspath(args.output)
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    partial = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.partial-", dir=os.path.dirname(target))
+    try:
+        counts = generate_dataset(partial, per_split, size=args.size, seed=args.seed,
+                                  image_format=args.format)
+        if os.path.isdir(target):
+            os.rmdir(target)  # empty, as checked
+        os.rename(partial, target)
+    except KeyboardInterrupt:
+        print(f"interrupted; nothing was written to {args.output}", file=sys.stderr)
+        return 130
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
     splits = ", ".join(
         f"{split} {sum(c.values())} ({next(iter(c.values()))}/class)" for split, c in counts.items()
     )

@@ -29,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fer_ray.cli import init_ray, run_job, warn_local_paths  # noqa: E402
-from fer_ray.config import AMP_MODES  # noqa: E402
+from fer_ray.config import AMP_MODES, HelpFormatter  # noqa: E402
 from fer_ray.constants import TTA_MODES  # noqa: E402
 
 
@@ -60,9 +60,9 @@ def _actors_arg(value: str) -> int | None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="Score image folders with a trained model (Ray Data batch inference).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
-    parser.add_argument("--model", required=True, help="a training run's best/ folder")
+    parser.add_argument("--model", required=True, help="a training run's or a sweep's best/ folder")
     parser.add_argument("--input", required=True, help="image folder or prepared shards folder")
     parser.add_argument("--output", required=True, help="folder to write (replaced on rerun)")
     parser.add_argument("--split", default=None,

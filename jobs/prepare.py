@@ -5,9 +5,9 @@
     python jobs/prepare.py --source fer2013.csv --output data/fer2013_csv
     ray job submit --working-dir . -- python jobs/prepare.py --source s3://b/faces --output s3://b/shards
 
-SRC: split folders (train/, val/ or validation/, optional test/, each with class
+--source: split folders (train/, val/ or validation/, optional test/, each with class
 folders), one folder of class folders (split by --val-fraction), or the FER2013 CSV.
-Writes SHARDS/<split>/*.parquet (image, label, path) and SHARDS/manifest.json.
+Writes OUTPUT/<split>/*.parquet (image, label, path) and OUTPUT/manifest.json.
 """
 
 from __future__ import annotations
@@ -19,10 +19,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fer_ray.cli import init_ray, run_job, warn_local_paths  # noqa: E402
+from fer_ray.config import HelpFormatter  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[-1].strip())
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[-1].strip(),
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--source", required=True, help="image folder(s) or FER2013 CSV")
     parser.add_argument("--output", required=True, help="shards folder to write")
     parser.add_argument("--val-fraction", type=float, default=0.1,
@@ -34,13 +36,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--seed must be 0 or more, got {args.seed}")
 
     def job() -> None:
-        from fer_ray.prepare import prepare
+        from fer_ray.prepare import check_inputs, prepare
 
+        # Bad input fails here, before Ray starts.
+        listing = check_inputs(args.source, args.output, val_fraction=args.val_fraction,
+                               seed=args.seed, shard_rows=args.shard_rows)
         init_ray()
         warn_local_paths(source=args.source, output=args.output)
 
         manifest = prepare(args.source, args.output, val_fraction=args.val_fraction,
-                           seed=args.seed, shard_rows=args.shard_rows)
+                           seed=args.seed, shard_rows=args.shard_rows, listing=listing)
         for split, c in manifest["splits"].items():
             per = ", ".join(f"{k} {v}" for k, v in c["per_class"].items())
             print(f"{split}: {c['total']} images ({per})")

@@ -22,20 +22,20 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fer_ray.cli import init_ray, run_job, warn_local_paths  # noqa: E402
-from fer_ray.config import TrainConfig, parse_config  # noqa: E402
+from fer_ray.config import HelpFormatter, TrainConfig, parse_config  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     started = time.time()  # --time-budget counts from here: Ray's start-up is in
     parser = argparse.ArgumentParser(
         description="Train a facial-emotion classifier with Ray Train.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
 
     def job() -> None:
+        cfg, _ = parse_config(TrainConfig, argv, parser)  # --help and flag errors end here, before torch loads
         from fer_ray.trainer import check_inputs, train
 
-        cfg, _ = parse_config(TrainConfig, argv, parser)
         manifest = check_inputs(cfg)  # bad input fails here, before Ray starts
         # With the dashboard: Ray Train's placement-group cleaner asks its State API.
         init_ray(min_cpus=cfg.run.num_workers * cfg.run.cpus_per_worker + 2, dashboard=True)

@@ -23,19 +23,19 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fer_ray.cli import init_ray, run_job, warn_local_paths  # noqa: E402
-from fer_ray.config import SweepConfig, parse_config  # noqa: E402
+from fer_ray.config import HelpFormatter, SweepConfig, parse_config  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="Sweep learning rate and label smoothing with Ray Tune.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
 
     def job() -> None:
+        cfg, _ = parse_config(SweepConfig, argv, parser)  # --help and flag errors end here, before torch loads
         from fer_ray.trainer import check_inputs
 
-        cfg, _ = parse_config(SweepConfig, argv, parser)
         cfg.validate()
         manifest = check_inputs(cfg)  # bad input fails here, before any trial starts
         # With the dashboard: Ray Train's placement-group cleaner asks its State API.

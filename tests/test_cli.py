@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, tiny_train_args
 from fer_ray.cli import _host_port
 from fer_ray.synthetic import generate_dataset
 
@@ -101,6 +101,61 @@ def test_a_negative_seed_is_refused_before_anything_is_written(tmp_path, job, fl
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 2 and "--seed" in run.stderr and "0 or more" in run.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("job", ["make_synthetic.py", "prepare.py", "train.py", "tune.py", "predict.py"])
+def test_an_output_that_cannot_be_made_is_one_sentence_before_ray_starts(
+    job, tmp_path, synth_folder, synth_shards, tiny_run
+) -> None:
+    """A file where --output needs a folder: a traceback of NotADirectoryError, in prepare,
+    train and predict after Ray had started."""
+    (tmp_path / "notes.txt").write_text("precious")
+    out = str(tmp_path / "notes.txt" / "out")
+    flags = {
+        "make_synthetic.py": ["--output", out],
+        "prepare.py": ["--source", str(synth_folder), "--output", out],
+        "train.py": tiny_train_args(str(synth_shards), out),
+        "tune.py": tiny_train_args(str(synth_shards), out),
+        "predict.py": ["--model", str(tiny_run / "best"), "--input", str(synth_folder / "val"), "--output", out],
+    }[job]
+    start = time.monotonic()
+    result = subprocess.run([sys.executable, str(REPO / "jobs" / job), *flags], cwd=REPO, env=_no_ray_env(),
+                            capture_output=True, text=True, timeout=120)
+    if job == "make_synthetic.py":  # argparse's error
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+        last = result.stderr.strip().splitlines()[-1]
+    else:
+        last = _one_sentence(result)
+    assert f"--output {out!r} cannot be created: {str(tmp_path / 'notes.txt')!r} is a file" in last
+    assert "Started a local Ray" not in result.stderr and time.monotonic() - start < BOUND_S
+    assert (tmp_path / "notes.txt").read_text() == "precious"
+
+
+@pytest.mark.parametrize("job", ["make_synthetic.py", "prepare.py", "train.py", "tune.py", "predict.py"])
+def test_help_shows_defaults_only_where_there_are_some_and_loads_no_torch(job) -> None:
+    """train and tune imported torch and Ray Train before parsing (5-15 s for --help or a
+    mistyped flag); required flags showed "(default: None)" or "(default: )"."""
+    result = subprocess.run([sys.executable, "-X", "importtime", str(REPO / "jobs" / job), "--help"],
+                            cwd=REPO, env=_no_ray_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "--output" in result.stdout
+    assert "(default: None)" not in result.stdout and "(default: )" not in result.stdout
+    assert "(default: " in result.stdout
+    imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
+    assert "torch" not in imported and "ray.train" not in imported
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--shard-rows", "0"], "--shard-rows must be at least 1"),
+    (["--val-fraction", "1.5"], "--val-fraction must be between 0 and 1"),
+    (["--source", "MISSING"], "does not exist"),
+])
+def test_prepare_checks_its_input_before_ray_starts(tmp_path, synth_folder, flags, message) -> None:
+    argv = ["--source", str(synth_folder), "--output", str(tmp_path / "out")]
+    argv = [str(tmp_path / "missing") if a == "MISSING" else a for a in argv + flags]
+    result = subprocess.run([sys.executable, str(REPO / "jobs/prepare.py"), *argv], cwd=REPO, env=_no_ray_env(),
+                            capture_output=True, text=True, timeout=120)
+    assert message in _one_sentence(result)
+    assert "Started a local Ray" not in result.stderr and not (tmp_path / "out").exists()
 
 
 def test_dead_address_fails_fast(tiny_faces, tmp_path) -> None:

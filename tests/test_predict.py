@@ -777,7 +777,9 @@ def test_a_model_the_actors_cannot_build_ends_in_one_sentence(ray_cluster, model
 
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 2
-    assert last.startswith("error: Could not load the model in ") and "it is damaged" in last
+    assert last.startswith(f"error: The weights in {str(folder)!r} do not fit the model its config.json names "
+                           "(resnet18): ")
+    assert "copy the run's best/ folder again" in last
     assert not out.exists() and not list(tmp_path.glob("out.tmp-*"))
 
 

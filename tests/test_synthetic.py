@@ -109,6 +109,38 @@ def test_cli_refuses_an_output_that_is_a_file(tmp_path: Path) -> None:
     assert (tmp_path / "f").read_text() == "precious"
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--size", "100000"], "--size must be 8 to 1024 pixels, got 100000"),
+    (["--train-per-class", "1.5"], "must be a whole number, 0 or more, got '1.5'"),
+])
+def test_cli_refuses_sizes_and_counts_it_cannot_write(tmp_path: Path, flags, message) -> None:
+    result = subprocess.run([sys.executable, "jobs/make_synthetic.py", "--output", str(tmp_path / "s"), *flags],
+                            cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and message in result.stderr.splitlines()[-1]
+    assert not (tmp_path / "s").exists()
+
+
+def test_cli_stopped_leaves_nothing_and_writes_beside_the_output_until_done(tmp_path: Path) -> None:
+    """Written under a hidden name first: a stopped run left a half-written folder that its
+    rerun then refused as not empty."""
+    import signal
+    import time
+
+    out = tmp_path / "deep" / "synth"
+    cmd = [sys.executable, "jobs/make_synthetic.py", "--output", str(out), "--size", "16", "--val-per-class", "0"]
+    proc = subprocess.Popen([*cmd, "--train-per-class", "5000"], cwd=REPO, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob("deep/.synth.partial-*/train/*/*.png")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not out.exists()  # images are being written, beside it
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and err.strip().splitlines()[-1] == f"interrupted; nothing was written to {out}"
+    assert list((tmp_path / "deep").iterdir()) == []
+    subprocess.run([*cmd, "--train-per-class", "1"], cwd=REPO, check=True, timeout=60)  # the rerun
+    assert [p.name for p in (tmp_path / "deep").iterdir()] == ["synth"] and len(list(out.rglob("*.png"))) == 7
+
+
 def test_cli_refuses_a_uri_it_would_write_as_a_local_folder(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, str(REPO / "jobs/make_synthetic.py"), "--output", "s3://bucket/synth"],
                             cwd=tmp_path, capture_output=True, text=True)

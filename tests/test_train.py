@@ -174,9 +174,14 @@ def test_data_is_recorded_absolute_so_reruns_and_trials_find_it(synth_shards, tm
     assert cfg.data.data == str(synth_shards)
 
 
-def test_missing_shards_folder(tmp_path, capsys) -> None:
+def test_missing_shards_folder(tmp_path, synth_shards, capsys) -> None:
     assert train_main(tiny_train_args(str(tmp_path / "nothing"), str(tmp_path / "o"))) == 2
-    assert "not a prepared shards folder" in capsys.readouterr().err
+    assert f"{str(tmp_path / 'nothing')!r} does not exist" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert train_main(tiny_train_args(str(tmp_path / "empty"), str(tmp_path / "o"))) == 2
+    assert "not a prepared shards folder (no manifest.json)" in capsys.readouterr().err
+    assert train_main(tiny_train_args(str(synth_shards / "train"), str(tmp_path / "o"))) == 2
+    assert f"is one split of the shards folder {str(synth_shards)!r}; give that folder" in capsys.readouterr().err
 
 
 def test_changed_model_on_an_existing_run_is_refused(tiny_run, tmp_path, capsys) -> None:
