@@ -30,9 +30,10 @@ class ConfigError(ValueError):
     """A configuration a user gave that cannot be used; the message says what to do."""
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """--help with each flag's default, but for flags that have none to show (required
-    ones, and those whose default is None or empty)."""
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help with the job's docstring as written (its example commands) and each flag's
+    default, but for flags that have none to show (required ones, and those whose default
+    is None or empty)."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         if action.required or action.default is None or action.default == "" or action.default is argparse.SUPPRESS:

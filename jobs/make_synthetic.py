@@ -40,7 +40,7 @@ def _count(text: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[-1].strip(),
+    parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=HelpFormatter)
     parser.add_argument("--output", required=True, help="folder to write the splits into")
     parser.add_argument("--train-per-class", type=_count, default=200,

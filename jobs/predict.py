@@ -59,7 +59,7 @@ def _actors_arg(value: str) -> int | None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        description="Score image folders with a trained model (Ray Data batch inference).",
+        description=__doc__,
         formatter_class=HelpFormatter,
     )
     parser.add_argument("--model", required=True, help="a training run's or a sweep's best/ folder")

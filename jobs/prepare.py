@@ -23,7 +23,7 @@ from fer_ray.config import HelpFormatter  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[-1].strip(),
+    parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=HelpFormatter)
     parser.add_argument("--source", required=True, help="image folder(s) or FER2013 CSV")
     parser.add_argument("--output", required=True, help="shards folder to write")

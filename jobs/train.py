@@ -28,7 +28,7 @@ from fer_ray.config import HelpFormatter, TrainConfig, parse_config  # noqa: E40
 def main(argv: list[str] | None = None) -> int:
     started = time.time()  # --time-budget counts from here: Ray's start-up is in
     parser = argparse.ArgumentParser(
-        description="Train a facial-emotion classifier with Ray Train.",
+        description=__doc__,
         formatter_class=HelpFormatter,
     )
 

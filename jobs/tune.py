@@ -28,7 +28,7 @@ from fer_ray.config import HelpFormatter, SweepConfig, parse_config  # noqa: E40
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        description="Sweep learning rate and label smoothing with Ray Tune.",
+        description=__doc__,
         formatter_class=HelpFormatter,
     )
 
