@@ -17,6 +17,7 @@ import math
 import os
 import tempfile
 import time
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -356,9 +357,12 @@ def fold_batchnorm(model: torch.nn.Module) -> tuple[torch.nn.Module, int]:
     more than the norm (timm's BatchNormAct2d) stay as they are.
 
     A folded layer saves the BatchNorm's pass over its activations: on a 2-core Intel Xeon
-    VM with AMX, batches of 256, the CPU preset's resnet10t (32 px) scored 1.3x as fast in
-    fp32 (4,607 -> 6,071 images/s) and 1.03-1.06x in bf16 + channels_last, resnet18 at 48 px
-    1.04-1.08x (bench/PERFORMANCE.md)."""
+    VM with AMX, the Scorer alone (batches of 256) scored the CPU preset's resnet10t (32 px)
+    1.22-1.35x as fast in fp32 (~4,500 -> 5,500-6,070 images/s) and 1.07-1.13x in bf16 +
+    channels_last, resnet18 at 48 px 1.07-1.11x (bench/PERFORMANCE.md).
+
+    Nothing is folded when a convolution, linear layer or BatchNorm module is called more
+    than once (torch.fx's fusion would change the other calls' weights too)."""
     from torch.fx.experimental.optimization import fuse
 
     if model.training:
@@ -371,6 +375,11 @@ def fold_batchnorm(model: torch.nn.Module) -> tuple[torch.nn.Module, int]:
 
     try:
         traced = torch.fx.symbolic_trace(copy.deepcopy(model))
+        modules = dict(traced.named_modules())
+        calls = Counter(n.target for n in traced.graph.nodes if n.op == "call_module" and isinstance(
+            modules.get(n.target), (torch.nn.modules.conv._ConvNd, torch.nn.Linear, torch.nn.modules.batchnorm._BatchNorm)))
+        if any(c > 1 for c in calls.values()):
+            return model, 0
         before = norms(traced)
         folded = fuse(traced, inplace=True, no_trace=True)
     except Exception:  # noqa: BLE001 - any model torch.fx cannot trace is scored as it is

@@ -552,7 +552,7 @@ class Scorer:
     ) -> None:
         import torch
 
-        from fer_ray.model import fastest_inference_format, fold_batchnorm, resolve_amp
+        from fer_ray.model import fastest_inference_format, fold_batchnorm, format_name, resolve_amp
         from fer_ray.normalize import DeviceNormalize
 
         # Read from the folder: faster than shipping the pickled model through the object store.
@@ -566,6 +566,8 @@ class Scorer:
             torch.backends.cudnn.benchmark = True
             self.memory_format = torch.channels_last  # tensor cores
             self.amp_dtype = resolve_amp(amp, self.device)
+            print(f"Scorer: scoring in {format_name(self.amp_dtype, True)} on {torch.cuda.get_device_name()}"
+                  f"{_folded_note(folded)}", file=sys.stderr, flush=True)
         else:
             # Ray allows one thread per reserved CPU, but the model is nearly all the work
             # here: the actors share the node's cores (decode runs in them too, fused).

@@ -470,7 +470,7 @@ def prepare(
     # Written under a temporary folder and moved into place at the end: a half-written
     # output never looks finished, and an earlier complete output stays until then.
     staging = storage.join(output, f".staging-{uuid.uuid4().hex[:8]}")
-    made_output = not storage.exists(output)  # removed again if it is left empty
+    made = storage.missing_folders(output)  # removed again if they are left empty
     log_actor = ray.remote(PrepareLog).options(num_cpus=0).remote()
     try:
         for split in splits:
@@ -535,8 +535,7 @@ def prepare(
         _publish(staging, output, splits, manifest)
     finally:
         storage.delete_dir(staging)
-        if made_output and storage.is_dir(output) and not storage.list_dir(output, hidden=True):
-            storage.delete_dir(output)
+        storage.remove_empty(made)
         ray.kill(log_actor)
     return manifest
 

@@ -140,6 +140,8 @@ def _uncreatable(path: str) -> str | None:
     parent = os.path.dirname(missing)
     if not os.path.isdir(parent):
         return f"{parent!r} is a file"
+    if os.path.islink(missing):  # (exists() is False for a link to nothing)
+        return f"{missing!r} is a link to {os.readlink(missing)!r}, which does not exist"
     try:  # made and removed at once: permissions, read-only and virtual filesystems alike
         os.mkdir(missing)
         os.rmdir(missing)
@@ -148,6 +150,29 @@ def _uncreatable(path: str) -> str | None:
     except OSError as e:
         return f"{(e.strerror or type(e).__name__).lower()} in {parent!r}"
     return None
+
+
+def missing_folders(path: str) -> list[str]:
+    """`path` and each of its parents that is not there yet, deepest first: the folders a
+    job that makes `path` may remove again when it fails. For a bucket, `path` alone when it
+    is not there."""
+    local = local_path(path) if not is_uri(path) or path.startswith("file:") else None
+    if local is None:
+        return [] if exists(path) else [path]
+    missing, folder = [], os.path.abspath(local)
+    while not os.path.lexists(folder) and os.path.dirname(folder) != folder:
+        missing.append(folder)
+        folder = os.path.dirname(folder)
+    return missing
+
+
+def remove_empty(folders: list[str]) -> None:
+    """Remove each of `folders` (deepest first, as missing_folders lists them) that is an
+    empty folder; stop at the first that is not."""
+    for folder in folders:
+        if not is_dir(folder) or list_dir(folder, hidden=True):
+            return
+        delete_dir(folder)
 
 
 def info(path: str) -> pafs.FileInfo:

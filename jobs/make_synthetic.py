@@ -11,8 +11,10 @@ pose, lighting and noise. The same --seed writes the same bytes.
 from __future__ import annotations
 
 import argparse
+import glob
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -22,11 +24,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fer_ray.config import ConfigError, HelpFormatter  # noqa: E402
 from fer_ray.constants import TEST, TRAIN, VAL  # noqa: E402
-from fer_ray.storage import check_creatable  # noqa: E402
+from fer_ray.storage import check_creatable, missing_folders, remove_empty  # noqa: E402
 from fer_ray.synthetic import IMAGE_FORMATS, generate_dataset  # noqa: E402
 
 
 MAX_SIZE = 1024  # a face drawn at 100,000 px would take hours and gigabytes
+PARTIAL = ".partial-"  # a run's hidden folder of images not yet moved into place
+
+
+def _stopped(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _count(text: str) -> int:
@@ -62,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
                      "write one here and copy it (e.g. `aws s3 sync`)")
     if os.path.exists(args.output) and not os.path.isdir(args.output):
         parser.error(f"--output {args.output!r} is a file; choose a folder")
-    if os.path.isdir(args.output) and os.listdir(args.output):
+    if os.path.isdir(args.output) and [e for e in os.listdir(args.output) if not e.startswith(PARTIAL)]:
         # Files of another run (other counts, size or format) would mix with the new ones.
         parser.error(f"--output {args.output!r} is not empty; choose a new folder or remove it first")
     try:
@@ -71,22 +78,29 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(e).rstrip("."))
 
     start = time.perf_counter()
-    # Written beside OUTPUT under a hidden name and moved into place at the end: a stopped
-    # run leaves nothing, and OUTPUT is complete whenever it is there.
-    target = os.path.abspath(args.output)
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    partial = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.partial-", dir=os.path.dirname(target))
+    # Written into a hidden folder in OUTPUT, each split moved up when every image is
+    # written; a run that stops removes it (and the folders it made), a killed run's is
+    # removed by the next.
+    made = missing_folders(args.output)
+    os.makedirs(args.output, exist_ok=True)
+    for stale in glob.glob(os.path.join(glob.escape(args.output), PARTIAL + "*")):
+        shutil.rmtree(stale)
+    partial = tempfile.mkdtemp(prefix=PARTIAL, dir=args.output)
+    signal.signal(signal.SIGTERM, _stopped)  # a job scheduler's stop: the same clean-up
+    done = False
     try:
         counts = generate_dataset(partial, per_split, size=args.size, seed=args.seed,
                                   image_format=args.format)
-        if os.path.isdir(target):
-            os.rmdir(target)  # empty, as checked
-        os.rename(partial, target)
+        for split in counts:
+            os.rename(os.path.join(partial, split), os.path.join(args.output, split))
+        done = True
     except KeyboardInterrupt:
         print(f"interrupted; nothing was written to {args.output}", file=sys.stderr)
         return 130
     finally:
         shutil.rmtree(partial, ignore_errors=True)
+        if not done:
+            remove_empty(made)
     splits = ", ".join(
         f"{split} {sum(c.values())} ({next(iter(c.values()))}/class)" for split, c in counts.items()
     )

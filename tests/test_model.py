@@ -273,7 +273,11 @@ def test_batchnorm_is_left_where_it_cannot_fold() -> None:
         def forward(self, x):
             return self.bn(self.conv(x)) if x.sum() > 0 else x
 
-    for cls in (Branching, Untraceable):
+    class Shared(Branching):  # one convolution called twice, once before the BatchNorm
+        def forward(self, x):
+            return self.bn(self.conv(x)) + self.conv(x)
+
+    for cls in (Branching, Untraceable, Shared):
         model = _with_running_stats(cls())
         assert fold_batchnorm(model) == (model, 0)
     with pytest.raises(ValueError, match="eval mode"):

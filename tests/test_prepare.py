@@ -336,5 +336,5 @@ def test_a_split_of_only_unreadable_files_is_named_with_examples(ray_cluster, tm
         f.write_text("not an image")
     with pytest.raises(ConfigError, match=r"No readable images in split 'val' .*\(1 skipped, e\.g\. "
                                           r"'.*img_0\.png': not an image file\); nothing was written"):
-        prepare(str(src), str(tmp_path / "shards2"))
-    assert not (tmp_path / "shards2").exists()  # the folder the run made for its staging too
+        prepare(str(src), str(tmp_path / "new" / "shards2"))
+    assert not (tmp_path / "new").exists()  # the folders the run made for its staging too

@@ -10,6 +10,7 @@ import pyarrow.fs as pafs
 import pytest
 
 from fer_ray import prepare, storage
+from fer_ray.config import ConfigError
 from fer_ray.constants import MANIFEST_FILE
 from fer_ray.predict import SUMMARY_FILE, _publish
 
@@ -337,3 +338,25 @@ def test_a_link_back_up_is_not_followed_and_a_link_to_nothing_is_listed(tmp_path
     ]
     loops = sorted(r.getMessage().split()[0] for r in caplog.records)
     assert loops == [str(root / "happy" / p) for p in ("deep/up", "outside", "top")]
+
+
+def test_an_output_under_a_link_to_nothing_cannot_be_made(tmp_path) -> None:
+    """exists() is False for a link to nothing: the check let it through, and making the
+    folder failed later with a traceback."""
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    for path in (tmp_path / "dangling", tmp_path / "dangling" / "x"):
+        with pytest.raises(ConfigError, match=r"is a link to .*nowhere', which does not exist"):
+            storage.check_creatable(str(path), "--output")
+    storage.check_creatable(str(tmp_path / "new" / "x"), "--output")
+    assert not (tmp_path / "new").exists()  # checked without leaving anything
+
+
+def test_the_folders_a_job_made_are_removed_when_empty_up_to_the_first_that_is_not(tmp_path) -> None:
+    out = tmp_path / "new" / "a" / "b"
+    made = storage.missing_folders(str(out))
+    assert made == [str(out), str(out.parent), str(tmp_path / "new")]
+    out.mkdir(parents=True)
+    (tmp_path / "new" / "keep.txt").write_text("x")  # something else put a file there meanwhile
+    storage.remove_empty(made)
+    assert not (tmp_path / "new" / "a").exists() and (tmp_path / "new" / "keep.txt").exists()
+    assert storage.missing_folders(str(tmp_path)) == []

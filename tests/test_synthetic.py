@@ -120,8 +120,9 @@ def test_cli_refuses_sizes_and_counts_it_cannot_write(tmp_path: Path, flags, mes
     assert not (tmp_path / "s").exists()
 
 
-def test_cli_stopped_leaves_nothing_and_writes_beside_the_output_until_done(tmp_path: Path) -> None:
-    """Written under a hidden name first: a stopped run left a half-written folder that its
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_cli_stopped_leaves_nothing_and_moves_the_splits_in_when_done(tmp_path: Path, sig) -> None:
+    """Written into a hidden folder first: a stopped run left a half-written folder that its
     rerun then refused as not empty."""
     import signal
     import time
@@ -130,15 +131,42 @@ def test_cli_stopped_leaves_nothing_and_writes_beside_the_output_until_done(tmp_
     cmd = [sys.executable, "jobs/make_synthetic.py", "--output", str(out), "--size", "16", "--val-per-class", "0"]
     proc = subprocess.Popen([*cmd, "--train-per-class", "5000"], cwd=REPO, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
-    while not list(tmp_path.glob("deep/.synth.partial-*/train/*/*.png")) and time.monotonic() < deadline:
+    while not list(out.glob(".partial-*/train/*/*.png")) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not out.exists()  # images are being written, beside it
-    proc.send_signal(signal.SIGINT)
+    assert [p.name for p in out.iterdir() if not p.name.startswith(".")] == []  # nothing in place yet
+    proc.send_signal(getattr(signal, sig))
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and err.strip().splitlines()[-1] == f"interrupted; nothing was written to {out}"
-    assert list((tmp_path / "deep").iterdir()) == []
-    subprocess.run([*cmd, "--train-per-class", "1"], cwd=REPO, check=True, timeout=60)  # the rerun
-    assert [p.name for p in (tmp_path / "deep").iterdir()] == ["synth"] and len(list(out.rglob("*.png"))) == 7
+    assert list(tmp_path.iterdir()) == []  # the folders it made are gone too
+
+    # A killed run's hidden folder is no reason to refuse the rerun, which removes it.
+    (out / ".partial-old" / "train").mkdir(parents=True)
+    subprocess.run([*cmd, "--train-per-class", "1"], cwd=REPO, check=True, timeout=60)
+    assert [p.name for p in out.iterdir()] == ["train"] and len(list(out.rglob("*.png"))) == 7
+    assert oct((out / "train").stat().st_mode & 0o777) == oct(0o777 & ~_umask())
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_cli_writes_into_an_empty_folder_or_a_link_to_one_and_keeps_it(tmp_path: Path) -> None:
+    import os
+
+    (tmp_path / "real").mkdir()
+    os.chmod(tmp_path / "real", 0o751)
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    for out in (tmp_path / "real", tmp_path / "link"):
+        for f in out.iterdir():
+            subprocess.run(["rm", "-r", str(f)], check=True)
+        subprocess.run([sys.executable, "jobs/make_synthetic.py", "--output", str(out), "--train-per-class", "1",
+                        "--val-per-class", "0", "--size", "16"], cwd=REPO, check=True, timeout=60)
+        assert len(list((tmp_path / "real").rglob("*.png"))) == 7
+    assert (tmp_path / "link").is_symlink() and oct((tmp_path / "real").stat().st_mode & 0o777) == "0o751"
 
 
 def test_cli_refuses_a_uri_it_would_write_as_a_local_folder(tmp_path: Path) -> None:
