@@ -10,6 +10,7 @@ import matplotlib
 matplotlib.use("Agg")  # jobs run headless on cluster nodes
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullFormatter  # noqa: E402
 import pandas as pd  # noqa: E402
 
 
@@ -25,15 +26,17 @@ def plot_learning_curves(history: pd.DataFrame, path: str | Path) -> None:
             if phases[i] != phases[i - 1]:
                 ax.axvline(epochs.iloc[i] - 0.5, color="gray", linestyle="--", label="unfrozen")
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(title)
         ax.grid(alpha=0.3)
+    # The best epoch marked, and named in the legend (a label beside the point ran into the
+    # curve or off the plot). The first of equal epochs, as best/ holds it.
+    best = int(np.argmax(history["val_acc"].to_numpy()))
+    axes[1].plot(epochs.iloc[best], history["val_acc"].iloc[best], marker="o", markersize=14, markerfacecolor="none",
+                 markeredgecolor="red", markeredgewidth=2, linestyle="none",
+                 label=f"best {history['val_acc'].iloc[best]:.3f} (epoch {epochs.iloc[best]})")
+    for ax in axes:
         ax.legend()
-    best = history["val_acc"].idxmax()
-    axes[1].annotate(
-        f"best {history['val_acc'][best]:.3f}",
-        (epochs[best], history["val_acc"][best]),
-        textcoords="offset points", xytext=(0, -15), ha="center",
-    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -77,9 +80,16 @@ def plot_sweep(results: pd.DataFrame, histories: dict[str, pd.DataFrame], path: 
         )
         fig.colorbar(points, ax=left, label="label smoothing")
         best = scored.loc[scored["best_val_acc"].idxmax()]
-        left.annotate(f"best {best['best_val_acc']:.3f}", (best["lr"], best["best_val_acc"]),
-                      textcoords="offset points", xytext=(0, 8), ha="center")
+        left.plot(best["lr"], best["best_val_acc"], marker="o", markersize=16, markerfacecolor="none",
+                  markeredgecolor="red", markeredgewidth=2, linestyle="none", label=f"best {best['best_val_acc']:.3f} (trial {best['trial_id']})")
+        left.legend(fontsize=8)
     left.set_xscale("log")
+    if len(scored):
+        # Labelled ticks of our own: within one decade matplotlib labels every minor tick,
+        # and the labels ran into each other.
+        left.xaxis.set_major_locator(FixedLocator(lr_ticks(scored["lr"].min(), scored["lr"].max())))
+        left.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        left.xaxis.set_minor_formatter(NullFormatter())
     left.set_xlabel("learning rate")
     left.set_ylabel("best val accuracy")
     left.set_title(f"{len(scored)} of {len(results)} trials scored")
@@ -87,11 +97,27 @@ def plot_sweep(results: pd.DataFrame, histories: dict[str, pd.DataFrame], path: 
     for trial_id, history in sorted(histories.items()):
         right.plot(history["epoch"], history["val_acc"], marker=".", label=trial_id)
     right.set_xlabel("epoch")
+    right.xaxis.set_major_locator(MaxNLocator(integer=True))
     right.set_ylabel("val accuracy")
-    right.set_title("Val accuracy per trial (ASHA stops weak ones early)")
+    longest = max((len(h) for h in histories.values()), default=0)
+    short = sum(len(h) < longest for h in histories.values())
+    right.set_title(f"Val accuracy per trial ({short} ended early)" if short else "Val accuracy per trial")
     right.grid(alpha=0.3)
     if 0 < len(histories) <= 12:
         right.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def lr_ticks(lo: float, hi: float, most: int = 6) -> list[float]:
+    """Ticks for learning rates from lo to hi on a log axis: 1, 2 and 5 of each decade in
+    range, only the decades when those are too many, and lo and hi when fewer than two fall
+    in range."""
+    lo, hi = float(lo), float(hi)
+    decades = range(int(np.floor(np.log10(lo))), int(np.ceil(np.log10(hi))) + 1)
+    inside = [m * 10.0 ** e for e in decades for m in (1, 2, 5) if lo <= m * 10.0 ** e <= hi]
+    if len(inside) > most:
+        inside = [t for t in inside if np.isclose(t, 10.0 ** np.round(np.log10(t)))]
+    return inside if len(inside) >= 2 else sorted({float(f"{lo:.2g}"), float(f"{hi:.2g}"), *inside})
+

@@ -243,7 +243,7 @@ def test_searcher_optuna_without_optuna_is_refused_before_ray_starts(synth_shard
 def test_help_leaves_out_what_the_sweep_samples(capsys) -> None:
     with pytest.raises(SystemExit):
         tune_main(["--help"])
-    text = capsys.readouterr().out
+    text = capsys.readouterr().out.split("\noptions:")[1]  # the flags (the docstring above names the two)
     assert "--lr-range" in text and "--smoothing-range" in text and "--lr-scaling" in text
     assert "--lr LR" not in text and "--label-smoothing" not in text
 
@@ -311,3 +311,14 @@ def test_asha_never_stops_a_trial_at_its_last_epoch(epochs, grace, rungs) -> Non
             actions[trial.trial_id, epoch] = scheduler.on_trial_result(None, trial, {"epoch": epoch, "val_acc": acc})
     assert actions["t3", epochs] == TrialScheduler.CONTINUE
     assert sorted({m for bracket in scheduler._brackets for m, _ in bracket._rungs}, reverse=True) == rungs
+
+
+def test_sweep_plot_ticks_label_the_learning_rates_without_crowding() -> None:
+    """Within one decade matplotlib labelled every minor tick of the log axis, and the
+    labels ran into each other ("3x10^-4 4x10^-4")."""
+    from fer_ray.reports import lr_ticks
+
+    assert lr_ticks(1e-4, 3e-3) == pytest.approx([1e-4, 2e-4, 5e-4, 1e-3, 2e-3])
+    assert lr_ticks(1e-5, 5e-2) == pytest.approx([1e-5, 1e-4, 1e-3, 1e-2])  # decades only: 9 were too many
+    assert lr_ticks(1.6e-4, 4.4e-4) == pytest.approx([1.6e-4, 2e-4, 4.4e-4])  # the ends when one falls inside
+    assert lr_ticks(3e-4, 3e-4) == pytest.approx([3e-4])
