@@ -892,7 +892,17 @@ def predict(
     if use_gpu:
         require_gpus(min_actors)  # one GPU per scoring actor
     kind = "shards" if find_shards(source) else "folder"
-    log.info("Scoring %d images (%s) from %s with %s", total, kind, source, model_dir)
+    described = kind
+    if kind == "shards" and split is None:
+        from fer_ray.prepare import read_manifest
+
+        counts = {s: c["total"] for s, c in read_manifest(find_shards(source)[0])["splits"].items()}
+        described = "shards: " + ", ".join(f"{s} {n}" for s, n in counts.items())
+        if len(counts) > 1:
+            log.warning("Scoring every split of %s together: the accuracy and metrics are over all of "
+                        "them (%s), the training split included; --split val scores val alone.",
+                        source, ", ".join(counts))
+    log.info("Scoring %d images (%s) from %s with %s", total, described, source, model_dir)
 
     tmp = storage.sibling(output, f".tmp-{uuid.uuid4().hex[:8]}")
     storage.makedirs(tmp)

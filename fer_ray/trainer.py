@@ -194,7 +194,12 @@ def check_inputs(cfg: TrainConfig) -> dict[str, Any]:
     # Absolute: config.json then names the folder wherever a rerun starts, and a sweep's
     # trials (run from working folders of their own) find it.
     cfg.data.data = storage.normalize(cfg.data.data)
-    existing = _check_output(cfg)
+    existing = _check_output(cfg)  # (its sentences name --output as given)
+    # The same for --output: `--config RUN/config.json` from another folder resumed nothing
+    # and trained a new run under that folder instead.
+    cfg.run.output = storage.normalize(cfg.run.output)
+    what = "a sweep" if hasattr(cfg, "sweep") else "a run"
+    log.info("Output %s: %s", cfg.run.output, f"resumes {what} begun there" if existing else f"{what} from the start")
     manifest = read_manifest(cfg.data.data)
     for split in (TRAIN, VAL):
         if not manifest["splits"].get(split, {}).get("total"):

@@ -263,16 +263,20 @@ def test_cli_rerun_with_tta_replaces_the_output(labelled_run, model_dir, image_f
     _no_temp_left(out)
 
 
-def test_shards_folder_input(ray_cluster, model_dir, tmp_path) -> None:
+def test_shards_folder_input(ray_cluster, model_dir, tmp_path, caplog) -> None:
     from fer_ray.prepare import prepare
 
     generate_dataset(tmp_path, {"faces": 3}, size=SIZE, seed=2)
     manifest = prepare(str(tmp_path / "faces"), str(tmp_path / "shards"), val_fraction=0.34)
     out = tmp_path / "scored"
 
-    summary = predict(str(model_dir), str(tmp_path / "shards"), str(out))
+    with caplog.at_level("INFO", logger="fer_ray.predict"):
+        summary = predict(str(model_dir), str(tmp_path / "shards"), str(out))
 
     totals = {s: c["total"] for s, c in manifest["splits"].items()}
+    # The metrics mix the splits, the training split included: said, and each split named.
+    assert f"(shards: train {totals['train']}, val {totals['val']})" in caplog.text
+    assert "the accuracy and metrics are over all of them (train, val), the training split included" in caplog.text
     assert summary["input_kind"] == "shards" and summary["scored"] == summary["total"] == sum(totals.values())
     preds = _predictions(out)
     truth = {str(p): FER_CLASSES.index(Path(p).parent.name) for p in (tmp_path / "faces").rglob("*.png")}

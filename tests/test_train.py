@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -164,14 +165,18 @@ def test_outputs_that_are_not_run_folders_are_refused(synth_shards, tiny_run, tm
     assert (sorted(p.relative_to(out) for p in out.rglob("*")) if out.is_dir() else None) == before
 
 
-def test_data_is_recorded_absolute_so_reruns_and_trials_find_it(synth_shards, tmp_path, monkeypatch) -> None:
+def test_data_and_output_are_recorded_absolute_so_reruns_and_trials_find_them(synth_shards, tmp_path,
+                                                                              monkeypatch) -> None:
+    """`--config RUN/config.json` from another folder trained a new run under that folder:
+    config.json named the output as given (relative)."""
     from fer_ray.config import TrainConfig, parse_config
     from fer_ray.trainer import check_inputs
 
     monkeypatch.chdir(synth_shards.parent)
-    cfg, _ = parse_config(TrainConfig, tiny_train_args(synth_shards.name, str(tmp_path / "o")), argparse.ArgumentParser())
+    out = os.path.relpath(tmp_path / "o", synth_shards.parent)
+    cfg, _ = parse_config(TrainConfig, tiny_train_args(synth_shards.name, out), argparse.ArgumentParser())
     check_inputs(cfg)
-    assert cfg.data.data == str(synth_shards)
+    assert cfg.data.data == str(synth_shards) and cfg.run.output == str(tmp_path / "o")
 
 
 def test_missing_shards_folder(tmp_path, synth_shards, capsys) -> None:
