@@ -368,24 +368,25 @@ def fold_batchnorm(model: torch.nn.Module) -> tuple[torch.nn.Module, int]:
     if model.training:
         raise ValueError("fold_batchnorm folds running statistics: put the model in eval mode first")
 
-    def norms(m: torch.fx.GraphModule) -> int:
-        modules = dict(m.named_modules())
-        return sum(n.op == "call_module" and isinstance(modules.get(n.target), torch.nn.modules.batchnorm._BatchNorm)
-                   for n in m.graph.nodes)
-
+    norm = torch.nn.modules.batchnorm._BatchNorm
     try:
         traced = torch.fx.symbolic_trace(copy.deepcopy(model))
-        modules = dict(traced.named_modules())
-        calls = Counter(n.target for n in traced.graph.nodes if n.op == "call_module" and isinstance(
-            modules.get(n.target), (torch.nn.modules.conv._ConvNd, torch.nn.Linear, torch.nn.modules.batchnorm._BatchNorm)))
+        calls = _module_calls(traced, (torch.nn.modules.conv._ConvNd, torch.nn.Linear, norm))
         if any(c > 1 for c in calls.values()):
             return model, 0
-        before = norms(traced)
+        before = sum(_module_calls(traced, norm).values())
         folded = fuse(traced, inplace=True, no_trace=True)
     except Exception:  # noqa: BLE001 - any model torch.fx cannot trace is scored as it is
         return model, 0
-    count = before - norms(folded)
+    count = before - sum(_module_calls(folded, norm).values())
     return (folded.eval(), count) if count else (model, 0)
+
+
+def _module_calls(graph_module: torch.fx.GraphModule, types: type | tuple[type, ...]) -> Counter:
+    """How many times the traced graph calls each of its modules of `types`, by name."""
+    modules = dict(graph_module.named_modules())
+    return Counter(n.target for n in graph_module.graph.nodes
+                   if n.op == "call_module" and isinstance(modules.get(n.target), types))
 
 
 def probe_batch(image_size: int) -> int:

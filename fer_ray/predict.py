@@ -891,12 +891,13 @@ def predict(
         min_actors, num_actors = auto_actors(total, use_gpu)
     if use_gpu:
         require_gpus(min_actors)  # one GPU per scoring actor
-    kind = "shards" if find_shards(source) else "folder"
+    shards = find_shards(source)
+    kind = "shards" if shards else "folder"
     described = kind
-    if kind == "shards" and split is None:
+    if shards and split is None:
         from fer_ray.prepare import read_manifest
 
-        counts = {s: c["total"] for s, c in read_manifest(find_shards(source)[0])["splits"].items()}
+        counts = {s: c["total"] for s, c in read_manifest(shards[0])["splits"].items()}
         described = "shards: " + ", ".join(f"{s} {n}" for s, n in counts.items())
         if len(counts) > 1:
             log.warning("Scoring every split of %s together: the accuracy and metrics are over all of "
