@@ -194,7 +194,7 @@ def fresh_model(folder: str) -> str:
     cfg = data_config(model)
     spec = ModelSpec(model="resnet18", class_names=list(FER_CLASSES), image_size=48, data_size=48,
                      channels=1, mean=list(cfg["mean"]), std=list(cfg["std"]))
-    save_model_dir(model, folder, spec)
+    save_model_dir(model, folder, spec, pretrained=False)
     return folder
 
 

@@ -229,7 +229,7 @@ class RunOptions:
         default="auto",
         metadata={
             "help": "mixed precision: auto (bf16/fp16 on GPU; on CPU fp32 or bf16, whichever a few "
-            "timed steps find faster), bf16, fp16, off"
+            "timed steps find faster when a run begins; a resumed run keeps its format), bf16, fp16, off"
         },
     )
     seed: int = field(default=0, metadata={"help": "seed of the model's initialisation and, with each worker's rank and the epoch, of its dropout masks and mixup/cutmix draws"})

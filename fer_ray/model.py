@@ -398,8 +398,16 @@ def probe_batch(image_size: int) -> int:
     return max(8, min(32, round(32 * (96 / image_size) ** 2)))
 
 
-def save_model_dir(model: torch.nn.Module, folder: str | Path, spec: ModelSpec) -> None:
-    """Write model.safetensors + config.json (timm's format, plus the fer_ray section)."""
+# pretrained_cfg's keys that name the published weights an architecture comes with (their
+# tag, source, paper and licence): not true of a model trained from random initialisation.
+WEIGHTS_PROVENANCE = ("tag", "hf_hub_id", "hf_hub_filename", "url", "file", "origin_url", "paper_ids",
+                      "paper_name", "license", "notes")
+
+
+def save_model_dir(model: torch.nn.Module, folder: str | Path, spec: ModelSpec, pretrained: bool = True) -> None:
+    """Write model.safetensors + config.json (timm's format, plus the fer_ray section).
+    pretrained=False: the model began from random weights, so config.json does not name
+    the published weights timm's pretrained_cfg describes for its architecture."""
     from safetensors.torch import save_file
     from timm.models._hub import save_config_for_hf  # save_for_hf would save weights as they are
 
@@ -417,10 +425,15 @@ def save_model_dir(model: torch.nn.Module, folder: str | Path, spec: ModelSpec) 
     kwargs = {"data_config": data} if "data_config" in inspect.signature(save_config_for_hf).parameters else {}
     save_config_for_hf(model, path, model_args=dict(spec.model_kwargs),
                        model_config={"label_names": list(spec.class_names), "fer_ray": asdict(spec)}, **kwargs)
+    if kwargs and pretrained:
+        return
+    config = json.loads(path.read_text())
     if not kwargs:  # what data_config sets: the input this model was trained on
-        config = json.loads(path.read_text())
         config["pretrained_cfg"].update({k: list(v) if isinstance(v, tuple) else v for k, v in data.items()})
-        path.write_text(json.dumps(config, indent=2))
+    if not pretrained:
+        for key in WEIGHTS_PROVENANCE:
+            config["pretrained_cfg"].pop(key, None)
+    path.write_text(json.dumps(config, indent=2))
 
 
 def load_model_dir(folder: str) -> tuple[torch.nn.Module, ModelSpec]:

@@ -107,6 +107,15 @@ def phase_of(epoch: int, freeze_epochs: int) -> str:
     return HEAD_PHASE if epoch < freeze_epochs else FINETUNE_PHASE
 
 
+def kept_format(history: list[dict[str, Any]]) -> tuple[torch.dtype | None, bool] | None:
+    """The CPU format (amp dtype, channels_last) a resumed run's last epoch trained in, so
+    that --amp auto does not time the formats again and switch mid-run on a timing within
+    noise; None for a new run, a history without formats, or one a CPU does not train in."""
+    if not history or "format" not in history[-1]:
+        return None
+    return next((f for f in CPU_FORMATS if format_name(*f) == history[-1]["format"]), None)
+
+
 def phase_step(global_step: int, phase_start: int, epoch_steps: int) -> int:
     """The step within a phase that begins at epoch `phase_start`. Epochs drawn by
     --sampler vary by a few steps around `epoch_steps`, so a phase's first step may be
@@ -366,10 +375,12 @@ def save_checkpoint(
     labels: np.ndarray,
     preds: np.ndarray,
     trained: torch.nn.Module | None = None,
+    pretrained: bool = True,
 ) -> None:
     """`model` is what was validated and goes in the model folder; `trained`, when that is a
-    moving average, is the model the optimizer steps (kept in the train state to resume)."""
-    save_model_dir(model, folder, spec)
+    moving average, is the model the optimizer steps (kept in the train state to resume);
+    pretrained=False: training began from random weights."""
+    save_model_dir(model, folder, spec, pretrained=pretrained)
     torch.save(
         {
             "state": asdict(state),
@@ -461,12 +472,25 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if s.pretrained_state is not None:
         model.load_state_dict(ray.get(s.pretrained_state))
     model.to(device)
+    # Resume: after a worker failure, or when the same run folder is run again.
+    state, restored = TrainState(), None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as folder:
+            restored = load_checkpoint(folder, model)
+        state = TrainState(**restored["state"])
+        log0(f"Resuming after epoch {state.epoch} (step {state.global_step}) from {checkpoint.path}")
     # channels_last: tensor cores on GPUs, and on most CPUs oneDNN's fast kernels (5-140%
     # faster training steps for the timm CNNs measured on one VM, slower on another). On a
     # CPU, --amp auto measures fp32 and bf16, each with and without channels_last, and
     # trains in the fastest (every worker in the same, from their summed step times).
     amp_dtype, channels_last = resolve_amp(s.amp, device), True
-    if s.amp == "auto" and device.type == "cpu":
+    kept = kept_format(state.history) if s.amp == "auto" and device.type == "cpu" else None
+    if kept is not None:  # a resumed run goes on in the format it was training in
+        amp_dtype, channels_last = kept
+        log0(f"Training in {format_name(*kept)} as the run's last epoch did (--amp auto times the "
+             "formats when a run begins; --amp off or bf16 sets one)")
+    elif s.amp == "auto" and device.type == "cpu":
         seconds = all_reduce(time_cpu_formats(model, s.batch_size, spec.in_chans, spec.image_size), device)
         amp_dtype, channels_last = fastest_format(seconds, CPU_FORMATS)
         log0("Training step on this CPU: " + ", ".join(
@@ -476,6 +500,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         model.to(memory_format=torch.channels_last)
     normalize = DeviceNormalize.for_model(spec, channels_last=channels_last).to(device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    # The loss scale goes on across phases; a run saved without fp16 has none (an empty
+    # state, which GradScaler refuses) and --amp may change on resume.
+    if restored is not None and restored.get("scaler"):
+        scaler.load_state_dict(restored["scaler"])
     weight = torch.tensor(s.class_weights, dtype=torch.float32, device=device) if s.class_weights else None
     # With soft (mixed) targets too: smoothing and class weights apply to them as to labels.
     criterion = WeightedCrossEntropy(weight, s.label_smoothing)
@@ -486,18 +514,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         mix = Mixup(mixup_alpha=s.mixup, cutmix_alpha=s.cutmix, prob=s.mix_prob,
                     label_smoothing=0.0, num_classes=len(spec.class_names))
 
-    # Resume: after a worker failure, or when the same run folder is run again.
-    state, restored = TrainState(), None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as folder:
-            restored = load_checkpoint(folder, model)
-        state = TrainState(**restored["state"])
-        # The loss scale goes on across phases; a run saved without fp16 has none (an
-        # empty state, which GradScaler refuses) and --amp may change on resume.
-        if restored.get("scaler"):
-            scaler.load_state_dict(restored["scaler"])
-        log0(f"Resuming after epoch {state.epoch} (step {state.global_step}) from {checkpoint.path}")
     start_budget_clock(s, device)
     configured_epochs = s.epochs  # --epochs: the most a time budget's plan may grow to
     if state.planned_epochs:  # the schedule the time budget fitted, kept across restarts
@@ -613,7 +629,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             ckpt = None
             if rank == 0:
                 save_checkpoint(tmp, eval_model, spec, optimizer, scaler, state, phase, labels, preds,
-                                trained=model if ema is not None else None)
+                                trained=model if ema is not None else None,
+                                pretrained=s.pretrained_state is not None)
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"epoch_{state.epoch:04d}")
         if state.stopped_early:

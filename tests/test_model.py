@@ -198,6 +198,20 @@ def test_model_folder_round_trip_and_timm_can_load_it(tmp_path) -> None:
     assert resize.size in (32, (32, 32), [32, 32]), resize
 
 
+def test_model_trained_from_random_weights_does_not_name_published_ones(tmp_path) -> None:
+    model = create_model("resnet18", 7).eval()
+    save_model_dir(model, tmp_path / "pretrained", spec())
+    save_model_dir(model, tmp_path / "scratch", spec(), pretrained=False)
+    kept = json.loads((tmp_path / "pretrained" / "config.json").read_text())["pretrained_cfg"]
+    cleared = json.loads((tmp_path / "scratch" / "config.json").read_text())["pretrained_cfg"]
+    assert kept["tag"] and kept["origin_url"]  # timm's resnet18 default weights: a1_in1k
+    assert not set(cleared) & {"tag", "hf_hub_id", "url", "origin_url", "paper_ids", "license"}
+    assert cleared["input_size"] == [3, 32, 32] and cleared["classifier"] == "fc"
+    loaded, _ = load_model_dir(str(tmp_path / "scratch"))
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(loaded(x), model(x))
+
+
 def test_not_a_model_folder(tmp_path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         read_model_spec(str(tmp_path / "missing"))

@@ -71,6 +71,27 @@ def test_resume_continues_without_repeating_epochs(tiny_run, tmp_path) -> None:
     pd.testing.assert_frame_equal(pd.read_csv(run / "history.csv"), after)
 
 
+def test_resumed_run_keeps_the_format_its_last_epoch_trained_in(tiny_run, tmp_path) -> None:
+    """--amp auto times the formats when a run begins; a resumed run goes on in the one its
+    last epoch used (timing them again switched formats mid-run on a difference within noise)."""
+    from fer_ray.train_loop import kept_format
+
+    assert kept_format([]) is None and kept_format([{"epoch": 1}]) is None  # new run / old history
+    assert kept_format([{"format": "fp32"}, {"format": "bf16+channels_last"}]) == (torch.bfloat16, True)
+    assert kept_format([{"format": "fp32"}]) == (None, False)
+    assert kept_format([{"format": "fp16+channels_last"}]) is None  # a GPU's: timed again on a CPU
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    data = json.loads((run / "config.json").read_text())["data"]["data"]
+    args = tiny_train_args(data, str(run), "--epochs", "3", "--freeze-epochs", "1", "--amp", "auto",
+                           "--pretrained", "--pretrained-file", str(tiny_run.parent / "pretrained.pth"))
+    assert train_main(args) == 0
+    history = pd.read_csv(run / "history.csv")
+    assert history["epoch"].tolist() == [1, 2, 3]
+    assert history["format"].nunique() == 1, history["format"].tolist()
+
+
 def test_ctrl_c_says_interrupted_and_the_rerun_resumes(ray_cluster, synth_shards, tmp_path, capsys) -> None:
     """Ray Train's SIGINT handler aborts the run and its wait then ended in SystemExit(1):
     exit 1 without a word. Now exit 130 and a sentence; the rerun continues the epochs."""
@@ -366,7 +387,10 @@ def test_per_image_norm_run_end_to_end_and_scored_the_same_way(ray_cluster, synt
     run = tmp_path / "pernorm"
     assert train_main(tiny_train_args(str(synth_shards), str(run), "--input-norm", "image", "--epochs", "1")) == 0
     assert json.loads((run / "config.json").read_text())["data"]["input_norm"] == "image"
-    assert json.loads((run / "best" / "config.json").read_text())["fer_ray"]["input_norm"] == "image"
+    model_cfg = json.loads((run / "best" / "config.json").read_text())
+    assert model_cfg["fer_ray"]["input_norm"] == "image"
+    # Trained from random weights: the folder does not name timm's published ones.
+    assert "tag" not in model_cfg["pretrained_cfg"] and "origin_url" not in model_cfg["pretrained_cfg"]
     assert pd.read_csv(run / "history.csv")["val_acc"].notna().all()
     assert Scorer(str(run / "best"), False, False, 1).normalize.per_image
 
