@@ -73,6 +73,10 @@ PRED_NAME_COL = "pred_name"
 CONFIDENCE_COL = "confidence"
 PROB_PREFIX = "prob_"
 REASON_COL = "reason"
+# The precision and memory format the actor scored in (fer_ray.model.format_name), on the
+# first row of each table an actor returns (null on the others): the driver collects it
+# for summary.json and drops it, as it drops REASON_COL.
+FORMAT_COL = "scored_in"
 
 # Listed files with no true label carry this until the output, where it becomes null.
 NO_LABEL = -1
@@ -162,7 +166,8 @@ ERROR_SCHEMA = pa.schema([(PATH_COL, pa.string()), (REASON_COL, pa.string())])
 def scored_schema(class_names: Sequence[str]) -> pa.Schema:
     """What the scoring actors return: prediction rows (reason null) and the rows of files
     that could not be scored (reason set, no prediction)."""
-    return prediction_schema(class_names).append(pa.field(REASON_COL, pa.string()))
+    return prediction_schema(class_names).append(pa.field(REASON_COL, pa.string())).append(
+        pa.field(FORMAT_COL, pa.string()))
 
 
 # --------------------------------------------------------------------------------------
@@ -197,6 +202,7 @@ def check_inputs(
     from fer_ray.model_spec import check_model_folder
 
     model_dir, source, output = (storage.normalize(p) for p in (model_dir, source, output))
+    output = storage.through_link(output)
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {batch_size}.")
     if num_actors is not None and num_actors < 1:
@@ -494,17 +500,22 @@ def prediction_table(
 
 
 def scored_table(
-    predictions: pa.Table, failed_paths: np.ndarray, reasons: np.ndarray, class_names: Sequence[str]
+    predictions: pa.Table, failed_paths: np.ndarray, reasons: np.ndarray, class_names: Sequence[str],
+    scored_in: str | None = None,
 ) -> pa.Table:
     """The scoring actors' output (scored_schema): `predictions`, then one row per file
-    that could not be scored, with its path and reason."""
+    that could not be scored, with its path and reason; `scored_in` on the first row."""
     schema = scored_schema(class_names)
+    n = predictions.num_rows + len(failed_paths)
+    formats = pa.array([scored_in] + [None] * (n - 1), pa.string()) if n else pa.nulls(0, pa.string())
     good = predictions.append_column(schema.field(REASON_COL), pa.nulls(predictions.num_rows, pa.string()))
+    good = good.append_column(schema.field(FORMAT_COL), formats[:predictions.num_rows])
     if not len(failed_paths):
         return good
-    n = len(failed_paths)
-    given = {PATH_COL: pa.array(failed_paths, pa.string()), REASON_COL: pa.array(reasons, pa.string())}
-    bad = pa.Table.from_arrays([given.get(f.name, pa.nulls(n, f.type)) for f in schema], schema=schema)
+    given = {PATH_COL: pa.array(failed_paths, pa.string()), REASON_COL: pa.array(reasons, pa.string()),
+             FORMAT_COL: formats[predictions.num_rows:]}
+    bad = pa.Table.from_arrays([given.get(f.name, pa.nulls(len(failed_paths), f.type)) for f in schema],
+                               schema=schema)
     return pa.concat_tables([good, bad])
 
 
@@ -566,7 +577,8 @@ class Scorer:
             torch.backends.cudnn.benchmark = True
             self.memory_format = torch.channels_last  # tensor cores
             self.amp_dtype = resolve_amp(amp, self.device)
-            print(f"Scorer: scoring in {format_name(self.amp_dtype, True)} on {torch.cuda.get_device_name()}"
+            self.scored_in = format_name(self.amp_dtype, True)
+            print(f"Scorer: scoring in {self.scored_in} on {torch.cuda.get_device_name()}"
                   f"{_folded_note(folded)}", file=sys.stderr, flush=True)
         else:
             # Ray allows one thread per reserved CPU, but the model is nearly all the work
@@ -576,6 +588,7 @@ class Scorer:
                 model, spec.in_chans, spec.image_size, amp
             )
             self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+            self.scored_in = format_name(self.amp_dtype, channels_last)
             print(f"Scorer: {timed}{_folded_note(folded)}", file=sys.stderr, flush=True)  # Ray forwards it
         self.model = model.to(self.device).to(memory_format=self.memory_format).eval()
         # With the blur that matches these images to the training images (fer_ray.blur).
@@ -597,6 +610,7 @@ class Scorer:
         return scored_table(
             prediction_table(paths, labels, probs, self.class_names),
             batch[PATH_COL][failed], batch[REASON_COL][failed] if failed.any() else [], self.class_names,
+            self.scored_in,
         )
 
     def _probabilities(self, images: np.ndarray) -> np.ndarray:
@@ -877,6 +891,9 @@ def predict(
     is bf16 or fp16 on a GPU, and on a CPU whichever of fp32 and bf16 its scorers time faster)."""
     start = time.time()
     model_dir, source, output = (storage.normalize(p) for p in (model_dir, source, output))
+    if storage.through_link(output) != output:
+        log.info("--output %s is a link to %s: the results replace that folder", output, storage.through_link(output))
+        output = storage.through_link(output)
     tta = tta_mode(tta)  # before check_inputs, which loads the model
     spec = check_inputs(model_dir, source, output, split, batch_size, num_actors, amp, use_gpu)
     for stale in _stale_temp_folders(output):
@@ -918,7 +935,7 @@ def predict(
         # The reports' libraries (matplotlib, scikit-learn: ~1.6 s) load while the actors start.
         threading.Thread(target=_import_reports, daemon=True).start()
         try:
-            write_scored(scored, writer, errors, spec.class_names)
+            scored_in = write_scored(scored, writer, errors, spec.class_names)
         except Exception as e:
             config_error = _config_error_in(e)  # a model the actors could not build
             if config_error is None:
@@ -943,6 +960,9 @@ def predict(
             "input_blur_source": blur_source,
             "use_gpu": use_gpu,
             "amp": amp,
+            # What --amp chose: the precision and memory format of each actor's forward
+            # passes (--amp auto times them per actor; --amp off scores in fp32 everywhere).
+            "scored_in": scored_in,
             "num_actors": num_actors,
             "batch_size": batch_size,
             "classes": list(spec.class_names),
@@ -988,20 +1008,24 @@ def _import_reports() -> None:
         pass
 
 
-def write_scored(scored: Any, writer: PartWriter, errors: ErrorWriter, class_names: Sequence[str]) -> None:
+def write_scored(scored: Any, writer: PartWriter, errors: ErrorWriter, class_names: Sequence[str]) -> list[str]:
     """Run the pipeline, the driver writing its rows as they come: predictions to `writer`,
-    the files that could not be scored to `errors`."""
+    the files that could not be scored to `errors`. Returns the formats the actors scored in."""
     import pyarrow.compute as pc
 
     schema = scored_schema(class_names)
+    formats: set[str] = set()
     for table in scored.iter_batches(batch_size=None, batch_format="pyarrow"):
         table = table.select(schema.names).cast(schema)
+        formats.update(f for f in table.column(FORMAT_COL).to_pylist() if f is not None)
+        table = table.drop_columns([FORMAT_COL])
         if table.column(REASON_COL).null_count < table.num_rows:  # some file failed
             failed = pc.is_valid(table.column(REASON_COL))
             bad = table.filter(failed)
             errors.write(bad.column(PATH_COL).to_pylist(), bad.column(REASON_COL).to_pylist())
             table = table.filter(pc.invert(failed))
         writer.write(table.drop_columns([REASON_COL]))
+    return sorted(formats)
 
 
 def _stale_temp_folders(output: str) -> list[str]:

@@ -62,8 +62,27 @@ def _split_query(uri: str) -> tuple[str, str]:
 
 def inside(path: str, folder: str) -> bool:
     """Whether `path` is `folder` or under it, however each is spelt: a local path and its
-    file:// URI are one place, and a URI's ?options name no other place."""
+    file:// URI are one place, a URI's ?options name no other place, and a symbolic link
+    is the place it leads to (a link to the input inside the output: replacing the output
+    would delete the input)."""
     path, folder = _place(path), _place(folder)
+    if _under(path, folder):
+        return True
+    if is_uri(path) or is_uri(folder):
+        return False
+    return _under(os.path.realpath(path), os.path.realpath(folder))
+
+
+def through_link(path: str) -> str:
+    """The folder a local path leads to when its last name is a symbolic link to one (a
+    job that replaces its output folder replaces that folder and keeps the link: replacing
+    the link would leave the results beside the folder the user meant); else `path`."""
+    if not is_uri(path) and os.path.islink(path) and os.path.isdir(path):
+        return os.path.realpath(path)
+    return path
+
+
+def _under(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder.rstrip("/") + "/")
 
 

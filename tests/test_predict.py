@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from fer_ray.predict import (
     CONFUSION_PLOT_FILE,
     CONFUSION_TABLE_FILE,
     ERRORS_FILE,
+    FORMAT_COL,
     LABEL_NAME_COL,
     METRICS_FILE,
     PRED_COL,
@@ -245,17 +247,23 @@ def test_cli_rerun_with_tta_replaces_the_output(labelled_run, model_dir, image_f
     out = tmp_path / "again"
     shutil.copytree(labelled_run[0], out)  # a finished output, as a first run leaves it
     (out / "stale.txt").write_text("from the first run")
+    # Given as a link to it (to another disk, say): the folder it leads to is replaced and
+    # the link kept (replacing the link left the results beside the folder meant).
+    (tmp_path / "link").symlink_to(out)
 
     code = predict_main(["--model", str(model_dir), "--input", str(image_folder[0]),
-                             "--output", str(out), "--tta", "--batch-size", "16"])
+                             "--output", str(tmp_path / "link"), "--tta", "--batch-size", "16"])
 
     assert code == 0
+    assert (tmp_path / "link").is_symlink() and (tmp_path / "link").resolve() == out
     _, good, bad = image_folder
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith(
         f"scored {len(good)} of {len(good) + len(bad)} ({len(bad)} errors)")
     assert not (out / "stale.txt").exists()
     summary = json.loads((out / SUMMARY_FILE).read_text())
     assert summary["tta"] == "flip" and summary["amp"] == "auto" and summary["scored"] == len(good)
+    assert len(summary["scored_in"]) == 1 and summary["scored_in"][0] in (
+        "fp32", "fp32+channels_last", "bf16", "bf16+channels_last")  # what auto chose
     probs = _predictions(out)[PROB_COLS].to_numpy()
     np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
     # Flip TTA changes the numbers (the model is not mirror-symmetric).
@@ -389,7 +397,7 @@ def test_folder_of_bad_files_scores_nothing_lists_them_and_fails(ray_cluster, mo
 @pytest.mark.parametrize("case", [
     "missing_model", "model_file", "not_a_model", "damaged_model", "missing_input", "empty_input", "output_inside_input",
     "input_inside_output", "foreign_output", "foreign_output_with_a_summary", "hidden_only_output", "input_is_file",
-    "fp16_on_cpu",
+    "fp16_on_cpu", "input_linked_inside_output", "model_linked_inside_output", "output_inside_input_through_a_link",
 ])
 def test_bad_inputs_exit_2_with_one_sentence(case, model_dir, image_folder, tmp_path, capsys) -> None:
     src = str(image_folder[0])
@@ -425,6 +433,23 @@ def test_bad_inputs_exit_2_with_one_sentence(case, model_dir, image_folder, tmp_
         (tmp_path / "out" / ".git" / "HEAD").write_text("precious")
     elif case == "input_is_file":
         src = str(next(Path(src).rglob("*.png")))
+    elif case in ("input_linked_inside_output", "model_linked_inside_output"):
+        # An earlier output holding the images (or the model), reached through a link
+        # outside it: a run replacing the output deleted them.
+        (tmp_path / "out" / "predictions").mkdir(parents=True)
+        (tmp_path / "out" / "summary.json").write_text(
+            json.dumps({"input_kind": "folder", "classes": [], "scored": 0, "total": 0}))
+        if case == "input_linked_inside_output":
+            kept = shutil.copytree(src, tmp_path / "out" / "photos", symlinks=True)
+            src = str(tmp_path / "photolink")
+        else:
+            kept = shutil.copytree(model_dir, tmp_path / "out" / "mymodel")
+            model = str(tmp_path / "modellink")
+        os.symlink(kept, tmp_path / ("photolink" if case == "input_linked_inside_output" else "modellink"))
+        before = sorted(p.name for p in kept.rglob("*"))
+    elif case == "output_inside_input_through_a_link":
+        os.symlink(src, tmp_path / "srclink")
+        out = str(tmp_path / "srclink" / "preds")
     extra = ["--amp", "fp16"] if case == "fp16_on_cpu" else []
 
     code = predict_main(["--model", model, "--input", src, "--output", out, *extra])
@@ -434,7 +459,12 @@ def test_bad_inputs_exit_2_with_one_sentence(case, model_dir, image_folder, tmp_
     assert err.startswith("error: ") and len(err.splitlines()) == 1, err
     assert err.count(". ") + err.count("; ") <= 2  # one sentence (maybe with a clause after ';')
     assert not Path(out).exists() or case in ("foreign_output", "foreign_output_with_a_summary",
-                                              "hidden_only_output", "input_inside_output")
+                                              "hidden_only_output", "input_inside_output",
+                                              "input_linked_inside_output", "model_linked_inside_output")
+    if case in ("input_linked_inside_output", "model_linked_inside_output"):
+        assert "is inside --output" in err and sorted(p.name for p in kept.rglob("*")) == before
+    if case == "output_inside_input_through_a_link":
+        assert "is inside --input" in err
     if case == "foreign_output_with_a_summary":
         assert (Path(out) / "thesis.tex").read_text() == "precious" and (Path(out) / "chapters").is_dir()
     if case == "hidden_only_output":
@@ -529,6 +559,8 @@ def test_files_that_failed_to_decode_pass_the_scorer_with_their_reason(model_dir
     assert scored[PATH_COL].tolist() == ["a.jpg", "d.jpg"] and scored[PRED_COL].notna().all()
     assert failed[PATH_COL].tolist() == ["b.jpg", "c.jpg"] and failed[PRED_COL].isna().all()
     assert failed[REASON_COL].tolist() == batch[REASON_COL][1:3].tolist()
+    assert table[FORMAT_COL].tolist()[0] in ("fp32", "fp32+channels_last")  # --amp off, once per table
+    assert table[FORMAT_COL].iloc[1:].isna().all()
     alone = scorer({IMAGE_COL: batch[IMAGE_COL][[0, 3]], PATH_COL: paths[[0, 3]],
                     LABEL_COL: np.array([0, -1])}).to_pandas()
     np.testing.assert_allclose(scored[PROB_COLS].to_numpy(), alone[PROB_COLS].to_numpy(), atol=1e-6)

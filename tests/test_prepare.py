@@ -288,6 +288,10 @@ def test_prepare_refuses_unsafe_outputs(ray_cluster, tmp_path) -> None:
     make_tree(src, {"a": 2, "b": 2})
     with pytest.raises(ConfigError, match="inside --source"):
         prepare(str(src), str(src / "shards"))
+    (tmp_path / "link").symlink_to(src)  # the same folder through a link: inside it too
+    with pytest.raises(ConfigError, match="inside --source"):
+        prepare(str(tmp_path / "link"), str(src / "shards"))
+    assert not (src / "shards").exists()
     other = tmp_path / "other"
     other.mkdir()
     (other / "keep.txt").write_text("mine")

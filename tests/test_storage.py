@@ -360,3 +360,18 @@ def test_the_folders_a_job_made_are_removed_when_empty_up_to_the_first_that_is_n
     storage.remove_empty(made)
     assert not (tmp_path / "new" / "a").exists() and (tmp_path / "new" / "keep.txt").exists()
     assert storage.missing_folders(str(tmp_path)) == []
+
+
+def test_inside_follows_links_to_where_they_lead(tmp_path) -> None:
+    """An input reached through a link that lies inside the output was not "inside" it by
+    its spelling, and a run replacing the output deleted it."""
+    (tmp_path / "out" / "photos").mkdir(parents=True)
+    (tmp_path / "photolink").symlink_to(tmp_path / "out" / "photos")
+    (tmp_path / "outlink").symlink_to(tmp_path / "out")
+    assert storage.inside(str(tmp_path / "photolink"), str(tmp_path / "out"))
+    assert storage.inside(str(tmp_path / "out" / "new"), str(tmp_path / "outlink"))  # the link's folder
+    assert storage.inside(str(tmp_path / "outlink" / "x"), str(tmp_path / "out"))
+    assert not storage.inside(str(tmp_path / "out"), str(tmp_path / "photolink"))
+    assert storage.through_link(str(tmp_path / "outlink")) == str(tmp_path / "out")
+    assert storage.through_link(str(tmp_path / "out")) == str(tmp_path / "out")
+    assert storage.through_link("s3://b/out") == "s3://b/out"
