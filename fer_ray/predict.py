@@ -78,6 +78,8 @@ REASON_COL = "reason"
 # for summary.json and drops it, as it drops REASON_COL.
 FORMAT_COL = "scored_in"
 
+# Bytes a file name may have on Linux, macOS and Windows filesystems.
+NAME_MAX = 255
 # Listed files with no true label carry this until the output, where it becomes null.
 NO_LABEL = -1
 # Parquet files of predictions hold this many rows (fewer only the last), in row groups of
@@ -256,6 +258,12 @@ def _check_output(model_dir: str, source: str, output: str) -> None:
         raise ConfigError(f"--output {output!r} is a bucket; give a folder inside it (e.g. {output.rstrip('/')}/preds).")
     if storage.inside(output, source):
         raise ConfigError(f"--output {output!r} is inside --input; choose a folder outside it.")
+    name = storage.split_last(output)[1]
+    if not storage.is_uri(output) and len(f"{name}.tmp-00000000".encode()) > NAME_MAX:
+        raise ConfigError(
+            f"--output's last name is {len(name.encode())} bytes long, and the run writes beside it under "
+            f"that name and 13 more characters, over the {NAME_MAX} a file name may have; choose a shorter one."
+        )
     for name, path in (("--input", source), ("--model", model_dir)):
         if storage.inside(path, output):
             raise ConfigError(

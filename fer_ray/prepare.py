@@ -18,7 +18,7 @@ import logging
 import math
 import time
 import uuid
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -91,8 +91,23 @@ def stratified_split(
     return sorted(train_idx), sorted(val_idx)
 
 
+# Folders that archivers add beside the content (macOS's zip resource forks): never a class.
+NOT_CLASSES = ("__MACOSX",)
+
+
 def _class_dirs(folder: str) -> list[str]:
-    return [e.base_name for e in storage.list_dir(folder) if e.type.name == "Directory"]
+    names = [e.base_name for e in storage.list_dir(folder)
+             if e.type.name == "Directory" and e.base_name not in NOT_CLASSES]
+    by_case = defaultdict(list)
+    for name in names:
+        by_case[name.casefold()].append(name)
+    twins = [" and ".join(sorted(group)) for group in by_case.values() if len(group) > 1]
+    if twins:  # two classes to training, one to scoring (which matches names in any case)
+        raise ConfigError(
+            f"{folder!r} has class folders whose names differ only in letter case ({'; '.join(twins)}); "
+            "merge each pair into one folder."
+        )
+    return names
 
 
 def _files_by_class(folder: str, classes: list[str]) -> list[tuple[str, int]]:
@@ -116,6 +131,11 @@ def list_source(source: str, val_fraction: float = 0.1, seed: int = 0) -> Listin
             )
         return _list_csv(source)
 
+    if is_shards(source):
+        raise ConfigError(
+            f"Source {source!r} is a shards folder jobs/prepare.py wrote; train on it as it is "
+            "(--data), or give the image folder it was made from."
+        )
     subdirs = _class_dirs(source)
     if not subdirs:
         raise ConfigError(
@@ -470,6 +490,11 @@ def prepare(
     # Written under a temporary folder and moved into place at the end: a half-written
     # output never looks finished, and an earlier complete output stays until then.
     staging = storage.join(output, f".staging-{uuid.uuid4().hex[:8]}")
+    if storage.is_dir(output):
+        for entry in storage.list_dir(output, hidden=True):
+            if entry.base_name.startswith(".staging-"):
+                log.warning("%s is left from an interrupted run (its unfinished shards); remove it when "
+                            "no other jobs/prepare.py writes to %s", entry.path, output)
     made = storage.missing_folders(output)  # removed again if they are left empty
     log_actor = ray.remote(PrepareLog).options(num_cpus=0).remote()
     try:
@@ -519,6 +544,7 @@ def prepare(
                 f"No readable images in split {split!r} of {source!r} ({len(skipped)} skipped, "
                 f"e.g. {examples}); nothing was written."
             )
+        _check_every_class_read(counts, listing, stats["skipped"], source)
         manifest = {
             "classes": listing.classes,
             "source": source,
@@ -538,6 +564,24 @@ def prepare(
         storage.remove_empty(made)
         ray.kill(log_actor)
     return manifest
+
+
+def _check_every_class_read(
+    counts: dict[str, dict[str, Any]], listing: Listing, skipped: dict[str, str], source: str
+) -> None:
+    """ConfigError when a class lost every training file to decoding: as a class folder with
+    no files is refused, a class the model could never learn is not written. (The FER2013
+    CSV names its seven classes whatever rows it holds: a small one may lack some.)"""
+    lost = [c for c, n in counts[TRAIN]["per_class"].items() if n == 0]
+    if not lost or listing.kind == "csv":
+        return
+    examples = [f"{p!r}: {skipped[p]}" for p, lab in listing.items.get(TRAIN, [])
+                if p in skipped and listing.classes[lab] in lost][:2]
+    raise ConfigError(
+        f"Class(es) {', '.join(lost)} of {source!r} have no readable training image"
+        + (f" (every file skipped, e.g. {'; '.join(examples)})" if examples else "")
+        + "; nothing was written."
+    )
 
 
 def _image_summary(stats: dict[str, Any]) -> dict[str, Any]:

@@ -306,17 +306,21 @@ def test_prepare_refuses_unsafe_outputs(ray_cluster, tmp_path) -> None:
     assert (other / "train/a/img_0.png").exists() and (other / "manifest.json").read_text() == '{"version": 1}'
 
 
-def test_a_run_stopped_while_publishing_is_replaced_by_the_rerun(ray_cluster, tmp_path) -> None:
+def test_a_run_stopped_while_publishing_is_replaced_by_the_rerun(ray_cluster, tmp_path, caplog) -> None:
     """Stopped between removing the old manifest and writing the new one, prepare left split
     folders of Parquet files and no manifest; the rerun it asked for was refused ("not a
-    shards folder"). A folder of images in split folders is still never replaced."""
+    shards folder"). A folder of images in split folders is still never replaced. A run
+    killed while writing leaves its hidden staging folder: the rerun names it."""
     src = tmp_path / "src"
     make_tree(src, {"a": 4, "b": 4})
     out = tmp_path / "shards"
     prepare(str(src), str(out), val_fraction=0.5)
     (out / "manifest.json").unlink()  # as _publish leaves it when stopped there
-    manifest = prepare(str(src), str(out), val_fraction=0.5)
+    (out / ".staging-0badf00d" / "train").mkdir(parents=True)  # as a killed run leaves it
+    with caplog.at_level("WARNING", logger="fer_ray.prepare"):
+        manifest = prepare(str(src), str(out), val_fraction=0.5)
     assert json.loads((out / "manifest.json").read_text()) == manifest
+    assert f"{out / '.staging-0badf00d'} is left from an interrupted run" in caplog.text
 
     images = tmp_path / "images"
     make_tree(images, {"train/a": 1, "val/a": 1})
@@ -342,3 +346,26 @@ def test_a_split_of_only_unreadable_files_is_named_with_examples(ray_cluster, tm
                                           r"'.*img_0\.png': not an image file\); nothing was written"):
         prepare(str(src), str(tmp_path / "new" / "shards2"))
     assert not (tmp_path / "new").exists()  # the folders the run made for its staging too
+
+    # A class whose every training file is unreadable: refused as an empty class folder is
+    # (it was written with 0 images, and training then had a class it could never learn).
+    make_tree(src, {"val/a": 1})
+    for f in (src / "train/b").iterdir():
+        f.write_text("not an image")
+    with pytest.raises(ConfigError, match=r"Class\(es\) b of .* have no readable training image \(every file "
+                                          r"skipped, e\.g\. '.*img_0\.png': not an image file; .*\); nothing was written"):
+        prepare(str(src), str(tmp_path / "new" / "shards3"))
+    assert not (tmp_path / "new").exists()
+
+
+def test_folders_that_are_not_classes_are_named(tmp_path) -> None:
+    make_tree(tmp_path / "src", {"happy": 2, "sad": 2, "Happy": 1})
+    with pytest.raises(ConfigError, match="differ only in letter case \\(Happy and happy\\); merge each pair"):
+        list_source(str(tmp_path / "src"))
+    (tmp_path / "src" / "Happy" / "img_0.png").unlink()
+    (tmp_path / "src" / "Happy").rmdir()
+    (tmp_path / "src" / "__MACOSX" / "happy").mkdir(parents=True)  # an archiver's, not a class
+    assert list_source(str(tmp_path / "src"), val_fraction=0.5).classes == ["happy", "sad"]
+    (tmp_path / "src" / "manifest.json").write_text(json.dumps({"classes": ["happy", "sad"], "splits": {}}))
+    with pytest.raises(ConfigError, match="is a shards folder jobs/prepare.py wrote; train on it as it is"):
+        list_source(str(tmp_path / "src"))
