@@ -241,7 +241,7 @@ def _check_shards(root: str, split: str | None, spec: ModelSpec) -> None:
     from fer_ray.prepare import read_manifest
 
     manifest = read_manifest(root)
-    if list(manifest["classes"]) != list(spec.class_names):
+    if (shard_labels(manifest["classes"], spec.class_names) == NO_LABEL).all():
         raise ConfigError(
             f"The shards in {root!r} have the classes {', '.join(manifest['classes'])} but the model "
             f"predicts {', '.join(spec.class_names)}; score them with a model trained on these classes."
@@ -250,6 +250,20 @@ def _check_shards(root: str, split: str | None, spec: ModelSpec) -> None:
         raise ConfigError(
             f"Shards {root!r} have no {split!r} split; choose one of {', '.join(manifest['splits'])}."
         )
+
+
+def shard_labels(shard_classes: Sequence[str], class_names: Sequence[str]) -> np.ndarray:
+    """The model's label for each label of a shards folder: its class of the same name in
+    any letter case (as an image folder's class folders are matched), NO_LABEL for a class
+    the model does not predict (scored without a true label)."""
+    index = {name.casefold(): i for i, name in enumerate(class_names)}
+    return np.array([index.get(c.casefold(), NO_LABEL) for c in shard_classes], dtype=np.int64)
+
+
+def _relabel(table: pa.Table, lookup: np.ndarray) -> pa.Table:
+    """A shards block with its labels turned into the model's (shard_labels)."""
+    labels = lookup[table.column(LABEL_COL).to_numpy()]
+    return table.set_column(table.schema.get_field_index(LABEL_COL), LABEL_COL, pa.array(labels, pa.int64()))
 
 
 def _check_output(model_dir: str, source: str, output: str) -> None:
@@ -315,7 +329,14 @@ def list_images(source: str, class_names: Sequence[str]) -> pa.Table:
         paths.append(storage.full_path(fs, path, source))
         labels.append(label)
     unlabelled = labels.count(NO_LABEL)
-    if 0 < unlabelled < len(labels):
+    if unlabelled == len(labels) and strangers:
+        log.warning(
+            "None of the folders in %s (%s) is a class of the model (%s): every file is scored "
+            "without a true label; for metrics, give the folder whose subfolders are the classes",
+            source, ", ".join(sorted(strangers)[:5]) + (", ..." if len(strangers) > 5 else ""),
+            ", ".join(class_names),
+        )
+    elif 0 < unlabelled < len(labels):
         where = f" (in {', '.join(sorted(strangers))})" if strangers else ""
         log.warning(
             "%d of %d files are outside the class folders%s; they are scored without a true "
@@ -752,6 +773,13 @@ def input_dataset(source: str, class_names: Sequence[str], split: str | None, ro
     from fer_ray.data import read_shards
 
     ds = read_shards(folders).select_columns([IMAGE_COL, LABEL_COL, PATH_COL])
+    lookup = shard_labels(manifest["classes"], class_names)
+    if not np.array_equal(lookup, np.arange(len(class_names))):  # other names, order or case
+        ds = ds.map_batches(_relabel, fn_kwargs={"lookup": lookup}, batch_format="pyarrow", batch_size=None)
+        foreign = [c for c, label in zip(manifest["classes"], lookup) if label == NO_LABEL]
+        if foreign:
+            log.warning("The shards' classes %s are not the model's; their images are scored without "
+                        "a true label and left out of the metrics", ", ".join(foreign))
     return ds, total, split, None
 
 

@@ -341,6 +341,31 @@ def test_shards_with_other_classes_are_refused(model_dir, tmp_path) -> None:
         check_inputs(str(model_dir), str(tmp_path / "shards"), str(tmp_path / "out"))
 
 
+def test_shards_classes_are_matched_to_the_model_by_name(ray_cluster, model_dir, tmp_path, caplog) -> None:
+    """Shards of some of the model's classes, spelt in capitals, and one class it lacks: each
+    row gets the model's label of the same name, as an image folder's class folders do
+    (such shards were refused, while the same images as a folder were scored)."""
+    from fer_ray.prepare import prepare
+
+    generate_dataset(tmp_path / "gen", {"x": 3}, size=SIZE, classes=["happy", "sad", "fear"])
+    src = tmp_path / "faces"
+    for theirs, ours in (("happy", "Happy"), ("sad", "Sad"), ("fear", "Cats")):
+        shutil.copytree(tmp_path / "gen" / "x" / theirs, src / ours)
+    manifest = prepare(str(src), str(tmp_path / "shards"), val_fraction=0.34)
+    assert manifest["classes"] == ["Cats", "Happy", "Sad"]
+
+    with caplog.at_level("WARNING", logger="fer_ray.predict"):
+        summary = predict(str(model_dir), str(tmp_path / "shards"), str(tmp_path / "out"), split="train")
+
+    preds = _predictions(tmp_path / "out")
+    folder = preds[PATH_COL].str.split("/").str[-2]
+    assert (preds[LABEL_NAME_COL][folder == "Happy"] == "happy").all()
+    assert (preds[LABEL_NAME_COL][folder == "Sad"] == "sad").all()
+    assert preds[LABEL_NAME_COL][folder == "Cats"].isna().all() and (folder == "Cats").sum() == 2
+    assert summary["labelled"] == 4 and summary["scored"] == 6
+    assert "The shards' classes Cats are not the model's" in caplog.text
+
+
 def _unlabelled_photos(tmp_path: Path) -> Path:
     """No class folders: one loose file and one in a folder named otherwise."""
     generate_dataset(tmp_path / "gen", {"x": 1}, size=SIZE, classes=["happy", "sad"])
@@ -351,10 +376,14 @@ def _unlabelled_photos(tmp_path: Path) -> Path:
     return src
 
 
-def test_unlabelled_folder_writes_no_metrics(ray_cluster, model_dir, tmp_path) -> None:
+def test_unlabelled_folder_writes_no_metrics(ray_cluster, model_dir, tmp_path, caplog) -> None:
     src = _unlabelled_photos(tmp_path)
 
-    summary = predict(str(model_dir), str(src), str(tmp_path / "out"))
+    with caplog.at_level("WARNING", logger="fer_ray.predict"):
+        summary = predict(str(model_dir), str(src), str(tmp_path / "out"))
+
+    # Folders, none of them a class (a dataset's root with train/ and val/, say): named.
+    assert f"None of the folders in {src} (2024) is a class of the model (angry, " in caplog.text
 
     out = tmp_path / "out"
     preds = _predictions(out)
