@@ -271,7 +271,8 @@ def _check_output(model_dir: str, source: str, output: str) -> None:
         # Written beside itself under a temporary name: beside a bucket is another bucket.
         raise ConfigError(f"--output {output!r} is a bucket; give a folder inside it (e.g. {output.rstrip('/')}/preds).")
     if storage.inside(output, source):
-        raise ConfigError(f"--output {output!r} is inside --input; choose a folder outside it.")
+        where = "--input itself" if storage.inside(source, output) else "inside --input"
+        raise ConfigError(f"--output {output!r} is {where}; choose a folder outside it.")
     name = storage.split_last(output)[1]
     if not storage.is_uri(output) and len(f"{name}.tmp-00000000".encode()) > NAME_MAX:
         raise ConfigError(

@@ -301,14 +301,18 @@ def check_image(data: bytes) -> tuple[str | None, tuple[int, int, str] | None]:
         with Image.open(io.BytesIO(data)) as img:
             img.load()  # decodes fully, so truncated files are caught here, not in training
             return None, (img.width, img.height, img.mode)
-    except UnidentifiedImageError:
-        try:  # what training's decoder reads beyond Pillow (TIFFs of float RGB samples)
+    except (UnidentifiedImageError, Image.DecompressionBombError) as e:
+        # What training's decoder reads beyond Pillow: TIFFs of float RGB samples, and images
+        # above Pillow's decompression-bomb limit (~179 Mpx), which scoring reads too.
+        try:
             from fer_ray.transforms import decode_image
 
             img = decode_image(data, 3)
             gray = bool((img == img[:, :, :1]).all())  # a gray TIFF must not make the set colour
             return None, (img.shape[1], img.shape[0], "L" if gray else "RGB")
         except Exception:  # noqa: BLE001 - neither decoder reads it
+            if isinstance(e, Image.DecompressionBombError):
+                return f"image too large to decode ({e})", None
             return "not an image file", None
     except Exception as e:  # noqa: BLE001 - any decoder failure means a corrupt file
         return f"corrupt image: {type(e).__name__}: {e}", None
@@ -429,7 +433,8 @@ def _check_output(source: str, output: str) -> None:
     """Both normalized. Refuses an output in the source folder (a bucket's too) or one that
     holds something other than shards."""
     if storage.inside(output, source) and storage.is_dir(source):  # (a CSV source has no inside)
-        raise ConfigError(f"--output {output!r} is inside --source; choose a folder outside it.")
+        where = "--source itself" if storage.inside(source, output) else "inside --source"
+        raise ConfigError(f"--output {output!r} is {where}; choose a folder outside it.")
     if not storage.exists(output):
         storage.check_creatable(output, "--output")
     elif not storage.is_dir(output):

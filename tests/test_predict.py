@@ -426,7 +426,7 @@ def test_folder_of_bad_files_scores_nothing_lists_them_and_fails(ray_cluster, mo
 @pytest.mark.parametrize("case", [
     "missing_model", "model_file", "not_a_model", "damaged_model", "missing_input", "empty_input", "output_inside_input",
     "input_inside_output", "foreign_output", "foreign_output_with_a_summary", "hidden_only_output", "input_is_file",
-    "fp16_on_cpu", "output_name_too_long", "input_linked_inside_output", "model_linked_inside_output", "output_inside_input_through_a_link",
+    "fp16_on_cpu", "output_is_input", "output_name_too_long", "input_linked_inside_output", "model_linked_inside_output", "output_inside_input_through_a_link",
 ])
 def test_bad_inputs_exit_2_with_one_sentence(case, model_dir, image_folder, tmp_path, capsys) -> None:
     src = str(image_folder[0])
@@ -476,6 +476,8 @@ def test_bad_inputs_exit_2_with_one_sentence(case, model_dir, image_folder, tmp_
             model = str(tmp_path / "modellink")
         os.symlink(kept, tmp_path / ("photolink" if case == "input_linked_inside_output" else "modellink"))
         before = sorted(p.name for p in kept.rglob("*"))
+    elif case == "output_is_input":
+        out = src
     elif case == "output_name_too_long":  # its OUT.tmp-<id> could not be made: a traceback
         out = str(tmp_path / ("o" * 250))
     elif case == "output_inside_input_through_a_link":
@@ -489,13 +491,15 @@ def test_bad_inputs_exit_2_with_one_sentence(case, model_dir, image_folder, tmp_
     assert code == 2
     assert err.startswith("error: ") and len(err.splitlines()) == 1, err
     assert err.count(". ") + err.count("; ") <= 2  # one sentence (maybe with a clause after ';')
-    assert not Path(out).exists() or case in ("foreign_output", "foreign_output_with_a_summary",
+    assert not Path(out).exists() or case in ("output_is_input", "foreign_output", "foreign_output_with_a_summary",
                                               "hidden_only_output", "input_inside_output",
                                               "input_linked_inside_output", "model_linked_inside_output")
     if case in ("input_linked_inside_output", "model_linked_inside_output"):
         assert "is inside --output" in err and sorted(p.name for p in kept.rglob("*")) == before
     if case == "output_inside_input_through_a_link":
         assert "is inside --input" in err
+    if case == "output_is_input":
+        assert "is --input itself" in err
     if case == "foreign_output_with_a_summary":
         assert (Path(out) / "thesis.tex").read_text() == "precious" and (Path(out) / "chapters").is_dir()
     if case == "hidden_only_output":

@@ -369,3 +369,15 @@ def test_folders_that_are_not_classes_are_named(tmp_path) -> None:
     (tmp_path / "src" / "manifest.json").write_text(json.dumps({"classes": ["happy", "sad"], "splits": {}}))
     with pytest.raises(ConfigError, match="is a shards folder jobs/prepare.py wrote; train on it as it is"):
         list_source(str(tmp_path / "src"))
+
+
+def test_an_image_above_pillows_bomb_limit_is_kept_as_scoring_reads_it(monkeypatch) -> None:
+    """Pillow refuses images above ~179 Mpx (DecompressionBombError): prepare skipped them
+    as "corrupt image" while jobs/predict.py scored the same file."""
+    from fer_ray.prepare import check_image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)  # a 12x12 image is then a "bomb"
+    assert check_image(png(200, size=12)) == (None, (12, 12, "L"))
+    monkeypatch.setattr("fer_ray.transforms.decode_image", lambda data, channels: 1 / 0)
+    reason, _ = check_image(png(200, size=12))
+    assert reason.startswith("image too large to decode (")
