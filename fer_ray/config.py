@@ -249,7 +249,8 @@ class TrainConfig:
         """Check values a user can get wrong; raise ConfigError with what to do."""
         d, m, o, r = self.data, self.model, self.optim, self.run
         _require(bool(d.data), "--data is required: the shards folder written by jobs/prepare.py.")
-        _require(bool(r.output), "--output is required: the folder this run writes to.")
+        _require(bool(r.output), "--output is required: the folder this "
+                 + ("sweep writes to (its trials, results and best model)." if hasattr(self, "sweep") else "run writes to."))
         _require(d.image_size >= 16, f"--image-size must be at least 16, got {d.image_size}.")
         _require(
             d.data_size is None or 8 <= d.data_size,

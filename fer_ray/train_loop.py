@@ -77,6 +77,9 @@ class LoopSettings:
     # workers may wait minutes for the nodes an autoscaler brings up. 0: none (or `deadline`).
     budget_s: float = 0.0
     cpus_per_worker: int = 1
+    # A sweep's trials on CPUs with --amp auto: the format timed once for all of them
+    # (format_name; fer_ray.tuning), so that they train alike. None: timed by the run.
+    cpu_format: str | None = None
     pretrained_state: Any = None  # an ObjectRef to a state dict, fetched once by the driver
 
     def __post_init__(self) -> None:
@@ -113,7 +116,12 @@ def kept_format(history: list[dict[str, Any]]) -> tuple[torch.dtype | None, bool
     noise; None for a new run, a history without formats, or one a CPU does not train in."""
     if not history or "format" not in history[-1]:
         return None
-    return next((f for f in CPU_FORMATS if format_name(*f) == history[-1]["format"]), None)
+    return named_format(history[-1]["format"])
+
+
+def named_format(name: str | None) -> tuple[torch.dtype | None, bool] | None:
+    """The CPU format (amp dtype, channels_last) format_name calls `name`; None for another."""
+    return next((f for f in CPU_FORMATS if format_name(*f) == name), None)
 
 
 def phase_step(global_step: int, phase_start: int, epoch_steps: int) -> int:
@@ -486,10 +494,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # trains in the fastest (every worker in the same, from their summed step times).
     amp_dtype, channels_last = resolve_amp(s.amp, device), True
     kept = kept_format(state.history) if s.amp == "auto" and device.type == "cpu" else None
+    swept = named_format(s.cpu_format) if s.amp == "auto" and device.type == "cpu" else None
     if kept is not None:  # a resumed run goes on in the format it was training in
         amp_dtype, channels_last = kept
         log0(f"Training in {format_name(*kept)} as the run's last epoch did (--amp auto times the "
              "formats when a run begins; --amp off or bf16 sets one)")
+    elif swept is not None:
+        amp_dtype, channels_last = swept
+        log0(f"Training in {format_name(*swept)}, timed once for all the sweep's trials")
     elif s.amp == "auto" and device.type == "cpu":
         seconds = all_reduce(time_cpu_formats(model, s.batch_size, spec.in_chans, spec.image_size), device)
         amp_dtype, channels_last = fastest_format(seconds, CPU_FORMATS)

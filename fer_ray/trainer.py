@@ -198,8 +198,6 @@ def check_inputs(cfg: TrainConfig) -> dict[str, Any]:
     # The same for --output: `--config RUN/config.json` from another folder resumed nothing
     # and trained a new run under that folder instead.
     cfg.run.output = storage.normalize(cfg.run.output)
-    what = "a sweep" if hasattr(cfg, "sweep") else "a run"
-    log.info("Output %s: %s", cfg.run.output, f"resumes {what} begun there" if existing else f"{what} from the start")
     manifest = read_manifest(cfg.data.data)
     for split in (TRAIN, VAL):
         if not manifest["splits"].get(split, {}).get("total"):
@@ -219,6 +217,8 @@ def check_inputs(cfg: TrainConfig) -> dict[str, Any]:
     cfg.resolve_defaults()
     check_model_name(cfg.model.model)
     _check_resume_compatible(cfg, existing)
+    what = "a sweep" if hasattr(cfg, "sweep") else "a run"  # (said once every check passed)
+    log.info("Output %s: %s", cfg.run.output, f"resumes {what} begun there" if existing else f"{what} from the start")
     return manifest
 
 
@@ -275,7 +275,8 @@ def _check_resume_compatible(cfg: TrainConfig, existing: dict[str, Any] | None) 
     keys = RESUME_KEYS + (SWEEP_RESUME_KEYS if hasattr(cfg, "sweep") else ())
     changed = [k for k in keys if k in old and old.get(k) != new.get(k)]
     if changed:
-        diffs = ", ".join(f"{k} {old[k]!r} -> {new[k]!r}" for k in changed)
+        shown = lambda v: "default" if v is None else repr(v)  # noqa: E731 - None: the flag not given
+        diffs = ", ".join(f"{k} {shown(old[k])} -> {shown(new.get(k))}" for k in changed)
         raise ConfigError(
             f"{cfg.run.output!r} holds a {'sweep' if hasattr(cfg, 'sweep') else 'run'} with different "
             f"settings ({diffs}); "

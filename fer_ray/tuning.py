@@ -26,7 +26,16 @@ import ray.tune
 
 from fer_ray import storage
 from fer_ray.cli import autoscaler_limits, on_cluster
-from fer_ray.config import OPTUNA_MISSING, TRIAL_KEY, ConfigError, SweepConfig, TrainConfig, from_flat, to_dict
+from fer_ray.config import (
+    OPTUNA_MISSING,
+    RESOLVED_KEY,
+    TRIAL_KEY,
+    ConfigError,
+    SweepConfig,
+    TrainConfig,
+    from_flat,
+    to_dict,
+)
 from fer_ray.constants import BEST_DIR, CONFIG_FILE, HISTORY_FILE, RAY_RUN_NAME, SWEEP_CONFIG_FILE
 from fer_ray.trainer import build_trainer, check_gpus, finalize_run, load_pretrained, local_staging, resolve_settings, write_config
 
@@ -55,7 +64,7 @@ def trial_config(base: dict[str, Any], lr: float, label_smoothing: float, output
 
 
 def run_trial(config: dict[str, Any], base: dict[str, Any], manifest: dict[str, Any],
-              tune_dir: str, pretrained: Any) -> None:
+              tune_dir: str, pretrained: Any, cpu_format: str | None = None) -> None:
     """One Tune trial: a complete training run, reported to Tune epoch by epoch."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -65,6 +74,7 @@ def run_trial(config: dict[str, Any], base: dict[str, Any], manifest: dict[str, 
     # The trial's budget counts from its workers' start, not from the minutes they may wait
     # for the nodes an autoscaler brings up.
     settings = resolve_settings(cfg, manifest, pretrained[0] if pretrained else None, budget_from_workers=True)
+    settings.cpu_format = cpu_format
     write_config(cfg, settings, trial_dir)
     # Re-running a trial (sweep resumed) resumes its TorchTrainer from the trial folder.
     build_trainer(cfg, settings, callbacks=[TuneReportCallback()]).fit()
@@ -92,22 +102,25 @@ def cluster_capacity(cfg: SweepConfig) -> int:
     return max(1, fit)
 
 
-def _searcher(cfg: SweepConfig) -> Any:
+def _searcher(cfg: SweepConfig, concurrent: int) -> Any:
+    """The search algorithm, seeded with --seed (the same command samples the same trials),
+    holding to `concurrent` trials at once."""
     if cfg.sweep.searcher != "optuna":
-        return None
+        from ray.tune.search.basic_variant import BasicVariantGenerator
+
+        return BasicVariantGenerator(max_concurrent=concurrent, random_state=cfg.run.seed)
     try:
         from ray.tune.search.optuna import OptunaSearch
         import optuna  # noqa: F401
     except ImportError:
         raise ConfigError(OPTUNA_MISSING) from None
-    return OptunaSearch(metric=METRIC, mode="max", seed=cfg.run.seed)
+    from ray.tune.search import ConcurrencyLimiter
+
+    return ConcurrencyLimiter(OptunaSearch(metric=METRIC, mode="max", seed=cfg.run.seed), max_concurrent=concurrent)
 
 
 class TrialLine(ray.tune.Callback):
     """One progress line per finished trial (Ray's table shows the running ones)."""
-
-    def __init__(self, epochs: int) -> None:
-        self.epochs = epochs
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         r = trial.last_result or {}
@@ -120,8 +133,14 @@ class TrialLine(ray.tune.Callback):
             flush=True,
         )
 
+    def __init__(self, epochs: int, tune_dir: str) -> None:
+        self.epochs, self.tune_dir = epochs, tune_dir
+
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        print(f"trial {trial.trial_id} failed; its error is in {trial.error_file}", flush=True)
+        # Under TUNE_DIR, where Tune copies it: the driver's copy (trial.error_file) is in
+        # Ray's session folder, which does not outlast the cluster.
+        error_file = storage.join(self.tune_dir, TUNE_RUN_NAME, trial.trial_id, "error.txt")
+        print(f"trial {trial.trial_id} failed; its error is in {error_file}", flush=True)
 
 
 # Set when a Ctrl-C reaches the sweep's driver while Tune runs (see InterruptWatch).
@@ -172,7 +191,7 @@ def asha(epochs: int, grace_period: int) -> Any:
     return ASHAScheduler(time_attr="epoch", max_t=epochs - 1, grace_period=grace_period, stop_last_trials=False)
 
 
-def build_tuner(cfg: SweepConfig, manifest: dict[str, Any]):
+def build_tuner(cfg: SweepConfig, manifest: dict[str, Any], cpu_format: str | None = None):
     """A new Tuner, or the interrupted sweep in TUNE_DIR restored (finished trials kept)."""
     tune_dir = storage.normalize(cfg.run.output)
     pretrained = load_pretrained(cfg, len(manifest["classes"]))
@@ -180,7 +199,7 @@ def build_tuner(cfg: SweepConfig, manifest: dict[str, Any]):
     # state dict, then copied to every Train worker, whose ray.get of it failed every trial).
     trainable = ray.tune.with_parameters(
         run_trial, base=to_dict(cfg), manifest=manifest, tune_dir=tune_dir,
-        pretrained=None if pretrained is None else [pretrained],
+        pretrained=None if pretrained is None else [pretrained], cpu_format=cpu_format,
     )
     # The trial function only waits on its TorchTrainer: it holds a sliver of a CPU (Tune
     # wants a non-empty request), leaving whole CPUs to Train workers and Ray Data, which
@@ -193,7 +212,14 @@ def build_tuner(cfg: SweepConfig, manifest: dict[str, Any]):
         # changed: fer_ray.trainer.check_inputs refuses that).
         return ray.tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=True)
 
-    concurrent = cfg.sweep.max_concurrent or cluster_capacity(cfg)
+    capacity = cluster_capacity(cfg)
+    concurrent = min(cfg.sweep.max_concurrent or capacity, capacity)
+    if cfg.sweep.max_concurrent and cfg.sweep.max_concurrent > capacity:
+        # More trials than the CPUs hold: their workers and Ray Data tasks wait on each
+        # other, and every trial's worker group times out (seen: no epoch in 4 minutes).
+        log.warning("--max-concurrent %d is more trials than this cluster holds at once (%d: each takes "
+                    "its workers' CPUs and one for Ray Data); running %d at once",
+                    cfg.sweep.max_concurrent, capacity, capacity)
     log.info("Sweeping %d trials, up to %d at once", cfg.sweep.num_samples, concurrent)
     lo, hi = cfg.sweep.smoothing_range
     space = {
@@ -207,15 +233,14 @@ def build_tuner(cfg: SweepConfig, manifest: dict[str, Any]):
             metric=METRIC,
             mode="max",
             num_samples=cfg.sweep.num_samples,
-            max_concurrent_trials=concurrent,
             scheduler=asha(cfg.optim.epochs, cfg.sweep.grace_period),
-            search_alg=_searcher(cfg),
+            search_alg=_searcher(cfg, concurrent),
             trial_dirname_creator=lambda t: t.trial_id,
         ),
         run_config=ray.tune.RunConfig(
             name=TUNE_RUN_NAME,
             storage_path=tune_dir,
-            callbacks=[TrialLine(cfg.optim.epochs), InterruptWatch()],
+            callbacks=[TrialLine(cfg.optim.epochs, tune_dir), InterruptWatch()],
             failure_config=ray.tune.FailureConfig(max_failures=0, fail_fast=False),
         ),
     )
@@ -328,19 +353,55 @@ def check_resumed_blur(tune_dir: str, sigma: str) -> None:
         )
 
 
+def sweep_cpu_format(cfg: SweepConfig, spec: Any, begun: dict[str, Any]) -> str | None:
+    """The format every trial trains in on CPUs with --amp auto (None: --amp sets it, or
+    GPUs): the one the sweep began with, else timed once, in a task that holds what a
+    Train worker holds (so on a node where trials run; fer_ray.model.time_cpu_formats).
+    Each trial timing its own picked fp32 in some trials and bf16 in others, on timings
+    within noise: their scores (and the epochs a time budget fits) no longer compared."""
+    if cfg.run.amp != "auto" or cfg.run.use_gpu:
+        return None
+    known = (begun.get(RESOLVED_KEY) or {}).get("cpu_format")
+    if known:
+        return known
+    import ray
+
+    chosen, timed = ray.get(ray.remote(num_cpus=cfg.run.cpus_per_worker)(_time_formats).remote(
+        spec, cfg.data.batch_size, cfg.run.cpus_per_worker))
+    log.info("Training step on a trial's CPUs: %s; every trial trains in %s", timed, chosen)
+    return chosen
+
+
+def _time_formats(spec: Any, batch_size: int, threads: int) -> tuple[str, str]:
+    """(fastest format's name, the timings as a line) of a training step of `spec`'s model."""
+    import torch
+
+    from fer_ray.model import CPU_FORMATS, create_model, fastest_format, format_name, time_cpu_formats
+
+    torch.set_num_threads(threads)
+    model = create_model(spec.model, len(spec.class_names), **spec.model_kwargs)
+    seconds = time_cpu_formats(model, batch_size, spec.in_chans, spec.image_size)
+    timed = ", ".join(f"{format_name(*f)} {t:.3f} s" for f, t in zip(CPU_FORMATS, seconds))
+    return format_name(*fastest_format(seconds, CPU_FORMATS)), timed
+
+
 def sweep(cfg: SweepConfig, manifest: dict[str, Any]) -> tuple[pd.DataFrame, dict[str, Any] | None]:
     """Run (or resume) the sweep and write TUNE_DIR; Ray must be initialised."""
     check_gpus(cfg)
     tune_dir = storage.normalize(cfg.run.output)
     # Measured once here (see fer_ray.blur) rather than by every trial: all trials match the same.
-    cfg.data.input_blur = str(resolve_settings(cfg, manifest).spec.input_blur)
+    spec = resolve_settings(cfg, manifest).spec
+    cfg.data.input_blur = str(spec.input_blur)
     check_resumed_blur(tune_dir, cfg.data.input_blur)
+    begun = storage.read_json_or_none(storage.join(tune_dir, SWEEP_CONFIG_FILE)) or {}
+    cpu_format = sweep_cpu_format(cfg, spec, begun)
     storage.makedirs(tune_dir)
-    storage.write_json(storage.join(tune_dir, SWEEP_CONFIG_FILE), to_dict(copy.deepcopy(cfg)))
+    storage.write_json(storage.join(tune_dir, SWEEP_CONFIG_FILE),
+                       {**to_dict(copy.deepcopy(cfg)), RESOLVED_KEY: {"cpu_format": cpu_format}})
     _INTERRUPTED.clear()
     handlers = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
     try:
-        grid = build_tuner(cfg, manifest).fit()
+        grid = build_tuner(cfg, manifest, cpu_format).fit()
     finally:
         if threading.current_thread() is threading.main_thread():
             for sig, handler in handlers.items():  # Tune leaves its own installed

@@ -89,9 +89,14 @@ def test_sweep_writes_every_output_and_resumes_without_retraining(ray_cluster, s
     _, spec = load_model_dir(str(out / "best"))
     assert spec.model == "test_resnet"
     assert (out / "tune_summary.png").stat().st_size > 0
+    formats = set()
     for trial_id in results["trial_id"]:
         history = pd.read_csv(out / "trials" / trial_id / "history.csv")
         assert len(history) == results.set_index("trial_id").loc[trial_id, "epochs_run"]
+        formats |= set(history["format"])
+    # --amp auto on CPUs: the formats timed once for the sweep, every trial in the same
+    # (each trial timing its own trained some in fp32 and some in bf16), kept for a resume.
+    assert formats == {json.loads((out / "sweep_config.json").read_text())["resolved"]["cpu_format"]}
 
     # A finished sweep run again trains nothing and reports the same results.
     stamps = {p: p.stat().st_mtime for p in (out / "trials").glob("*/ray_train/epoch_*")}
@@ -188,7 +193,7 @@ def test_ctrl_c_while_every_trial_runs_leaves_no_sweep_outputs(ray_cluster, synt
     assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL  # Tune's handler is not left behind
 
 
-def test_failed_trials_are_recorded_not_fatal(ray_cluster, synth_shards, tmp_path, capsys) -> None:
+def test_failed_trials_are_recorded_not_fatal(ray_cluster, synth_shards, tmp_path, capsys, caplog) -> None:
     out = tmp_path / "failing"
     # Shards whose train files are not Parquet: every trial's training raises (the driver
     # reads only the manifest with --input-blur off; a batch too large is now refused there).
@@ -198,12 +203,28 @@ def test_failed_trials_are_recorded_not_fatal(ray_cluster, synth_shards, tmp_pat
     args = sweep_args(str(shards), str(out), "--num-samples", "2", "--input-blur", "off",
                       "--max-failures", "0")
     assert tune_main(args) == 1  # no trial finished: a script sees it
-    assert "error: no trial finished" in capsys.readouterr().err
+    printed = capsys.readouterr()
+    assert "error: no trial finished" in printed.err
     results = pd.read_parquet(out / "results.parquet")
     assert len(results) == 2 and (results["status"] == "ERROR").all()
     assert str(results["best_epoch"].dtype) == "Int64"  # whole epochs, none known here
     assert results["error"].str.contains("ArrowInvalid|Could not read schema").all()
     assert not (out / "best").exists()
+    # Each failure's line names its error file in the sweep's folder (it named the copy in
+    # Ray's session folder, which goes with the cluster).
+    for trial_id in results["trial_id"]:
+        error_file = out / "ray_tune" / trial_id / "error.txt"
+        assert f"trial {trial_id} failed; its error is in {error_file}" in printed.out and error_file.is_file()
+
+    # The same command samples the same trials (random search is seeded by --seed); a
+    # --max-concurrent above what the cluster holds (4 CPUs: 2 trials) is held to it.
+    with caplog.at_level("WARNING", logger="fer_ray.tuning"):
+        assert tune_main([*sweep_args(str(shards), str(tmp_path / "again"), "--num-samples", "2", "--input-blur",
+                                      "off", "--max-failures", "0"), "--max-concurrent", "9"]) == 1
+    again = pd.read_parquet(tmp_path / "again" / "results.parquet")
+    assert again["lr"].tolist() == results["lr"].tolist()
+    assert again["label_smoothing"].tolist() == results["label_smoothing"].tolist()
+    assert "--max-concurrent 9 is more trials than this cluster holds at once (2:" in caplog.text
 
 
 @pytest.mark.parametrize(
@@ -282,6 +303,10 @@ def test_a_resumed_sweep_takes_the_default_lr_range_given_as_flags(synth_shards,
     _check_resume_compatible(cfg("--lr-range", "1e-4", "3e-3"), begun)  # AdamW's default range
     with pytest.raises(ConfigError, match=r"lr_range \[0.0001, 0.003\] -> \[0.0001, 0.01\]"):
         _check_resume_compatible(cfg("--lr-range", "1e-4", "1e-2"), begun)
+    # A setting begun unset is named as the default, not as None.
+    assert begun["data"]["data_size"] is None
+    with pytest.raises(ConfigError, match=r"\(data_size default -> 32\)"):
+        _check_resume_compatible(cfg("--data-size", "32"), begun)
 
 
 @pytest.mark.parametrize("epochs, grace, rungs", [(8, 2, [2]), (20, 2, [8, 2]), (2, 1, [1]), (2, 2, None)])
