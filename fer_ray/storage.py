@@ -290,8 +290,9 @@ def local_files(root: str) -> Iterator[str]:
     until the path was 40 links deep and listed every file under it once per turn. A
     symlink to nothing, or to what cannot be reached (a link loop, a folder without
     permission), is listed, so that its reader says why it cannot be read; sockets and
-    pipes are not (reading a pipe would wait forever). ConfigError for a folder that cannot
-    be listed or a name that is not UTF-8."""
+    pipes are not (reading a pipe would wait forever). ConfigError when `root` cannot be
+    listed or a name is not UTF-8; a folder inside it that cannot be listed (no permission)
+    is named in a warning and left out, so that one such folder does not stop a whole job."""
     above_root = []
     folder = os.path.realpath(root)
     while True:
@@ -308,7 +309,10 @@ def local_files(root: str) -> Iterator[str]:
             with os.scandir(folder) as it:
                 entries = list(it)
         except OSError as e:
-            raise ConfigError(f"Cannot list the folder {folder!r}: {e.strerror or e}.") from None
+            if folder == root:
+                raise ConfigError(f"Cannot list the folder {folder!r}: {e.strerror or e}.") from None
+            log.warning("Cannot list the folder %s (%s); its files are left out", folder, e.strerror or e)
+            continue
         subfolders = []
         for e in entries:
             if e.name.startswith("."):

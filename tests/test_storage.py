@@ -375,3 +375,25 @@ def test_inside_follows_links_to_where_they_lead(tmp_path) -> None:
     assert storage.through_link(str(tmp_path / "outlink")) == str(tmp_path / "out")
     assert storage.through_link(str(tmp_path / "out")) == str(tmp_path / "out")
     assert storage.through_link("s3://b/out") == "s3://b/out"
+
+
+def test_a_folder_inside_that_cannot_be_listed_is_named_and_left_out(tmp_path, monkeypatch, caplog) -> None:
+    """One folder without permission stopped the listing of everything (scoring or
+    preparing a large folder ended in one sentence); the folder itself still does."""
+    for name in ("a/1.png", "locked/2.png", "b/3.png"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    real_scandir = os.scandir
+
+    def scandir(path):
+        if str(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with caplog.at_level("WARNING", logger="fer_ray.storage"):
+        found = sorted(storage.local_files(str(tmp_path)))
+    assert found == [str(tmp_path / "a" / "1.png"), str(tmp_path / "b" / "3.png")]
+    assert f"Cannot list the folder {tmp_path / 'locked'} (Permission denied); its files are left out" in caplog.text
+    with pytest.raises(ConfigError, match="Cannot list the folder .*locked.*: Permission denied"):
+        list(storage.local_files(str(tmp_path / "locked")))
