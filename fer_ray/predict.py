@@ -162,7 +162,9 @@ def prediction_schema(class_names: Sequence[str]) -> pa.Schema:
     )
 
 
-ERROR_SCHEMA = pa.schema([(PATH_COL, pa.string()), (REASON_COL, pa.string())])
+# The true class of a file that could not be scored, when its folder names one: which
+# classes lost files, for metrics that leave them out.
+ERROR_SCHEMA = pa.schema([(PATH_COL, pa.string()), (REASON_COL, pa.string()), (LABEL_NAME_COL, pa.string())])
 
 
 def scored_schema(class_names: Sequence[str]) -> pa.Schema:
@@ -361,16 +363,17 @@ class ErrorWriter:
     def __init__(self, path: str) -> None:
         self.path = path
         self.count = 0
-        self.pending: dict[str, list[str]] = {PATH_COL: [], REASON_COL: []}
+        self.pending: dict[str, list[Any]] = {PATH_COL: [], REASON_COL: [], LABEL_NAME_COL: []}
         self.writer: Any = None
         self.seen: set[str] = set()  # a batch Ray runs again (its worker died) reports its files again
 
-    def write(self, paths: list[str], reasons: list[str]) -> None:
-        for path, reason in zip(paths, reasons):
+    def write(self, paths: list[str], reasons: list[str], label_names: list[str | None] | None = None) -> None:
+        for path, reason, name in zip(paths, reasons, label_names or [None] * len(paths)):
             if path not in self.seen:
                 self.seen.add(path)
                 self.pending[PATH_COL].append(path)
                 self.pending[REASON_COL].append(reason)
+                self.pending[LABEL_NAME_COL].append(name)
                 self.count += 1
         if len(self.pending[PATH_COL]) >= ERROR_ROWS_PER_WRITE:
             self._flush()
@@ -382,7 +385,7 @@ class ErrorWriter:
             fs, inner = storage.resolve(self.path)
             self.writer = pq.ParquetWriter(inner, ERROR_SCHEMA, filesystem=fs)
         self.writer.write_table(pa.table(self.pending, schema=ERROR_SCHEMA))
-        self.pending = {PATH_COL: [], REASON_COL: []}
+        self.pending = {PATH_COL: [], REASON_COL: [], LABEL_NAME_COL: []}
 
     def close(self) -> int:
         """Write what is left (an empty table makes a valid file with no rows); the count."""
@@ -531,10 +534,11 @@ def prediction_table(
 
 def scored_table(
     predictions: pa.Table, failed_paths: np.ndarray, reasons: np.ndarray, class_names: Sequence[str],
-    scored_in: str | None = None,
+    scored_in: str | None = None, failed_labels: np.ndarray | None = None,
 ) -> pa.Table:
     """The scoring actors' output (scored_schema): `predictions`, then one row per file
-    that could not be scored, with its path and reason; `scored_in` on the first row."""
+    that could not be scored, with its path, reason and true label (when known, < 0 not);
+    `scored_in` on the first row."""
     schema = scored_schema(class_names)
     n = predictions.num_rows + len(failed_paths)
     formats = pa.array([scored_in] + [None] * (n - 1), pa.string()) if n else pa.nulls(0, pa.string())
@@ -544,6 +548,10 @@ def scored_table(
         return good
     given = {PATH_COL: pa.array(failed_paths, pa.string()), REASON_COL: pa.array(reasons, pa.string()),
              FORMAT_COL: formats[predictions.num_rows:]}
+    if failed_labels is not None:
+        labels = np.asarray(failed_labels, dtype=np.int64)
+        label = pa.array(labels, pa.int64(), mask=labels < 0)
+        given[LABEL_COL], given[LABEL_NAME_COL] = label, pa.array(list(class_names), pa.string()).take(label)
     bad = pa.Table.from_arrays([given.get(f.name, pa.nulls(len(failed_paths), f.type)) for f in schema],
                                schema=schema)
     return pa.concat_tables([good, bad])
@@ -640,7 +648,7 @@ class Scorer:
         return scored_table(
             prediction_table(paths, labels, probs, self.class_names),
             batch[PATH_COL][failed], batch[REASON_COL][failed] if failed.any() else [], self.class_names,
-            self.scored_in,
+            self.scored_in, batch[LABEL_COL][failed],
         )
 
     def _probabilities(self, images: np.ndarray) -> np.ndarray:
@@ -1059,7 +1067,8 @@ def write_scored(scored: Any, writer: PartWriter, errors: ErrorWriter, class_nam
         if table.column(REASON_COL).null_count < table.num_rows:  # some file failed
             failed = pc.is_valid(table.column(REASON_COL))
             bad = table.filter(failed)
-            errors.write(bad.column(PATH_COL).to_pylist(), bad.column(REASON_COL).to_pylist())
+            errors.write(bad.column(PATH_COL).to_pylist(), bad.column(REASON_COL).to_pylist(),
+                         bad.column(LABEL_NAME_COL).to_pylist())
             table = table.filter(pc.invert(failed))
         writer.write(table.drop_columns([REASON_COL]))
     return sorted(formats)

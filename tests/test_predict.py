@@ -152,6 +152,13 @@ def test_every_good_file_scored_and_every_bad_one_in_errors(labelled_run, image_
     assert sorted(errors[PATH_COL]) == sorted(bad)
     for path, reason in zip(errors[PATH_COL], errors[REASON_COL]):
         assert bad[path] in reason, (path, reason)
+    # Each bad file's true class when its folder names one (which classes lost files).
+    src = str(image_folder[0])
+    for path, name in zip(errors[PATH_COL], errors[LABEL_NAME_COL]):
+        parts = path[len(src):].strip("/").split("/")
+        known = parts[0].lower() if len(parts) > 1 and parts[0].lower() in FER_CLASSES else None
+        assert name == known, (path, name)
+    assert errors[LABEL_NAME_COL].notna().any()
     assert (summary["scored"], summary["errors"], summary["total"]) == (len(good), len(bad), len(good) + len(bad))
     assert json.loads((out / SUMMARY_FILE).read_text()) == summary
     assert summary["tta"] is None and summary["amp"] == "off" and summary["images_per_second"] > 0
@@ -520,12 +527,13 @@ def test_leftovers_of_interrupted_runs_are_named(tmp_path) -> None:
 def test_a_batch_run_again_lists_its_bad_files_once(tmp_path) -> None:
     """Ray Data runs a batch again when its worker dies; its bad files arrive twice."""
     writer = ErrorWriter(str(tmp_path / ERRORS_FILE))
-    writer.write(["a.jpg", "b.jpg"], ["empty file", "not an image"])
+    writer.write(["a.jpg", "b.jpg"], ["empty file", "not an image"], ["happy", None])
     writer.write(["b.jpg", "c.jpg"], ["not an image", "empty file"])
 
     assert writer.close() == 3
     table = pd.read_parquet(tmp_path / ERRORS_FILE)
     assert table[PATH_COL].tolist() == ["a.jpg", "b.jpg", "c.jpg"]
+    assert table[LABEL_NAME_COL].fillna("-").tolist() == ["happy", "-", "-"]
     assert table[REASON_COL].tolist() == ["empty file", "not an image", "empty file"]
 
 
