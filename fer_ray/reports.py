@@ -72,27 +72,37 @@ def plot_confusion_matrix(
 def plot_sweep(results: pd.DataFrame, histories: dict[str, pd.DataFrame], path: str | Path) -> None:
     """Best val accuracy against LR coloured by label smoothing, and every trial's val curve."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    scored = results.dropna(subset=["best_val_acc"])
-    if len(scored):
+    # The best ringed among the trials that finished (as best/ is chosen); failed trials
+    # marked x, at their best epoch's accuracy or, with none, on the axis.
+    finished = results[results["status"] == "TERMINATED"].dropna(subset=["best_val_acc"])
+    failed = results[results["status"] != "TERMINATED"]
+    if len(finished):
         points = left.scatter(
-            scored["lr"], scored["best_val_acc"], c=scored["label_smoothing"], cmap="viridis",
+            finished["lr"], finished["best_val_acc"], c=finished["label_smoothing"], cmap="viridis",
             s=60, edgecolors="black",
         )
         fig.colorbar(points, ax=left, label="label smoothing")
-        best = scored.loc[scored["best_val_acc"].idxmax()]
+        best = finished.loc[finished["best_val_acc"].idxmax()]
         left.plot(best["lr"], best["best_val_acc"], marker="o", markersize=16, markerfacecolor="none",
                   markeredgecolor="red", markeredgewidth=2, linestyle="none", label=f"best {best['best_val_acc']:.3f} (trial {best['trial_id']})")
+    if len(failed):
+        left.scatter(failed["lr"], failed["best_val_acc"].fillna(0.0), marker="x", color="red", s=60,
+                     clip_on=False, label=f"failed ({len(failed)})")
+    if not len(finished):
+        left.set_ylim(0, 1)
+    if len(finished) or len(failed):
         left.legend(fontsize=8)
     left.set_xscale("log")
-    if len(scored):
+    lrs = results["lr"].dropna()
+    if len(lrs):
         # Labelled ticks of our own: within one decade matplotlib labels every minor tick,
         # and the labels ran into each other.
-        left.xaxis.set_major_locator(FixedLocator(lr_ticks(scored["lr"].min(), scored["lr"].max())))
+        left.xaxis.set_major_locator(FixedLocator(lr_ticks(lrs.min(), lrs.max())))
         left.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         left.xaxis.set_minor_formatter(NullFormatter())
     left.set_xlabel("learning rate")
     left.set_ylabel("best val accuracy")
-    left.set_title(f"{len(scored)} of {len(results)} trials scored")
+    left.set_title(f"{len(finished)} of {len(results)} trials finished" + (f", {len(failed)} failed" if len(failed) else ""))
     left.grid(alpha=0.3)
     for trial_id, history in sorted(histories.items()):
         right.plot(history["epoch"], history["val_acc"], marker=".", label=trial_id)

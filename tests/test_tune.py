@@ -347,3 +347,28 @@ def test_sweep_plot_ticks_label_the_learning_rates_without_crowding() -> None:
     assert lr_ticks(1e-5, 5e-2) == pytest.approx([1e-5, 1e-4, 1e-3, 1e-2])  # decades only: 9 were too many
     assert lr_ticks(1.6e-4, 4.4e-4) == pytest.approx([1.6e-4, 2e-4, 4.4e-4])  # the ends when one falls inside
     assert lr_ticks(3e-4, 3e-4) == pytest.approx([3e-4])
+
+
+def test_sweep_plot_rings_the_best_finished_trial_and_marks_failed_ones(tmp_path, monkeypatch) -> None:
+    """The ring went to the highest accuracy of any trial, a failed one included (best/
+    holds the best finished trial); failed trials were not shown, and with none finished
+    the LR axis ran 1-10 whatever was searched."""
+    import fer_ray.reports as reports
+
+    figures = []
+    monkeypatch.setattr(reports.plt, "close", figures.append)
+    results = pd.DataFrame({
+        "trial_id": ["a", "b", "c", "d"], "lr": [1e-4, 5e-4, 2e-3, 3e-3], "label_smoothing": [0.1, 0.2, 0.0, 0.3],
+        "best_val_acc": [0.40, 0.45, 0.60, float("nan")], "status": ["TERMINATED", "TERMINATED", "ERROR", "ERROR"],
+    })
+    reports.plot_sweep(results, {}, tmp_path / "sweep.png")
+    left = figures[-1].axes[0]
+    labels = [t.get_text() for t in left.get_legend().get_texts()]
+    assert labels == ["best 0.450 (trial b)", "failed (2)"]
+    assert left.get_title() == "2 of 4 trials finished, 2 failed"
+
+    reports.plot_sweep(results.assign(status="ERROR"), {}, tmp_path / "none.png")
+    left = figures[-1].axes[0]
+    assert left.get_title() == "0 of 4 trials finished, 4 failed"
+    assert 1e-5 < left.get_xlim()[0] and left.get_xlim()[1] < 1e-1  # around the LRs searched, not 1-10
+    assert (tmp_path / "none.png").stat().st_size > 0
