@@ -142,8 +142,9 @@ class OptimOptions:
     time_budget: float = field(
         default=0.0,
         metadata={
-            "help": "minutes the whole run may take, start-up included: after each epoch "
-            "the LR schedule is fitted to the epochs that fit (at most --epochs); 0: no limit"
+            "help": "minutes the whole run may take, start-up included (a sweep's trial: from "
+            "its workers' start): after each epoch the LR schedule is fitted to the epochs that "
+            "fit (at most --epochs); 0: no limit"
         },
     )
     lr: float = field(
@@ -229,7 +230,7 @@ class RunOptions:
         default="auto",
         metadata={
             "help": "mixed precision: auto (bf16/fp16 on GPU; on CPU fp32 or bf16, whichever a few "
-            "timed steps find faster when a run begins; a resumed run keeps its format), bf16, fp16, off"
+            "timed steps find faster when a run begins, or a sweep; a resumed run keeps its format), bf16, fp16, off"
         },
     )
     seed: int = field(default=0, metadata={"help": "seed of the model's initialisation and, with each worker's rank and the epoch, of its dropout masks and mixup/cutmix draws"})

@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
                         "on blurrier images: auto (for such a model, measured on 1,024 of the "
                         "input images against the training images' sharpness the model "
                         "recorded: images as blurry as those are left alone), model (the sigma "
-                        "the model measured on val in training), off, or a number")
+                        "the model recorded in training: measured, or given to jobs/train.py), off, "
+                        "or a number")
     args = parser.parse_args(argv)
 
     def job() -> int:
