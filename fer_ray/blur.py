@@ -133,6 +133,9 @@ def match_sharpness(target: float, images: np.ndarray) -> tuple[float, float]:
 def describe(sigma: float, found: dict[str, float], source: str) -> str:
     t, v = found.get("train_sharpness"), found.get("val_sharpness")
     measured = f" (sharpness train {t:.3g} vs val {v:.3g})" if t is not None else ""
+    if sigma > 0 and t is None:  # given, not measured
+        return (f"Val and scored images get a Gaussian blur of sigma {sigma:g} px ({source}; "
+                "--input-blur auto measures the blur that matches them to the train images).")
     if sigma > 0:
         return (
             f"Train images are blurrier than val{measured}: val and scored images get a "

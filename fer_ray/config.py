@@ -23,6 +23,9 @@ import yaml
 
 
 RESOLVED_KEY = "resolved"
+# The largest --image-size and --data-size: 1024 px faces are far above any model's need,
+# and larger sizes ran out of memory with a traceback once Ray had started.
+MAX_IMAGE_SIZE = MAX_DATA_SIZE = 1024
 TRIAL_KEY = "trial"  # a sweep's best_config.json: which trial it was, and how it did
 
 
@@ -252,10 +255,11 @@ class TrainConfig:
         _require(bool(d.data), "--data is required: the shards folder written by jobs/prepare.py.")
         _require(bool(r.output), "--output is required: the folder this "
                  + ("sweep writes to (its trials, results and best model)." if hasattr(self, "sweep") else "run writes to."))
-        _require(d.image_size >= 16, f"--image-size must be at least 16, got {d.image_size}.")
+        _require(16 <= d.image_size <= MAX_IMAGE_SIZE,
+                 f"--image-size must be between 16 and {MAX_IMAGE_SIZE} px, got {d.image_size}.")
         _require(
-            d.data_size is None or 8 <= d.data_size,
-            f"--data-size must be at least 8, got {d.data_size}.",
+            d.data_size is None or 8 <= d.data_size <= MAX_DATA_SIZE,
+            f"--data-size must be between 8 and {MAX_DATA_SIZE} px, got {d.data_size}.",
         )
         _require(d.batch_size >= 1, f"--batch-size must be at least 1, got {d.batch_size}.")
         _choice("--augment", d.augment, AUGMENT_LEVELS)
@@ -330,6 +334,11 @@ class TrainConfig:
             not reserved,
             f"--model-kwargs cannot set {', '.join(reserved)}: fer_ray sets "
             + "; ".join(RESERVED_MODEL_KWARGS[k] for k in reserved) + ".",
+        )
+        _require(
+            m.model_kwargs.get("in_chans", 3) in (1, 3),
+            f"--model-kwargs in_chans must be 1 (a grayscale stem) or 3 (RGB), got {m.model_kwargs.get('in_chans')!r}: "
+            "images are decoded to one or three channels.",
         )
         if m.pretrained_file and not m.pretrained:
             raise ConfigError("--pretrained-file was given with --no-pretrained (pretrained: false in "
@@ -450,7 +459,12 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
             raise ConfigError(f"{_setting(name)} expects {len(args)} values, got {value!r}.")
         return tuple(_coerce(v, t, name) for v, t in zip(items, args))
     if tp is dict:
-        parsed = yaml.safe_load(value) if isinstance(value, str) else value
+        try:
+            parsed = yaml.safe_load(value) if isinstance(value, str) else value
+        except yaml.YAMLError as e:
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigError(f"{_setting(name)} is not valid YAML ({problem}): {value!r}; "
+                              "write it as '{a: 1, b: 2}'.") from None
         if not isinstance(parsed, dict):
             raise ConfigError(f"{_setting(name)} expects a mapping such as '{{a: 1}}', got {value!r}.")
         # A key without a value would be dropped unseen (timm leaves out None arguments);
@@ -525,6 +539,8 @@ def load_config_file(path: str | Path, cls: type) -> dict[str, Any]:
         raise ConfigError(f"Config file {str(p)!r} does not exist.")
     try:
         values = yaml.safe_load(p.read_text()) or {}
+    except UnicodeDecodeError:
+        raise ConfigError(f"Config file {str(p)!r} is not text; give a YAML or JSON file of settings.") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

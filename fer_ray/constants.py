@@ -48,3 +48,5 @@ VAL_METRICS_FILE = "val_metrics.parquet"
 TRAIN_STATE_FILE = "train_state.pt"
 VAL_PREDICTIONS_FILE = "val_predictions.parquet"
 RAY_RUN_NAME = "ray_train"
+# Ray Train's record of the checkpoints a run reported, in RAY_RUN_NAME: there once one was.
+CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"

@@ -58,7 +58,7 @@ def fetch_pretrained_state(
     and first conv (`in_chans=1` sums the RGB filters). Raises ConfigError when the weights
     cannot be had.
     """
-    overlay, downloaded = None, None
+    overlay, downloaded, given = None, None, None
     if pretrained_file:
         if not storage.is_file(pretrained_file):
             raise ConfigError(f"--pretrained-file {pretrained_file!r} does not exist.")
@@ -66,6 +66,15 @@ def fetch_pretrained_state(
         if local is None:
             local = downloaded = _download(pretrained_file)
         overlay = {"file": local}
+        try:
+            given = set(timm.models.load_state_dict(local))
+        except Exception as e:  # noqa: BLE001 - (a text file: KeyError: 101; an empty one: EOFError)
+            if downloaded:
+                os.remove(downloaded)
+            raise ConfigError(
+                f"--pretrained-file {pretrained_file!r} is not a weights file torch or safetensors can "
+                f"read ({type(e).__name__}: {' '.join(str(e).split())[:200] or 'no detail'})."
+            ) from None
     unreachable = hub_unreachable() if not pretrained_file and weights_on_hub(name) else None
     try:
         with _hub_offline(unreachable is not None):
@@ -91,7 +100,27 @@ def fetch_pretrained_state(
     finally:
         if downloaded:
             os.remove(downloaded)  # a bucket's weights, copied here only for timm to read
+    if given is not None:
+        _check_weights_cover(model, given, name, pretrained_file)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _check_weights_cover(model: torch.nn.Module, given: set[str], name: str, pretrained_file: str) -> None:
+    """ConfigError unless `given` (a --pretrained-file's tensor names) holds every tensor of
+    the model but its classifier: timm loads a file into a model with a new head leniently,
+    and the weights of another architecture left most of the backbone random, trained as
+    if pretrained (a file of no matching tensor at all, with a frozen random backbone)."""
+    head = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or ""
+    heads = head if isinstance(head, (list, tuple)) else [head]
+    wanted = [k for k in model.state_dict()
+              if not k.endswith("num_batches_tracked") and not any(k.startswith(h + ".") for h in heads if h)]
+    missing = [k for k in wanted if k not in given]
+    if missing:
+        raise ConfigError(
+            f"--pretrained-file {pretrained_file!r} does not hold {name}'s weights: {len(missing)} of its "
+            f"{len(wanted)} tensors besides the classifier are missing (e.g. {', '.join(missing[:2])}); "
+            "give weights of this architecture, or --no-pretrained."
+        )
 
 
 HUB_PROBE_TIMEOUT_S = 5.0

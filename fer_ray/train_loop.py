@@ -80,6 +80,7 @@ class LoopSettings:
     # A sweep's trials on CPUs with --amp auto: the format timed once for all of them
     # (format_name; fer_ray.tuning), so that they train alike. None: timed by the run.
     cpu_format: str | None = None
+    pretrained: bool = False  # began from pretrained weights (its model folders say so)
     pretrained_state: Any = None  # an ObjectRef to a state dict, fetched once by the driver
 
     def __post_init__(self) -> None:
@@ -642,7 +643,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if rank == 0:
                 save_checkpoint(tmp, eval_model, spec, optimizer, scaler, state, phase, labels, preds,
                                 trained=model if ema is not None else None,
-                                pretrained=s.pretrained_state is not None)
+                                pretrained=s.pretrained)
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"epoch_{state.epoch:04d}")
         if state.stopped_early:

@@ -26,6 +26,7 @@ from fer_ray.cli import require_gpus
 from fer_ray.config import LR_RANGES, RESOLVED_KEY, ConfigError, TrainConfig, parse_input_blur, to_dict
 from fer_ray.constants import (
     BEST_DIR,
+    CHECKPOINT_SNAPSHOT,
     CONFIG_FILE,
     CONFUSION_MATRIX_FILE,
     HISTORY_FILE,
@@ -158,6 +159,7 @@ def resolve_settings(
         seed=r.seed,
         drop_rate=m.drop_rate,
         cpus_per_worker=r.cpus_per_worker,
+        pretrained=bool(m.pretrained),
         pretrained_state=pretrained_state,
     )
 
@@ -214,6 +216,10 @@ def check_inputs(cfg: TrainConfig) -> dict[str, Any]:
             f"{num_train} training images cannot fill one batch of {cfg.data.batch_size} on each of "
             f"{workers} worker(s); lower --batch-size or --num-workers."
         )
+    if existing and cfg.optim.freeze_epochs is None:
+        # Not given: the run's own (its default follows --epochs, and a run extended with a
+        # larger --epochs was refused for the head phase it had not run).
+        cfg.optim.freeze_epochs = _flat(existing).get("freeze_epochs")
     cfg.resolve_defaults()
     check_model_name(cfg.model.model)
     _check_resume_compatible(cfg, existing)
@@ -434,7 +440,12 @@ def train(
     manifest = manifest or check_inputs(cfg)
     check_gpus(cfg)
     run_dir = storage.normalize(cfg.run.output)
-    pretrained = load_pretrained(cfg, len(manifest["classes"]))
+    # A run resumed from a checkpoint has every weight there: the pretrained ones are not
+    # needed again (a moved --pretrained-file, or no network, refused the resume).
+    resuming = storage.exists(storage.join(run_dir, RAY_RUN_NAME, CHECKPOINT_SNAPSHOT))
+    if resuming and cfg.model.pretrained:
+        log.info("Resuming from the run's checkpoint: its weights are there, the pretrained ones are not fetched")
+    pretrained = None if resuming else load_pretrained(cfg, len(manifest["classes"]))
     settings = resolve_settings(cfg, manifest, pretrained, started=started)
     write_config(cfg, settings, run_dir)
     trainer = build_trainer(cfg, settings, callbacks=callbacks)

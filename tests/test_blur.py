@@ -234,3 +234,14 @@ def test_scoring_blur_measures_a_whole_shards_folder_split_by_split(synth_folder
     assert sigma == pytest.approx(1.5, abs=0.3) and f"measured on {len(sharp)} input images" in source
     assert scoring_blur(None, spec, lambda: {"train": blurred, "val": sharp[:0]})[0] == 0  # empty split left out
     assert scoring_blur(0.6, spec, lambda: 1 / 0)[0] == 0.6  # a given blur: nothing measured
+
+
+def test_a_given_blur_is_not_described_as_measured() -> None:
+    """--input-blur 1.5 was logged as "Train images are blurrier than val ...", though
+    nothing was measured."""
+    from fer_ray import blur
+
+    given = blur.describe(1.5, {}, "--input-blur")
+    assert "blurrier" not in given and "sigma 1.5 px (--input-blur;" in given
+    measured = blur.describe(3.05, {"train_sharpness": 6.2, "val_sharpness": 2150.0}, "measured")
+    assert measured.startswith("Train images are blurrier than val (sharpness train 6.2 vs val 2.15e+03)")

@@ -136,6 +136,14 @@ def test_wrong_type_is_rejected() -> None:
          "--unfreeze 1 keeps the other stages of a backbone that is not pretrained"),
         (["--data", "d", "--output", "o", "--no-pretrained", "--freeze-epochs", "2"],
          "--freeze-epochs 2 trains only the head of a backbone that is not pretrained"),
+        # A traceback (bad YAML; arrays of terabytes once Ray had started) or a crash in every
+        # worker (images have 1 or 3 channels):
+        (["--data", "d", "--output", "o", "--model-kwargs", "{in_chans: 1"],
+         r"\(--model-kwargs\) is not valid YAML .*: '\{in_chans: 1'; write it as"),
+        (["--data", "d", "--output", "o", "--data-size", "100000"], "--data-size must be between 8 and 1024 px"),
+        (["--data", "d", "--output", "o", "--image-size", "5000"], "--image-size must be between 16 and 1024 px"),
+        (["--data", "d", "--output", "o", "--model-kwargs", "{in_chans: 5}"],
+         "--model-kwargs in_chans must be 1 .* or 3 .*, got 5"),
     ],
 )
 def test_validation_messages(flags: list[str], message: str) -> None:
@@ -160,3 +168,9 @@ def test_shipped_configs_parse_and_validate(name: str) -> None:
     cfg = parse(["--config", str(path), "--data", "d", "--output", "o"]).validate()
     check_model_name(cfg.model.model)
     assert cfg.optim.epochs >= 1
+
+
+def test_a_config_file_that_is_not_text_is_named(tmp_path) -> None:
+    (tmp_path / "weights.pth").write_bytes(b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19.")
+    with pytest.raises(ConfigError, match="is not text; give a YAML or JSON file of settings"):
+        parse(["--config", str(tmp_path / "weights.pth"), "--data", "d", "--output", "o"])

@@ -110,6 +110,28 @@ def test_missing_pretrained_file_is_a_config_error(tmp_path) -> None:
         fetch_pretrained_state("test_resnet", 7, str(tmp_path / "nope.pth"))
 
 
+def test_a_pretrained_file_of_other_weights_is_named(tmp_path) -> None:
+    """timm loads a file into a model with a new head leniently: resnet18's weights into
+    resnet34 left its extra blocks random, a dict of no matching tensor left the whole
+    backbone random, and the run trained (head-only first) as if pretrained; a file that
+    is not weights at all ended in "KeyError: 101" or a bare "EOFError"."""
+    torch.save(timm.create_model("resnet18").state_dict(), tmp_path / "r18.pth")
+    with pytest.raises(ConfigError, match=r"does not hold resnet34's weights: \d+ of its \d+ tensors besides "
+                                          r"the classifier are missing \(e\.g\. layer1\.2\."):
+        fetch_pretrained_state("resnet34", 7, str(tmp_path / "r18.pth"))
+    torch.save({"foo": torch.zeros(3)}, tmp_path / "foo.pth")
+    with pytest.raises(ConfigError, match="does not hold test_resnet's weights"):
+        fetch_pretrained_state("test_resnet", 7, str(tmp_path / "foo.pth"))
+    (tmp_path / "notes.pth").write_text("not weights")
+    (tmp_path / "empty.pth").write_bytes(b"")
+    for name in ("notes.pth", "empty.pth"):
+        with pytest.raises(ConfigError, match="is not a weights file torch or safetensors can read"):
+            fetch_pretrained_state("test_resnet", 7, str(tmp_path / name))
+    # A 1-channel stem from RGB weights is still their architecture: accepted.
+    torch.save(timm.create_model("test_resnet").state_dict(), tmp_path / "t.pth")
+    assert fetch_pretrained_state("test_resnet", 7, str(tmp_path / "t.pth"), in_chans=1)["conv1.0.weight"].shape[1] == 1
+
+
 def test_no_network_names_the_offline_flag(monkeypatch) -> None:
     import huggingface_hub.constants
 

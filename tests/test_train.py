@@ -84,12 +84,17 @@ def test_resumed_run_keeps_the_format_its_last_epoch_trained_in(tiny_run, tmp_pa
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
     data = json.loads((run / "config.json").read_text())["data"]["data"]
-    args = tiny_train_args(data, str(run), "--epochs", "3", "--freeze-epochs", "1", "--amp", "auto",
-                           "--pretrained", "--pretrained-file", str(tiny_run.parent / "pretrained.pth"))
+    # Without --freeze-epochs: the run's own 1 (the default for 3 epochs is 2, and a run
+    # extended with a larger --epochs was refused for the head phase it had not run). The
+    # pretrained weights' file has moved since: the checkpoint holds every weight.
+    args = tiny_train_args(data, str(run), "--epochs", "3", "--amp", "auto",
+                           "--pretrained", "--pretrained-file", str(tmp_path / "moved.pth"))
     assert train_main(args) == 0
     history = pd.read_csv(run / "history.csv")
     assert history["epoch"].tolist() == [1, 2, 3]
+    assert history["phase"].tolist() == ["head", "finetune", "finetune"]
     assert history["format"].nunique() == 1, history["format"].tolist()
+    assert "tag" in json.loads((run / "best" / "config.json").read_text())["pretrained_cfg"]  # still pretrained
 
 
 def test_ctrl_c_says_interrupted_and_the_rerun_resumes(ray_cluster, synth_shards, tmp_path, capsys) -> None:
