@@ -120,6 +120,17 @@ def kept_format(history: list[dict[str, Any]]) -> tuple[torch.dtype | None, bool
     return named_format(history[-1]["format"])
 
 
+def finished_why(state: TrainState, epochs: int) -> str:
+    """Why a finished run trains nothing more, and what would go on (README: a run that early
+    stopping or its time budget ended stays finished)."""
+    if state.stopped_early:
+        return "early stopping ended it; train longer in a new --output"
+    if state.planned_epochs and state.planned_epochs < epochs:
+        return (f"its --time-budget fitted {state.planned_epochs} of {epochs} epochs; "
+                "train longer in a new --output")
+    return f"it ran all its {state.epoch} epochs; a larger --epochs goes on from there"
+
+
 def named_format(name: str | None) -> tuple[torch.dtype | None, bool] | None:
     """The CPU format (amp dtype, channels_last) format_name calls `name`; None for another."""
     return next((f for f in CPU_FORMATS if format_name(*f) == name), None)
@@ -532,7 +543,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if state.planned_epochs:  # the schedule the time budget fitted, kept across restarts
         s.epochs = min(state.planned_epochs, s.epochs)  # (a rerun may lower --epochs)
     if state.stopped_early or state.epoch >= s.epochs:
-        log0(f"Run already finished at epoch {state.epoch}; nothing to train.")
+        log0(f"Run already finished at epoch {state.epoch}; nothing to train ({finished_why(state, configured_epochs)}).")
         return
     # The moving average of the weights (timm's ModelEmaV3, its decay warmed up over the
     # first steps) is what validates and what the model folder holds; a checkpoint keeps

@@ -724,3 +724,16 @@ def test_a_phases_first_step_is_never_below_zero() -> None:
 
     assert phase_step(global_step=2 * 897 - 2, phase_start=2, epoch_steps=897) == 0
     assert phase_step(global_step=2 * 897 + 5, phase_start=2, epoch_steps=897) == 5
+
+
+def test_a_finished_run_says_why_it_trains_nothing_more() -> None:
+    """"Run already finished at epoch 1; nothing to train." said neither why nor what would
+    go on (a larger --epochs does, unless early stopping or the time budget ended the run)."""
+    from fer_ray.train_loop import TrainState, finished_why
+
+    assert "early stopping ended it; train longer in a new --output" in finished_why(
+        TrainState(epoch=5, stopped_early=True), 10)
+    assert finished_why(TrainState(epoch=7, planned_epochs=7), 40) == (
+        "its --time-budget fitted 7 of 40 epochs; train longer in a new --output")
+    assert finished_why(TrainState(epoch=3, planned_epochs=3), 3) == (
+        "it ran all its 3 epochs; a larger --epochs goes on from there")
