@@ -197,6 +197,12 @@ def check_inputs(cfg: TrainConfig) -> dict[str, Any]:
     # trials (run from working folders of their own) find it.
     cfg.data.data = storage.normalize(cfg.data.data)
     existing = _check_output(cfg)  # (its sentences name --output as given)
+    if existing and not hasattr(cfg, "sweep") and not storage.exists(
+            storage.join(storage.normalize(cfg.run.output), RAY_RUN_NAME, CHECKPOINT_SNAPSHOT)):
+        # A run that failed or was stopped before its first checkpoint: nothing to resume,
+        # so nothing holds it to its settings (a corrected rerun was refused as "different").
+        log.info("Output %s holds a run that saved no epoch; it starts again with these settings", cfg.run.output)
+        existing = None
     # The same for --output: `--config RUN/config.json` from another folder resumed nothing
     # and trained a new run under that folder instead.
     cfg.run.output = storage.normalize(cfg.run.output)

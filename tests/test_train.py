@@ -737,3 +737,25 @@ def test_a_finished_run_says_why_it_trains_nothing_more() -> None:
         "its --time-budget fitted 7 of 40 epochs; train longer in a new --output")
     assert finished_why(TrainState(epoch=3, planned_epochs=3), 3) == (
         "it ran all its 3 epochs; a larger --epochs goes on from there")
+
+
+def test_a_run_that_saved_no_epoch_starts_again_with_new_settings(tiny_run, tmp_path, caplog) -> None:
+    """A run that failed before its first checkpoint (a bad --model-kwargs, say) kept its
+    config.json, and the corrected rerun was refused: "holds a run with different settings"."""
+    from fer_ray.config import ConfigError, TrainConfig, parse_config
+    from fer_ray.trainer import check_inputs
+
+    data = json.loads((tiny_run / "config.json").read_text())["data"]["data"]
+
+    def cfg(run: Path) -> TrainConfig:
+        return parse_config(TrainConfig, tiny_train_args(data, str(run), "--image-size", "40"),
+                            argparse.ArgumentParser())[0]
+
+    failed = tmp_path / "failed"
+    failed.mkdir()
+    shutil.copy(tiny_run / "config.json", failed / "config.json")
+    with caplog.at_level("INFO", logger="fer_ray.trainer"):
+        check_inputs(cfg(failed))  # no ConfigError
+    assert "holds a run that saved no epoch; it starts again with these settings" in caplog.text
+    with pytest.raises(ConfigError, match=r"different settings \(.*image_size 32 -> 40"):
+        check_inputs(cfg(tiny_run))  # a run with checkpoints keeps its settings
