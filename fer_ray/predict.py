@@ -936,9 +936,10 @@ def predict(
     is bf16 or fp16 on a GPU, and on a CPU whichever of fp32 and bf16 its scorers time faster)."""
     start = time.time()
     model_dir, source, output = (storage.normalize(p) for p in (model_dir, source, output))
-    if storage.through_link(output) != output:
-        log.info("--output %s is a link to %s: the results replace that folder", output, storage.through_link(output))
-        output = storage.through_link(output)
+    target = storage.through_link(output)
+    if target != output:
+        log.info("--output %s is a link to %s: the results replace that folder", output, target)
+        output = target
     tta = tta_mode(tta)  # before check_inputs, which loads the model
     spec = check_inputs(model_dir, source, output, split, batch_size, num_actors, amp, use_gpu)
     for stale in _stale_temp_folders(output):

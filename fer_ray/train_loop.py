@@ -505,8 +505,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # CPU, --amp auto measures fp32 and bf16, each with and without channels_last, and
     # trains in the fastest (every worker in the same, from their summed step times).
     amp_dtype, channels_last = resolve_amp(s.amp, device), True
-    kept = kept_format(state.history) if s.amp == "auto" and device.type == "cpu" else None
-    swept = named_format(s.cpu_format) if s.amp == "auto" and device.type == "cpu" else None
+    timed = s.amp == "auto" and device.type == "cpu"  # the format is this run's choice
+    kept = kept_format(state.history) if timed else None
+    swept = named_format(s.cpu_format) if timed else None
     if kept is not None:  # a resumed run goes on in the format it was training in
         amp_dtype, channels_last = kept
         log0(f"Training in {format_name(*kept)} as the run's last epoch did (--amp auto times the "
@@ -514,7 +515,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     elif swept is not None:
         amp_dtype, channels_last = swept
         log0(f"Training in {format_name(*swept)}, timed once for all the sweep's trials")
-    elif s.amp == "auto" and device.type == "cpu":
+    elif timed:
         seconds = all_reduce(time_cpu_formats(model, s.batch_size, spec.in_chans, spec.image_size), device)
         amp_dtype, channels_last = fastest_format(seconds, CPU_FORMATS)
         log0("Training step on this CPU: " + ", ".join(

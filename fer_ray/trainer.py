@@ -197,8 +197,7 @@ def check_inputs(cfg: TrainConfig) -> dict[str, Any]:
     # trials (run from working folders of their own) find it.
     cfg.data.data = storage.normalize(cfg.data.data)
     existing = _check_output(cfg)  # (its sentences name --output as given)
-    if existing and not hasattr(cfg, "sweep") and not storage.exists(
-            storage.join(storage.normalize(cfg.run.output), RAY_RUN_NAME, CHECKPOINT_SNAPSHOT)):
+    if existing and not hasattr(cfg, "sweep") and not has_checkpoint(storage.normalize(cfg.run.output)):
         # A run that failed or was stopped before its first checkpoint: nothing to resume,
         # so nothing holds it to its settings (a corrected rerun was refused as "different").
         log.info("Output %s holds a run that saved no epoch; it starts again with these settings", cfg.run.output)
@@ -232,6 +231,12 @@ def check_inputs(cfg: TrainConfig) -> dict[str, Any]:
     what = "a sweep" if hasattr(cfg, "sweep") else "a run"  # (said once every check passed)
     log.info("Output %s: %s", cfg.run.output, f"resumes {what} begun there" if existing else f"{what} from the start")
     return manifest
+
+
+def has_checkpoint(run_dir: str) -> bool:
+    """Whether the run in `run_dir` (a training run's folder, or a sweep's trial) reported a
+    checkpoint: Ray Train's record of them is there once one was."""
+    return storage.exists(storage.join(run_dir, RAY_RUN_NAME, CHECKPOINT_SNAPSHOT))
 
 
 def _check_output(cfg: TrainConfig) -> dict[str, Any] | None:
@@ -448,7 +453,7 @@ def train(
     run_dir = storage.normalize(cfg.run.output)
     # A run resumed from a checkpoint has every weight there: the pretrained ones are not
     # needed again (a moved --pretrained-file, or no network, refused the resume).
-    resuming = storage.exists(storage.join(run_dir, RAY_RUN_NAME, CHECKPOINT_SNAPSHOT))
+    resuming = has_checkpoint(run_dir)
     if resuming and cfg.model.pretrained:
         log.info("Resuming from the run's checkpoint: its weights are there, the pretrained ones are not fetched")
     pretrained = None if resuming else load_pretrained(cfg, len(manifest["classes"]))

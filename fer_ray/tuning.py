@@ -36,8 +36,17 @@ from fer_ray.config import (
     from_flat,
     to_dict,
 )
-from fer_ray.constants import BEST_DIR, CHECKPOINT_SNAPSHOT, CONFIG_FILE, HISTORY_FILE, RAY_RUN_NAME, SWEEP_CONFIG_FILE
-from fer_ray.trainer import build_trainer, check_gpus, finalize_run, load_pretrained, local_staging, resolve_settings, write_config
+from fer_ray.constants import BEST_DIR, CONFIG_FILE, HISTORY_FILE, RAY_RUN_NAME, SWEEP_CONFIG_FILE
+from fer_ray.trainer import (
+    build_trainer,
+    check_gpus,
+    finalize_run,
+    has_checkpoint,
+    load_pretrained,
+    local_staging,
+    resolve_settings,
+    write_config,
+)
 
 log = logging.getLogger(__name__)
 
@@ -278,7 +287,7 @@ def collect_results(grid: Any, tune_dir: str, classes: list[str]) -> pd.DataFram
                "status": "ERROR" if result.error else "TERMINATED",
                "error": _one_line(result.error) if result.error else None, "best_dir": None}
         train_dir = storage.join(trial_dir, RAY_RUN_NAME)
-        if storage.exists(storage.join(train_dir, CHECKPOINT_SNAPSHOT)):
+        if has_checkpoint(trial_dir):
             with _quiet(_CHECKPOINT_MANAGER_LOG):
                 result_of_trial = ray.train.Result.from_path(train_dir)
             summary = finalize_run(result_of_trial, trial_dir, classes)
