@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import logging
 import math
+import os
 import time
 import uuid
 from collections import Counter, defaultdict
@@ -120,6 +121,45 @@ def _files_by_class(folder: str, classes: list[str]) -> list[tuple[str, int]]:
     return items
 
 
+def _each_file_once(source: str, items: dict[str, list[tuple[str, int]]], classes: list[str]) -> dict[str, list[tuple[str, int]]]:
+    """`items` (per split) with every file once: symbolic links (to a file, or a folder
+    followed by the listing) can list one file under two names. One file in two classes is
+    a ConfigError (its label is both); a later copy in the same class or another split is
+    left out with a warning (a val or test image that is a training image overstates its
+    accuracy). Local folders only: buckets have no links."""
+    if storage.local_path(source) is None:
+        return items
+    first: dict[tuple[int, int], tuple[str, str, int]] = {}  # (device, inode): split, path, label
+    out, again = {}, Counter()
+    for split in sorted(items, key=SPLITS.index):  # train first: its copy is the one kept
+        out[split] = []
+        for path, label in items[split]:
+            try:
+                st = os.stat(path)
+            except OSError:  # read later, and reported there
+                out[split].append((path, label))
+                continue
+            key = (st.st_dev, st.st_ino)
+            if key not in first:
+                first[key] = (split, path, label)
+                out[split].append((path, label))
+                continue
+            split0, path0, label0 = first[key]
+            if label0 != label:
+                raise ConfigError(
+                    f"{path!r} and {path0!r} are one file (through a symbolic link) in two classes, "
+                    f"{classes[label0]} and {classes[label]}; give each image one class."
+                )
+            again[(split0, split)] += 1
+    for (split0, split), n in sorted(again.items()):
+        if split0 == split:
+            log.warning("%d file(s) of %s are listed twice through symbolic links; each is used once", n, split)
+        else:
+            log.warning("%d file(s) of %s are %s images too (symbolic links); left out of %s, where they "
+                        "would overstate its accuracy", n, split, split0, split)
+    return out
+
+
 def list_source(source: str, val_fraction: float = 0.1, seed: int = 0) -> Listing:
     """Inspect SRC and list its images per split; raise ConfigError on unusable input."""
     if not storage.exists(source):
@@ -172,6 +212,7 @@ def _list_split_folders(
                 "add them to train/ or remove them."
             )
         listing.items[split] = _files_by_class(folder, classes)
+    listing.items = _each_file_once(source, listing.items, classes)
     if VAL not in split_dirs:
         # No val folder: carve a stratified val split out of train.
         train_items = listing.items[TRAIN]
@@ -185,7 +226,7 @@ def _list_split_folders(
 
 def _list_class_folders(source: str, subdirs: list[str], val_fraction: float, seed: int) -> Listing:
     classes = class_order(subdirs)
-    items = _files_by_class(source, classes)
+    items = _each_file_once(source, {TRAIN: _files_by_class(source, classes)}, classes)[TRAIN]
     tr, va = stratified_split([lab for _, lab in items], val_fraction, seed)
     listing = Listing(
         kind="class_folders",

@@ -371,6 +371,39 @@ def test_folders_that_are_not_classes_are_named(tmp_path) -> None:
         list_source(str(tmp_path / "src"))
 
 
+def test_a_file_reached_twice_through_symbolic_links_is_listed_once(tmp_path, caplog) -> None:
+    """The listing follows symbolic links: a link inside happy/ to sad/ listed sad's images
+    as happy too (one file, two labels), and val/ linking to train/'s images validated on
+    training images. One file in two classes is refused; a second copy elsewhere is left out."""
+    import logging
+
+    src = tmp_path / "src"
+    make_tree(src, {"happy": 4, "sad": 4})
+    (src / "happy" / "more").symlink_to(src / "sad")
+    with pytest.raises(ConfigError, match=r"are one file \(through a symbolic link\) in two classes, happy and "
+                                          r"sad; give each image one class"):
+        list_source(str(src))
+    (src / "happy" / "more").unlink()
+    (src / "happy" / "again").symlink_to(src / "happy")  # a link to the folder above is not followed
+    (src / "happy" / "copy.png").symlink_to(src / "happy" / "img_0.png")
+    with caplog.at_level(logging.WARNING):
+        listing = list_source(str(src), val_fraction=0.25)
+    assert sum(len(v) for v in listing.items.values()) == 8  # img_0.png once, in one split
+    assert "1 file(s) of train are listed twice through symbolic links; each is used once" in caplog.text
+
+    split = tmp_path / "split"
+    make_tree(split, {"train/happy": 4, "train/sad": 4, "val/sad": 2})
+    (split / "val" / "happy").mkdir()
+    for i in range(2):
+        (split / "val" / "happy" / f"link_{i}.png").symlink_to(split / "train" / "happy" / f"img_{i}.png")
+    (split / "val" / "happy" / "own.png").write_bytes(png(7))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        listing = list_source(str(split))
+    assert {k: len(v) for k, v in listing.items.items()} == {"train": 8, "val": 3}
+    assert "2 file(s) of val are train images too (symbolic links); left out of val" in caplog.text
+
+
 def test_an_image_above_pillows_bomb_limit_is_kept_as_scoring_reads_it(monkeypatch) -> None:
     """Pillow refuses images above ~179 Mpx (DecompressionBombError): prepare skipped them
     as "corrupt image" while jobs/predict.py scored the same file."""
