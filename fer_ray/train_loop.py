@@ -120,6 +120,14 @@ def kept_format(history: list[dict[str, Any]]) -> tuple[torch.dtype | None, bool
     return named_format(history[-1]["format"])
 
 
+def is_finished(state: TrainState, epochs: int) -> bool:
+    """Whether a run at `state` trains nothing more with --epochs `epochs`: early stopping
+    ended it, or it ran the epochs of its plan (the time budget's, kept across restarts, or
+    --epochs, which a rerun may raise or lower)."""
+    end = min(state.planned_epochs, epochs) if state.planned_epochs else epochs
+    return state.stopped_early or state.epoch >= end
+
+
 def finished_why(state: TrainState, epochs: int) -> str:
     """Why a finished run trains nothing more, and what would go on (README: a run that early
     stopping or its time budget ended stays finished)."""
@@ -543,7 +551,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     configured_epochs = s.epochs  # --epochs: the most a time budget's plan may grow to
     if state.planned_epochs:  # the schedule the time budget fitted, kept across restarts
         s.epochs = min(state.planned_epochs, s.epochs)  # (a rerun may lower --epochs)
-    if state.stopped_early or state.epoch >= s.epochs:
+    if is_finished(state, configured_epochs):  # (a sweep's trial: a run's job stops before workers start)
         log0(f"Run already finished at epoch {state.epoch}; nothing to train ({finished_why(state, configured_epochs)}).")
         return
     # The moving average of the weights (timm's ModelEmaV3, its decay warmed up over the

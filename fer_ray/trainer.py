@@ -49,7 +49,8 @@ from fer_ray.prepare import read_manifest
 from fer_ray.normalize import match_channels
 from fer_ray.reports import plot_confusion_matrix, plot_learning_curves
 from fer_ray.train_loop import (
-    CHECKPOINT_SCORE, LoopSettings, load_train_state, scaled_lr, steps_per_epoch, train_loop_per_worker,
+    CHECKPOINT_SCORE, LoopSettings, TrainState, finished_why, is_finished, load_train_state, scaled_lr,
+    steps_per_epoch, train_loop_per_worker,
 )
 
 log = logging.getLogger(__name__)
@@ -237,6 +238,19 @@ def has_checkpoint(run_dir: str) -> bool:
     """Whether the run in `run_dir` (a training run's folder, or a sweep's trial) reported a
     checkpoint: Ray Train's record of them is there once one was."""
     return storage.exists(storage.join(run_dir, RAY_RUN_NAME, CHECKPOINT_SNAPSHOT))
+
+
+def saved_result(run_dir: str) -> ray.train.Result:
+    """The Result of the run in `run_dir` (a training run's folder, or a sweep's trial) read
+    back from its checkpoints. Ray's checkpoint manager logs three lines on finding them,
+    advice for a job that resumes (delete the folder to start anew): not said here."""
+    logger = logging.getLogger("ray.train.v2._internal.execution.checkpoint.checkpoint_manager")
+    level = logger.level
+    logger.setLevel(max(level, logging.WARNING))
+    try:
+        return ray.train.Result.from_path(storage.join(run_dir, RAY_RUN_NAME))
+    finally:
+        logger.setLevel(level)
 
 
 def _check_output(cfg: TrainConfig) -> dict[str, Any] | None:
@@ -438,8 +452,34 @@ def finalize_run(result: Any, run_dir: str, class_names: Sequence[str]) -> dict[
         "best_epoch": int(state["best_epoch"]),
         "epochs_run": int(state["epoch"]),
         "stopped_early": bool(state["stopped_early"]),
+        "planned_epochs": int(state.get("planned_epochs") or 0),  # what the time budget fitted
         "best_dir": storage.join(run_dir, BEST_DIR),
     }
+
+
+def _finished_run(cfg: TrainConfig, run_dir: str, class_names: Sequence[str]) -> dict[str, Any] | None:
+    """A run folder whose last checkpoint ended the run (all its epochs, early stopping or its
+    time budget): its outputs written again from its checkpoints, with no worker started and
+    its config.json left as it trained (a rerun rewrote it with settings that never trained,
+    such as another --lr); None for a run that goes on."""
+    result = saved_result(run_dir)
+    if result.checkpoint is None:
+        return None
+    with result.checkpoint.as_directory() as folder:
+        state = TrainState(**load_train_state(folder)["state"])
+    epochs = cfg.optim.epochs
+    if not is_finished(state, epochs):
+        return None
+    log.info("Run already finished at epoch %d; nothing to train (%s).", state.epoch, finished_why(state, epochs))
+    old = _flat(storage.read_json(storage.join(run_dir, CONFIG_FILE)))
+    new = json.loads(json.dumps(_flat(to_dict(cfg))))  # tuples as the saved lists
+    unused = [k for k in new if k in old and old[k] != new[k] and k != "output"]  # (a moved folder)
+    if unused:
+        log.warning(
+            "Not applied, as the run trains no more: %s; its config.json keeps the settings it trained with.",
+            ", ".join(f"{k} {old[k]!r} -> {new[k]!r}" for k in unused),
+        )
+    return finalize_run(result, run_dir, class_names)
 
 
 def train(
@@ -454,6 +494,10 @@ def train(
     # A run resumed from a checkpoint has every weight there: the pretrained ones are not
     # needed again (a moved --pretrained-file, or no network, refused the resume).
     resuming = has_checkpoint(run_dir)
+    if resuming:
+        finished = _finished_run(cfg, run_dir, manifest["classes"])
+        if finished is not None:
+            return finished
     if resuming and cfg.model.pretrained:
         log.info("Resuming from the run's checkpoint: its weights are there, the pretrained ones are not fetched")
     pretrained = None if resuming else load_pretrained(cfg, len(manifest["classes"]))

@@ -8,7 +8,6 @@ complete run folder under TUNE_DIR/trials/<trial id>/.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
 import io
@@ -36,7 +35,7 @@ from fer_ray.config import (
     from_flat,
     to_dict,
 )
-from fer_ray.constants import BEST_DIR, CONFIG_FILE, HISTORY_FILE, RAY_RUN_NAME, SWEEP_CONFIG_FILE
+from fer_ray.constants import BEST_DIR, CONFIG_FILE, HISTORY_FILE, SWEEP_CONFIG_FILE
 from fer_ray.trainer import (
     build_trainer,
     check_gpus,
@@ -45,6 +44,7 @@ from fer_ray.trainer import (
     load_pretrained,
     local_staging,
     resolve_settings,
+    saved_result,
     write_config,
 )
 
@@ -255,28 +255,8 @@ def build_tuner(cfg: SweepConfig, manifest: dict[str, Any], cpu_format: str | No
     )
 
 
-# Ray Train logs, for every trial whose results are read back, that a snapshot was found
-# and that the folder should be deleted to start a new job: advice for a resumed job, not
-# for a finished sweep reading its results.
-_CHECKPOINT_MANAGER_LOG = "ray.train.v2._internal.execution.checkpoint.checkpoint_manager"
-
-
-@contextlib.contextmanager
-def _quiet(name: str):
-    """The logger `name` at WARNING and above only, while in use."""
-    logger = logging.getLogger(name)
-    level = logger.level
-    logger.setLevel(max(level, logging.WARNING))
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
 def collect_results(grid: Any, tune_dir: str, classes: list[str]) -> pd.DataFrame:
     """One row per trial; each trial's run folder is completed (best/, plots) on the way."""
-    import ray.train
-
     rows = []
     for result in grid:
         cfg = result.config or {}
@@ -286,11 +266,8 @@ def collect_results(grid: Any, tune_dir: str, classes: list[str]) -> pd.DataFram
                "best_val_acc": math.nan, "best_epoch": None, "epochs_run": 0, "stopped_early": False,
                "status": "ERROR" if result.error else "TERMINATED",
                "error": _one_line(result.error) if result.error else None, "best_dir": None}
-        train_dir = storage.join(trial_dir, RAY_RUN_NAME)
         if has_checkpoint(trial_dir):
-            with _quiet(_CHECKPOINT_MANAGER_LOG):
-                result_of_trial = ray.train.Result.from_path(train_dir)
-            summary = finalize_run(result_of_trial, trial_dir, classes)
+            summary = finalize_run(saved_result(trial_dir), trial_dir, classes)
             # stopped_early: by --patience; fewer epochs without it were ASHA's or the budget's cut.
             row.update(best_val_acc=summary["accuracy"], best_epoch=summary["best_epoch"],
                        epochs_run=summary["epochs_run"], best_dir=summary["best_dir"],

@@ -41,10 +41,12 @@ def main(argv: list[str] | None = None) -> int:
         init_ray(min_cpus=cfg.run.num_workers * cfg.run.cpus_per_worker + 2, dashboard=True)
         warn_local_paths(data=cfg.data.data, output=cfg.run.output)
         out = train(cfg, manifest, started=started)
+        planned, epochs = out["planned_epochs"], cfg.optim.epochs
+        ended = (" (stopped early)" if out["stopped_early"]
+                 else f" (the time budget fitted {planned} of --epochs {epochs})" if 0 < planned < epochs else "")
         print(
             f"best val accuracy {out['accuracy']:.4f} (macro F1 {out['macro_f1']:.4f}) at epoch "
-            f"{out['best_epoch']} of {out['epochs_run']}"
-            f"{' (stopped early)' if out['stopped_early'] else ''}; model: {out['best_dir']}"
+            f"{out['best_epoch']} of {out['epochs_run']}{ended}; model: {out['best_dir']}"
         )
 
     return run_job(job, interrupted="interrupted; the epochs finished so far are saved: rerun the same "

@@ -71,6 +71,37 @@ def test_resume_continues_without_repeating_epochs(tiny_run, tmp_path) -> None:
     pd.testing.assert_frame_equal(pd.read_csv(run / "history.csv"), after)
 
 
+def test_a_finished_runs_rerun_starts_no_worker_and_keeps_its_config(tiny_run, tmp_path, caplog,
+                                                                    monkeypatch) -> None:
+    """A rerun of a finished run rewrote config.json with what it was given (--lr 0.5 here),
+    settings that never trained, without a word; now its outputs are written again from its
+    checkpoints, no worker starts, and the settings not applied are named."""
+    import logging
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    for name in ("history.csv", "best"):  # written again from the checkpoints
+        shutil.rmtree(run / name) if (run / name).is_dir() else (run / name).unlink()
+    config = (run / "config.json").read_text()
+    data = json.loads(config)["data"]["data"]
+    args = tiny_train_args(data, str(run), "--lr", "0.5", "--freeze-epochs", "1",
+                           "--pretrained", "--pretrained-file", str(tmp_path / "moved.pth"))
+    import fer_ray.trainer
+
+    def no_trainer(*args, **kwargs):
+        raise AssertionError("a finished run built a TorchTrainer")
+
+    monkeypatch.setattr(fer_ray.trainer, "build_trainer", no_trainer)
+    with caplog.at_level(logging.INFO):
+        assert train_main(args) == 0
+    assert (run / "config.json").read_text() == config
+    assert "Run already finished at epoch 2; nothing to train (it ran all its 2 epochs" in caplog.text
+    assert "Not applied, as the run trains no more: " in caplog.text and "lr 0.001 -> 0.5" in caplog.text
+    assert "A run snapshot was found" not in caplog.text  # Ray's lines about resuming
+    assert pd.read_csv(run / "history.csv")["epoch"].tolist() == [1, 2]
+    assert (run / "best" / "model.safetensors").stat().st_size > 0
+
+
 def test_resumed_run_keeps_the_format_its_last_epoch_trained_in(tiny_run, tmp_path) -> None:
     """--amp auto times the formats when a run begins; a resumed run goes on in the one its
     last epoch used (timing them again switched formats mid-run on a difference within noise)."""
@@ -519,7 +550,7 @@ def test_cpu_formats_are_timed_on_a_copy_and_the_fastest_wins() -> None:
         "fp32", "bf16+channels_last", "fp16"]
 
 
-def test_time_budget_fits_the_schedule_and_ends_in_time(ray_cluster, synth_shards, tmp_path) -> None:
+def test_time_budget_fits_the_schedule_and_ends_in_time(ray_cluster, synth_shards, tmp_path, capsys) -> None:
     """--time-budget: after the first epoch the cosine schedule is fitted to the epochs that
     fit, so the run ends within the budget with its learning rate decayed, not cut off."""
     import math
@@ -534,6 +565,8 @@ def test_time_budget_fits_the_schedule_and_ends_in_time(ray_cluster, synth_shard
     elapsed = time.time() - start
     history = pd.read_csv(run / "history.csv")
     n = len(history)
+    # The last line says what ended the run (it read as if the run had stopped by itself).
+    assert f"of {n} (the time budget fitted {n} of --epochs {configured}); model:" in capsys.readouterr().out
     assert history["epoch"].tolist() == list(range(1, n + 1))
     assert 3 <= n < configured
     from fer_ray.constants import TRAIN_STATE_FILE
