@@ -82,11 +82,18 @@ def init_ray(min_cpus: int = 4, dashboard: bool = False) -> None:
         connect_ray(running, where=f"{running!r} (the cluster `ray start` runs on this machine)")
         os.environ["RAY_ADDRESS"] = running  # a cluster, as for a submitted job (warn_local_paths)
         return
-    if note:
-        warn_stale_cluster_file(note)  # (it no longer answers)
     dashboard = dashboard or _coerce(os.environ.get("FER_RAY_DASHBOARD", "0").strip(), bool, "FER_RAY_DASHBOARD")
     num_cpus = max(os.cpu_count() or 1, min_cpus)
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard)
+    options = {}
+    if dashboard:
+        # Ray Train's placement-group cleaner (in an actor) finds the dashboard from the
+        # machine's Ray processes, and with another local Ray running it died in a 20-line
+        # "Found multiple active Ray instances" traceback (its cleanup then undone): it is
+        # told this Ray's dashboard, on Ray's usual port when it is free, else another.
+        port = _free_port(preferred=8265)
+        options = {"dashboard_port": port,
+                   "runtime_env": {"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}}}
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, **options)
     if not dashboard:
         log.info("Started a local Ray (%d logical CPUs) without the dashboard; "
                  "FER_RAY_DASHBOARD=1 keeps it, or `ray start --head` and submit jobs to it.", num_cpus)
@@ -135,20 +142,16 @@ def _ray_start_note() -> tuple[str, str, bool] | None:
     return path, address, _answers(host_port, 1.0) is None
 
 
-def warn_stale_cluster_file(note: tuple[str, str, bool] | None = None) -> bool:
-    """Warn (and return True) when Ray's file naming the latest `ray start` cluster names one
-    that no longer answers (its head was killed rather than stopped; `note`: _ray_start_note(),
-    when already read). Ray Train's placement-group cleaner, inside a Ray this job
-    starts, looks that cluster up through the file and gives up: a stopped run's or
-    ASHA-stopped trial's workers then keep their CPUs, and later trials of a sweep can wait
-    for them forever (seen in this project's tests)."""
-    note = note or _ray_start_note()
-    if note is None or note[2]:
-        return False
-    log.warning("%s names a Ray cluster that no longer answers (%s): `ray stop` clears it. While "
-                "it is there, Ray Train cannot clean up after a stopped run or sweep trial in this "
-                "job's Ray, whose workers then keep their CPUs.", note[0], note[1])
-    return True
+def _free_port(preferred: int = 0) -> int:
+    """`preferred` when nothing listens on that TCP port of 127.0.0.1 now, else one that is free."""
+    for port in (preferred, 0) if preferred else (0,):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return sock.getsockname()[1]
+    raise OSError("no free TCP port on 127.0.0.1")
 
 
 def _answers(host_port: tuple[str, int], timeout: float) -> OSError | None:
