@@ -23,7 +23,8 @@ def plot_learning_curves(history: pd.DataFrame, path: str | Path) -> None:
         ax.plot(epochs, history[f"val_{metric}"], marker="o", label="val")
         phases = history["phase"].tolist()
         for i in range(1, len(phases)):
-            if phases[i] != phases[i - 1]:
+            # (a run from random weights resumed across the rename of its phase changes nothing)
+            if phases[i - 1] == "head" and phases[i] != "head":
                 ax.axvline(epochs.iloc[i] - 0.5, color="gray", linestyle="--", label="unfrozen")
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))

@@ -44,6 +44,9 @@ from fer_ray.normalize import DeviceNormalize
 
 HEAD_PHASE = "head"
 FINETUNE_PHASE = "finetune"
+# What history.csv and the epoch line call the one phase of a model trained from random
+# weights: nothing pretrained is fine-tuned there (the loop runs it as FINETUNE_PHASE).
+SCRATCH_PHASE = "scratch"
 
 
 @dataclass
@@ -626,7 +629,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         state.stopped_early = final_phase and state.bad_epochs >= s.patience and state.epoch < s.epochs
         row = {
             "epoch": state.epoch,
-            "phase": phase,
+            "phase": phase if s.pretrained else SCRATCH_PHASE,
             "lr": lr,
             "train_loss": loss_sum / max(seen, 1),
             "train_acc": correct / max(seen, 1),
@@ -642,7 +645,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         }
         state.history.append(row)
         log0(
-            f"epoch {state.epoch}/{s.epochs} [{phase}] lr {lr:.2e} "
+            f"epoch {state.epoch}/{s.epochs} [{row['phase']}] lr {lr:.2e} "
             f"train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f} | "
             f"val loss {row['val_loss']:.4f} acc {val_acc:.4f}{' *' if improved else ''} | "
             f"{seconds:.1f}s {row['images_per_s']:.0f} img/s, {row['data_wait_s']:.1f}s waiting for data"

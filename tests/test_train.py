@@ -567,6 +567,7 @@ def test_time_budget_fits_the_schedule_and_ends_in_time(ray_cluster, synth_shard
     n = len(history)
     # The last line says what ended the run (it read as if the run had stopped by itself).
     assert f"of {n} (the time budget fitted {n} of --epochs {configured}); model:" in capsys.readouterr().out
+    assert (history["phase"] == "scratch").all()  # from random weights: nothing is fine-tuned
     assert history["epoch"].tolist() == list(range(1, n + 1))
     assert 3 <= n < configured
     from fer_ray.constants import TRAIN_STATE_FILE
