@@ -344,6 +344,12 @@ def fastest_format(seconds: list[float], formats: tuple = CPU_FORMATS) -> tuple[
     return formats[min(range(len(formats)), key=lambda i: seconds[i])]
 
 
+def timings_line(seconds: list[float], formats: tuple = CPU_FORMATS, unit: str = "s") -> str:
+    """How logs give the time_cpu_formats timings: "fp32 0.182 s, bf16 0.223 s", or in ms."""
+    shown = (lambda t: f"{t:.3f} s") if unit == "s" else (lambda t: f"{t * 1000:.1f} ms")
+    return ", ".join(f"{format_name(*f)} {shown(t)}" for f, t in zip(formats, seconds))
+
+
 # What each --amp value lets a CPU scorer time (the GPU takes the dtype as it is).
 SCORING_FORMATS = {"auto": CPU_FORMATS, "off": FP32_FORMATS, "bf16": CPU_FORMATS[2:]}
 
@@ -374,7 +380,7 @@ def fastest_inference_format(
     probe = probe_batch(image_size)
     seconds = time_cpu_formats(model, probe, in_chans, image_size, formats, train=False)
     chosen = fastest_format(seconds, formats)
-    timed = ", ".join(f"{format_name(*f)} {t * 1000:.1f} ms" for f, t in zip(formats, seconds))
+    timed = timings_line(seconds, formats, unit="ms")
     return chosen, f"forward pass of {probe} images on this CPU: {timed}; scoring in {format_name(*chosen)}"
 
 

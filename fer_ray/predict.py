@@ -519,17 +519,22 @@ def prediction_table(
     """One prediction row per image; labels < 0 (unknown) become nulls."""
     names = pa.array(list(class_names), pa.string())
     pred = probs.argmax(1)
-    label = pa.array(labels, pa.int64(), mask=labels < 0)
     columns = [
         pa.array(paths, pa.string()),
-        label,
-        names.take(label),
+        *label_columns(labels, class_names),
         pa.array(pred, pa.int64()),
         names.take(pa.array(pred)),
         pa.array(probs.max(1), pa.float32()),
         *[pa.array(probs[:, i], pa.float32()) for i in range(len(class_names))],
     ]
     return pa.Table.from_arrays(columns, schema=prediction_schema(class_names))
+
+
+def label_columns(labels: np.ndarray, class_names: Sequence[str]) -> tuple[pa.Array, pa.Array]:
+    """The label and label_name columns of true labels (< 0, unknown: nulls)."""
+    labels = np.asarray(labels, dtype=np.int64)
+    label = pa.array(labels, pa.int64(), mask=labels < 0)
+    return label, pa.array(list(class_names), pa.string()).take(label)
 
 
 def scored_table(
@@ -549,9 +554,7 @@ def scored_table(
     given = {PATH_COL: pa.array(failed_paths, pa.string()), REASON_COL: pa.array(reasons, pa.string()),
              FORMAT_COL: formats[predictions.num_rows:]}
     if failed_labels is not None:
-        labels = np.asarray(failed_labels, dtype=np.int64)
-        label = pa.array(labels, pa.int64(), mask=labels < 0)
-        given[LABEL_COL], given[LABEL_NAME_COL] = label, pa.array(list(class_names), pa.string()).take(label)
+        given[LABEL_COL], given[LABEL_NAME_COL] = label_columns(failed_labels, class_names)
     bad = pa.Table.from_arrays([given.get(f.name, pa.nulls(len(failed_paths), f.type)) for f in schema],
                                schema=schema)
     return pa.concat_tables([good, bad])

@@ -39,6 +39,7 @@ from fer_ray.model import (
     set_frozen_eval,
     set_trainable,
     time_cpu_formats,
+    timings_line,
 )
 from fer_ray.normalize import DeviceNormalize
 
@@ -529,9 +530,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     elif timed:
         seconds = all_reduce(time_cpu_formats(model, s.batch_size, spec.in_chans, spec.image_size), device)
         amp_dtype, channels_last = fastest_format(seconds, CPU_FORMATS)
-        log0("Training step on this CPU: " + ", ".join(
-            f"{format_name(*f)} {t / max(world, 1):.3f} s" for f, t in zip(CPU_FORMATS, seconds)
-        ) + f"; training in {format_name(amp_dtype, channels_last)}")
+        per_worker = [t / max(world, 1) for t in seconds]  # (summed over the workers)
+        log0(f"Training step on this CPU: {timings_line(per_worker)}; "
+             f"training in {format_name(amp_dtype, channels_last)}")
     if channels_last:
         model.to(memory_format=torch.channels_last)
     normalize = DeviceNormalize.for_model(spec, channels_last=channels_last).to(device)

@@ -362,13 +362,12 @@ def _time_formats(spec: Any, batch_size: int, threads: int) -> tuple[str, str]:
     """(fastest format's name, the timings as a line) of a training step of `spec`'s model."""
     import torch
 
-    from fer_ray.model import CPU_FORMATS, create_model, fastest_format, format_name, time_cpu_formats
+    from fer_ray.model import create_model, fastest_format, format_name, time_cpu_formats, timings_line
 
     torch.set_num_threads(threads)
     model = create_model(spec.model, len(spec.class_names), **spec.model_kwargs)
     seconds = time_cpu_formats(model, batch_size, spec.in_chans, spec.image_size)
-    timed = ", ".join(f"{format_name(*f)} {t:.3f} s" for f, t in zip(CPU_FORMATS, seconds))
-    return format_name(*fastest_format(seconds, CPU_FORMATS)), timed
+    return format_name(*fastest_format(seconds)), timings_line(seconds)
 
 
 def sweep(cfg: SweepConfig, manifest: dict[str, Any]) -> tuple[pd.DataFrame, dict[str, Any] | None]:
