@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import sys
 import threading
@@ -28,7 +29,8 @@ INTERRUPTED_RESUMES = "interrupted; rerun the same command to resume where possi
 
 def run_job(job: Callable[[], int | None], interrupted: str = INTERRUPTED_RESUMES) -> int:
     """Run a job; user errors end in one clear sentence and exit status 2, Ctrl-C in the
-    line `interrupted` and 130; otherwise the status the job returns (0 for None)."""
+    line `interrupted` and 130 (SIGTERM once Ray runs: 143); otherwise the status the job
+    returns (0 for None)."""
     setup_logging()
     try:
         status = job()
@@ -37,8 +39,30 @@ def run_job(job: Callable[[], int | None], interrupted: str = INTERRUPTED_RESUME
         return 2
     except KeyboardInterrupt:
         print(interrupted, file=sys.stderr)
-        return 130
+        return 128 + signal.SIGTERM if _TERMINATED.is_set() else 130
+    except SystemExit:
+        if not _TERMINATED.is_set():
+            raise
+        print(interrupted, file=sys.stderr)  # (Ray's SIGTERM handler: sys.exit(SIGTERM))
+        return 128 + signal.SIGTERM
     return status or 0
+
+
+_TERMINATED = threading.Event()  # SIGTERM came once Ray ran (Ray's own handler then ends the job)
+
+
+def _note_sigterm() -> None:
+    """Note SIGTERM before Ray's handler (ray.init's: sys.exit) ends the job, which Ray's
+    calls may turn into another exception on the way (Ray Train's: KeyboardInterrupt)."""
+    ray_handler = signal.getsignal(signal.SIGTERM)
+    if threading.current_thread() is not threading.main_thread() or not callable(ray_handler):
+        return
+
+    def noted(signum, frame):
+        _TERMINATED.set()
+        ray_handler(signum, frame)
+
+    signal.signal(signal.SIGTERM, noted)
 
 
 def on_cluster() -> bool:
@@ -89,11 +113,15 @@ def init_ray(min_cpus: int = 4, dashboard: bool = False) -> None:
         # Ray Train's placement-group cleaner (in an actor) finds the dashboard from the
         # machine's Ray processes, and with another local Ray running it died in a 20-line
         # "Found multiple active Ray instances" traceback (its cleanup then undone): it is
-        # told this Ray's dashboard, on Ray's usual port when it is free, else another.
-        port = _free_port(preferred=8265)
+        # told this Ray's dashboard, on a port the system gives now (a port given to Ray is
+        # not tried again when taken: 8265, found free, was taken by a job starting beside
+        # this one, and this one failed after a minute).
+        port = _free_port()
         options = {"dashboard_port": port,
                    "runtime_env": {"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}}}
+    _quiet_sigterm()
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, **options)
+    _note_sigterm()
     if not dashboard:
         log.info("Started a local Ray (%d logical CPUs) without the dashboard; "
                  "FER_RAY_DASHBOARD=1 keeps it, or `ray start --head` and submit jobs to it.", num_cpus)
@@ -142,16 +170,26 @@ def _ray_start_note() -> tuple[str, str, bool] | None:
     return path, address, _answers(host_port, 1.0) is None
 
 
-def _free_port(preferred: int = 0) -> int:
-    """`preferred` when nothing listens on that TCP port of 127.0.0.1 now, else one that is free."""
-    for port in (preferred, 0) if preferred else (0,):
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return sock.getsockname()[1]
-    raise OSError("no free TCP port on 127.0.0.1")
+def _quiet_sigterm() -> None:
+    """SIGTERM (a batch system's or `ray job stop`'s stop) ended the job in exit status 134
+    and a C++ stack dump from the failure-signal handler Ray installs in the driver: without
+    it, Ray's own SIGTERM handler ends the job through run_job (its interrupted line, exit
+    status 143). The job's Ray workers keep theirs; faulthandler prints the driver's Python
+    stack on a crash instead."""
+    import faulthandler
+
+    from ray._private import ray_constants
+
+    ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = True
+    if not faulthandler.is_enabled():
+        faulthandler.enable()
+
+
+def _free_port() -> int:
+    """A TCP port of 127.0.0.1 that nothing uses now, as the system hands them out."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _answers(host_port: tuple[str, int], timeout: float) -> OSError | None:
@@ -197,7 +235,9 @@ def connect_ray(address: str, where: str | None = None) -> None:
     watchdog.daemon = True
     watchdog.start()
     try:
+        _quiet_sigterm()  # (`ray job stop` sends SIGTERM)
         ray.init(address=address, log_to_driver=True)
+        _note_sigterm()
     except ValueError as e:  # an address ray.init cannot parse
         raise ConfigError(f"Ray cannot use {where}: {e}") from None
     except AuthenticationError:

@@ -17,7 +17,7 @@ OUT/confusion_matrix.parquet and OUT/confusion_matrix.png. A rerun replaces OUT.
 
 Exit status: 0 when scored; 1 when none of the files could be scored (OUT is still written,
 the reasons in OUT/errors.parquet); 2 for bad input (one sentence, nothing written); 130
-on Ctrl-C (OUT untouched).
+on Ctrl-C, 143 on SIGTERM (OUT untouched either way).
 """
 
 from __future__ import annotations

@@ -102,6 +102,38 @@ def test_a_finished_runs_rerun_starts_no_worker_and_keeps_its_config(tiny_run, t
     assert (run / "best" / "model.safetensors").stat().st_size > 0
 
 
+def test_sigterm_ends_the_job_with_its_interrupted_line_and_143(synth_shards, tmp_path) -> None:
+    """SIGTERM to the job (a batch system's stop, `ray job stop`) ended it in exit status 134
+    after a C++ stack dump ("*** SIGTERM received ...") from Ray's failure-signal handler."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO
+
+    run = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "FER_RAY_"))}
+    env["RAY_ADDRESS"] = "local"  # a Ray of the job's own, as on a laptop
+    args = tiny_train_args(str(synth_shards), str(run), "--epochs", "50")
+    job = subprocess.Popen([sys.executable, "jobs/train.py", *args], cwd=REPO, env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 240
+        while not list(run.glob("ray_train/epoch_*")) and job.poll() is None and time.time() < deadline:
+            time.sleep(1)
+        assert job.poll() is None, "the job ended before its first epoch"
+        job.send_signal(signal.SIGTERM)  # the job's process only
+        out, _ = job.communicate(timeout=120)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode == 128 + signal.SIGTERM, out[-3000:]
+    # (Ray's log monitor may still print a worker's last lines after it.)
+    assert "\ninterrupted; the epochs finished so far are saved" in out, out[-3000:]
+    assert "SIGTERM received" not in out
+
+
 def test_resumed_run_keeps_the_format_its_last_epoch_trained_in(tiny_run, tmp_path) -> None:
     """--amp auto times the formats when a run begins; a resumed run goes on in the one its
     last epoch used (timing them again switched formats mid-run on a difference within noise)."""
