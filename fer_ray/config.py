@@ -533,12 +533,15 @@ def from_flat(cls: type, flat: dict[str, Any]) -> Any:
 
 
 def load_config_file(path: str | Path, cls: type) -> dict[str, Any]:
-    """Flat leaf values from a YAML or JSON file."""
-    p = Path(path)
-    if not p.is_file():
+    """Flat leaf values from a YAML or JSON file (a path or URI: a run's config.json on a
+    bucket resumes or retrains that run)."""
+    from fer_ray import storage
+
+    p = str(path) if storage.is_uri(str(path)) else Path(path)
+    if not storage.is_file(str(p)):
         raise ConfigError(f"Config file {str(p)!r} does not exist.")
     try:
-        values = yaml.safe_load(p.read_text()) or {}
+        values = yaml.safe_load(storage.read_bytes(str(p)).decode()) or {}
     except UnicodeDecodeError:
         raise ConfigError(f"Config file {str(p)!r} is not text; give a YAML or JSON file of settings.") from None
     except yaml.YAMLError as e:

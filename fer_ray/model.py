@@ -183,7 +183,7 @@ def _hub_offline(offline: bool) -> Iterator[None]:
 
 
 def _download(uri: str) -> str:
-    suffix = Path(uri).suffix
+    suffix = Path(storage.name_of(uri)).suffix  # (timm reads .safetensors by its name)
     fd, path = tempfile.mkstemp(suffix=suffix)
     with os.fdopen(fd, "wb") as f:
         f.write(storage.read_bytes(uri))

@@ -271,7 +271,7 @@ def _relabel(table: pa.Table, lookup: np.ndarray) -> pa.Table:
 def _check_output(model_dir: str, source: str, output: str) -> None:
     if storage.is_uri(output) and not storage.split_last(output)[0]:
         # Written beside itself under a temporary name: beside a bucket is another bucket.
-        raise ConfigError(f"--output {output!r} is a bucket; give a folder inside it (e.g. {output.rstrip('/')}/preds).")
+        raise ConfigError(f"--output {output!r} is a bucket; give a folder inside it (e.g. {storage.join(output, 'preds')}).")
     if storage.inside(output, source):
         where = "--input itself" if storage.inside(source, output) else "inside --input"
         raise ConfigError(f"--output {output!r} is {where}; choose a folder outside it.")
@@ -492,9 +492,10 @@ def decode_files(
         try:
             # A file named as no image is read only if its first bytes are an image's (a
             # PNG without extension: prepare keeps what decodes, whatever its name).
-            if blobs is None and not has_image_name(path):
+            named = storage.without_options(path)  # (a URI's ?options follow the extension)
+            if blobs is None and not has_image_name(named):
                 if not looks_like_image(storage.read_head(path, SIGNATURE_BYTES)):
-                    raise _NotAnImage(f"not an image file (extension {os.path.splitext(path)[1] or 'none'})")
+                    raise _NotAnImage(f"not an image file (extension {os.path.splitext(named)[1] or 'none'})")
             data = storage.read_bytes(path) if blobs is None else blobs[i]
             if not data:
                 raise ValueError("empty file")
@@ -995,7 +996,7 @@ def predict(
         writer.close()
         n_errors = errors.close()
 
-        name = os.path.basename(source.rstrip("/")) + (f"/{split}" if split else "")
+        name = storage.name_of(source) + (f"/{split}" if split else "")
         counts = write_reports(tmp, spec.class_names, title=f"Predictions on {name}")
         seconds = time.time() - start
         summary = {
@@ -1081,11 +1082,12 @@ def write_scored(scored: Any, writer: PartWriter, errors: ErrorWriter, class_nam
 def _stale_temp_folders(output: str) -> list[str]:
     """Folders an interrupted run left beside OUT: its unfinished `.tmp-` folder, or the
     previous output (`.old-`) when it ended between the two moves of _publish."""
-    parent, _, name = output.rstrip("/").rpartition("/")
+    # (A URI's parent keeps its ?options, and its listing gives decoded names.)
+    parent, name = storage.split_last(output)[0], storage.name_of(output)
     if not parent or not storage.is_dir(parent):
         return []
     return [
-        e.path for e in storage.list_dir(parent)
+        storage.child(parent, e.base_name) for e in storage.list_dir(parent)
         if e.base_name.startswith((f"{name}.tmp-", f"{name}.old-"))
     ]
 

@@ -10,7 +10,7 @@ import json
 import logging
 import os
 from typing import Any, Iterator
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -117,6 +117,19 @@ def split_last(path: str) -> tuple[str, str]:
     head, query = _split_query(path) if is_uri(path) else (path, "")
     parent, _, name = head.rstrip("/").rpartition("/")
     return (parent + query if parent and not parent.endswith(":/") else ""), name
+
+
+def name_of(path: str) -> str:
+    """The last name of a path or URI as a listing gives it: a URI's without its ?options
+    and decoded (`my%20preds` is `my preds`)."""
+    name = split_last(path)[1]
+    return unquote(name) if is_uri(path) else name
+
+
+def without_options(path: str) -> str:
+    """A path, or a URI without its ?options (which name no part of the file: its extension
+    is before them)."""
+    return _split_query(path)[0] if is_uri(path) else path
 
 
 def sibling(path: str, suffix: str) -> str:

@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--seed must be 0 or more, got {args.seed}")
 
     def job() -> None:
+        from fer_ray import storage
         from fer_ray.prepare import check_inputs, prepare
 
         # Bad input fails here, before Ray starts.
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
             per = ", ".join(f"{k} {v}" for k, v in c["per_class"].items())
             print(f"{split}: {c['total']} images ({per})")
         print(f"skipped {len(manifest['skipped'])} files; manifest: "
-              f"{args.output.rstrip('/')}/manifest.json ({manifest['seconds']} s)")
+              f"{storage.join(args.output, 'manifest.json')} ({manifest['seconds']} s)")
 
     return run_job(job, interrupted="interrupted; nothing was written (the output is complete or absent): "
                                     "run the same command again to prepare from the start")

@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def job() -> None:
         cfg, _ = parse_config(SweepConfig, argv, parser)  # --help and flag errors end here, before torch loads
+        from fer_ray import storage
         from fer_ray.trainer import check_inputs
 
         cfg.validate()
@@ -49,9 +50,9 @@ def main(argv: list[str] | None = None) -> int:
         if best:
             print(f"best: trial {best['trial_id']} lr {best['lr']:.2e} label smoothing "
                   f"{best['label_smoothing']:.3f} val acc {best['best_val_acc']:.4f}; "
-                  f"model: {cfg.run.output.rstrip('/')}/best")
+                  f"model: {storage.join(cfg.run.output, 'best')}")
             return 0
-        print(f"error: no trial finished; each trial's error is in {cfg.run.output.rstrip('/')}/results.parquet",
+        print(f"error: no trial finished; each trial's error is in {storage.join(cfg.run.output, 'results.parquet')}",
               file=sys.stderr)
         return 1
 

@@ -80,18 +80,30 @@ def test_pretrained_file_loads_backbone_and_fresh_head(tmp_path, suffix) -> None
     assert state["fc.weight"].shape == (7, source.num_features)
 
 
-def test_pretrained_file_in_a_bucket_is_read_through_a_temporary_copy_then_removed(tmp_path, monkeypatch) -> None:
+@pytest.mark.parametrize("name, options", [
+    ("weights.pth", ""),
+    # timm reads a .safetensors file by its name: the suffix was taken from after the '?' of
+    # an S3-compatible endpoint's options, and torch.load refused the file.
+    ("weights.safetensors", "?endpoint_override=127.0.0.1:9000&scheme=http"),
+])
+def test_pretrained_file_in_a_bucket_is_read_through_a_temporary_copy_then_removed(tmp_path, monkeypatch, name,
+                                                                                   options) -> None:
     import tempfile
 
     import pyarrow.fs as pafs
+    from safetensors.torch import save_file
 
     from fer_ray import model as fer_model
     from fer_ray import storage
 
     source = timm.create_model("test_resnet", num_classes=1000)
-    torch.save(source.state_dict(), tmp_path / "weights.pth")
+    if name.endswith(".pth"):
+        torch.save(source.state_dict(), tmp_path / name)
+    else:
+        save_file(source.state_dict(), str(tmp_path / name))
     bucket = pafs.SubTreeFileSystem(str(tmp_path), pafs.LocalFileSystem())  # not a local filesystem
-    monkeypatch.setattr(storage, "resolve", lambda path: (bucket, path.split("://", 1)[1].split("/", 1)[1]))
+    monkeypatch.setattr(storage, "resolve",
+                        lambda path: (bucket, path.split("://", 1)[1].split("?")[0].split("/", 1)[1]))
     made, real_mkstemp = [], tempfile.mkstemp
 
     def mkstemp(*args, **kwargs):
@@ -99,7 +111,7 @@ def test_pretrained_file_in_a_bucket_is_read_through_a_temporary_copy_then_remov
         return made[-1]
 
     monkeypatch.setattr(fer_model.tempfile, "mkstemp", mkstemp)
-    state = fetch_pretrained_state("test_resnet", 7, "s3://bucket/weights.pth")
+    state = fetch_pretrained_state("test_resnet", 7, f"s3://bucket/{name}{options}")
 
     torch.testing.assert_close(state["conv1.0.weight"], source.state_dict()["conv1.0.weight"])
     assert len(made) == 1 and not Path(made[0][1]).exists()

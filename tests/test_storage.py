@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import json
 import os
 from pathlib import Path
@@ -163,6 +165,65 @@ def bucket(monkeypatch) -> pafs.FileSystem:
 
     monkeypatch.setattr(storage, "_from_uri", from_uri)
     return fs
+
+
+@pytest.fixture
+def endpoint_bucket(bucket, monkeypatch) -> pafs.FileSystem:
+    """The in-memory store behind an S3-compatible endpoint (MinIO and the like): a URI that
+    lost its ?endpoint_override= on the way would be sent to AWS, and fails here as it would
+    there (the store above answered every mock:// URI, options or not)."""
+    answer = storage._from_uri
+
+    def from_uri(uri: str):
+        if "endpoint_override=" not in uri:
+            raise OSError(f"{uri!r}: no endpoint (would resolve on AWS)")
+        return answer(uri)
+
+    monkeypatch.setattr(storage, "_from_uri", from_uri)
+    return bucket
+
+
+ENDPOINT = "?endpoint_override=127.0.0.1:9000&scheme=http"
+
+
+def test_scoring_behind_an_endpoint_keeps_its_options_everywhere(endpoint_bucket) -> None:
+    """Found against a real S3-compatible server: scoring failed before it began (its look
+    for an interrupted run's leftovers listed the output's parent without the options), a
+    TGA file read as no image (its extension taken from after the '?'), and the names
+    derived from URIs carried the options."""
+    from PIL import Image
+
+    from fer_ray.predict import _stale_temp_folders, decode_files
+
+    for name in ("my preds.tmp-1a2b3c4d", "my preds.old-5e6f7a8b", "other.tmp-00000000"):
+        endpoint_bucket.create_dir(f"bucket/out/{name}")
+    found = _stale_temp_folders("mock://bucket/out/my%20preds" + ENDPOINT)
+    assert sorted(storage.name_of(f) for f in found) == ["my preds.old-5e6f7a8b", "my preds.tmp-1a2b3c4d"]
+    assert all(f.endswith(ENDPOINT) and storage.is_dir(f) for f in found)
+
+    endpoint_bucket.create_dir("bucket/faces")
+    tga = io.BytesIO()
+    Image.new("L", (20, 20), 200).save(tga, format="TGA")  # no signature: known by its name
+    with endpoint_bucket.open_output_stream("bucket/faces/a face.tga") as f:
+        f.write(tga.getvalue())
+    images, keep, bad, reasons = decode_files(["mock://bucket/faces/a%20face.tga" + ENDPOINT], None, 16, 1)
+    assert keep == [0] and not bad, reasons
+    assert storage.name_of("mock://bucket/faces/a%20face.tga" + ENDPOINT) == "a face.tga"
+    assert storage.name_of("/local/my%20preds") == "my%20preds"  # a local name is as it is
+
+
+def test_a_config_file_in_a_bucket_is_read(endpoint_bucket) -> None:
+    """`--config RUN/config.json` resumes or retrains RUN; with RUN on a bucket the file was
+    looked for on the local disk (pathlib also collapsed the URI's //)."""
+    from fer_ray.config import ConfigError, TrainConfig, load_config_file
+
+    endpoint_bucket.create_dir("bucket/run")
+    with endpoint_bucket.open_output_stream("bucket/run/config.json") as f:
+        f.write(b'{"optim": {"lr": 0.02}, "model": {"model": "resnet18"}}')
+    values = load_config_file("mock://bucket/run/config.json" + ENDPOINT, TrainConfig)
+    assert values["lr"] == 0.02 and values["model"] == "resnet18"
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config_file("mock://bucket/run/nope.json" + ENDPOINT, TrainConfig)
 
 
 def test_keys_with_spaces_percent_hash_and_accents_are_listed_and_read_back(bucket) -> None:
