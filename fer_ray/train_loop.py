@@ -19,6 +19,7 @@ import pandas as pd
 import torch
 import torch.distributed as dist
 
+from fer_ray import storage
 from fer_ray.constants import (
     IMAGE_COL,
     LABEL_COL,
@@ -511,7 +512,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         with checkpoint.as_directory() as folder:
             restored = load_checkpoint(folder, model)
         state = TrainState(**restored["state"])
-        log0(f"Resuming after epoch {state.epoch} (step {state.global_step}) from {checkpoint.path}")
+        log0(f"Resuming after epoch {state.epoch} (step {state.global_step}) from "
+             f"{storage.full_path(checkpoint.filesystem, checkpoint.path)}")  # (a bucket's: with its scheme)
     # channels_last: tensor cores on GPUs, and on most CPUs oneDNN's fast kernels (5-140%
     # faster training steps for the timm CNNs measured on one VM, slower on another). On a
     # CPU, --amp auto measures fp32 and bf16, each with and without channels_last, and
