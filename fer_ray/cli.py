@@ -40,8 +40,9 @@ def run_job(job: Callable[[], int | None], interrupted: str = INTERRUPTED_RESUME
     except KeyboardInterrupt:
         print(interrupted, file=sys.stderr)
         return 128 + signal.SIGTERM if _TERMINATED.is_set() else 130
-    except SystemExit:
-        if not _TERMINATED.is_set():
+    except SystemExit as e:
+        # (Ray's handler from the start of ray.init, before _note_sigterm: sys.exit(SIGTERM))
+        if not _TERMINATED.is_set() and e.code != signal.SIGTERM:
             raise
         print(interrupted, file=sys.stderr)  # (Ray's SIGTERM handler: sys.exit(SIGTERM))
         return 128 + signal.SIGTERM
@@ -181,8 +182,11 @@ def _quiet_sigterm() -> None:
     from ray._private import ray_constants
 
     ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = True
-    if not faulthandler.is_enabled():
-        faulthandler.enable()
+    try:
+        if not faulthandler.is_enabled():
+            faulthandler.enable()
+    except (RuntimeError, ValueError, OSError):  # a stderr without a file descriptor
+        pass
 
 
 def _free_port() -> int:

@@ -145,6 +145,11 @@ def _each_file_once(source: str, items: dict[str, list[tuple[str, int]]], classe
                 out[split].append((path, label))
                 continue
             split0, path0, label0 = first[key]
+            if os.path.realpath(path) != os.path.realpath(path0):
+                # Hard links, not symbolic ones: two files to the user (a DVC or git-annex
+                # cache makes every identical image one inode; FER2013 has duplicates).
+                out[split].append((path, label))
+                continue
             if label0 != label:
                 raise ConfigError(
                     f"{path!r} and {path0!r} are one file (through a symbolic link) in two classes, "

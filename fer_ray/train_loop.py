@@ -437,6 +437,17 @@ def load_checkpoint(folder: str, model: torch.nn.Module) -> dict[str, Any]:
     return load_train_state(folder)
 
 
+def read_train_state(checkpoint: Any) -> dict[str, Any]:
+    """A Ray checkpoint's loop state (TrainState's fields), its train-state file read alone:
+    `as_directory` would fetch the whole checkpoint from a bucket (the weights, their
+    average and the optimizer's state) to read the epoch it ended at."""
+    import io
+
+    with checkpoint.filesystem.open_input_file(f"{checkpoint.path.rstrip('/')}/{TRAIN_STATE_FILE}") as f:
+        data = f.read()
+    return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")["state"]
+
+
 def load_train_state(folder: str) -> dict[str, Any]:
     """A checkpoint's train state (history, optimizer, scaler...), loaded without
     unrestricted pickle and onto the CPU: a GPU worker saved the optimizer's tensors on its

@@ -49,7 +49,7 @@ from fer_ray.prepare import read_manifest
 from fer_ray.normalize import match_channels
 from fer_ray.reports import plot_confusion_matrix, plot_learning_curves
 from fer_ray.train_loop import (
-    CHECKPOINT_SCORE, LoopSettings, TrainState, finished_why, is_finished, load_train_state, scaled_lr,
+    CHECKPOINT_SCORE, LoopSettings, TrainState, finished_why, is_finished, read_train_state, scaled_lr,
     steps_per_epoch, train_loop_per_worker,
 )
 
@@ -427,8 +427,7 @@ def finalize_run(result: Any, run_dir: str, class_names: Sequence[str]) -> dict[
     if latest is None:
         raise RuntimeError(f"The run in {run_dir} reported no checkpoint; see the log above.")
     best = result.get_best_checkpoint(metric=CHECKPOINT_SCORE, mode="max") or latest
-    with latest.as_directory() as folder:
-        state = load_train_state(folder)["state"]
+    state = read_train_state(latest)
     history = pd.DataFrame(state["history"])
     with local_staging(run_dir) as local:
         history.to_csv(os.path.join(local, HISTORY_FILE), index=False)
@@ -465,8 +464,7 @@ def _finished_run(cfg: TrainConfig, run_dir: str, class_names: Sequence[str]) ->
     result = saved_result(run_dir)
     if result.checkpoint is None:
         return None
-    with result.checkpoint.as_directory() as folder:
-        state = TrainState(**load_train_state(folder)["state"])
+    state = TrainState(**read_train_state(result.checkpoint))
     epochs = cfg.optim.epochs
     if not is_finished(state, epochs):
         return None

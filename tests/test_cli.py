@@ -275,6 +275,19 @@ def test_state_api_of_a_local_ray_answers_for_its_own_actors_only_with_the_dashb
     assert (states[0] == "ALIVE") == dashboard, (states, (result.stdout + result.stderr)[-3000:])
 
 
+def test_sigterm_during_ray_init_is_reported_as_one(capsys) -> None:
+    """Ray's SIGTERM handler (sys.exit(15)) is in place from the start of ray.init, before
+    the job notes SIGTERMs: one then ended the job in exit status 15 without a word."""
+    import signal
+
+    from fer_ray.cli import run_job
+
+    assert run_job(lambda: sys.exit(signal.SIGTERM), interrupted="stopped; rerun") == 143
+    assert capsys.readouterr().err.strip() == "stopped; rerun"
+    with pytest.raises(SystemExit):  # any other exit goes on as it was
+        run_job(lambda: sys.exit(3))
+
+
 def _no_ray_env() -> dict[str, str]:
     """No Ray or fer_ray settings but RAY_ADDRESS=local: the job starts a Ray of its own, as
     with no RAY_ADDRESS, and does not join a `ray start` cluster running on this machine."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -386,9 +387,11 @@ def test_a_file_reached_twice_through_symbolic_links_is_listed_once(tmp_path, ca
     (src / "happy" / "more").unlink()
     (src / "happy" / "again").symlink_to(src / "happy")  # a link to the folder above is not followed
     (src / "happy" / "copy.png").symlink_to(src / "happy" / "img_0.png")
+    # A hard link is two files to the user (a DVC or git-annex cache links identical images).
+    os.link(src / "happy" / "img_1.png", src / "sad" / "same_bytes.png")
     with caplog.at_level(logging.WARNING):
         listing = list_source(str(src), val_fraction=0.25)
-    assert sum(len(v) for v in listing.items.values()) == 8  # img_0.png once, in one split
+    assert sum(len(v) for v in listing.items.values()) == 9  # img_0.png once, in one split
     assert "1 file(s) of train are listed twice through symbolic links; each is used once" in caplog.text
 
     split = tmp_path / "split"

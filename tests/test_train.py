@@ -134,6 +134,26 @@ def test_sigterm_ends_the_job_with_its_interrupted_line_and_143(synth_shards, tm
     assert "SIGTERM received" not in out
 
 
+def test_a_checkpoints_loop_state_is_read_without_fetching_the_checkpoint(tmp_path, monkeypatch) -> None:
+    """Whether a rerun is finished, and the run's history, come from the train-state file
+    alone: as_directory copied the whole checkpoint (weights, their average, the optimizer's
+    state) down from a bucket on every resume."""
+    import pyarrow.fs as pafs
+    import ray.train
+
+    from fer_ray.constants import TRAIN_STATE_FILE
+    from fer_ray.train_loop import TrainState, read_train_state
+
+    (tmp_path / "run" / "epoch_0003").mkdir(parents=True)
+    torch.save({"state": vars(TrainState(epoch=3, planned_epochs=3)), "optimizer": {}},
+               tmp_path / "run" / "epoch_0003" / TRAIN_STATE_FILE)
+    bucket = pafs.SubTreeFileSystem(str(tmp_path), pafs.LocalFileSystem())  # not a local filesystem
+    checkpoint = ray.train.Checkpoint("run/epoch_0003", filesystem=bucket)
+    monkeypatch.setattr(ray.train.Checkpoint, "as_directory", lambda self: pytest.fail("fetched it all"))
+    state = read_train_state(checkpoint)
+    assert state["epoch"] == 3 and state["planned_epochs"] == 3
+
+
 def test_resumed_run_keeps_the_format_its_last_epoch_trained_in(tiny_run, tmp_path) -> None:
     """--amp auto times the formats when a run begins; a resumed run goes on in the one its
     last epoch used (timing them again switched formats mid-run on a difference within noise)."""
