@@ -9,7 +9,7 @@ import socket
 import sys
 import threading
 import time
-from typing import Callable
+from typing import Any, Callable
 
 from fer_ray.config import ConfigError, _coerce
 
@@ -41,10 +41,11 @@ def run_job(job: Callable[[], int | None], interrupted: str = INTERRUPTED_RESUME
         print(interrupted, file=sys.stderr)
         return 128 + signal.SIGTERM if _TERMINATED.is_set() else 130
     except SystemExit as e:
-        # (Ray's handler from the start of ray.init, before _note_sigterm: sys.exit(SIGTERM))
+        # Ray's SIGTERM handler calls sys.exit(SIGTERM); from the start of ray.init, before
+        # _note_sigterm notes the signal, only the code tells.
         if not _TERMINATED.is_set() and e.code != signal.SIGTERM:
             raise
-        print(interrupted, file=sys.stderr)  # (Ray's SIGTERM handler: sys.exit(SIGTERM))
+        print(interrupted, file=sys.stderr)
         return 128 + signal.SIGTERM
     return status or 0
 
@@ -120,9 +121,7 @@ def init_ray(min_cpus: int = 4, dashboard: bool = False) -> None:
         port = _free_port()
         options = {"dashboard_port": port,
                    "runtime_env": {"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}}}
-    _quiet_sigterm()
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, **options)
-    _note_sigterm()
+    _ray_init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, **options)
     if not dashboard:
         log.info("Started a local Ray (%d logical CPUs) without the dashboard; "
                  "FER_RAY_DASHBOARD=1 keeps it, or `ray start --head` and submit jobs to it.", num_cpus)
@@ -171,6 +170,15 @@ def _ray_start_note() -> tuple[str, str, bool] | None:
     return path, address, _answers(host_port, 1.0) is None
 
 
+def _ray_init(**options: Any) -> None:
+    """ray.init, with SIGTERM ending the job as run_job reports it (_quiet_sigterm, _note_sigterm)."""
+    import ray
+
+    _quiet_sigterm()
+    ray.init(**options)
+    _note_sigterm()
+
+
 def _quiet_sigterm() -> None:
     """SIGTERM (a batch system's or `ray job stop`'s stop) ended the job in exit status 134
     and a C++ stack dump from the failure-signal handler Ray installs in the driver: without
@@ -214,7 +222,6 @@ def connect_ray(address: str, where: str | None = None) -> None:
     FER_RAY_CONNECT_TIMEOUT_S); a token the cluster rejects surfaces from Ray as a generic
     ConnectionError, so the cause is looked up and named.
     """
-    import ray
     from ray.exceptions import AuthenticationError
 
     where = where or f"RAY_ADDRESS={address!r}"
@@ -239,9 +246,7 @@ def connect_ray(address: str, where: str | None = None) -> None:
     watchdog.daemon = True
     watchdog.start()
     try:
-        _quiet_sigterm()  # (`ray job stop` sends SIGTERM)
-        ray.init(address=address, log_to_driver=True)
-        _note_sigterm()
+        _ray_init(address=address, log_to_driver=True)  # (`ray job stop` sends SIGTERM)
     except ValueError as e:  # an address ray.init cannot parse
         raise ConfigError(f"Ray cannot use {where}: {e}") from None
     except AuthenticationError:

@@ -537,23 +537,23 @@ def load_config_file(path: str | Path, cls: type) -> dict[str, Any]:
     bucket resumes or retrains that run)."""
     from fer_ray import storage
 
-    p = str(path) if storage.is_uri(str(path)) else Path(path)
-    if not storage.is_file(str(p)):
-        raise ConfigError(f"Config file {str(p)!r} does not exist.")
+    p = str(path) if storage.is_uri(str(path)) else str(Path(path))
+    if not storage.is_file(p):
+        raise ConfigError(f"Config file {p!r} does not exist.")
     try:
-        values = yaml.safe_load(storage.read_bytes(str(p)).decode()) or {}
+        values = yaml.safe_load(storage.read_bytes(p).decode()) or {}
     except UnicodeDecodeError:
-        raise ConfigError(f"Config file {str(p)!r} is not text; give a YAML or JSON file of settings.") from None
+        raise ConfigError(f"Config file {p!r} is not text; give a YAML or JSON file of settings.") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError(f"Config file {str(p)!r} is not valid YAML{where}: {problem}.") from None
+        raise ConfigError(f"Config file {p!r} is not valid YAML{where}: {problem}.") from None
     if not isinstance(values, dict):
-        raise ConfigError(f"Config file {str(p)!r} must hold a mapping of settings.")
+        raise ConfigError(f"Config file {p!r} must hold a mapping of settings.")
     values.pop(RESOLVED_KEY, None)  # a run's config.json also lists derived values
     values.pop(TRIAL_KEY, None)  # and a sweep's best_config.json the trial's results
-    return _flatten(values, cls, str(p))
+    return _flatten(values, cls, p)
 
 
 def add_config_flags(

@@ -295,7 +295,7 @@ def _check_resume_compatible(cfg: TrainConfig, existing: dict[str, Any] | None) 
     if existing is None:
         return
     old = {**RESUME_DEFAULTS, **_flat(existing)}
-    new = json.loads(json.dumps(_flat(to_dict(cfg))))  # tuples as the saved lists
+    new = _flat_settings(cfg)
     for flat in (old, new):  # data/x and ./data/x are one folder
         if isinstance(flat.get("data"), str):
             flat["data"] = storage.normalize(flat["data"])
@@ -313,6 +313,11 @@ def _check_resume_compatible(cfg: TrainConfig, existing: dict[str, Any] | None) 
             f"settings ({diffs}); "
             "use a new --output, or the same settings to resume it."
         )
+
+
+def _flat_settings(cfg: TrainConfig) -> dict[str, Any]:
+    """`cfg`'s settings as a run's config.json holds them, flat (tuples as the saved lists)."""
+    return json.loads(json.dumps(_flat(to_dict(cfg))))
 
 
 def _flat(d: dict[str, Any]) -> dict[str, Any]:
@@ -421,13 +426,16 @@ def local_staging(run_dir: str) -> Iterator[str]:
         storage.copy_dir(tmp, run_dir)
 
 
-def finalize_run(result: Any, run_dir: str, class_names: Sequence[str]) -> dict[str, Any]:
-    """Write history, best/, val metrics and plots from the run's checkpoints."""
+def finalize_run(
+    result: Any, run_dir: str, class_names: Sequence[str], state: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write history, best/, val metrics and plots from the run's checkpoints (`state`: the
+    latest one's loop state, when already read)."""
     latest = result.checkpoint
     if latest is None:
         raise RuntimeError(f"The run in {run_dir} reported no checkpoint; see the log above.")
     best = result.get_best_checkpoint(metric=CHECKPOINT_SCORE, mode="max") or latest
-    state = read_train_state(latest)
+    state = state if state is not None else read_train_state(latest)
     history = pd.DataFrame(state["history"])
     with local_staging(run_dir) as local:
         history.to_csv(os.path.join(local, HISTORY_FILE), index=False)
@@ -464,20 +472,19 @@ def _finished_run(cfg: TrainConfig, run_dir: str, class_names: Sequence[str]) ->
     result = saved_result(run_dir)
     if result.checkpoint is None:
         return None
-    state = TrainState(**read_train_state(result.checkpoint))
-    epochs = cfg.optim.epochs
+    saved = read_train_state(result.checkpoint)
+    state, epochs = TrainState(**saved), cfg.optim.epochs
     if not is_finished(state, epochs):
         return None
     log.info("Run already finished at epoch %d; nothing to train (%s).", state.epoch, finished_why(state, epochs))
-    old = _flat(storage.read_json(storage.join(run_dir, CONFIG_FILE)))
-    new = json.loads(json.dumps(_flat(to_dict(cfg))))  # tuples as the saved lists
+    old, new = _flat(storage.read_json(storage.join(run_dir, CONFIG_FILE))), _flat_settings(cfg)
     unused = [k for k in new if k in old and old[k] != new[k] and k != "output"]  # (a moved folder)
     if unused:
         log.warning(
             "Not applied, as the run trains no more: %s; its config.json keeps the settings it trained with.",
             ", ".join(f"{k} {old[k]!r} -> {new[k]!r}" for k in unused),
         )
-    return finalize_run(result, run_dir, class_names)
+    return finalize_run(result, run_dir, class_names, state=saved)
 
 
 def train(
