@@ -32,6 +32,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
@@ -280,15 +281,35 @@ def shards(cluster, faces) -> Path:
 
 
 @pytest.fixture(scope="module")
-def run(cluster, shards) -> tuple[Path, str]:
+def run(cluster, shards) -> SimpleNamespace:
+    """A training job stopped by `ray job stop` after its first epoch, then the same command
+    submitted again and run to the end. One run serves the tests of the run folder, of the
+    resume and of scoring: a job on this cluster takes about a minute on 2 cores."""
+    import torch
+
     out = cluster.root / "run"
-    result = cluster.submit(
-        "python", "jobs/train.py", "--data", str(shards), "--output", str(out),
-        "--model", TINY_MODEL, "--no-pretrained", "--epochs", "1",
-        "--image-size", str(TINY_SIZE), "--batch-size", "16",
-        timeout=300,
-    )
-    return out, _ok(result)
+    train = ["python", "jobs/train.py", "--data", str(shards), "--output", str(out),
+             "--model", TINY_MODEL, "--no-pretrained", "--epochs", "3",
+             "--image-size", str(TINY_SIZE), "--batch-size", "16"]
+    job_id = f"fer-ray-stop-{secrets.token_hex(4)}"
+    _ok(subprocess.run(
+        [RAY, "job", "submit", "--address", cluster.address, "--working-dir", ".",
+         "--submission-id", job_id, "--no-wait", "--", *train],
+        cwd=REPO, env=cluster.env, capture_output=True, text=True, timeout=120,
+    ))
+    snapshot = out / "ray_train" / "checkpoint_manager_snapshot.json"
+    deadline = time.monotonic() + 240
+    while not (snapshot.exists() and "epoch_0001" in snapshot.read_text()):
+        assert time.monotonic() < deadline, "no checkpoint within 240 s"
+        time.sleep(0.5)
+    _ok(subprocess.run([RAY, "job", "stop", "--address", cluster.address, job_id],
+                       env=cluster.env, capture_output=True, text=True, timeout=120))
+    status = subprocess.run([RAY, "job", "status", "--address", cluster.address, job_id],
+                            env=cluster.env, capture_output=True, text=True, timeout=60)
+    latest = json.loads(snapshot.read_text())["latest_checkpoint_result"]["checkpoint_dir_name"]
+    before = torch.load(out / "ray_train" / latest / "train_state.pt", weights_only=True)["state"]
+    output = _ok(cluster.submit(*train, timeout=300))
+    return SimpleNamespace(out=out, output=output, stop_status=status.stdout + status.stderr, before=before)
 
 
 # ---- against no cluster: fast, not slow-marked ------------------------------------------
@@ -371,10 +392,10 @@ def test_working_dir_upload_and_which_fer_ray_is_imported(cluster) -> None:
 
 @pytest.mark.slow
 def test_train_job_writes_the_run_folder(run) -> None:
-    out, output = run
+    out, output = run.out, run.output
     assert "best val accuracy" in output
     # The loop's own line per epoch; Ray Train's report and checkpoint lines are quieted.
-    assert "epoch 1/1" in output
+    assert "epoch 3/3" in output
     assert "Reporting training result" not in output and "Checkpoint successfully created" not in output
     assert "DeprecationWarning" not in output
     for name in ("config.json", "history.csv", "learning_curves.png", "confusion_matrix.png",
@@ -389,7 +410,7 @@ def test_predict_job_scores_a_folder(cluster, run, faces) -> None:
         pytest.skip("jobs/predict.py is not written yet")
     out = cluster.root / "preds"
     result = cluster.submit(
-        "python", "jobs/predict.py", "--model", str(run[0] / "best"),
+        "python", "jobs/predict.py", "--model", str(run.out / "best"),
         "--input", str(faces / "val"), "--output", str(out), "--batch-size", "32",
         timeout=180,
     )
@@ -398,38 +419,13 @@ def test_predict_job_scores_a_folder(cluster, run, faces) -> None:
 
 
 @pytest.mark.slow
-def test_stopped_job_resubmitted_resumes(cluster, shards) -> None:
+def test_stopped_job_resubmitted_resumes(run) -> None:
     """`ray job stop` mid-run, then the same command again: it resumes, it does not restart."""
-    import torch
-
-    out = cluster.root / "stopped"
-    train = ["python", "jobs/train.py", "--data", str(shards), "--output", str(out),
-             "--model", TINY_MODEL, "--no-pretrained", "--epochs", "3",
-             "--image-size", str(TINY_SIZE), "--batch-size", "16"]
-    job_id = f"fer-ray-stop-{secrets.token_hex(4)}"
-    _ok(subprocess.run(
-        [RAY, "job", "submit", "--address", cluster.address, "--working-dir", ".",
-         "--submission-id", job_id, "--no-wait", "--", *train],
-        cwd=REPO, env=cluster.env, capture_output=True, text=True, timeout=120,
-    ))
-    snapshot = out / "ray_train" / "checkpoint_manager_snapshot.json"
-    deadline = time.monotonic() + 240
-    while not (snapshot.exists() and "epoch_0001" in snapshot.read_text()):
-        assert time.monotonic() < deadline, "no checkpoint within 240 s"
-        time.sleep(0.5)
-    _ok(subprocess.run([RAY, "job", "stop", "--address", cluster.address, job_id],
-                       env=cluster.env, capture_output=True, text=True, timeout=120))
-    status = subprocess.run([RAY, "job", "status", "--address", cluster.address, job_id],
-                            env=cluster.env, capture_output=True, text=True, timeout=60)
-    assert "was stopped" in status.stdout + status.stderr
-    latest = json.loads(snapshot.read_text())["latest_checkpoint_result"]["checkpoint_dir_name"]
-    before = torch.load(out / "ray_train" / latest / "train_state.pt", weights_only=True)["state"]
-    assert 1 <= before["epoch"] < 3  # stopped mid-run
-
-    output = _ok(cluster.submit(*train, timeout=300))
-    assert f"Resuming after epoch {before['epoch']}" in output
-    history = pd.read_csv(out / "history.csv")
+    assert "was stopped" in run.stop_status
+    assert 1 <= run.before["epoch"] < 3  # stopped mid-run
+    assert f"Resuming after epoch {run.before['epoch']}" in run.output
+    history = pd.read_csv(run.out / "history.csv")
     assert history["epoch"].tolist() == [1, 2, 3]
-    for i, row in enumerate(before["history"]):  # epochs done before the stop are kept as they were
+    for i, row in enumerate(run.before["history"]):  # epochs done before the stop are kept as they were
         assert history.iloc[i]["val_acc"] == pytest.approx(row["val_acc"])
         assert history.iloc[i]["seconds"] == pytest.approx(row["seconds"])
