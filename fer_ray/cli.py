@@ -11,6 +11,7 @@ import threading
 import time
 from typing import Any, Callable
 
+from fer_ray import ray_logs
 from fer_ray.config import ConfigError, _coerce
 
 log = logging.getLogger("fer_ray")
@@ -22,6 +23,7 @@ def setup_logging() -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    ray_logs.hide_ray_data_noise()
 
 
 INTERRUPTED_RESUMES = "interrupted; rerun the same command to resume where possible"
@@ -171,12 +173,28 @@ def _ray_start_note() -> tuple[str, str, bool] | None:
 
 
 def _ray_init(**options: Any) -> None:
-    """ray.init, with SIGTERM ending the job as run_job reports it (_quiet_sigterm, _note_sigterm)."""
+    """ray.init, with SIGTERM ending the job as run_job reports it (_quiet_sigterm,
+    _note_sigterm), and Ray Data's noise kept off the console in the job's workers too
+    (fer_ray.ray_logs)."""
     import ray
 
+    runtime_env = dict(options.pop("runtime_env", None) or {})
+    if not _job_runtime_env().get("worker_process_setup_hook"):  # a submitted job's own wins
+        runtime_env["worker_process_setup_hook"] = ray_logs.HOOK
     _quiet_sigterm()
-    ray.init(**options)
+    ray.init(runtime_env=runtime_env, **options)
     _note_sigterm()
+
+
+def _job_runtime_env() -> dict[str, Any]:
+    """The runtime env a job was submitted with (`ray job submit --runtime-env-json`), which
+    ray.init merges with its own: giving a field twice fails."""
+    import json
+
+    try:
+        return json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("runtime_env") or {}
+    except (ValueError, AttributeError):
+        return {}
 
 
 def _quiet_sigterm() -> None:

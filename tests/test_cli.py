@@ -228,6 +228,59 @@ def test_local_training_run_has_its_own_dashboard_and_trains(synth_shards, tmp_p
     assert "without the dashboard" not in text
     assert "Cleaning up placement group" not in text and "State API" not in text
     assert (out / "best" / "model.safetensors").exists()
+    # Ray Data's lines from the driver and from its own actors (the split coordinator's
+    # two per epoch) stay in its log file (fer_ray.ray_logs).
+    assert "execution finished in" not in text and "Progress bars disabled" not in text
+    assert "epoch 1/1" in text
+
+
+def test_ray_datas_noise_is_hidden_from_its_console_only(monkeypatch) -> None:
+    import logging
+
+    from ray.data._internal.logging import HiddenRecordFilter
+
+    from fer_ray import ray_logs
+
+    ray_logs.hide_ray_data_noise()
+    ray_logs.hide_ray_data_noise()  # once per process, however often called
+    seen: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = seen.append
+    parent = logging.getLogger("ray.data")
+    monkeypatch.setattr(parent, "level", logging.DEBUG)
+    parent.addHandler(handler)
+    try:
+        executor = logging.getLogger("ray.data._internal.execution.streaming_executor")
+        assert sum(isinstance(f, ray_logs._Hide) for f in executor.filters) == 1
+        executor.info("✔️  Dataset train_1 execution finished in 15.05 seconds")
+        executor.warning("Operator MapBatches is backpressured")  # other lines: untouched
+        logging.getLogger("ray.data._internal.progress").warning("Progress bars disabled. To enable, ...")
+    finally:
+        parent.removeHandler(handler)
+    # Every record still reaches Ray Data's handlers (its log file writes them all); its
+    # console handler's filter drops the marked ones.
+    assert [HiddenRecordFilter().filter(r) for r in seen] == [False, True, False]
+
+
+def test_ray_init_gives_the_jobs_workers_the_hook_unless_the_job_has_one(monkeypatch) -> None:
+    import json
+
+    import ray
+
+    from fer_ray import cli
+
+    given = []
+    monkeypatch.setattr(ray, "init", lambda **kw: given.append(kw))
+    monkeypatch.setattr(cli, "_note_sigterm", lambda: None)
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    cli._ray_init(address="local", runtime_env={"env_vars": {"A": "1"}})
+    assert given[-1]["runtime_env"] == {"env_vars": {"A": "1"}, "worker_process_setup_hook": cli.ray_logs.HOOK}
+    # A job submitted with a hook of its own: ray.init merges the two runtime envs and
+    # refuses a field given twice.
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR",
+                       json.dumps({"runtime_env": {"worker_process_setup_hook": "theirs.setup"}}))
+    cli._ray_init(address="auto")
+    assert given[-1] == {"address": "auto", "runtime_env": {}}
 
 
 # What the State API, asked from inside a local Ray as Ray Train's placement-group cleaner

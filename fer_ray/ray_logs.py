@@ -1,0 +1,50 @@
+"""Ray Data's console lines that a fer_ray job's output does not need.
+
+Training printed two of Ray Data's lines per epoch beside its own epoch line ("Dataset
+train_... execution finished in 15.0 seconds", from the split coordinator), every process
+that runs Ray Data warned "Progress bars disabled" (fer_ray turns them off on purpose: the
+epoch line is the progress) and every read of the shards logged its Parquet estimates.
+These records are marked hidden, as Ray Data marks its own file-only records: its console
+handler leaves them out and its log file (ray-data.log in the session's logs) keeps them.
+Warnings about anything else and errors are untouched.
+
+`hide_ray_data_noise` runs in the driver (fer_ray.cli.setup_logging) and, as the job's
+`worker_process_setup_hook`, in every Ray worker process of the job (fer_ray.cli._ray_init):
+the lines come from Ray Data's own actors too. Standard library only: every worker process
+of the job imports this module when it starts.
+"""
+
+from __future__ import annotations
+
+import logging
+
+# Logger -> the messages hidden, by a piece of their text.
+HIDDEN = {
+    "ray.data._internal.progress": ("Progress bars disabled",),
+    "ray.data._internal.execution.streaming_executor": (" execution finished in ",),
+    "ray.data._internal.datasource.parquet_datasource": ("Estimated parquet ",),
+}
+
+HOOK = f"{__name__}.hide_ray_data_noise"
+
+
+class _Hide(logging.Filter):
+    def __init__(self, pieces: tuple[str, ...]) -> None:
+        super().__init__()
+        self.pieces = pieces
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno <= logging.WARNING:
+            message = record.getMessage()
+            if any(piece in message for piece in self.pieces):
+                record.hide = True  # Ray Data's console handler skips these (HiddenRecordFilter)
+        return True
+
+
+def hide_ray_data_noise() -> None:
+    """Mark HIDDEN's records hidden from the console (once per process; before or after
+    Ray Data is imported: the filters sit on the loggers, which Ray Data's set-up keeps)."""
+    for name, pieces in HIDDEN.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _Hide) for f in logger.filters):
+            logger.addFilter(_Hide(pieces))
