@@ -55,7 +55,11 @@ TRIALS_DIR = "trials"
 RESULTS_FILE = "results.parquet"
 BEST_CONFIG_FILE = "best_config.json"
 SUMMARY_PLOT = "tune_summary.png"
-METRIC = "val_acc"
+# What ASHA compares trials on at its rungs and what Optuna learns from: each trial's best
+# val accuracy so far, the number the sweep selects on (best/ is a trial's best epoch). A
+# trial's latest val accuracy cut trials that had peaked (ASHA) and fed Optuna a value below
+# the trial's result, and Tune's table named as "current best" a trial other than the sweep's.
+METRIC = "best_val_acc"
 TRIAL_DRIVER_CPU = 0.01
 RESULT_COLUMNS = [
     "trial_id", "lr", "label_smoothing", "best_val_acc", "best_epoch", "epochs_run",
@@ -183,8 +187,9 @@ STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGUSR1") if 
 
 
 def asha(epochs: int, grace_period: int) -> Any:
-    """ASHA on val accuracy with rungs before the last epoch only; None (no early stops)
-    when a trial has no epoch between its grace period and its end.
+    """ASHA on each trial's best val accuracy so far (METRIC), with rungs before the last
+    epoch only; None (no early stops) when a trial has no epoch between its grace period
+    and its end.
 
     A trial that runs all its epochs returns by itself: stopped at its last report, its
     TorchTrainer would be killed before it releases its workers (ray-project/ray#54305).

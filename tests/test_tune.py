@@ -123,6 +123,30 @@ def test_sweep_writes_every_output_and_resumes_without_retraining(ray_cluster, s
         assert f"different settings ({diff})" in capsys.readouterr().err
 
 
+def test_asha_judges_a_trial_by_its_best_epoch_so_far() -> None:
+    """A trial whose val accuracy peaked before a rung is judged on that peak, the number
+    the sweep selects on: judged on its latest epoch, it was stopped below a worse trial."""
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import TrialScheduler
+
+    from fer_ray.tuning import METRIC, asha
+
+    scheduler = asha(epochs=8, grace_period=2)  # one rung, at epoch 2
+    scheduler.set_search_properties(METRIC, "max")
+    steady, peaked = SimpleNamespace(trial_id="steady"), SimpleNamespace(trial_id="peaked")
+
+    def report(trial, epoch: int, val_acc: float, best: float) -> str:
+        return scheduler.on_trial_result(None, trial, {"epoch": epoch, "val_acc": val_acc, "best_val_acc": best})
+
+    for trial in (steady, peaked):
+        scheduler.on_trial_add(None, trial)
+    report(steady, 1, 0.45, 0.45)
+    assert report(steady, 2, 0.45, 0.45) == TrialScheduler.CONTINUE
+    report(peaked, 1, 0.60, 0.60)
+    assert report(peaked, 2, 0.30, 0.60) == TrialScheduler.CONTINUE
+
+
 def test_the_best_trial_is_a_finished_one() -> None:
     """A trial that failed after some epochs has checkpoints but is not a result."""
     results = pd.DataFrame({"trial_id": ["a", "b", "c"], "best_val_acc": [0.6, 0.5, float("nan")],
