@@ -671,6 +671,11 @@ class SweepOptions:
         default="random",
         metadata={"help": "random search, or optuna (model-based; needs `pip install optuna`)"},
     )
+    keep_checkpoints: bool = field(
+        default=False,
+        metadata={"help": "keep every trial's checkpoints; by default a finished sweep deletes those of its "
+                          "finished trials but the best (each keeps best/, its history and reports)"},
+    )
 
 
 @dataclass

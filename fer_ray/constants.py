@@ -45,6 +45,7 @@ MODEL_CONFIG_FILE = "config.json"
 LEARNING_CURVES_FILE = "learning_curves.png"
 CONFUSION_MATRIX_FILE = "confusion_matrix.png"
 VAL_METRICS_FILE = "val_metrics.parquet"
+RUN_SUMMARY_FILE = "summary.json"  # the last line's numbers (trainer.finalize_run)
 TRAIN_STATE_FILE = "train_state.pt"
 VAL_PREDICTIONS_FILE = "val_predictions.parquet"
 RAY_RUN_NAME = "ray_train"

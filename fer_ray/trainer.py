@@ -33,6 +33,7 @@ from fer_ray.constants import (
     LEARNING_CURVES_FILE,
     MODEL_CONFIG_FILE,
     RAY_RUN_NAME,
+    RUN_SUMMARY_FILE,
     SWEEP_CONFIG_FILE,
     TRAIN,
     VAL,
@@ -429,8 +430,8 @@ def local_staging(run_dir: str) -> Iterator[str]:
 def finalize_run(
     result: Any, run_dir: str, class_names: Sequence[str], state: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write history, best/, val metrics and plots from the run's checkpoints (`state`: the
-    latest one's loop state, when already read)."""
+    """Write history, best/, val metrics, plots and summary.json from the run's checkpoints
+    (`state`: the latest one's loop state, when already read); returns the summary."""
     latest = result.checkpoint
     if latest is None:
         raise RuntimeError(f"The run in {run_dir} reported no checkpoint; see the log above.")
@@ -454,14 +455,17 @@ def finalize_run(
             title=f"Val, epoch {state['best_epoch']}",
         )
         plot_learning_curves(history, os.path.join(local, LEARNING_CURVES_FILE))
-    return {
-        **summary(table),
-        "best_epoch": int(state["best_epoch"]),
-        "epochs_run": int(state["epoch"]),
-        "stopped_early": bool(state["stopped_early"]),
-        "planned_epochs": int(state.get("planned_epochs") or 0),  # what the time budget fitted
-        "best_dir": storage.join(run_dir, BEST_DIR),
-    }
+        result = {
+            **summary(table),
+            "best_epoch": int(state["best_epoch"]),
+            "epochs_run": int(state["epoch"]),
+            "stopped_early": bool(state["stopped_early"]),
+            "planned_epochs": int(state.get("planned_epochs") or 0),  # what the time budget fitted
+            "best_dir": storage.join(run_dir, BEST_DIR),
+        }
+        # What a sweep reads back once the trial's checkpoints are gone (fer_ray.tuning).
+        storage.write_json(os.path.join(local, RUN_SUMMARY_FILE), result)
+    return result
 
 
 def _finished_run(cfg: TrainConfig, run_dir: str, class_names: Sequence[str]) -> dict[str, Any] | None:

@@ -35,7 +35,7 @@ from fer_ray.config import (
     from_flat,
     to_dict,
 )
-from fer_ray.constants import BEST_DIR, CONFIG_FILE, HISTORY_FILE, SWEEP_CONFIG_FILE
+from fer_ray.constants import BEST_DIR, CONFIG_FILE, HISTORY_FILE, RAY_RUN_NAME, RUN_SUMMARY_FILE, SWEEP_CONFIG_FILE
 from fer_ray.trainer import (
     build_trainer,
     check_gpus,
@@ -261,7 +261,8 @@ def build_tuner(cfg: SweepConfig, manifest: dict[str, Any], cpu_format: str | No
 
 
 def collect_results(grid: Any, tune_dir: str, classes: list[str]) -> pd.DataFrame:
-    """One row per trial; each trial's run folder is completed (best/, plots) on the way."""
+    """One row per trial; each trial's run folder is completed (best/, plots) on the way, or
+    read back from its summary.json where a finished sweep deleted its checkpoints."""
     rows = []
     for result in grid:
         cfg = result.config or {}
@@ -273,6 +274,9 @@ def collect_results(grid: Any, tune_dir: str, classes: list[str]) -> pd.DataFram
                "error": _one_line(result.error) if result.error else None, "best_dir": None}
         if has_checkpoint(trial_dir):
             summary = finalize_run(saved_result(trial_dir), trial_dir, classes)
+        else:
+            summary = storage.read_json_or_none(storage.join(trial_dir, RUN_SUMMARY_FILE))
+        if summary:
             # stopped_early: by --patience; fewer epochs without it were ASHA's or the budget's cut.
             row.update(best_val_acc=summary["accuracy"], best_epoch=summary["best_epoch"],
                        epochs_run=summary["epochs_run"], best_dir=summary["best_dir"],
@@ -281,6 +285,26 @@ def collect_results(grid: Any, tune_dir: str, classes: list[str]) -> pd.DataFram
     # Epochs stay whole numbers when some trial has none (a float column otherwise: 2.0).
     results = pd.DataFrame(rows, columns=RESULT_COLUMNS).astype({"best_epoch": "Int64"})
     return results.sort_values("trial_id", ignore_index=True)
+
+
+def prune_checkpoints(results: pd.DataFrame, best: dict[str, Any] | None, tune_dir: str) -> None:
+    """Delete the checkpoints of the finished trials other than the best: a trial keeps two
+    (its best epoch's and its latest, each with the optimizer's state besides the weights;
+    ~170 MB for resnet18, more with the parameters for larger models), while its best/,
+    history, reports and summary.json stay. The best trial's are kept (it can be trained on), and so are a failed trial's (a
+    rerun resumes it from them)."""
+    pruned = []
+    for trial_id, status in zip(results["trial_id"], results["status"]):
+        trial_dir = storage.join(tune_dir, TRIALS_DIR, trial_id)
+        if (status == "TERMINATED" and (best is None or trial_id != best["trial_id"])
+                and storage.exists(storage.join(trial_dir, RUN_SUMMARY_FILE))):
+            checkpoints = storage.join(trial_dir, RAY_RUN_NAME)
+            if storage.exists(checkpoints):
+                storage.delete_dir(checkpoints)
+                pruned.append(trial_id)
+    if pruned:
+        log.info("Deleted the checkpoints of %d finished trial(s) other than the best (each keeps best/, its "
+                 "history and reports; --keep-checkpoints keeps them)", len(pruned))
 
 
 def _one_line(error: BaseException) -> str:
@@ -408,4 +432,6 @@ def sweep(cfg: SweepConfig, manifest: dict[str, Any]) -> tuple[pd.DataFrame, dic
         raise KeyboardInterrupt("sweep interrupted")
     results = collect_results(grid, tune_dir, list(manifest["classes"]))
     best = write_outputs(results, tune_dir)
+    if not cfg.sweep.keep_checkpoints:
+        prune_checkpoints(results, best, tune_dir)
     return results, best

@@ -97,6 +97,14 @@ def test_sweep_writes_every_output_and_resumes_without_retraining(ray_cluster, s
     # --amp auto on CPUs: the formats timed once for the sweep, every trial in the same
     # (each trial timing its own trained some in fp32 and some in bf16), kept for a resume.
     assert formats == {json.loads((out / "sweep_config.json").read_text())["resolved"]["cpu_format"]}
+    # Only the best trial keeps its checkpoints; every trial keeps its model, reports and summary.
+    kept = {p.parent.name for p in (out / "trials").glob("*/ray_train")}
+    assert kept == {best["trial_id"]}
+    for trial_id in results["trial_id"]:
+        trial = out / "trials" / trial_id
+        assert (trial / "best" / "model.safetensors").is_file() and (trial / "val_metrics.parquet").is_file()
+        summary = json.loads((trial / "summary.json").read_text())
+        assert summary["accuracy"] == results.set_index("trial_id").loc[trial_id, "best_val_acc"]
 
     # A finished sweep run again trains nothing and reports the same results.
     stamps = {p: p.stat().st_mtime for p in (out / "trials").glob("*/ray_train/epoch_*")}
@@ -200,9 +208,10 @@ def test_ctrl_c_leaves_no_sweep_outputs_and_the_rerun_finishes(ray_cluster, synt
     out = tmp_path / "sweep"
     args = _interrupted_sweep(synth_shards, out, capsys, num_samples=2)
 
-    assert tune_main(args) == 0
+    assert tune_main([*args, "--keep-checkpoints"]) == 0  # not a setting the trials depend on
     results = pd.read_parquet(out / "results.parquet")
     assert len(results) == 2 and (results["status"] == "TERMINATED").all()
+    assert len(list((out / "trials").glob("*/ray_train/epoch_*"))) >= 2  # every trial's kept
     for trial_id, ran in zip(results["trial_id"], results["epochs_run"]):
         history = pd.read_csv(out / "trials" / trial_id / "history.csv")
         assert history["epoch"].tolist() == list(range(1, ran + 1))
