@@ -76,7 +76,7 @@ def on_cluster() -> bool:
     return os.environ.get("RAY_ADDRESS", "").strip().lower() not in ("", "local")
 
 
-def init_ray(min_cpus: int = 4, dashboard: bool = False) -> None:
+def init_ray(min_cpus: int = 4, dashboard: bool = False, quiet_workers: bool = False) -> None:
     """Connect to the cluster in RAY_ADDRESS (as `ray job submit` sets it) or start one locally.
 
     A local start gets at least `min_cpus` logical CPUs: a trial, its Train worker and the
@@ -91,7 +91,8 @@ def init_ray(min_cpus: int = 4, dashboard: bool = False) -> None:
     training run lost its worker when a test cluster started beside it). Jobs that only
     run Ray Data (scoring, preparing shards) start without it, which leaves 2 cores ~8%
     more throughput (bench/PERFORMANCE.md); FER_RAY_DASHBOARD=1 turns it on for them too.
-    A cluster from `ray start` or cluster.yaml keeps its own dashboard.
+    A cluster from `ray start` or cluster.yaml keeps its own dashboard. `quiet_workers`: see
+    _ray_init.
     """
     import ray
 
@@ -99,7 +100,7 @@ def init_ray(min_cpus: int = 4, dashboard: bool = False) -> None:
         return
     address = os.environ.get("RAY_ADDRESS")
     if address and address != "local":
-        connect_ray(address)
+        connect_ray(address, quiet_workers=quiet_workers)
         return
     note = None if address else _ray_start_note()  # read once: joined, or warned about
     if note and note[2]:  # the latest `ray start` cluster on this machine, still answering
@@ -107,7 +108,8 @@ def init_ray(min_cpus: int = 4, dashboard: bool = False) -> None:
         # As Ray's own `ray.init()` does (which then refuses num_cpus in a traceback).
         log.info("Joining the Ray cluster that `ray start` runs on this machine at %s "
                  "(RAY_ADDRESS=local starts a Ray of this job's own instead)", running)
-        connect_ray(running, where=f"{running!r} (the cluster `ray start` runs on this machine)")
+        connect_ray(running, where=f"{running!r} (the cluster `ray start` runs on this machine)",
+                    quiet_workers=quiet_workers)
         os.environ["RAY_ADDRESS"] = running  # a cluster, as for a submitted job (warn_local_paths)
         return
     dashboard = dashboard or _coerce(os.environ.get("FER_RAY_DASHBOARD", "0").strip(), bool, "FER_RAY_DASHBOARD")
@@ -123,7 +125,7 @@ def init_ray(min_cpus: int = 4, dashboard: bool = False) -> None:
         port = _free_port()
         options = {"dashboard_port": port,
                    "runtime_env": {"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}}}
-    _ray_init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, **options)
+    _ray_init(quiet_workers, address="local", num_cpus=num_cpus, include_dashboard=dashboard, **options)
     if not dashboard:
         log.info("Started a local Ray (%d logical CPUs) without the dashboard; "
                  "FER_RAY_DASHBOARD=1 keeps it, or `ray start --head` and submit jobs to it.", num_cpus)
@@ -172,17 +174,22 @@ def _ray_start_note() -> tuple[str, str, bool] | None:
     return path, address, _answers(host_port, 1.0) is None
 
 
-def _ray_init(**options: Any) -> None:
+def _ray_init(quiet_workers: bool = False, **options: Any) -> None:
     """ray.init, with SIGTERM ending the job as run_job reports it (_quiet_sigterm,
-    _note_sigterm), and Ray Data's noise kept off the console in the job's workers too
-    (fer_ray.ray_logs)."""
+    _note_sigterm); with `quiet_workers`, Ray Data's routine lines are kept off the console
+    in the job's workers too (fer_ray.ray_logs). Only training and sweeps ask for it: there
+    Ray Data's own actors print lines every epoch, and a local start already gives their
+    workers a runtime env (the dashboard's address). A runtime env of a job's own is not given
+    to prepare's and scoring's tasks, which may then start in workers Ray has ready."""
     import ray
 
-    runtime_env = dict(options.pop("runtime_env", None) or {})
-    if not _job_runtime_env().get("worker_process_setup_hook"):  # a submitted job's own wins
-        runtime_env["worker_process_setup_hook"] = ray_logs.HOOK
+    if quiet_workers and not _job_runtime_env().get("worker_process_setup_hook"):  # a job's own wins
+        # The function itself, pickled by value: a worker needs no importable fer_ray to run it.
+        ray.cloudpickle.register_pickle_by_value(ray_logs)
+        options["runtime_env"] = {**(options.get("runtime_env") or {}),
+                                  "worker_process_setup_hook": ray_logs.hide_ray_data_noise}
     _quiet_sigterm()
-    ray.init(runtime_env=runtime_env, **options)
+    ray.init(**options)
     _note_sigterm()
 
 
@@ -231,7 +238,7 @@ def _answers(host_port: tuple[str, int], timeout: float) -> OSError | None:
     return None
 
 
-def connect_ray(address: str, where: str | None = None) -> None:
+def connect_ray(address: str, where: str | None = None, quiet_workers: bool = False) -> None:
     """`ray.init(address)` that fails in one sentence instead of retrying for minutes.
 
     Against a closed port `ray.init` keeps retrying the GCS for well over two minutes, so
@@ -264,7 +271,7 @@ def connect_ray(address: str, where: str | None = None) -> None:
     watchdog.daemon = True
     watchdog.start()
     try:
-        _ray_init(address=address, log_to_driver=True)  # (`ray job stop` sends SIGTERM)
+        _ray_init(quiet_workers, address=address, log_to_driver=True)  # (`ray job stop` sends SIGTERM)
     except ValueError as e:  # an address ray.init cannot parse
         raise ConfigError(f"Ray cannot use {where}: {e}") from None
     except AuthenticationError:

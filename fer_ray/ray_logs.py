@@ -8,10 +8,10 @@ These records are marked hidden, as Ray Data marks its own file-only records: it
 handler leaves them out and its log file (ray-data.log in the session's logs) keeps them.
 Warnings about anything else and errors are untouched.
 
-`hide_ray_data_noise` runs in the driver (fer_ray.cli.setup_logging) and, as the job's
-`worker_process_setup_hook`, in every Ray worker process of the job (fer_ray.cli._ray_init):
-the lines come from Ray Data's own actors too. Standard library only: every worker process
-of the job imports this module when it starts.
+`hide_ray_data_noise` runs in the driver (fer_ray.cli.setup_logging) and, for training and
+sweeps, as the job's `worker_process_setup_hook` in every Ray worker process of the job
+(fer_ray.cli._ray_init): the per-epoch lines come from Ray Data's own actors. Standard
+library only: the hook is shipped to the workers pickled by value, with this module.
 """
 
 from __future__ import annotations
@@ -24,9 +24,6 @@ HIDDEN = {
     "ray.data._internal.execution.streaming_executor": (" execution finished in ",),
     "ray.data._internal.datasource.parquet_datasource": ("Estimated parquet ",),
 }
-
-HOOK = f"{__name__}.hide_ray_data_noise"
-
 
 class _Hide(logging.Filter):
     def __init__(self, pieces: tuple[str, ...]) -> None:

@@ -384,6 +384,13 @@ def _utf8(name: bytes) -> bool:
         return False
 
 
+def delete_file(path: str) -> None:
+    """Delete the file at `path` (nothing when there is none)."""
+    fs, inner = resolve(path)
+    if fs.get_file_info(inner).type == pafs.FileType.File:
+        fs.delete_file(inner)
+
+
 def delete_dir(path: str) -> None:
     fs, inner = resolve(path)
     if fs.get_file_info(inner).type != pafs.FileType.NotFound:

@@ -199,7 +199,15 @@ def check_inputs(cfg: TrainConfig) -> dict[str, Any]:
     # trials (run from working folders of their own) find it.
     cfg.data.data = storage.normalize(cfg.data.data)
     existing = _check_output(cfg)  # (its sentences name --output as given)
-    if existing and not hasattr(cfg, "sweep") and not has_checkpoint(storage.normalize(cfg.run.output)):
+    output = storage.normalize(cfg.run.output)
+    if existing and not hasattr(cfg, "sweep") and not has_checkpoint(output):
+        if storage.exists(storage.join(output, RUN_SUMMARY_FILE)):
+            # A sweep's finished trial whose checkpoints the sweep deleted (fer_ray.tuning):
+            # starting again would overwrite the model and reports its results name.
+            raise ConfigError(
+                f"--output {cfg.run.output!r} holds a finished run whose checkpoints were deleted (a sweep "
+                "keeps only its best trial's); give a new --output to train these settings again."
+            )
         # A run that failed or was stopped before its first checkpoint: nothing to resume,
         # so nothing holds it to its settings (a corrected rerun was refused as "different").
         log.info("Output %s holds a run that saved no epoch; it starts again with these settings", cfg.run.output)

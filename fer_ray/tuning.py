@@ -35,7 +35,15 @@ from fer_ray.config import (
     from_flat,
     to_dict,
 )
-from fer_ray.constants import BEST_DIR, CONFIG_FILE, HISTORY_FILE, RAY_RUN_NAME, RUN_SUMMARY_FILE, SWEEP_CONFIG_FILE
+from fer_ray.constants import (
+    BEST_DIR,
+    CHECKPOINT_SNAPSHOT,
+    CONFIG_FILE,
+    HISTORY_FILE,
+    RAY_RUN_NAME,
+    RUN_SUMMARY_FILE,
+    SWEEP_CONFIG_FILE,
+)
 from fer_ray.trainer import (
     build_trainer,
     check_gpus,
@@ -276,6 +284,8 @@ def collect_results(grid: Any, tune_dir: str, classes: list[str]) -> pd.DataFram
             summary = finalize_run(saved_result(trial_dir), trial_dir, classes)
         else:
             summary = storage.read_json_or_none(storage.join(trial_dir, RUN_SUMMARY_FILE))
+            if summary:  # where the trial's folder is now (the sweep's may have moved)
+                summary["best_dir"] = storage.join(trial_dir, BEST_DIR)
         if summary:
             # stopped_early: by --patience; fewer epochs without it were ASHA's or the budget's cut.
             row.update(best_val_acc=summary["accuracy"], best_epoch=summary["best_epoch"],
@@ -299,9 +309,16 @@ def prune_checkpoints(results: pd.DataFrame, best: dict[str, Any] | None, tune_d
         if (status == "TERMINATED" and (best is None or trial_id != best["trial_id"])
                 and storage.exists(storage.join(trial_dir, RUN_SUMMARY_FILE))):
             checkpoints = storage.join(trial_dir, RAY_RUN_NAME)
-            if storage.exists(checkpoints):
-                storage.delete_dir(checkpoints)
-                pruned.append(trial_id)
+            try:
+                if storage.exists(checkpoints):
+                    # Ray Train's record first: a deletion cut short leaves a trial that reads
+                    # as pruned (its row from summary.json), not one whose record names
+                    # checkpoints that are gone.
+                    storage.delete_file(storage.join(checkpoints, CHECKPOINT_SNAPSHOT))
+                    storage.delete_dir(checkpoints)
+                    pruned.append(trial_id)
+            except OSError as e:  # the sweep's outputs are written: not a reason to fail it
+                log.warning("Could not delete the checkpoints in %s: %s", checkpoints, e)
     if pruned:
         log.info("Deleted the checkpoints of %d finished trial(s) other than the best (each keeps best/, its "
                  "history and reports; --keep-checkpoints keeps them)", len(pruned))

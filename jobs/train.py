@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
 
         manifest = check_inputs(cfg)  # bad input fails here, before Ray starts
         # With the dashboard: Ray Train's placement-group cleaner asks its State API.
-        init_ray(min_cpus=cfg.run.num_workers * cfg.run.cpus_per_worker + 2, dashboard=True)
+        init_ray(min_cpus=cfg.run.num_workers * cfg.run.cpus_per_worker + 2, dashboard=True, quiet_workers=True)
         warn_local_paths(data=cfg.data.data, output=cfg.run.output)
         out = train(cfg, manifest, started=started)
         planned, epochs = out["planned_epochs"], cfg.optim.epochs

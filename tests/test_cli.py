@@ -273,14 +273,25 @@ def test_ray_init_gives_the_jobs_workers_the_hook_unless_the_job_has_one(monkeyp
     monkeypatch.setattr(ray, "init", lambda **kw: given.append(kw))
     monkeypatch.setattr(cli, "_note_sigterm", lambda: None)
     monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
-    cli._ray_init(address="local", runtime_env={"env_vars": {"A": "1"}})
-    assert given[-1]["runtime_env"] == {"env_vars": {"A": "1"}, "worker_process_setup_hook": cli.ray_logs.HOOK}
+    cli._ray_init(True, address="local", runtime_env={"env_vars": {"A": "1"}})
+    hook = cli.ray_logs.hide_ray_data_noise
+    assert given[-1]["runtime_env"] == {"env_vars": {"A": "1"}, "worker_process_setup_hook": hook}
+    # Shipped by value: a worker that cannot import fer_ray (not installed there) runs it.
+    unpickle_and_run = ("import logging, pickle, sys; sys.modules['fer_ray'] = None; "
+                        "pickle.loads(sys.stdin.buffer.read())(); "
+                        "print(len(logging.getLogger('ray.data._internal.progress').filters))")
+    ran = subprocess.run([sys.executable, "-c", unpickle_and_run], input=ray.cloudpickle.dumps(hook),
+                         capture_output=True, timeout=60)
+    assert ran.returncode == 0 and ran.stdout.strip() == b"1", ran.stderr[-2000:]
+    # Prepare and scoring: no runtime env of the job's own.
+    cli._ray_init(address="local")
+    assert given[-1] == {"address": "local"}
     # A job submitted with a hook of its own: ray.init merges the two runtime envs and
     # refuses a field given twice.
     monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR",
                        json.dumps({"runtime_env": {"worker_process_setup_hook": "theirs.setup"}}))
-    cli._ray_init(address="auto")
-    assert given[-1] == {"address": "auto", "runtime_env": {}}
+    cli._ray_init(True, address="auto")
+    assert given[-1] == {"address": "auto"}
 
 
 # What the State API, asked from inside a local Ray as Ray Train's placement-group cleaner

@@ -15,6 +15,7 @@ from conftest import ctrl_c_when, tiny_train_args
 from fer_ray.config import SweepConfig, parse_config, to_dict
 from fer_ray.model import load_model_dir
 from fer_ray.tuning import RESULT_COLUMNS, best_trial, trial_config
+from jobs.train import main as train_main
 from jobs.tune import main as tune_main
 
 
@@ -112,6 +113,12 @@ def test_sweep_writes_every_output_and_resumes_without_retraining(ray_cluster, s
     again = pd.read_parquet(out / "results.parquet")
     pd.testing.assert_frame_equal(again, results)
     assert {p: p.stat().st_mtime for p in (out / "trials").glob("*/ray_train/epoch_*")} == stamps
+    assert {p.parent.name for p in (out / "trials").glob("*/ray_train")} == kept  # no pruned trial trained again
+    # A pruned trial's folder is not trained in again (from scratch, over the model its row names).
+    pruned = next(t for t in results["trial_id"] if t not in kept)
+    capsys.readouterr()
+    assert train_main(["--config", str(out / "trials" / pruned / "config.json")]) == 2
+    assert "holds a finished run whose checkpoints were deleted" in capsys.readouterr().err
     # stopped_early is early stopping by --patience (2 epochs never trigger it), not ASHA's cut.
     assert not results["stopped_early"].any()
     # Another model cannot resume these trials' checkpoints: refused before any trial starts.
@@ -153,6 +160,39 @@ def test_asha_judges_a_trial_by_its_best_epoch_so_far() -> None:
     assert report(steady, 2, 0.45, 0.45) == TrialScheduler.CONTINUE
     report(peaked, 1, 0.60, 0.60)
     assert report(peaked, 2, 0.30, 0.60) == TrialScheduler.CONTINUE
+
+
+def test_pruning_deletes_only_finished_non_best_trials_checkpoints(tmp_path, monkeypatch, caplog) -> None:
+    from fer_ray import storage, tuning
+    from fer_ray.trainer import has_checkpoint
+
+    def trial(name: str, summary: bool = True) -> Path:
+        folder = tmp_path / "trials" / name
+        (folder / "ray_train" / "epoch_0001").mkdir(parents=True)
+        (folder / "ray_train" / "checkpoint_manager_snapshot.json").write_text("{}")
+        if summary:
+            (folder / "summary.json").write_text("{}")
+        return folder
+
+    best, other, failed, unsummarised = trial("best"), trial("other"), trial("failed"), trial("old", summary=False)
+    results = pd.DataFrame({"trial_id": ["best", "other", "failed", "old"],
+                            "status": ["TERMINATED", "TERMINATED", "ERROR", "TERMINATED"]})
+    tuning.prune_checkpoints(results, {"trial_id": "best"}, str(tmp_path))
+    assert not (other / "ray_train").exists() and (other / "summary.json").exists()
+    # The best trial's stay (it can be trained on), a failed one's too (a rerun resumes it),
+    # and a trial without summary.json has nothing else to read its row from.
+    assert all((t / "ray_train" / "epoch_0001").is_dir() for t in (best, failed, unsummarised))
+
+    # A deletion that fails is a warning (the sweep's outputs are written), and the trial
+    # no longer reads as having checkpoints: its row comes from summary.json on a rerun.
+    other = trial("other")
+    def fail(path):
+        raise OSError("bucket says no")
+    monkeypatch.setattr(storage, "delete_dir", fail)
+    with caplog.at_level("WARNING", logger="fer_ray.tuning"):
+        tuning.prune_checkpoints(results, {"trial_id": "best"}, str(tmp_path))
+    assert "Could not delete the checkpoints" in caplog.text and "bucket says no" in caplog.text
+    assert not has_checkpoint(str(other))
 
 
 def test_the_best_trial_is_a_finished_one() -> None:
