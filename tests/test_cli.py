@@ -412,7 +412,8 @@ def test_without_ray_address_a_job_joins_the_cluster_ray_start_runs_here(monkeyp
     monkeypatch.setattr(ray._private.utils, "read_ray_address", lambda temp_dir=None: f"127.0.0.1:{port}")
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     calls = []
-    monkeypatch.setattr(cli, "connect_ray", lambda address, where=None: calls.append(("connect", address)))
+    monkeypatch.setattr(cli, "connect_ray",
+                        lambda address, where=None, quiet_workers=False: calls.append(("connect", address)))
     monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(("init", kwargs)))
     # Recorded as it is (unset) so that teardown undoes what init_ray sets: a bare delenv of
     # an unset variable records nothing, and RAY_ADDRESS leaked into every later test.
