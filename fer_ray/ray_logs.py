@@ -25,6 +25,7 @@ HIDDEN = {
     "ray.data._internal.datasource.parquet_datasource": ("Estimated parquet ",),
 }
 
+
 class _Hide(logging.Filter):
     def __init__(self, pieces: tuple[str, ...]) -> None:
         super().__init__()

@@ -214,7 +214,7 @@ def check_inputs(cfg: TrainConfig) -> dict[str, Any]:
         existing = None
     # The same for --output: `--config RUN/config.json` from another folder resumed nothing
     # and trained a new run under that folder instead.
-    cfg.run.output = storage.normalize(cfg.run.output)
+    cfg.run.output = output
     manifest = read_manifest(cfg.data.data)
     for split in (TRAIN, VAL):
         if not manifest["splits"].get(split, {}).get("total"):
@@ -463,7 +463,7 @@ def finalize_run(
             title=f"Val, epoch {state['best_epoch']}",
         )
         plot_learning_curves(history, os.path.join(local, LEARNING_CURVES_FILE))
-        result = {
+        outcome = {
             **summary(table),
             "best_epoch": int(state["best_epoch"]),
             "epochs_run": int(state["epoch"]),
@@ -472,8 +472,8 @@ def finalize_run(
             "best_dir": storage.join(run_dir, BEST_DIR),
         }
         # What a sweep reads back once the trial's checkpoints are gone (fer_ray.tuning).
-        storage.write_json(os.path.join(local, RUN_SUMMARY_FILE), result)
-    return result
+        storage.write_json(os.path.join(local, RUN_SUMMARY_FILE), outcome)
+    return outcome
 
 
 def _finished_run(cfg: TrainConfig, run_dir: str, class_names: Sequence[str]) -> dict[str, Any] | None:

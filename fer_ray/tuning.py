@@ -284,12 +284,11 @@ def collect_results(grid: Any, tune_dir: str, classes: list[str]) -> pd.DataFram
             summary = finalize_run(saved_result(trial_dir), trial_dir, classes)
         else:
             summary = storage.read_json_or_none(storage.join(trial_dir, RUN_SUMMARY_FILE))
-            if summary:  # where the trial's folder is now (the sweep's may have moved)
-                summary["best_dir"] = storage.join(trial_dir, BEST_DIR)
         if summary:
             # stopped_early: by --patience; fewer epochs without it were ASHA's or the budget's cut.
+            # best_dir: where the trial's folder is now (summary.json names where it was written).
             row.update(best_val_acc=summary["accuracy"], best_epoch=summary["best_epoch"],
-                       epochs_run=summary["epochs_run"], best_dir=summary["best_dir"],
+                       epochs_run=summary["epochs_run"], best_dir=storage.join(trial_dir, BEST_DIR),
                        stopped_early=summary["stopped_early"])
         rows.append(row)
     # Epochs stay whole numbers when some trial has none (a float column otherwise: 2.0).
@@ -301,8 +300,8 @@ def prune_checkpoints(results: pd.DataFrame, best: dict[str, Any] | None, tune_d
     """Delete the checkpoints of the finished trials other than the best: a trial keeps two
     (its best epoch's and its latest, each with the optimizer's state besides the weights;
     ~170 MB for resnet18, more with the parameters for larger models), while its best/,
-    history, reports and summary.json stay. The best trial's are kept (it can be trained on), and so are a failed trial's (a
-    rerun resumes it from them)."""
+    history, reports and summary.json stay. The best trial's are kept (it can be trained
+    on), and so are a failed trial's (a rerun resumes it from them)."""
     pruned = []
     for trial_id, status in zip(results["trial_id"], results["status"]):
         trial_dir = storage.join(tune_dir, TRIALS_DIR, trial_id)
