@@ -290,12 +290,32 @@ def _check_output(model_dir: str, source: str, output: str) -> None:
         storage.check_creatable(output, "--output")
     elif not storage.is_dir(output):
         raise ConfigError(f"--output {output!r} is a file; choose a folder.")
+    elif problem := _unreplaceable(output):
+        raise ConfigError(
+            f"--output {output!r} cannot be replaced: {problem} (a run writes its results beside it and "
+            f"moves them into place at the end); give a folder inside it (e.g. {storage.join(output, 'preds')})."
+        )
     # Hidden entries count (a folder holding only .git is not empty): a rerun replaces it.
     elif storage.list_dir(output, hidden=True) and not _is_scoring_output(output):
         raise ConfigError(
             f"--output {output!r} is a non-empty folder that jobs/predict.py did not write; "
             "choose a new folder (a predictions folder is replaced on rerun)."
         )
+
+
+def _unreplaceable(folder: str) -> str | None:
+    """Why the existing local `folder` cannot be swapped for a new one (_publish renames it
+    and writes beside it), or None: found before the run, not after its work is done."""
+    local = storage.local_path(folder)
+    if local is None:
+        return None
+    local = os.path.abspath(local)
+    if os.path.ismount(local):  # (rename: EBUSY; a container's volume, a mounted disk)
+        return "it is a mount point"
+    parent = os.path.dirname(local)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"its parent folder {parent!r} is not writable"
+    return None
 
 
 def _is_scoring_output(folder: str) -> bool:
@@ -318,13 +338,14 @@ def _has_any_file(folder: str) -> bool:
 # --------------------------------------------------------------------------------------
 
 
-def list_images(source: str, class_names: Sequence[str]) -> pa.Table:
+def list_images(source: str, class_names: Sequence[str], skip: Sequence[str] = ()) -> pa.Table:
     """Every file under SRC with its true label: the class its first-level folder names,
-    else NO_LABEL. Files that are not images are listed too; they end in errors.parquet."""
+    else NO_LABEL. Files that are not images are listed too; they end in errors.parquet.
+    A link in SRC to one of the folders `skip` (the output) is not followed."""
     fs, inner = storage.resolve(source)
     index = {name.lower(): i for i, name in enumerate(class_names)}
     paths, labels, strangers = [], [], set()
-    for path in storage.list_files(source):
+    for path in storage.list_files(source, skip):
         parts = path[len(inner) :].strip("/").split("/")
         label = index.get(parts[0].lower(), NO_LABEL) if len(parts) > 1 else NO_LABEL
         if label == NO_LABEL and len(parts) > 1:
@@ -763,14 +784,17 @@ def write_reports(folder: str, class_names: Sequence[str], title: str) -> dict[s
 # --------------------------------------------------------------------------------------
 
 
-def input_dataset(source: str, class_names: Sequence[str], split: str | None, rows_per_block: int):
+def input_dataset(
+    source: str, class_names: Sequence[str], split: str | None, rows_per_block: int, skip: Sequence[str] = (),
+):
     """(Dataset of path, label and, for shards, image bytes; number of rows; split scored;
-    the folder's listing, None for shards)."""
+    the folder's listing, None for shards). `skip`: folders a link in SOURCE may lead to
+    that are not listed (list_images)."""
     import ray
 
     shards = find_shards(source)
     if shards is None:
-        listing = list_images(source, class_names)
+        listing = list_images(source, class_names, skip)
         if not listing.num_rows:
             raise ConfigError(f"Input {source!r} holds no files; give a folder with images in it.")
         # from_blocks takes the blocks' metadata from the driver's own tables; from_arrow
@@ -946,10 +970,14 @@ def predict(
         output = target
     tta = tta_mode(tta)  # before check_inputs, which loads the model
     spec = check_inputs(model_dir, source, output, split, batch_size, num_actors, amp, use_gpu)
-    for stale in _stale_temp_folders(output):
+    stale_folders = _stale_temp_folders(output)
+    for stale in stale_folders:
         what = "the output before it, kept" if ".old-" in stale.rsplit("/", 1)[-1] else "its unfinished output"
         log.warning("%s is left from an interrupted run (%s); remove it when not needed", stale, what)
-    ds, total, split, listing = input_dataset(source, spec.class_names, split, batch_size)  # starts Ray if needed
+    # (A link in the input to the output would read the last run's results as input.)
+    ds, total, split, listing = input_dataset(
+        source, spec.class_names, split, batch_size, skip=[output, *stale_folders]
+    )  # starts Ray if needed
     sigma, blur_source = scoring_blur(input_blur, spec, lambda: sample_input(source, listing, split, spec))
     if sigma or spec.input_blur:
         log.info("Input blur: sigma %g px (%s)", sigma, blur_source)
@@ -973,6 +1001,8 @@ def predict(
     log.info("Scoring %d images (%s) from %s with %s", total, described, source, model_dir)
 
     tmp = storage.sibling(output, f".tmp-{uuid.uuid4().hex[:8]}")
+    parent = storage.split_last(tmp)[0]
+    made = storage.missing_folders(parent) if parent else []  # removed again if the run fails
     storage.makedirs(tmp)
     predictions = storage.join(tmp, PREDICTIONS_DIR)
     errors = ErrorWriter(storage.join(tmp, ERRORS_FILE))
@@ -996,7 +1026,9 @@ def predict(
         writer.close()
         n_errors = errors.close()
 
-        name = storage.name_of(source) + (f"/{split}" if split else "")
+        name = storage.name_of(source)
+        if split and split != name:  # (a split's own folder is named after it: not "val/val")
+            name += f"/{split}"
         counts = write_reports(tmp, spec.class_names, title=f"Predictions on {name}")
         seconds = time.time() - start
         summary = {
@@ -1027,12 +1059,15 @@ def predict(
             log.warning("%d scored + %d errors != %d listed", summary["scored"], n_errors, total)
         storage.write_json(storage.join(tmp, SUMMARY_FILE), summary)
         _publish(tmp, output)
+        made = []
     finally:
         for open_writer in (writer.writer, errors.writer):  # (closed and None when done)
             with contextlib.suppress(Exception):  # the error that ended the run is the one to see
                 if open_writer is not None:
                     open_writer.close()
         storage.delete_dir(tmp)
+        with contextlib.suppress(Exception):
+            storage.remove_empty(made)
     return summary
 
 
@@ -1041,7 +1076,7 @@ def describe(summary: dict[str, Any]) -> str:
     quality = (
         f"; accuracy {summary['accuracy']:.4f}, macro F1 {summary['macro_f1']:.4f}, "
         f"calibration error {summary['calibration_error']:.3f} on {summary['labelled']} labelled"
-        if "accuracy" in summary else "; no true labels"
+        if "accuracy" in summary else "; nothing scored" if not summary["scored"] else "; no true labels"
     )
     return (
         f"scored {summary['scored']} of {summary['total']} ({summary['errors']} errors) in "

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import matplotlib
 
@@ -14,6 +15,20 @@ from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullForm
 import pandas as pd  # noqa: E402
 
 
+def _literal_text(plot: Callable[..., None]) -> Callable[..., None]:
+    """`plot` with its text drawn as written: matplotlib otherwise reads the text between two
+    `$` as mathtext, and a folder or class name such as `tips_$5_$10` failed the drawing
+    (a ValueError at savefig, after the job's work was done)."""
+
+    @functools.wraps(plot)
+    def wrapped(*args: Any, **kwargs: Any) -> None:
+        with plt.rc_context({"text.parse_math": False}):
+            plot(*args, **kwargs)
+
+    return wrapped
+
+
+@_literal_text
 def plot_learning_curves(history: pd.DataFrame, path: str | Path) -> None:
     """Loss and accuracy per epoch, train vs val, with the fine-tuning phase change marked."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
@@ -43,6 +58,7 @@ def plot_learning_curves(history: pd.DataFrame, path: str | Path) -> None:
     plt.close(fig)
 
 
+@_literal_text
 def plot_confusion_matrix(
     counts: np.ndarray, class_names: Sequence[str], path: str | Path, title: str = "Confusion matrix"
 ) -> None:
@@ -70,6 +86,7 @@ def plot_confusion_matrix(
     plt.close(fig)
 
 
+@_literal_text
 def plot_sweep(results: pd.DataFrame, histories: dict[str, pd.DataFrame], path: str | Path) -> None:
     """Best val accuracy against LR coloured by label smoothing, and every trial's val curve."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))

@@ -6,10 +6,11 @@ Ray's own `storage_path` and `read_parquet` take the same strings, so a user can
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 from urllib.parse import quote, unquote
 
 import pyarrow as pa
@@ -280,13 +281,14 @@ def list_dir(path: str, hidden: bool = False) -> list[pafs.FileInfo]:
     return sorted((e for e in entries if hidden or not e.base_name.startswith(".")), key=lambda e: e.path)
 
 
-def list_files(path: str) -> list[str]:
+def list_files(path: str, skip: Sequence[str] = ()) -> list[str]:
     """Every file under a folder at any depth (hidden ones left out), sorted. Symlinked
-    folders are followed; locally (local_files) a link to a folder above it is not, and a
-    link to nothing is listed, so that whoever reads it says why it cannot be read."""
+    folders are followed; locally (local_files) a link to a folder above it or to one of
+    the local folders `skip` is not, and a link to nothing is listed, so that whoever reads
+    it says why it cannot be read."""
     fs, inner = resolve(path)
     if isinstance(fs, pafs.LocalFileSystem):
-        return sorted(local_files(inner))
+        return sorted(local_files(inner, skip))
     entries = _listing(fs, inner, path, recursive=True)
     out = []
     for e in entries:
@@ -296,11 +298,13 @@ def list_files(path: str) -> list[str]:
     return sorted(out)
 
 
-def local_files(root: str) -> Iterator[str]:
+def local_files(root: str, skip: Sequence[str] = ()) -> Iterator[str]:
     """The files under a local folder, depth first, as they are found (hidden entries left
     out). A symlinked folder is followed unless it is the folder listed or one above it
     (within the listing, or above the folder itself): pyarrow's listing followed such a loop
-    until the path was 40 links deep and listed every file under it once per turn. A
+    until the path was 40 links deep and listed every file under it once per turn. Nor is
+    a folder that is one of the local folders `skip`, however reached (a job's output
+    folder, linked from inside its input, would be read as input on the next run). A
     symlink to nothing, or to what cannot be reached (a link loop, a folder without
     permission), is listed, so that its reader says why it cannot be read; sockets and
     pipes are not (reading a pipe would wait forever). ConfigError when `root` cannot be
@@ -315,6 +319,13 @@ def local_files(root: str) -> Iterator[str]:
         if parent == folder:
             break
         folder = parent
+    skipped = {}
+    for folder in skip:
+        local = local_path(folder)
+        with contextlib.suppress(OSError):
+            if local is not None:
+                st = os.stat(local)
+                skipped[(st.st_dev, st.st_ino)] = folder
     stack = [(root, tuple(above_root))]
     while stack:
         folder, above = stack.pop()
@@ -341,6 +352,9 @@ def local_files(root: str) -> Iterator[str]:
                 key = (st.st_dev, st.st_ino)
                 if key in above:
                     log.warning("%s links back to a folder above it; not followed", e.path)
+                    continue
+                if key in skipped:
+                    log.warning("%s leads to %s; not listed", e.path, skipped[key])
                     continue
                 subfolders.append((e.path, above + (key,)))
             elif is_file or (e.is_symlink() and not os.path.exists(e.path)):  # exists: False on any error

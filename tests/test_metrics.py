@@ -60,3 +60,17 @@ def test_calibration_error() -> None:
     assert calibration_error(right, [0.75] * 4 + [0.5] * 4) == pytest.approx(0.0)
     assert calibration_error([1, 1], [1.0, 1.0]) == pytest.approx(0.0)  # confidence 1 is in the last bin
     assert calibration_error([], []) == 0.0
+
+
+def test_plots_draw_names_with_dollar_signs_as_written(tmp_path) -> None:
+    """Matplotlib reads text between two `$` as mathtext: a folder named `tips_$5_$10` in
+    the title, or such class names, failed the drawing after a scoring job's work."""
+    import matplotlib
+
+    from fer_ray.reports import plot_confusion_matrix
+
+    names = ["cost_$5", "cost_$10^{", "happy"]
+    path = tmp_path / "cm.png"
+    plot_confusion_matrix(np.array([[2, 1, 0], [0, 3, 0], [1, 0, 4]]), names, path, title="Predictions on tips_$5_$10")
+    assert path.stat().st_size > 0
+    assert matplotlib.rcParams["text.parse_math"]  # the setting is the plot's, not the process's

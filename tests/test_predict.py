@@ -335,10 +335,14 @@ def test_class_folders_that_are_symlinks_are_scored(ray_cluster, model_dir, imag
     for name in ("happy", "sad"):
         (src / name).symlink_to(image_folder[0] / name, target_is_directory=True)
     out = tmp_path / "out"
-    assert predict_main(["--model", str(model_dir), "--input", str(src), "--output", str(out)]) in (0, 1)
-    summary = json.loads((out / SUMMARY_FILE).read_text())
+    out.mkdir()
+    # A link in the input to the output: the second run read the first one's results as input.
+    (src / "last_results").symlink_to(out, target_is_directory=True)
     expected = sum(1 for name in ("happy", "sad") for p in (image_folder[0] / name).rglob("*") if p.is_file())
-    assert summary["total"] == expected and summary["scored"] > 0
+    for _ in range(2):
+        assert predict_main(["--model", str(model_dir), "--input", str(src), "--output", str(out)]) in (0, 1)
+        summary = json.loads((out / SUMMARY_FILE).read_text())
+        assert summary["total"] == expected and summary["scored"] > 0
 
 
 def test_shards_with_other_classes_are_refused(model_dir, tmp_path) -> None:
@@ -845,12 +849,13 @@ def test_the_drivers_checks_import_neither_torch_nor_timm(model_dir, image_folde
 def test_a_model_the_actors_cannot_build_ends_in_one_sentence(ray_cluster, model_dir, image_folder,
                                                               tmp_path, capsys) -> None:
     """Weights that do not fit the architecture config.json names: whole by their header,
-    found only when a scoring actor builds the model."""
+    found only when a scoring actor builds the model. The folders the run made for its
+    output (new/ and new/deep/) go with it."""
     folder = Path(shutil.copytree(model_dir, tmp_path / "m"))
     cfg = json.loads((folder / "config.json").read_text())
     cfg["architecture"] = "resnet18"
     (folder / "config.json").write_text(json.dumps(cfg))
-    out = tmp_path / "out"
+    out = tmp_path / "new" / "deep" / "out"
 
     code = predict_main(["--model", str(folder), "--input", str(image_folder[0]), "--output", str(out)])
 
@@ -859,7 +864,30 @@ def test_a_model_the_actors_cannot_build_ends_in_one_sentence(ray_cluster, model
     assert last.startswith(f"error: The weights in {str(folder)!r} do not fit the model its config.json names "
                            "(resnet18): ")
     assert "copy the run's best/ folder again" in last
-    assert not out.exists() and not list(tmp_path.glob("out.tmp-*"))
+    assert not (tmp_path / "new").exists()
+
+
+def test_an_output_that_cannot_be_swapped_for_a_new_one_is_refused_before_the_run(
+    model_dir, image_folder, tmp_path, monkeypatch, capsys
+) -> None:
+    """The finished results are moved into place by renaming the old output away: a mount
+    point (a container's volume) cannot be renamed, and a parent without write permission
+    takes no folder beside it. Both failed after the work was done, and the finished folder
+    was deleted."""
+    out = tmp_path / "out"
+    out.mkdir()
+    args = ["--model", str(model_dir), "--input", str(image_folder[0]), "--output", str(out)]
+    real_ismount, real_access = os.path.ismount, os.access
+    monkeypatch.setattr(os.path, "ismount", lambda p: str(p) == str(out) or real_ismount(p))
+    assert predict_main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: --output {str(out)!r} cannot be replaced: it is a mount point (")
+    assert err.endswith(f"; give a folder inside it (e.g. {out / 'preds'}).") and len(err.splitlines()) == 1
+    monkeypatch.setattr(os.path, "ismount", real_ismount)
+    monkeypatch.setattr(os, "access", lambda p, mode: str(p) != str(tmp_path) and real_access(p, mode))
+    assert predict_main(args) == 2
+    assert f"its parent folder {str(tmp_path)!r} is not writable" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
 def test_the_last_line_gives_a_small_rate_with_a_decimal() -> None:
@@ -869,4 +897,6 @@ def test_the_last_line_gives_a_small_rate_with_a_decimal() -> None:
     summary = {"scored": 2, "total": 3, "errors": 1, "seconds": 6.6, "images_per_second": 0.3, "tta": None,
                "output": "out"}
     assert "in 6.6 s, 0.3 images/s; no true labels" in describe(summary)
+    # Every file failed: the input may have had labels, nothing was scored.
+    assert describe({**summary, "scored": 0, "errors": 3}).endswith("; nothing scored; output: out")
     assert ", 1242 images/s" in describe({**summary, "images_per_second": 1241.6})
