@@ -145,9 +145,11 @@ def _each_file_once(source: str, items: dict[str, list[tuple[str, int]]], classe
                 out[split].append((path, label))
                 continue
             split0, path0, label0 = first[key]
-            if os.path.realpath(path) != os.path.realpath(path0):
-                # Hard links, not symbolic ones: two files to the user (a DVC or git-annex
-                # cache makes every identical image one inode; FER2013 has duplicates).
+            real = os.path.realpath(path)
+            if real != os.path.realpath(path0) or _content_addressed(real):
+                # Hard links, or links into a content-addressed store: two files to the user
+                # (a DVC or git-annex cache makes every identical image one file, reached by
+                # hard links or by symbolic ones; FER2013 has duplicates).
                 out[split].append((path, label))
                 continue
             if label0 != label:
@@ -165,12 +167,21 @@ def _each_file_once(source: str, items: dict[str, list[tuple[str, int]]], classe
     return out
 
 
+# Where git-annex (and DataLad, built on it) and DVC keep file contents, one file per
+# content: their working trees link each image there, and identical images to one file.
+CONTENT_STORES = ("/.git/annex/objects/", "/.dvc/cache/")
+
+
+def _content_addressed(real_path: str) -> bool:
+    return any(store in real_path for store in CONTENT_STORES)
+
+
 def list_source(source: str, val_fraction: float = 0.1, seed: int = 0) -> Listing:
     """Inspect SRC and list its images per split; raise ConfigError on unusable input."""
     if not storage.exists(source):
         raise ConfigError(f"Source {source!r} does not exist; give a folder of images or the FER2013 CSV.")
     if storage.is_file(source):
-        if not source.lower().endswith(".csv"):
+        if not storage.without_options(source).lower().endswith(".csv"):
             raise ConfigError(
                 f"Source {source!r} is a file but not a .csv; give a folder of class folders or the FER2013 CSV."
             )
@@ -208,15 +219,18 @@ def _list_split_folders(
     if not classes:
         raise ConfigError(f"{train_dir!r} has no class folders; put each class's images in a folder named after the class.")
     listing = Listing(kind="split_folders", classes=classes)
+    known = {c.casefold() for c in classes}
     for split, dirname in split_dirs.items():
         folder = storage.child(source, dirname)
-        extra = sorted(set(_class_dirs(folder)) - set(classes))
+        # Matched to train's class folders in any letter case, as scoring matches them.
+        here = {name.casefold(): name for name in _class_dirs(folder)}
+        extra = sorted(name for key, name in here.items() if key not in known)
         if extra:
             raise ConfigError(
                 f"Split {dirname!r} has classes that train/ lacks ({', '.join(extra)}); "
                 "add them to train/ or remove them."
             )
-        listing.items[split] = _files_by_class(folder, classes)
+        listing.items[split] = _files_by_class(folder, [here.get(c.casefold(), c) for c in classes])
     listing.items = _each_file_once(source, listing.items, classes)
     if VAL not in split_dirs:
         # No val folder: carve a stratified val split out of train.
@@ -297,7 +311,8 @@ def _list_csv(source: str) -> Listing:
     with fs.open_input_stream(inner) as f:
         lines = _iter_lines(f)
         first = next(lines, b"")
-        header = [c.strip().strip('"') for c in first.decode(errors="replace").strip().split(",")]
+        # (utf-8-sig: a CSV saved by Excel, or by pandas with that encoding, begins with a BOM)
+        header = [c.strip().strip('"') for c in first.decode("utf-8-sig", errors="replace").strip().split(",")]
         missing = [c for c in CSV_COLUMNS if c not in header]
         if missing:
             raise ConfigError(
@@ -309,7 +324,7 @@ def _list_csv(source: str) -> Listing:
         current: dict[str, Any] | None = None
         for line in lines:
             parts = line.rstrip(b"\r\n").split(b",")
-            usage = parts[usage_col].decode().strip().strip('"') if len(parts) > usage_col else ""
+            usage = parts[usage_col].decode(errors="replace").strip().strip('"') if len(parts) > usage_col else ""
             split = FER_CSV_USAGE.get(usage, "?")
             if current is None or current["split"] != split or current["rows"] >= CSV_ROWS_PER_TASK:
                 current = {"split": split, "start": offset, "row": row, "rows": 0, "nbytes": 0}
@@ -453,13 +468,14 @@ def read_csv_chunks(
             f.seek(int(start))
             for k, line in enumerate(f.read(int(nbytes)).splitlines()):
                 path = f"csv:{int(first_row) + k}"
-                parts = [p.strip().strip('"') for p in line.decode().split(",")]  # (a CSV may quote its values)
                 try:
+                    # (a CSV may quote its values; a byte that is not UTF-8 skips its row only)
+                    parts = [p.strip().strip('"') for p in line.decode().split(",")]
                     code = int(parts[emotion_at])
                     if not 0 <= code < len(label_of_code):
                         raise ValueError(f"emotion code {code} is not 0-{len(label_of_code) - 1}")
                     label, blob = label_of_code[code], pixels_to_png(parts[pixels_at])
-                except (ValueError, IndexError, OverflowError) as e:  # Overflow: a pixel outside 0-255
+                except (ValueError, IndexError, OverflowError) as e:  # Overflow: a pixel outside 0-255; Unicode: a ValueError
                     skipped[path] = f"bad CSV row: {e}"
                     continue
                 paths.append(path)

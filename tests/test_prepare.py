@@ -218,8 +218,9 @@ def test_prepare_fer_csv(ray_cluster, tmp_path) -> None:
     rows.append("3,300 " + " ".join(["0"] * 3) + ",Training")  # a pixel above 255 (row 12)
     rows.append("-1,0 0 0 0,Training")  # codes are 0-6 (row 13)
     rows.append("7,0 0 0 0,Training")  # (row 14)
+    rows.append("3,0 0 caf\udce9 0,Training")  # a byte that is not UTF-8 (row 15): it stopped the job
     path = tmp_path / "fer2013.csv"
-    path.write_text("emotion,pixels,Usage\n" + "\n".join(rows) + "\n")
+    path.write_bytes(("emotion,pixels,Usage\n" + "\n".join(rows) + "\n").encode("utf-8", "surrogateescape"))
     out = tmp_path / "shards"
     manifest = prepare(str(path), str(out))
 
@@ -231,6 +232,7 @@ def test_prepare_fer_csv(ray_cluster, tmp_path) -> None:
         "csv:12": "bad CSV row: pixel values must be 0-255, found 0..300",
         "csv:13": "bad CSV row: emotion code -1 is not 0-6",
         "csv:14": "bad CSV row: emotion code 7 is not 0-6",
+        "csv:15": "bad CSV row: 'utf-8' codec can't decode byte 0xe9 in position 9: invalid continuation byte",
     }
     train = read_split(out, "train").sort_values("path")
     # CSV code 4 is "sad" in the CSV, which is label 5 in the project's order.
@@ -417,3 +419,27 @@ def test_an_image_above_pillows_bomb_limit_is_kept_as_scoring_reads_it(monkeypat
     monkeypatch.setattr("fer_ray.transforms.decode_image", lambda data, channels: 1 / 0)
     reason, _ = check_image(png(200, size=12))
     assert reason.startswith("image too large to decode (")
+
+
+def test_class_folders_of_a_split_match_trains_in_any_letter_case(tmp_path) -> None:
+    """val/happy beside train/Happy was refused as a class train/ lacks; scoring matches
+    class folders in any case, and so does preparing now."""
+    make_tree(tmp_path, {"train/Happy": 3, "train/Sad": 2, "val/happy": 2, "val/SAD": 1})
+    listing = list_source(str(tmp_path))
+    assert listing.classes == ["Happy", "Sad"]
+    assert sorted(lab for _, lab in listing.items["val"]) == [0, 0, 1]
+    assert {Path(p).parent.name for p, _ in listing.items["val"]} == {"happy", "SAD"}
+
+
+def test_identical_images_linked_into_a_content_store_stay_separate_files(tmp_path) -> None:
+    """git-annex (DataLad) and DVC link each image of a working tree into their store, and
+    identical images to one file there: two such images in two classes stopped preparing
+    ("one file in two classes"), and in one class or across splits one was dropped."""
+    store = tmp_path / "ds" / ".git" / "annex" / "objects" / "Xx" / "Yy"
+    store.mkdir(parents=True)
+    (store / "SHA256E-s100--abc.png").write_bytes(png(9))
+    make_tree(tmp_path / "ds", {"train/happy": 2, "train/sad": 2, "val/happy": 1})
+    for rel in ("train/happy/dup_a.png", "train/happy/dup_b.png", "train/sad/dup.png", "val/happy/dup.png"):
+        (tmp_path / "ds" / rel).symlink_to(store / "SHA256E-s100--abc.png")
+    listing = list_source(str(tmp_path / "ds"))
+    assert {k: len(v) for k, v in listing.items.items()} == {"train": 7, "val": 2}

@@ -458,3 +458,36 @@ def test_a_folder_inside_that_cannot_be_listed_is_named_and_left_out(tmp_path, m
     assert f"Cannot list the folder {tmp_path / 'locked'} (Permission denied); its files are left out" in caplog.text
     with pytest.raises(ConfigError, match="Cannot list the folder .*locked.*: Permission denied"):
         list(storage.local_files(str(tmp_path / "locked")))
+
+
+def test_a_link_to_a_skipped_folder_is_not_listed(tmp_path, caplog) -> None:
+    """A link inside a job's input to its output: the next run read the last one's results
+    as input. The folders given to skip are left out however they are reached."""
+    (tmp_path / "src" / "happy").mkdir(parents=True)
+    (tmp_path / "src" / "happy" / "1.png").write_bytes(b"x")
+    (tmp_path / "out" / "predictions").mkdir(parents=True)
+    (tmp_path / "out" / "predictions" / "part-0.parquet").write_bytes(b"x")
+    (tmp_path / "src" / "results").symlink_to(tmp_path / "out", target_is_directory=True)
+    (tmp_path / "src" / "preds").symlink_to(tmp_path / "out" / "predictions", target_is_directory=True)
+
+    assert len(storage.list_files(str(tmp_path / "src"))) == 3
+    with caplog.at_level("WARNING", logger="fer_ray.storage"):
+        found = storage.list_files(str(tmp_path / "src"), skip=[str(tmp_path / "out"), str(tmp_path / "gone")])
+    assert found == [str(tmp_path / "src" / "happy" / "1.png"), str(tmp_path / "src" / "preds" / "part-0.parquet")]
+    assert f"{tmp_path / 'src' / 'results'} leads to {tmp_path / 'out'}; not listed" in caplog.text
+
+
+def test_a_fer_csv_behind_an_endpoint_is_read_as_a_csv(endpoint_bucket) -> None:
+    """The options after '?' hid the .csv extension: "is a file but not a .csv". The CSV also
+    begins with a byte-order mark, as Excel saves it, which hid the first column's name."""
+    from fer_ray.prepare import list_source
+
+    rows = "".join(f"{i % 7},{' '.join(['0'] * 4)},{usage}\n" for i, usage in enumerate(["Training"] * 3 + ["PublicTest"]))
+    endpoint_bucket.create_dir("bucket/data")
+    with endpoint_bucket.open_output_stream("bucket/data/fer2013.csv") as f:
+        f.write(("\ufeffemotion,pixels,Usage\n" + rows).encode("utf-8"))
+
+    listing = list_source("mock://bucket/data/fer2013.csv" + ENDPOINT)
+
+    assert listing.kind == "csv" and {s: sum(c["rows"] for c in chunks) for s, chunks in listing.csv_chunks.items()} \
+        == {"train": 3, "val": 1}
