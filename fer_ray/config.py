@@ -293,6 +293,7 @@ class TrainConfig:
         if not hasattr(self, "sweep"):  # (a sweep's trials sample their LR: checked there)
             _require(o.min_lr < o.lr, f"--min-lr ({o.min_lr:g}), where the cosine ends, must be below --lr "
                                       f"({o.lr:g}), where it starts.")
+            self._check_min_lr_below_the_backbones(o.lr, "--lr")
         _choice("--optimizer", o.optimizer, OPTIMIZERS)
         _require(o.weight_decay >= 0, f"--weight-decay must be non-negative, got {o.weight_decay}.")
         _require(
@@ -358,6 +359,17 @@ class TrainConfig:
                 "too), or train with --pretrained.",
             )
         return self
+
+    def _check_min_lr_below_the_backbones(self, lr: float, named: str) -> None:
+        """Fine-tuning trains the backbone at lr x --backbone-lr-scale, and every group's
+        cosine ends at --min-lr: below it, the backbone's "decay" would climb."""
+        o = self.optim
+        scale = o.backbone_lr_scale if o.backbone_lr_scale is not None else 0.1
+        if self.model.pretrained and o.min_lr >= lr * scale:
+            raise ConfigError(
+                f"--min-lr ({o.min_lr:g}), where the cosine ends, must be below the backbone's fine-tuning LR, "
+                f"{named} x --backbone-lr-scale ({lr:g} x {scale:g} = {lr * scale:g}); lower --min-lr."
+            )
 
     def resolve_defaults(self) -> "TrainConfig":
         """Fill the values whose default depends on other values (pretrained or not)."""
@@ -696,6 +708,7 @@ class SweepConfig(TrainConfig):
         _require(0 < lo < hi, f"--lr-range must be two positive numbers LO < HI, got {lo} {hi}.")
         _require(self.optim.min_lr < lo, f"--min-lr ({self.optim.min_lr:g}), where the cosine ends, must be "
                                          f"below the lowest LR a trial may draw ({lo:g}).")
+        self._check_min_lr_below_the_backbones(lo, "the lowest LR of --lr-range")
         lo, hi = s.smoothing_range
         _require(
             0 <= lo <= hi < 1, f"--smoothing-range must satisfy 0 <= LO <= HI < 1, got {lo} {hi}."

@@ -50,13 +50,14 @@ def create_model(name: str, num_classes: int, drop_rate: float = 0.0, **kwargs: 
 
 
 def fetch_pretrained_state(
-    name: str, num_classes: int, pretrained_file: str | None = None, **kwargs: Any
+    name: str, num_classes: int, pretrained_file: str | None = None, seed: int = 0, **kwargs: Any
 ) -> dict[str, torch.Tensor]:
     """ImageNet weights with a fresh head, fetched once (on the driver) for all workers.
 
     timm fetches its hub weights, or reads `pretrained_file`, and adapts the classifier
-    and first conv (`in_chans=1` sums the RGB filters). Raises ConfigError when the weights
-    cannot be had.
+    and first conv (`in_chans=1` sums the RGB filters). The fresh head is drawn from `seed`
+    (--seed: the workers load this state over the model they seeded, so an unseeded driver
+    gave every run another head). Raises ConfigError when the weights cannot be had.
     """
     overlay, downloaded, given = None, None, None
     if pretrained_file:
@@ -77,7 +78,8 @@ def fetch_pretrained_state(
             ) from None
     unreachable = hub_unreachable() if not pretrained_file and weights_on_hub(name) else None
     try:
-        with _hub_offline(unreachable is not None):
+        with _hub_offline(unreachable is not None), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
             model = timm.create_model(
                 name, pretrained=True, num_classes=num_classes, pretrained_cfg_overlay=overlay, **kwargs
             )

@@ -729,7 +729,9 @@ def _fit_to_deadline(
         # last epochs at --min-lr).
         if scheduler is not None and fit > state.epoch and phase_bounds(phase, s) != before:
             scheduler = build_scheduler(optimizer, phase, s, epoch_steps)
-    state.planned_epochs = s.epochs
+    # Kept only when the budget cut the run short: a run it fitted whole ran all its epochs,
+    # and a rerun with a larger --epochs goes on (is_finished).
+    state.planned_epochs = s.epochs if s.epochs < configured_epochs else 0
     return now, scheduler
 
 

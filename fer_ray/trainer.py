@@ -102,7 +102,10 @@ SWEEP_RESUME_KEYS = ("num_samples", "lr_range", "smoothing_range", "grace_period
                      # results compared with trials that had the old one.
                      "augment", "random_erasing", "sampler", "pretrained", "drop_rate", "time_budget",
                      "min_lr", "weight_decay", "class_weights", "backbone_lr_scale", "warmup_epochs",
-                     "mixup", "cutmix", "mix_prob", "patience", "seed")
+                     "mixup", "cutmix", "mix_prob", "patience", "seed",
+                     # the precision (--amp auto's choice is kept in sweep_config.json) and the
+                     # weights every trial starts from
+                     "amp", "pretrained_file")
 # What runs from before a setting existed used.
 RESUME_DEFAULTS = {"optimizer": "adamw", "input_norm": "dataset"}
 
@@ -391,7 +394,7 @@ def load_pretrained(cfg: TrainConfig, num_classes: int) -> Any:
         return None
     log.info("Loading pretrained weights for %s", cfg.model.model)
     state = fetch_pretrained_state(
-        cfg.model.model, num_classes, cfg.model.pretrained_file, **cfg.model.model_kwargs
+        cfg.model.model, num_classes, cfg.model.pretrained_file, seed=cfg.run.seed, **cfg.model.model_kwargs
     )
     return ray.put(state)
 

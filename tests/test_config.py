@@ -122,6 +122,9 @@ def test_wrong_type_is_rejected() -> None:
         (["--data", "d", "--output", "o", "--seed", "-1"], "--seed must be >= 0"),
         (["--data", "d", "--output", "o", "--lr", "1e-4", "--min-lr", "1e-3"],
          r"--min-lr \(0.001\), where the cosine ends, must be below --lr \(0.0001\)"),
+        # The backbone fine-tunes at --lr x --backbone-lr-scale: below --min-lr its cosine climbed.
+        (["--data", "d", "--output", "o", "--lr", "5e-6"],
+         r"below the backbone's fine-tuning LR, --lr x --backbone-lr-scale \(5e-06 x 0.1 = 5e-07\); lower --min-lr"),
         (["--data", "d", "--output", "o", "--time-budget", "inf"], "'time_budget' \\(--time-budget\\) expects a finite number"),
         (["--data", "d", "--output", "o", "--lr", "nan"], "'lr' \\(--lr\\) expects a finite number"),
         (["--data", "d", "--output", "o", "--model-kwargs", "{num_classes: 3, drop_rate: 0.2}"],

@@ -80,6 +80,18 @@ def test_pretrained_file_loads_backbone_and_fresh_head(tmp_path, suffix) -> None
     assert state["fc.weight"].shape == (7, source.num_features)
 
 
+def test_the_pretrained_models_fresh_head_is_drawn_from_the_seed(tmp_path) -> None:
+    """The head was drawn from the driver's unseeded generator: one --seed, another head
+    every run (the workers load this state over the model they seeded)."""
+    path = tmp_path / "weights.pth"
+    torch.save(timm.create_model("test_resnet", num_classes=1000).state_dict(), path)
+    before = torch.random.get_rng_state()
+    heads = [fetch_pretrained_state("test_resnet", 7, str(path), seed=seed)["fc.weight"] for seed in (3, 3, 4)]
+    torch.testing.assert_close(heads[0], heads[1])
+    assert not torch.equal(heads[0], heads[2])
+    assert torch.equal(torch.random.get_rng_state(), before)  # the driver's own draws are left as they were
+
+
 @pytest.mark.parametrize("name, options", [
     ("weights.pth", ""),
     # timm reads a .safetensors file by its name: the suffix was taken from after the '?' of

@@ -551,6 +551,9 @@ def test_time_budget_plan_grows_once_the_warm_up_epoch_is_behind(monkeypatch) ->
     # after epoch 6 (clock 1100, window 150, 150, 400): 6 + 1900 // 420; 7: 7 + 1800 // 420;
     # 8: 8 + 1700 // 420; 9 (window 100, 100, 100): 9 + 1600 // 105, at most 22; 10: the same
     assert planned[5:] == [10, 11, 12, 22, 22]
+    # The budget now fits the run whole: no plan is kept, so a rerun with a larger --epochs
+    # goes on (it was refused: "its --time-budget fitted 22 of 30 epochs").
+    assert state.planned_epochs == 0 and not tl.is_finished(state, 30)
     s.deadline = 1e6
     clock[0] += 100
     state.epoch += 1

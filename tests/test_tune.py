@@ -132,6 +132,7 @@ def test_sweep_writes_every_output_and_resumes_without_retraining(ray_cluster, s
                         (["--epochs", "3"], "epochs 2 -> 3"), (["--max-concurrent", "2"], "max_concurrent 1 -> 2"),
                         # and what the trials train with (sweep_config.json was rewritten with it)
                         (["--patience", "1"], "patience 6 -> 1"), (["--augment", "strong"], "augment 'medium' -> 'strong'"),
+                        (["--amp", "bf16"], "amp 'auto' -> 'bf16'"),
                         # and the blur validation matches (saved as measured: auto resumes)
                         (["--input-blur", "1.5"], "input_blur 0.0 -> 1.5")]:
         assert tune_main([*sweep_args(str(synth_shards), str(out)), *flags]) == 2
@@ -214,6 +215,11 @@ def test_sweep_from_pretrained_weights_starts_every_trial_from_them(ray_cluster,
     out = tmp_path / "sweep"
     args = [*tiny_train_args(str(synth_shards), str(out), "--epochs", "1"), "--pretrained", "--pretrained-file",
             str(weights), "--freeze-epochs", "1", "--num-samples", "1", "--max-failures", "0"]
+    # A sweep that fails on its weights before Tune starts holds its folder to nothing: the
+    # corrected rerun (another file, another --seed) was refused as "different settings".
+    (tmp_path / "notes.pth").write_text("not weights")
+    wrong = [a if a != str(weights) else str(tmp_path / "notes.pth") for a in args]
+    assert tune_main([*wrong, "--seed", "5"]) == 2
     handler = signal.getsignal(signal.SIGINT)
     assert tune_main(args) == 0
     # Tune's SIGINT handler (and fer_ray's watch around it) is gone: a later Ctrl-C stops as usual.
@@ -327,6 +333,8 @@ def test_failed_trials_are_recorded_not_fatal(ray_cluster, synth_shards, tmp_pat
         (["--num-samples", "0"], "--num-samples must be at least 1"),
         (["--lr-range", "1e-4", "1e-2", "--min-lr", "2e-4"], "--min-lr (0.0002), where the cosine ends, must "
                                                             "be below the lowest LR a trial may draw (0.0001)"),
+        (["--pretrained", "--lr-range", "5e-6", "1e-3"], "below the backbone's fine-tuning LR, the lowest LR of "
+                                                         "--lr-range x --backbone-lr-scale (5e-06 x 0.1 = 5e-07)"),
         (["--lr", "0.01"], "--lr is what the sweep samples for each trial; give its range with --lr-range LO HI."),
         (["--label-smoothing", "0.2"], "--label-smoothing is what the sweep samples"),
     ],
