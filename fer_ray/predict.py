@@ -320,10 +320,19 @@ def _unreplaceable(folder: str) -> str | None:
 
 def _is_scoring_output(folder: str) -> bool:
     """Written by jobs/predict.py: its summary.json (other tools write files of that name
-    too) beside its predictions folder. Only such a folder is replaced by a rerun."""
+    too) beside its predictions folder, or, on an object store, one copied there in part
+    when the run was stopped while publishing it (_publish copies summary.json last): only
+    the job's own files, and the run's `.old-`/`.tmp-` folder beside it. Only such a folder
+    is replaced by a rerun."""
+    if not storage.is_dir(storage.join(folder, PREDICTIONS_DIR)):
+        return False
     summary = storage.read_json_or_none(storage.join(folder, SUMMARY_FILE))
-    return (isinstance(summary, dict) and {"input_kind", "classes", "scored", "total"} <= summary.keys()
-            and storage.is_dir(storage.join(folder, PREDICTIONS_DIR)))
+    if isinstance(summary, dict) and {"input_kind", "classes", "scored", "total"} <= summary.keys():
+        return True
+    own = {PREDICTIONS_DIR, ERRORS_FILE, METRICS_FILE, CONFUSION_TABLE_FILE, CONFUSION_PLOT_FILE}
+    return (summary is None and not storage.exists(storage.join(folder, SUMMARY_FILE))
+            and {e.base_name for e in storage.list_dir(folder, hidden=True)} <= own
+            and bool(_stale_temp_folders(folder)))
 
 
 def _has_any_file(folder: str) -> bool:

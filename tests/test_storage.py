@@ -491,3 +491,22 @@ def test_a_fer_csv_behind_an_endpoint_is_read_as_a_csv(endpoint_bucket) -> None:
 
     assert listing.kind == "csv" and {s: sum(c["rows"] for c in chunks) for s, chunks in listing.csv_chunks.items()} \
         == {"train": 3, "val": 1}
+
+
+def test_an_output_cut_short_while_copied_into_a_bucket_is_replaced_by_the_rerun(bucket) -> None:
+    """On an object store the finished output is copied into OUT with summary.json last: a
+    run stopped during that copy left OUT without it, and the rerun refused OUT as "a
+    non-empty folder that jobs/predict.py did not write"."""
+    from fer_ray.predict import _is_scoring_output
+
+    bucket.create_dir("bucket/preds/predictions")
+    with bucket.open_output_stream("bucket/preds/predictions/part-00000.parquet") as f:
+        f.write(b"x")
+    with bucket.open_output_stream("bucket/preds/metrics.parquet") as f:
+        f.write(b"x")
+    assert not _is_scoring_output("mock://bucket/preds")  # nothing says a run was cut short
+    bucket.create_dir("bucket/preds.old-1a2b3c4d")
+    assert _is_scoring_output("mock://bucket/preds")
+    with bucket.open_output_stream("bucket/preds/thesis.tex") as f:  # not the job's own file
+        f.write(b"x")
+    assert not _is_scoring_output("mock://bucket/preds")
