@@ -252,11 +252,15 @@ def set_trainable(model: torch.nn.Module, unfreeze: str | int | None) -> set[str
 
 
 def set_frozen_eval(model: torch.nn.Module) -> None:
-    """Put modules whose parameters are all frozen in eval mode (call after model.train())."""
+    """Put each module whose own parameters are all frozen in eval mode, that module alone
+    (call after model.train()): a frozen BatchNorm keeps its running statistics. Not its
+    children: a ViT holds its class token and position embedding itself, and eval() on it
+    turned the whole model, trainable blocks and head included, to eval mode (no dropout,
+    no drop-path) whenever those were frozen."""
     for module in model.modules():
         params = list(module.parameters(recurse=False))
         if params and not any(p.requires_grad for p in params):
-            module.eval()
+            module.training = False
 
 
 # --------------------------------------------------------------------------------------

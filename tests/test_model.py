@@ -67,6 +67,21 @@ def test_frozen_modules_stay_in_eval_mode() -> None:
     assert not model.bn1.training and model.fc.training
 
 
+def test_a_frozen_vits_own_tokens_leave_its_trainable_parts_in_train_mode() -> None:
+    """A ViT holds its class token and position embedding itself: eval() on it, frozen,
+    put the whole model in eval mode, the head and the trainable blocks' dropout included."""
+    model = create_model("test_vit", 7, drop_rate=0.1)
+    set_trainable(model, "1")
+    model.train()
+    set_frozen_eval(model)
+    trainable = [m for m in model.modules() if any(p.requires_grad for p in m.parameters(recurse=False))]
+    assert trainable and all(m.training for m in trainable)
+    assert model.head.training and model.head_drop.training
+    frozen_norms = [m for m in model.modules() if isinstance(m, torch.nn.LayerNorm)
+                    and not any(p.requires_grad for p in m.parameters())]
+    assert frozen_norms and not any(m.training for m in frozen_norms)
+
+
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
 def test_pretrained_file_loads_backbone_and_fresh_head(tmp_path, suffix) -> None:
     source = timm.create_model("test_resnet", num_classes=1000)
