@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
 
     found: dict[str, str] = {}
     minutes: dict[str, float] = {}
+    failed = []
     for script in SCRIPTS:
         print(f"\n===== {script} =====", flush=True)
         start = time.time()
@@ -59,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         if proc.returncode != 0:
             print(proc.stderr[-3000:], file=sys.stderr)
             print(f"{script} failed with exit status {proc.returncode}", file=sys.stderr)
+            failed.append(script)
         found.update(dict(re.findall(r"(\w+)=([0-9.]+|nan)", proc.stdout.strip().splitlines()[-1]))
                      if proc.stdout.strip() else {})
 
@@ -68,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:<24}{found.get(name, 'n/a'):>8}  {TARGETS[name]}")
     print("minutes: " + ", ".join(f"{s} {m:.1f}" for s, m in minutes.items()))
     print(" ".join(f"{name}={found.get(name, 'nan')}" for name in RATIOS))
-    return 0
+    return 1 if failed else 0  # (the table and ratios are printed either way; n/a: that script failed)
 
 
 if __name__ == "__main__":

@@ -269,7 +269,8 @@ def connect_ray(address: str, where: str | None = None, quiet_workers: bool = Fa
         )
     watchdog = threading.Timer(INIT_TIMEOUT_S, _give_up, args=(where,))
     watchdog.daemon = True
-    watchdog.start()
+    if INIT_TIMEOUT_S > 0:  # 0: no limit (as long as ray.init takes); it failed every connection
+        watchdog.start()
     try:
         _ray_init(quiet_workers, address=address, log_to_driver=True)  # (`ray job stop` sends SIGTERM)
     except ValueError as e:  # an address ray.init cannot parse

@@ -431,3 +431,22 @@ def test_without_ray_address_a_job_joins_the_cluster_ray_start_runs_here(monkeyp
     else:
         assert len(calls) == 1 and calls[0][0] == "init", calls
         assert calls[0][1]["address"] == "local" and calls[0][1]["num_cpus"] >= 4
+
+
+def test_a_connect_timeout_of_zero_sets_no_limit(monkeypatch) -> None:
+    """FER_RAY_CONNECT_TIMEOUT_S=0 read as a limit of 0 s: every connection, to a healthy
+    cluster too, ended at once in "No Ray cluster answered ... within 0 s"."""
+    import time
+
+    from fer_ray import cli
+
+    gave_up = []
+    monkeypatch.setattr(cli, "_answers", lambda host_port, timeout: None)  # something answers
+    monkeypatch.setattr(cli, "_ray_init", lambda quiet_workers, **options: time.sleep(0.3))  # a slow ray.init
+    monkeypatch.setattr(cli, "_give_up", gave_up.append)
+    monkeypatch.setattr(cli, "INIT_TIMEOUT_S", 0.0)
+    cli.connect_ray("127.0.0.1:6379")
+    assert gave_up == []
+    monkeypatch.setattr(cli, "INIT_TIMEOUT_S", 0.05)
+    cli.connect_ray("127.0.0.1:6379")
+    assert gave_up == ["RAY_ADDRESS='127.0.0.1:6379'"]
