@@ -6,7 +6,6 @@ Ray's own `storage_path` and `read_parquet` take the same strings, so a user can
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -303,8 +302,8 @@ def local_files(root: str, skip: Sequence[str] = ()) -> Iterator[str]:
     out). A symlinked folder is followed unless it is the folder listed or one above it
     (within the listing, or above the folder itself): pyarrow's listing followed such a loop
     until the path was 40 links deep and listed every file under it once per turn. Nor is
-    a folder that is one of the local folders `skip`, however reached (a job's output
-    folder, linked from inside its input, would be read as input on the next run). A
+    a link to one of the local folders `skip` or into one (a job's output folder, linked
+    from inside its input, would be read as input on the next run). A
     symlink to nothing, or to what cannot be reached (a link loop, a folder without
     permission), is listed, so that its reader says why it cannot be read; sockets and
     pipes are not (reading a pipe would wait forever). ConfigError when `root` cannot be
@@ -319,13 +318,8 @@ def local_files(root: str, skip: Sequence[str] = ()) -> Iterator[str]:
         if parent == folder:
             break
         folder = parent
-    skipped = {}
-    for folder in skip:
-        local = local_path(folder)
-        with contextlib.suppress(OSError):
-            if local is not None:
-                st = os.stat(local)
-                skipped[(st.st_dev, st.st_ino)] = folder
+    # (Real paths: a link may lead into a skipped folder as well as to it.)
+    skipped = {os.path.realpath(local): folder for folder in skip if (local := local_path(folder)) is not None}
     stack = [(root, tuple(above_root))]
     while stack:
         folder, above = stack.pop()
@@ -353,9 +347,12 @@ def local_files(root: str, skip: Sequence[str] = ()) -> Iterator[str]:
                 if key in above:
                     log.warning("%s links back to a folder above it; not followed", e.path)
                     continue
-                if key in skipped:
-                    log.warning("%s leads to %s; not listed", e.path, skipped[key])
-                    continue
+                if skipped and e.is_symlink():
+                    real = os.path.realpath(e.path)
+                    into = next((f for r, f in skipped.items() if _under(real, r)), None)
+                    if into is not None:
+                        log.warning("%s leads into %s; not listed", e.path, into)
+                        continue
                 subfolders.append((e.path, above + (key,)))
             elif is_file or (e.is_symlink() and not os.path.exists(e.path)):  # exists: False on any error
                 yield e.path

@@ -291,6 +291,13 @@ def build_scheduler(optimizer: torch.optim.Optimizer, phase: str, s: LoopSetting
     )
 
 
+def build_ema(model: torch.nn.Module, decay: float, epoch_steps: int) -> Any:
+    """timm's ModelEmaV3 of `model` whose decay warms up over the first epoch to `decay`."""
+    from timm.utils import ModelEmaV3
+
+    return ModelEmaV3(model, decay=decay, use_warmup=True, warmup_power=ema_warmup_power(decay, epoch_steps))
+
+
 def ema_warmup_power(decay: float, steps: int) -> float:
     """The warmup_power of timm's ModelEmaV3 whose decay, 1 - (1 + t)^-power at step t,
     reaches `decay` after `steps` steps (the first epoch's) and stays there. timm's default
@@ -596,10 +603,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # checkpoint keeps the weights the optimizer steps beside it.
     ema = None
     if s.ema_decay:
-        from timm.utils import ModelEmaV3
-
-        ema = ModelEmaV3(model, decay=s.ema_decay, use_warmup=True,  # a copy of what was restored
-                         warmup_power=ema_warmup_power(s.ema_decay, epoch_steps))
+        ema = build_ema(model, s.ema_decay, epoch_steps)  # a copy of what was restored
         if restored is not None and "trained_model" in restored:  # (a run begun without EMA: none)
             model.load_state_dict(restored["trained_model"])
     eval_model = ema.module if ema is not None else model

@@ -462,7 +462,7 @@ def test_a_folder_inside_that_cannot_be_listed_is_named_and_left_out(tmp_path, m
 
 def test_a_link_to_a_skipped_folder_is_not_listed(tmp_path, caplog) -> None:
     """A link inside a job's input to its output: the next run read the last one's results
-    as input. The folders given to skip are left out however they are reached."""
+    as input. A link to a folder given to skip, or into one, is not followed."""
     (tmp_path / "src" / "happy").mkdir(parents=True)
     (tmp_path / "src" / "happy" / "1.png").write_bytes(b"x")
     (tmp_path / "out" / "predictions").mkdir(parents=True)
@@ -473,8 +473,9 @@ def test_a_link_to_a_skipped_folder_is_not_listed(tmp_path, caplog) -> None:
     assert len(storage.list_files(str(tmp_path / "src"))) == 3
     with caplog.at_level("WARNING", logger="fer_ray.storage"):
         found = storage.list_files(str(tmp_path / "src"), skip=[str(tmp_path / "out"), str(tmp_path / "gone")])
-    assert found == [str(tmp_path / "src" / "happy" / "1.png"), str(tmp_path / "src" / "preds" / "part-0.parquet")]
-    assert f"{tmp_path / 'src' / 'results'} leads to {tmp_path / 'out'}; not listed" in caplog.text
+    assert found == [str(tmp_path / "src" / "happy" / "1.png")]
+    assert f"{tmp_path / 'src' / 'results'} leads into {tmp_path / 'out'}; not listed" in caplog.text
+    assert f"{tmp_path / 'src' / 'preds'} leads into {tmp_path / 'out'}; not listed" in caplog.text
 
 
 def test_a_fer_csv_behind_an_endpoint_is_read_as_a_csv(endpoint_bucket) -> None:
