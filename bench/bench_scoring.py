@@ -11,7 +11,8 @@ timed from listing the folder to the predictions' Parquet on disk, with the Ray 
 already started and every file read once beforehand (both sides read from the page
 cache, whichever runs first). Ray workers run at niceness 0 here like the plain loop (Ray's default
 is 15), so other work on a shared machine does not tilt the comparison.
-The plain loop is what one writes without Ray: a DataLoader with 2 worker processes
+The plain loop is what one writes without Ray, run as a script of its own and timed from
+its start (its imports included, as fer_ray's scoring actors import theirs): a DataLoader with 2 worker processes
 decoding, the model in eval mode (inference_mode; in the precision and memory format that
 fer_ray's scorer picks on this CPU for the same --amp, fp32 or bf16 autocast, channels_last
 or not) in the main process,
@@ -29,9 +30,9 @@ does not grow with the size of the folder. jobs/predict.py's default (`--num-act
 scores the train folder with more actors than val (one per 10,000 images, up to the cores),
 and each actor holds its own torch and model; so with the default, fer_ray also scores the
 train folder with val's number of actors, and memory_growth compares those two runs (same
-configuration, 8x the images), run back to back before the plain loop runs in this process
-(which is also fer_ray's driver: what the plain loop's heap keeps would count in fer_ray's
-later peaks). The speed rows use the default.
+configuration, 8x the images), run back to back before the plain loop (which ran in this
+process, fer_ray's driver, before it became a script of its own). The speed rows use the
+default.
 
 Bytes: Ray Data's per-operator output sizes from fer_ray's val run (jobs/predict.py logs
 `Dataset.stats()` at DEBUG level): the bytes per image each stage puts in the object store,
@@ -46,6 +47,7 @@ import argparse
 import logging
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -251,7 +253,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--use-gpu", action="store_true",
                         help="both sides score on the GPU (fer_ray: one GPU per actor, as jobs/predict.py --use-gpu)")
     parser.add_argument("--skip-memory", action="store_true", help="skip the train-folder memory run")
+    parser.add_argument("--plain-loop", nargs=3, metavar=("MODEL", "FOLDER", "OUT"),
+                        help="run only the plain loop, in this process (the benchmark runs it so, as a script of its own)")
     args = parser.parse_args(argv)
+    if args.plain_loop:
+        n = plain_loop(*args.plain_loop, args.batch_size, args.workers, args.amp, args.use_gpu)
+        print(f"scored={n}")
+        return 0
 
     val, train = os.path.join(args.data, "val"), os.path.join(args.data, "train")
     if not os.path.isdir(val):
@@ -280,12 +288,22 @@ def main(argv: list[str] | None = None) -> int:
         ray_stats = {}  # (split, run name): Ray Data's stats text of that fer_ray run
 
         def plain_run(split: str, folder: str) -> None:
+            # A script of its own, as one writes it without Ray: timed from its start, so it
+            # pays its imports (torch, timm, ...) as fer_ray's scoring actors pay theirs.
+            # (It ran in this process before, where they were already imported, ~3 s on val.)
+            cmd = [sys.executable, __file__, "--plain-loop", model_dir, folder, os.path.join(tmp, f"plain_{split}"),
+                   "--batch-size", str(args.batch_size), "--workers", str(args.workers), "--amp", args.amp,
+                   *(["--use-gpu"] if args.use_gpu else [])]
             with Sampler() as sampler:
                 start = time.perf_counter()
-                n = plain_loop(model_dir, folder, os.path.join(tmp, f"plain_{split}"), args.batch_size,
-                               args.workers, args.amp, args.use_gpu)
+                proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
                 seconds = time.perf_counter() - start
-            rows.append(("plain DataLoader loop", split, n, seconds, sampler))
+            if proc.returncode != 0:
+                raise RuntimeError(f"the plain loop failed:\n{proc.stderr[-3000:]}")
+            *said, last = proc.stdout.strip().splitlines()
+            print("\n".join(said))
+            n = int(last.removeprefix("scored="))
+            rows.append(("plain DataLoader loop (a script)", split, n, seconds, sampler))
             speed[("plain", split)] = (n, seconds)
 
         def fer_ray_run(
