@@ -364,7 +364,7 @@ class TrainConfig:
         """Fine-tuning trains the backbone at lr x --backbone-lr-scale, and every group's
         cosine ends at --min-lr: below it, the backbone's "decay" would climb."""
         o = self.optim
-        scale = o.backbone_lr_scale if o.backbone_lr_scale is not None else 0.1
+        scale = o.backbone_lr_scale if o.backbone_lr_scale is not None else PRETRAINED_BACKBONE_LR_SCALE
         if self.model.pretrained and o.min_lr >= lr * scale:
             raise ConfigError(
                 f"--min-lr ({o.min_lr:g}), where the cosine ends, must be below the backbone's fine-tuning LR, "
@@ -377,8 +377,12 @@ class TrainConfig:
         if o.freeze_epochs is None:
             o.freeze_epochs = min(2, o.epochs - 1) if self.model.pretrained else 0
         if o.backbone_lr_scale is None:
-            o.backbone_lr_scale = 0.1 if self.model.pretrained else 1.0
+            o.backbone_lr_scale = PRETRAINED_BACKBONE_LR_SCALE if self.model.pretrained else 1.0
         return self
+
+
+# --backbone-lr-scale's default for a pretrained model (from scratch: 1.0, one LR for all).
+PRETRAINED_BACKBONE_LR_SCALE = 0.1
 
 
 # timm.create_model arguments fer_ray passes itself, and where they come from.

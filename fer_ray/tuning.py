@@ -426,13 +426,13 @@ def sweep(cfg: SweepConfig, manifest: dict[str, Any]) -> tuple[pd.DataFrame, dic
     begun = storage.read_json_or_none(storage.join(tune_dir, SWEEP_CONFIG_FILE)) or {}
     cpu_format = sweep_cpu_format(cfg, spec, begun)
     storage.makedirs(tune_dir)
-    # The settings are written once the sweep can start (its pretrained weights loaded): a
-    # sweep that failed before, say on a --pretrained-file of another architecture, held
-    # its folder to the settings that failed, and the corrected rerun was refused.
     _INTERRUPTED.clear()
     handlers = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
     try:
         tuner = build_tuner(cfg, manifest, cpu_format)
+        # The settings are written once the sweep can start (its pretrained weights loaded):
+        # a sweep that failed before, say on a --pretrained-file of another architecture,
+        # held its folder to the settings that failed, and the corrected rerun was refused.
         storage.write_json(storage.join(tune_dir, SWEEP_CONFIG_FILE),
                            {**to_dict(copy.deepcopy(cfg)), RESOLVED_KEY: {"cpu_format": cpu_format}})
         grid = tuner.fit()
