@@ -330,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         # Every file the runs will read, listed once; read once here so that both sides
         # read from memory (the first run would otherwise pay the disk).
         folders = [val] + ([train] if not args.skip_memory and os.path.isdir(train) else [])
-        paths = {folder: list_images(folder, []).column("path").to_pylist() for folder in folders}
+        paths = {folder: list_images(folder, spec.class_names).column("path").to_pylist() for folder in folders}
         for folder in folders:
             read_all(paths[folder])
         idle_pss, idle_rss = tree_memory()

@@ -705,7 +705,9 @@ def test_timed_batches_adds_up_the_waits() -> None:
     assert 0.15 <= timed.wait < 0.4  # (with the loop's own 0.3 s counted it would be >= 0.45)
 
 
-def test_cpu_formats_are_timed_one_after_another_with_fewer_steps_when_slow() -> None:
+def test_cpu_formats_are_warmed_in_turn_then_timed_with_fewer_steps_when_slow() -> None:
+    """Training steps: each format in one block (warm-up, then timed). Inference: each
+    format warmed up in a block, then timed in rounds of one pass of each."""
     from fer_ray.model import CPU_FORMATS, create_model, time_cpu_formats
 
     calls: list[torch.memory_format] = []
@@ -721,13 +723,18 @@ def test_cpu_formats_are_timed_one_after_another_with_fewer_steps_when_slow() ->
             return self.inner(x)
 
     model = Counted()
-    time_cpu_formats(model, 8, 3, 32, train=False, steps=3, warmup=2)
-    # Each format in one block (warm-up, then timed), in the order given.
     expected = [torch.channels_last if cl else torch.contiguous_format for _, cl in CPU_FORMATS]
-    assert calls == [fmt for fmt in expected for _ in range(5)]
+    time_cpu_formats(model, 8, 3, 32, train=True, steps=3, warmup=2)
+    assert calls == [fmt for fmt in expected for _ in range(5)]  # in the order given
     calls.clear()
     time_cpu_formats(model, 8, 3, 32, train=True, steps=3, warmup=2, max_seconds=0.0)
     assert calls == [fmt for fmt in expected for _ in range(2)]  # no time left: one warm-up, one timed
+    calls.clear()
+    time_cpu_formats(model, 8, 3, 32, train=False, steps=3, warmup=2)
+    assert calls == [fmt for fmt in expected for _ in range(2)] + expected * 3
+    calls.clear()
+    time_cpu_formats(model, 8, 3, 32, train=False, steps=3, warmup=2, max_seconds=0.0)
+    assert calls == expected + expected  # one warm-up each, one round
 
 
 def test_a_sweep_trials_budget_counts_from_its_workers_start(synth_shards, monkeypatch) -> None:
