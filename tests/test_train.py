@@ -92,8 +92,16 @@ def test_a_finished_runs_rerun_starts_no_worker_and_keeps_its_config(tiny_run, t
         raise AssertionError("a finished run built a TorchTrainer")
 
     monkeypatch.setattr(fer_ray.trainer, "build_trainer", no_trainer)
-    with caplog.at_level(logging.INFO):
-        assert train_main(args) == 0
+    # Ray's loggers do not propagate to the root, where caplog listens: its handler is put
+    # on the checkpoint manager's logger too, whose "run snapshot was found" advice (delete
+    # the folder) reading the checkpoints back would log.
+    ray_checkpoints = logging.getLogger("ray.train.v2._internal.execution.checkpoint.checkpoint_manager")
+    ray_checkpoints.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.INFO):
+            assert train_main(args) == 0
+    finally:
+        ray_checkpoints.removeHandler(caplog.handler)
     assert (run / "config.json").read_text() == config
     assert "Run already finished at epoch 2; nothing to train (it ran all its 2 epochs" in caplog.text
     assert "Not applied, as the run trains no more: " in caplog.text and "lr 0.001 -> 0.5" in caplog.text
