@@ -427,7 +427,15 @@ def require_gpus(need: int, wait_s: float | None = None) -> None:
     requested = have < need and wait_s > 0
     if requested:
         request_resources(bundles=[{"GPU": 1}] * need)
-        log.info("Waiting up to %.0f s for %d GPU(s) (the cluster has %g now)", wait_s, need, have)
+        if most is None:  # (a cluster started by hand may have no autoscaler at all)
+            log.warning(
+                "Waiting up to %.0f s for %d GPU(s) (the cluster has %g now). No autoscaler "
+                "configuration is visible from here: a cluster started by hand with `ray start` "
+                "gains no nodes, and there the wait cannot end well; Ctrl-C stops it, and "
+                "FER_RAY_GPU_WAIT_S=0 fails at once.", wait_s, need, have,
+            )
+        else:
+            log.info("Waiting up to %.0f s for %d GPU(s) (the cluster has %g now)", wait_s, need, have)
     try:
         while have < need and time.monotonic() < deadline:
             time.sleep(GPU_POLL_S)

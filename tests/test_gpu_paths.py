@@ -120,6 +120,24 @@ def test_a_ray_of_the_jobs_own_without_gpus_fails_at_once(monkeypatch, address) 
     assert time.monotonic() - start < 1.0
 
 
+@pytest.mark.parametrize("limits", [None, {"CPU": 48, "GPU": 4}])
+def test_a_clusters_wait_for_gpus_warns_when_no_autoscaler_is_known(monkeypatch, caplog, limits) -> None:
+    """A `ray start` cluster has no autoscaler: the 15-minute wait said only "Waiting"."""
+    import ray
+    import ray.autoscaler.sdk as sdk
+
+    monkeypatch.setattr(sdk, "request_resources", lambda **kwargs: None)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"GPU": 0})
+    monkeypatch.setattr(cli, "autoscaler_limits", lambda: limits)
+    monkeypatch.setattr(cli, "GPU_POLL_S", 0.01)
+    with caplog.at_level("INFO", logger="fer_ray"), pytest.raises(ConfigError, match="after waiting 0 s"):
+        cli.require_gpus(1, wait_s=0.05)
+    waiting = [r for r in caplog.records if r.getMessage().startswith("Waiting up to")]
+    assert len(waiting) == 1
+    warned = "FER_RAY_GPU_WAIT_S=0 fails at once" in waiting[0].getMessage()
+    assert warned == (limits is None) and (waiting[0].levelname == "WARNING") == warned
+
+
 def test_gpus_the_autoscaler_can_never_bring_up_are_refused_at_once(monkeypatch) -> None:
     import ray
     import ray.autoscaler.sdk as sdk
