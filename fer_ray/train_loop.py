@@ -104,6 +104,7 @@ class TrainState:
     bad_epochs: int = 0
     stopped_early: bool = False
     planned_epochs: int = 0  # epochs the time budget left room for; 0: not planned yet
+    diverged: bool = False  # the weights stopped being finite numbers: the run ended there
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -130,12 +131,15 @@ def is_finished(state: TrainState, epochs: int) -> bool:
     ended it, or it ran the epochs of its plan (the time budget's, kept across restarts, or
     --epochs, which a rerun may raise or lower)."""
     end = min(state.planned_epochs, epochs) if state.planned_epochs else epochs
-    return state.stopped_early or state.epoch >= end
+    return state.stopped_early or state.diverged or state.epoch >= end
 
 
 def finished_why(state: TrainState, epochs: int) -> str:
     """Why a finished run trains nothing more, and what would go on (README: a run that early
     stopping or its time budget ended stays finished)."""
+    if state.diverged:
+        return (f"it diverged in epoch {state.epoch} (its weights stopped being finite numbers); "
+                "train again in a new --output with a lower --lr")
     if state.stopped_early:
         return "early stopping ended it; train longer in a new --output"
     if state.planned_epochs and state.planned_epochs < epochs:
@@ -174,6 +178,13 @@ def all_reduce(values: list[float], device: torch.device, op: Any = dist.ReduceO
     if _is_distributed():
         dist.all_reduce(t, op=op)
     return t.tolist()
+
+
+def all_finite(*modules: torch.nn.Module) -> bool:
+    """Whether every floating-point weight and buffer (BatchNorm statistics) of `modules`
+    is a finite number."""
+    return all(bool(torch.isfinite(t).all()) for m in modules for t in m.state_dict().values()
+               if t.is_floating_point())
 
 
 def broadcast_buffers(module: torch.nn.Module) -> None:
@@ -655,10 +666,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         labels, preds = gather_arrays([labels, preds])
         seconds = time.time() - start
 
+        # A model whose weights went NaN or inf predicts class 0 for every image (argmax of
+        # NaN), and its "accuracy" is class 0's share of val: never an improvement; the run
+        # ends here, its best epoch kept (every worker decides alike).
+        diverged = all_reduce([0.0 if all_finite(model, eval_model) else 1.0], device, op=dist.ReduceOp.MAX)[0] > 0
+
         state.global_step += steps
         state.epoch = epoch + 1
-        val_acc = float((labels == preds).mean()) if len(labels) else 0.0
-        improved = val_acc > state.best_val_acc
+        val_acc = math.nan if diverged else float((labels == preds).mean()) if len(labels) else 0.0
+        improved = not diverged and val_acc > state.best_val_acc
         if improved:
             state.best_val_acc, state.best_epoch, state.bad_epochs = val_acc, state.epoch, 0
         else:
@@ -666,6 +682,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         # Early stopping only once the final phase runs: the frozen phase is short by design.
         final_phase = phase == phase_of(s.epochs - 1, s.freeze_epochs)
         state.stopped_early = final_phase and state.bad_epochs >= s.patience and state.epoch < s.epochs
+        state.diverged = diverged
         row = {
             "epoch": state.epoch,
             "phase": phase if s.pretrained else SCRATCH_PHASE,
@@ -690,10 +707,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             f"{seconds:.1f}s {row['images_per_s']:.0f} img/s, {row['data_wait_s']:.1f}s waiting for data"
             + (f" | early stop: no gain for {state.bad_epochs} epochs" if state.stopped_early else "")
         )
+        if diverged:
+            kept = f"epoch {state.best_epoch} is kept as the best" if state.best_epoch > 0 else "no epoch to keep"
+            log0(f"Training diverged in epoch {state.epoch}: the weights are no longer finite numbers "
+                 f"(NaN or inf), so the run ends here; {kept}. Lower --lr (or, with --amp fp16, use bf16 or off).")
 
         # The time budget's plan for what is left, before the checkpoint so that it keeps
         # the plan: a run the budget ends here is finished for a rerun, not resumed.
-        if s.deadline and not state.stopped_early and state.epoch < s.epochs:
+        if s.deadline and not state.stopped_early and not diverged and state.epoch < s.epochs:
             mark, scheduler = _fit_to_deadline(
                 s, state, configured_epochs, epoch_times, mark, phase, optimizer, scheduler,
                 epoch_steps, device,
@@ -708,7 +729,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                 pretrained=s.pretrained)
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"epoch_{state.epoch:04d}")
-        if state.stopped_early:
+        if state.stopped_early or diverged:
             break
         epoch += 1
 

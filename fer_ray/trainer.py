@@ -438,6 +438,11 @@ def local_staging(run_dir: str) -> Iterator[str]:
         storage.copy_dir(tmp, run_dir)
 
 
+class TrainingDiverged(ConfigError):
+    """A run whose weights stopped being finite numbers before any epoch could be kept: the
+    job ends in one sentence (exit 2), a sweep lists the trial as an error."""
+
+
 def finalize_run(
     result: Any, run_dir: str, class_names: Sequence[str], state: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
@@ -448,6 +453,12 @@ def finalize_run(
         raise RuntimeError(f"The run in {run_dir} reported no checkpoint; see the log above.")
     best = result.get_best_checkpoint(metric=CHECKPOINT_SCORE, mode="max") or latest
     state = state if state is not None else read_train_state(latest)
+    if state.get("diverged") and int(state["best_epoch"]) < 1:
+        raise TrainingDiverged(
+            f"Training diverged in epoch {state['epoch']}, before any epoch to keep: the weights "
+            f"stopped being finite numbers (NaN or inf). Train again in a new --output with a lower "
+            f"--lr (or, with --amp fp16, bf16 or off); the run in {run_dir} has no model."
+        )
     history = pd.DataFrame(state["history"])
     with local_staging(run_dir) as local:
         history.to_csv(os.path.join(local, HISTORY_FILE), index=False)
@@ -471,6 +482,7 @@ def finalize_run(
             "best_epoch": int(state["best_epoch"]),
             "epochs_run": int(state["epoch"]),
             "stopped_early": bool(state["stopped_early"]),
+            "diverged": bool(state.get("diverged", False)),  # the weights went NaN or inf: the run ended there
             "planned_epochs": int(state.get("planned_epochs") or 0),  # what the time budget fitted
             "best_dir": storage.join(run_dir, BEST_DIR),
         }

@@ -47,6 +47,7 @@ from fer_ray.constants import (
 from fer_ray.trainer import (
     build_trainer,
     check_gpus,
+    TrainingDiverged,
     finalize_run,
     has_checkpoint,
     load_pretrained,
@@ -281,7 +282,11 @@ def collect_results(grid: Any, tune_dir: str, classes: list[str]) -> pd.DataFram
                "status": "ERROR" if result.error else "TERMINATED",
                "error": _one_line(result.error) if result.error else None, "best_dir": None}
         if has_checkpoint(trial_dir):
-            summary = finalize_run(saved_result(trial_dir), trial_dir, classes)
+            try:
+                summary = finalize_run(saved_result(trial_dir), trial_dir, classes)
+            except TrainingDiverged as e:  # (a trial at the top of the LR range, say)
+                summary = None
+                row.update(status="ERROR", error=str(e))
         else:
             summary = storage.read_json_or_none(storage.join(trial_dir, RUN_SUMMARY_FILE))
         if summary:

@@ -8,6 +8,7 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -160,6 +161,54 @@ def test_a_checkpoints_loop_state_is_read_without_fetching_the_checkpoint(tmp_pa
     monkeypatch.setattr(ray.train.Checkpoint, "as_directory", lambda self: pytest.fail("fetched it all"))
     state = read_train_state(checkpoint)
     assert state["epoch"] == 3 and state["planned_epochs"] == 3
+
+
+def test_a_run_that_diverges_keeps_its_best_epoch_and_ends(tiny_run, tmp_path, caplog) -> None:
+    """Weights gone NaN predict class 0 for every image: that epoch's "accuracy" (class 0's
+    share of val) could be kept as the best model. Now the run ends at the first such epoch,
+    which is never the best, and says so; a rerun finds it finished."""
+    import logging
+
+    from safetensors.torch import load_file
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    data = json.loads((run / "config.json").read_text())["data"]["data"]
+    args = tiny_train_args(data, str(run), "--epochs", "4", "--freeze-epochs", "1", "--lr", "1e30",
+                           "--pretrained", "--pretrained-file", str(tmp_path / "moved.pth"))
+    assert train_main(args) == 0
+    history = pd.read_csv(run / "history.csv")
+    assert history["epoch"].tolist() == [1, 2, 3]  # not 4: it ended where it diverged
+    assert np.isnan(history["val_acc"].iloc[2]) and history["val_acc"].iloc[:2].notna().all()
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["diverged"] is True and summary["best_epoch"] in (1, 2) and summary["epochs_run"] == 3
+    assert summary["accuracy"] == history["val_acc"].iloc[summary["best_epoch"] - 1]
+    weights = load_file(run / "best" / "model.safetensors")
+    assert all(torch.isfinite(t).all() for t in weights.values() if t.is_floating_point())
+    with caplog.at_level(logging.INFO):
+        assert train_main(args) == 0
+    assert "it diverged in epoch 3 (its weights stopped being finite numbers)" in caplog.text
+
+
+def test_a_run_that_diverges_before_any_epoch_ends_in_one_sentence(ray_cluster, synth_shards, tmp_path,
+                                                                  capsys) -> None:
+    from types import SimpleNamespace
+
+    from fer_ray.tuning import collect_results
+
+    run = tmp_path / "sweep" / "trials" / "t1"  # where a sweep's trial would be
+    args = tiny_train_args(str(synth_shards), str(run), "--lr", "1e30", "--epochs", "3")
+    assert train_main(args) == 2
+    err = capsys.readouterr().err
+    assert "error: Training diverged in epoch 1, before any epoch to keep" in err, err[-2000:]
+    assert not (run / "best").exists() and not (run / "summary.json").exists()
+    assert train_main(args) == 2  # a rerun: finished, the same sentence, nothing trained
+    assert "Training diverged in epoch 1, before any epoch to keep" in capsys.readouterr().err
+    # A sweep lists such a trial as an error (the sweep went on to its other trials).
+    trial = SimpleNamespace(config={"lr": 1e30, "label_smoothing": 0.1}, path=str(run), error=None)
+    row = collect_results([trial], str(tmp_path / "sweep"), list(FER_CLASSES)).iloc[0]
+    assert row["status"] == "ERROR" and row["error"].startswith("Training diverged in epoch 1")
+    assert np.isnan(row["best_val_acc"])
 
 
 def test_resumed_run_keeps_the_format_its_last_epoch_trained_in(tiny_run, tmp_path) -> None:
