@@ -618,6 +618,9 @@ def in_own_thread(fn: Callable[[], Any]) -> Any:
     return result[0]
 
 
+NOT_FINITE = "the model's output is not a finite number (NaN or inf): its weights, or fp16 overflowing (--amp off)"
+
+
 class Scorer:
     """Ray Data callable class: uint8 images -> class probabilities, one model per actor."""
 
@@ -679,10 +682,19 @@ class Scorer:
             kept = ~failed
             images, paths, labels = images[kept], paths[kept], labels[kept]
         probs = self._probabilities(images)
+        failed_paths, failed_labels = batch[PATH_COL][failed], batch[LABEL_COL][failed]
+        reasons = list(batch[REASON_COL][failed]) if failed.any() else []
+        # NaN or inf out of the model (weights gone NaN, an fp16 overflow): an error row,
+        # not a prediction of the first class (argmax of NaN) that the reports cannot bin.
+        broken = ~np.isfinite(probs).all(1)
+        if broken.any():
+            failed_paths = np.concatenate([failed_paths, paths[broken]])
+            failed_labels = np.concatenate([failed_labels, labels[broken]])
+            reasons += [NOT_FINITE] * int(broken.sum())
+            paths, labels, probs = paths[~broken], labels[~broken], probs[~broken]
         return scored_table(
             prediction_table(paths, labels, probs, self.class_names),
-            batch[PATH_COL][failed], batch[REASON_COL][failed] if failed.any() else [], self.class_names,
-            self.scored_in, batch[LABEL_COL][failed],
+            failed_paths, reasons, self.class_names, self.scored_in, failed_labels,
         )
 
     def _probabilities(self, images: np.ndarray) -> np.ndarray:

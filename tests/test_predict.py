@@ -772,6 +772,40 @@ def test_scorer_in_bf16_scores_close_to_fp32(model_dir) -> None:
     assert not np.array_equal(p16, p32)  # bf16 did run
 
 
+def test_images_the_model_scores_as_nan_are_errors_not_predictions(model_dir, tmp_path) -> None:
+    """NaN probabilities became predictions of the first class (argmax of NaN), and the
+    calibration error's binning then failed after the work, losing the run's output."""
+    from fer_ray.constants import IMAGE_COL
+    from fer_ray.predict import NOT_FINITE, REASON_COL, Scorer
+
+    rng = np.random.default_rng(3)
+    batch = {IMAGE_COL: rng.integers(0, 256, (4, SIZE, SIZE, 1), dtype=np.uint8),
+             PATH_COL: np.array(["a.png", "b.png", "c.png", "d.png"]), LABEL_COL: np.array([0, 1, 2, 3]),
+             REASON_COL: np.array(["", "", "", "corrupt"])}
+    scorer = Scorer(str(model_dir), use_gpu=False, tta=None, num_actors=1, amp="off")
+    probabilities = scorer._probabilities
+
+    def one_nan_row(images: np.ndarray) -> np.ndarray:
+        probs = probabilities(images)
+        probs[1] = np.nan  # b.png
+        return probs
+
+    scorer._probabilities = one_nan_row
+    table = scorer(batch).to_pandas().set_index(PATH_COL)
+    assert table[REASON_COL].isna().tolist() == [True, True, False, False]  # predictions first
+    assert table.loc["b.png", REASON_COL] == NOT_FINITE and table.loc["b.png", LABEL_COL] == 1
+    assert table.loc["d.png", REASON_COL] == "corrupt" and table.loc["d.png", LABEL_COL] == 3
+    assert table.loc[["a.png", "c.png"], "confidence"].notna().all()
+
+    # Weights gone NaN: every image an error.
+    model, spec = load_model_dir(str(model_dir))
+    with torch.no_grad():
+        next(p for p in model.parameters() if p.is_floating_point()).fill_(float("nan"))
+    save_model_dir(model, tmp_path / "nan_model", spec, pretrained=False)
+    table = Scorer(str(tmp_path / "nan_model"), use_gpu=False, tta=None, num_actors=1, amp="off")(batch).to_pandas()
+    assert sorted(table[REASON_COL]) == ["corrupt"] + [NOT_FINITE] * 3
+
+
 def test_in_own_thread_returns_the_result_and_raises_the_error() -> None:
     import threading
 
