@@ -252,8 +252,8 @@ class TrainConfig:
     def validate(self) -> "TrainConfig":
         """Check values a user can get wrong; raise ConfigError with what to do."""
         d, m, o, r = self.data, self.model, self.optim, self.run
-        _require(bool(d.data), "--data is required: the shards folder written by jobs/prepare.py.")
-        _require(bool(r.output), "--output is required: the folder this "
+        _require(bool(d.data and d.data.strip()), "--data is required: the shards folder written by jobs/prepare.py.")
+        _require(bool(r.output and r.output.strip()), "--output is required: the folder this "
                  + ("sweep writes to (its trials, results and best model)." if hasattr(self, "sweep") else "run writes to."))
         _require(16 <= d.image_size <= MAX_IMAGE_SIZE,
                  f"--image-size must be between 16 and {MAX_IMAGE_SIZE} px, got {d.image_size}.")
@@ -404,6 +404,15 @@ def per_image_norm(input_norm: str) -> bool:
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
+
+
+def require_paths(**given: str | None) -> None:
+    """ConfigError for a path flag given as an empty or blank string (an unset shell
+    variable: `--output "$OUT"`), which would otherwise name the current folder. Keyword
+    arguments: the flag's name without dashes (underscores for dashes) = its value."""
+    for name, value in given.items():
+        if value is None or not str(value).strip():
+            raise ConfigError(f"--{name.replace('_', '-')} is empty (an unset shell variable?); give a folder.")
 
 
 def _choice(flag: str, value: str, choices: Sequence[str]) -> None:

@@ -45,7 +45,7 @@ import pyarrow as pa
 
 from fer_ray import storage
 from fer_ray.cli import autoscaler_limits, require_gpus
-from fer_ray.config import AMP_MODES, ConfigError
+from fer_ray.config import AMP_MODES, ConfigError, require_paths
 from fer_ray.constants import (
     IMAGE_COL, LABEL_COL, PATH_COL, SPLITS, TTA_MODES,
 )
@@ -205,6 +205,7 @@ def check_inputs(
     model's description when nothing would."""
     from fer_ray.model_spec import check_model_folder
 
+    require_paths(model=model_dir, input=source, output=output)
     model_dir, source, output = (storage.normalize(p) for p in (model_dir, source, output))
     output = storage.through_link(output)
     if batch_size < 1:

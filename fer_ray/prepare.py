@@ -27,7 +27,7 @@ import numpy as np
 import ray
 
 from fer_ray import storage
-from fer_ray.config import ConfigError
+from fer_ray.config import ConfigError, require_paths
 from fer_ray.constants import (
     FER_CLASSES,
     FER_CSV_CODES,
@@ -527,6 +527,7 @@ def check_inputs(source: str, output: str, val_fraction: float = 0.1, seed: int 
                  shard_rows: int = 5000) -> Listing:
     """Every check of prepare's arguments, without Ray: the settings, the output, and the
     source's listing (returned, for prepare to use)."""
+    require_paths(source=source, output=output)
     if not 0 < val_fraction < 1:
         raise ConfigError(f"--val-fraction must be between 0 and 1, got {val_fraction}.")
     if shard_rows < 1:

@@ -64,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--size must be 8 to {MAX_SIZE} pixels, got {args.size}")
     if not any(per_split.values()):
         parser.error("every split has 0 images per class; nothing to write")
+    if not args.output.strip():  # (an unset shell variable: it would name the current folder)
+        parser.error("--output is empty (an unset shell variable?); give a folder")
     if "://" in args.output:  # (written with the local filesystem: s3:// made a folder "s3:")
         parser.error(f"--output {args.output!r}: the generator writes local folders only; "
                      "write one here and copy it (e.g. `aws s3 sync`)")

@@ -450,3 +450,29 @@ def test_a_connect_timeout_of_zero_sets_no_limit(monkeypatch) -> None:
     monkeypatch.setattr(cli, "INIT_TIMEOUT_S", 0.05)
     cli.connect_ray("127.0.0.1:6379")
     assert gave_up == ["RAY_ADDRESS='127.0.0.1:6379'"]
+
+
+@pytest.mark.parametrize("job, flags, said", [
+    ("predict", ["--model", "m", "--input", "i", "--output", ""], "--output is empty"),
+    ("predict", ["--model", " ", "--input", "i", "--output", "o"], "--model is empty"),
+    ("prepare", ["--source", "", "--output", "o"], "--source is empty"),
+    ("prepare", ["--source", "s", "--output", ""], "--output is empty"),
+    ("make_synthetic", ["--output", ""], "--output is empty"),
+    ("train", ["--data", " ", "--output", "o"], "--data is required"),
+])
+def test_an_empty_path_is_refused_not_taken_for_the_current_folder(job, flags, said, tmp_path, monkeypatch,
+                                                                   capsys) -> None:
+    """`--output "$OUT"` with OUT unset gave "" (the current folder): make_synthetic ended in
+    a traceback, prepare would write shards into an empty current folder, and scoring
+    refused the current folder with a sentence about it."""
+    import importlib
+
+    monkeypatch.chdir(tmp_path)  # an empty folder, where "" would have written
+    main = importlib.import_module(f"jobs.{job}").main
+    try:
+        code = main(flags)
+    except SystemExit as e:  # argparse's error (make_synthetic)
+        code = e.code
+    assert code == 2
+    assert said in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
