@@ -456,7 +456,14 @@ def _flatten(values: dict[str, Any], cls: type, source: str) -> dict[str, Any]:
         if name in sections and isinstance(value, dict):
             for sub_key, sub_value in value.items():
                 sub_name = str(sub_key).replace("-", "_")
-                if sub_name not in leaves or leaves[sub_name][0] != name:
+                if sub_name in leaves and leaves[sub_name][0] != name:
+                    home = leaves[sub_name][0]
+                    raise ConfigError(
+                        f"Setting {sub_key!r} in {source} is under {name!r} but belongs in section "
+                        + (f"{home!r}" if home else "none (give it at the top level)")
+                        + f"; or give it flat, at the top level: {sub_name}: {sub_value!r}."
+                    )
+                if sub_name not in leaves:
                     _unknown(f"{name}.{sub_key}", leaves, source)
                 flat[sub_name] = sub_value
         elif name in leaves:

@@ -68,6 +68,20 @@ def test_unknown_setting_is_rejected_with_valid_names(tmp_path) -> None:
         parse(["--config", str(path)])
 
 
+def test_a_setting_in_the_wrong_section_is_told_its_section(tmp_path) -> None:
+    """It was called unknown, and the list of valid settings that followed named it."""
+    path = tmp_path / "c.yaml"
+    path.write_text("optim: {image_size: 48}\n")
+    with pytest.raises(ConfigError, match="'image_size' .* is under 'optim' but belongs in section 'data'; "
+                                          "or give it flat, at the top level: image_size: 48"):
+        parse(["--config", str(path)])
+    path.write_text("optim: {learning_rate: 0.1}\n")
+    with pytest.raises(ConfigError, match="Unknown setting 'optim.learning_rate'"):
+        parse(["--config", str(path)])
+    path.write_text("data: {image_size: 40}\n")
+    assert parse(["--config", str(path)]).data.image_size == 40
+
+
 def test_yaml_booleans_and_one_number_for_a_range(tmp_path) -> None:
     """YAML reads `off` as false: `amp: off` and `input_blur: off` were refused ("got
     'False'"); one number for a range crashed with a TypeError."""
