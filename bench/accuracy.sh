@@ -10,6 +10,14 @@
 # without TTA, with flip TTA and with ten-crop TTA, and prints on its last line:
 #   val_acc=X val_macro_f1=X val_acc_tta=X val_macro_f1_tta=X val_acc_tencrop=X val_macro_f1_tencrop=X train_minutes=X
 set -euo pipefail
+# FER, OUT, CONFIG and PY given relative are taken from where the script was started; the
+# defaults are relative to the repository.
+here=$PWD
+absolute() { case "$1" in /*) echo "$1" ;; *) echo "$here/$1" ;; esac; }
+[ -n "${FER:-}" ] && FER=$(absolute "$FER")
+[ -n "${OUT:-}" ] && OUT=$(absolute "$OUT")
+[ -n "${CONFIG:-}" ] && CONFIG=$(absolute "$CONFIG")
+[ -n "${PY:-}" ] && case "$PY" in */*) PY=$(absolute "$PY") ;; esac
 cd "$(dirname "$0")/.."
 
 FER=${FER:-../shared/datasets/fer2013}
@@ -17,7 +25,10 @@ OUT=${OUT:-runs/accuracy}
 CONFIG=${CONFIG:-configs/fer2013-cpu.yaml}
 EXTRA=${EXTRA:-}
 PY=${PY:-.venv/bin/python}
-[ -x "$PY" ] || PY=python3
+if [ ! -x "$PY" ] && ! command -v "$PY" >/dev/null; then
+  echo "using python3: $PY is not there (make install builds .venv, or set PY=...)" >&2
+  PY=python3
+fi
 
 if [ ! -d "$FER/train" ] || [ ! -d "$FER/val" ]; then
   echo "skipped: $FER needs train/ and val/ class folders (set FER=...)"
