@@ -42,15 +42,18 @@ def plot_learning_curves(history: pd.DataFrame, path: str | Path) -> None:
             if phases[i - 1] == "head" and phases[i] != "head":
                 ax.axvline(epochs.iloc[i] - 0.5, color="gray", linestyle="--", label="unfrozen")
         ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        whole_epochs(ax, epochs)
         ax.set_title(title)
         ax.grid(alpha=0.3)
     # The best epoch marked, and named in the legend (a label beside the point ran into the
-    # curve or off the plot). The first of equal epochs, as best/ holds it.
-    best = int(np.argmax(history["val_acc"].to_numpy()))
-    axes[1].plot(epochs.iloc[best], history["val_acc"].iloc[best], marker="o", markersize=14, markerfacecolor="none",
-                 markeredgecolor="red", markeredgewidth=2, linestyle="none",
-                 label=f"best {history['val_acc'].iloc[best]:.3f} (epoch {epochs.iloc[best]})")
+    # curve or off the plot). The first of equal epochs, as best/ holds it; never an epoch
+    # whose weights had diverged (its val_acc is empty).
+    val_acc = history["val_acc"].to_numpy(dtype=float)
+    if np.isfinite(val_acc).any():
+        best = int(np.nanargmax(val_acc))
+        axes[1].plot(epochs.iloc[best], val_acc[best], marker="o", markersize=14, markerfacecolor="none",
+                     markeredgecolor="red", markeredgewidth=2, linestyle="none",
+                     label=f"best {val_acc[best]:.3f} (epoch {epochs.iloc[best]})")
     for ax in axes:
         ax.legend()
     fig.tight_layout()
@@ -58,21 +61,34 @@ def plot_learning_curves(history: pd.DataFrame, path: str | Path) -> None:
     plt.close(fig)
 
 
+def whole_epochs(ax: Any, epochs: pd.Series) -> None:
+    """Epoch ticks at whole numbers: matplotlib's integer locator falls back to fractions
+    (0.95, 1.00, 1.05) when fewer than two whole numbers are in view, as with one epoch."""
+    if epochs.nunique() < 2:
+        ax.set_xticks(sorted(epochs.unique()))
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
 @_literal_text
 def plot_confusion_matrix(
     counts: np.ndarray, class_names: Sequence[str], path: str | Path, title: str = "Confusion matrix"
 ) -> None:
-    """Row-normalised heatmap (recall per true class) with the counts written in."""
+    """Row-normalised heatmap (recall per true class) with the counts written in; a class
+    with no true images has no recall: its row is grey, with a dash for each share."""
     counts = np.asarray(counts)
     totals = counts.sum(axis=1, keepdims=True)
     norm = np.divide(counts, totals, out=np.zeros(counts.shape, dtype=float), where=totals > 0)
     k = len(class_names)
     fig, ax = plt.subplots(figsize=(1.1 * k + 2.5, 1.0 * k + 1.8))
-    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    cmap = plt.get_cmap("Blues").copy()
+    cmap.set_bad("lightgray")
+    im = ax.imshow(np.ma.masked_where(np.broadcast_to(totals == 0, norm.shape), norm), cmap=cmap, vmin=0, vmax=1)
     for i in range(k):
         for j in range(k):
+            share = f"{norm[i, j]:.0%}" if totals[i, 0] else "-"
             ax.text(
-                j, i, f"{counts[i, j]}\n{norm[i, j]:.0%}", ha="center", va="center", fontsize=8,
+                j, i, f"{counts[i, j]}\n{share}", ha="center", va="center", fontsize=8,
                 color="white" if norm[i, j] > 0.5 else "black",
             )
     ax.set_xticks(range(k), class_names, rotation=45, ha="right")
@@ -125,7 +141,7 @@ def plot_sweep(results: pd.DataFrame, histories: dict[str, pd.DataFrame], path: 
     for trial_id, history in sorted(histories.items()):
         right.plot(history["epoch"], history["val_acc"], marker=".", label=trial_id)
     right.set_xlabel("epoch")
-    right.xaxis.set_major_locator(MaxNLocator(integer=True))
+    whole_epochs(right, pd.concat([h["epoch"] for h in histories.values()]) if histories else pd.Series([], dtype=int))
     right.set_ylabel("val accuracy")
     longest = max((len(h) for h in histories.values()), default=0)
     short = sum(len(h) < longest for h in histories.values())

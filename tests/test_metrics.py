@@ -74,3 +74,53 @@ def test_plots_draw_names_with_dollar_signs_as_written(tmp_path) -> None:
     plot_confusion_matrix(np.array([[2, 1, 0], [0, 3, 0], [1, 0, 4]]), names, path, title="Predictions on tips_$5_$10")
     assert path.stat().st_size > 0
     assert matplotlib.rcParams["text.parse_math"]  # the setting is the plot's, not the process's
+
+
+class _KeptFigures:
+    """The figures a plotting function draws, kept open for the test to read (plt.close
+    is skipped while in use)."""
+
+    def __init__(self, monkeypatch) -> None:
+        import matplotlib.pyplot as plt
+
+        self.figures = []
+        subplots = plt.subplots
+
+        def kept(*args, **kwargs):
+            fig, axes = subplots(*args, **kwargs)
+            self.figures.append(fig)
+            return fig, axes
+
+        monkeypatch.setattr(plt, "subplots", kept)
+        monkeypatch.setattr(plt, "close", lambda fig=None: None)
+
+
+def test_learning_curves_tick_whole_epochs_and_never_mark_a_diverged_epoch_best(tmp_path, monkeypatch) -> None:
+    """One epoch drew ticks at 0.95 ... 1.05; and an epoch whose weights had diverged (its
+    val_acc empty) was marked best (argmax of NaN is its index)."""
+    import pandas as pd
+
+    from fer_ray.reports import plot_learning_curves
+
+    kept = _KeptFigures(monkeypatch)
+    row = {"phase": "scratch", "train_loss": 1.0, "val_loss": 1.1, "train_acc": 0.3}
+    plot_learning_curves(pd.DataFrame([{**row, "epoch": 1, "val_acc": 0.4}]), tmp_path / "one.png")
+    for ax in kept.figures[0].axes:
+        assert [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]] == [1]
+    history = pd.DataFrame([{**row, "epoch": e, "val_acc": a} for e, a in ((1, 0.4), (2, 0.5), (3, float("nan")))])
+    plot_learning_curves(history, tmp_path / "diverged.png")
+    labels = kept.figures[1].axes[1].get_legend_handles_labels()[1]
+    assert "best 0.500 (epoch 2)" in labels
+    assert (tmp_path / "diverged.png").stat().st_size > 0
+
+
+def test_a_class_with_no_true_images_has_no_recall_in_the_heatmap(tmp_path, monkeypatch) -> None:
+    """Its row read "0 / 0%" in the colour of a class the model always misses."""
+    from fer_ray.reports import plot_confusion_matrix
+
+    kept = _KeptFigures(monkeypatch)
+    plot_confusion_matrix(np.array([[2, 1, 0], [0, 0, 0], [1, 0, 4]]), ["a", "b", "c"], tmp_path / "cm.png")
+    texts = [t.get_text() for t in kept.figures[0].axes[0].texts]
+    assert texts[3:6] == ["0\n-"] * 3 and texts[0] == "2\n67%"
+    shown = kept.figures[0].axes[0].images[0].get_array()
+    assert shown.mask[1].all() and not shown.mask[[0, 2]].any()  # drawn grey, not as 0%
