@@ -353,11 +353,11 @@ def list_images(source: str, class_names: Sequence[str], skip: Sequence[str] = (
     else NO_LABEL. Files that are not images are listed too; they end in errors.parquet.
     A link in SRC to one of the folders `skip` (the output) is not followed."""
     fs, inner = storage.resolve(source)
-    index = {name.lower(): i for i, name in enumerate(class_names)}
+    index = {name.casefold(): i for i, name in enumerate(class_names)}
     paths, labels, strangers = [], [], set()
     for path in storage.list_files(source, skip):
         parts = path[len(inner) :].strip("/").split("/")
-        label = index.get(parts[0].lower(), NO_LABEL) if len(parts) > 1 else NO_LABEL
+        label = index.get(parts[0].casefold(), NO_LABEL) if len(parts) > 1 else NO_LABEL
         if label == NO_LABEL and len(parts) > 1:
             strangers.add(parts[0])
         paths.append(storage.full_path(fs, path, source))

@@ -950,3 +950,16 @@ def test_the_last_line_gives_a_small_rate_with_a_decimal() -> None:
     # Every file failed: the input may have had labels, nothing was scored.
     assert describe({**summary, "scored": 0, "errors": 3}).endswith("; nothing scored; output: out")
     assert ", 1242 images/s" in describe({**summary, "images_per_second": 1241.6})
+
+
+def test_class_folders_match_the_models_classes_in_any_case(tmp_path) -> None:
+    """Folders matched with str.lower(), shards and prepare with casefold(): a model class
+    'Straße' scored on a folder STRASSE/ lost its true labels."""
+    from fer_ray.predict import list_images
+
+    for folder in ("STRASSE", "happy", "other"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "a.png").write_bytes(b"x")
+    table = list_images(str(tmp_path), ["Straße", "Happy"]).to_pandas()
+    labels = dict(zip(table[PATH_COL].map(lambda p: Path(p).parent.name), table[LABEL_COL]))
+    assert labels["STRASSE"] == 0 and labels["happy"] == 1 and labels["other"] < 0
