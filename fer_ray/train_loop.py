@@ -373,7 +373,7 @@ def train_epoch(
     """Returns (loss sum, correct, images, steps) on this worker. `ema` (timm's ModelEmaV3)
     follows the model after every step; `global_step` is the steps done before this epoch.
     `mix` (timm's Mixup) blends the batch and turns its labels into soft targets; accuracy
-    is still counted against the unmixed labels."""
+    on a mixed batch is counted against the label that dominates each image's mix."""
     wrapped.train()
     set_frozen_eval(model)
     # Sums stay on the device: a .item() per step would wait for the GPU every batch.
