@@ -720,7 +720,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 epoch_steps, device,
             )
         metrics = {**row, "best_val_acc": state.best_val_acc, "best_epoch": state.best_epoch,
-                   "stopped_early": state.stopped_early, CHECKPOINT_SCORE: checkpoint_score(val_acc, improved)}
+                   "stopped_early": state.stopped_early, CHECKPOINT_SCORE: checkpoint_score(val_acc, improved),
+                   # The function returns after this report (a sweep's scheduler lets it: fer_ray.tuning).
+                   "last_report": bool(state.stopped_early or diverged or state.epoch >= s.epochs)}
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:

@@ -195,6 +195,24 @@ def _noted(tune_handler: Any, sig: int, frame: Any) -> None:
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGUSR1") if hasattr(signal, name))
 
 
+# The report after which a trial's training function returns by itself (fer_ray.train_loop:
+# its plan's last epoch, whatever cut it: the time budget, early stopping, divergence).
+LAST_REPORT = "last_report"
+
+
+class LastReportASHA(ray.tune.schedulers.ASHAScheduler):
+    """ASHA that lets a trial's last report pass: a trial stopped there would have its
+    TorchTrainer killed before it releases its workers (asha), and a trial whose time
+    budget ends its plan at one of ASHA's rungs reported there (grace_period x 4^k is below
+    max_t whatever the budget fits). The rung is recorded all the same."""
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+        decision = super().on_trial_result(tune_controller, trial, result)
+        if decision == self.STOP and result.get(LAST_REPORT):
+            return self.CONTINUE
+        return decision
+
+
 def asha(epochs: int, grace_period: int) -> Any:
     """ASHA on each trial's best val accuracy so far (METRIC), with rungs before the last
     epoch only; None (no early stops) when a trial has no epoch between its grace period
@@ -207,11 +225,9 @@ def asha(epochs: int, grace_period: int) -> Any:
     rung there whenever epochs was grace_period x 4^k, 8 for the default 2). Counted in
     epochs, which a trial resumed with its TorchTrainer goes on from (Tune's own
     training_iteration starts again at 0 in a restarted trial)."""
-    from ray.tune.schedulers import ASHAScheduler
-
     if epochs <= grace_period:
         return None
-    return ASHAScheduler(time_attr="epoch", max_t=epochs - 1, grace_period=grace_period, stop_last_trials=False)
+    return LastReportASHA(time_attr="epoch", max_t=epochs - 1, grace_period=grace_period, stop_last_trials=False)
 
 
 def build_tuner(cfg: SweepConfig, manifest: dict[str, Any], cpu_format: str | None = None):

@@ -185,6 +185,9 @@ def test_a_run_that_diverges_keeps_its_best_epoch_and_ends(tiny_run, tmp_path, c
     assert summary["accuracy"] == history["val_acc"].iloc[summary["best_epoch"] - 1]
     weights = load_file(run / "best" / "model.safetensors")
     assert all(torch.isfinite(t).all() for t in weights.values() if t.is_floating_point())
+    from fer_ray.trainer import saved_result
+
+    assert saved_result(str(run)).metrics["last_report"] is True  # (a sweep's ASHA lets it pass)
     with caplog.at_level(logging.INFO):
         assert train_main(args) == 0
     assert "it diverged in epoch 3 (its weights stopped being finite numbers)" in caplog.text

@@ -437,6 +437,28 @@ def test_asha_never_stops_a_trial_at_its_last_epoch(epochs, grace, rungs) -> Non
     assert sorted({m for bracket in scheduler._brackets for m, _ in bracket._rungs}, reverse=True) == rungs
 
 
+def test_asha_lets_a_trials_last_report_pass_wherever_its_plan_ends() -> None:
+    """A trial's time budget (or early stopping) can end it at one of ASHA's rungs, below
+    max_t: stopped at that last report, its TorchTrainer would be killed before it releases
+    its workers. The loop marks its last report; ASHA lets it pass (and records the rung)."""
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import TrialScheduler
+
+    from fer_ray.tuning import LAST_REPORT, METRIC, asha
+
+    scheduler = asha(epochs=20, grace_period=2)  # rungs at 2 and 8
+    scheduler.set_search_properties(METRIC, "max")
+    trials = [SimpleNamespace(trial_id=f"t{i}") for i in range(5)]
+    for trial in trials:
+        scheduler.on_trial_add(None, trial)
+    for trial, acc in zip(trials[:3], (0.9, 0.8, 0.7)):
+        scheduler.on_trial_result(None, trial, {"epoch": 2, METRIC: acc})
+    weak = {"epoch": 2, METRIC: 0.1}
+    assert scheduler.on_trial_result(None, trials[3], {**weak, LAST_REPORT: False}) == TrialScheduler.STOP
+    assert scheduler.on_trial_result(None, trials[4], {**weak, LAST_REPORT: True}) == TrialScheduler.CONTINUE
+
+
 def test_sweep_plot_ticks_label_the_learning_rates_without_crowding() -> None:
     """Within one decade matplotlib labelled every minor tick of the log axis, and the
     labels ran into each other ("3x10^-4 4x10^-4")."""
