@@ -29,13 +29,16 @@ def _literal_text(plot: Callable[..., None]) -> Callable[..., None]:
 
 
 @_literal_text
-def plot_learning_curves(history: pd.DataFrame, path: str | Path) -> None:
-    """Loss and accuracy per epoch, train vs val, with the fine-tuning phase change marked."""
+def plot_learning_curves(history: pd.DataFrame, path: str | Path, ema_decay: float = 0.0) -> None:
+    """Loss and accuracy per epoch, train vs val, with the fine-tuning phase change marked.
+    With `ema_decay`, val scores the moving average of the weights (--ema-decay), and its
+    label says so: the train curves are the weights the optimizer steps."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     epochs = history["epoch"]
+    val = f"val (weights averaged, EMA {ema_decay:g})" if ema_decay else "val"
     for ax, metric, title in ((axes[0], "loss", "Loss"), (axes[1], "acc", "Accuracy")):
         ax.plot(epochs, history[f"train_{metric}"], marker="o", label="train")
-        ax.plot(epochs, history[f"val_{metric}"], marker="o", label="val")
+        ax.plot(epochs, history[f"val_{metric}"], marker="o", label=val)
         phases = history["phase"].tolist()
         for i in range(1, len(phases)):
             # (a run from random weights resumed across the rename of its phase changes nothing)

@@ -476,7 +476,9 @@ def finalize_run(
             cm[list(class_names)].to_numpy(), class_names, os.path.join(local, CONFUSION_MATRIX_FILE),
             title=f"Val, epoch {state['best_epoch']}",
         )
-        plot_learning_curves(history, os.path.join(local, LEARNING_CURVES_FILE))
+        settings = storage.read_json_or_none(storage.join(run_dir, CONFIG_FILE)) or {}
+        plot_learning_curves(history, os.path.join(local, LEARNING_CURVES_FILE),
+                             ema_decay=float((settings.get("optim") or {}).get("ema_decay") or 0.0))
         outcome = {
             **summary(table),
             "best_epoch": int(state["best_epoch"]),

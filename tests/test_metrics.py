@@ -110,7 +110,9 @@ def test_learning_curves_tick_whole_epochs_and_never_mark_a_diverged_epoch_best(
     history = pd.DataFrame([{**row, "epoch": e, "val_acc": a} for e, a in ((1, 0.4), (2, 0.5), (3, float("nan")))])
     plot_learning_curves(history, tmp_path / "diverged.png")
     labels = kept.figures[1].axes[1].get_legend_handles_labels()[1]
-    assert "best 0.500 (epoch 2)" in labels
+    assert "best 0.500 (epoch 2)" in labels and "val" in labels
+    plot_learning_curves(history, tmp_path / "ema.png", ema_decay=0.999)  # val scores the average
+    assert "val (weights averaged, EMA 0.999)" in kept.figures[2].axes[0].get_legend_handles_labels()[1]
     assert (tmp_path / "diverged.png").stat().st_size > 0
 
 
