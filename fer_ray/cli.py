@@ -417,7 +417,8 @@ def require_gpus(need: int, wait_s: float | None = None) -> None:
         wait_s = GPU_WAIT_S if on_cluster() else 0.0
     deadline = time.monotonic() + wait_s
     have = ray.cluster_resources().get("GPU", 0)
-    most = (autoscaler_limits() or {}).get("GPU") if have < need else None
+    limits = autoscaler_limits() if have < need else {}
+    most = (limits or {}).get("GPU")
     if most is not None and most < need:
         raise ConfigError(
             f"--use-gpu needs {need} GPU(s) but this cluster's autoscaler can bring up at most "
@@ -427,7 +428,7 @@ def require_gpus(need: int, wait_s: float | None = None) -> None:
     requested = have < need and wait_s > 0
     if requested:
         request_resources(bundles=[{"GPU": 1}] * need)
-        if most is None:  # (a cluster started by hand may have no autoscaler at all)
+        if limits is None:  # (a cluster started by hand may have no autoscaler at all)
             log.warning(
                 "Waiting up to %.0f s for %d GPU(s) (the cluster has %g now). No autoscaler "
                 "configuration is visible from here: a cluster started by hand with `ray start` "

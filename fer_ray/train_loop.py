@@ -104,7 +104,7 @@ class TrainState:
     bad_epochs: int = 0
     stopped_early: bool = False
     planned_epochs: int = 0  # epochs the time budget left room for; 0: not planned yet
-    diverged: bool = False  # the weights stopped being finite numbers: the run ended there
+    diverged: bool = False  # the weights or val outputs stopped being finite numbers: the run ended there
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -138,7 +138,7 @@ def finished_why(state: TrainState, epochs: int) -> str:
     """Why a finished run trains nothing more, and what would go on (README: a run that early
     stopping or its time budget ended stays finished)."""
     if state.diverged:
-        return (f"it diverged in epoch {state.epoch} (its weights stopped being finite numbers); "
+        return (f"it diverged in epoch {state.epoch} (its weights or outputs stopped being finite numbers); "
                 "train again in a new --output with a lower --lr")
     if state.stopped_early:
         return "early stopping ended it; train longer in a new --output"
@@ -668,8 +668,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
         # A model whose weights went NaN or inf predicts class 0 for every image (argmax of
         # NaN), and its "accuracy" is class 0's share of val: never an improvement; the run
-        # ends here, its best epoch kept (every worker decides alike).
-        diverged = all_reduce([0.0 if all_finite(model, eval_model) else 1.0], device, op=dist.ReduceOp.MAX)[0] > 0
+        # ends here, its best epoch kept (every worker decides alike). The weights checked
+        # are rank 0's, which the checkpoint holds: another worker's own BatchNorm
+        # statistics may keep an fp16 overflow whose step the GradScaler skipped everywhere.
+        # With fp16 the weights can stay finite while the outputs are not (every step
+        # skipped): a val loss that is not finite counts too.
+        broken = 1.0 if rank == 0 and not all_finite(model, eval_model) else 0.0
+        diverged = all_reduce([broken], device, op=dist.ReduceOp.MAX)[0] > 0 or not math.isfinite(val_loss_sum)
 
         state.global_step += steps
         state.epoch = epoch + 1
@@ -681,7 +686,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             state.bad_epochs += 1
         # Early stopping only once the final phase runs: the frozen phase is short by design.
         final_phase = phase == phase_of(s.epochs - 1, s.freeze_epochs)
-        state.stopped_early = final_phase and state.bad_epochs >= s.patience and state.epoch < s.epochs
+        state.stopped_early = (not diverged and final_phase and state.bad_epochs >= s.patience
+                               and state.epoch < s.epochs)
         state.diverged = diverged
         row = {
             "epoch": state.epoch,
@@ -709,8 +715,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         )
         if diverged:
             kept = f"epoch {state.best_epoch} is kept as the best" if state.best_epoch > 0 else "no epoch to keep"
-            log0(f"Training diverged in epoch {state.epoch}: the weights are no longer finite numbers "
-                 f"(NaN or inf), so the run ends here; {kept}. Lower --lr (or, with --amp fp16, use bf16 or off).")
+            log0(f"Training diverged in epoch {state.epoch}: the weights or the outputs on val are no longer "
+                 f"finite numbers (NaN or inf), so the run ends here; {kept}. Lower --lr (or, with --amp fp16, use bf16 or off).")
 
         # The time budget's plan for what is left, before the checkpoint so that it keeps
         # the plan: a run the budget ends here is finished for a rerun, not resumed.

@@ -456,7 +456,7 @@ def finalize_run(
     if state.get("diverged") and int(state["best_epoch"]) < 1:
         raise TrainingDiverged(
             f"Training diverged in epoch {state['epoch']}, before any epoch to keep: the weights "
-            f"stopped being finite numbers (NaN or inf). Train again in a new --output with a lower "
+            f"or the outputs on val stopped being finite numbers (NaN or inf). Train again in a new --output with a lower "
             f"--lr (or, with --amp fp16, bf16 or off); the run in {run_dir} has no model."
         )
     history = pd.DataFrame(state["history"])

@@ -148,10 +148,13 @@ class TrialLine(ray.tune.Callback):
         r = trial.last_result or {}
         ran = r.get("epoch", 0)
         cut = f" (stopped after {ran} of {self.epochs} epochs)" if ran < self.epochs else ""
+        if r.get("best_epoch", 0) < 1 and r.get("val_acc") != r.get("val_acc"):  # (NaN: diverged)
+            best = f"diverged in epoch {ran}, no epoch to keep"
+        else:
+            best = f"best val acc {r.get('best_val_acc', float('nan')):.4f} at epoch {r.get('best_epoch')}{cut}"
         print(
             f"trial {trial.trial_id} done: lr {trial.config['lr']:.2e}, label smoothing "
-            f"{trial.config['label_smoothing']:.3f}, best val acc "
-            f"{r.get('best_val_acc', float('nan')):.4f} at epoch {r.get('best_epoch')}{cut}",
+            f"{trial.config['label_smoothing']:.3f}, {best}",
             flush=True,
         )
 
@@ -209,6 +212,7 @@ class LastReportASHA(ray.tune.schedulers.ASHAScheduler):
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
         decision = super().on_trial_result(tune_controller, trial, result)
         if decision == self.STOP and result.get(LAST_REPORT):
+            self._num_stopped -= 1  # (counted by ASHA as it decided)
             return self.CONTINUE
         return decision
 

@@ -120,7 +120,7 @@ def test_a_ray_of_the_jobs_own_without_gpus_fails_at_once(monkeypatch, address) 
     assert time.monotonic() - start < 1.0
 
 
-@pytest.mark.parametrize("limits", [None, {"CPU": 48, "GPU": 4}])
+@pytest.mark.parametrize("limits", [None, {"CPU": 48, "GPU": 4}, {"CPU": 48}])  # (GPUs left to detection)
 def test_a_clusters_wait_for_gpus_warns_when_no_autoscaler_is_known(monkeypatch, caplog, limits) -> None:
     """A `ray start` cluster has no autoscaler: the 15-minute wait said only "Waiting"."""
     import ray

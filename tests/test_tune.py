@@ -456,7 +456,9 @@ def test_asha_lets_a_trials_last_report_pass_wherever_its_plan_ends() -> None:
         scheduler.on_trial_result(None, trial, {"epoch": 2, METRIC: acc})
     weak = {"epoch": 2, METRIC: 0.1}
     assert scheduler.on_trial_result(None, trials[3], {**weak, LAST_REPORT: False}) == TrialScheduler.STOP
+    stopped = scheduler._num_stopped
     assert scheduler.on_trial_result(None, trials[4], {**weak, LAST_REPORT: True}) == TrialScheduler.CONTINUE
+    assert scheduler._num_stopped == stopped  # its count of stopped trials, as Tune prints it
 
 
 def test_sweep_plot_ticks_label_the_learning_rates_without_crowding() -> None:
