@@ -76,6 +76,21 @@ def on_cluster() -> bool:
     return os.environ.get("RAY_ADDRESS", "").strip().lower() not in ("", "local")
 
 
+def _token_auth_as_ray_init_finds_it() -> None:
+    """Token auth on where Ray's own `ray.init()` turns it on for the local cluster it finds
+    (RAY_AUTH_MODE unset and a token file there, as `ray start --head` makes one whenever a
+    token exists): Ray does it only for an address it found itself, and this job joins
+    with the address it read from `ray start`'s note, which Ray then refused without the
+    token ("rejected this job's authentication token")."""
+    try:
+        from ray._private.authentication.authentication_token_setup import (
+            maybe_enable_token_auth_if_token_available,
+        )
+    except ImportError:  # a private API: where it moves, RAY_AUTH_MODE=token still does it
+        return
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+
+
 def init_ray(min_cpus: int = 4, dashboard: bool = False, quiet_workers: bool = False) -> None:
     """Connect to the cluster in RAY_ADDRESS (as `ray job submit` sets it) or start one locally.
 
@@ -108,6 +123,7 @@ def init_ray(min_cpus: int = 4, dashboard: bool = False, quiet_workers: bool = F
         # As Ray's own `ray.init()` does (which then refuses num_cpus in a traceback).
         log.info("Joining the Ray cluster that `ray start` runs on this machine at %s "
                  "(RAY_ADDRESS=local starts a Ray of this job's own instead)", running)
+        _token_auth_as_ray_init_finds_it()
         connect_ray(running, where=f"{running!r} (the cluster `ray start` runs on this machine)",
                     quiet_workers=quiet_workers)
         os.environ["RAY_ADDRESS"] = running  # a cluster, as for a submitted job (warn_local_paths)

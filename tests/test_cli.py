@@ -476,3 +476,24 @@ def test_an_empty_path_is_refused_not_taken_for_the_current_folder(job, flags, s
     assert code == 2
     assert said in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_joining_the_machines_ray_start_cluster_turns_token_auth_on_as_ray_init_would(monkeypatch) -> None:
+    """Ray's own ray.init() turns token auth on for the local cluster it finds when a token
+    file exists (as `ray start --head` then requires it), but not for an explicit address:
+    joining with the address read from `ray start`'s note sent no token and was refused."""
+    import ray
+    import ray._private.authentication.authentication_token_setup as auth
+
+    from fer_ray import cli
+
+    calls = []
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(cli, "_ray_start_note", lambda: ("/tmp/ray/ray_current_cluster", "127.0.0.1:6379", True))
+    monkeypatch.setattr(auth, "maybe_enable_token_auth_if_token_available",
+                        lambda warn_if_disabled=True: calls.append("token auth"))
+    monkeypatch.setattr(cli, "connect_ray", lambda address, **kwargs: calls.append(f"connect {address}"))
+    cli.init_ray()
+    assert calls == ["token auth", "connect 127.0.0.1:6379"]
+    assert os.environ.pop("RAY_ADDRESS") == "127.0.0.1:6379"  # (set by init_ray: a cluster)
