@@ -11,7 +11,9 @@ import json
 import logging
 import os
 import shutil
+import signal
 import tempfile
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -538,6 +540,10 @@ def train(
     settings = resolve_settings(cfg, manifest, pretrained, started=started)
     write_config(cfg, settings, run_dir)
     trainer = build_trainer(cfg, settings, callbacks=callbacks)
+    # Ray Train puts its own Ctrl-C handler in for the run and leaves it there: after the
+    # run, Ctrl-C while the outputs are written did nothing twice and then exited 0.
+    main = threading.current_thread() is threading.main_thread()
+    before = signal.getsignal(signal.SIGINT) if main else None
     try:
         result = trainer.fit()
     except SystemExit as e:
@@ -545,4 +551,7 @@ def train(
         # the driver's wait on it then ends in a bare SystemExit(1): exit 1 without a word.
         # Raised as the interruption it is, which the job script reports (exit 130).
         raise KeyboardInterrupt("training aborted") from e
+    finally:
+        if main and before is not None:
+            signal.signal(signal.SIGINT, before)
     return finalize_run(result, run_dir, manifest["classes"])

@@ -63,7 +63,13 @@ def test_resume_continues_without_repeating_epochs(tiny_run, tmp_path) -> None:
     # (fp16's scaler used to refuse it and the worker crashed).
     args = tiny_train_args(data, str(run), "--epochs", "3", "--freeze-epochs", "1", "--amp", "fp16",
                            "--pretrained", "--pretrained-file", str(tiny_run.parent / "pretrained.pth"))
+    import signal
+
+    ctrl_c = signal.getsignal(signal.SIGINT)
     assert train_main(args) == 0
+    # Ray Train's Ctrl-C handler is gone with the run (left in, Ctrl-C while the outputs were
+    # written did nothing twice, then exited 0).
+    assert signal.getsignal(signal.SIGINT) is ctrl_c
     after = pd.read_csv(run / "history.csv")
     assert after["epoch"].tolist() == [1, 2, 3]
     pd.testing.assert_frame_equal(after.iloc[:2], before)  # earlier epochs kept, not redone
