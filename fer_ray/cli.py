@@ -113,8 +113,8 @@ def init_ray(min_cpus: int = 4, dashboard: bool = False, quiet_workers: bool = F
 
     if ray.is_initialized():
         return
-    address = os.environ.get("RAY_ADDRESS")
-    if address and address != "local":
+    address = (os.environ.get("RAY_ADDRESS") or "").strip()  # read as on_cluster reads it
+    if address and address.lower() != "local":
         connect_ray(address, quiet_workers=quiet_workers)
         return
     note = None if address else _ray_start_note()  # read once: joined, or warned about
@@ -152,13 +152,14 @@ def init_ray(min_cpus: int = 4, dashboard: bool = False, quiet_workers: bool = F
 CONNECT_TIMEOUT_S = 10.0
 def env_seconds(name: str, default: float) -> float:
     """A number of seconds from the environment; a value that is not one is named on stderr
-    and the default used (a bad variable made every job, --help too, end in a traceback)."""
+    and the default used (a bad variable made every job, --help too, end in a traceback).
+    At most threading.TIMEOUT_MAX (~292 years: a timer past it fails to start)."""
     text = os.environ.get(name, "").strip()
     if not text:
         return default
     try:
         value = float(text)
-        if value >= 0 and value != float("inf"):
+        if 0 <= value <= threading.TIMEOUT_MAX:
             return value
     except ValueError:
         pass

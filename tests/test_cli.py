@@ -78,6 +78,7 @@ def _one_sentence(result: subprocess.CompletedProcess) -> str:
 @pytest.mark.parametrize("text, expected, warned", [
     ("", 900.0, False), ("120", 120.0, False), (" 0 ", 0.0, False),
     ("15m", 900.0, True), ("-5", 900.0, True), ("inf", 900.0, True),
+    ("1e10", 900.0, True),  # past threading.TIMEOUT_MAX: the connect watchdog died in a traceback
 ])
 def test_a_bad_wait_variable_is_named_and_the_default_used(monkeypatch, capsys, text, expected, warned) -> None:
     """FER_RAY_GPU_WAIT_S=15m made every job, --help too, end in a traceback at import."""
@@ -497,3 +498,20 @@ def test_joining_the_machines_ray_start_cluster_turns_token_auth_on_as_ray_init_
     cli.init_ray()
     assert calls == ["token auth", "connect 127.0.0.1:6379"]
     assert os.environ.pop("RAY_ADDRESS") == "127.0.0.1:6379"  # (set by init_ray: a cluster)
+
+
+@pytest.mark.parametrize("address", ["LOCAL", " local "])
+def test_ray_address_local_is_read_as_on_cluster_reads_it(monkeypatch, address) -> None:
+    """on_cluster() took RAY_ADDRESS=LOCAL for a Ray of the job's own; init_ray passed it to
+    Ray as an address, which failed."""
+    import ray
+
+    from fer_ray import cli
+
+    started = []
+    monkeypatch.setenv("RAY_ADDRESS", address)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(cli, "connect_ray", lambda *a, **k: pytest.fail("connected to an address"))
+    monkeypatch.setattr(cli, "_ray_init", lambda quiet, **options: started.append(options["address"]))
+    cli.init_ray()
+    assert started == ["local"] and not cli.on_cluster()
