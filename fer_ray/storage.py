@@ -21,12 +21,15 @@ log = logging.getLogger(__name__)
 
 
 def is_uri(path: str) -> bool:
-    return "://" in str(path)
+    return "://" in str(path) or str(path).startswith("file:/")  # (file:/abs is file:///abs)
 
 
 def normalize(path: str) -> str:
-    """An absolute local path, or the URI unchanged (Ray needs absolute local paths)."""
+    """An absolute local path, or the URI unchanged (Ray needs absolute local paths); a
+    `file:/abs` URI as `file:///abs` (it was taken for a relative folder named "file:")."""
     path = str(path)
+    if path.startswith("file:/") and not path.startswith("file://"):
+        path = "file://" + path[len("file:"):]
     if path.startswith("file://"):
         return path
     if is_uri(path):
@@ -77,8 +80,9 @@ def through_link(path: str) -> str:
     """The folder a local path leads to when its last name is a symbolic link to one (a
     job that replaces its output folder replaces that folder and keeps the link: replacing
     the link would leave the results beside the folder the user meant); else `path`."""
-    if not is_uri(path) and os.path.islink(path) and os.path.isdir(path):
-        return os.path.realpath(path)
+    local = path if not is_uri(path) else local_path(path) if path.startswith("file:") else None
+    if local and os.path.islink(local.rstrip("/")) and os.path.isdir(local):
+        return os.path.realpath(local)  # (of a file:// URI: the local folder, the same place)
     return path
 
 
@@ -116,7 +120,7 @@ def split_last(path: str) -> tuple[str, str]:
     path = normalize(path)
     head, query = _split_query(path) if is_uri(path) else (path, "")
     parent, _, name = head.rstrip("/").rpartition("/")
-    return (parent + query if parent and not parent.endswith(":/") else ""), name
+    return (parent + query if parent and not parent.endswith((":/", "://")) else ""), name
 
 
 def name_of(path: str) -> str:

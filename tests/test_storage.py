@@ -511,3 +511,21 @@ def test_an_output_cut_short_while_copied_into_a_bucket_is_replaced_by_the_rerun
     with bucket.open_output_stream("bucket/preds/thesis.tex") as f:  # not the job's own file
         f.write(b"x")
     assert not _is_scoring_output("mock://bucket/preds")
+
+
+def test_file_uris_are_one_place_with_their_local_paths(tmp_path) -> None:
+    """`file:/abs` became a relative folder named "file:" under the current one; a file://
+    output that is a link was replaced instead of the folder it leads to (as a plain path
+    is); the parent of file:///out was "file://", not a valid URI."""
+    from fer_ray import storage
+
+    real, link = tmp_path / "real", tmp_path / "link"
+    real.mkdir()
+    link.symlink_to(real)
+    assert storage.normalize(f"file:{real}") == f"file://{real}"
+    assert storage.local_path(f"file:{real}") == str(real)
+    assert storage.inside(f"file:{real}/x", str(real))
+    assert storage.through_link(f"file://{link}") == str(real) == storage.through_link(str(link))
+    assert storage.through_link(f"file://{real}") == f"file://{real}"  # not a link: as given
+    assert storage.split_last("file:///out") == ("", "out") == storage.split_last("/out")
+    assert storage.split_last(f"file://{real}/x") == (f"file://{real}", "x")
