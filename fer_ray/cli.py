@@ -372,20 +372,33 @@ def autoscaler_limits() -> dict[str, float] | None:
 
 
 def bootstrap_limits(path: str) -> dict[str, float] | None:
-    """Each resource summed over the node types of an autoscaler config file: the head node
-    once, every other type max_workers times, from the `resources` it names (a type whose
-    resources are left to detection counts nothing; cluster.yaml names them). None when the
-    file is missing or unreadable."""
+    """The most of each resource an autoscaler config file allows: the head node's, plus
+    the worker nodes richest in it, each type up to its max_workers and all of them together
+    up to the cluster's max_workers (when given), from the `resources` each type names (a
+    type whose resources are left to detection counts nothing; cluster.yaml names them).
+    None when the file is missing or unreadable."""
     import yaml
 
     try:
         with open(path) as f:
             config = yaml.safe_load(f) or {}
-        total: dict[str, float] = {}
+        head, workers = {}, []  # workers: (max_workers, resources) per type
         for name, node_type in (config.get("available_node_types") or {}).items():
-            count = 1 if name == config.get("head_node_type") else int(node_type.get("max_workers", 0))
-            for key, value in (node_type.get("resources") or {}).items():
-                total[key] = total.get(key, 0) + count * float(value)
+            resources = {k: float(v) for k, v in (node_type.get("resources") or {}).items()}
+            if name == config.get("head_node_type"):
+                head = resources
+            else:
+                workers.append((int(node_type.get("max_workers", 0)), resources))
+        cap = config.get("max_workers")
+        cap = None if cap is None else int(cap)
+        total = dict(head)
+        for key in {k for _, r in workers for k in r} | set(head):
+            left = cap
+            for most, resources in sorted(workers, key=lambda w: -w[1].get(key, 0.0)):
+                n = most if left is None else min(most, left)
+                total[key] = total.get(key, 0.0) + n * resources.get(key, 0.0)
+                if left is not None:
+                    left -= n
     except (OSError, yaml.YAMLError, AttributeError, TypeError, ValueError):
         return None
     return total or None
@@ -440,7 +453,7 @@ def require_gpus(need: int, wait_s: float | None = None) -> None:
         raise ConfigError(
             f"--use-gpu needs {need} GPU(s) but this cluster's autoscaler can bring up at most "
             f"{most:g}; lower --num-workers/--num-actors, or raise the GPU node type's "
-            "max_workers in cluster.yaml."
+            "max_workers in cluster.yaml (and the cluster's max_workers with it)."
         )
     requested = have < need and wait_s > 0
     if requested:

@@ -95,6 +95,15 @@ def test_the_cluster_ceiling_is_read_from_the_config_ray_up_leaves_on_the_head(m
     assert cli.bootstrap_limits(str(tmp_path / "missing.yaml")) is None
     (tmp_path / "bad.yaml").write_text("available_node_types: [1, 2]\n")
     assert cli.bootstrap_limits(str(tmp_path / "bad.yaml")) is None
+    # The cluster's max_workers bounds all worker nodes together: 8 GPU nodes allowed by
+    # their type, 6 by the cluster (the --use-gpu refusal advises raising the type's).
+    import yaml
+
+    config = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    config["available_node_types"]["gpu_worker"]["max_workers"] = 8
+    (tmp_path / "wider.yaml").write_text(yaml.safe_dump(config))
+    assert config["max_workers"] == 6
+    assert cli.bootstrap_limits(str(tmp_path / "wider.yaml")) == {"CPU": 2 * 16 + 4 * 4, "GPU": 6}
 
 
 @pytest.mark.parametrize("address", [None, "local"])
