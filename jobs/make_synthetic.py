@@ -32,7 +32,11 @@ MAX_SIZE = 1024  # a face drawn at 100,000 px would take hours and gigabytes
 PARTIAL = ".partial-"  # a run's hidden folder of images not yet moved into place
 
 
+_TERMINATED = []  # SIGTERM came: exit 143 as the other jobs do (Ctrl-C: 130)
+
+
 def _stopped(signum: int, frame: object) -> None:
+    _TERMINATED.append(signum)
     raise KeyboardInterrupt
 
 
@@ -98,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         done = True
     except KeyboardInterrupt:
         print(f"interrupted; nothing was written to {args.output}", file=sys.stderr)
-        return 130
+        return 128 + signal.SIGTERM if _TERMINATED else 130
     finally:
         shutil.rmtree(partial, ignore_errors=True)
         if not done:
