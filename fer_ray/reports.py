@@ -84,8 +84,7 @@ def plot_confusion_matrix(
     norm = np.divide(counts, totals, out=np.zeros(counts.shape, dtype=float), where=totals > 0)
     k = len(class_names)
     fig, ax = plt.subplots(figsize=(1.1 * k + 2.5, 1.0 * k + 1.8))
-    cmap = plt.get_cmap("Blues").copy()
-    cmap.set_bad("lightgray")
+    cmap = plt.get_cmap("Blues").with_extremes(bad="lightgray")
     im = ax.imshow(np.ma.masked_where(np.broadcast_to(totals == 0, norm.shape), norm), cmap=cmap, vmin=0, vmax=1)
     for i in range(k):
         for j in range(k):
