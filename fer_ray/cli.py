@@ -371,6 +371,28 @@ def autoscaler_limits() -> dict[str, float] | None:
     return limits or None
 
 
+def require_cpus(workers_cpus: float) -> None:
+    """On a cluster this job joined: ConfigError unless the cluster, or what its autoscaler
+    may grow it to, holds the Train workers' `workers_cpus` CPUs and one more for Ray
+    Data's tasks, which would otherwise wait forever for a CPU beside the workers (a
+    2-CPU `ray start` head and a worker of 2 CPUs hung). A Ray of the job's own is sized
+    for it (init_ray's min_cpus)."""
+    import ray
+
+    if not on_cluster():
+        return
+    have = float(ray.cluster_resources().get("CPU", 0))
+    limits = autoscaler_limits()
+    most = max(have, float((limits or {}).get("CPU", 0)))
+    if most < workers_cpus + 1:
+        grows = f" (its autoscaler up to {most:g})" if limits and most > have else ""
+        raise ConfigError(
+            f"The Ray cluster has {have:g} CPU(s){grows}; training needs {workers_cpus:g} for its "
+            "workers (--num-workers x --cpus-per-worker) and one more for Ray Data's tasks, which "
+            "would wait forever: lower --num-workers or --cpus-per-worker, or add nodes."
+        )
+
+
 def bootstrap_limits(path: str) -> dict[str, float] | None:
     """The most of each resource an autoscaler config file allows: the head node's, plus
     the worker nodes richest in it, each type up to its max_workers and all of them together

@@ -24,7 +24,7 @@ import ray.data
 import ray.train
 
 from fer_ray import storage
-from fer_ray.cli import require_gpus
+from fer_ray.cli import require_cpus, require_gpus
 from fer_ray.config import LR_RANGES, RESOLVED_KEY, ConfigError, TrainConfig, parse_input_blur, to_dict
 from fer_ray.constants import (
     BEST_DIR,
@@ -344,9 +344,11 @@ def _flat(d: dict[str, Any]) -> dict[str, Any]:
 
 
 def check_gpus(cfg: TrainConfig) -> None:
-    """--use-gpu needs one GPU per worker; fail in one sentence rather than wait forever."""
+    """--use-gpu needs one GPU per worker, and a cluster joined needs the workers' CPUs and
+    one for Ray Data; fail in one sentence rather than wait forever."""
     if cfg.run.use_gpu:
         require_gpus(cfg.run.num_workers)
+    require_cpus(cfg.run.num_workers * cfg.run.cpus_per_worker)
 
 
 def build_trainer(

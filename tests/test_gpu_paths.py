@@ -277,3 +277,34 @@ def test_gpu_training_in_fp16_resumes_in_bf16_and_gpu_scoring_agrees_with_the_cp
     # bf16 autocast on the GPU against fp32 on the CPU: close, not equal.
     assert (gpu[probs] - cpu[probs]).abs().to_numpy().max() < 0.05
     assert (gpu["pred"] == cpu["pred"]).mean() >= 0.95
+
+
+@pytest.mark.parametrize("address, cpus, limits, refused", [
+    ("127.0.0.1:6379", 2, None, True),  # a 2-CPU `ray start` head: the worker takes both
+    ("127.0.0.1:6379", 3, None, False),
+    ("127.0.0.1:6379", 0, {"CPU": 48, "GPU": 4}, False),  # cluster.yaml: its autoscaler adds them
+    ("127.0.0.1:6379", 0, {"GPU": 4}, True),  # CPUs of its node types left to detection: none known
+    ("", 2, None, False),  # a Ray of the job's own is sized for the job (init_ray)
+])
+def test_a_joined_cluster_too_small_for_the_workers_and_ray_data_is_refused(
+    monkeypatch, address, cpus, limits, refused,
+) -> None:
+    """On a joined cluster with no CPU left beside the Train workers, Ray Data's tasks
+    waited forever: the job hung instead of failing."""
+    import argparse
+
+    import ray
+
+    from fer_ray.config import TrainConfig, parse_config
+    from fer_ray.trainer import check_gpus
+
+    monkeypatch.setenv("RAY_ADDRESS", address)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": cpus})
+    monkeypatch.setattr(cli, "autoscaler_limits", lambda: limits)
+    cfg, _ = parse_config(TrainConfig, ["--data", "d", "--output", "o", "--cpus-per-worker", "2"],
+                          argparse.ArgumentParser())
+    if refused:
+        with pytest.raises(ConfigError, match="training needs 2 for its workers .* and one more for Ray Data"):
+            check_gpus(cfg)
+    else:
+        check_gpus(cfg)
