@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import matplotlib
 
@@ -64,11 +64,12 @@ def plot_learning_curves(history: pd.DataFrame, path: str | Path, ema_decay: flo
     plt.close(fig)
 
 
-def whole_epochs(ax: Any, epochs: pd.Series) -> None:
+def whole_epochs(ax: Any, epochs: Iterable[int]) -> None:
     """Epoch ticks at whole numbers: matplotlib's integer locator falls back to fractions
     (0.95, 1.00, 1.05) when fewer than two whole numbers are in view, as with one epoch."""
-    if epochs.nunique() < 2:
-        ax.set_xticks(sorted(epochs.unique()))
+    shown = sorted(set(epochs))
+    if len(shown) < 2:
+        ax.set_xticks(shown)
     else:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
@@ -143,7 +144,7 @@ def plot_sweep(results: pd.DataFrame, histories: dict[str, pd.DataFrame], path: 
     for trial_id, history in sorted(histories.items()):
         right.plot(history["epoch"], history["val_acc"], marker=".", label=trial_id)
     right.set_xlabel("epoch")
-    whole_epochs(right, pd.concat([h["epoch"] for h in histories.values()]) if histories else pd.Series([], dtype=int))
+    whole_epochs(right, (e for h in histories.values() for e in h["epoch"]))
     right.set_ylabel("val accuracy")
     longest = max((len(h) for h in histories.values()), default=0)
     short = sum(len(h) < longest for h in histories.values())

@@ -80,7 +80,7 @@ def through_link(path: str) -> str:
     """The folder a local path leads to when its last name is a symbolic link to one (a
     job that replaces its output folder replaces that folder and keeps the link: replacing
     the link would leave the results beside the folder the user meant); else `path`."""
-    local = path if not is_uri(path) else local_path(path) if path.startswith("file:") else None
+    local = local_here(path)
     if local and os.path.islink(local.rstrip("/")) and os.path.isdir(local):
         return os.path.realpath(local)  # (of a file:// URI: the local folder, the same place)
     return path
@@ -152,6 +152,12 @@ def local_path(path: str) -> str | None:
     return inner if isinstance(fs, pafs.LocalFileSystem) else None
 
 
+def local_here(path: str) -> str | None:
+    """local_path of a plain path or file: URI, None for any other URI without resolving
+    it (a bucket's filesystem may look its credentials up)."""
+    return local_path(path) if not is_uri(path) or path.startswith("file:") else None
+
+
 def check_creatable(path: str, flag: str) -> None:
     """A ConfigError naming `flag` when the local folder `path` is not there and could not
     be made: the nearest part of it that exists is a file, or a folder this process may not
@@ -163,9 +169,7 @@ def check_creatable(path: str, flag: str) -> None:
 
 
 def _uncreatable(path: str) -> str | None:
-    if is_uri(path) and not path.startswith("file:"):
-        return None
-    local = local_path(path)
+    local = local_here(path)
     if local is None or os.path.exists(local):
         return None
     missing = os.path.abspath(local)
@@ -192,7 +196,7 @@ def missing_folders(path: str) -> list[str]:
     """`path` and each of its parents that is not there yet, deepest first: the folders a
     job that makes `path` may remove again when it fails. For a bucket, `path` alone when it
     is not there."""
-    local = local_path(path) if not is_uri(path) or path.startswith("file:") else None
+    local = local_here(path)
     if local is None:
         return [] if exists(path) else [path]
     missing, folder = [], os.path.abspath(local)

@@ -343,7 +343,7 @@ def _flat(d: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def check_gpus(cfg: TrainConfig) -> None:
+def check_resources(cfg: TrainConfig) -> None:
     """--use-gpu needs one GPU per worker, and a cluster joined needs the workers' CPUs and
     one for Ray Data; fail in one sentence rather than wait forever."""
     if cfg.run.use_gpu:
@@ -527,7 +527,7 @@ def train(
     """The whole training job (the driver of jobs/train.py); Ray must be initialised.
     `started` (time.time(), default now): when the job began, for --time-budget."""
     manifest = manifest or check_inputs(cfg)
-    check_gpus(cfg)
+    check_resources(cfg)
     run_dir = storage.normalize(cfg.run.output)
     # A run resumed from a checkpoint has every weight there: the pretrained ones are not
     # needed again (a moved --pretrained-file, or no network, refused the resume).

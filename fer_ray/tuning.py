@@ -45,9 +45,9 @@ from fer_ray.constants import (
     SWEEP_CONFIG_FILE,
 )
 from fer_ray.trainer import (
-    build_trainer,
-    check_gpus,
     TrainingDiverged,
+    build_trainer,
+    check_resources,
     finalize_run,
     has_checkpoint,
     load_pretrained,
@@ -148,7 +148,7 @@ class TrialLine(ray.tune.Callback):
         r = trial.last_result or {}
         ran = r.get("epoch", 0)
         cut = f" (stopped after {ran} of {self.epochs} epochs)" if ran < self.epochs else ""
-        if r.get("best_epoch", 0) < 1 and r.get("val_acc") != r.get("val_acc"):  # (NaN: diverged)
+        if r.get("best_epoch", 0) < 1 and math.isnan(r.get("val_acc", 0.0)):  # (diverged at once)
             best = f"diverged in epoch {ran}, no epoch to keep"
         else:
             best = f"best val acc {r.get('best_val_acc', float('nan')):.4f} at epoch {r.get('best_epoch')}{cut}"
@@ -442,7 +442,7 @@ def _time_formats(spec: Any, batch_size: int, threads: int) -> tuple[str, str]:
 
 def sweep(cfg: SweepConfig, manifest: dict[str, Any]) -> tuple[pd.DataFrame, dict[str, Any] | None]:
     """Run (or resume) the sweep and write TUNE_DIR; Ray must be initialised."""
-    check_gpus(cfg)
+    check_resources(cfg)
     tune_dir = storage.normalize(cfg.run.output)
     # Measured once here (see fer_ray.blur) rather than by every trial: all trials match the same.
     spec = resolve_settings(cfg, manifest).spec

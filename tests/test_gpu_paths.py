@@ -296,7 +296,7 @@ def test_a_joined_cluster_too_small_for_the_workers_and_ray_data_is_refused(
     import ray
 
     from fer_ray.config import TrainConfig, parse_config
-    from fer_ray.trainer import check_gpus
+    from fer_ray.trainer import check_resources
 
     monkeypatch.setenv("RAY_ADDRESS", address)
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": cpus})
@@ -305,6 +305,6 @@ def test_a_joined_cluster_too_small_for_the_workers_and_ray_data_is_refused(
                           argparse.ArgumentParser())
     if refused:
         with pytest.raises(ConfigError, match="training needs 2 for its workers .* and one more for Ray Data"):
-            check_gpus(cfg)
+            check_resources(cfg)
     else:
-        check_gpus(cfg)
+        check_resources(cfg)
