@@ -27,11 +27,12 @@ ERASING_SHARE = 0.35
 cv2.setNumThreads(1)
 
 
-# The first bytes of the formats decode_image reads (JPEG, PNG, GIF, BMP, WebP, TIFF, and
-# through Pillow QOI, PSD, ICO/CUR and Netpbm): scoring reads a file whose name has no image
-# extension only when it begins so (looks_like_image). TGA and PCX have no such signature.
+# The first bytes of the formats decode_image reads (JPEG, PNG, GIF, BMP, WebP, TIFF,
+# Radiance HDR, PFM, and through Pillow QOI, PSD, ICO/CUR and Netpbm): scoring reads a file
+# whose name has no image extension only when it begins so (looks_like_image). TGA and PCX
+# have no such signature.
 _SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"II*\x00", b"MM\x00*",
-               b"qoif", b"8BPS")  # ... TIFF both ways, QOI, Photoshop
+               b"qoif", b"8BPS", b"#?RADIANCE", b"#?RGBE")  # ... TIFF both ways, QOI, Photoshop, HDR
 SIGNATURE_BYTES = 12
 
 
@@ -43,6 +44,9 @@ _MORE_IMAGE_EXTENSIONS = (
     ".pcx", ".sgi", ".rgb", ".rgba", ".bw", ".ras", ".qoi", ".dds", ".icns", ".psd", ".jp2",
     ".j2k", ".jpx", ".jpf", ".jpc", ".j2c", ".avif", ".avifs", ".xbm", ".xpm", ".msp", ".blp",
 )
+# Formats cv2 reads (prepare keeps them too: Pillow or decode_image reads each): Netpbm's PAM,
+# float PFM, Radiance HDR.
+_CV2_IMAGE_EXTENSIONS = (".pam", ".pfm", ".hdr", ".pic")
 
 
 @lru_cache(maxsize=1)
@@ -59,13 +63,17 @@ def _pillow_image_extensions() -> tuple[str, ...]:
 
 def has_image_name(path: str) -> bool:
     """Whether a file's name ends as an image's: the usual formats (IMAGE_EXTENSIONS),
-    or another raster format that Pillow reads here (TGA, ICO, PPM, ...)."""
+    or another raster format that Pillow or cv2 reads here (TGA, ICO, PPM, PAM, PFM, HDR, ...)."""
     name = path.lower()
-    return name.endswith(IMAGE_EXTENSIONS) or name.endswith(_pillow_image_extensions())
+    return (name.endswith(IMAGE_EXTENSIONS) or name.endswith(_CV2_IMAGE_EXTENSIONS)
+            or name.endswith(_pillow_image_extensions()))
 
 
-# Netpbm (PBM, PGM, PPM, PAM): "P1".."P7", whitespace, then the width or a comment.
-_NETPBM = re.compile(rb"P[1-7][ \t\r\n]+[#0-9]")
+# Netpbm: PBM, PGM, PPM ("P1".."P6", whitespace, then the width or a comment), PAM ("P7",
+# whitespace, then a header line's keyword or a comment) and PFM ("PF" colour, "Pf" gray).
+_NETPBM = re.compile(rb"P[1-6][ \t\r\n]+[#0-9]|P7[ \t\r\n]+(#|WIDTH|HEIGHT|DEPTH|MAXVAL|TUPLTYPE)"
+                     rb"|P[Ff][ \t\r\n]+[0-9]")
+_PFM = re.compile(rb"P[Ff][ \t\r\n]")
 
 
 def looks_like_image(head: bytes) -> bool:
@@ -82,12 +90,13 @@ def decode_image(data: bytes, channels: int) -> np.ndarray:
     """Encoded bytes -> uint8 HxWxC (C=1 grayscale or 3 RGB), the way training sees images.
 
     cv2 is fast for JPEG/PNG/BMP/WebP and converts 16-bit and alpha images to 8-bit
-    gray or RGB; images of float or 32-bit samples (TIFF) are scaled to 8 bits
+    gray or RGB; images of float or 32-bit samples (TIFF, PFM) are scaled to 8 bits
     (_deep_to_uint8); Pillow covers what cv2 cannot read (GIF: first frame). Raises ValueError.
     """
     buf = np.frombuffer(data, dtype=np.uint8)
     flag = cv2.IMREAD_GRAYSCALE if channels == 1 else cv2.IMREAD_COLOR
-    img = cv2.imdecode(buf, flag) if buf.size else None
+    # cv2's 8-bit read of a PFM truncates its floats (samples in [0, 1] came out black)
+    img = cv2.imdecode(buf, flag) if buf.size and not _PFM.match(data[:3]) else None
     if img is None:
         deep = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED) if buf.size else None
         if deep is not None and deep.dtype != np.uint8:  # cv2 reads them, not converted

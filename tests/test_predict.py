@@ -100,6 +100,10 @@ def image_folder(tmp_path_factory) -> tuple[Path, set[str], dict[str, str]]:
     _save(Image.fromarray(rgb(22, 18)), src / "happy" / "pic.tga")
     _save(Image.fromarray(rgb(32, 32)).convert("RGBA"), src / "sad" / "icon.ico")
     _save(Image.fromarray(rgb(21, 19)), src / "angry" / "pic.ppm")
+    # and those cv2 reads: PAM, float PFM
+    (src / "surprise" / "pic.pam").write_bytes(cv2.imencode(".pam", rgb(23, 17))[1].tobytes())
+    pfm = cv2.imencode(".pfm", rgb(25, 21).astype(np.float32) / 255)[1].tobytes()
+    (src / "fear" / "pic.pfm").write_bytes(pfm)
     # Float samples in [0, 1] (Pillow made them black, cv2's default read refuses them).
     ok, tiff = cv2.imencode(".tiff", rng.random((40, 40)).astype(np.float32))
     (src / "fear" / "float.tiff").write_bytes(tiff.tobytes())

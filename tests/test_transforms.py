@@ -96,11 +96,29 @@ def test_image_signatures_of_every_format_read_and_not_of_text() -> None:
     encoded.append(cv2.imencode(".tiff", face().astype(np.float32))[1].tobytes())
     # and formats Pillow reads that have a signature: ICO, Netpbm (P5 here, P2 as text)
     encoded += [encode(img, "ICO"), encode(face(), "PPM"), b"P2\n# a comment\n2 1\n255\n0 255\n"]
+    # and those cv2 reads: PAM, float PFM (colour and gray), Radiance HDR
+    floats = img.astype(np.float32) / 255
+    encoded += [cv2.imencode(ext, x)[1].tobytes() for ext, x in
+                ((".pam", img), (".pfm", floats), (".pfm", floats[:, :, 0]), (".hdr", floats))]
     assert all(looks_like_image(data[:SIGNATURE_BYTES]) for data in encoded)
     assert all(decode_image(data, 1).shape[-1] == 1 for data in encoded)  # and decode_image reads them
     for text in (b"BMW drivers, 2024 list\n", b"", b"RIFF....WAVEfmt ", b"{\"a\": 1}", b"P1 drivers\n",
-                 b"P3\nabc", b"\0\0\1\0\0\0"):
+                 b"P3\nabc", b"\0\0\1\0\0\0", b"P7 drivers\n", b"PF drivers\n", b"#?readme"):
         assert not looks_like_image(text[:SIGNATURE_BYTES]), text
+
+
+def test_float_pfm_images_decode_to_their_brightness() -> None:
+    """PFM holds float samples, [0, 1] for white; cv2's 8-bit read truncated them to black."""
+    import cv2
+
+    from fer_ray.prepare import check_image
+
+    img = face()
+    for channels in (1, 3):
+        pfm = cv2.imencode(".pfm", img.astype(np.float32) / 255)[1].tobytes()
+        decoded = decode_image(pfm, channels)
+        assert np.abs(decoded.astype(int) - img[:, :, None]).max() <= 1, channels
+        assert check_image(pfm)[0] is None  # prepare keeps it
 
 
 def test_train_transform_of_decoded_images_equals_that_of_the_encoded_ones() -> None:
