@@ -371,26 +371,29 @@ def autoscaler_limits() -> dict[str, float] | None:
     return limits or None
 
 
-def require_cpus(workers_cpus: float) -> None:
-    """On a cluster this job joined: ConfigError unless the cluster, or what its autoscaler
-    may grow it to, holds the Train workers' `workers_cpus` CPUs and one more for Ray
-    Data's tasks, which would otherwise wait forever for a CPU beside the workers (a
-    2-CPU `ray start` head and a worker of 2 CPUs hung). A Ray of the job's own is sized
-    for it (init_ray's min_cpus)."""
+def cluster_cpus() -> tuple[float, float] | None:
+    """On a cluster this job joined: (its CPUs now, the most its autoscaler may grow it to,
+    at least those it has). None for a Ray of the job's own, sized for the job (init_ray's
+    min_cpus)."""
     import ray
 
     if not on_cluster():
-        return
+        return None
     have = float(ray.cluster_resources().get("CPU", 0))
-    limits = autoscaler_limits()
-    most = max(have, float((limits or {}).get("CPU", 0)))
-    if most < workers_cpus + 1:
-        grows = f" (its autoscaler up to {most:g})" if limits and most > have else ""
-        raise ConfigError(
-            f"The Ray cluster has {have:g} CPU(s){grows}; training needs {workers_cpus:g} for its "
-            "workers (--num-workers x --cpus-per-worker) and one more for Ray Data's tasks, which "
-            "would wait forever: lower --num-workers or --cpus-per-worker, or add nodes."
-        )
+    return have, max(have, float((autoscaler_limits() or {}).get("CPU", 0)))
+
+
+def require_cpus(need: float, needs: str) -> None:
+    """On a cluster this job joined: ConfigError unless the cluster, or what its autoscaler
+    may grow it to, holds `need` CPUs (what would otherwise wait forever for a CPU: Ray Data's
+    tasks beside Train workers that took them all hung on a 2-CPU `ray start` head). `needs`:
+    the rest of the sentence, what needs them and how to ask for fewer."""
+    cpus = cluster_cpus()
+    if cpus is None or cpus[1] >= need:
+        return
+    have, most = cpus
+    grows = f" (its autoscaler up to {most:g})" if most > have else ""
+    raise ConfigError(f"The Ray cluster has {have:g} CPU(s){grows}; {needs}")
 
 
 def bootstrap_limits(path: str) -> dict[str, float] | None:

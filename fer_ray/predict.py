@@ -44,7 +44,7 @@ import numpy as np
 import pyarrow as pa
 
 from fer_ray import storage
-from fer_ray.cli import autoscaler_limits, require_gpus
+from fer_ray.cli import autoscaler_limits, cluster_cpus, require_cpus, require_gpus
 from fer_ray.config import AMP_MODES, ConfigError, require_paths
 from fer_ray.constants import (
     IMAGE_COL, LABEL_COL, PATH_COL, SPLITS, TTA_MODES,
@@ -740,13 +740,25 @@ def auto_actors(total: int, use_gpu: bool) -> tuple[int, int]:
     starts with the GPUs up now (at least one) and grows as Ray Data's queue asks for actors."""
     want = 1 + total // AUTO_IMAGES_PER_ACTOR
     if not use_gpu:
-        n = max(1, min(cores(), want))
+        cpus = cluster_cpus()  # a cluster joined: no more actors than it may hold
+        n = max(1, min(cores(), want, *([int(cpus[1])] if cpus else [])))
         return n, n
     import ray
 
     have = int(ray.cluster_resources().get("GPU", 0))
     most = max(1, min(max(have, int((autoscaler_limits() or {}).get("GPU", 0))), want))
     return max(1, min(have, most)), most
+
+
+def require_actor_cpus(actors: int, use_gpu: bool) -> None:
+    """On a cluster joined, ConfigError unless it may hold the first `actors` scoring actors
+    (one CPU each) and, with GPUs, a CPU for the decode tasks: Ray Data would wait for them
+    forever."""
+    require_cpus(actors + use_gpu, (
+        f"scoring needs {actors} for its GPU actors (--num-actors) and one more for the decode "
+        "tasks that feed them" if use_gpu else
+        f"scoring needs {actors} for its actors (--num-actors; one each, decoding their own batches)"
+    ) + ", which would wait forever: lower --num-actors, or add nodes.")
 
 
 def cores() -> int:
@@ -1008,6 +1020,7 @@ def predict(
         min_actors, num_actors = auto_actors(total, use_gpu)
     if use_gpu:
         require_gpus(min_actors)  # one GPU per scoring actor
+    require_actor_cpus(min_actors, use_gpu)
     shards = find_shards(source)
     kind = "shards" if shards else "folder"
     described = kind

@@ -348,7 +348,12 @@ def check_resources(cfg: TrainConfig) -> None:
     one for Ray Data; fail in one sentence rather than wait forever."""
     if cfg.run.use_gpu:
         require_gpus(cfg.run.num_workers)
-    require_cpus(cfg.run.num_workers * cfg.run.cpus_per_worker)
+    workers = cfg.run.num_workers * cfg.run.cpus_per_worker
+    require_cpus(workers + 1, (
+        f"training needs {workers:g} for its workers (--num-workers x --cpus-per-worker) and one "
+        "more for Ray Data's tasks, which would wait forever: lower --num-workers or "
+        "--cpus-per-worker, or add nodes."
+    ))
 
 
 def build_trainer(

@@ -16,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+from fer_ray import cli
 from fer_ray.config import ConfigError
 from fer_ray.constants import FER_CLASSES, LABEL_COL, PATH_COL
 from fer_ray.model import ModelSpec, create_model, data_config, load_model_dir, save_model_dir
@@ -644,6 +645,47 @@ def test_auto_actors_one_per_ten_thousand_images_up_to_the_cores(monkeypatch) ->
     assert P.auto_actors(10**7, use_gpu=False) == (8, 8)
     monkeypatch.setattr(P, "cores", lambda: 1)
     assert P.auto_actors(10**7, use_gpu=False) == (1, 1)
+
+
+@pytest.mark.parametrize("cpus, limits, expected", [
+    (1, None, (1, 1)),  # `ray start --num-cpus 1`: a second actor would wait forever
+    (3, None, (3, 3)),
+    (0, {"CPU": 48}, (8, 8)),  # cluster.yaml: its autoscaler adds them
+])
+def test_auto_actors_on_a_joined_cluster_fit_its_cpus(monkeypatch, cpus, limits, expected) -> None:
+    import ray
+
+    import fer_ray.predict as P
+
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": cpus})
+    monkeypatch.setattr(cli, "autoscaler_limits", lambda: limits)
+    monkeypatch.setattr(P, "cores", lambda: 8)
+    assert P.auto_actors(10**7, use_gpu=False) == expected
+
+
+@pytest.mark.parametrize("address, actors, use_gpu, refused", [
+    ("127.0.0.1:6379", 3, False, "scoring needs 3 for its actors"),
+    ("127.0.0.1:6379", 2, False, None),
+    ("127.0.0.1:6379", 2, True, "scoring needs 2 for its GPU actors .* and one more for the decode"),
+    ("", 3, False, None),  # a Ray of the job's own is sized for the job (init_ray)
+])
+def test_a_joined_cluster_too_small_for_the_scoring_actors_is_refused(
+    monkeypatch, address, actors, use_gpu, refused,
+) -> None:
+    """Ray Data waited forever for actors the cluster could not hold."""
+    import ray
+
+    from fer_ray.predict import require_actor_cpus
+
+    monkeypatch.setenv("RAY_ADDRESS", address)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2})
+    monkeypatch.setattr(cli, "autoscaler_limits", lambda: None)
+    if refused:
+        with pytest.raises(ConfigError, match=f"The Ray cluster has 2 CPU.*; {refused}"):
+            require_actor_cpus(actors, use_gpu)
+    else:
+        require_actor_cpus(actors, use_gpu)
 
 
 @pytest.mark.parametrize("gpus, limits, total, expected", [
