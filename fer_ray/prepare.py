@@ -466,7 +466,12 @@ def read_csv_chunks(
     with fs.open_input_file(inner) as f:
         for start, nbytes, first_row in zip(batch["start"], batch["nbytes"], batch["row"]):
             f.seek(int(start))
-            for k, line in enumerate(f.read(int(nbytes)).splitlines()):
+            # Lines end at "\n" alone, as _list_csv counted them (splitlines() also broke at
+            # "\r": a row ending "\r\r\n" became two, numbering every later row wrong).
+            lines = f.read(int(nbytes)).split(b"\n")
+            if not lines[-1]:
+                lines.pop()
+            for k, line in enumerate(line.rstrip(b"\r") for line in lines):
                 path = f"csv:{int(first_row) + k}"
                 try:
                     # (a CSV may quote its values; a byte that is not UTF-8 skips its row only)

@@ -242,12 +242,16 @@ def test_prepare_fer_csv(ray_cluster, tmp_path) -> None:
     assert img.format == "PNG" and img.size == (48, 48) and img.mode == "L"
 
 
-@pytest.mark.parametrize("header, quote", [("Usage,pixels,emotion", ""), ("index,emotion,Usage,pixels", ""),
-                                           ("emotion,pixels,Usage", '"')])
-def test_fer_csv_columns_are_read_by_their_header(ray_cluster, tmp_path, header, quote) -> None:
+@pytest.mark.parametrize("header, quote, eol", [("Usage,pixels,emotion", "", "\n"),
+                                                ("index,emotion,Usage,pixels", "", "\n"),
+                                                ("emotion,pixels,Usage", '"', "\r\n"),
+                                                ("emotion,pixels,Usage", "", "\r\r\n")])
+def test_fer_csv_columns_are_read_by_their_header(ray_cluster, tmp_path, header, quote, eol) -> None:
     """The header's names were checked but the rows read as emotion,pixels,...: another
     order (or pandas' index column) skipped every row or read row numbers as labels. A CSV
-    written with every value quoted was refused as having no Training rows."""
+    written with every value quoted was refused as having no Training rows. Rows ending
+    "\r\r\n" (Python's csv module writing to a file opened without newline="" on Windows)
+    each gave a skipped empty row, and every row after the first its neighbour's number."""
     rng = np.random.default_rng(1)
     columns = header.split(",")
     rows, codes = [], []
@@ -257,7 +261,7 @@ def test_fer_csv_columns_are_read_by_their_header(ray_cluster, tmp_path, header,
         rows.append(",".join(quote + values[c] + quote for c in columns))
         codes.append(i % 7)
     path = tmp_path / "fer2013.csv"
-    path.write_text(header + "\n" + "\n".join(rows) + "\n")
+    path.write_bytes((header + eol + eol.join(rows) + eol).encode())
     manifest = prepare(str(path), str(tmp_path / "shards"))
 
     assert manifest["skipped"] == []
