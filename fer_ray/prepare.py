@@ -111,6 +111,11 @@ def _class_dirs(folder: str) -> list[str]:
     return names
 
 
+def _holds_files(folder: str) -> bool:
+    """Whether a folder holds files (not hidden) directly."""
+    return any(e.type.name == "File" for e in storage.list_dir(folder))
+
+
 def _files_by_class(folder: str, classes: list[str]) -> list[tuple[str, int]]:
     items = []
     for label, name in enumerate(classes):
@@ -197,7 +202,17 @@ def list_source(source: str, val_fraction: float = 0.1, seed: int = 0) -> Listin
         raise ConfigError(
             f"Source {source!r} has no class folders; put each class's images in a folder named after the class."
         )
-    split_dirs = {SPLIT_ALIASES[d.lower()]: d for d in subdirs if d.lower() in SPLIT_ALIASES}
+    named = defaultdict(list)  # split -> its folders (val/ and validation/ are both val)
+    for d in subdirs:
+        if d.lower() in SPLIT_ALIASES:
+            named[SPLIT_ALIASES[d.lower()]].append(d)
+    for split, dirs in named.items():
+        if len(dirs) > 1:
+            raise ConfigError(
+                f"Source {source!r} has {' and '.join(sorted(dirs))} folders, each the {split} split; "
+                "keep one (merge their class folders)."
+            )
+    split_dirs = {split: dirs[0] for split, dirs in named.items()}
     if split_dirs:
         return _list_split_folders(source, subdirs, split_dirs, val_fraction, seed)
     return _list_class_folders(source, subdirs, val_fraction, seed)
@@ -224,6 +239,15 @@ def _list_split_folders(
         folder = storage.child(source, dirname)
         # Matched to train's class folders in any letter case, as scoring matches them.
         here = {name.casefold(): name for name in _class_dirs(folder)}
+        if not here and split != TRAIN and _holds_files(folder):
+            if split == TEST:
+                log.warning("The test folder %r of %s holds files but no class folders (one per class, as "
+                            "in %s/); leaving the test split out", dirname, source, split_dirs[TRAIN])
+                continue
+            raise ConfigError(
+                f"The {split} folder {dirname!r} of {source!r} holds files but no class folders; put "
+                f"each image in the folder of its class, as in {split_dirs[TRAIN]}/."
+            )
         extra = sorted(name for key, name in here.items() if key not in known)
         if extra:
             raise ConfigError(

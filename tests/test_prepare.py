@@ -137,6 +137,27 @@ def test_an_empty_val_folder_is_named_and_an_empty_test_folder_left_out(tmp_path
     assert "The test folder 'test' of" in caplog.text
 
 
+def test_split_folders_of_loose_images_are_named_so(tmp_path, caplog) -> None:
+    """A val/ or test/ of images but no class folders was said to hold no images."""
+    make_tree(tmp_path / "a", {"train/happy": 2, "train/sad": 2, "val": 2})
+    with pytest.raises(ConfigError, match="The val folder 'val' of .* holds files but no class folders; "
+                                          "put each image in the folder of its class, as in train/"):
+        list_source(str(tmp_path / "a"))
+
+    make_tree(tmp_path / "b", {"train/happy": 2, "train/sad": 2, "val/happy": 1, "test": 2})
+    listing = list_source(str(tmp_path / "b"))
+    assert sorted(listing.items) == ["train", "val"]
+    assert "The test folder 'test' of" in caplog.text and "holds files but no class folders" in caplog.text
+
+
+def test_two_folders_of_one_split_are_named(tmp_path) -> None:
+    """val/ and validation/ side by side: one was taken for a class folder, and the message
+    said the source mixed split folders with other folders."""
+    make_tree(tmp_path, {"train/happy": 2, "train/sad": 2, "val/happy": 1, "validation/sad": 1})
+    with pytest.raises(ConfigError, match="has val and validation folders, each the val split; keep one"):
+        list_source(str(tmp_path))
+
+
 def test_csv_without_expected_columns(tmp_path) -> None:
     path = tmp_path / "fer.csv"
     path.write_text("label,image\n1,0 0 0\n")
