@@ -90,8 +90,9 @@ def decode_image(data: bytes, channels: int) -> np.ndarray:
     """Encoded bytes -> uint8 HxWxC (C=1 grayscale or 3 RGB), the way training sees images.
 
     cv2 is fast for JPEG/PNG/BMP/WebP and converts 16-bit and alpha images to 8-bit
-    gray or RGB; images of float or 32-bit samples (TIFF, PFM) are scaled to 8 bits
-    (_deep_to_uint8); Pillow covers what cv2 cannot read (GIF: first frame). Raises ValueError.
+    gray or RGB; images of float or 32-bit samples (TIFF, PFM), and 16-bit ones whose values
+    fit in 12 bits, are scaled to 8 bits (_deep_to_uint8); Pillow covers what cv2 cannot
+    read (GIF: first frame). Raises ValueError.
     """
     buf = np.frombuffer(data, dtype=np.uint8)
     flag = cv2.IMREAD_GRAYSCALE if channels == 1 else cv2.IMREAD_COLOR
@@ -103,6 +104,11 @@ def decode_image(data: bytes, channels: int) -> np.ndarray:
             img = _deep_to_uint8(deep, channels)
         else:
             img = _decode_with_pillow(data, channels)
+    elif img.max() < 16 and (deep := cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)) is not None \
+            and deep.dtype == np.uint16:
+        # cv2 keeps a 16-bit sample's high byte: 8- or 12-bit samples saved in 16 bits (a
+        # PNG of values 0-255 or 0-4095) came out black; their range is kept or stretched
+        img = _deep_to_uint8(deep, channels)
     elif channels == 3:
         img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
     if img.ndim == 2:
@@ -141,6 +147,8 @@ def _decode_with_pillow(data: bytes, channels: int) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.seek(0)
+            if im.mode == "F" or im.mode.startswith("I"):  # float or 16/32-bit gray (FITS, ...):
+                return _deep_to_uint8(np.asarray(im), channels)  # convert() clipped them
             return np.asarray(im.convert("L" if channels == 1 else "RGB"))
     except Exception as e:  # noqa: BLE001 - every decoder failure is "cannot decode"
         raise ValueError(f"cannot decode image: {type(e).__name__}: {e}") from None

@@ -49,6 +49,34 @@ def test_decode_16_bit_keeps_the_picture() -> None:
     assert np.abs(img16[:, :, 0].astype(int) - face().astype(int)).max() <= 1
 
 
+@pytest.mark.parametrize("bits", [8, 12])
+def test_decode_16_bit_images_of_fewer_bits_keeps_the_picture(bits: int) -> None:
+    """cv2 keeps a 16-bit sample's high byte: 8- or 12-bit values saved in 16 bits decoded
+    black (0-255 to 0, 0-4095 to 0-15). 8-bit values are kept, others stretched as deep
+    images are (_deep_to_uint8)."""
+    import cv2
+
+    img = face().astype(np.uint16) * (4095 // 255 if bits == 12 else 1)
+    data = cv2.imencode(".png", img)[1].tobytes()
+    expected = face().astype(int)
+    if bits == 12:
+        expected = (expected - expected.min()) * 255 / (expected.max() - expected.min())
+    for channels in (1, 3):
+        assert np.abs(decode_image(data, channels) - expected[:, :, None]).max() <= 1.5, channels
+
+
+def test_decode_float_images_pillow_reads_keeps_the_picture() -> None:
+    """Pillow's convert() clipped float samples (FITS, mode F) in [0, 1] to black."""
+    gray = face().astype(np.float32) / 255
+    cards = ["SIMPLE  = %20s" % "T", "BITPIX  = %20d" % -32, "NAXIS   = %20d" % 2,
+             "NAXIS1  = %20d" % gray.shape[1], "NAXIS2  = %20d" % gray.shape[0], "END"]
+    pixels = gray[::-1].astype(">f4").tobytes()  # FITS keeps the bottom row first
+    fits = "".join(c.ljust(80) for c in cards).ljust(2880).encode() + pixels + bytes(-len(pixels) % 2880)
+    assert Image.open(io.BytesIO(fits)).mode == "F"
+    for channels in (1, 3):
+        assert np.abs(decode_image(fits, channels) - face()[:, :, None].astype(int)).max() <= 1, channels
+
+
 @pytest.mark.parametrize("kind", ["float gray", "float64 gray", "float BGR", "int32 gray", "float beyond 0-1"])
 def test_decode_float_and_32_bit_tiffs_keep_the_picture(kind: str) -> None:
     """Pillow clipped float samples in [0, 1] to 0-255 (a black image) and cannot open float
