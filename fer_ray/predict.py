@@ -325,10 +325,9 @@ def _is_scoring_output(folder: str) -> bool:
     when the run was stopped while publishing it (_publish copies summary.json last): only
     the job's own files, and the run's `.old-`/`.tmp-` folder beside it. Only such a folder
     is replaced by a rerun."""
-    if not storage.is_dir(storage.join(folder, PREDICTIONS_DIR)):
-        return False
     summary = storage.read_json_or_none(storage.join(folder, SUMMARY_FILE))
-    if isinstance(summary, dict) and {"input_kind", "classes", "scored", "total"} <= summary.keys():
+    if (isinstance(summary, dict) and {"input_kind", "classes", "scored", "total"} <= summary.keys()
+            and storage.is_dir(storage.join(folder, PREDICTIONS_DIR))):
         return True
     own = {PREDICTIONS_DIR, ERRORS_FILE, METRICS_FILE, CONFUSION_TABLE_FILE, CONFUSION_PLOT_FILE}
     return (summary is None and not storage.exists(storage.join(folder, SUMMARY_FILE))
@@ -1036,6 +1035,7 @@ def predict(
     log.info("Scoring %d images (%s) from %s with %s", total, described, source, model_dir)
 
     tmp = storage.sibling(output, f".tmp-{uuid.uuid4().hex[:8]}")
+    publishing = False
     parent = storage.split_last(tmp)[0]
     made = storage.missing_folders(parent) if parent else []  # removed again if the run fails
     storage.makedirs(tmp)
@@ -1093,14 +1093,22 @@ def predict(
         if summary["scored"] + n_errors != total:
             log.warning("%d scored + %d errors != %d listed", summary["scored"], n_errors, total)
         storage.write_json(storage.join(tmp, SUMMARY_FILE), summary)
+        publishing = True
         _publish(tmp, output)
-        made = []
+        publishing, made = False, []
     finally:
         for open_writer in (writer.writer, errors.writer):  # (closed and None when done)
             with contextlib.suppress(Exception):  # the error that ended the run is the one to see
                 if open_writer is not None:
                     open_writer.close()
-        storage.delete_dir(tmp)
+        if publishing and not storage.renames_folders(output):
+            # Stopped while copied into a bucket (no folder renames there): OUT holds part of
+            # it; the finished copy beside it marks OUT as this job's, for the rerun to replace.
+            log.warning("The copy into %s stopped part way: it holds part of the output, and the "
+                        "whole is in %s; a rerun replaces %s (remove %s when not needed)",
+                        output, tmp, output, tmp)
+        else:
+            storage.delete_dir(tmp)
         with contextlib.suppress(Exception):
             storage.remove_empty(made)
     return summary

@@ -540,6 +540,44 @@ def test_bad_inputs_exit_2_with_one_sentence(case, model_dir, image_folder, tmp_
         assert "is a file; pass the folder that holds it" in err
 
 
+def test_a_run_stopped_while_copied_into_a_bucket_is_replaced_by_the_rerun(
+    ray_cluster, model_dir, tmp_path, monkeypatch, caplog,
+) -> None:
+    """On an object store (no folder renames) a run stopped while its output was copied into
+    OUT deleted the finished copy, leaving part of OUT and nothing beside it: the rerun
+    refused OUT as a folder the job did not write."""
+    import pyarrow.fs as pafs
+    from test_storage import FolderlessHandler
+
+    from fer_ray import storage
+
+    generate_dataset(tmp_path, {"src": 1}, size=SIZE, seed=3)
+    handler = FolderlessHandler()
+    copy = handler.copy_file
+
+    def cut_short(src: str, dest: str) -> None:
+        if handler.copies:  # the connection drops after the first file
+            raise OSError("connection reset")
+        copy(src, dest)
+
+    handler.copy_file = cut_short
+    fs = pafs.PyFileSystem(handler)
+    out, resolve = tmp_path / "out", storage.resolve
+    monkeypatch.setattr(storage, "resolve", lambda path: (  # the output's folder is a bucket's
+        (fs, storage.normalize(path)) if storage.normalize(path).startswith(str(out)) else resolve(path)))
+    with pytest.raises(OSError, match="connection reset"):
+        predict(str(model_dir), str(tmp_path / "src"), str(out), batch_size=64, num_actors=1)
+    assert out.is_dir() and not (out / "summary.json").exists()
+    kept = [p for p in tmp_path.iterdir() if p.name.startswith("out.tmp-")]
+    assert len(kept) == 1 and (kept[0] / "summary.json").is_file()
+    assert "The copy into" in caplog.text and "stopped part way" in caplog.text
+
+    handler.copy_file = copy
+    summary = predict(str(model_dir), str(tmp_path / "src"), str(out), batch_size=64, num_actors=1)
+    assert summary["scored"] == len(FER_CLASSES), summary
+    assert json.loads((out / "summary.json").read_text())["scored"] == summary["scored"]
+
+
 def test_leftovers_of_interrupted_runs_are_named(tmp_path) -> None:
     for name in ("out.tmp-1a2b3c4d", "out.old-5e6f7a8b", "out", "outer.tmp-1", "other"):
         (tmp_path / name).mkdir()
