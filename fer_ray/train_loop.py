@@ -268,13 +268,14 @@ def build_phase(
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-    """The checkpoint's optimizer state, each group keeping the peak LR (`initial_lr`) this
-    run's settings gave it: the saved one (a resume with another --lr or
-    --backbone-lr-scale) came back when a time budget refitted the schedule mid-phase."""
-    peaks = [g.get("initial_lr", g["lr"]) for g in optimizer.param_groups]
+    """The checkpoint's optimizer state, each group keeping the peak LR (`initial_lr`) and
+    weight decay this run's settings gave it: the saved peak (a resume with another --lr or
+    --backbone-lr-scale) came back when a time budget refitted the schedule mid-phase, and
+    the saved decay stayed for the rest of the phase (a resume with another --weight-decay)."""
+    mine = [(g.get("initial_lr", g["lr"]), g["weight_decay"]) for g in optimizer.param_groups]
     optimizer.load_state_dict(state)
-    for group, peak in zip(optimizer.param_groups, peaks):
-        group["initial_lr"] = peak
+    for group, (peak, decay) in zip(optimizer.param_groups, mine):
+        group["initial_lr"], group["weight_decay"] = peak, decay
 
 
 def build_optimizer(groups: list[dict[str, Any]], s: LoopSettings) -> torch.optim.Optimizer:

@@ -90,6 +90,9 @@ class ShardedValConfig(ray.train.DataConfig):
 RESUME_KEYS = (
     "model", "model_kwargs", "data", "image_size", "data_size", "optimizer", "input_norm", "unfreeze",
     "ema_decay",
+    # (--backbone-lr-scale's default and the history's phase names follow it; the weights
+    # came from one start or the other)
+    "pretrained",
     # The schedule's position is counted in steps: another steps-per-epoch or phase boundary
     # would resume it elsewhere (a negative learning rate for a while, or a jump ahead).
     "batch_size", "num_workers", "lr_scaling", "freeze_epochs",
@@ -102,12 +105,12 @@ SWEEP_RESUME_KEYS = ("num_samples", "lr_range", "smoothing_range", "grace_period
                      # What the trials train with besides the sampled values: a resumed trial
                      # (or one not yet started) would otherwise train with the new value, its
                      # results compared with trials that had the old one.
-                     "augment", "random_erasing", "sampler", "pretrained", "drop_rate", "time_budget",
+                     "augment", "random_erasing", "sampler", "drop_rate", "time_budget",
                      "min_lr", "weight_decay", "class_weights", "backbone_lr_scale", "warmup_epochs",
                      "mixup", "cutmix", "mix_prob", "patience", "seed",
-                     # the precision (--amp auto's choice is kept in sweep_config.json) and the
-                     # weights every trial starts from
-                     "amp", "pretrained_file")
+                     # the device and precision (--amp auto's CPU choice is kept in
+                     # sweep_config.json) and the weights every trial starts from
+                     "use_gpu", "amp", "pretrained_file")
 # What runs from before a setting existed used.
 RESUME_DEFAULTS = {"optimizer": "adamw", "input_norm": "dataset"}
 

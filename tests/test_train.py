@@ -403,6 +403,10 @@ def test_changed_model_on_an_existing_run_is_refused(tiny_run, tmp_path, capsys)
     ]:
         assert train_main(tiny_train_args(data, str(run), *same, *flags)) == 2
         assert f"different settings ({diff})" in capsys.readouterr().err
+    # Weights from ImageNet or from scratch: --backbone-lr-scale's default and the history's
+    # phase names follow it (a pretrained run resumed without it trained its backbone at 10x).
+    assert train_main(tiny_train_args(data, str(run))) == 2
+    assert "pretrained True -> False" in capsys.readouterr().err
 
 
 def test_resume_check_takes_one_folder_under_two_spellings(tiny_run, tmp_path, monkeypatch) -> None:
@@ -570,6 +574,18 @@ def test_a_resumed_optimizer_keeps_the_peak_lr_of_this_runs_settings() -> None:
         g["initial_lr"] = g["lr"]
     load_optimizer_state(new, old.state_dict())
     assert [g["initial_lr"] for g in new.param_groups] == [0.05, 0.005]
+
+
+def test_a_resumed_optimizer_takes_this_runs_weight_decay() -> None:
+    """A rerun with another --weight-decay kept the checkpoint's for the rest of the phase,
+    while config.json named the new one."""
+    from fer_ray.train_loop import load_optimizer_state
+
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    old = torch.optim.AdamW(params, lr=0.1, weight_decay=0.05)
+    new = torch.optim.AdamW(params, lr=0.1, weight_decay=0.0)
+    load_optimizer_state(new, old.state_dict())
+    assert new.param_groups[0]["weight_decay"] == 0.0
 
 
 def test_optimizer_choice_reaches_the_loop_and_keeps_the_lr_groups(synth_shards) -> None:

@@ -133,6 +133,8 @@ def test_sweep_writes_every_output_and_resumes_without_retraining(ray_cluster, s
                         # and what the trials train with (sweep_config.json was rewritten with it)
                         (["--patience", "1"], "patience 6 -> 1"), (["--augment", "strong"], "augment 'medium' -> 'strong'"),
                         (["--amp", "bf16"], "amp 'auto' -> 'bf16'"),
+                        # (its CPU format, timed once, was dropped from sweep_config.json)
+                        (["--use-gpu"], "use_gpu False -> True"),
                         # and the blur validation matches (saved as measured: auto resumes)
                         (["--input-blur", "1.5"], "input_blur 0.0 -> 1.5")]:
         assert tune_main([*sweep_args(str(synth_shards), str(out)), *flags]) == 2
