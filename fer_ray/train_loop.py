@@ -142,9 +142,9 @@ def finished_why(state: TrainState, epochs: int) -> str:
                 "train again in a new --output with a lower --lr")
     if state.stopped_early:
         return "early stopping ended it; train longer in a new --output"
-    if state.planned_epochs and state.planned_epochs < epochs:
-        return (f"its --time-budget fitted {state.planned_epochs} of {epochs} epochs; "
-                "train longer in a new --output")
+    if state.planned_epochs:  # (a plan is kept only when it cut the run short: is_finished)
+        of = f" of {epochs}" if state.planned_epochs < epochs else ""
+        return f"its --time-budget fitted {state.planned_epochs}{of} epochs; train longer in a new --output"
     return f"it ran all its {state.epoch} epochs; a larger --epochs goes on from there"
 
 

@@ -965,8 +965,11 @@ def test_a_finished_run_says_why_it_trains_nothing_more() -> None:
         TrainState(epoch=5, stopped_early=True), 10)
     assert finished_why(TrainState(epoch=7, planned_epochs=7), 40) == (
         "its --time-budget fitted 7 of 40 epochs; train longer in a new --output")
+    assert finished_why(TrainState(epoch=3), 3) == "it ran all its 3 epochs; a larger --epochs goes on from there"
+    # A budget's plan stays the end whatever --epochs a rerun gives (is_finished): a rerun
+    # with --epochs at the plan was told that a larger one would go on.
     assert finished_why(TrainState(epoch=3, planned_epochs=3), 3) == (
-        "it ran all its 3 epochs; a larger --epochs goes on from there")
+        "its --time-budget fitted 3 epochs; train longer in a new --output")
 
 
 def test_a_run_that_saved_no_epoch_starts_again_with_new_settings(tiny_run, tmp_path, caplog) -> None:
