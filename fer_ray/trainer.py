@@ -346,15 +346,17 @@ def _flat(d: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def check_resources(cfg: TrainConfig) -> None:
+def check_resources(cfg: TrainConfig, driver_cpus: float = 0) -> None:
     """--use-gpu needs one GPU per worker, and a cluster joined needs the workers' CPUs and
-    one for Ray Data; fail in one sentence rather than wait forever."""
+    one for Ray Data (and `driver_cpus`, a sweep trial's own share, beside them); fail in one
+    sentence rather than wait forever."""
     if cfg.run.use_gpu:
         require_gpus(cfg.run.num_workers)
     workers = cfg.run.num_workers * cfg.run.cpus_per_worker
-    require_cpus(workers + 1, (
+    trial = f" (a sweep's trial also holds {driver_cpus:g} of one)" if driver_cpus else ""
+    require_cpus(workers + 1 + driver_cpus, (
         f"training needs {workers:g} for its workers (--num-workers x --cpus-per-worker) and one "
-        "more for Ray Data's tasks, which would wait forever: lower --num-workers or "
+        f"more for Ray Data's tasks{trial}, which would wait forever: lower --num-workers or "
         "--cpus-per-worker, or add nodes."
     ))
 

@@ -103,7 +103,9 @@ def run_trial(config: dict[str, Any], base: dict[str, Any], manifest: dict[str, 
 
 
 def cluster_capacity(cfg: SweepConfig) -> int:
-    """Trials that fit at once: each needs its workers plus one CPU for Ray Data. Under an
+    """Trials that fit at once: each needs its workers plus one CPU for Ray Data (two trials
+    or more leave whole CPUs free beside their TRIAL_DRIVER_CPU slivers; one trial's sliver
+    is counted by check_resources). Under an
     autoscaler, counted on the most the cluster may grow to, not on the nodes up now (the
     extra trials' workers wait for the nodes their requests bring up)."""
     import ray
@@ -442,7 +444,7 @@ def _time_formats(spec: Any, batch_size: int, threads: int) -> tuple[str, str]:
 
 def sweep(cfg: SweepConfig, manifest: dict[str, Any]) -> tuple[pd.DataFrame, dict[str, Any] | None]:
     """Run (or resume) the sweep and write TUNE_DIR; Ray must be initialised."""
-    check_resources(cfg)
+    check_resources(cfg, driver_cpus=TRIAL_DRIVER_CPU)
     tune_dir = storage.normalize(cfg.run.output)
     # Measured once here (see fer_ray.blur) rather than by every trial: all trials match the same.
     spec = resolve_settings(cfg, manifest).spec

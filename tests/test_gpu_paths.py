@@ -308,3 +308,8 @@ def test_a_joined_cluster_too_small_for_the_workers_and_ray_data_is_refused(
             check_resources(cfg)
     else:
         check_resources(cfg)
+    if cpus == 3 and not limits:  # a sweep's trial holds a sliver of a CPU beside them
+        from fer_ray.tuning import TRIAL_DRIVER_CPU
+
+        with pytest.raises(ConfigError, match=r"one more for Ray Data's tasks \(a sweep's trial also holds 0.01"):
+            check_resources(cfg, driver_cpus=TRIAL_DRIVER_CPU)
