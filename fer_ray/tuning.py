@@ -70,6 +70,20 @@ SUMMARY_PLOT = "tune_summary.png"
 # the trial's result, and Tune's table named as "current best" a trial other than the sweep's.
 METRIC = "best_val_acc"
 TRIAL_DRIVER_CPU = 0.01
+# A resource cluster.yaml gives its head node (on-demand, never preempted): where a cluster
+# has it, each trial's function runs there, and with it the Train controller Ray pins to that
+# node, so losing a spot GPU worker fails only a Train attempt, which Ray Train restarts from
+# the last checkpoint (--max-failures), not the whole trial (Tune does not retry trials).
+TRIAL_SLOT = "fer_ray_trial"
+
+
+def trial_resources() -> dict[str, float]:
+    """What each trial's function holds: a TRIAL_SLOT where the cluster has them, else a
+    sliver of a CPU (Tune wants a non-empty request), leaving whole CPUs to Train workers and
+    Ray Data, which would otherwise starve each other on a small machine."""
+    import ray
+
+    return {TRIAL_SLOT: 1} if ray.cluster_resources().get(TRIAL_SLOT) else {"CPU": TRIAL_DRIVER_CPU}
 RESULT_COLUMNS = [
     "trial_id", "lr", "label_smoothing", "best_val_acc", "best_epoch", "epochs_run",
     "stopped_early", "status", "error", "best_dir",
@@ -246,10 +260,8 @@ def build_tuner(cfg: SweepConfig, manifest: dict[str, Any], cpu_format: str | No
         run_trial, base=to_dict(cfg), manifest=manifest, tune_dir=tune_dir,
         pretrained=None if pretrained is None else [pretrained], cpu_format=cpu_format,
     )
-    # The trial function only waits on its TorchTrainer: it holds a sliver of a CPU (Tune
-    # wants a non-empty request), leaving whole CPUs to Train workers and Ray Data, which
-    # would otherwise starve each other on a small machine.
-    trainable = ray.tune.with_resources(trainable, {"CPU": TRIAL_DRIVER_CPU})
+    # The trial function only waits on its TorchTrainer (trial_resources).
+    trainable = ray.tune.with_resources(trainable, trial_resources())
     experiment = storage.join(tune_dir, TUNE_RUN_NAME)
     if ray.tune.Tuner.can_restore(experiment):
         log.info("Resuming the sweep in %s", experiment)
@@ -444,7 +456,7 @@ def _time_formats(spec: Any, batch_size: int, threads: int) -> tuple[str, str]:
 
 def sweep(cfg: SweepConfig, manifest: dict[str, Any]) -> tuple[pd.DataFrame, dict[str, Any] | None]:
     """Run (or resume) the sweep and write TUNE_DIR; Ray must be initialised."""
-    check_resources(cfg, driver_cpus=TRIAL_DRIVER_CPU)
+    check_resources(cfg, driver_cpus=trial_resources().get("CPU", 0))
     tune_dir = storage.normalize(cfg.run.output)
     # Measured once here (see fer_ray.blur) rather than by every trial: all trials match the same.
     spec = resolve_settings(cfg, manifest).spec

@@ -54,7 +54,25 @@ def test_schema_check_is_not_vacuous(config: dict, schema: dict) -> None:
 def test_head_runs_no_training(config: dict) -> None:
     assert config["head_node_type"] == HEAD
     head = config["available_node_types"][HEAD]
-    assert head["resources"] == {"CPU": 0}
+    assert head["resources"]["CPU"] == 0
+
+
+def test_sweep_trials_run_on_the_head_not_on_spot_workers(config: dict, monkeypatch) -> None:
+    """A trial's function, and the Train controller Ray pins to its node, ran on a spot GPU
+    worker (the head holds no CPU): its preemption failed the whole trial, which Tune does
+    not retry, where Ray Train alone would have restarted its workers."""
+    import ray
+
+    from fer_ray.tuning import TRIAL_DRIVER_CPU, TRIAL_SLOT, trial_resources
+
+    nodes = config["available_node_types"]
+    assert nodes[HEAD]["resources"][TRIAL_SLOT] >= 100  # more than any sweep runs at once
+    assert all(TRIAL_SLOT not in n.get("resources", {}) for name, n in nodes.items() if name != HEAD)
+    head_up = {k: float(v) for k, v in nodes[HEAD]["resources"].items()}
+    monkeypatch.setattr(ray, "cluster_resources", lambda: head_up)
+    assert trial_resources() == {TRIAL_SLOT: 1}
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0})  # a laptop, `ray start`
+    assert trial_resources() == {"CPU": TRIAL_DRIVER_CPU}
 
 
 def test_gpu_worker_scales_from_zero_on_spot(config: dict) -> None:
