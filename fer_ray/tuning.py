@@ -131,8 +131,9 @@ def cluster_capacity(cfg: SweepConfig) -> int:
     elif cfg.run.use_gpu and on_cluster():
         # A cluster whose autoscaler's limits Ray does not report: GPU trials are not held
         # to the GPUs up now (a GPU trial's own CPU worker leaves its node's other CPUs to
-        # Ray Data, so waiting trials cannot starve the running ones).
-        return cfg.sweep.num_samples
+        # Ray Data, so waiting trials cannot starve the running ones); no count of its
+        # own to hold --max-concurrent to.
+        return max(cfg.sweep.num_samples, cfg.sweep.max_concurrent or 0)
     per_trial_cpu = cfg.run.num_workers * cfg.run.cpus_per_worker + 1
     fit = int(res.get("CPU", 0) // per_trial_cpu)
     if cfg.run.use_gpu:

@@ -182,6 +182,9 @@ def test_sweep_concurrency_counts_what_the_cluster_may_grow_to(monkeypatch, curr
     flags = ["--data", "d", "--output", "o", "--num-samples", "16"] + (["--use-gpu"] if "GPU" in current else [])
     cfg, _ = parse_config(SweepConfig, flags, argparse.ArgumentParser())
     assert tuning.cluster_capacity(cfg) == expected
+    if limits is None and address:  # nothing known to hold --max-concurrent to: not warned about
+        cfg.sweep.max_concurrent = 20
+        assert tuning.cluster_capacity(cfg) == 20
 
 
 def test_workers_plan_the_same_epochs_whatever_their_clocks(monkeypatch) -> None:
