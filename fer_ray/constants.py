@@ -27,6 +27,15 @@ FER_CLASSES = ("angry", "disgust", "fear", "happy", "neutral", "sad", "surprise"
 FER_CSV_CODES = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
 FER_CSV_USAGE = {"Training": TRAIN, "PublicTest": VAL, "PrivateTest": TEST}
 
+
+def class_key(name: str) -> str:
+    """A class folder's name as classes are matched: in any letter case, and in Unicode's
+    composed form (a zip made on macOS names "colère" with a separate accent)."""
+    import unicodedata
+
+    return unicodedata.normalize("NFC", name).casefold()
+
+
 # jobs/predict.py --tta modes (fer_ray.predict.tta_views).
 TTA_MODES = ("flip", "ten-crop")
 

@@ -47,7 +47,7 @@ from fer_ray import storage
 from fer_ray.cli import autoscaler_limits, cluster_cpus, require_cpus, require_gpus
 from fer_ray.config import AMP_MODES, ConfigError, require_paths
 from fer_ray.constants import (
-    IMAGE_COL, LABEL_COL, PATH_COL, SPLITS, TTA_MODES,
+    IMAGE_COL, LABEL_COL, PATH_COL, SPLITS, TTA_MODES, class_key,
 )
 
 if TYPE_CHECKING:
@@ -259,8 +259,8 @@ def shard_labels(shard_classes: Sequence[str], class_names: Sequence[str]) -> np
     """The model's label for each label of a shards folder: its class of the same name in
     any letter case (as an image folder's class folders are matched), NO_LABEL for a class
     the model does not predict (scored without a true label)."""
-    index = {name.casefold(): i for i, name in enumerate(class_names)}
-    return np.array([index.get(c.casefold(), NO_LABEL) for c in shard_classes], dtype=np.int64)
+    index = {class_key(name): i for i, name in enumerate(class_names)}
+    return np.array([index.get(class_key(c), NO_LABEL) for c in shard_classes], dtype=np.int64)
 
 
 def _relabel(table: pa.Table, lookup: np.ndarray) -> pa.Table:
@@ -352,11 +352,11 @@ def list_images(source: str, class_names: Sequence[str], skip: Sequence[str] = (
     else NO_LABEL. Files that are not images are listed too; they end in errors.parquet.
     A link in SRC to one of the folders `skip` (the output) is not followed."""
     fs, inner = storage.resolve(source)
-    index = {name.casefold(): i for i, name in enumerate(class_names)}
+    index = {class_key(name): i for i, name in enumerate(class_names)}
     paths, labels, strangers = [], [], set()
     for path in storage.list_files(source, skip):
         parts = path[len(inner) :].strip("/").split("/")
-        label = index.get(parts[0].casefold(), NO_LABEL) if len(parts) > 1 else NO_LABEL
+        label = index.get(class_key(parts[0]), NO_LABEL) if len(parts) > 1 else NO_LABEL
         if label == NO_LABEL and len(parts) > 1:
             strangers.add(parts[0])
         paths.append(storage.full_path(fs, path, source))

@@ -41,6 +41,7 @@ from fer_ray.constants import (
     TEST,
     TRAIN,
     VAL,
+    class_key,
 )
 
 log = logging.getLogger(__name__)
@@ -101,11 +102,11 @@ def _class_dirs(folder: str) -> list[str]:
              if e.type.name == "Directory" and e.base_name not in NOT_CLASSES]
     by_case = defaultdict(list)
     for name in names:
-        by_case[name.casefold()].append(name)
+        by_case[class_key(name)].append(name)
     twins = [" and ".join(sorted(group)) for group in by_case.values() if len(group) > 1]
     if twins:  # two classes to training, one to scoring (which matches names in any case)
         raise ConfigError(
-            f"{folder!r} has class folders whose names differ only in letter case ({'; '.join(twins)}); "
+            f"{folder!r} has class folders whose names differ only in letter case or accent encoding ({'; '.join(twins)}); "
             "merge each pair into one folder."
         )
     return names
@@ -234,11 +235,11 @@ def _list_split_folders(
     if not classes:
         raise ConfigError(f"{train_dir!r} has no class folders; put each class's images in a folder named after the class.")
     listing = Listing(kind="split_folders", classes=classes)
-    known = {c.casefold() for c in classes}
+    known = {class_key(c) for c in classes}
     for split, dirname in split_dirs.items():
         folder = storage.child(source, dirname)
         # Matched to train's class folders in any letter case, as scoring matches them.
-        here = {name.casefold(): name for name in _class_dirs(folder)}
+        here = {class_key(name): name for name in _class_dirs(folder)}
         if not here and split != TRAIN and _holds_files(folder):
             if split == TEST:
                 log.warning("The test folder %r of %s holds files but no class folders (one per class, as "
@@ -254,7 +255,7 @@ def _list_split_folders(
                 f"Split {dirname!r} has classes that train/ lacks ({', '.join(extra)}); "
                 "add them to train/ or remove them."
             )
-        listing.items[split] = _files_by_class(folder, [here.get(c.casefold(), c) for c in classes])
+        listing.items[split] = _files_by_class(folder, [here.get(class_key(c), c) for c in classes])
     listing.items = _each_file_once(source, listing.items, classes)
     if VAL not in split_dirs:
         # No val folder: carve a stratified val split out of train.

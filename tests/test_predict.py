@@ -1047,3 +1047,18 @@ def test_class_folders_match_the_models_classes_in_any_case(tmp_path) -> None:
     table = list_images(str(tmp_path), ["Straße", "Happy"]).to_pandas()
     labels = dict(zip(table[PATH_COL].map(lambda p: Path(p).parent.name), table[LABEL_COL]))
     assert labels["STRASSE"] == 0 and labels["happy"] == 1 and labels["other"] < 0
+
+
+def test_class_folders_match_the_models_classes_in_either_unicode_form(tmp_path) -> None:
+    """A folder named "colère" with a separate accent (as a zip made on macOS names it) was
+    no class of a model trained on "colère" with the composed one: no true labels at all."""
+    import unicodedata
+
+    from fer_ray.predict import list_images, shard_labels
+
+    decomposed = unicodedata.normalize("NFD", "colère")
+    assert decomposed != "colère"
+    (tmp_path / decomposed).mkdir()
+    (tmp_path / decomposed / "a.png").write_bytes(b"x")
+    assert list_images(str(tmp_path), ["colère", "joie"]).column(LABEL_COL).to_pylist() == [0]
+    assert shard_labels([decomposed.upper(), "joie"], ["colère", "joie"]).tolist() == [0, 1]

@@ -158,6 +158,21 @@ def test_two_folders_of_one_split_are_named(tmp_path) -> None:
         list_source(str(tmp_path))
 
 
+def test_class_folders_in_either_unicode_form_are_one_class(tmp_path) -> None:
+    """val/colère with a separate accent (a zip made on macOS) was refused as a class train/
+    lacks, beside train/colère with the composed one; two such folders in one split were two
+    classes (scoring matches them as one)."""
+    import unicodedata
+
+    decomposed = unicodedata.normalize("NFD", "colère")
+    make_tree(tmp_path / "a", {"train/colère": 2, "train/joie": 2, f"val/{decomposed}": 1, "val/joie": 1})
+    listing = list_source(str(tmp_path / "a"))
+    assert listing.classes == ["colère", "joie"] and sorted(lab for _, lab in listing.items["val"]) == [0, 1]
+    make_tree(tmp_path / "b", {"colère": 2, decomposed: 2, "joie": 2})
+    with pytest.raises(ConfigError, match="differ only in letter case or accent encoding"):
+        list_source(str(tmp_path / "b"))
+
+
 def test_csv_without_expected_columns(tmp_path) -> None:
     path = tmp_path / "fer.csv"
     path.write_text("label,image\n1,0 0 0\n")
@@ -388,7 +403,7 @@ def test_a_split_of_only_unreadable_files_is_named_with_examples(ray_cluster, tm
 
 def test_folders_that_are_not_classes_are_named(tmp_path) -> None:
     make_tree(tmp_path / "src", {"happy": 2, "sad": 2, "Happy": 1})
-    with pytest.raises(ConfigError, match="differ only in letter case \\(Happy and happy\\); merge each pair"):
+    with pytest.raises(ConfigError, match="differ only in letter case or accent encoding \\(Happy and happy\\); merge each pair"):
         list_source(str(tmp_path / "src"))
     (tmp_path / "src" / "Happy" / "img_0.png").unlink()
     (tmp_path / "src" / "Happy").rmdir()
