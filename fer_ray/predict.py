@@ -1177,6 +1177,10 @@ def _publish(tmp: str, output: str) -> None:
         old = storage.sibling(output, f".old-{uuid.uuid4().hex[:8]}")
         storage.move(output, old)
         storage.move(tmp, output, last=SUMMARY_FILE)
-        storage.delete_dir(old)
+        try:
+            storage.delete_dir(old)
+        except OSError as e:  # (files another user made in it) the new output is in place
+            log.warning("The previous output, moved to %s, could not be removed (%s); remove it by hand",
+                        old, e)
     else:
         storage.move(tmp, output, last=SUMMARY_FILE)

@@ -578,6 +578,29 @@ def test_a_run_stopped_while_copied_into_a_bucket_is_replaced_by_the_rerun(
     assert json.loads((out / "summary.json").read_text())["scored"] == summary["scored"]
 
 
+def test_an_old_output_that_cannot_be_removed_leaves_the_new_one_in_place(tmp_path, monkeypatch, caplog) -> None:
+    """The swap succeeded but removing the old output raised (its files another user's): the
+    job ended in a traceback and exit 1 with its new output complete."""
+    from fer_ray import storage
+    from fer_ray.predict import SUMMARY_FILE, _publish
+
+    out, tmp = tmp_path / "out", tmp_path / "out.tmp-1"
+    for folder, text in ((out, "old"), (tmp, "new")):
+        folder.mkdir()
+        (folder / SUMMARY_FILE).write_text(text)
+    delete = storage.delete_dir
+
+    def refuse_old(path: str) -> None:
+        if ".old-" in path:
+            raise PermissionError(13, "Permission denied", path)
+        delete(path)
+
+    monkeypatch.setattr(storage, "delete_dir", refuse_old)
+    _publish(str(tmp), str(out))
+    assert (out / SUMMARY_FILE).read_text() == "new" and not tmp.exists()
+    assert "could not be removed" in caplog.text and "remove it by hand" in caplog.text
+
+
 def test_leftovers_of_interrupted_runs_are_named(tmp_path) -> None:
     for name in ("out.tmp-1a2b3c4d", "out.old-5e6f7a8b", "out", "outer.tmp-1", "other"):
         (tmp_path / name).mkdir()
