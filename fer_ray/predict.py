@@ -277,7 +277,7 @@ def _check_output(model_dir: str, source: str, output: str) -> None:
         where = "--input itself" if storage.inside(source, output) else "inside --input"
         raise ConfigError(f"--output {output!r} is {where}; choose a folder outside it.")
     name = storage.split_last(output)[1]
-    if not storage.is_uri(output) and len(f"{name}.tmp-00000000".encode()) > NAME_MAX:
+    if storage.local_here(output) is not None and len(f"{name}.tmp-00000000".encode()) > NAME_MAX:
         raise ConfigError(
             f"--output's last name is {len(name.encode())} bytes long, and the run writes beside it under "
             f"that name and 13 more characters, over the {NAME_MAX} a file name may have; choose a shorter one."
@@ -1038,11 +1038,11 @@ def predict(
     publishing = False
     parent = storage.split_last(tmp)[0]
     made = storage.missing_folders(parent) if parent else []  # removed again if the run fails
-    storage.makedirs(tmp)
     predictions = storage.join(tmp, PREDICTIONS_DIR)
     errors = ErrorWriter(storage.join(tmp, ERRORS_FILE))
     writer = PartWriter(predictions, prediction_schema(spec.class_names))
     try:
+        storage.makedirs(tmp)
         storage.makedirs(predictions)
         scored = score_dataset(
             ds, model_dir, spec, batch_size, num_actors, use_gpu, tta, sigma, amp, min_actors

@@ -458,7 +458,7 @@ def test_folder_of_bad_files_scores_nothing_lists_them_and_fails(ray_cluster, mo
 @pytest.mark.parametrize("case", [
     "missing_model", "model_file", "not_a_model", "damaged_model", "missing_input", "empty_input", "output_inside_input",
     "input_inside_output", "foreign_output", "foreign_output_with_a_summary", "hidden_only_output", "input_is_file",
-    "fp16_on_cpu", "output_is_input", "output_name_too_long", "input_linked_inside_output", "model_linked_inside_output", "output_inside_input_through_a_link",
+    "fp16_on_cpu", "output_is_input", "output_name_too_long", "file_uri_output_name_too_long", "input_linked_inside_output", "model_linked_inside_output", "output_inside_input_through_a_link",
 ])
 def test_bad_inputs_exit_2_with_one_sentence(case, model_dir, image_folder, tmp_path, capsys) -> None:
     src = str(image_folder[0])
@@ -512,6 +512,8 @@ def test_bad_inputs_exit_2_with_one_sentence(case, model_dir, image_folder, tmp_
         out = src
     elif case == "output_name_too_long":  # its OUT.tmp-<id> could not be made: a traceback
         out = str(tmp_path / ("o" * 250))
+    elif case == "file_uri_output_name_too_long":  # (the check passed URIs by, file: ones too)
+        out = "file://" + str(tmp_path / "new" / ("o" * 250))
     elif case == "output_inside_input_through_a_link":
         os.symlink(src, tmp_path / "srclink")
         out = str(tmp_path / "srclink" / "preds")
@@ -538,6 +540,8 @@ def test_bad_inputs_exit_2_with_one_sentence(case, model_dir, image_folder, tmp_
         assert (Path(out) / ".git" / "HEAD").read_text() == "precious"
     if case == "model_file":
         assert "is a file; pass the folder that holds it" in err
+    if case == "file_uri_output_name_too_long":
+        assert "last name is 250 bytes long" in err and not (tmp_path / "new").exists()
 
 
 def test_a_run_stopped_while_copied_into_a_bucket_is_replaced_by_the_rerun(
