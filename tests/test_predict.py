@@ -1076,6 +1076,16 @@ def test_class_folders_match_the_models_classes_in_any_case(tmp_path) -> None:
     assert labels["STRASSE"] == 0 and labels["happy"] == 1 and labels["other"] < 0
 
 
+def test_a_class_folder_given_as_the_input_is_named(tmp_path, caplog) -> None:
+    """--input val/happy: every file scored without a label, and nothing said why."""
+    from fer_ray.predict import list_images
+
+    (tmp_path / "happy").mkdir()
+    (tmp_path / "happy" / "a.png").write_bytes(b"x")
+    assert list_images(str(tmp_path / "happy"), ["happy", "sad"]).column(LABEL_COL).to_pylist() == [-1]
+    assert "are in no class folder" in caplog.text and "'happy' is a class of the model: give its parent" in caplog.text
+
+
 def test_class_folders_match_the_models_classes_in_either_unicode_form(tmp_path) -> None:
     """A folder named "colère" with a separate accent (as a zip made on macOS names it) was
     no class of a model trained on "colère" with the composed one: no true labels at all."""
