@@ -336,10 +336,19 @@ def _is_scoring_output(folder: str) -> bool:
 
 
 def _has_any_file(folder: str) -> bool:
+    """Whether a folder holds a file (not hidden) at any depth, stopping at the first: on a
+    bucket a folder at a time, not a listing of every key (list_images makes that one)."""
     local = storage.local_path(folder)
-    if local is None:
-        return bool(storage.list_files(folder))
-    return next(storage.local_files(local), None) is not None  # stops at the first
+    if local is not None:
+        return next(storage.local_files(local), None) is not None
+    fs, _ = storage.resolve(folder)
+    pending = [folder]
+    while pending:
+        entries = storage.list_dir(pending.pop(0))
+        if any(e.type.name == "File" for e in entries):
+            return True
+        pending += [storage.full_path(fs, e.path, folder) for e in entries if e.type.name == "Directory"]
+    return False
 
 
 # --------------------------------------------------------------------------------------

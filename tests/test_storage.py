@@ -339,6 +339,22 @@ def test_class_folders_with_spaces_percent_or_hash_in_a_bucket_are_listed(bucket
     assert len(read["val"]) == 3
 
 
+def test_a_bucket_input_is_checked_for_files_without_listing_every_key(bucket, monkeypatch) -> None:
+    """The check for an empty input listed every key of the input (a second full listing
+    of a bucket of millions, before list_images made the one it needs)."""
+    from fer_ray import predict
+
+    for key in ["photos/a/b/c.png", "photos/z/.hidden.png"]:
+        bucket.create_dir("bucket/" + key.rsplit("/", 1)[0])
+        with bucket.open_output_stream("bucket/" + key) as f:
+            f.write(b"x")
+    bucket.create_dir("bucket/empty/sub")
+    monkeypatch.setattr(storage, "list_files", lambda *a, **k: pytest.fail("listed every key"))
+    assert predict._has_any_file("mock://bucket/photos?region=somewhere")
+    assert not predict._has_any_file("mock://bucket/empty")
+    assert not predict._has_any_file("mock://bucket/photos/z")  # hidden files are not listed
+
+
 def test_a_split_folder_of_shards_in_a_bucket_is_found_with_the_uris_options(bucket) -> None:
     """`--input s3://b/shards/val?endpoint_override=...` was split at its last '/' with the
     options still on: the shards went unrecognised and were scored as images."""
