@@ -318,6 +318,14 @@ def _check_not_empty(
         del listing.items[TEST]
 
 
+def _listed_in(listing: Listing, split: str) -> Any:
+    """Whether a file (or a CSV row, csv:<row>) is one of `split`'s: a test of paths."""
+    if listing.kind == "csv":
+        ranges = [(c["row"], c["row"] + c["rows"]) for c in listing.csv_chunks.get(split, [])]
+        return lambda path: any(lo <= int(path.split(":", 1)[1]) < hi for lo, hi in ranges)
+    return {p for p, _ in listing.items.get(split, [])}.__contains__
+
+
 def _iter_lines(stream: Any, chunk: int = 1 << 23) -> Any:
     """Lines of a pyarrow stream, each with its newline (so offsets add up)."""
     rest = b""
@@ -629,8 +637,8 @@ def prepare(
         for split in list(splits):
             if counts.get(split, {}).get("total"):
                 continue
-            listed = {p for p, _ in listing.items.get(split, [])}
-            skipped = [(p, r) for p, r in sorted(stats["skipped"].items()) if not listed or p in listed]
+            listed = _listed_in(listing, split)
+            skipped = [(p, r) for p, r in sorted(stats["skipped"].items()) if listed(p)]
             examples = "; ".join(f"{p!r}: {r}" for p, r in skipped[:3])
             if split == TEST:  # optional, as an empty test folder is
                 log.warning("No readable images in the test split of %s (%s); leaving it out", source, examples)

@@ -278,6 +278,17 @@ def test_prepare_fer_csv(ray_cluster, tmp_path) -> None:
     assert img.format == "PNG" and img.size == (48, 48) and img.mode == "L"
 
 
+def test_a_csv_split_of_bad_rows_names_its_own_rows(ray_cluster, tmp_path) -> None:
+    """The message counted and quoted every skipped row of the CSV, other splits' too."""
+    pixels = " ".join(["0"] * 4)
+    rows = [f"3,{pixels},Training"] * 4 + ["3,1 2 3,Training"] * 3 + ["9,0 0 0 0,PublicTest"] * 2
+    path = tmp_path / "fer2013.csv"
+    path.write_text("emotion,pixels,Usage\n" + "\n".join(rows) + "\n")
+    with pytest.raises(ConfigError, match=r"No readable images in split 'val' .*\(2 skipped, e\.g\. 'csv:7': bad CSV row: "
+                                          r"emotion code 9 is not 0-6; 'csv:8'"):
+        prepare(str(path), str(tmp_path / "shards"))
+
+
 @pytest.mark.parametrize("header, quote, eol", [("Usage,pixels,emotion", "", "\n"),
                                                 ("index,emotion,Usage,pixels", "", "\n"),
                                                 ("emotion,pixels,Usage", '"', "\r\n"),
