@@ -12,11 +12,13 @@ batching) to a training loop that does nothing else, over the FER2013 train imag
   exactly the training path; Ray's start-up and the one-off decode are left out (the decode
   is printed on its own), each epoch's own pipeline start-up is in;
 - a torch DataLoader with 2 worker processes over the image folder, same transform, the
-  decode in every epoch (as a plain script does it);
+  decode in every epoch (as a plain script does it), for as many epochs, the first (its
+  workers' start) left out as fer_ray's is;
 - the ceiling: the same decode and transform in a tight single-process loop, times the cores.
 
 So the two ratios compare fer_ray's epochs, which decode nothing, with loops that decode in
-every epoch: decoding is about 15% of an image's CPU time here (README, Performance).
+every epoch: decoding is about 15% of an image's CPU time here (README, Performance). A
+line below them gives fer_ray's rate with the decode and its warm-up epoch counted.
 
 The fer_ray pipeline runs on a local Ray started as `jobs/train.py` starts one (with the
 dashboard, whose State API Ray Train needs).
@@ -77,15 +79,20 @@ class AugmentedFolder(torch.utils.data.Dataset):
         return torch.from_numpy(image), label
 
 
-def dataloader_rate(items, batch_size: int, workers: int) -> float:
+def dataloader_rates(items, batch_size: int, workers: int, epochs: int) -> list[float]:
+    """Images/s of each epoch of a DataLoader over the folder (its workers start anew each
+    epoch, as a DataLoader's do by default)."""
     loader = torch.utils.data.DataLoader(
         AugmentedFolder(items), batch_size=batch_size, shuffle=True, num_workers=workers,
         drop_last=True, persistent_workers=False,
     )
-    start, n = time.perf_counter(), 0
-    for images, _ in loader:
-        n += len(images)
-    return n / (time.perf_counter() - start)
+    rates = []
+    for _ in range(epochs):
+        start, n = time.perf_counter(), 0
+        for images, _ in loader:
+            n += len(images)
+        rates.append(n / (time.perf_counter() - start))
+    return rates
 
 
 def ceiling_rate(items, count: int) -> float:
@@ -168,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", default=str(DEFAULT_FER), help="folder with train/ of class folders")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--epochs", type=int, default=3,
-                        help="fer_ray epochs; the first is warm-up, the mean of the others is compared")
+                        help="epochs of each side; the first is warm-up, the mean of the others is compared")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
     parser.add_argument("--ceiling-images", type=int, default=4000)
     args = parser.parse_args(argv)
@@ -190,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{machine()}; {len(items)} images, batch {args.batch_size}, {SIZE}px, augment {AUGMENT}")
         ceiling_one = ceiling_rate(items, args.ceiling_images)
         ceiling = ceiling_one * (os.cpu_count() or 1)
-        loader = dataloader_rate(items, args.batch_size, args.workers)
+        loader_rates = dataloader_rates(items, args.batch_size, args.workers, args.epochs)
+        loader = sum(loader_rates[1:] or loader_rates) / len(loader_rates[1:] or loader_rates)
 
         import ray
 
@@ -209,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n{'pipeline':<44}{'images/s':>10}")
         print(f"{'ceiling: 1 process x ' + str(os.cpu_count()) + ' cores':<44}{ceiling:>10.0f}"
               f"   (one process: {ceiling_one:.0f})")
-        print(f"{'torch DataLoader, ' + str(args.workers) + ' workers':<44}{loader:>10.0f}")
+        print(f"{'torch DataLoader, ' + str(args.workers) + ' workers, epochs 2..' + str(len(loader_rates)):<44}"
+              f"{loader:>10.0f}   (each epoch: {', '.join(f'{r:.0f}' for r in loader_rates)})")
         for i, r in enumerate(rates, 1):
             note = "   (warm-up: the worker and the pipeline start)" if i == 1 else ""
             print(f"{'fer_ray Ray Data -> TorchTrainer, epoch ' + str(i):<44}{r:>10.0f}{note}")
@@ -217,6 +226,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"(fer_ray reads and decodes the split into the object store once per run, before its first "
               f"epoch: {decode_seconds:.1f} s, {len(items) / decode_seconds:.0f} images/s, in none of the rates "
               f"above; the DataLoader and the ceiling decode in every epoch)")
+        spread = len(items) * len(rates) / (decode_seconds + sum(h["seconds"] for h in history))
+        print(f"(with that decode and the warm-up epoch counted: {spread:.0f} images/s over the "
+              f"{len(rates)} epochs, {spread / loader:.2f}x the DataLoader's epochs 2..{len(loader_rates)})")
         print(f"\nbytes per image through the object store in the last epoch (Ray Data's stats), against "
               f"{encoded:.0f} B of encoded image in the shards:")
         for name, rows, nbytes in operator_outputs(history[-1].get("stats", "")):

@@ -228,12 +228,19 @@ def print_report(
     print(f"peak PSS above idle: {above}")
     print(f"fer_ray's peak PSS, train folder / val folder (same actors): {growth:.2f} above the idle cluster, "
           f"{total_growth:.2f} with it")
+    if "train, default actors" in memory:  # jobs/predict.py as run, more actors on the larger folder
+        default = memory["train, default actors"].peak_pss
+        print(f"  with jobs/predict.py's default actors on the train folder: "
+              f"{(default - idle_pss) / (memory['val'].peak_pss - idle_pss):.2f} above the idle cluster, "
+              f"{default / memory['val'].peak_pss:.2f} with it (each actor holds its own torch and model)")
     if "train" in memory:
-        # Images per extra second from val to train: the rate once start-up is paid.
+        # Images per extra second from val to train: the rate once start-up is paid (fer_ray's
+        # train run: the default actors, more than val's where the folder is larger).
         for who in ("fer_ray.predict", "plain"):
             (n0, s0), (n1, s1) = speed[(who, "val")], speed[(who, "train")]
+            how = " (each folder with the default actors)" if who == "fer_ray.predict" else ""
             print(f"{who}: {(n1 - n0) / max(s1 - s0, 1e-9):.0f} images/s beyond start-up "
-                  f"({s0 - n0 * (s1 - s0) / (n1 - n0):.1f} s of start-up)")
+                  f"({s0 - n0 * (s1 - s0) / (n1 - n0):.1f} s of start-up){how}")
     for line in notes:
         print(line)
     print(f"scoring_vs_plain={ratio:.2f} memory_growth={growth:.2f}")
@@ -323,6 +330,8 @@ def main(argv: list[str] | None = None) -> int:
                 speed[("fer_ray.predict", split)] = (summary["scored"], seconds)
             if for_memory:
                 memory[split] = sampler
+            else:
+                memory[f"{split}, default actors"] = sampler
             return summary["num_actors"]
 
         from fer_ray.predict import list_images

@@ -15,9 +15,11 @@ on-device normalisation, with as many torch threads as cores:
 fer_ray's side runs on a local Ray started as `jobs/train.py` starts one (with the dashboard,
 whose State API Ray Train needs).
 
-Compared: the training part of the last epoch (fer_ray's history gives it as images /
-images_per_s; its validation pass and report, and its whole epoch between two checkpoint
-folders appearing, are printed beside it), after Ray has started; Ray's start-up and the
+Compared: the last whole epoch, after Ray has started: the training pass, a validation
+pass over val and a checkpoint (fer_ray's between two checkpoint folders appearing; the
+plain loop validates over val decoded and resized once beforehand, and saves its model and
+optimizer with torch.save); each side's training pass alone is printed beside it (fer_ray's
+history gives it as images / images_per_s); Ray's start-up and the
 first epoch's warm-up are reported separately. fer_ray runs first (`--amp auto` times the
 formats in its worker); the plain loop then trains in the precision and memory format
 fer_ray's history says it chose, so both run the same kernels. A CPU
@@ -78,12 +80,21 @@ def parse_format(name: str) -> tuple[torch.dtype | None, bool]:
 
 def plain_epochs(
     items, model_name: str, batch_size: int, epochs: int, workers: int, fmt: str | None = None,
-) -> tuple[list[float], list[tuple[float, float]]]:
-    """Seconds per training epoch of a plain PyTorch loop over in-memory images, and each
-    epoch's start and end (time.time()). `fmt`: the format to train in (format_name's
+    val_items=(), checkpoint: str | None = None,
+) -> tuple[list[float], list[tuple[float, float]], list[float]]:
+    """Seconds per training pass of a plain PyTorch loop over in-memory images, each
+    training pass's start and end (time.time()), and each whole epoch's seconds: the
+    training pass, then, as fer_ray's epoch does, a validation pass over `val_items`
+    (decoded and resized once, beforehand, as the training images) and a checkpoint of the
+    model and optimizer to `checkpoint`. `fmt`: the format to train in (format_name's
     name); None: the fastest by fer_ray's measurement."""
     images = np.stack([decode_image(open(p, "rb").read(), CHANNELS) for p, _ in items])
     labels = np.array([label for _, label in items])
+    resize = create_transform(False, SIZE)
+    val_images = torch.from_numpy(np.stack([
+        resize(image=decode_image(open(p, "rb").read(), CHANNELS))["image"].reshape(SIZE, SIZE, CHANNELS)
+        for p, _ in val_items])) if val_items else None
+    val_labels = torch.tensor([label for _, label in val_items])
     torch.manual_seed(0)
     torch.set_num_threads(os.cpu_count() or 1)
     model = create_model(model_name, 7)
@@ -105,7 +116,7 @@ def plain_epochs(
         InMemory(images, labels), batch_size=batch_size, shuffle=True, num_workers=workers,
         drop_last=True,
     )
-    times, bounds = [], []
+    times, bounds, whole = [], [], []
     for _ in range(epochs):
         model.train()
         wall, start = time.time(), time.perf_counter()
@@ -118,7 +129,18 @@ def plain_epochs(
             optimizer.step()
         times.append(time.perf_counter() - start)
         bounds.append((wall, time.time()))
-    return times, bounds
+        if val_images is not None:
+            model.eval()
+            right = 0
+            with torch.inference_mode(), torch.autocast("cpu", dtype=amp_dtype or torch.float32,
+                                                        enabled=amp_dtype is not None):
+                for i in range(0, len(val_images), batch_size):
+                    logits = model(normalize(val_images[i:i + batch_size]))
+                    right += int((logits.argmax(1) == val_labels[i:i + batch_size]).sum())
+        if checkpoint:
+            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, checkpoint)
+        whole.append(time.perf_counter() - start)
+    return times, bounds, whole
 
 
 def fer_ray_history(data: str, out: str, model_name: str, batch_size: int, epochs: int) -> pd.DataFrame:
@@ -270,22 +292,27 @@ def main(argv: list[str] | None = None) -> int:
         val_s = history["seconds"] - train_s
         print(f"fer_ray trained in {history['format'].iloc[-1]}")
 
+        val_dir = os.path.join(args.data, "val")
         with CpuTimeline() as timeline:
-            plain, bounds = plain_epochs(items, args.model, args.batch_size, args.epochs, args.workers,
-                                         fmt=history["format"].iloc[-1])
+            plain, bounds, plain_whole = plain_epochs(
+                items, args.model, args.batch_size, args.epochs, args.workers, fmt=history["format"].iloc[-1],
+                val_items=folder_items(val_dir) if os.path.isdir(val_dir) else (),
+                checkpoint=os.path.join(tmp, "plain_checkpoint.pt"))
         plain_cpu = cpu_shares(timeline, *bounds[-1], plain_kind(os.getpid()))
 
         # A whole epoch: between two checkpoint folders appearing (train, val, report, checkpoint).
         whole = [ends[i] - ends[i - 1] if 0 < i < len(ends) else float("nan") for i in range(args.epochs)]
-        print(f"\n{'epoch':<7}{'plain s':>9}{'fer_ray train s':>17}{'fer_ray val+report s':>22}"
-              f"{'fer_ray whole epoch s':>23}{'ratio':>8}")
+        print(f"\n{'epoch':<7}{'plain train s':>15}{'plain whole s':>15}{'fer_ray train s':>17}"
+              f"{'fer_ray val+report s':>22}{'fer_ray whole s':>17}{'train ratio':>13}{'whole ratio':>13}")
         for i in range(args.epochs):
-            print(f"{i + 1:<7}{plain[i]:>9.1f}{train_s[i]:>17.1f}{val_s[i]:>22.1f}{whole[i]:>23.1f}"
-                  f"{train_s[i] / plain[i]:>8.2f}")
+            print(f"{i + 1:<7}{plain[i]:>15.1f}{plain_whole[i]:>15.1f}{train_s[i]:>17.1f}{val_s[i]:>22.1f}"
+                  f"{whole[i]:>17.1f}{train_s[i] / plain[i]:>13.2f}{whole[i] / plain_whole[i]:>13.2f}")
+        print("(whole epoch: the training pass, validation on val and a checkpoint, on both sides; "
+              "fer_ray's between two checkpoint folders appearing, so known from the second epoch)")
         print(f"Ray start-up {startup:.1f} s; fer_ray job {total:.1f} s for {args.epochs} epochs "
               f"(TorchTrainer start, per-epoch val and checkpoints, reports)")
         print_cpu(plain_cpu, fer_ray_cpu)
-        print(f"train_overhead={train_s.iloc[-1] / plain[-1]:.2f}")
+        print(f"train_overhead={whole[-1] / plain_whole[-1]:.2f}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return 0
