@@ -496,7 +496,12 @@ def save_model_dir(model: torch.nn.Module, folder: str | Path, spec: ModelSpec, 
         return
     config = json.loads(path.read_text())
     if not kwargs:  # what data_config sets: the input this model was trained on
-        config["pretrained_cfg"].update({k: list(v) if isinstance(v, tuple) else v for k, v in data.items()})
+        cfg = config["pretrained_cfg"]
+        if list(cfg.get("input_size") or [])[1:] != [spec.image_size] * 2:
+            cfg["pool_size"] = None  # the original weights' pooled map, at their size
+        cfg.update({k: list(v) if isinstance(v, tuple) else v for k, v in data.items()})
+        for key in ("test_input_size", "test_pool_size", "test_crop_pct"):  # the original weights' test
+            cfg.pop(key, None)  # size: timm's use_test_size fed a 48 px model 288 px images
     if not pretrained:
         for key in WEIGHTS_PROVENANCE:
             config["pretrained_cfg"].pop(key, None)

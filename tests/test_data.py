@@ -182,16 +182,18 @@ def test_training_images_stream_in_blocks_of_one_map_batch(ray_cluster, synth_sh
     assert max(sizes) < 2 * 16 and len(sizes) >= 280 // 24
 
 
-def test_shards_read_every_row_without_ray_datas_footer_actors(ray_cluster, synth_shards) -> None:
+def test_shards_read_every_row_without_ray_datas_footer_actors(ray_cluster, synth_shards, monkeypatch) -> None:
     import pandas as pd
     import ray
 
     from fer_ray.data import read_shards
 
     ctx = ray.data.DataContext.get_current()
-    before = ctx.use_datasource_v2, ctx.enable_progress_bars
+    # (set here: a switch an earlier test's read left changed would compare equal to itself)
+    monkeypatch.setattr(ctx, "use_datasource_v2", True)
+    monkeypatch.setattr(ctx, "enable_progress_bars", True)
     ds = read_shards(str(synth_shards / "train")).materialize()
-    assert (ctx.use_datasource_v2, ctx.enable_progress_bars) == before  # the switches are the call's own
+    assert (ctx.use_datasource_v2, ctx.enable_progress_bars) == (True, True)  # the switches are the call's own
     stats = ds.stats()
     # The V1 reader: one ReadParquet stage, not V2's ListFiles (32 footer-reader actors) + ReadFiles.
     assert "ReadParquet" in stats and "ListFiles" not in stats

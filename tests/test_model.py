@@ -357,3 +357,32 @@ def test_batchnorm_is_left_where_it_cannot_fold() -> None:
         assert fold_batchnorm(model) == (model, 0)
     with pytest.raises(ValueError, match="eval mode"):
         fold_batchnorm(create_model("test_resnet", 7))
+
+
+def test_a_model_saved_with_timm_before_1_0_30_keeps_no_test_size_of_the_original_weights(tmp_path, monkeypatch) -> None:
+    """timm before 1.0.30 has no data_config to save: the fallback set the input size but
+    left the ImageNet weights' test size (288 px for resnet18.a1_in1k), which timm's
+    use_test_size then fed a 48 px face model."""
+    import inspect
+
+    import timm.models._hub as hub
+    from timm.data import resolve_data_config
+
+    from fer_ray.model import ModelSpec, create_model, load_model_dir, save_model_dir
+
+    real = hub.save_config_for_hf
+
+    def old_timm(model, config_path, model_config=None, model_args=None):
+        return real(model, config_path, model_config=model_config, model_args=model_args)
+
+    monkeypatch.setattr(hub, "save_config_for_hf", old_timm)
+    assert "data_config" not in inspect.signature(hub.save_config_for_hf).parameters
+    model = create_model("resnet18.a1_in1k", 7, in_chans=1)
+    assert model.pretrained_cfg["test_input_size"][1:] == (288, 288)
+    spec = ModelSpec(model="resnet18.a1_in1k", class_names=[str(i) for i in range(7)], image_size=48,
+                     data_size=48, channels=1, mean=[0.5], std=[0.25], model_kwargs={"in_chans": 1})
+    save_model_dir(model, tmp_path / "best", spec)
+    config = json.loads((tmp_path / "best" / "config.json").read_text())["pretrained_cfg"]
+    assert "test_input_size" not in config and config["pool_size"] is None and config["crop_pct"] == 1.0
+    loaded, _ = load_model_dir(str(tmp_path / "best"))
+    assert resolve_data_config({}, model=loaded, use_test_size=True)["input_size"] == (1, 48, 48)

@@ -180,7 +180,10 @@ def test_blur_sample_holds_what_decodes(model_dir, image_folder, labelled_run) -
     listing = list_images(str(src), FER_CLASSES)
     everything = sample_input(str(src), listing, None, spec, rows=1000)
     assert everything.shape == (len(good), SIZE, SIZE, 1) and everything.dtype == np.uint8
-    assert len(sample_input(str(src), listing, None, spec, rows=3)) <= 3
+    # three files drawn (seeded), of which those that decode
+    drawn = listing.column(PATH_COL).take(np.sort(np.random.default_rng(0).permutation(listing.num_rows)[:3]))
+    decodable = sum(path in good for path in drawn.to_pylist())
+    assert decodable > 0 and sample_input(str(src), listing, None, spec, rows=3).shape == (decodable, SIZE, SIZE, 1)
     # This model was trained without a blur: nothing is measured, none applied.
     assert labelled_run[1]["input_blur"] == 0 and labelled_run[1]["input_blur_source"] == "the model's"
 
@@ -534,6 +537,8 @@ def test_bad_inputs_exit_2_with_one_sentence(case, model_dir, image_folder, tmp_
         assert "is inside --input" in err
     if case == "output_is_input":
         assert "is --input itself" in err
+    if case == "input_inside_output":
+        assert "is inside --output" in err
     if case == "foreign_output_with_a_summary":
         assert (Path(out) / "thesis.tex").read_text() == "precious" and (Path(out) / "chapters").is_dir()
     if case == "hidden_only_output":
@@ -879,7 +884,9 @@ def test_scorer_in_bf16_scores_close_to_fp32(model_dir) -> None:
     assert fp32.amp_dtype is None and bf16.amp_dtype is torch.bfloat16
     assert p16.dtype == np.float32
     np.testing.assert_allclose(p16.sum(1), 1.0, atol=1e-5)
-    np.testing.assert_allclose(p16, p32, atol=0.05)
+    # bf16's rounding, well under what another image's scores differ by (this random model's
+    # probabilities all lie within ~0.02 of 1/7: a wide tolerance passed uniform scores)
+    assert np.abs(p16 - p32).max() < np.abs(p32 - p32[::-1]).max() / 4
     assert not np.array_equal(p16, p32)  # bf16 did run
 
 

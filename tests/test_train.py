@@ -261,15 +261,23 @@ def test_ctrl_c_says_interrupted_and_the_rerun_resumes(ray_cluster, synth_shards
     """Ray Train's SIGINT handler aborts the run and its wait then ended in SystemExit(1):
     exit 1 without a word. Now exit 130 and a sentence; the rerun continues the epochs."""
     run = tmp_path / "run"
-    with ctrl_c_when(run, "ray_train/epoch_*"):
+    with ctrl_c_when(run, "ray_train/epoch_0002"):  # (epoch 1's checkpoint registered by then)
         status = train_main(tiny_train_args(str(synth_shards), str(run), "--epochs", "60"))
     assert status == 130
     assert "interrupted; the epochs finished so far are saved" in capsys.readouterr().err
     assert not (run / "history.csv").exists()  # the run did not finish
     saved = max(int(p.name.split("_")[1]) for p in (run / "ray_train").glob("epoch_*"))
-    assert saved < 60
+    assert 2 <= saved < 60
+    from fer_ray.constants import TRAIN_STATE_FILE
+
+    kept = torch.load(run / "ray_train" / "epoch_0001" / TRAIN_STATE_FILE, weights_only=True)["state"]["history"]
     assert train_main(tiny_train_args(str(synth_shards), str(run), "--epochs", str(saved + 1))) == 0
-    assert pd.read_csv(run / "history.csv")["epoch"].tolist() == list(range(1, saved + 2))
+    history = pd.read_csv(run / "history.csv")
+    assert history["epoch"].tolist() == list(range(1, saved + 2))
+    # Epoch 1 was not trained again: its row is the one its checkpoint holds (the last
+    # epoch's checkpoint may not have been registered before Ctrl-C: that one may run again).
+    assert history["seconds"].tolist()[0] == pytest.approx(kept[0]["seconds"])
+    assert history["val_acc"].tolist()[0] == pytest.approx(kept[0]["val_acc"])
 
 
 def test_best_folder_holds_the_best_epoch_when_val_accuracy_ties(ray_cluster, synth_shards, tiny_run, tmp_path) -> None:
