@@ -77,12 +77,18 @@ def fetch_pretrained_state(
                 f"read ({type(e).__name__}: {' '.join(str(e).split())[:200] or 'no detail'})."
             ) from None
     unreachable = hub_unreachable() if not pretrained_file and weights_on_hub(name) else None
+    twin = None
     try:
         with _hub_offline(unreachable is not None), torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = timm.create_model(
                 name, pretrained=True, num_classes=num_classes, pretrained_cfg_overlay=overlay, **kwargs
             )
+            if given is not None:  # the same file over another random start (_check_weights_cover)
+                torch.manual_seed(seed + 1)
+                twin = timm.create_model(
+                    name, pretrained=True, num_classes=num_classes, pretrained_cfg_overlay=overlay, **kwargs
+                )
     except Exception as e:  # noqa: BLE001 - network, hub and file errors all end the same way
         # Wrong --model-kwargs read as such (create_model's ConfigError), not as a failed download.
         create_model(name, num_classes, **kwargs)
@@ -102,21 +108,25 @@ def fetch_pretrained_state(
     finally:
         if downloaded:
             os.remove(downloaded)  # a bucket's weights, copied here only for timm to read
-    if given is not None:
-        _check_weights_cover(model, given, name, pretrained_file)
+    if twin is not None:
+        _check_weights_cover(model, twin, name, pretrained_file)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def _check_weights_cover(model: torch.nn.Module, given: set[str], name: str, pretrained_file: str) -> None:
-    """ConfigError unless `given` (a --pretrained-file's tensor names) holds every tensor of
-    the model but its classifier: timm loads a file into a model with a new head leniently,
-    and the weights of another architecture left most of the backbone random, trained as
-    if pretrained (a file of no matching tensor at all, with a frozen random backbone)."""
+def _check_weights_cover(model: torch.nn.Module, twin: torch.nn.Module, name: str, pretrained_file: str) -> None:
+    """ConfigError unless a --pretrained-file set every tensor of the model but its
+    classifier: timm loads a file into a model with a new head leniently, and the weights of
+    another architecture left most of the backbone random, trained as if pretrained (a file
+    of no matching tensor at all, with a frozen random backbone). `twin`: the same file
+    loaded over another random start; a tensor the file set is the same in both (compared
+    after timm's own renaming of the architecture's other checkpoint layouts: Facebook's
+    ConvNeXt names, say, which a check of the file's names refused)."""
     head = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or ""
     heads = head if isinstance(head, (list, tuple)) else [head]
-    wanted = [k for k in model.state_dict()
+    mine, theirs = model.state_dict(), twin.state_dict()
+    wanted = [k for k in mine
               if not k.endswith("num_batches_tracked") and not any(k.startswith(h + ".") for h in heads if h)]
-    missing = [k for k in wanted if k not in given]
+    missing = [k for k in wanted if not torch.equal(mine[k], theirs[k])]
     if missing:
         raise ConfigError(
             f"--pretrained-file {pretrained_file!r} does not hold {name}'s weights: {len(missing)} of its "

@@ -144,6 +144,30 @@ def test_pretrained_file_in_a_bucket_is_read_through_a_temporary_copy_then_remov
     assert len(made) == 1 and not Path(made[0][1]).exists()
 
 
+def test_a_pretrained_file_in_a_layout_timm_translates_is_accepted(tmp_path) -> None:
+    """ConvNeXt weights as Facebook's repository saves them (other tensor names, which timm's
+    ConvNeXt renames on loading) were refused as not this architecture's: the check compared
+    the file's names with the model's."""
+    import re
+
+    source = timm.create_model("convnext_atto", num_classes=1000)
+
+    def facebook(key: str) -> str:
+        key = key.replace("stem.", "downsample_layers.0.")
+        key = re.sub(r"stages\.(\d+)\.downsample\.(\d+)", r"downsample_layers.\1.\2", key)
+        key = re.sub(r"stages\.(\d+)\.blocks\.(\d+)", r"stages.\1.\2", key)
+        key = key.replace("conv_dw", "dwconv").replace("mlp.fc", "pwconv")
+        return "norm." + key[len("head.norm."):] if key.startswith("head.norm.") else key.replace("head.fc.", "head.")
+
+    renamed = {facebook(k): v for k, v in source.state_dict().items()}
+    assert "downsample_layers.0.0.weight" in renamed and "stages.1.0.dwconv.weight" in renamed
+    torch.save({"model": renamed}, tmp_path / "convnext_atto_1k.pth")
+    state = fetch_pretrained_state("convnext_atto", 7, str(tmp_path / "convnext_atto_1k.pth"))
+    torch.testing.assert_close(state["stem.0.weight"], source.state_dict()["stem.0.weight"])
+    torch.testing.assert_close(state["stages.3.blocks.1.mlp.fc2.weight"],
+                               source.state_dict()["stages.3.blocks.1.mlp.fc2.weight"])
+
+
 def test_missing_pretrained_file_is_a_config_error(tmp_path) -> None:
     with pytest.raises(ConfigError, match="--pretrained-file .* does not exist"):
         fetch_pretrained_state("test_resnet", 7, str(tmp_path / "nope.pth"))
