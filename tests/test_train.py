@@ -645,6 +645,30 @@ def test_schedule_warms_up_then_decays_to_min_lr_at_the_phase_end(epochs, freeze
     assert lrs[n - 1] < 0.03 * s.lr  # the last step trains near the bottom (10 cosine steps in the head case)
 
 
+def test_a_plan_that_grows_does_not_move_the_warm_up_back() -> None:
+    """The warm-up was capped at half the planned phase: a time budget's first plan of 4
+    fine-tuning epochs (warm-up 2 of the 3 asked), grown to 10 at step 20, made the warm-up 3
+    epochs again and the learning rate fell from its peak back into the ramp."""
+    from types import SimpleNamespace
+
+    from fer_ray.train_loop import build_scheduler
+
+    s = SimpleNamespace(epochs=6, freeze_epochs=2, warmup_epochs=3, lr=1e-3, min_lr=1e-6)
+    steps, configured = 10, 12
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=s.lr)
+
+    def lr_at(step: int) -> float:
+        scheduler.step_update(num_updates=step)
+        return optimizer.param_groups[0]["lr"]
+
+    scheduler = build_scheduler(optimizer, "finetune", s, steps, configured)
+    before = [lr_at(step) for step in (19, 20)]
+    s.epochs = configured  # the plan grows at the end of the phase's second epoch
+    scheduler = build_scheduler(optimizer, "finetune", s, steps, configured)
+    assert [lr_at(step) for step in (19, 20)] == pytest.approx(before)
+    assert lr_at(30) == pytest.approx(s.lr)  # the 3 epochs of warm-up asked for
+
+
 def test_each_worker_and_each_resume_draws_its_own_dropout_and_mixup() -> None:
     import numpy as np
 
