@@ -104,6 +104,7 @@ class TrainState:
     bad_epochs: int = 0
     stopped_early: bool = False
     planned_epochs: int = 0  # epochs the time budget left room for; 0: not planned yet
+    warmup_steps: int = -1  # the running phase's warm-up, fixed at its start (-1: not yet)
     diverged: bool = False  # the weights or val outputs stopped being finite numbers: the run ended there
     history: list[dict[str, Any]] = field(default_factory=list)
 
@@ -160,13 +161,12 @@ def phase_step(global_step: int, phase_start: int, epoch_steps: int) -> int:
     return max(0, global_step - phase_start * epoch_steps)
 
 
-def phase_bounds(phase: str, s: LoopSettings, epochs: int | None = None) -> tuple[int, int]:
-    """(first epoch, number of epochs) of a phase in a run of `epochs` (default `s.epochs`);
-    a time budget may end the run inside the head phase (`s.epochs` below --freeze-epochs)."""
-    epochs = s.epochs if epochs is None else epochs
+def phase_bounds(phase: str, s: LoopSettings) -> tuple[int, int]:
+    """(first epoch, number of epochs) of a phase; a time budget may end the run inside the
+    head phase (`s.epochs` below --freeze-epochs)."""
     if phase == HEAD_PHASE:
-        return 0, min(s.freeze_epochs, epochs)
-    return s.freeze_epochs, epochs - s.freeze_epochs
+        return 0, min(s.freeze_epochs, s.epochs)
+    return s.freeze_epochs, s.epochs - s.freeze_epochs
 
 
 def _is_distributed() -> bool:
@@ -245,7 +245,7 @@ class WeightedCrossEntropy(torch.nn.Module):
 
 
 def build_phase(
-    model: torch.nn.Module, phase: str, s: LoopSettings, steps_per_epoch: int, most_epochs: int | None = None,
+    model: torch.nn.Module, phase: str, s: LoopSettings, steps_per_epoch: int, warmup_steps: int = -1,
 ) -> tuple[torch.nn.Module, torch.optim.Optimizer, Any]:
     """Freeze/unfreeze, wrap for DDP, and build the optimizer (AdamW, or SGD with Nesterov
     momentum) with a warm-up + cosine schedule."""
@@ -262,7 +262,7 @@ def build_phase(
     if backbone_params:
         groups.append({"params": backbone_params, "lr": backbone_lr})
     optimizer = build_optimizer(groups, s)
-    scheduler = build_scheduler(optimizer, phase, s, steps_per_epoch, most_epochs)
+    scheduler = build_scheduler(optimizer, phase, s, steps_per_epoch, warmup_steps)
     # A fresh DDP wrapper per phase: DDP registers exactly the parameters that train.
     wrapped = ray.train.torch.prepare_model(model, move_to_device=False)
     return wrapped, optimizer, scheduler
@@ -287,21 +287,19 @@ def build_optimizer(groups: list[dict[str, Any]], s: LoopSettings) -> torch.opti
 
 
 def build_scheduler(
-    optimizer: torch.optim.Optimizer, phase: str, s: LoopSettings, steps_per_epoch: int,
-    most_epochs: int | None = None,
+    optimizer: torch.optim.Optimizer, phase: str, s: LoopSettings, steps_per_epoch: int, warmup_steps: int = -1,
 ) -> Any:
-    """Warm-up, then cosine decay to `min_lr` over the phase's epochs (per step).
-
-    The warm-up is at most half the phase as --epochs (`most_epochs`, where a time budget
-    plans fewer) would make it, not as planned: a plan that grew with the warm-up capped by
-    its length moved the warm-up's end past steps already taken, and the learning rate fell
-    back into it mid-phase."""
+    """Warm-up, then cosine decay to `min_lr` over the phase's epochs (per step). The
+    warm-up is --warmup-epochs, at most half the phase; `warmup_steps` (>= 0): the one the
+    phase began with (TrainState.warmup_steps), kept when a time budget's plan grows (a
+    warm-up that grew with the plan moved its end past steps already taken, and the
+    learning rate fell from its peak back into the ramp mid-phase)."""
     from timm.scheduler import CosineLRScheduler
 
     _, n_epochs = phase_bounds(phase, s)
     total = max(1, n_epochs * steps_per_epoch)
-    _, longest = phase_bounds(phase, s, max(most_epochs or 0, s.epochs))
-    warmup = min(int(round(s.warmup_epochs * steps_per_epoch)), longest * steps_per_epoch // 2, total - 1)
+    asked = int(round(s.warmup_epochs * steps_per_epoch)) if warmup_steps < 0 else warmup_steps
+    warmup = min(asked, total // 2)
     # warmup_prefix: the cosine starts after the warm-up, so it gets the phase's other steps.
     # timm warms every group up from one value: 1% of the lowest group's peak, so that a
     # backbone at --backbone-lr-scale of the head's LR rises to its peak too (from 1% of
@@ -648,7 +646,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     while epoch < s.epochs:  # (a time budget may move the end either way)
         if phase_of(epoch, s.freeze_epochs) != phase:
             phase = phase_of(epoch, s.freeze_epochs)
-            wrapped, optimizer, scheduler = build_phase(model, phase, s, epoch_steps, configured_epochs)
+            if epoch == phase_bounds(phase, s)[0]:  # the phase begins (not resumed inside it)
+                state.warmup_steps = -1
+            wrapped, optimizer, scheduler = build_phase(model, phase, s, epoch_steps, state.warmup_steps)
+            state.warmup_steps = scheduler.warmup_t
             if epoch == s.freeze_epochs and epoch > 0:  # patience counts in the final phase only
                 state.bad_epochs = 0
             if restored is not None and restored["phase"] == phase and epoch == state.epoch:
@@ -793,7 +794,8 @@ def _fit_to_deadline(
         # or grew again past a head phase it had cut short (which would otherwise run its
         # last epochs at --min-lr).
         if scheduler is not None and fit > state.epoch and phase_bounds(phase, s) != before:
-            scheduler = build_scheduler(optimizer, phase, s, epoch_steps, configured_epochs)
+            scheduler = build_scheduler(optimizer, phase, s, epoch_steps, state.warmup_steps)
+            state.warmup_steps = scheduler.warmup_t
     # Kept only when the budget cut the run short: a run it fitted whole ran all its epochs,
     # and a rerun with a larger --epochs goes on (is_finished).
     state.planned_epochs = s.epochs if s.epochs < configured_epochs else 0

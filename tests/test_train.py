@@ -646,27 +646,33 @@ def test_schedule_warms_up_then_decays_to_min_lr_at_the_phase_end(epochs, freeze
 
 
 def test_a_plan_that_grows_does_not_move_the_warm_up_back() -> None:
-    """The warm-up was capped at half the planned phase: a time budget's first plan of 4
-    fine-tuning epochs (warm-up 2 of the 3 asked), grown to 10 at step 20, made the warm-up 3
-    epochs again and the learning rate fell from its peak back into the ramp."""
+    """The warm-up was capped at half the planned phase each time the schedule was built: a
+    time budget's first plan of 4 fine-tuning epochs (warm-up 2 of the 3 asked), grown to
+    10 at step 20, made the warm-up 3 epochs again and the learning rate fell from its peak
+    back into the ramp. The phase keeps the warm-up it began with."""
     from types import SimpleNamespace
 
     from fer_ray.train_loop import build_scheduler
 
     s = SimpleNamespace(epochs=6, freeze_epochs=2, warmup_epochs=3, lr=1e-3, min_lr=1e-6)
-    steps, configured = 10, 12
+    steps = 10
     optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=s.lr)
 
-    def lr_at(step: int) -> float:
-        scheduler.step_update(num_updates=step)
-        return optimizer.param_groups[0]["lr"]
+    def lrs(scheduler, steps_: range) -> list[float]:
+        out = []
+        for step in steps_:
+            scheduler.step_update(num_updates=step)
+            out.append(optimizer.param_groups[0]["lr"])
+        return out
 
-    scheduler = build_scheduler(optimizer, "finetune", s, steps, configured)
-    before = [lr_at(step) for step in (19, 20)]
-    s.epochs = configured  # the plan grows at the end of the phase's second epoch
-    scheduler = build_scheduler(optimizer, "finetune", s, steps, configured)
-    assert [lr_at(step) for step in (19, 20)] == pytest.approx(before)
-    assert lr_at(30) == pytest.approx(s.lr)  # the 3 epochs of warm-up asked for
+    first = build_scheduler(optimizer, "finetune", s, steps)
+    assert first.warmup_t == 20 and lrs(first, range(20, 21)) == [pytest.approx(s.lr)]
+    s.epochs = 12  # the plan grows at the end of the phase's second epoch
+    grown = build_scheduler(optimizer, "finetune", s, steps, first.warmup_t)
+    after = lrs(grown, range(20, 101))
+    assert after[0] == pytest.approx(s.lr)  # still at the peak, then only down
+    assert all(a >= b for a, b in zip(after, after[1:])) and after[-1] == pytest.approx(s.min_lr)
+    assert build_scheduler(optimizer, "finetune", s, steps).warmup_t == 30  # a phase begun on this plan
 
 
 def test_each_worker_and_each_resume_draws_its_own_dropout_and_mixup() -> None:
