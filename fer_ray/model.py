@@ -9,6 +9,7 @@ loads it without fer_ray; `load_model_dir` does the same and returns the descrip
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import difflib
 import inspect
@@ -77,18 +78,13 @@ def fetch_pretrained_state(
                 f"read ({type(e).__name__}: {' '.join(str(e).split())[:200] or 'no detail'})."
             ) from None
     unreachable = hub_unreachable() if not pretrained_file and weights_on_hub(name) else None
-    twin = None
+    loads: list[Any] = []  # (module, what its load_state_dict left missing): _check_weights_cover
     try:
-        with _hub_offline(unreachable is not None), torch.random.fork_rng(devices=[]):
+        with _hub_offline(unreachable is not None), torch.random.fork_rng(devices=[]), _recording_loads(loads):
             torch.manual_seed(seed)
             model = timm.create_model(
                 name, pretrained=True, num_classes=num_classes, pretrained_cfg_overlay=overlay, **kwargs
             )
-            if given is not None:  # the same file over another random start (_check_weights_cover)
-                torch.manual_seed(seed + 1)
-                twin = timm.create_model(
-                    name, pretrained=True, num_classes=num_classes, pretrained_cfg_overlay=overlay, **kwargs
-                )
     except Exception as e:  # noqa: BLE001 - network, hub and file errors all end the same way
         # Wrong --model-kwargs read as such (create_model's ConfigError), not as a failed download.
         create_model(name, num_classes, **kwargs)
@@ -108,25 +104,44 @@ def fetch_pretrained_state(
     finally:
         if downloaded:
             os.remove(downloaded)  # a bucket's weights, copied here only for timm to read
-    if twin is not None:
-        _check_weights_cover(model, twin, name, pretrained_file)
+    if given is not None:
+        # What timm's load left missing, after its renaming of the architecture's other
+        # checkpoint layouts (Facebook's ConvNeXt names, say); the file's own names where
+        # the model loaded its weights another way.
+        into_model = [result for module, result in loads if module is model]
+        missing = set(into_model[-1].missing_keys) if into_model else set(model.state_dict()) - given
+        _check_weights_cover(model, missing, name, pretrained_file)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def _check_weights_cover(model: torch.nn.Module, twin: torch.nn.Module, name: str, pretrained_file: str) -> None:
+@contextlib.contextmanager
+def _recording_loads(loads: list[Any]) -> Any:
+    """Within: (module, result) of every Module.load_state_dict call appended to `loads`."""
+    real = torch.nn.Module.load_state_dict
+
+    def recording(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        result = real(self, *args, **kwargs)
+        loads.append((self, result))
+        return result
+
+    torch.nn.Module.load_state_dict = recording
+    try:
+        yield
+    finally:
+        torch.nn.Module.load_state_dict = real
+
+
+def _check_weights_cover(model: torch.nn.Module, missing: set[str], name: str, pretrained_file: str) -> None:
     """ConfigError unless a --pretrained-file set every tensor of the model but its
-    classifier: timm loads a file into a model with a new head leniently, and the weights of
-    another architecture left most of the backbone random, trained as if pretrained (a file
-    of no matching tensor at all, with a frozen random backbone). `twin`: the same file
-    loaded over another random start; a tensor the file set is the same in both (compared
-    after timm's own renaming of the architecture's other checkpoint layouts: Facebook's
-    ConvNeXt names, say, which a check of the file's names refused)."""
+    classifier (`missing`: the model's tensors it did not set): timm loads a file into a
+    model with a new head leniently, and the weights of another architecture left most of
+    the backbone random, trained as if pretrained (a file of no matching tensor at all,
+    with a frozen random backbone)."""
     head = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or ""
     heads = head if isinstance(head, (list, tuple)) else [head]
-    mine, theirs = model.state_dict(), twin.state_dict()
-    wanted = [k for k in mine
+    wanted = [k for k in model.state_dict()
               if not k.endswith("num_batches_tracked") and not any(k.startswith(h + ".") for h in heads if h)]
-    missing = [k for k in wanted if not torch.equal(mine[k], theirs[k])]
+    missing = [k for k in wanted if k in missing]
     if missing:
         raise ConfigError(
             f"--pretrained-file {pretrained_file!r} does not hold {name}'s weights: {len(missing)} of its "

@@ -185,6 +185,12 @@ def test_a_pretrained_file_of_other_weights_is_named(tmp_path) -> None:
     torch.save({"foo": torch.zeros(3)}, tmp_path / "foo.pth")
     with pytest.raises(ConfigError, match="does not hold test_resnet's weights"):
         fetch_pretrained_state("test_resnet", 7, str(tmp_path / "foo.pth"))
+    # A file without the BatchNorm statistics (parameters only): the head would train on
+    # features normalised by the defaults, 0 and 1.
+    params = {k: v for k, v in timm.create_model("test_resnet").state_dict().items() if "running_" not in k}
+    torch.save(params, tmp_path / "params.pth")
+    with pytest.raises(ConfigError, match=r"does not hold test_resnet's weights: .*running_mean"):
+        fetch_pretrained_state("test_resnet", 7, str(tmp_path / "params.pth"))
     (tmp_path / "notes.pth").write_text("not weights")
     (tmp_path / "empty.pth").write_bytes(b"")
     for name in ("notes.pth", "empty.pth"):
