@@ -136,6 +136,8 @@ def cluster_capacity(cfg: SweepConfig) -> int:
         return max(cfg.sweep.num_samples, cfg.sweep.max_concurrent or 0)
     per_trial_cpu = cfg.run.num_workers * cfg.run.cpus_per_worker + 1
     fit = int(res.get("CPU", 0) // per_trial_cpu)
+    if res.get(TRIAL_SLOT):  # trials run on the head's slots (trial_resources)
+        fit = min(fit, int(res[TRIAL_SLOT]))
     if cfg.run.use_gpu:
         fit = min(fit, int(res.get("GPU", 0) // cfg.run.num_workers))
     return max(1, fit)
@@ -251,7 +253,8 @@ def asha(epochs: int, grace_period: int) -> Any:
     return LastReportASHA(time_attr="epoch", max_t=epochs - 1, grace_period=grace_period, stop_last_trials=False)
 
 
-def build_tuner(cfg: SweepConfig, manifest: dict[str, Any], cpu_format: str | None = None):
+def build_tuner(cfg: SweepConfig, manifest: dict[str, Any], cpu_format: str | None = None,
+                resources: dict[str, float] | None = None):
     """A new Tuner, or the interrupted sweep in TUNE_DIR restored (finished trials kept)."""
     tune_dir = storage.normalize(cfg.run.output)
     pretrained = load_pretrained(cfg, len(manifest["classes"]))
@@ -262,7 +265,7 @@ def build_tuner(cfg: SweepConfig, manifest: dict[str, Any], cpu_format: str | No
         pretrained=None if pretrained is None else [pretrained], cpu_format=cpu_format,
     )
     # The trial function only waits on its TorchTrainer (trial_resources).
-    trainable = ray.tune.with_resources(trainable, trial_resources())
+    trainable = ray.tune.with_resources(trainable, resources or trial_resources())
     experiment = storage.join(tune_dir, TUNE_RUN_NAME)
     if ray.tune.Tuner.can_restore(experiment):
         log.info("Resuming the sweep in %s", experiment)
@@ -455,26 +458,46 @@ def _time_formats(spec: Any, batch_size: int, threads: int) -> tuple[str, str]:
     return format_name(*fastest_format(seconds)), timings_line(seconds)
 
 
+def sweep_trial_resources(tune_dir: str, begun: dict[str, Any]) -> dict[str, float]:
+    """What the sweep's trials hold (trial_resources): for a sweep resumed, what it began
+    with, as Tune restores each trial with its request (a sweep from before the record:
+    TRIAL_DRIVER_CPU). ConfigError when that is a TRIAL_SLOT this cluster lacks: its trials
+    would wait for one forever."""
+    import ray
+
+    if not ray.tune.Tuner.can_restore(storage.join(tune_dir, TUNE_RUN_NAME)):
+        return trial_resources()
+    kept = (begun.get(RESOLVED_KEY) or {}).get("trial_resources") or {"CPU": TRIAL_DRIVER_CPU}
+    if TRIAL_SLOT in kept and not ray.cluster_resources().get(TRIAL_SLOT):
+        raise ConfigError(
+            f"The sweep in {tune_dir!r} began on a cluster whose head holds {TRIAL_SLOT} resources "
+            "(cluster.yaml), which its trials hold and this Ray lacks; resume it on that cluster."
+        )
+    return kept
+
+
 def sweep(cfg: SweepConfig, manifest: dict[str, Any]) -> tuple[pd.DataFrame, dict[str, Any] | None]:
     """Run (or resume) the sweep and write TUNE_DIR; Ray must be initialised."""
-    check_resources(cfg, driver_cpus=trial_resources().get("CPU", 0))
     tune_dir = storage.normalize(cfg.run.output)
+    begun = storage.read_json_or_none(storage.join(tune_dir, SWEEP_CONFIG_FILE)) or {}
+    resources = sweep_trial_resources(tune_dir, begun)
+    check_resources(cfg, driver_cpus=resources.get("CPU", 0))
     # Measured once here (see fer_ray.blur) rather than by every trial: all trials match the same.
     spec = resolve_settings(cfg, manifest).spec
     cfg.data.input_blur = str(spec.input_blur)
     check_resumed_blur(tune_dir, cfg.data.input_blur)
-    begun = storage.read_json_or_none(storage.join(tune_dir, SWEEP_CONFIG_FILE)) or {}
     cpu_format = sweep_cpu_format(cfg, spec, begun)
     storage.makedirs(tune_dir)
     _INTERRUPTED.clear()
     handlers = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
     try:
-        tuner = build_tuner(cfg, manifest, cpu_format)
+        tuner = build_tuner(cfg, manifest, cpu_format, resources)
         # The settings are written once the sweep can start (its pretrained weights loaded):
         # a sweep that failed before, say on a --pretrained-file of another architecture,
         # held its folder to the settings that failed, and the corrected rerun was refused.
         storage.write_json(storage.join(tune_dir, SWEEP_CONFIG_FILE),
-                           {**to_dict(copy.deepcopy(cfg)), RESOLVED_KEY: {"cpu_format": cpu_format}})
+                           {**to_dict(copy.deepcopy(cfg)),
+                            RESOLVED_KEY: {"cpu_format": cpu_format, "trial_resources": resources}})
         grid = tuner.fit()
     finally:
         if threading.current_thread() is threading.main_thread():

@@ -165,6 +165,7 @@ def test_gpus_the_autoscaler_can_never_bring_up_are_refused_at_once(monkeypatch)
     ({"CPU": 16, "GPU": 2}, None, "", 2),  # the GPUs here
     ({"CPU": 4, "GPU": 1}, {"CPU": 48, "GPU": 4}, "127.0.0.1:6379", 4),  # cluster.yaml's ceiling
     ({"CPU": 4, "GPU": 1}, None, "127.0.0.1:6379", 16),  # limits unknown: not held to the GPU up now
+    ({"CPU": 0, "fer_ray_trial": 3}, {"CPU": 48, "GPU": 4, "fer_ray_trial": 3}, "127.0.0.1:6379", 3),  # head slots
 ])
 def test_sweep_concurrency_counts_what_the_cluster_may_grow_to(monkeypatch, current, limits, address, expected) -> None:
     """A sweep on cluster.yaml used to run one GPU trial at a time: the cap was taken from

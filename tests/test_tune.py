@@ -497,3 +497,23 @@ def test_sweep_plot_rings_the_best_finished_trial_and_marks_failed_ones(tmp_path
     assert left.get_title() == "0 of 4 trials finished, 4 failed"
     assert 1e-5 < left.get_xlim()[0] and left.get_xlim()[1] < 1e-1  # around the LRs searched, not 1-10
     assert (tmp_path / "none.png").stat().st_size > 0
+
+
+def test_a_resumed_sweep_keeps_the_resources_its_trials_began_with(tmp_path, monkeypatch) -> None:
+    """Tune restores each trial with the resources it was created with: a sweep begun on
+    cluster.yaml's head slots, resumed on a Ray without them, waited forever."""
+    import ray
+
+    from fer_ray import tuning
+    from fer_ray.config import ConfigError
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0})
+    monkeypatch.setattr(ray.tune.Tuner, "can_restore", staticmethod(lambda path: False))
+    assert tuning.sweep_trial_resources(str(tmp_path), {}) == {"CPU": tuning.TRIAL_DRIVER_CPU}  # a new sweep
+    monkeypatch.setattr(ray.tune.Tuner, "can_restore", staticmethod(lambda path: True))
+    assert tuning.sweep_trial_resources(str(tmp_path), {}) == {"CPU": tuning.TRIAL_DRIVER_CPU}  # no record: before it
+    began = {"resolved": {"trial_resources": {tuning.TRIAL_SLOT: 1}}}
+    with pytest.raises(ConfigError, match="began on a cluster whose head holds fer_ray_trial resources"):
+        tuning.sweep_trial_resources(str(tmp_path), began)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 0.0, tuning.TRIAL_SLOT: 1000.0})
+    assert tuning.sweep_trial_resources(str(tmp_path), began) == {tuning.TRIAL_SLOT: 1}
