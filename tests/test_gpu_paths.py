@@ -87,7 +87,7 @@ def test_the_cluster_ceiling_is_read_from_the_config_ray_up_leaves_on_the_head(m
     monkeypatch.setattr(cli, "BOOTSTRAP_CONFIG", str(REPO / "cluster.yaml"))  # what ray up copies there
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
     # head once (CPU 0), up to 4 GPU workers (CPU 4, GPU 1) and 2 CPU workers (CPU 16)
-    assert cli.autoscaler_limits() == {"CPU": 48, "GPU": 4}
+    assert cli.autoscaler_limits() == {"CPU": 48, "GPU": 4, "fer_ray_trial": 8}  # (and the head's trial slots)
     monkeypatch.delenv("RAY_ADDRESS")  # a local Ray: no ceiling, whatever files lie around
     assert cli.autoscaler_limits() is None
     monkeypatch.setenv("RAY_ADDRESS", "local")  # a Ray of the job's own too
@@ -103,7 +103,7 @@ def test_the_cluster_ceiling_is_read_from_the_config_ray_up_leaves_on_the_head(m
     config["available_node_types"]["gpu_worker"]["max_workers"] = 8
     (tmp_path / "wider.yaml").write_text(yaml.safe_dump(config))
     assert config["max_workers"] == 6
-    assert cli.bootstrap_limits(str(tmp_path / "wider.yaml")) == {"CPU": 2 * 16 + 4 * 4, "GPU": 6}
+    assert cli.bootstrap_limits(str(tmp_path / "wider.yaml")) == {"CPU": 2 * 16 + 4 * 4, "GPU": 6, "fer_ray_trial": 8}
 
 
 @pytest.mark.parametrize("address", [None, "local"])
