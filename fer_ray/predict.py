@@ -1050,7 +1050,7 @@ def predict(
     log.info("Scoring %d images (%s) from %s with %s", total, described, source, model_dir)
 
     tmp = storage.sibling(output, f".tmp-{uuid.uuid4().hex[:8]}")
-    publishing = False
+    copying: set[str] = set()  # holds tmp while _publish copies it into OUT
     parent = storage.split_last(tmp)[0]
     made = storage.missing_folders(parent) if parent else []  # removed again if the run fails
     predictions = storage.join(tmp, PREDICTIONS_DIR)
@@ -1108,15 +1108,14 @@ def predict(
         if summary["scored"] + n_errors != total:
             log.warning("%d scored + %d errors != %d listed", summary["scored"], n_errors, total)
         storage.write_json(storage.join(tmp, SUMMARY_FILE), summary)
-        publishing = True
-        _publish(tmp, output)
-        publishing, made = False, []
+        _publish(tmp, output, copying)
+        made = []
     finally:
         for open_writer in (writer.writer, errors.writer):  # (closed and None when done)
             with contextlib.suppress(Exception):  # the error that ended the run is the one to see
                 if open_writer is not None:
                     open_writer.close()
-        if publishing and not storage.renames_folders(output):
+        if tmp in copying and not storage.renames_folders(output):
             # Stopped while copied into a bucket (no folder renames there): OUT holds part of
             # it; the finished copy beside it marks OUT as this job's, for the rerun to replace.
             log.warning("The copy into %s stopped part way: it holds part of the output, and the "
@@ -1185,17 +1184,24 @@ def _stale_temp_folders(output: str) -> list[str]:
     ]
 
 
-def _publish(tmp: str, output: str) -> None:
+def _publish(tmp: str, output: str, copying: set[str] | None = None) -> None:
     """Swap the finished folder in; the old output goes only once the new one is complete.
-    On an object store the folder is copied with summary.json last (storage.move)."""
+    On an object store the folder is copied with summary.json last (storage.move); `copying`
+    holds `tmp` while it is moved into OUT, so a failure then is told from one before or
+    after it."""
+    copying = set() if copying is None else copying
     if storage.exists(output):
         old = storage.sibling(output, f".old-{uuid.uuid4().hex[:8]}")
         storage.move(output, old)
+        copying.add(tmp)
         storage.move(tmp, output, last=SUMMARY_FILE)
+        copying.discard(tmp)
         try:
             storage.delete_dir(old)
         except OSError as e:  # (files another user made in it) the new output is in place
             log.warning("The previous output, moved to %s, could not be removed (%s); remove it by hand",
                         old, e)
     else:
+        copying.add(tmp)
         storage.move(tmp, output, last=SUMMARY_FILE)
+        copying.discard(tmp)
