@@ -90,8 +90,9 @@ def decode_image(data: bytes, channels: int) -> np.ndarray:
     """Encoded bytes -> uint8 HxWxC (C=1 grayscale or 3 RGB), the way training sees images.
 
     cv2 is fast for JPEG/PNG/BMP/WebP and converts 16-bit and alpha images to 8-bit
-    gray or RGB; images of float or 32-bit samples (TIFF, PFM), and 16-bit ones whose values
-    fit in 12 bits, are scaled to 8 bits (_deep_to_uint8); Pillow covers what cv2 cannot
+    gray or RGB; images of float or 32-bit samples (TIFF, PFM) are scaled to 8 bits
+    (_deep_to_uint8), and 16-bit ones whose values fit in 8 to 14 bits by those bits
+    (_fewer_bits_to_uint8); Pillow covers what cv2 cannot
     read (GIF: first frame). Raises ValueError.
     """
     buf = np.frombuffer(data, dtype=np.uint8)
@@ -104,16 +105,33 @@ def decode_image(data: bytes, channels: int) -> np.ndarray:
             img = _deep_to_uint8(deep, channels)
         else:
             img = _decode_with_pillow(data, channels)
-    elif img.max() < 16 and (deep := cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)) is not None \
+    elif img.max() < 64 and (deep := cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)) is not None \
             and deep.dtype == np.uint16:
-        # cv2 keeps a 16-bit sample's high byte: 8- or 12-bit samples saved in 16 bits (a
-        # PNG of values 0-255 or 0-4095) came out black; their range is kept or stretched
-        img = _deep_to_uint8(deep, channels)
+        # cv2 keeps a 16-bit sample's high byte: samples of 8 to 14 bits saved in 16 (a PNG
+        # of values 0-255 or 0-4095) came out black
+        img = _fewer_bits_to_uint8(deep, channels)
     elif channels == 3:
         img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
     if img.ndim == 2:
         img = img[:, :, None]
     return np.ascontiguousarray(img)
+
+
+def _fewer_bits_to_uint8(img: np.ndarray, channels: int) -> np.ndarray:
+    """A 16-bit image (cv2's BGR/BGRA order) whose colour samples fit in fewer bits, as uint8
+    gray or RGB: scaled by the fewest bits (8 to 16) that hold its brightest colour sample
+    (alpha, often 65535, not counted), so 8-bit values are kept and 12-bit ones divided by 16."""
+    colour = img[:, :, :3] if img.ndim == 3 and img.shape[2] == 4 else img[:, :, :1] if img.ndim == 3 else img
+    bits = min(16, max(8, int(colour.max()).bit_length()))
+    x = np.clip(np.rint(img.astype(np.float32) * (255 / (2**bits - 1))), 0, 255).astype(np.uint8)
+    if x.ndim == 3 and x.shape[2] in (1, 2):  # gray, gray + alpha
+        x = x[:, :, 0]
+    if x.ndim == 3:
+        alpha = x.shape[2] == 4
+        if channels == 1:
+            return cv2.cvtColor(x, cv2.COLOR_BGRA2GRAY if alpha else cv2.COLOR_BGR2GRAY)
+        return cv2.cvtColor(x, cv2.COLOR_BGRA2RGB if alpha else cv2.COLOR_BGR2RGB)
+    return cv2.cvtColor(x, cv2.COLOR_GRAY2RGB) if channels == 3 else x
 
 
 def _deep_to_uint8(img: np.ndarray, channels: int) -> np.ndarray:

@@ -49,20 +49,19 @@ def test_decode_16_bit_keeps_the_picture() -> None:
     assert np.abs(img16[:, :, 0].astype(int) - face().astype(int)).max() <= 1
 
 
-@pytest.mark.parametrize("bits", [8, 12])
-def test_decode_16_bit_images_of_fewer_bits_keeps_the_picture(bits: int) -> None:
-    """cv2 keeps a 16-bit sample's high byte: 8- or 12-bit values saved in 16 bits decoded
-    black (0-255 to 0, 0-4095 to 0-15). 8-bit values are kept, others stretched as deep
-    images are (_deep_to_uint8)."""
+@pytest.mark.parametrize("bits", [8, 12, 14])
+@pytest.mark.parametrize("alpha", [False, True])
+def test_decode_16_bit_images_of_fewer_bits_keeps_the_picture(bits: int, alpha: bool) -> None:
+    """cv2 keeps a 16-bit sample's high byte: 8- to 14-bit values saved in 16 bits decoded
+    black or nearly (0-255 to 0, 0-4095 to 0-15). They are scaled by their bits, an
+    opaque alpha channel (65535) not counted."""
     import cv2
 
-    img = face().astype(np.uint16) * (4095 // 255 if bits == 12 else 1)
+    gray = face().astype(np.uint16) * ((2**bits - 1) // 255)
+    img = np.dstack([gray, gray, gray, np.full_like(gray, 65535)]) if alpha else gray
     data = cv2.imencode(".png", img)[1].tobytes()
-    expected = face().astype(int)
-    if bits == 12:
-        expected = (expected - expected.min()) * 255 / (expected.max() - expected.min())
     for channels in (1, 3):
-        assert np.abs(decode_image(data, channels) - expected[:, :, None]).max() <= 1.5, channels
+        assert np.abs(decode_image(data, channels) - face()[:, :, None].astype(int)).max() <= 1.5, channels
 
 
 def test_decode_float_images_pillow_reads_keeps_the_picture() -> None:
