@@ -378,12 +378,12 @@ def list_images(source: str, class_names: Sequence[str], skip: Sequence[str] = (
             source, ", ".join(sorted(strangers)[:5]) + (", ..." if len(strangers) > 5 else ""),
             ", ".join(class_names),
         )
-    elif labels and unlabelled == len(labels):  # every file directly in SRC
-        name = storage.name_of(source)
+    elif labels and unlabelled == len(labels):  # every file directly in SRC: unlabelled photos,
+        name = storage.name_of(source)  # or one class's folder given alone (warned)
         hint = (f"; {name!r} is a class of the model: give its parent folder for metrics"
                 if class_key(name) in index else "")
-        log.warning("The files of %s are in no class folder: they are scored without a true label%s",
-                    source, hint)
+        log.log(logging.WARNING if hint else logging.INFO,
+                "The files of %s are in no class folder: they are scored without a true label%s", source, hint)
     elif 0 < unlabelled < len(labels):
         where = f" (in {', '.join(sorted(strangers))})" if strangers else ""
         log.warning(
