@@ -276,7 +276,7 @@ def _check_output(model_dir: str, source: str, output: str) -> None:
     if storage.inside(output, source):
         where = "--input itself" if storage.inside(source, output) else "inside --input"
         raise ConfigError(f"--output {output!r} is {where}; choose a folder outside it.")
-    name = storage.split_last(output)[1]
+    name = storage.name_of(output)  # (decoded: a file:// URI names it percent-encoded)
     if storage.local_here(output) is not None and len(f"{name}.tmp-00000000".encode()) > NAME_MAX:
         raise ConfigError(
             f"--output's last name is {len(name.encode())} bytes long, and the run writes beside it under "
