@@ -129,7 +129,11 @@ def test_cli_stopped_leaves_nothing_and_moves_the_splits_in_when_done(tmp_path: 
 
     out = tmp_path / "deep" / "synth"
     cmd = [sys.executable, "jobs/make_synthetic.py", "--output", str(out), "--size", "16", "--val-per-class", "0"]
-    proc = subprocess.Popen([*cmd, "--train-per-class", "5000"], cwd=REPO, stderr=subprocess.PIPE, text=True)
+    # (SIGINT as a terminal's Ctrl-C delivers it: a child started with SIGINT ignored, as a
+    # process started in the background by a script is, never raises KeyboardInterrupt; in
+    # one full run of the suite this child ran to the end with exit 0)
+    proc = subprocess.Popen([*cmd, "--train-per-class", "5000"], cwd=REPO, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 60
     while not list(out.glob(".partial-*/train/*/*.png")) and time.monotonic() < deadline:
         time.sleep(0.05)
