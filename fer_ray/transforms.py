@@ -123,10 +123,16 @@ def _fewer_bits_to_uint8(img: np.ndarray, channels: int) -> np.ndarray:
     (alpha, often 65535, not counted), so 8-bit values are kept and 12-bit ones divided by 16."""
     colour = img[:, :, :3] if img.ndim == 3 and img.shape[2] == 4 else img[:, :, :1] if img.ndim == 3 else img
     bits = min(16, max(8, int(colour.max()).bit_length()))
-    x = np.clip(np.rint(img.astype(np.float32) * (255 / (2**bits - 1))), 0, 255).astype(np.uint8)
+    return _bgr_to_channels(
+        np.clip(np.rint(img.astype(np.float32) * (255 / (2**bits - 1))), 0, 255).astype(np.uint8), channels)
+
+
+def _bgr_to_channels(x: np.ndarray, channels: int) -> np.ndarray:
+    """An image in cv2's order (gray, gray + alpha, BGR or BGRA) as 1-channel gray (HxW) or
+    RGB, alpha dropped; any dtype cvtColor takes."""
     if x.ndim == 3 and x.shape[2] in (1, 2):  # gray, gray + alpha
         x = x[:, :, 0]
-    if x.ndim == 3:
+    if x.ndim == 3:  # BGR or BGRA
         alpha = x.shape[2] == 4
         if channels == 1:
             return cv2.cvtColor(x, cv2.COLOR_BGRA2GRAY if alpha else cv2.COLOR_BGR2GRAY)
@@ -144,17 +150,7 @@ def _deep_to_uint8(img: np.ndarray, channels: int) -> np.ndarray:
         x = x * 255
     elif lo < 0 or hi > 255:
         x = (x - lo) * (255 / max(hi - lo, 1e-12))
-    if x.ndim == 3 and x.shape[2] in (1, 2):  # gray, gray + alpha
-        x = x[:, :, 0]
-    if x.ndim == 3:  # BGR or BGRA
-        alpha = x.shape[2] == 4
-        if channels == 1:
-            x = cv2.cvtColor(x, cv2.COLOR_BGRA2GRAY if alpha else cv2.COLOR_BGR2GRAY)
-        else:
-            x = cv2.cvtColor(x, cv2.COLOR_BGRA2RGB if alpha else cv2.COLOR_BGR2RGB)
-    elif channels == 3:
-        x = cv2.cvtColor(x, cv2.COLOR_GRAY2RGB)
-    return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+    return np.clip(np.rint(_bgr_to_channels(x, channels)), 0, 255).astype(np.uint8)
 
 
 def _decode_with_pillow(data: bytes, channels: int) -> np.ndarray:
