@@ -418,7 +418,7 @@ def delete_dir(path: str) -> None:
 
 def renames_folders(path: str) -> bool:
     """Whether the filesystem of `path` moves a folder by renaming it (the local disk), not
-    by copying it file by file (move: S3, GCS)."""
+    by copying it file by file (move, which tests the filesystem it has resolved: S3, GCS)."""
     return isinstance(resolve(path)[0], pafs.LocalFileSystem)
 
 
@@ -429,7 +429,7 @@ def move(src: str, dst: str, last: str | None = None) -> None:
     source deleted after: a reader that waits for `last` never sees half a folder."""
     fs, src_inner = resolve(src)
     _, dst_inner = resolve(dst)
-    if renames_folders(src) or fs.get_file_info(src_inner).type != pafs.FileType.Directory:
+    if isinstance(fs, pafs.LocalFileSystem) or fs.get_file_info(src_inner).type != pafs.FileType.Directory:
         fs.move(src_inner, dst_inner)
         return
     entries = fs.get_file_info(pafs.FileSelector(src_inner, recursive=True))
