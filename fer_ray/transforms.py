@@ -100,13 +100,12 @@ def decode_image(data: bytes, channels: int) -> np.ndarray:
     # cv2's 8-bit read of a PFM truncates its floats (samples in [0, 1] came out black)
     img = cv2.imdecode(buf, flag) if buf.size and not _PFM.match(data[:3]) else None
     if img is None:
-        deep = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED) if buf.size else None
+        deep = _decode_deep(buf) if buf.size else None
         if deep is not None and deep.dtype != np.uint8:  # cv2 reads them, not converted
             img = _deep_to_uint8(deep, channels)
         else:
             img = _decode_with_pillow(data, channels)
-    elif img.max() < 64 and (deep := cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)) is not None \
-            and deep.dtype == np.uint16:
+    elif img.max() < 64 and (deep := _decode_deep(buf)) is not None and deep.dtype == np.uint16:
         # cv2 keeps a 16-bit sample's high byte: samples of 8 to 14 bits saved in 16 (a PNG
         # of values 0-255 or 0-4095) came out black
         img = _fewer_bits_to_uint8(deep, channels)
@@ -117,11 +116,19 @@ def decode_image(data: bytes, channels: int) -> np.ndarray:
     return np.ascontiguousarray(img)
 
 
+def _decode_deep(buf: np.ndarray) -> np.ndarray | None:
+    """cv2's decode at the file's own bit depth, turned by its EXIF orientation as cv2's 8-bit
+    reads are (IMREAD_UNCHANGED ignores the orientation), alpha dropped; IMREAD_UNCHANGED for
+    what that cannot read (float BGRA TIFF)."""
+    img = cv2.imdecode(buf, cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR)
+    return img if img is not None else cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+
+
 def _fewer_bits_to_uint8(img: np.ndarray, channels: int) -> np.ndarray:
     """A 16-bit image (cv2's BGR/BGRA order) whose colour samples fit in fewer bits, as uint8
     gray or RGB: scaled by the fewest bits (8 to 16) that hold its brightest colour sample
     (alpha, often 65535, not counted), so 8-bit values are kept and 12-bit ones divided by 16."""
-    colour = img[:, :, :3] if img.ndim == 3 and img.shape[2] == 4 else img[:, :, :1] if img.ndim == 3 else img
+    colour = img[:, :, :3] if img.ndim == 3 and img.shape[2] >= 3 else img[:, :, :1] if img.ndim == 3 else img
     bits = min(16, max(8, int(colour.max()).bit_length()))
     return _bgr_to_channels(
         np.clip(np.rint(img.astype(np.float32) * (255 / (2**bits - 1))), 0, 255).astype(np.uint8), channels)

@@ -64,6 +64,33 @@ def test_decode_16_bit_images_of_fewer_bits_keeps_the_picture(bits: int, alpha: 
         assert np.abs(decode_image(data, channels) - face()[:, :, None].astype(int)).max() <= 1.5, channels
 
 
+def test_decode_16_bit_colour_of_fewer_bits_counts_every_colour_channel() -> None:
+    """The bits of a 12-bit colour image come from its brightest colour sample: a warm picture
+    (little blue) was scaled by its blue channel alone, and came out white."""
+    import cv2
+
+    rgb = np.dstack([face(), (face() * 0.6).astype(np.uint8), (face() * 0.4).astype(np.uint8)])
+    bgr16 = rgb[:, :, ::-1].astype(np.uint16) * (4095 // 255)
+    data = cv2.imencode(".png", bgr16)[1].tobytes()
+    assert np.abs(decode_image(data, 3).astype(int) - rgb).max() <= 1.5
+    gray8 = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+    assert np.abs(decode_image(data, 1)[:, :, 0].astype(int) - gray8).max() <= 1.5
+
+
+@pytest.mark.parametrize("bits", [12, 16])
+def test_decode_16_bit_turns_by_exif_orientation_whatever_the_bits(bits: int) -> None:
+    """cv2's 8-bit reads turn an image by its EXIF orientation; the 16-bit read of an image of
+    fewer bits did not, so whether a picture was turned hung on its brightness."""
+    wide = face(40)[:20].astype(np.uint16) * ((2**bits - 1) // 255)  # 20 x 40
+    exif = Image.Exif()
+    exif[0x0112] = 6  # turned 90 degrees: shown 40 high, 20 wide
+    out = io.BytesIO()
+    Image.fromarray(wide).save(out, format="PNG", exif=exif.tobytes())
+    img = decode_image(out.getvalue(), 1)
+    assert img.shape == (40, 20, 1)
+    assert np.abs(img[:, :, 0].astype(int) - np.rot90(face(40)[:20], -1)).max() <= 1.5
+
+
 def test_decode_float_images_pillow_reads_keeps_the_picture() -> None:
     """Pillow's convert() clipped float samples (FITS, mode F) in [0, 1] to black."""
     gray = face().astype(np.float32) / 255
