@@ -26,8 +26,17 @@ def is_uri(path: str) -> bool:
 
 def normalize(path: str) -> str:
     """An absolute local path, or the URI unchanged (Ray needs absolute local paths); a
-    `file:/abs` URI as `file:///abs` (it was taken for a relative folder named "file:")."""
+    `file:/abs` URI as `file:///abs` (it was taken for a relative folder named "file:").
+    ConfigError for a name that is not UTF-8 text (pyarrow cannot take it) and for a URI
+    with a `#`, which URIs read as the start of a fragment and pyarrow drops with what
+    follows: `s3://b/run#2` was `s3://b/run`, and every folder named from it the same one."""
     path = str(path)
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _not_utf8(path.encode("utf-8", "surrogateescape").decode(errors="replace")) from None
+    if is_uri(path) and "#" in path:
+        raise ConfigError(f"{path!r}: a URI cannot hold a `#` as it is; percent-encode it as %23.")
     if path.startswith("file:/") and not path.startswith("file://"):
         path = "file://" + path[len("file:"):]
     if path.startswith("file://"):

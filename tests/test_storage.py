@@ -311,6 +311,36 @@ def test_a_name_that_is_not_utf8_is_named_in_one_sentence(tmp_path) -> None:
     assert [e.base_name for e in storage.list_dir(str(tmp_path))] == ["happy"]
 
 
+def test_a_uri_with_a_hash_is_refused_and_its_percent_encoding_works(tmp_path) -> None:
+    """pyarrow reads `#...` as a URI fragment and drops it: file:///x/exp#3 was /x/exp, and
+    so were the OUT.tmp-<id> and .staging-<id> folders named from it (prepare's clean-up
+    then deleted the folder it had just written)."""
+    from fer_ray.config import ConfigError
+
+    (tmp_path / "exp#3").mkdir()
+    (tmp_path / "exp#3" / "a.txt").write_text("x")
+    for bad in (f"file://{tmp_path}/exp#3", "s3://bucket/shards#2", f"file://{tmp_path}/exp#3/preds"):
+        with pytest.raises(ConfigError, match="percent-encode it as %23"):
+            storage.resolve(bad)
+        with pytest.raises(ConfigError, match="percent-encode it as %23"):
+            storage.exists(storage.join(storage.sibling(bad, ".tmp-1"), "predictions"))
+    fs, inner = storage.resolve(f"file://{tmp_path}/exp%233")
+    assert inner == f"{tmp_path}/exp#3" and storage.exists(f"file://{tmp_path}/exp%233/a.txt")
+    assert storage.exists(str(tmp_path / "exp#3" / "a.txt"))  # a local path is no URI: # is a name
+
+
+def test_a_path_given_that_is_not_utf8_is_named_in_one_sentence(tmp_path) -> None:
+    """A name from the command line on a Latin-1 file system (surrogate escapes in Python)
+    ended in pyarrow's UnicodeEncodeError, a traceback."""
+    from fer_ray.config import ConfigError
+
+    folder = os.fsdecode(os.path.join(os.fsencode(tmp_path), b"caf\xe9"))
+    os.mkdir(folder)
+    for call in (storage.exists, storage.resolve, lambda p: storage.list_files(p)):
+        with pytest.raises(ConfigError, match=r"caf\ufffd' has a name that is not UTF-8"):
+            call(folder)
+
+
 def test_a_sibling_folder_keeps_a_uris_options_at_the_end(tmp_path) -> None:
     """Scoring's OUT.tmp-<id> was appended to the whole string, inside the ?options."""
     assert storage.sibling("s3://b/preds?endpoint_override=h:9000", ".tmp-1") == \
