@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import math
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    import torch
 
 # Train images this many times less sharp than val (median focus measure) count as
 # blurred; natural splits of one dataset differ by far less (FER2013 as released: ~1.1x).
@@ -30,68 +32,89 @@ BLUR_RATIO = 0.5
 SIGMA_STEP = 0.05
 MAX_SIGMA = 8.0
 
-def gaussian_kernel(sigma: float, max_radius: int) -> torch.Tensor:
-    """A normalised 1-D Gaussian reaching 4 sigma each side, at most `max_radius`."""
+# The measurements (sharpness, match_sharpness, estimate_blur) run in numpy: scoring's
+# driver measures a sample of its input and imports no torch (~1.3 s of its start-up);
+# only gaussian_blur on a tensor (validation and the scoring actors, on their device) does.
+
+
+def gaussian_kernel(sigma: float, max_radius: int) -> np.ndarray:
+    """A normalised 1-D Gaussian (float32) reaching 4 sigma each side, at most `max_radius`."""
     radius = min(max(1, math.ceil(4 * sigma)), max_radius)
-    t = torch.arange(-radius, radius + 1, dtype=torch.float32)
-    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    t = np.arange(-radius, radius + 1, dtype=np.float32)
+    k = np.exp(np.float32(-0.5) * (t / np.float32(sigma)) ** 2)
     return k / k.sum()
 
 
-def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Blur float images [B, C, H, W] channel by channel (reflected borders); sigma in px.
+def gaussian_blur(x, sigma: float):
+    """Blur float images [B, C, H, W] channel by channel (reflected borders); sigma in px. A
+    torch tensor is blurred on its device in its dtype, a numpy array in float32.
 
     Each pass is a product with a small [n, n] matrix that holds the kernel and the
     reflection: 10-20x faster on a CPU than a convolution of one channel."""
     if sigma <= 0:
         return x
+    if isinstance(x, np.ndarray):
+        rows, cols_t = _blur_matrices_np(float(sigma), x.shape[-2], x.shape[-1])
+        return rows @ x.astype(np.float32, copy=False) @ cols_t
     rows, cols_t = _blur_matrices(float(sigma), x.shape[-2], x.shape[-1], x.device, x.dtype)
     return rows @ x @ cols_t
+
+
+@lru_cache(maxsize=16)
+def _blur_matrices_np(sigma: float, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """The row matrix and the transposed column matrix (float32), made once per size."""
+    # Reflect padding needs a border thinner than the image: tiny inputs get a shorter kernel.
+    k = gaussian_kernel(sigma, min(height, width) - 1)
+    return _blur_matrix(k, height), np.ascontiguousarray(_blur_matrix(k, width).T)
 
 
 @lru_cache(maxsize=16)
 def _blur_matrices(
     sigma: float, height: int, width: int, device: torch.device, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The row matrix and the transposed column matrix, made once per size and device: a
-    copy from the CPU to a GPU per batch would wait for the GPU's queued work each time.
-    Plain tensors (not inference tensors), whatever mode the first caller runs in."""
+    """The same matrices on a device, made once per size and device: a copy from the CPU to
+    a GPU per batch would wait for the GPU's queued work each time. Plain tensors (not
+    inference tensors), whatever mode the first caller runs in."""
+    import torch
+
+    rows, cols_t = _blur_matrices_np(sigma, height, width)
     with torch.inference_mode(False), torch.no_grad():
-        # Reflect padding needs a border thinner than the image: tiny inputs get a shorter kernel.
-        k = gaussian_kernel(sigma, min(height, width) - 1)
-        rows = _blur_matrix(k, height).to(device=device, dtype=dtype)
-        cols_t = _blur_matrix(k, width).T.contiguous().to(device=device, dtype=dtype)
-    return rows, cols_t
+        return (torch.from_numpy(rows.copy()).to(device=device, dtype=dtype),
+                torch.from_numpy(cols_t.copy()).to(device=device, dtype=dtype))
 
 
-def _blur_matrix(k: torch.Tensor, n: int) -> torch.Tensor:
+def _blur_matrix(k: np.ndarray, n: int) -> np.ndarray:
     """M [n, n] with (M @ v)[i] = sum_j k[j] v[reflect(i + j - r)] (reflect without repeating
     the edge, OpenCV's BORDER_REFLECT_101, torch's 'reflect'); radius r <= n - 1."""
     r = (len(k) - 1) // 2
-    src = torch.arange(n).view(-1, 1) + torch.arange(-r, r + 1).view(1, -1)
-    src = torch.where(src < 0, -src, src)
-    src = torch.where(src > n - 1, 2 * (n - 1) - src, src)
-    m = torch.zeros(n, n, dtype=k.dtype)
-    m.scatter_add_(1, src, k.expand(n, -1).contiguous())
+    src = np.arange(n).reshape(-1, 1) + np.arange(-r, r + 1).reshape(1, -1)
+    src = np.where(src < 0, -src, src)
+    src = np.where(src > n - 1, 2 * (n - 1) - src, src)
+    m = np.zeros((n, n), dtype=np.float32)
+    np.add.at(m, (np.arange(n).reshape(-1, 1).repeat(len(k), 1), src), np.broadcast_to(k, src.shape))
     return m
 
 
-def sharpness(images: torch.Tensor) -> torch.Tensor:
-    """Per-image focus measure of float images [B, C, H, W] in 0..255: variance of the
-    Laplacian (4-neighbour, reflected borders) of the channel mean."""
-    gray = images.float().mean(1, keepdim=True)
-    p = F.pad(gray, (1, 1, 1, 1), mode="reflect")
+def sharpness(images) -> np.ndarray:
+    """Per-image focus measure of float images [B, C, H, W] in 0..255 (numpy, or a CPU
+    tensor): variance (unbiased) of the Laplacian (4-neighbour, reflected borders) of the
+    channel mean."""
+    gray = np.asarray(images, dtype=np.float32).mean(1, keepdims=True, dtype=np.float32)
+    p = np.pad(gray, ((0, 0), (0, 0), (1, 1), (1, 1)), mode="reflect")
     lap = p[..., :-2, 1:-1] + p[..., 2:, 1:-1] + p[..., 1:-1, :-2] + p[..., 1:-1, 2:] - 4 * gray
-    return lap.flatten(1).var(1)
+    return lap.reshape(len(lap), -1).var(1, ddof=1, dtype=np.float32)
 
 
-def to_float(images: np.ndarray) -> torch.Tensor:
-    """uint8 [B, H, W, C] -> float [B, C, H, W]."""
-    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float()
+def to_float(images: np.ndarray) -> np.ndarray:
+    """uint8 [B, H, W, C] -> float32 [B, C, H, W]."""
+    return np.ascontiguousarray(np.asarray(images).transpose(0, 3, 1, 2), dtype=np.float32)
 
 
-def median_sharpness(images: torch.Tensor) -> float:
-    return float(sharpness(images).median())
+def median_sharpness(images) -> float:
+    """The median of `sharpness`, the lower of the middle two for an even count (as
+    torch.median, which measured the training sets recorded before)."""
+    v = sharpness(images)
+    return float(np.partition(v, (len(v) - 1) // 2)[(len(v) - 1) // 2])
 
 
 def estimate_blur(train: np.ndarray, val: np.ndarray) -> tuple[float, dict[str, float]]:
@@ -115,7 +138,7 @@ def match_sharpness(target: float, images: np.ndarray) -> tuple[float, float]:
     def blurred(sigma: float) -> float:
         # Rounded to 8 bits as the training images were: the rounding noise alone is a
         # Laplacian variance of about 1.7, a quarter of FER2013's blurred train images' 6.2.
-        return median_sharpness(gaussian_blur(x, sigma).round())
+        return median_sharpness(np.round(gaussian_blur(x, sigma)))
 
     # Sharpness falls monotonically with sigma: bisect on the median.
     lo, hi = 0.0, MAX_SIGMA

@@ -35,10 +35,12 @@ def cv2_blur(images: np.ndarray, sigma: float) -> np.ndarray:
 @pytest.mark.parametrize("sigma", [0.7, 2.0, 3.0])
 def test_blur_matches_opencv(sigma) -> None:
     x = np.random.default_rng(0).integers(0, 256, (3, 40, 40, 1), dtype=np.uint8)
-    ours = gaussian_blur(to_float(x), sigma)[:, 0].numpy()
+    ours = gaussian_blur(torch.from_numpy(to_float(x)), sigma)[:, 0].numpy()
     ref = np.stack([cv2.GaussianBlur(i.astype(np.float32), (0, 0), sigma, borderType=cv2.BORDER_REFLECT_101)
                     for i in x[..., 0]])
     np.testing.assert_allclose(ours, ref, atol=0.05)
+    # The numpy path (scoring's driver measures its input without torch) gives the same.
+    np.testing.assert_allclose(gaussian_blur(to_float(x), sigma)[:, 0], ours, atol=1e-4)
 
 
 def test_blur_keeps_flat_images_and_works_on_tiny_ones() -> None:
@@ -57,17 +59,18 @@ def test_blur_matrices_are_made_once_per_size_and_serve_any_mode(monkeypatch) ->
     original = blur._blur_matrix
     monkeypatch.setattr(blur, "_blur_matrix", lambda k, n: made.append(n) or original(k, n))
     blur._blur_matrices.cache_clear()
+    blur._blur_matrices_np.cache_clear()
     x = np.random.default_rng(1).integers(0, 256, (2, 30, 44, 1), dtype=np.uint8)  # not square
     with torch.inference_mode():  # as the scorer calls it first
-        first = gaussian_blur(to_float(x), 1.3)
-    again = gaussian_blur(to_float(x), 1.3)
+        first = gaussian_blur(torch.from_numpy(to_float(x)), 1.3)
+    again = gaussian_blur(torch.from_numpy(to_float(x)), 1.3)
     assert made == [30, 44]  # once each, not per call
     torch.testing.assert_close(first, again)
     ref = np.stack([cv2.GaussianBlur(i.astype(np.float32), (0, 0), 1.3, borderType=cv2.BORDER_REFLECT_101)
                     for i in x[..., 0]])
     np.testing.assert_allclose(again[:, 0].numpy(), ref, atol=0.05)
     # Matrices first made in inference mode still serve a computation that needs gradients.
-    y = to_float(x).requires_grad_()
+    y = torch.from_numpy(to_float(x)).requires_grad_()
     gaussian_blur(y, 1.3).sum().backward()
     assert y.grad is not None
 
@@ -234,6 +237,26 @@ def test_scoring_blur_measures_a_whole_shards_folder_split_by_split(synth_folder
     assert sigma == pytest.approx(1.5, abs=0.3) and f"measured on {len(sharp)} input images" in source
     assert scoring_blur(None, spec, lambda: {"train": blurred, "val": sharp[:0]})[0] == 0  # empty split left out
     assert scoring_blur(0.6, spec, lambda: 1 / 0)[0] == 0.6  # a given blur: nothing measured
+
+
+def test_scoring_measures_its_input_blur_without_torch_in_the_driver() -> None:
+    """The driver measures a sample of the input against the model's training images; that
+    imported torch (~1.3 s of every blurred model's scoring start-up), which only the scoring
+    actors need (README, "Batch scoring")."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, numpy as np\n"
+        "from fer_ray.model_spec import ModelSpec\n"
+        "from fer_ray.predict import scoring_blur\n"
+        "x = np.random.default_rng(0).integers(0, 256, (64, 32, 32, 1), dtype=np.uint8)\n"
+        "spec = ModelSpec('test_resnet', ['a', 'b'], 32, 32, 1, [0.5] * 3, [0.5] * 3, input_blur=1.4,"
+        " train_sharpness=5.0)\n"
+        "print(scoring_blur(None, spec, lambda: x)[0] > 0, 'torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["True", "False"], out.stderr[-2000:]
 
 
 def test_a_given_blur_is_not_described_as_measured() -> None:
