@@ -697,7 +697,8 @@ class SweepOptions:
         default=(0.0, 0.3), metadata={"help": "label smoothing range, sampled uniformly"}
     )
     grace_period: int = field(
-        default=2, metadata={"help": "epochs every trial runs before ASHA may stop it"}
+        default=2, metadata={"help": "epochs every trial runs before ASHA may stop it, counted after "
+                                     "--freeze-epochs (a pretrained backbone's head-only epochs)"}
     )
     searcher: str = field(
         default="random",

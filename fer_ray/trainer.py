@@ -101,7 +101,9 @@ RESUME_KEYS = (
 # began with, so a changed one would be ignored (a larger --num-samples would never end;
 # ASHA would stop longer trials at the old --epochs).
 SWEEP_RESUME_KEYS = ("num_samples", "lr_range", "smoothing_range", "grace_period", "searcher", "epochs",
-                     "max_concurrent",
+                     # (Tune restores the trials it runs at once: more CPUs a worker would
+                     # leave Ray Data none, and every trial waiting)
+                     "max_concurrent", "cpus_per_worker",
                      # What the trials train with besides the sampled values: a resumed trial
                      # (or one not yet started) would otherwise train with the new value, its
                      # results compared with trials that had the old one.

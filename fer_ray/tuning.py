@@ -116,6 +116,11 @@ def run_trial(config: dict[str, Any], base: dict[str, Any], manifest: dict[str, 
     build_trainer(cfg, settings, callbacks=[TuneReportCallback()]).fit()
 
 
+def gpu_limits_unknown(cfg: SweepConfig) -> bool:
+    """A --use-gpu sweep on a joined cluster that reports no autoscaler limits."""
+    return bool(cfg.run.use_gpu and on_cluster() and not autoscaler_limits())
+
+
 def cluster_capacity(cfg: SweepConfig) -> int:
     """Trials that fit at once: each needs its workers plus one CPU for Ray Data (two trials
     or more leave whole CPUs free beside their TRIAL_DRIVER_CPU slivers; one trial's sliver
@@ -128,12 +133,15 @@ def cluster_capacity(cfg: SweepConfig) -> int:
     most = autoscaler_limits()
     if most:
         res = {k: max(res.get(k, 0), most.get(k, 0)) for k in {*res, *most}}
-    elif cfg.run.use_gpu and on_cluster():
-        # A cluster whose autoscaler's limits Ray does not report: GPU trials are not held
-        # to the GPUs up now (a GPU trial's own CPU worker leaves its node's other CPUs to
-        # Ray Data, so waiting trials cannot starve the running ones); no count of its
-        # own to hold --max-concurrent to.
-        return max(cfg.sweep.num_samples, cfg.sweep.max_concurrent or 0)
+    elif gpu_limits_unknown(cfg):
+        # No autoscaler limits known: most often a cluster started by hand (`ray start`),
+        # which gains no nodes. As many trials as the GPUs up now hold: each trial is a
+        # process with torch and a Train controller (~1-1.5 GiB), and all --num-samples at
+        # once filled a GPU box's memory. --max-concurrent may ask for more (for an
+        # autoscaler whose limits Ray does not report): GPU trials beyond the GPUs wait for
+        # them, and cannot starve the running ones (a GPU trial's worker takes one CPU of
+        # its node, leaving the others to Ray Data).
+        return max(1, int(res.get("GPU", 0) // cfg.run.num_workers), cfg.sweep.max_concurrent or 0)
     per_trial_cpu = cfg.run.num_workers * cfg.run.cpus_per_worker + 1
     fit = int(res.get("CPU", 0) // per_trial_cpu)
     if res.get(TRIAL_SLOT):  # trials run on the head's slots (trial_resources)
@@ -236,10 +244,13 @@ class LastReportASHA(ray.tune.schedulers.ASHAScheduler):
         return decision
 
 
-def asha(epochs: int, grace_period: int) -> Any:
+def asha(epochs: int, grace_period: int, freeze_epochs: int = 0) -> Any:
     """ASHA on each trial's best val accuracy so far (METRIC), with rungs before the last
     epoch only; None (no early stops) when a trial has no epoch between its grace period
-    and its end.
+    and its end. The grace period counts epochs of fine-tuning: a pretrained backbone's
+    `freeze_epochs` (only the head trains) come before it, so no trial is judged before
+    the sampled learning rate has reached the backbone (the default 2 + 2 frozen had a
+    rung at epoch 2, with the backbone still frozen).
 
     A trial that runs all its epochs returns by itself: stopped at its last report, its
     TorchTrainer would be killed before it releases its workers (ray-project/ray#54305).
@@ -248,14 +259,35 @@ def asha(epochs: int, grace_period: int) -> Any:
     rung there whenever epochs was grace_period x 4^k, 8 for the default 2). Counted in
     epochs, which a trial resumed with its TorchTrainer goes on from (Tune's own
     training_iteration starts again at 0 in a restarted trial)."""
-    if epochs <= grace_period:
+    grace = grace_period + freeze_epochs
+    if epochs <= grace:
         return None
-    return LastReportASHA(time_attr="epoch", max_t=epochs - 1, grace_period=grace_period, stop_last_trials=False)
+    return LastReportASHA(time_attr="epoch", max_t=epochs - 1, grace_period=grace, stop_last_trials=False)
+
+
+def check_resumed_concurrency(cfg: SweepConfig, tune_dir: str, begun: int | None) -> None:
+    """ConfigError when this cluster holds fewer trials at once than the sweep in `tune_dir`
+    began running (`begun`; unknown for sweeps from before the record): Tune restores
+    its search with that number, and the trials' workers and Ray Data tasks would wait on
+    each other for ever (GPU trials beyond the GPUs only wait: not refused)."""
+    if not begun or gpu_limits_unknown(cfg):
+        return
+    capacity = cluster_capacity(cfg)
+    if capacity < min(begun, cfg.sweep.num_samples):
+        raise ConfigError(
+            f"The sweep in {tune_dir!r} began running {begun} trials at once, which Tune keeps when "
+            f"it resumes, and this cluster holds {capacity} (each takes its workers' CPUs and one for "
+            "Ray Data); resume it on a cluster that holds them, or start a new sweep in another --output."
+        )
 
 
 def build_tuner(cfg: SweepConfig, manifest: dict[str, Any], cpu_format: str | None = None,
-                resources: dict[str, float] | None = None):
-    """A new Tuner, or the interrupted sweep in TUNE_DIR restored (finished trials kept)."""
+                resources: dict[str, float] | None = None, begun_concurrent: int | None = None):
+    """(A new Tuner, or the interrupted sweep in TUNE_DIR restored (finished trials kept);
+    the number of trials it runs at once). A restored sweep runs as many at once as it
+    began with (Tune restores its search with them): ConfigError when this cluster holds
+    fewer (`begun_concurrent`, sweep_config.json), as their workers and Ray Data tasks
+    would wait on each other for ever."""
     tune_dir = storage.normalize(cfg.run.output)
     pretrained = load_pretrained(cfg, len(manifest["classes"]))
     # In a list: with_parameters hands a bare ObjectRef to the trial as the object itself (a
@@ -268,10 +300,12 @@ def build_tuner(cfg: SweepConfig, manifest: dict[str, Any], cpu_format: str | No
     trainable = ray.tune.with_resources(trainable, resources or trial_resources())
     experiment = storage.join(tune_dir, TUNE_RUN_NAME)
     if ray.tune.Tuner.can_restore(experiment):
+        check_resumed_concurrency(cfg, tune_dir, begun_concurrent)
         log.info("Resuming the sweep in %s", experiment)
         # Failed trials run again from their last checkpoint (the settings cannot have
         # changed: fer_ray.trainer.check_inputs refuses that).
-        return ray.tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=True)
+        tuner = ray.tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=True)
+        return tuner, begun_concurrent
 
     capacity = cluster_capacity(cfg)
     concurrent = min(cfg.sweep.max_concurrent or capacity, capacity)
@@ -287,14 +321,14 @@ def build_tuner(cfg: SweepConfig, manifest: dict[str, Any], cpu_format: str | No
         "lr": ray.tune.loguniform(*cfg.lr_range()),
         "label_smoothing": ray.tune.uniform(lo, hi) if hi > lo else lo,
     }
-    return ray.tune.Tuner(
+    tuner = ray.tune.Tuner(
         trainable,
         param_space=space,
         tune_config=ray.tune.TuneConfig(
             metric=METRIC,
             mode="max",
             num_samples=cfg.sweep.num_samples,
-            scheduler=asha(cfg.optim.epochs, cfg.sweep.grace_period),
+            scheduler=asha(cfg.optim.epochs, cfg.sweep.grace_period, cfg.optim.freeze_epochs or 0),
             search_alg=_searcher(cfg, concurrent),
             trial_dirname_creator=lambda t: t.trial_id,
         ),
@@ -305,6 +339,7 @@ def build_tuner(cfg: SweepConfig, manifest: dict[str, Any], cpu_format: str | No
             failure_config=ray.tune.FailureConfig(max_failures=0, fail_fast=False),
         ),
     )
+    return tuner, concurrent
 
 
 def collect_results(grid: Any, tune_dir: str, classes: list[str]) -> pd.DataFrame:
@@ -491,13 +526,15 @@ def sweep(cfg: SweepConfig, manifest: dict[str, Any]) -> tuple[pd.DataFrame, dic
     _INTERRUPTED.clear()
     handlers = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
     try:
-        tuner = build_tuner(cfg, manifest, cpu_format, resources)
+        tuner, concurrent = build_tuner(cfg, manifest, cpu_format, resources,
+                                        (begun.get(RESOLVED_KEY) or {}).get("concurrent"))
         # The settings are written once the sweep can start (its pretrained weights loaded):
         # a sweep that failed before, say on a --pretrained-file of another architecture,
         # held its folder to the settings that failed, and the corrected rerun was refused.
         storage.write_json(storage.join(tune_dir, SWEEP_CONFIG_FILE),
                            {**to_dict(copy.deepcopy(cfg)),
-                            RESOLVED_KEY: {"cpu_format": cpu_format, "trial_resources": resources}})
+                            RESOLVED_KEY: {"cpu_format": cpu_format, "trial_resources": resources,
+                                           "concurrent": concurrent}})
         grid = tuner.fit()
     finally:
         if threading.current_thread() is threading.main_thread():

@@ -164,7 +164,9 @@ def test_gpus_the_autoscaler_can_never_bring_up_are_refused_at_once(monkeypatch)
     ({"CPU": 4}, None, "", 2),  # 1 worker + 1 Ray Data CPU per trial
     ({"CPU": 16, "GPU": 2}, None, "", 2),  # the GPUs here
     ({"CPU": 4, "GPU": 1}, {"CPU": 48, "GPU": 4}, "127.0.0.1:6379", 4),  # cluster.yaml's ceiling
-    ({"CPU": 4, "GPU": 1}, None, "127.0.0.1:6379", 16),  # limits unknown: not held to the GPU up now
+    ({"CPU": 4, "GPU": 1}, None, "127.0.0.1:6379", 1),  # limits unknown (a `ray start` cluster): the GPUs up
+    ({"CPU": 32, "GPU": 4}, None, "127.0.0.1:6379", 4),  # (all 16 at once filled a GPU box's memory)
+    ({"CPU": 32}, None, "127.0.0.1:6379", 1),  # no GPU up yet: one, not none
     ({"CPU": 0, "fer_ray_trial": 3}, {"CPU": 48, "GPU": 4, "fer_ray_trial": 3}, "127.0.0.1:6379", 3),  # head slots
 ])
 def test_sweep_concurrency_counts_what_the_cluster_may_grow_to(monkeypatch, current, limits, address, expected) -> None:
@@ -180,10 +182,11 @@ def test_sweep_concurrency_counts_what_the_cluster_may_grow_to(monkeypatch, curr
     monkeypatch.setattr(ray, "cluster_resources", lambda: current)
     monkeypatch.setattr(tuning, "autoscaler_limits", lambda: limits)
     monkeypatch.setenv("RAY_ADDRESS", address)
-    flags = ["--data", "d", "--output", "o", "--num-samples", "16"] + (["--use-gpu"] if "GPU" in current else [])
+    gpu = "GPU" in current or (limits is None and address)
+    flags = ["--data", "d", "--output", "o", "--num-samples", "16"] + (["--use-gpu"] if gpu else [])
     cfg, _ = parse_config(SweepConfig, flags, argparse.ArgumentParser())
     assert tuning.cluster_capacity(cfg) == expected
-    if limits is None and address:  # nothing known to hold --max-concurrent to: not warned about
+    if limits is None and address:  # --max-concurrent may ask for more: the GPU trials beyond wait
         cfg.sweep.max_concurrent = 20
         assert tuning.cluster_capacity(cfg) == 20
 

@@ -130,6 +130,7 @@ def test_sweep_writes_every_output_and_resumes_without_retraining(ray_cluster, s
     for flags, diff in [(["--num-samples", "4"], "num_samples 2 -> 4"),
                         (["--smoothing-range", "0", "0.2"], "smoothing_range [0.0, 0.3] -> [0.0, 0.2]"),
                         (["--epochs", "3"], "epochs 2 -> 3"), (["--max-concurrent", "2"], "max_concurrent 1 -> 2"),
+                        (["--cpus-per-worker", "2"], "cpus_per_worker 1 -> 2"),
                         # and what the trials train with (sweep_config.json was rewritten with it)
                         (["--patience", "1"], "patience 6 -> 1"), (["--augment", "strong"], "augment 'medium' -> 'strong'"),
                         (["--amp", "bf16"], "amp 'auto' -> 'bf16'"),
@@ -410,8 +411,13 @@ def test_a_resumed_sweep_takes_the_default_lr_range_given_as_flags(synth_shards,
         _check_resume_compatible(cfg("--data-size", "32"), begun)
 
 
-@pytest.mark.parametrize("epochs, grace, rungs", [(8, 2, [2]), (20, 2, [8, 2]), (2, 1, [1]), (2, 2, None)])
-def test_asha_never_stops_a_trial_at_its_last_epoch(epochs, grace, rungs) -> None:
+@pytest.mark.parametrize("epochs, grace, rungs, frozen", [
+    (8, 2, [2], 0), (20, 2, [8, 2], 0), (2, 1, [1], 0), (2, 2, None, 0),
+    # A pretrained backbone's frozen epochs come before the grace period: the default rung
+    # at epoch 2 judged trials with only their heads trained.
+    (20, 2, [16, 4], 2), (4, 2, None, 2),
+])
+def test_asha_never_stops_a_trial_at_its_last_epoch(epochs, grace, rungs, frozen) -> None:
     """Stopped at its last report, a trial's TorchTrainer is killed before it releases its
     workers (ray-project/ray#54305). With max_t one past the last epoch, ASHA had a rung
     at the last epoch whenever epochs was grace x 4^k (8 for the default grace of 2)."""
@@ -421,7 +427,7 @@ def test_asha_never_stops_a_trial_at_its_last_epoch(epochs, grace, rungs) -> Non
 
     from fer_ray.tuning import asha
 
-    scheduler = asha(epochs, grace)
+    scheduler = asha(epochs, grace, frozen)
     if rungs is None:  # no epoch between the grace period and the end: nothing to stop
         assert scheduler is None
         return
@@ -517,3 +523,31 @@ def test_a_resumed_sweep_keeps_the_resources_its_trials_began_with(tmp_path, mon
         tuning.sweep_trial_resources(str(tmp_path), began)
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 0.0, tuning.TRIAL_SLOT: 1000.0})
     assert tuning.sweep_trial_resources(str(tmp_path), began) == {tuning.TRIAL_SLOT: 1}
+
+
+def test_a_sweep_resumes_only_where_its_trials_fit_at_once(monkeypatch) -> None:
+    """Tune restores a sweep's search with the trials it ran at once: resumed where fewer
+    fit (a smaller machine, or more CPUs per worker), every trial's workers and Ray Data
+    tasks waited on each other with no message."""
+    import argparse
+
+    import ray
+
+    from fer_ray import tuning
+    from fer_ray.config import ConfigError
+    from fer_ray.trainer import SWEEP_RESUME_KEYS
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8})
+    monkeypatch.setattr(tuning, "autoscaler_limits", lambda: None)
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    cfg, _ = parse_config(SweepConfig, ["--data", "d", "--output", "o", "--num-samples", "8"],
+                          argparse.ArgumentParser())
+    assert tuning.cluster_capacity(cfg) == 4  # 1 worker CPU + 1 for Ray Data each
+    tuning.check_resumed_concurrency(cfg, "o", 4)
+    tuning.check_resumed_concurrency(cfg, "o", None)  # a sweep from before the record
+    with pytest.raises(ConfigError, match=r"began running 6 trials at once, .* this cluster holds 4 "):
+        tuning.check_resumed_concurrency(cfg, "o", 6)
+    cfg.sweep.num_samples = 4  # no more trials than fit: any number recorded will do
+    tuning.check_resumed_concurrency(cfg, "o", 6)
+    # --cpus-per-worker sets how many fit: a resumed sweep keeps the one it began with.
+    assert "cpus_per_worker" in SWEEP_RESUME_KEYS
