@@ -364,7 +364,7 @@ def local_files(root: str, skip: Sequence[str] = ()) -> Iterator[str]:
                 if key in above:
                     log.warning("%s links back to a folder above it; not followed", e.path)
                     continue
-                if skipped and e.is_symlink():
+                if skipped:  # (a link, or a folder reached through a link to a folder above the skipped one)
                     real = os.path.realpath(e.path)
                     into = next((f for r, f in skipped.items() if _under(real, r)), None)
                     if into is not None:

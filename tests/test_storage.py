@@ -522,6 +522,19 @@ def test_a_link_to_a_skipped_folder_is_not_listed(tmp_path, caplog) -> None:
     assert found == [str(tmp_path / "src" / "happy" / "1.png")]
     assert f"{tmp_path / 'src' / 'results'} leads into {tmp_path / 'out'}; not listed" in caplog.text
     assert f"{tmp_path / 'src' / 'preds'} leads into {tmp_path / 'out'}; not listed" in caplog.text
+    # A link to a folder above the skipped one: the skipped folder is then reached as a plain
+    # subfolder of the link's (the last run's confusion_matrix.png was scored as input).
+    mnt = tmp_path / "mnt"
+    (mnt / "faces" / "sad").mkdir(parents=True)
+    (mnt / "faces" / "sad" / "2.png").write_bytes(b"x")
+    (mnt / "preds" / "predictions").mkdir(parents=True)
+    (mnt / "preds" / "confusion_matrix.png").write_bytes(b"x")
+    (tmp_path / "src2").mkdir()
+    (tmp_path / "src2" / "data").symlink_to(mnt, target_is_directory=True)
+    with caplog.at_level("WARNING", logger="fer_ray.storage"):
+        found = storage.list_files(str(tmp_path / "src2"), skip=[str(mnt / "preds")])
+    assert found == [str(tmp_path / "src2" / "data" / "faces" / "sad" / "2.png")]
+    assert f"{tmp_path / 'src2' / 'data' / 'preds'} leads into {mnt / 'preds'}; not listed" in caplog.text
 
 
 def test_a_fer_csv_behind_an_endpoint_is_read_as_a_csv(endpoint_bucket) -> None:
