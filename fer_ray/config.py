@@ -364,8 +364,10 @@ class TrainConfig:
         """Fine-tuning trains the backbone at lr x --backbone-lr-scale, and every group's
         cosine ends at --min-lr: below it, the backbone's "decay" would climb."""
         o = self.optim
-        scale = o.backbone_lr_scale if o.backbone_lr_scale is not None else PRETRAINED_BACKBONE_LR_SCALE
-        if self.model.pretrained and o.min_lr >= lr * scale:
+        default = PRETRAINED_BACKBONE_LR_SCALE if self.model.pretrained else 1.0  # (resolve_defaults)
+        scale = o.backbone_lr_scale if o.backbone_lr_scale is not None else default
+        # (from scratch too: a --backbone-lr-scale given applies to the whole run)
+        if o.min_lr >= lr * scale:
             raise ConfigError(
                 f"--min-lr ({o.min_lr:g}), where the cosine ends, must be below the backbone's fine-tuning LR, "
                 f"{named} x --backbone-lr-scale ({lr:g} x {scale:g} = {lr * scale:g}); lower --min-lr."
