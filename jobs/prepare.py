@@ -53,8 +53,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"skipped {len(manifest['skipped'])} files; manifest: "
               f"{storage.join(args.output, 'manifest.json')} ({manifest['seconds']} s)")
 
-    return run_job(job, interrupted="interrupted; nothing was written (the output is complete or absent): "
-                                    "run the same command again to prepare from the start")
+    # (A stop while the new splits replace an old output's leaves neither: the manifest,
+    # written last, is what makes a shards folder.)
+    return run_job(job, interrupted="interrupted; the output is a complete shards folder or none (the old one "
+                                    "is gone if the stop came while the new splits replaced it): run the same "
+                                    "command again to prepare from the start")
 
 
 if __name__ == "__main__":
