@@ -118,10 +118,14 @@ def decode_image(data: bytes, channels: int) -> np.ndarray:
 
 def _decode_deep(buf: np.ndarray) -> np.ndarray | None:
     """cv2's decode at the file's own bit depth, turned by its EXIF orientation as cv2's 8-bit
-    reads are (IMREAD_UNCHANGED ignores the orientation), alpha dropped; IMREAD_UNCHANGED for
-    what that cannot read (float BGRA TIFF)."""
-    img = cv2.imdecode(buf, cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR)
-    return img if img is not None else cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+    reads are (IMREAD_UNCHANGED ignores the orientation), alpha dropped; as IMREAD_UNCHANGED
+    reads it where that fails (a float BGRA TIFF, which it is not asked to read: cv2 logs an
+    error for it)."""
+    img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+    if img is None or (img.ndim == 3 and img.shape[2] == 4 and img.dtype.kind == "f"):
+        return img
+    turned = cv2.imdecode(buf, cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR)
+    return turned if turned is not None else img
 
 
 def _fewer_bits_to_uint8(img: np.ndarray, channels: int) -> np.ndarray:
