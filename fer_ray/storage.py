@@ -34,7 +34,11 @@ def normalize(path: str) -> str:
     try:
         path.encode("utf-8")
     except UnicodeEncodeError:
-        raise _not_utf8(path.encode("utf-8", "surrogateescape").decode(errors="replace")) from None
+        try:  # (bytes the OS gave that are not UTF-8, shown as \ufffd)
+            shown = path.encode("utf-8", "surrogateescape").decode(errors="replace")
+        except UnicodeEncodeError:  # (a lone surrogate written in a config file, say)
+            shown = path.encode("utf-8", "backslashreplace").decode()
+        raise _not_utf8(shown) from None
     if is_uri(path) and "#" in path:
         raise ConfigError(f"{path!r}: a URI cannot hold a `#` as it is; percent-encode it as %23.")
     if path.startswith("file:/") and not path.startswith("file://"):

@@ -339,6 +339,8 @@ def test_a_path_given_that_is_not_utf8_is_named_in_one_sentence(tmp_path) -> Non
     for call in (storage.exists, storage.resolve, lambda p: storage.list_files(p)):
         with pytest.raises(ConfigError, match=r"caf\ufffd' has a name that is not UTF-8"):
             call(folder)
+    with pytest.raises(ConfigError, match=r"has a name that is not UTF-8"):  # a lone surrogate (JSON "\ud83d")
+        storage.exists("/tmp/a\ud83db")
 
 
 def test_a_sibling_folder_keeps_a_uris_options_at_the_end(tmp_path) -> None:
