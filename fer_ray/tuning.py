@@ -124,31 +124,38 @@ def gpu_limits_unknown(cfg: SweepConfig) -> bool:
 def cluster_capacity(cfg: SweepConfig) -> int:
     """Trials that fit at once: each needs its workers plus one CPU for Ray Data (two trials
     or more leave whole CPUs free beside their TRIAL_DRIVER_CPU slivers; one trial's sliver
-    is counted by check_resources). Under an
+    is counted by check_resources), and with --use-gpu a GPU per worker. Under an
     autoscaler, counted on the most the cluster may grow to, not on the nodes up now (the
     extra trials' workers wait for the nodes their requests bring up)."""
+    cpu_fit, gpu_fit = _fits(cfg)
+    if gpu_fit is None:
+        return max(1, cpu_fit)
+    if gpu_limits_unknown(cfg):
+        # No autoscaler limits known: most often a cluster started by hand (`ray start`),
+        # which gains no nodes. As many trials as the GPUs and CPUs up now hold: each
+        # trial is a process with torch and a Train controller (~1-1.5 GiB), and all
+        # --num-samples at once filled a GPU box's memory. --max-concurrent may ask for
+        # more (for an autoscaler whose limits Ray does not report): GPU trials beyond the
+        # GPUs wait for them holding no CPU, so they cannot starve the running ones.
+        return max(1, min(cpu_fit, gpu_fit), cfg.sweep.max_concurrent or 0)
+    return max(1, min(cpu_fit, gpu_fit))
+
+
+def _fits(cfg: SweepConfig) -> tuple[int, int | None]:
+    """(trials the CPUs hold, each its workers' and one for Ray Data, and the head's trial
+    slots where there are any; trials the GPUs hold, None without --use-gpu), on the most
+    an autoscaler may grow the cluster to where its limits are known, else on what is up."""
     import ray
 
     res = dict(ray.cluster_resources())
     most = autoscaler_limits()
     if most:
         res = {k: max(res.get(k, 0), most.get(k, 0)) for k in {*res, *most}}
-    elif gpu_limits_unknown(cfg):
-        # No autoscaler limits known: most often a cluster started by hand (`ray start`),
-        # which gains no nodes. As many trials as the GPUs up now hold: each trial is a
-        # process with torch and a Train controller (~1-1.5 GiB), and all --num-samples at
-        # once filled a GPU box's memory. --max-concurrent may ask for more (for an
-        # autoscaler whose limits Ray does not report): GPU trials beyond the GPUs wait for
-        # them, and cannot starve the running ones (a GPU trial's worker takes one CPU of
-        # its node, leaving the others to Ray Data).
-        return max(1, int(res.get("GPU", 0) // cfg.run.num_workers), cfg.sweep.max_concurrent or 0)
     per_trial_cpu = cfg.run.num_workers * cfg.run.cpus_per_worker + 1
-    fit = int(res.get("CPU", 0) // per_trial_cpu)
+    cpu_fit = int(res.get("CPU", 0) // per_trial_cpu)
     if res.get(TRIAL_SLOT):  # trials run on the head's slots (trial_resources)
-        fit = min(fit, int(res[TRIAL_SLOT]))
-    if cfg.run.use_gpu:
-        fit = min(fit, int(res.get("GPU", 0) // cfg.run.num_workers))
-    return max(1, fit)
+        cpu_fit = min(cpu_fit, int(res[TRIAL_SLOT]))
+    return cpu_fit, int(res.get("GPU", 0) // cfg.run.num_workers) if cfg.run.use_gpu else None
 
 
 def _searcher(cfg: SweepConfig, concurrent: int) -> Any:
@@ -265,19 +272,22 @@ def asha(epochs: int, grace_period: int, freeze_epochs: int = 0) -> Any:
     return LastReportASHA(time_attr="epoch", max_t=epochs - 1, grace_period=grace, stop_last_trials=False)
 
 
-def check_resumed_concurrency(cfg: SweepConfig, tune_dir: str, begun: int | None) -> None:
-    """ConfigError when this cluster holds fewer trials at once than the sweep in `tune_dir`
-    began running (`begun`; unknown for sweeps from before the record): Tune restores
-    its search with that number, and the trials' workers and Ray Data tasks would wait on
-    each other for ever (GPU trials beyond the GPUs only wait: not refused)."""
+def check_resumed_concurrency(cfg: SweepConfig, tune_dir: str, begun: int | None, unfinished: int) -> None:
+    """ConfigError when the trials a resumed sweep would run at once cannot all have their
+    CPUs: Tune restores its search with the number it began with (`begun`, unknown for
+    sweeps from before the record), and its trials' workers and Ray Data tasks would wait
+    on each other for ever. Counted on the trials left (`unfinished`), and with --use-gpu
+    on those the GPUs hold (the others wait for a GPU holding no CPU)."""
     if not begun or gpu_limits_unknown(cfg):
         return
-    capacity = cluster_capacity(cfg)
-    if capacity < min(begun, cfg.sweep.num_samples):
+    cpu_fit, gpu_fit = _fits(cfg)
+    running = min(begun, unfinished, gpu_fit if gpu_fit is not None else begun)
+    if running > max(1, cpu_fit):
         raise ConfigError(
             f"The sweep in {tune_dir!r} began running {begun} trials at once, which Tune keeps when "
-            f"it resumes, and this cluster holds {capacity} (each takes its workers' CPUs and one for "
-            "Ray Data); resume it on a cluster that holds them, or start a new sweep in another --output."
+            f"it resumes, and this cluster's CPUs hold {max(1, cpu_fit)} (each takes its workers' CPUs "
+            "and one for Ray Data); resume it on a cluster that holds them, or start a new sweep in "
+            "another --output."
         )
 
 
@@ -300,11 +310,15 @@ def build_tuner(cfg: SweepConfig, manifest: dict[str, Any], cpu_format: str | No
     trainable = ray.tune.with_resources(trainable, resources or trial_resources())
     experiment = storage.join(tune_dir, TUNE_RUN_NAME)
     if ray.tune.Tuner.can_restore(experiment):
-        check_resumed_concurrency(cfg, tune_dir, begun_concurrent)
         log.info("Resuming the sweep in %s", experiment)
         # Failed trials run again from their last checkpoint (the settings cannot have
         # changed: fer_ray.trainer.check_inputs refuses that).
         tuner = ray.tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=True)
+        try:
+            done = tuner.get_results().num_terminated  # (read from the experiment's state)
+        except Exception:  # noqa: BLE001 - a state Tune cannot read back: count every trial
+            done = 0
+        check_resumed_concurrency(cfg, tune_dir, begun_concurrent, cfg.sweep.num_samples - done)
         return tuner, begun_concurrent
 
     capacity = cluster_capacity(cfg)

@@ -167,6 +167,7 @@ def test_gpus_the_autoscaler_can_never_bring_up_are_refused_at_once(monkeypatch)
     ({"CPU": 4, "GPU": 1}, None, "127.0.0.1:6379", 1),  # limits unknown (a `ray start` cluster): the GPUs up
     ({"CPU": 32, "GPU": 4}, None, "127.0.0.1:6379", 4),  # (all 16 at once filled a GPU box's memory)
     ({"CPU": 32}, None, "127.0.0.1:6379", 1),  # no GPU up yet: one, not none
+    ({"CPU": 4, "GPU": 4}, None, "127.0.0.1:6379", 2),  # and no more than the CPUs hold (Ray Data's too)
     ({"CPU": 0, "fer_ray_trial": 3}, {"CPU": 48, "GPU": 4, "fer_ray_trial": 3}, "127.0.0.1:6379", 3),  # head slots
 ])
 def test_sweep_concurrency_counts_what_the_cluster_may_grow_to(monkeypatch, current, limits, address, expected) -> None:

@@ -537,17 +537,27 @@ def test_a_sweep_resumes_only_where_its_trials_fit_at_once(monkeypatch) -> None:
     from fer_ray.config import ConfigError
     from fer_ray.trainer import SWEEP_RESUME_KEYS
 
-    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8})
+    resources = {"CPU": 8}
+    monkeypatch.setattr(ray, "cluster_resources", lambda: resources)
     monkeypatch.setattr(tuning, "autoscaler_limits", lambda: None)
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
     cfg, _ = parse_config(SweepConfig, ["--data", "d", "--output", "o", "--num-samples", "8"],
                           argparse.ArgumentParser())
     assert tuning.cluster_capacity(cfg) == 4  # 1 worker CPU + 1 for Ray Data each
-    tuning.check_resumed_concurrency(cfg, "o", 4)
-    tuning.check_resumed_concurrency(cfg, "o", None)  # a sweep from before the record
-    with pytest.raises(ConfigError, match=r"began running 6 trials at once, .* this cluster holds 4 "):
-        tuning.check_resumed_concurrency(cfg, "o", 6)
-    cfg.sweep.num_samples = 4  # no more trials than fit: any number recorded will do
-    tuning.check_resumed_concurrency(cfg, "o", 6)
+    tuning.check_resumed_concurrency(cfg, "o", 4, 8)
+    tuning.check_resumed_concurrency(cfg, "o", None, 8)  # a sweep from before the record
+    with pytest.raises(ConfigError, match=r"began running 6 trials at once, .* this cluster's CPUs hold 4 "):
+        tuning.check_resumed_concurrency(cfg, "o", 6, 8)
+    tuning.check_resumed_concurrency(cfg, "o", 6, 3)  # 3 trials left: they fit
+    # With GPUs, the trials beyond them wait for one holding no CPU: only those the GPUs
+    # hold must fit the CPUs.
+    resources = {"CPU": 8, "GPU": 2}
+    cfg.run.use_gpu = True
+    monkeypatch.setattr(tuning, "autoscaler_limits", lambda: {"CPU": 8, "GPU": 2})
+    tuning.check_resumed_concurrency(cfg, "o", 6, 8)
+    resources = {"CPU": 3, "GPU": 2}  # 1 trial's CPUs, 2 trials' GPUs
+    monkeypatch.setattr(tuning, "autoscaler_limits", lambda: {"CPU": 3, "GPU": 2})
+    with pytest.raises(ConfigError, match="this cluster's CPUs hold 1 "):
+        tuning.check_resumed_concurrency(cfg, "o", 6, 8)
     # --cpus-per-worker sets how many fit: a resumed sweep keeps the one it began with.
     assert "cpus_per_worker" in SWEEP_RESUME_KEYS
