@@ -369,7 +369,8 @@ class TrainConfig:
         # (from scratch too: a --backbone-lr-scale given applies to the whole run)
         if o.min_lr >= lr * scale:
             raise ConfigError(
-                f"--min-lr ({o.min_lr:g}), where the cosine ends, must be below the backbone's fine-tuning LR, "
+                f"--min-lr ({o.min_lr:g}), where the cosine ends, must be below the backbone's "
+                f"{'fine-tuning ' if self.model.pretrained else ''}LR, "
                 f"{named} x --backbone-lr-scale ({lr:g} x {scale:g} = {lr * scale:g}); lower --min-lr."
             )
 

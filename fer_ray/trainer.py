@@ -422,6 +422,20 @@ def train_sampling_rates(cfg: TrainConfig) -> list[float] | None:
     return sampling_rates(train_counts(read_manifest(cfg.data.data)), cfg.data.sampler)
 
 
+def check_resumed_blur(run_dir: str, sigma: float) -> None:
+    """ConfigError when a resumed run would validate under another blur than its epochs so
+    far (--input-blur resolved; `auto` measures the same again on the same shards): the
+    best epoch, and early stopping, compare val accuracies across them."""
+    begun = storage.read_json_or_none(storage.join(run_dir, CONFIG_FILE)) or {}
+    old = (begun.get(RESOLVED_KEY) or {}).get("input_blur")
+    if old is not None and float(old) != float(sigma):
+        raise ConfigError(
+            f"{run_dir!r} holds a run with different settings (input_blur {float(old):g} -> {float(sigma):g}: "
+            f"its epochs were validated under the other blur); use a new --output, or --input-blur "
+            f"{float(old):g} to resume it."
+        )
+
+
 def write_config(cfg: TrainConfig, settings: LoopSettings, run_dir: str) -> None:
     """The resolved config, with the values derived from it, next to the run's outputs."""
     resolved = {
@@ -502,6 +516,7 @@ def finalize_run(
             "stopped_early": bool(state["stopped_early"]),
             "diverged": bool(state.get("diverged", False)),  # the weights went NaN or inf: the run ended there
             "planned_epochs": int(state.get("planned_epochs") or 0),  # what the time budget fitted
+            "epochs": int((settings.get("optim") or {}).get("epochs") or 0),  # of the --epochs it trained with
             "best_dir": storage.join(run_dir, BEST_DIR),
         }
         # What a sweep reads back once the trial's checkpoints are gone (fer_ray.tuning).
@@ -521,8 +536,10 @@ def _finished_run(cfg: TrainConfig, run_dir: str, class_names: Sequence[str]) ->
     state, epochs = TrainState(**saved), cfg.optim.epochs
     if not is_finished(state, epochs):
         return None
-    log.info("Run already finished at epoch %d; nothing to train (%s).", state.epoch, finished_why(state, epochs))
     old, new = _flat(storage.read_json(storage.join(run_dir, CONFIG_FILE))), _flat_settings(cfg)
+    # (the --epochs it trained with: "fitted 8 of 10", not of a rerun's --epochs 20)
+    log.info("Run already finished at epoch %d; nothing to train (%s).", state.epoch,
+             finished_why(state, int(old.get("epochs") or epochs)))
     unused = [k for k in new if k in old and old[k] != new[k] and k != "output"]  # (a moved folder)
     if unused:
         log.warning(
@@ -539,19 +556,25 @@ def train(
     """The whole training job (the driver of jobs/train.py); Ray must be initialised.
     `started` (time.time(), default now): when the job began, for --time-budget."""
     manifest = manifest or check_inputs(cfg)
-    check_resources(cfg)
     run_dir = storage.normalize(cfg.run.output)
     # A run resumed from a checkpoint has every weight there: the pretrained ones are not
     # needed again (a moved --pretrained-file, or no network, refused the resume).
     resuming = has_checkpoint(run_dir)
     if resuming:
+        # (before the resource check: a finished run starts no worker, and its rerun waited
+        # up to FER_RAY_GPU_WAIT_S for GPU nodes an autoscaler had let go)
         finished = _finished_run(cfg, run_dir, manifest["classes"])
         if finished is not None:
             return finished
+    else:
+        check_resources(cfg)  # (before the pretrained weights are fetched)
     if resuming and cfg.model.pretrained:
         log.info("Resuming from the run's checkpoint: its weights are there, the pretrained ones are not fetched")
     pretrained = None if resuming else load_pretrained(cfg, len(manifest["classes"]))
     settings = resolve_settings(cfg, manifest, pretrained, started=started)
+    if resuming:  # (refused before any wait for GPUs)
+        check_resumed_blur(cfg.run.output, settings.spec.input_blur)
+        check_resources(cfg)
     write_config(cfg, settings, run_dir)
     trainer = build_trainer(cfg, settings, callbacks=callbacks)
     # Ray Train puts its own Ctrl-C handler in for the run and leaves it there: after the

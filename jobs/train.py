@@ -41,8 +41,10 @@ def main(argv: list[str] | None = None) -> int:
         init_ray(min_cpus=cfg.run.num_workers * cfg.run.cpus_per_worker + 2, dashboard=True, quiet_workers=True)
         warn_local_paths(data=cfg.data.data, output=cfg.run.output)
         out = train(cfg, manifest, started=started)
-        planned, epochs = out["planned_epochs"], cfg.optim.epochs
-        ended = (" (stopped early)" if out["stopped_early"]
+        # (the --epochs the run trained with: a finished run rerun with another trains no more)
+        planned, epochs = out["planned_epochs"], out.get("epochs") or cfg.optim.epochs
+        ended = (f" (it diverged in epoch {out['epochs_run']}: the epochs before it are kept)" if out.get("diverged")
+                 else " (stopped early)" if out["stopped_early"]
                  else f" (the time budget fitted {planned} of --epochs {epochs})" if 0 < planned < epochs else "")
         print(
             f"best val accuracy {out['accuracy']:.4f} (macro F1 {out['macro_f1']:.4f}) at epoch "

@@ -141,7 +141,7 @@ def test_wrong_type_is_rejected() -> None:
          r"below the backbone's fine-tuning LR, --lr x --backbone-lr-scale \(5e-06 x 0.1 = 5e-07\); lower --min-lr"),
         # From scratch too, where a --backbone-lr-scale given scales the whole run's backbone.
         (["--data", "d", "--output", "o", "--no-pretrained", "--lr", "1e-3", "--backbone-lr-scale", "0.0005"],
-         r"below the backbone's fine-tuning LR, --lr x --backbone-lr-scale \(0.001 x 0.0005 = 5e-07\)"),
+         r"below the backbone's LR, --lr x --backbone-lr-scale \(0.001 x 0.0005 = 5e-07\)"),
         (["--data", "d", "--output", "o", "--time-budget", "inf"], "'time_budget' \\(--time-budget\\) expects a finite number"),
         (["--data", "d", "--output", "o", "--lr", "nan"], "'lr' \\(--lr\\) expects a finite number"),
         (["--data", "d", "--output", "o", "--model-kwargs", "{num_classes: 3, drop_rate: 0.2}"],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -169,7 +170,7 @@ def test_a_checkpoints_loop_state_is_read_without_fetching_the_checkpoint(tmp_pa
     assert state["epoch"] == 3 and state["planned_epochs"] == 3
 
 
-def test_a_run_that_diverges_keeps_its_best_epoch_and_ends(tiny_run, tmp_path, caplog) -> None:
+def test_a_run_that_diverges_keeps_its_best_epoch_and_ends(tiny_run, tmp_path, caplog, capsys) -> None:
     """Weights gone NaN predict class 0 for every image: that epoch's "accuracy" (class 0's
     share of val) could be kept as the best model. Now the run ends at the first such epoch,
     which is never the best, and says so; a rerun finds it finished."""
@@ -183,6 +184,8 @@ def test_a_run_that_diverges_keeps_its_best_epoch_and_ends(tiny_run, tmp_path, c
     args = tiny_train_args(data, str(run), "--epochs", "4", "--freeze-epochs", "1", "--lr", "1e30",
                            "--pretrained", "--pretrained-file", str(tmp_path / "moved.pth"))
     assert train_main(args) == 0
+    # The job's last line says so (it read as a run that had ended by itself, exit 0 alike).
+    assert "of 3 (it diverged in epoch 3: the epochs before it are kept); model:" in capsys.readouterr().out
     history = pd.read_csv(run / "history.csv")
     assert history["epoch"].tolist() == [1, 2, 3]  # not 4: it ended where it diverged
     assert np.isnan(history["val_acc"].iloc[2]) and history["val_acc"].iloc[:2].notna().all()
@@ -415,6 +418,32 @@ def test_changed_model_on_an_existing_run_is_refused(tiny_run, tmp_path, capsys)
     # phase names follow it (a pretrained run resumed without it trained its backbone at 10x).
     assert train_main(tiny_train_args(data, str(run))) == 2
     assert "pretrained True -> False" in capsys.readouterr().err
+    # Its epochs were validated under one blur (resolved: `auto` measures the same again):
+    # the best epoch and early stopping compare across them. Checked on a run that goes on
+    # (--epochs 3; a finished run trains no more, and says what it did not apply).
+    assert json.loads((run / "config.json").read_text())["resolved"]["input_blur"] == 0
+    assert train_main(tiny_train_args(data, str(run), *same, "--epochs", "3", "--input-blur", "1.5")) == 2
+    assert "different settings (input_blur 0 -> 1.5: its epochs were validated" in capsys.readouterr().err
+
+
+def test_a_finished_run_is_rerun_without_asking_for_resources(tiny_run, tmp_path, monkeypatch, capsys) -> None:
+    """A finished run starts no worker: its rerun (outputs written again) waited up to 15
+    minutes for GPU nodes an autoscaler had let go, or failed without them."""
+    from fer_ray import trainer
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    data = json.loads((run / "config.json").read_text())["data"]["data"]
+    same = ["--pretrained", "--pretrained-file", str(tiny_run.parent / "pretrained.pth"), "--freeze-epochs", "1"]
+
+    def no_resources(cfg, *args, **kwargs):
+        raise trainer.ConfigError("--use-gpu needs 1 GPU(s)")
+
+    monkeypatch.setattr(trainer, "check_resources", no_resources)
+    assert train_main(tiny_train_args(data, str(run), *same)) == 0
+    assert "best val accuracy" in capsys.readouterr().out
+    assert train_main(tiny_train_args(data, str(run), *same, "--epochs", "3")) == 2  # one that goes on asks
+    assert "--use-gpu needs 1 GPU(s)" in capsys.readouterr().err
 
 
 def test_resume_check_takes_one_folder_under_two_spellings(tiny_run, tmp_path, monkeypatch) -> None:
@@ -771,7 +800,7 @@ def test_cpu_formats_are_timed_on_a_copy_and_the_fastest_wins() -> None:
         "fp32", "bf16+channels_last", "fp16"]
 
 
-def test_time_budget_fits_the_schedule_and_ends_in_time(ray_cluster, synth_shards, tmp_path, capsys) -> None:
+def test_time_budget_fits_the_schedule_and_ends_in_time(ray_cluster, synth_shards, tmp_path, capsys, caplog) -> None:
     """--time-budget: after the first epoch the cosine schedule is fitted to the epochs that
     fit, so the run ends within the budget with its learning rate decayed, not cut off."""
     import math
@@ -788,6 +817,12 @@ def test_time_budget_fits_the_schedule_and_ends_in_time(ray_cluster, synth_shard
     n = len(history)
     # The last line says what ended the run (it read as if the run had stopped by itself).
     assert f"of {n} (the time budget fitted {n} of --epochs {configured}); model:" in capsys.readouterr().out
+    # Rerun with a larger --epochs: the budget's plan ended it, so it trains no more, and both
+    # the log and the last line name the --epochs it trained with (they named the rerun's).
+    with caplog.at_level(logging.INFO):
+        assert train_main([*args, "--epochs", str(2 * configured)]) == 0
+    assert f"(the time budget fitted {n} of --epochs {configured}); model:" in capsys.readouterr().out
+    assert f"its --time-budget fitted {n} of {configured} epochs" in caplog.text
     assert (history["phase"] == "scratch").all()  # from random weights: nothing is fine-tuned
     assert history["epoch"].tolist() == list(range(1, n + 1))
     assert 3 <= n < configured
