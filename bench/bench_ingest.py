@@ -54,11 +54,27 @@ SIZE, CHANNELS, AUGMENT = 48, 1, "medium"
 
 
 def folder_items(root: str) -> list[tuple[str, int]]:
+    """(path, label) of the images in `root`'s FER class folders, their names in any case (as
+    jobs/prepare.py reads them); a class without a folder has no images."""
+    folders = {name.lower(): name for name in os.listdir(root) if os.path.isdir(os.path.join(root, name))}
     items = []
     for label, name in enumerate(FER_CLASSES):
-        d = os.path.join(root, name)
+        if name not in folders:
+            continue
+        d = os.path.join(root, folders[name])
         items += [(os.path.join(d, f), label) for f in sorted(os.listdir(d)) if f.lower().endswith(IMAGE_EXTENSIONS)]
     return items
+
+
+def split_folders(data: str) -> tuple[str, str] | None:
+    """FOLDER/train and FOLDER/val, or None after a line saying the benchmark is skipped: the
+    plain scripts read these two folders, so fer_ray's side must not carve val out of
+    train (jobs/prepare.py does where there is no val/) or take another folder for it."""
+    train, val = os.path.join(data, "train"), os.path.join(data, "val")
+    if not (os.path.isdir(train) and os.path.isdir(val)):
+        print(f"skipped: {data} needs train/ and val/ folders of class folders (FER2013: val is PublicTest)")
+        return None
+    return train, val
 
 
 class AugmentedFolder(torch.utils.data.Dataset):
@@ -172,7 +188,7 @@ def encoded_bytes_per_image(shards: str) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", default=str(DEFAULT_FER), help="folder with train/ of class folders")
+    parser.add_argument("--data", default=str(DEFAULT_FER), help="folder with train/ and val/ of class folders")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--epochs", type=int, default=3,
                         help="epochs of each side; the first is warm-up, the mean of the others is compared")
@@ -180,10 +196,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ceiling-images", type=int, default=4000)
     args = parser.parse_args(argv)
 
-    train = os.path.join(args.data, "train")
-    if not os.path.isdir(train):
-        print(f"skipped: {train} does not exist; pass --data FOLDER with a train/ folder of class folders")
+    folders = split_folders(args.data)
+    if folders is None:
         return 0
+    train = folders[0]
     logging.basicConfig(level=logging.WARNING)
     os.environ.setdefault("RAY_ADDRESS", "local")  # a Ray of its own: all of it in the samples
     os.environ.setdefault("RAY_worker_niceness", "0")  # as the DataLoader's processes

@@ -48,7 +48,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from bench.bench_ingest import folder_items  # noqa: E402
+from bench.bench_ingest import folder_items, split_folders  # noqa: E402
 from bench.common import DEFAULT_FER, CpuTimeline, machine  # noqa: E402
 from fer_ray.data import class_weights  # noqa: E402
 from fer_ray.model import create_model, data_config, fastest_format, format_name, time_cpu_formats  # noqa: E402
@@ -256,16 +256,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the plain loop")
     args = parser.parse_args(argv)
 
-    train_dir = os.path.join(args.data, "train")
-    if not os.path.isdir(train_dir):
-        print(f"skipped: {train_dir} does not exist; pass --data FOLDER with train/ and val/ class folders")
+    folders = split_folders(args.data)
+    if folders is None:
         return 0
+    train_dir, val_dir = folders
     logging.basicConfig(level=logging.WARNING)
     os.environ.setdefault("RAY_ADDRESS", "local")  # a Ray of its own: all of it in the samples
     os.environ.setdefault("RAY_worker_niceness", "0")
     tmp = tempfile.mkdtemp(prefix="bench_train_")
     try:
-        items = folder_items(train_dir)
+        items, val_items = folder_items(train_dir), folder_items(val_dir)
         print(f"{machine()}; {args.model} from scratch, {SIZE}px, batch {args.batch_size}, "
               f"{len(items)} images, {args.epochs} epochs")
         from fer_ray.cli import init_ray
@@ -292,18 +292,17 @@ def main(argv: list[str] | None = None) -> int:
         val_s = history["seconds"] - train_s
         print(f"fer_ray trained in {history['format'].iloc[-1]}")
 
-        val_dir = os.path.join(args.data, "val")
         with CpuTimeline() as timeline:
             plain, bounds, plain_whole = plain_epochs(
                 items, args.model, args.batch_size, args.epochs, args.workers, fmt=history["format"].iloc[-1],
-                val_items=folder_items(val_dir) if os.path.isdir(val_dir) else (),
+                val_items=val_items,
                 checkpoint=os.path.join(tmp, "plain_checkpoint.pt"))
         plain_cpu = cpu_shares(timeline, *bounds[-1], plain_kind(os.getpid()))
 
         # A whole epoch: between two checkpoint folders appearing (train, val, report, checkpoint).
         whole = [ends[i] - ends[i - 1] if 0 < i < len(ends) else float("nan") for i in range(args.epochs)]
         print(f"\n{'epoch':<7}{'plain train s':>15}{'plain whole s':>15}{'fer_ray train s':>17}"
-              f"{'fer_ray val+report s':>22}{'fer_ray whole s':>17}{'train ratio':>13}{'whole ratio':>13}")
+              f"{'fer_ray val s':>22}{'fer_ray whole s':>17}{'train ratio':>13}{'whole ratio':>13}")
         for i in range(args.epochs):
             print(f"{i + 1:<7}{plain[i]:>15.1f}{plain_whole[i]:>15.1f}{train_s[i]:>17.1f}{val_s[i]:>22.1f}"
                   f"{whole[i]:>17.1f}{train_s[i] / plain[i]:>13.2f}{whole[i] / plain_whole[i]:>13.2f}")

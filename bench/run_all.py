@@ -37,8 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", default=str(DEFAULT_FER), help="folder with train/ and val/ of class folders")
     args = parser.parse_args(argv)
     args.data = os.path.abspath(args.data)  # the scripts run from the repository root
-    if not (Path(args.data) / "train").is_dir():
-        print(f"skipped: {args.data}/train does not exist; pass --data FOLDER (FER2013 as class folders)")
+    if not ((Path(args.data) / "train").is_dir() and (Path(args.data) / "val").is_dir()):
+        print(f"skipped: {args.data} needs train/ and val/ folders of class folders; pass --data FOLDER "
+              "(FER2013: val is PublicTest)")
         return 0
 
     found: dict[str, str] = {}
