@@ -93,12 +93,13 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(stale)
     partial = tempfile.mkdtemp(prefix=PARTIAL, dir=args.output)
     signal.signal(signal.SIGTERM, _stopped)  # a job scheduler's stop: the same clean-up
-    done = False
+    done, moved = False, []
     try:
         counts = generate_dataset(partial, per_split, size=args.size, seed=args.seed,
                                   image_format=args.format)
         for split in counts:
             os.rename(os.path.join(partial, split), os.path.join(args.output, split))
+            moved.append(os.path.join(args.output, split))
         done = True
     except KeyboardInterrupt:
         print(f"interrupted; nothing was written to {args.output}", file=sys.stderr)
@@ -106,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(partial, ignore_errors=True)
         if not done:
+            for split in moved:  # (a stop between two splits' moves: "nothing was written" holds)
+                shutil.rmtree(split, ignore_errors=True)
             remove_empty(made)
     splits = ", ".join(
         f"{split} {sum(c.values())} ({next(iter(c.values()))}/class)" for split, c in counts.items()

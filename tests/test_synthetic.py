@@ -217,3 +217,25 @@ def test_classes_are_learnable_but_not_linearly_trivial() -> None:
     # Well above chance from raw pixels, yet pose and lighting jitter keep a linear
     # model far from perfect: the classes need shape features a CNN learns.
     assert 2 * chance < accuracy < 0.8
+
+
+def test_a_stop_between_two_splits_moves_leaves_nothing(tmp_path, monkeypatch, capsys) -> None:
+    """Each split is moved into OUTPUT when all are written: a stop after the first move left
+    it there, under "nothing was written", and the rerun refused the folder as not empty."""
+    import os
+
+    from jobs.make_synthetic import main as synth_main
+
+    real_rename, calls = os.rename, []
+
+    def rename(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", rename)
+    out = tmp_path / "faces"
+    assert synth_main(["--output", str(out), "--train-per-class", "2", "--val-per-class", "1", "--size", "16"]) == 130
+    assert len(calls) == 2 and f"interrupted; nothing was written to {out}" in capsys.readouterr().err
+    assert not out.exists()  # (made by the run: removed with what it held)
