@@ -119,10 +119,11 @@ def phase_of(epoch: int, freeze_epochs: int) -> str:
 
 
 def kept_format(history: list[dict[str, Any]]) -> tuple[torch.dtype | None, bool] | None:
-    """The CPU format (amp dtype, channels_last) a resumed run's last epoch trained in, so
-    that --amp auto does not time the formats again and switch mid-run on a timing within
-    noise; None for a new run, a history without formats, or one a CPU does not train in."""
-    if not history or "format" not in history[-1]:
+    """The CPU format (amp dtype, channels_last) a resumed run's last epoch trained in on a
+    CPU, so that --amp auto does not time the formats again and switch mid-run on a timing
+    within noise; None for a new run, a history without formats, one a CPU does not train
+    in, or a last epoch trained on a GPU (its bf16 is not a CPU's choice: timed again)."""
+    if not history or "format" not in history[-1] or history[-1].get("device", "cpu") != "cpu":
         return None
     return named_format(history[-1]["format"])
 
@@ -716,6 +717,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "steps": steps,  # optimizer steps, the same on every worker
             "planned_epochs": s.epochs,  # the run's length when this epoch ran
             "format": format_name(amp_dtype, channels_last),  # precision and memory format trained in
+            "device": device.type,  # cpu or cuda
         }
         state.history.append(row)
         log0(

@@ -31,7 +31,7 @@ def test_run_folder_is_complete(tiny_run) -> None:
     history = pd.read_csv(tiny_run / "history.csv")
     assert history.columns.tolist() == [
         "epoch", "phase", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "seconds", "images_per_s",
-        "data_wait_s", "steps", "planned_epochs", "format",
+        "data_wait_s", "steps", "planned_epochs", "format", "device",
     ]
     assert history["epoch"].tolist() == [1, 2]
     assert history["phase"].tolist() == ["head", "finetune"]  # --freeze-epochs 1
@@ -41,6 +41,7 @@ def test_run_folder_is_complete(tiny_run) -> None:
     assert (history["steps"] == 280 // 16).all()
     assert (history["planned_epochs"] == 2).all()  # no time budget: --epochs
     assert history["format"].isin(["fp32", "fp32+channels_last", "bf16", "bf16+channels_last"]).all()
+    assert (history["device"] == "cpu").all()
 
     metrics = pd.read_parquet(tiny_run / "val_metrics.parquet").set_index("name")
     assert metrics.loc[list(FER_CLASSES), "support"].sum() == 70  # every val image, once
@@ -232,6 +233,9 @@ def test_resumed_run_keeps_the_format_its_last_epoch_trained_in(tiny_run, tmp_pa
     assert kept_format([{"format": "fp32"}, {"format": "bf16+channels_last"}]) == (torch.bfloat16, True)
     assert kept_format([{"format": "fp32"}]) == (None, False)
     assert kept_format([{"format": "fp16+channels_last"}]) is None  # a GPU's: timed again on a CPU
+    # bf16 on a GPU (Ampere and later) is a CPU format's name too: the device tells them apart.
+    assert kept_format([{"format": "bf16+channels_last", "device": "cuda"}]) is None
+    assert kept_format([{"format": "bf16+channels_last", "device": "cpu"}]) == (torch.bfloat16, True)
 
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
