@@ -429,6 +429,54 @@ def bootstrap_limits(path: str) -> dict[str, float] | None:
     return total or None
 
 
+def bootstrap_node_types(path: str) -> list[dict[str, float]] | None:
+    """The `resources` of each node type an autoscaler config file lets the cluster have (the
+    head's, and each worker type's with max_workers above 0); None when the file is missing
+    or unreadable."""
+    import yaml
+
+    try:
+        with open(path) as f:
+            config = yaml.safe_load(f) or {}
+        return [{k: float(v) for k, v in (t.get("resources") or {}).items()}
+                for name, t in (config.get("available_node_types") or {}).items()
+                if name == config.get("head_node_type") or int(t.get("max_workers", 0)) > 0]
+    except (OSError, yaml.YAMLError, AttributeError, TypeError, ValueError):
+        return None
+
+
+def require_node_fits(bundle: dict[str, float], what: str, fewer: str) -> None:
+    """On a cluster this job joined: ConfigError unless one node holds `bundle` (one Train
+    worker's CPUs, and its GPU), a node up now or one its autoscaler may bring up (the node
+    types of `ray up`'s config, where this job reads it). The cluster-wide totals that
+    require_cpus checks can hold a worker that no node holds, and Ray then waits for ever.
+    A GPU is left to require_gpus where nothing says what the nodes to come hold."""
+    import ray
+
+    if not on_cluster():
+        return
+    fits = lambda res: all(res.get(k, 0) >= v for k, v in bundle.items())  # noqa: E731
+    up = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    if any(fits(r) for r in up):
+        return
+    types = bootstrap_node_types(os.path.expanduser(BOOTSTRAP_CONFIG))
+    if types is not None:
+        if any(fits(r) for r in types):
+            return
+        nodes, what_fits = up + types, "up or in the autoscaler's node types"
+    else:
+        if autoscaler_limits():  # (an autoscaler whose node types this job cannot read)
+            return
+        cpus = bundle.get("CPU", 0)  # (a GPU lacking: require_gpus waits for one, and warns)
+        if any(r.get("CPU", 0) >= cpus for r in up):
+            return
+        nodes, what_fits = up, "up"
+    need = ", ".join(f"{v:g} {k}" for k, v in bundle.items())
+    most = ", ".join(f"{max((n.get(k, 0) for n in nodes), default=0):g} {k}" for k in bundle)
+    raise ConfigError(f"{what} needs {need} on one node, and no node {what_fits} holds that (the most "
+                      f"any holds: {most}); {fewer}")
+
+
 def warn_local_paths(**paths: str | None) -> None:
     """On a cluster whose work runs on other nodes than this driver's (several nodes up, a
     head that holds no CPUs, or an autoscaler that adds nodes), a local path is right only on

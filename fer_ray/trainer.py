@@ -24,7 +24,7 @@ import ray.data
 import ray.train
 
 from fer_ray import storage
-from fer_ray.cli import require_cpus, require_gpus
+from fer_ray.cli import require_cpus, require_gpus, require_node_fits
 from fer_ray.config import LR_RANGES, RESOLVED_KEY, ConfigError, TrainConfig, parse_input_blur, to_dict
 from fer_ray.constants import (
     BEST_DIR,
@@ -350,8 +350,8 @@ def _flat(d: dict[str, Any]) -> dict[str, Any]:
 
 def check_resources(cfg: TrainConfig, driver_cpus: float = 0) -> None:
     """--use-gpu needs one GPU per worker, and a cluster joined needs the workers' CPUs and
-    one for Ray Data (and `driver_cpus`, a sweep trial's own share, beside them); fail in one
-    sentence rather than wait forever."""
+    one for Ray Data (and `driver_cpus`, a sweep trial's own share, beside them), and a node
+    that holds one worker; fail in one sentence rather than wait forever."""
     if cfg.run.use_gpu:
         require_gpus(cfg.run.num_workers)
     workers = cfg.run.num_workers * cfg.run.cpus_per_worker
@@ -361,6 +361,10 @@ def check_resources(cfg: TrainConfig, driver_cpus: float = 0) -> None:
         f"more for Ray Data's tasks{trial}, which would wait forever: lower --num-workers or "
         "--cpus-per-worker, or add nodes."
     ))
+    require_node_fits(
+        {"CPU": float(cfg.run.cpus_per_worker), **({"GPU": 1.0} if cfg.run.use_gpu else {})},
+        "Each Train worker", "lower --cpus-per-worker, or add a node type that holds one worker.",
+    )
 
 
 def build_trainer(

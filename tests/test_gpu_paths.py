@@ -106,6 +106,32 @@ def test_the_cluster_ceiling_is_read_from_the_config_ray_up_leaves_on_the_head(m
     assert cli.bootstrap_limits(str(tmp_path / "wider.yaml")) == {"CPU": 2 * 16 + 4 * 4, "GPU": 6, "fer_ray_trial": 8}
 
 
+def test_a_worker_no_node_holds_is_refused_though_the_totals_hold_it(monkeypatch, tmp_path) -> None:
+    """require_cpus compares cluster-wide totals: 8 CPUs a worker on cluster.yaml's 4-CPU GPU
+    nodes (48 CPUs in all), or 12 on two 8-CPU nodes, passed, and Ray waited for ever."""
+    import ray
+
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    up = [{"Alive": True, "Resources": {"CPU": 0.0, "fer_ray_trial": 8.0}}]  # cluster.yaml's head alone
+    monkeypatch.setattr(ray, "nodes", lambda: up)
+    monkeypatch.setattr(cli, "BOOTSTRAP_CONFIG", str(REPO / "cluster.yaml"))
+    cli.require_node_fits({"CPU": 4.0, "GPU": 1.0}, "Each Train worker", "fewer.")  # a g5.xlarge to come
+    cli.require_node_fits({"CPU": 16.0}, "Each Train worker", "fewer.")  # a c7i to come
+    with pytest.raises(ConfigError, match=r"Each Train worker needs 8 CPU, 1 GPU on one node, and no node up or "
+                                          r"in the autoscaler's node types holds that \(the most any holds: 16 CPU, 1 GPU\); fewer"):
+        cli.require_node_fits({"CPU": 8.0, "GPU": 1.0}, "Each Train worker", "fewer.")
+    # A cluster started by hand: the nodes up are all it has.
+    monkeypatch.setattr(cli, "BOOTSTRAP_CONFIG", str(tmp_path / "none.yaml"))
+    monkeypatch.setattr(cli, "autoscaler_limits", lambda: None)
+    up[:] = [{"Alive": True, "Resources": {"CPU": 8.0}}, {"Alive": True, "Resources": {"CPU": 8.0}},
+             {"Alive": False, "Resources": {"CPU": 64.0}}]
+    cli.require_node_fits({"CPU": 8.0, "GPU": 1.0}, "Each Train worker", "fewer.")  # the GPU: require_gpus's
+    with pytest.raises(ConfigError, match=r"needs 12 CPU on one node, and no node up holds that \(the most any holds: 8 CPU\)"):
+        cli.require_node_fits({"CPU": 12.0}, "Each Train worker", "fewer.")
+    monkeypatch.delenv("RAY_ADDRESS")  # a Ray of the job's own is sized for the job
+    cli.require_node_fits({"CPU": 12.0}, "Each Train worker", "fewer.")
+
+
 @pytest.mark.parametrize("address", [None, "local"])
 def test_a_ray_of_the_jobs_own_without_gpus_fails_at_once(monkeypatch, address) -> None:
     """Only a cluster's autoscaler can bring GPUs: RAY_ADDRESS=local waited its 15 minutes."""
@@ -308,6 +334,7 @@ def test_a_joined_cluster_too_small_for_the_workers_and_ray_data_is_refused(
 
     monkeypatch.setenv("RAY_ADDRESS", address)
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": cpus})
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": {"CPU": cpus}}])
     monkeypatch.setattr(cli, "autoscaler_limits", lambda: limits)
     cfg, _ = parse_config(TrainConfig, ["--data", "d", "--output", "o", "--cpus-per-worker", "2"],
                           argparse.ArgumentParser())
