@@ -247,7 +247,20 @@ def check_inputs(cfg: TrainConfig) -> dict[str, Any]:
         cfg.optim.freeze_epochs = _flat(existing).get("freeze_epochs")
     cfg.resolve_defaults()
     check_model_name(cfg.model.model)
-    _check_resume_compatible(cfg, existing)
+    try:
+        _check_resume_compatible(cfg, existing)
+    except ConfigError:
+        from fer_ray import tuning
+
+        if not (existing and hasattr(cfg, "sweep") and tuning.saved_nothing(output)):
+            raise
+        # A sweep whose trials all failed in their first epoch (or that was stopped before
+        # one ended) holds nothing to resume: it starts again with the corrected settings
+        # (resumed with its own, its failed trials ran again and failed alike).
+        log.info("Output %s holds a sweep whose trials saved no epoch; it starts again with these settings",
+                 cfg.run.output)
+        tuning.start_again(output)
+        existing = None
     what = "a sweep" if hasattr(cfg, "sweep") else "a run"  # (said once every check passed)
     log.info("Output %s: %s", cfg.run.output, f"resumes {what} begun there" if existing else f"{what} from the start")
     return manifest

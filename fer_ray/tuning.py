@@ -388,6 +388,29 @@ def collect_results(grid: Any, tune_dir: str, classes: list[str]) -> pd.DataFram
     return results.sort_values("trial_id", ignore_index=True)
 
 
+def saved_nothing(tune_dir: str) -> bool:
+    """Whether no trial of the sweep in `tune_dir` saved an epoch (every trial failed in its
+    first epoch, or the sweep was stopped before one ended): nothing holds it to its
+    settings."""
+    trials = storage.join(tune_dir, TRIALS_DIR)
+    if not storage.exists(trials):
+        return True
+    folders = [storage.join(trials, e.base_name) for e in storage.list_dir(trials) if e.type.name == "Directory"]
+    return not any(has_checkpoint(f) or storage.exists(storage.join(f, RUN_SUMMARY_FILE)) for f in folders)
+
+
+def start_again(tune_dir: str) -> None:
+    """Remove what a sweep that saved nothing left in `tune_dir` (Tune's experiment, the
+    trials' folders, the settings and any outputs), so that the sweep starts anew."""
+    for name in (TUNE_RUN_NAME, TRIALS_DIR, BEST_DIR):
+        storage.delete_dir(storage.join(tune_dir, name))
+    for name in (SWEEP_CONFIG_FILE, RESULTS_FILE, BEST_CONFIG_FILE, SUMMARY_PLOT):
+        path = storage.join(tune_dir, name)
+        if storage.exists(path):
+            fs, inner = storage.resolve(path)
+            fs.delete_file(inner)
+
+
 def prune_checkpoints(results: pd.DataFrame, best: dict[str, Any] | None, tune_dir: str) -> None:
     """Delete the checkpoints of the finished trials other than the best: a trial keeps two
     (its best epoch's and its latest, each with the optimizer's state besides the weights;

@@ -315,6 +315,14 @@ def test_failed_trials_are_recorded_not_fatal(ray_cluster, synth_shards, tmp_pat
     for trial_id in results["trial_id"]:
         error_file = out / "ray_tune" / trial_id / "error.txt"
         assert f"trial {trial_id} failed; its error is in {error_file}" in printed.out and error_file.is_file()
+    # No trial saved an epoch: a rerun with other settings starts the sweep again (it was
+    # refused as "different settings", and the same settings ran the failed trials again).
+    with caplog.at_level("INFO", logger="fer_ray.trainer"):
+        assert tune_main([*args, "--weight-decay", "0.002"]) == 1
+    assert "holds a sweep whose trials saved no epoch; it starts again with these settings" in caplog.text
+    assert json.loads((out / "sweep_config.json").read_text())["optim"]["weight_decay"] == 0.002
+    assert len(pd.read_parquet(out / "results.parquet")) == 2  # the new sweep's trials, not 4
+    capsys.readouterr()
 
     # The same command samples the same trials (random search is seeded by --seed); a
     # --max-concurrent above what the cluster holds (4 CPUs: 2 trials) is held to it.
