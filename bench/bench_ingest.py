@@ -46,7 +46,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from bench.common import DEFAULT_FER, machine, operator_outputs, read_all  # noqa: E402
+from bench.common import DEFAULT_FER, machine, operator_outputs, read_all, split_folders  # noqa: E402
 from fer_ray.constants import FER_CLASSES, IMAGE_COL, IMAGE_EXTENSIONS, LABEL_COL  # noqa: E402
 from fer_ray.transforms import create_transform, decode_image  # noqa: E402
 
@@ -55,7 +55,8 @@ SIZE, CHANNELS, AUGMENT = 48, 1, "medium"
 
 def folder_items(root: str) -> list[tuple[str, int]]:
     """(path, label) of the images in `root`'s FER class folders, their names in any case (as
-    jobs/prepare.py reads them); a class without a folder has no images."""
+    jobs/prepare.py reads them); a class without a folder has no images. The benchmarks are
+    FER2013's: folders of other names are left out (prepare would train on them too)."""
     folders = {name.lower(): name for name in os.listdir(root) if os.path.isdir(os.path.join(root, name))}
     items = []
     for label, name in enumerate(FER_CLASSES):
@@ -64,17 +65,6 @@ def folder_items(root: str) -> list[tuple[str, int]]:
         d = os.path.join(root, folders[name])
         items += [(os.path.join(d, f), label) for f in sorted(os.listdir(d)) if f.lower().endswith(IMAGE_EXTENSIONS)]
     return items
-
-
-def split_folders(data: str) -> tuple[str, str] | None:
-    """FOLDER/train and FOLDER/val, or None after a line saying the benchmark is skipped: the
-    plain scripts read these two folders, so fer_ray's side must not carve val out of
-    train (jobs/prepare.py does where there is no val/) or take another folder for it."""
-    train, val = os.path.join(data, "train"), os.path.join(data, "val")
-    if not (os.path.isdir(train) and os.path.isdir(val)):
-        print(f"skipped: {data} needs train/ and val/ folders of class folders (FER2013: val is PublicTest)")
-        return None
-    return train, val
 
 
 class AugmentedFolder(torch.utils.data.Dataset):

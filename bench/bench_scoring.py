@@ -60,7 +60,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from bench.common import MiB, Sampler, operator_outputs, read_all, tree_memory  # noqa: E402
+from bench.common import MiB, Sampler, operator_outputs, read_all, split_folders, tree_memory  # noqa: E402
 from fer_ray.constants import FER_CLASSES, IMAGE_EXTENSIONS  # noqa: E402
 from fer_ray.model import (  # noqa: E402
     ModelSpec,
@@ -268,10 +268,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"scored={n}")
         return 0
 
-    val, train = os.path.join(args.data, "val"), os.path.join(args.data, "train")
-    if not os.path.isdir(val):
-        print(f"skipped: {val} does not exist; pass --data FOLDER with a val/ folder of class folders")
+    folders = split_folders(args.data)
+    if folders is None:
         return 0
+    train, val = folders
     logging.basicConfig(level=logging.WARNING)
     from fer_ray.cli import init_ray
     from fer_ray.predict import predict

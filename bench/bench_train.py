@@ -48,8 +48,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from bench.bench_ingest import folder_items, split_folders  # noqa: E402
-from bench.common import DEFAULT_FER, CpuTimeline, machine  # noqa: E402
+from bench.bench_ingest import folder_items  # noqa: E402
+from bench.common import DEFAULT_FER, CpuTimeline, machine, split_folders  # noqa: E402
 from fer_ray.data import class_weights  # noqa: E402
 from fer_ray.model import create_model, data_config, fastest_format, format_name, time_cpu_formats  # noqa: E402
 from fer_ray.normalize import DeviceNormalize  # noqa: E402

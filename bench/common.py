@@ -230,3 +230,18 @@ def operator_outputs(stats: str) -> list[tuple[str, int, int]]:
         if "size bytes" in totals:
             found.append((m.group(1), int(totals.get("num rows", 0)), int(totals["size bytes"])))
     return found
+
+
+def split_folders(data: str) -> tuple[str, str] | None:
+    """FOLDER's train and val folders, named as jobs/prepare.py takes them (any case;
+    training/, valid/, validation/), or None after a line saying the benchmark is skipped:
+    the plain scripts read these two folders, so fer_ray's side must not carve val out of
+    train (jobs/prepare.py does where there is no val folder)."""
+    from fer_ray.constants import SPLIT_ALIASES, TRAIN, VAL
+
+    found = {SPLIT_ALIASES[name.lower()]: os.path.join(data, name) for name in sorted(os.listdir(data))
+             if name.lower() in SPLIT_ALIASES and os.path.isdir(os.path.join(data, name))}
+    if TRAIN not in found or VAL not in found:
+        print(f"skipped: {data} needs train/ and val/ folders of class folders (FER2013: val is PublicTest)")
+        return None
+    return found[TRAIN], found[VAL]

@@ -22,7 +22,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import DEFAULT_FER, machine  # noqa: E402
+from bench.common import DEFAULT_FER, machine, split_folders  # noqa: E402
 
 SCRIPTS = ("bench_ingest.py", "bench_train.py", "bench_scoring.py")
 RATIOS = ("ingest_vs_dataloader", "ingest_vs_ceiling", "train_overhead", "scoring_vs_plain", "memory_growth")
@@ -37,9 +37,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", default=str(DEFAULT_FER), help="folder with train/ and val/ of class folders")
     args = parser.parse_args(argv)
     args.data = os.path.abspath(args.data)  # the scripts run from the repository root
-    if not ((Path(args.data) / "train").is_dir() and (Path(args.data) / "val").is_dir()):
-        print(f"skipped: {args.data} needs train/ and val/ folders of class folders; pass --data FOLDER "
+    if not Path(args.data).is_dir():
+        print(f"skipped: {args.data} does not exist; pass --data FOLDER with train/ and val/ class folders "
               "(FER2013: val is PublicTest)")
+        return 0
+    if split_folders(args.data) is None:
         return 0
 
     found: dict[str, str] = {}

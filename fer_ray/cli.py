@@ -445,12 +445,27 @@ def bootstrap_node_types(path: str) -> list[dict[str, float]] | None:
         return None
 
 
-def require_node_fits(bundle: dict[str, float], what: str, fewer: str) -> None:
+def gcs_node_types() -> list[dict[str, float]] | None:
+    """The `resources` of each node group the autoscaler reports to the GCS (where it does:
+    not `ray up`'s in Ray 2.60); None where it reports none."""
+    try:
+        from ray._private.state import state
+
+        config = state.get_cluster_config()
+        groups = list(config.node_group_configs) if config is not None else []
+        return [{k: float(v) for k, v in g.resources.items()} for g in groups if g.max_count != 0] or None
+    except Exception:  # a private API: when it moves, as if none were reported
+        return None
+
+
+def require_node_fits(bundle: dict[str, float], what: str, fewer: str, gpus_up: bool = False) -> None:
     """On a cluster this job joined: ConfigError unless one node holds `bundle` (one Train
-    worker's CPUs, and its GPU), a node up now or one its autoscaler may bring up (the node
-    types of `ray up`'s config, where this job reads it). The cluster-wide totals that
-    require_cpus checks can hold a worker that no node holds, and Ray then waits for ever.
-    A GPU is left to require_gpus where nothing says what the nodes to come hold."""
+    worker's CPUs, and its GPU): a node up now, or a node type its autoscaler may bring up
+    (`ray up`'s config on the head, or the node groups reported to the GCS). The cluster-wide
+    totals that require_cpus checks can hold a worker that no node holds, and Ray then waits
+    for ever. Where no node types are known, the nodes up are all there is; their GPUs are
+    counted once require_gpus has waited for them (`gpus_up`), the CPUs at once. A node type
+    whose resources are left to detection (none named) may hold anything: not refused."""
     import ray
 
     if not on_cluster():
@@ -460,21 +475,24 @@ def require_node_fits(bundle: dict[str, float], what: str, fewer: str) -> None:
     if any(fits(r) for r in up):
         return
     types = bootstrap_node_types(os.path.expanduser(BOOTSTRAP_CONFIG))
+    types = types if types is not None else gcs_node_types()
     if types is not None:
-        if any(fits(r) for r in types):
+        if any(fits(r) or not r for r in types):
             return
-        nodes, what_fits = up + types, "up or in the autoscaler's node types"
+        nodes, where = up + types, "up or among the autoscaler's node types"
     else:
         if autoscaler_limits():  # (an autoscaler whose node types this job cannot read)
             return
-        cpus = bundle.get("CPU", 0)  # (a GPU lacking: require_gpus waits for one, and warns)
-        if any(r.get("CPU", 0) >= cpus for r in up):
-            return
-        nodes, what_fits = up, "up"
+        if not gpus_up and any(r.get("CPU", 0) >= bundle.get("CPU", 0) for r in up):
+            return  # (the GPUs: once require_gpus has waited for them)
+        nodes, where = up, "up"
     need = ", ".join(f"{v:g} {k}" for k, v in bundle.items())
-    most = ", ".join(f"{max((n.get(k, 0) for n in nodes), default=0):g} {k}" for k in bundle)
-    raise ConfigError(f"{what} needs {need} on one node, and no node {what_fits} holds that (the most "
-                      f"any holds: {most}); {fewer}")
+    if bundle.get("GPU"):
+        with_gpu = [n.get("CPU", 0) for n in nodes if n.get("GPU", 0) >= bundle["GPU"]]
+        most = f"the nodes with a GPU hold at most {max(with_gpu):g} CPU" if with_gpu else "no node holds a GPU"
+    else:
+        most = f"the most any holds: {max((n.get('CPU', 0) for n in nodes), default=0):g} CPU"
+    raise ConfigError(f"{what} needs {need} on one node, and no node {where} holds that ({most}); {fewer}")
 
 
 def warn_local_paths(**paths: str | None) -> None:

@@ -24,6 +24,7 @@ import ray.data
 import ray.train
 
 from fer_ray import storage
+from fer_ray.blur import SIGMA_STEP
 from fer_ray.cli import require_cpus, require_gpus, require_node_fits
 from fer_ray.config import LR_RANGES, RESOLVED_KEY, ConfigError, TrainConfig, parse_input_blur, to_dict
 from fer_ray.constants import (
@@ -365,8 +366,12 @@ def check_resources(cfg: TrainConfig, driver_cpus: float = 0) -> None:
     """--use-gpu needs one GPU per worker, and a cluster joined needs the workers' CPUs and
     one for Ray Data (and `driver_cpus`, a sweep trial's own share, beside them), and a node
     that holds one worker; fail in one sentence rather than wait forever."""
+    worker = {"CPU": float(cfg.run.cpus_per_worker), **({"GPU": 1.0} if cfg.run.use_gpu else {})}
+    fewer = "lower --cpus-per-worker, or add a node type that holds one worker."
+    require_node_fits(worker, "Each Train worker", fewer)  # (before any wait for GPUs)
     if cfg.run.use_gpu:
         require_gpus(cfg.run.num_workers)
+        require_node_fits(worker, "Each Train worker", fewer, gpus_up=True)
     workers = cfg.run.num_workers * cfg.run.cpus_per_worker
     trial = f" (a sweep's trial also holds {driver_cpus:g} of one)" if driver_cpus else ""
     require_cpus(workers + 1 + driver_cpus, (
@@ -374,10 +379,6 @@ def check_resources(cfg: TrainConfig, driver_cpus: float = 0) -> None:
         f"more for Ray Data's tasks{trial}, which would wait forever: lower --num-workers or "
         "--cpus-per-worker, or add nodes."
     ))
-    require_node_fits(
-        {"CPU": float(cfg.run.cpus_per_worker), **({"GPU": 1.0} if cfg.run.use_gpu else {})},
-        "Each Train worker", "lower --cpus-per-worker, or add a node type that holds one worker.",
-    )
 
 
 def build_trainer(
@@ -445,7 +446,9 @@ def check_resumed_blur(run_dir: str, sigma: float) -> None:
     best epoch, and early stopping, compare val accuracies across them."""
     begun = storage.read_json_or_none(storage.join(run_dir, CONFIG_FILE)) or {}
     old = (begun.get(RESOLVED_KEY) or {}).get("input_blur")
-    if old is not None and float(old) != float(sigma):
+    # (within a bisection step: `auto` measures again, and a last-digit difference of
+    # floating point between machines or versions may move it one step)
+    if old is not None and abs(float(old) - float(sigma)) > SIGMA_STEP:
         raise ConfigError(
             f"{run_dir!r} holds a run with different settings (input_blur {float(old):g} -> {float(sigma):g}: "
             f"its epochs were validated under the other blur); use a new --output, or --input-blur "

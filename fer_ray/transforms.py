@@ -119,11 +119,11 @@ def decode_image(data: bytes, channels: int) -> np.ndarray:
 def _decode_deep(buf: np.ndarray) -> np.ndarray | None:
     """cv2's decode at the file's own bit depth, turned by its EXIF orientation as cv2's 8-bit
     reads are (IMREAD_UNCHANGED ignores the orientation), alpha dropped; as IMREAD_UNCHANGED
-    reads it where that fails (a float BGRA TIFF, which it is not asked to read: cv2 logs an
-    error for it)."""
+    reads it where that fails (a 32-bit BGRA TIFF, float or integer, which it is not asked to
+    read: cv2 logs an error for it)."""
     img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
-    if img is None or (img.ndim == 3 and img.shape[2] == 4 and img.dtype.kind == "f"):
-        return img
+    if img is None or img.dtype == np.uint8 or (img.ndim == 3 and img.shape[2] == 4 and img.dtype.itemsize >= 4):
+        return img  # (8-bit: the callers' own reads serve; 4 channels of 32 bits: cv2 cannot drop them)
     turned = cv2.imdecode(buf, cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR)
     return turned if turned is not None else img
 

@@ -24,6 +24,7 @@ import pandas as pd
 import ray.tune
 
 from fer_ray import storage
+from fer_ray.blur import SIGMA_STEP
 from fer_ray.cli import autoscaler_limits, on_cluster
 from fer_ray.config import (
     OPTUNA_MISSING,
@@ -134,10 +135,13 @@ def cluster_capacity(cfg: SweepConfig) -> int:
         # No autoscaler limits known: most often a cluster started by hand (`ray start`),
         # which gains no nodes. As many trials as the GPUs and CPUs up now hold: each
         # trial is a process with torch and a Train controller (~1-1.5 GiB), and all
-        # --num-samples at once filled a GPU box's memory. --max-concurrent may ask for
-        # more (for an autoscaler whose limits Ray does not report): GPU trials beyond the
-        # GPUs wait for them holding no CPU, so they cannot starve the running ones.
-        return max(1, min(cpu_fit, gpu_fit), cfg.sweep.max_concurrent or 0)
+        # --num-samples at once filled a GPU box's memory. Where the GPUs are what holds
+        # them back, --max-concurrent may ask for more (for an autoscaler whose limits Ray
+        # does not report): GPU trials beyond the GPUs wait for them holding no CPU, so
+        # they cannot starve the running ones; where the CPUs are, it may not.
+        if gpu_fit > cpu_fit:
+            return max(1, cpu_fit)
+        return max(1, gpu_fit, cfg.sweep.max_concurrent or 0)
     return max(1, min(cpu_fit, gpu_fit))
 
 
@@ -489,7 +493,9 @@ def check_resumed_blur(tune_dir: str, sigma: str) -> None:
     begun = storage.read_json_or_none(storage.join(tune_dir, SWEEP_CONFIG_FILE)) or {}
     old = (begun.get("data") or {}).get("input_blur")
     try:
-        changed = old is not None and float(old) != float(sigma)
+        # (within a bisection step: `auto` measures again, and a last-digit difference of
+        # floating point between machines or versions may move it one step)
+        changed = old is not None and abs(float(old) - float(sigma)) > SIGMA_STEP
     except (TypeError, ValueError):  # a sweep_config.json from before the blur was resolved
         return
     if changed:

@@ -98,8 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         counts = generate_dataset(partial, per_split, size=args.size, seed=args.seed,
                                   image_format=args.format)
         for split in counts:
+            moved.append(os.path.join(args.output, split))  # (first: a stop may land just after the move)
             os.rename(os.path.join(partial, split), os.path.join(args.output, split))
-            moved.append(os.path.join(args.output, split))
         done = True
     except KeyboardInterrupt:
         print(f"interrupted; nothing was written to {args.output}", file=sys.stderr)

@@ -103,7 +103,8 @@ def test_benchmarks_read_the_folders_as_prepare_does(tmp_path, capsys) -> None:
     trained (a val/Happy, or a val without disgust/, failed it then), and with no val/ folder
     fer_ray validated on a share of train/ it had not trained on while the plain loop trained
     on all of train/ and validated on nothing."""
-    from bench.bench_ingest import folder_items, split_folders
+    from bench.bench_ingest import folder_items
+    from bench.common import split_folders
 
     for split, names in (("train", ["happy", "sad"]), ("test", ["happy"])):
         for name in names:
@@ -111,8 +112,9 @@ def test_benchmarks_read_the_folders_as_prepare_does(tmp_path, capsys) -> None:
             (tmp_path / split / name / "1.png").write_bytes(b"x")
     assert split_folders(str(tmp_path)) is None
     assert "needs train/ and val/ folders" in capsys.readouterr().out
-    (tmp_path / "val" / "Happy").mkdir(parents=True)
-    (tmp_path / "val" / "Happy" / "2.PNG").write_bytes(b"x")
+    (tmp_path / "Validation" / "Happy").mkdir(parents=True)
+    (tmp_path / "Validation" / "Happy" / "2.PNG").write_bytes(b"x")
     train, val = split_folders(str(tmp_path))
-    assert folder_items(val) == [(str(tmp_path / "val" / "Happy" / "2.PNG"), 3)]  # happy: 3
+    assert val == str(tmp_path / "Validation")
+    assert folder_items(val) == [(str(tmp_path / "Validation" / "Happy" / "2.PNG"), 3)]  # happy: 3
     assert [label for _, label in folder_items(train)] == [3, 5]

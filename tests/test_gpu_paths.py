@@ -118,16 +118,28 @@ def test_a_worker_no_node_holds_is_refused_though_the_totals_hold_it(monkeypatch
     cli.require_node_fits({"CPU": 4.0, "GPU": 1.0}, "Each Train worker", "fewer.")  # a g5.xlarge to come
     cli.require_node_fits({"CPU": 16.0}, "Each Train worker", "fewer.")  # a c7i to come
     with pytest.raises(ConfigError, match=r"Each Train worker needs 8 CPU, 1 GPU on one node, and no node up or "
-                                          r"in the autoscaler's node types holds that \(the most any holds: 16 CPU, 1 GPU\); fewer"):
+                                          r"among the autoscaler's node types holds that \(the nodes with a GPU hold "
+                                          r"at most 4 CPU\); fewer"):
         cli.require_node_fits({"CPU": 8.0, "GPU": 1.0}, "Each Train worker", "fewer.")
-    # A cluster started by hand: the nodes up are all it has.
+    # A node type whose resources are left to detection may hold anything.
+    import yaml
+
+    config = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    del config["available_node_types"]["gpu_worker"]["resources"]
+    (tmp_path / "detected.yaml").write_text(yaml.safe_dump(config))
+    monkeypatch.setattr(cli, "BOOTSTRAP_CONFIG", str(tmp_path / "detected.yaml"))
+    cli.require_node_fits({"CPU": 8.0, "GPU": 1.0}, "Each Train worker", "fewer.")
+    # A cluster started by hand: the nodes up are all it has; their GPUs are counted once
+    # require_gpus has waited for them.
     monkeypatch.setattr(cli, "BOOTSTRAP_CONFIG", str(tmp_path / "none.yaml"))
     monkeypatch.setattr(cli, "autoscaler_limits", lambda: None)
-    up[:] = [{"Alive": True, "Resources": {"CPU": 8.0}}, {"Alive": True, "Resources": {"CPU": 8.0}},
-             {"Alive": False, "Resources": {"CPU": 64.0}}]
-    cli.require_node_fits({"CPU": 8.0, "GPU": 1.0}, "Each Train worker", "fewer.")  # the GPU: require_gpus's
-    with pytest.raises(ConfigError, match=r"needs 12 CPU on one node, and no node up holds that \(the most any holds: 8 CPU\)"):
-        cli.require_node_fits({"CPU": 12.0}, "Each Train worker", "fewer.")
+    up[:] = [{"Alive": True, "Resources": {"CPU": 8.0}}, {"Alive": True, "Resources": {"CPU": 16.0}},
+             {"Alive": True, "Resources": {"CPU": 4.0, "GPU": 1.0}}, {"Alive": False, "Resources": {"CPU": 64.0}}]
+    cli.require_node_fits({"CPU": 8.0, "GPU": 1.0}, "Each Train worker", "fewer.")
+    with pytest.raises(ConfigError, match=r"no node up holds that \(the nodes with a GPU hold at most 4 CPU\)"):
+        cli.require_node_fits({"CPU": 8.0, "GPU": 1.0}, "Each Train worker", "fewer.", gpus_up=True)
+    with pytest.raises(ConfigError, match=r"needs 20 CPU on one node, and no node up holds that \(the most any holds: 16 CPU\)"):
+        cli.require_node_fits({"CPU": 20.0}, "Each Train worker", "fewer.")
     monkeypatch.delenv("RAY_ADDRESS")  # a Ray of the job's own is sized for the job
     cli.require_node_fits({"CPU": 12.0}, "Each Train worker", "fewer.")
 
@@ -336,6 +348,7 @@ def test_a_joined_cluster_too_small_for_the_workers_and_ray_data_is_refused(
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": cpus})
     monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": {"CPU": cpus}}])
     monkeypatch.setattr(cli, "autoscaler_limits", lambda: limits)
+    monkeypatch.setattr(cli, "BOOTSTRAP_CONFIG", "/nonexistent/ray_bootstrap_config.yaml")  # (not this machine's)
     cfg, _ = parse_config(TrainConfig, ["--data", "d", "--output", "o", "--cpus-per-worker", "2"],
                           argparse.ArgumentParser())
     if refused:
