@@ -78,8 +78,15 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_cluster, synth_shards, t
     pids = _alive_train_workers()
     assert len(pids) == 1
     os.kill(pids[0], signal.SIGKILL)  # mid-run: during epoch 2
+    # The worker group is started again (without this, every check below would also hold for
+    # a kill that did nothing).
+    replaced, deadline = set(), time.time() + 600
+    while runner.is_alive() and not replaced and time.time() < deadline:
+        replaced = set(_alive_train_workers()) - set(pids)
+        time.sleep(0.5)
 
     runner.join(timeout=600)
+    assert replaced, "no new Train worker came up after the kill"
     assert result.get("code") == 0
     history = pd.read_csv(out / "history.csv")
     assert history["epoch"].tolist() == [1, 2, 3, 4]  # nothing missing, nothing repeated

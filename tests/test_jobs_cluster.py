@@ -409,8 +409,6 @@ def test_train_job_writes_the_run_folder(run) -> None:
 
 @pytest.mark.slow
 def test_predict_job_scores_a_folder(cluster, run, faces) -> None:
-    if not (REPO / "jobs" / "predict.py").is_file():
-        pytest.skip("jobs/predict.py is not written yet")
     out = cluster.root / "preds"
     result = cluster.submit(
         "python", "jobs/predict.py", "--model", str(run.out / "best"),
@@ -418,7 +416,9 @@ def test_predict_job_scores_a_folder(cluster, run, faces) -> None:
         timeout=180,
     )
     _ok(result)
-    assert list((out / "predictions").glob("*.parquet"))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["scored"] == summary["labelled"] == 8 * 7 and summary["errors"] == 0  # every val face
+    assert sum(len(pd.read_parquet(f)) for f in (out / "predictions").glob("*.parquet")) == 8 * 7
 
 
 @pytest.mark.slow

@@ -75,6 +75,9 @@ def test_resume_continues_without_repeating_epochs(tiny_run, tmp_path) -> None:
     after = pd.read_csv(run / "history.csv")
     assert after["epoch"].tolist() == [1, 2, 3]
     pd.testing.assert_frame_equal(after.iloc[:2], before)  # earlier epochs kept, not redone
+    # The last phase's cosine is refitted to end at the new last epoch: the learning rate
+    # rises again from where the 2-epoch run had ended it (README).
+    assert after["lr"].iloc[2] > after["lr"].iloc[1], after["lr"].tolist()
     # A finished run trains nothing more when started again.
     assert train_main(args) == 0
     pd.testing.assert_frame_equal(pd.read_csv(run / "history.csv"), after)
@@ -277,7 +280,10 @@ def test_ctrl_c_says_interrupted_and_the_rerun_resumes(ray_cluster, synth_shards
     assert 2 <= saved < 60
     from fer_ray.constants import TRAIN_STATE_FILE
 
-    kept = torch.load(run / "ray_train" / "epoch_0001" / TRAIN_STATE_FILE, weights_only=True)["state"]["history"]
+    # Every checkpoint's history holds the rows before it. Epoch 1's own may be gone: Ray
+    # keeps the best and the latest, and may register epoch 2's before Ctrl-C lands.
+    first = min((run / "ray_train").glob("epoch_*"))
+    kept = torch.load(first / TRAIN_STATE_FILE, weights_only=True)["state"]["history"]
     assert train_main(tiny_train_args(str(synth_shards), str(run), "--epochs", str(saved + 1))) == 0
     history = pd.read_csv(run / "history.csv")
     assert history["epoch"].tolist() == list(range(1, saved + 2))
@@ -287,18 +293,25 @@ def test_ctrl_c_says_interrupted_and_the_rerun_resumes(ray_cluster, synth_shards
     assert history["val_acc"].tolist()[0] == pytest.approx(kept[0]["val_acc"])
 
 
-def test_best_folder_holds_the_best_epoch_when_val_accuracy_ties(ray_cluster, synth_shards, tiny_run, tmp_path) -> None:
+def test_best_folder_holds_the_best_epoch_when_val_accuracy_ties(ray_cluster, synth_shards, tiny_run, tmp_path,
+                                                                 caplog) -> None:
     """Two head-only epochs at a learning rate of 1e-12 score val the same: the loop calls
-    the first best, and best/, val_metrics.parquet and Ray's kept checkpoint are its."""
+    the first best, and best/, val_metrics.parquet and Ray's kept checkpoint are its. The
+    second, no better, ends the run by --patience 1 (the head phase is the last here)."""
     from fer_ray.constants import RAY_RUN_NAME
 
     out = tmp_path / "tie"
     args = tiny_train_args(str(synth_shards), str(out), "--pretrained", "--pretrained-file",
-                           str(tiny_run.parent / "pretrained.pth"), "--freeze-epochs", "2",
-                           "--lr", "1e-12", "--min-lr", "0")
+                           str(tiny_run.parent / "pretrained.pth"), "--epochs", "3", "--freeze-epochs", "3",
+                           "--lr", "1e-12", "--min-lr", "0", "--patience", "1")
     assert train_main(args) == 0
     history = pd.read_csv(out / "history.csv")
-    assert history["val_acc"].nunique() == 1 and len(history) == 2  # the tie
+    assert history["val_acc"].nunique() == 1 and len(history) == 2  # the tie, then early stopping
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stopped_early"] is True and summary["best_epoch"] == 1 and summary["epochs_run"] == 2
+    with caplog.at_level(logging.INFO):  # a finished run: a larger --epochs trains no more
+        assert train_main([*args, "--epochs", "4"]) == 0
+    assert "nothing to train (early stopping ended it" in caplog.text
     kept = sorted(p.name for p in (out / RAY_RUN_NAME).glob("epoch_*"))
     assert kept == ["epoch_0001", "epoch_0002"]  # the best (the first of the tie) and the latest
     best = load_model_dir(str(out / "best"))[0].state_dict()
