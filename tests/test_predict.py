@@ -1106,3 +1106,40 @@ def test_class_folders_match_the_models_classes_in_either_unicode_form(tmp_path)
     (tmp_path / decomposed / "a.png").write_bytes(b"x")
     assert list_images(str(tmp_path), ["colère", "joie"]).column(LABEL_COL).to_pylist() == [0]
     assert shard_labels([decomposed.upper(), "joie"], ["colère", "joie"]).tolist() == [0, 1]
+
+
+def test_the_scoring_actors_apply_the_blur_measured_on_the_input(ray_cluster, synth_folder, tmp_path) -> None:
+    """--input-blur auto measures the input against the model's training images; the actors
+    must score with that sigma, not the model's recorded one: a folder as blurry as the
+    training images is scored as `--input-blur 0` scores it."""
+    from fer_ray.blur import median_sharpness, to_float
+
+    blurred = tmp_path / "blurred"
+    for f in sorted((synth_folder / "val").rglob("*.png")):
+        gray = cv2.imread(str(f), cv2.IMREAD_GRAYSCALE)
+        (blurred / f.parent.name).mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(blurred / f.parent.name / f.name), cv2.GaussianBlur(gray, (0, 0), 1.5))
+    sample = np.stack([cv2.imread(str(f), cv2.IMREAD_GRAYSCALE)[:, :, None] for f in sorted(blurred.rglob("*.png"))])
+    torch.manual_seed(0)
+    model = create_model("test_resnet", len(FER_CLASSES), in_chans=1)
+    for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):  # outputs that a blur moves
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.2, 2.0)
+    folder = tmp_path / "best"
+    save_model_dir(model.eval(), folder, ModelSpec(
+        "test_resnet", list(FER_CLASSES), 32, 32, 1, [0.5], [0.25], model_kwargs={"in_chans": 1},
+        input_blur=1.4, train_sharpness=median_sharpness(to_float(sample))))
+
+    def scores(blur, name: str) -> tuple[dict, pd.DataFrame]:
+        summary = predict(str(folder), str(blurred), str(tmp_path / name), batch_size=32, num_actors=1,
+                          input_blur=blur, amp="off")
+        preds = pd.concat(pd.read_parquet(f) for f in sorted((tmp_path / name / "predictions").glob("*.parquet")))
+        return summary, preds.sort_values(PATH_COL).reset_index(drop=True)
+
+    auto, by_auto = scores(None, "auto")
+    assert auto["input_blur"] == 0 and auto["input_blur_source"].startswith("measured on")
+    _, by_none = scores(0.0, "none")
+    probs = [f"prob_{c}" for c in FER_CLASSES]
+    np.testing.assert_allclose(by_auto[probs].to_numpy(), by_none[probs].to_numpy(), atol=1e-6)
+    _, by_model = scores("model", "model")  # (the model's 1.4: the scores move)
+    assert np.abs(by_model[probs].to_numpy() - by_none[probs].to_numpy()).max() > 1e-4

@@ -535,6 +535,44 @@ def test_run_with_ema_mixup_per_image_norm_and_bf16_validates_saves_and_resumes(
     assert pd.read_csv(run / "history.csv")["epoch"].tolist() == [1, 2, 3]
 
 
+def test_validation_is_blurred_to_match_and_training_batches_are_not() -> None:
+    """The input blur matches val to blurred training images: validation blurs what it
+    scores, training sees its images as they are (README, "Training images blurrier ...")."""
+    from fer_ray.blur import gaussian_blur
+    from fer_ray.constants import IMAGE_COL, LABEL_COL
+    from fer_ray.normalize import DeviceNormalize
+    from fer_ray.train_loop import evaluate, train_epoch
+
+    class Recording(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.head = torch.nn.Linear(1, 7)
+            self.seen: list[torch.Tensor] = []
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.seen.append(x.detach().clone())
+            return self.head(x.mean((1, 2, 3))[:, None])
+
+    class NoSchedule:
+        def step_update(self, num_updates: int) -> None:
+            pass
+
+    images = torch.randint(0, 256, (4, 32, 32, 1), dtype=torch.uint8)
+    batches = [{IMAGE_COL: images, LABEL_COL: torch.tensor([0, 1, 2, 3])}]
+    normalize = DeviceNormalize(32, [0.5], [0.25], in_chans=1, blur_sigma=2.0)
+    plain = (images.permute(0, 3, 1, 2).float() / 255 - 0.5) / 0.25
+    blurred = (gaussian_blur(images.permute(0, 3, 1, 2).float(), 2.0) / 255 - 0.5) / 0.25
+    model = Recording()
+    train_epoch(model, model, batches, normalize, torch.nn.CrossEntropyLoss(),
+                torch.optim.SGD(model.parameters(), lr=0.0), NoSchedule(),
+                torch.amp.GradScaler("cpu", enabled=False), None, 0, torch.device("cpu"))
+    evaluate(model, batches, normalize, None, 0.0, torch.device("cpu"))
+    trained, validated = model.seen
+    torch.testing.assert_close(trained, plain, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(validated, blurred, atol=1e-4, rtol=1e-4)
+    assert (validated - plain).abs().max() > 0.1  # (the blur is not too small to tell)
+
+
 def test_mixup_and_cutmix_train_on_soft_targets() -> None:
     """train_epoch's loss is the weighted, smoothed cross-entropy on the mixed batch and
     its soft targets (timm's Mixup draws from numpy's global generator: same seed, same mix)."""
