@@ -495,6 +495,28 @@ def require_node_fits(bundle: dict[str, float], what: str, fewer: str, gpus_up: 
     raise ConfigError(f"{what} needs {need} on one node, and no node {where} holds that ({most}); {fewer}")
 
 
+def warn_output_in_job_package(output: str | None) -> None:
+    """A Ray job submitted with --working-dir runs in Ray's unpacked copy of it, a folder of
+    the session named by the package's hash: an output there (a relative --output, say)
+    goes with that copy, and the same job submitted again after any edit (another hash)
+    does not find it to resume. One warning naming the folder."""
+    import json
+
+    from fer_ray import storage
+
+    try:
+        env = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}").get("runtime_env") or {}
+    except (ValueError, AttributeError):
+        return
+    if not output or not env.get("working_dir"):
+        return
+    local = storage.local_here(output)
+    if local and storage.inside(local, os.getcwd()):
+        log.warning("--output %s lies in Ray's copy of this job's --working-dir (%s), which goes with the job's "
+                    "package: the same job submitted again after an edit would not find it; give an absolute "
+                    "path outside it, or a URI.", output, os.getcwd())
+
+
 def warn_local_paths(**paths: str | None) -> None:
     """On a cluster whose work runs on other nodes than this driver's (several nodes up, a
     head that holds no CPUs, or an autoscaler that adds nodes), a local path is right only on

@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fer_ray.cli import init_ray, run_job, warn_local_paths  # noqa: E402
+from fer_ray.cli import init_ray, run_job, warn_local_paths, warn_output_in_job_package  # noqa: E402
 from fer_ray.config import AMP_MODES, HelpFormatter  # noqa: E402
 from fer_ray.constants import TTA_MODES  # noqa: E402
 
@@ -100,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         check_inputs(args.model, args.input, args.output, use_gpu=args.use_gpu, **options)  # before Ray starts
         init_ray(min_cpus=(args.num_actors or cores()) + 2)  # auto: at most one actor per core
         warn_local_paths(model=args.model, input=args.input)  # OUT: the driver writes it all
+        warn_output_in_job_package(args.output)
         summary = predict(args.model, args.input, args.output, use_gpu=args.use_gpu, tta=args.tta,
                           input_blur=args.input_blur, **options)
         print(describe(summary))

@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fer_ray.cli import init_ray, run_job, warn_local_paths  # noqa: E402
+from fer_ray.cli import init_ray, run_job, warn_local_paths, warn_output_in_job_package  # noqa: E402
 from fer_ray.config import HelpFormatter  # noqa: E402
 
 
@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
                                seed=args.seed, shard_rows=args.shard_rows)
         init_ray()
         warn_local_paths(source=args.source, output=args.output)
+        warn_output_in_job_package(args.output)
 
         manifest = prepare(args.source, args.output, val_fraction=args.val_fraction,
                            seed=args.seed, shard_rows=args.shard_rows, listing=listing)

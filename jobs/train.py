@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fer_ray.cli import init_ray, run_job, warn_local_paths  # noqa: E402
+from fer_ray.cli import init_ray, run_job, warn_local_paths, warn_output_in_job_package  # noqa: E402
 from fer_ray.config import HelpFormatter, TrainConfig, parse_config  # noqa: E402
 
 
@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         # With the dashboard: Ray Train's placement-group cleaner asks its State API.
         init_ray(min_cpus=cfg.run.num_workers * cfg.run.cpus_per_worker + 2, dashboard=True, quiet_workers=True)
         warn_local_paths(data=cfg.data.data, output=cfg.run.output)
+        warn_output_in_job_package(cfg.run.output)
         out = train(cfg, manifest, started=started)
         # (the --epochs the run trained with: a finished run rerun with another trains no more)
         planned, epochs = out["planned_epochs"], out.get("epochs") or cfg.optim.epochs

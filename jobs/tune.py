@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fer_ray.cli import init_ray, run_job, warn_local_paths  # noqa: E402
+from fer_ray.cli import init_ray, run_job, warn_local_paths, warn_output_in_job_package  # noqa: E402
 from fer_ray.config import HelpFormatter, SweepConfig, parse_config  # noqa: E402
 
 
@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         # With the dashboard: Ray Train's placement-group cleaner asks its State API.
         init_ray(min_cpus=cfg.run.num_workers * cfg.run.cpus_per_worker + 2, dashboard=True, quiet_workers=True)
         warn_local_paths(data=cfg.data.data, output=cfg.run.output)
+        warn_output_in_job_package(cfg.run.output)
         from fer_ray.tuning import sweep
 
         results, best = sweep(cfg, manifest)

@@ -518,3 +518,25 @@ def test_ray_address_local_is_read_as_on_cluster_reads_it(monkeypatch, address) 
     monkeypatch.setattr(cli, "_ray_init", lambda quiet, **options: started.append(options["address"]))
     cli.init_ray()
     assert started == ["local"] and not cli.on_cluster()
+
+
+def test_an_output_in_a_jobs_working_dir_copy_is_warned_about(tmp_path, monkeypatch, caplog) -> None:
+    """`ray job submit --working-dir . -- python jobs/train.py --output runs/r1` wrote into
+    Ray's unpacked copy of the working dir: gone with it, and a resubmitted job (another
+    package after an edit) started a new run elsewhere."""
+    import json
+
+    from fer_ray.cli import warn_output_in_job_package
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR",
+                       json.dumps({"runtime_env": {"working_dir": "gcs://_ray_pkg_0123abcd.zip"}}))
+    with caplog.at_level("WARNING", logger="fer_ray.cli"):
+        warn_output_in_job_package("runs/r1")
+        assert f"--output runs/r1 lies in Ray's copy of this job's --working-dir ({tmp_path})" in caplog.text
+        caplog.clear()
+        for elsewhere in ("/data/runs/r1", "s3://bucket/runs/r1", None):
+            warn_output_in_job_package(elsewhere)
+        monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": {}}))  # no --working-dir
+        warn_output_in_job_package("runs/r1")
+    assert caplog.text == ""
