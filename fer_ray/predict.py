@@ -98,6 +98,8 @@ AUTO_IMAGES_PER_ACTOR = 10_000
 # --input-blur auto measures the input's sharpness on this many images, as training
 # measures val's (fer_ray.data.sample_images).
 BLUR_SAMPLE = 1024
+# Times a batch is run again after the process running it died (score_dataset).
+RETRIES = 3
 # Splits of one shards folder scored together when the blurs measured for them differ by at
 # most this (px): 0.23-0.27 px off the measured sigma cost FER2013 val 0.5-2.0 points
 # (flip TTA, bench/ACCURACY.md).
@@ -945,13 +947,19 @@ def score_dataset(
     `min_actors` (default `num_actors`) up to `num_actors` actors."""
     import ray
 
-    ds = ds.map_batches(
+    # Retries held to RETRIES (Ray Data's default is without end): a batch whose file kills
+    # the process that decodes or scores it (a decoder's crash, an image too large for the
+    # node's memory) was run again for ever, the job never ending. Actors themselves are
+    # still restarted without end (a spot node taken back).
+    ds = _with_retries(
+        ds.map_batches, {"max_retries": RETRIES},
         load_batch,
         fn_kwargs={"size": spec.data_size, "channels": spec.channels},
         batch_size=batch_size,
         batch_format="numpy",
     )
-    return ds.map_batches(
+    return _with_retries(
+        ds.map_batches, {"max_task_retries": RETRIES},
         Scorer,
         fn_constructor_kwargs={
             "model_dir": model_dir, "use_gpu": use_gpu, "tta": tta, "num_actors": num_actors,
@@ -963,6 +971,21 @@ def score_dataset(
         num_cpus=1,
         num_gpus=1 if use_gpu else 0,
     )
+
+
+def _with_retries(map_batches: Callable[..., Any], retries: dict[str, int], *args: Any, **kwargs: Any) -> Any:
+    """map_batches(*args, **kwargs) with `retries` among the remote args, where this Ray's
+    map_batches still takes them (its **ray_remote_args: deprecated for Ray 2.64, with no
+    named parameter for retries; its warning, said on every job, is left out)."""
+    import inspect
+    import warnings
+
+    extra = inspect.signature(map_batches).parameters.get("ray_remote_args")
+    if extra is None or extra.kind is not inspect.Parameter.VAR_KEYWORD:
+        return map_batches(*args, **kwargs)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        return map_batches(*args, **retries, **kwargs)
 
 
 def load_model(model_dir: str) -> tuple[Any, ModelSpec]:

@@ -1143,3 +1143,23 @@ def test_the_scoring_actors_apply_the_blur_measured_on_the_input(ray_cluster, sy
     np.testing.assert_allclose(by_auto[probs].to_numpy(), by_none[probs].to_numpy(), atol=1e-6)
     _, by_model = scores("model", "model")  # (the model's 1.4: the scores move)
     assert np.abs(by_model[probs].to_numpy() - by_none[probs].to_numpy()).max() > 1e-4
+
+
+def test_a_batch_that_kills_its_process_is_retried_a_few_times_not_for_ever(ray_cluster) -> None:
+    """Ray Data runs a task again without end when its process dies (and an actor task too):
+    a file that crashed its decoder, or an image too large for the node's memory, hung the
+    job for ever without naming the file."""
+    import ray.data
+
+    from fer_ray.predict import RETRIES, score_dataset
+
+    ds = ray.data.from_items([{"path": "a.png"}])
+    spec = ModelSpec("test_resnet", list(FER_CLASSES), SIZE, SIZE, 1, [0.5], [0.25])
+    scored = score_dataset(ds, "unused", spec, batch_size=8, num_actors=1, use_gpu=False, tta=None)
+    ops, op = [], scored._logical_plan.dag
+    while op is not None:
+        ops.append(op)
+        op = op.input_dependencies[0] if op.input_dependencies else None
+    args = {op.name: op.ray_remote_args for op in ops if hasattr(op, "ray_remote_args")}
+    assert args["MapBatches(load_batch)"]["max_retries"] == RETRIES == 3
+    assert args["MapBatches(Scorer)"]["max_task_retries"] == RETRIES
