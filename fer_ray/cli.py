@@ -29,6 +29,11 @@ def setup_logging() -> None:
 INTERRUPTED_RESUMES = "interrupted; rerun the same command to resume where possible"
 
 
+class StoppedLate(KeyboardInterrupt):
+    """A stop (Ctrl-C, SIGTERM) that came once the job's output was in place, or part of it:
+    its message, not the job's usual interrupted line, says what there is."""
+
+
 def run_job(job: Callable[[], int | None], interrupted: str = INTERRUPTED_RESUMES) -> int:
     """Run a job; user errors end in one clear sentence and exit status 2, Ctrl-C in the
     line `interrupted` and 130 (SIGTERM once Ray runs: 143); otherwise the status the job
@@ -39,8 +44,8 @@ def run_job(job: Callable[[], int | None], interrupted: str = INTERRUPTED_RESUME
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(interrupted, file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(str(e) if isinstance(e, StoppedLate) else interrupted, file=sys.stderr)
         return 128 + signal.SIGTERM if _TERMINATED.is_set() else 130
     except SystemExit as e:
         # Ray's SIGTERM handler calls sys.exit(SIGTERM); from the start of ray.init, before

@@ -44,7 +44,7 @@ import numpy as np
 import pyarrow as pa
 
 from fer_ray import storage
-from fer_ray.cli import autoscaler_limits, cluster_cpus, require_cpus, require_gpus
+from fer_ray.cli import StoppedLate, autoscaler_limits, cluster_cpus, require_cpus, require_gpus
 from fer_ray.config import AMP_MODES, ConfigError, require_paths
 from fer_ray.constants import (
     IMAGE_COL, LABEL_COL, PATH_COL, SPLITS, TTA_MODES, class_key,
@@ -1144,6 +1144,10 @@ def predict(
             log.warning("The copy into %s stopped part way: it holds part of the output, and the "
                         "whole is in %s; a rerun replaces %s (remove %s when not needed)",
                         output, tmp, output, tmp)
+            stopped = sys.exc_info()[1]
+            if isinstance(stopped, KeyboardInterrupt) and not isinstance(stopped, StoppedLate):
+                raise StoppedLate(f"interrupted while the output was copied into {output}: the whole of it "
+                                  f"is in {tmp}; a rerun scores again and replaces {output}") from None
         else:
             storage.delete_dir(tmp)
         with contextlib.suppress(Exception):
@@ -1224,6 +1228,11 @@ def _publish(tmp: str, output: str, copying: set[str] | None = None) -> None:
         except OSError as e:  # (files another user made in it) the new output is in place
             log.warning("The previous output, moved to %s, could not be removed (%s); remove it by hand",
                         old, e)
+        except KeyboardInterrupt:  # (the usual line, "nothing was written", would send the user
+            raise StoppedLate(      # to score it all again)
+                f"interrupted once the output was complete in {output}; the previous output, moved "
+                f"to {old}, may be partly left there: remove it by hand"
+            ) from None
     else:
         copying.add(tmp)
         storage.move(tmp, output, last=SUMMARY_FILE)

@@ -550,7 +550,7 @@ def test_bad_inputs_exit_2_with_one_sentence(case, model_dir, image_folder, tmp_
 
 
 def test_a_run_stopped_while_copied_into_a_bucket_is_replaced_by_the_rerun(
-    ray_cluster, model_dir, tmp_path, monkeypatch, caplog,
+    ray_cluster, model_dir, tmp_path, monkeypatch, caplog, capsys,
 ) -> None:
     """On an object store (no folder renames) a run stopped while its output was copied into
     OUT deleted the finished copy, leaving part of OUT and nothing beside it: the rerun
@@ -580,6 +580,24 @@ def test_a_run_stopped_while_copied_into_a_bucket_is_replaced_by_the_rerun(
     kept = [p for p in tmp_path.iterdir() if p.name.startswith("out.tmp-")]
     assert len(kept) == 1 and (kept[0] / "summary.json").is_file()
     assert "The copy into" in caplog.text and "stopped part way" in caplog.text
+    # A Ctrl-C there says where the whole output is (it said "nothing was written").
+    from fer_ray.cli import run_job
+
+    def stopped(src: str, dest: str) -> None:
+        if handler.copies:
+            raise KeyboardInterrupt
+        copy(src, dest)
+
+    handler.copy_file = stopped
+    handler.copies.clear()
+    shutil.rmtree(out)  # (no old output to move aside first: the stop falls in the copy into OUT)
+    for stale in tmp_path.glob("out.tmp-*"):
+        shutil.rmtree(stale)
+    job = lambda: predict(str(model_dir), str(tmp_path / "src"), str(out), batch_size=64, num_actors=1)  # noqa: E731
+    assert run_job(job, interrupted="interrupted; nothing was written") == 130
+    err = capsys.readouterr().err
+    assert f"interrupted while the output was copied into {out}: the whole of it is in {tmp_path}" in err, err
+    assert len(list(tmp_path.glob("out.tmp-*"))) == 1  # (kept, as it says)
 
     handler.copy_file = copy
     summary = predict(str(model_dir), str(tmp_path / "src"), str(out), batch_size=64, num_actors=1)
@@ -608,6 +626,31 @@ def test_an_old_output_that_cannot_be_removed_leaves_the_new_one_in_place(tmp_pa
     _publish(str(tmp), str(out))
     assert (out / SUMMARY_FILE).read_text() == "new" and not tmp.exists()
     assert "could not be removed" in caplog.text and "remove it by hand" in caplog.text
+
+
+def test_a_stop_once_the_new_output_is_in_place_says_so(tmp_path, monkeypatch, capsys) -> None:
+    """Ctrl-C while the old output was being removed, the new one complete in OUT: the job
+    said "nothing was written ... score from the start"."""
+    from fer_ray import storage
+    from fer_ray.cli import run_job
+    from fer_ray.predict import SUMMARY_FILE, _publish
+
+    out, tmp = tmp_path / "out", tmp_path / "out.tmp-1"
+    for folder, text in ((out, "old"), (tmp, "new")):
+        folder.mkdir()
+        (folder / SUMMARY_FILE).write_text(text)
+    delete = storage.delete_dir
+
+    def stopped_on_old(path: str) -> None:
+        if ".old-" in path:
+            raise KeyboardInterrupt
+        delete(path)
+
+    monkeypatch.setattr(storage, "delete_dir", stopped_on_old)
+    assert run_job(lambda: _publish(str(tmp), str(out)), interrupted="interrupted; nothing was written") == 130
+    err = capsys.readouterr().err
+    assert f"interrupted once the output was complete in {out}; the previous output, moved to {tmp_path}" in err
+    assert "nothing was written" not in err and (out / SUMMARY_FILE).read_text() == "new"
 
 
 def test_leftovers_of_interrupted_runs_are_named(tmp_path) -> None:
