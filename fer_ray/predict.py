@@ -1079,6 +1079,7 @@ def predict(
     predictions = storage.join(tmp, PREDICTIONS_DIR)
     errors = ErrorWriter(storage.join(tmp, ERRORS_FILE))
     writer = PartWriter(predictions, prediction_schema(spec.class_names))
+    scored_all = False
     try:
         storage.makedirs(tmp)
         storage.makedirs(predictions)
@@ -1098,6 +1099,7 @@ def predict(
             log.debug("Ray Data stats:\n%s", scored.stats())
         writer.close()
         n_errors = errors.close()
+        scored_all = True  # (from here a failure keeps the predictions: see finally)
 
         name = storage.name_of(source)
         if split and split != name:  # (a split's own folder is named after it: not "val/val")
@@ -1148,6 +1150,13 @@ def predict(
             if isinstance(stopped, KeyboardInterrupt) and not isinstance(stopped, StoppedLate):
                 raise StoppedLate(f"interrupted while the output was copied into {output}: the whole of it "
                                   f"is in {tmp}; a rerun scores again and replaces {output}") from None
+        elif scored_all and sys.exc_info()[1] is not None and storage.exists(storage.join(tmp, PREDICTIONS_DIR)):
+            # Every image was scored, then the reports or the move failed (memory for the
+            # metrics, a bucket's error): the predictions, hours of work on a large input,
+            # are kept where they are; a rerun scores again (and names this folder).
+            log.warning("Every file was scored, then the job failed: the predictions and errors are kept "
+                        "in %s (not a finished output: no summary.json in OUT)", tmp)
+            made = []
         else:
             storage.delete_dir(tmp)
         with contextlib.suppress(Exception):

@@ -1206,3 +1206,23 @@ def test_a_batch_that_kills_its_process_is_retried_a_few_times_not_for_ever(ray_
     args = {op.name: op.ray_remote_args for op in ops if hasattr(op, "ray_remote_args")}
     assert args["MapBatches(load_batch)"]["max_retries"] == RETRIES == 3
     assert args["MapBatches(Scorer)"]["max_task_retries"] == RETRIES
+
+
+def test_a_failure_after_every_file_was_scored_keeps_the_predictions(ray_cluster, model_dir, tmp_path, monkeypatch,
+                                                                     caplog) -> None:
+    """The metrics read every prediction back at the end: a failure there (memory, on a
+    large input) deleted predictions that had taken the whole run to make."""
+    import fer_ray.predict as predict_module
+
+    generate_dataset(tmp_path, {"src": 1}, size=SIZE, seed=4)
+
+    def no_memory(*args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(predict_module, "write_reports", no_memory)
+    with pytest.raises(MemoryError):
+        predict(str(model_dir), str(tmp_path / "src"), str(tmp_path / "out"), batch_size=64, num_actors=1)
+    kept = list(tmp_path.glob("out.tmp-*"))
+    assert len(kept) == 1 and not (tmp_path / "out").exists()
+    assert sum(len(pd.read_parquet(f)) for f in (kept[0] / "predictions").glob("*.parquet")) == len(FER_CLASSES)
+    assert f"Every file was scored, then the job failed: the predictions and errors are kept in {kept[0]}" in caplog.text
