@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def job() -> None:
         cfg, _ = parse_config(TrainConfig, argv, parser)  # --help and flag errors end here, before torch loads
+        cfg.validate()  # and bad values (torch and Ray took 7-16 s to load before they were said)
         from fer_ray.trainer import check_inputs, train
 
         manifest = check_inputs(cfg)  # bad input fails here, before Ray starts

@@ -34,10 +34,10 @@ def main(argv: list[str] | None = None) -> int:
 
     def job() -> None:
         cfg, _ = parse_config(SweepConfig, argv, parser)  # --help and flag errors end here, before torch loads
+        cfg.validate()  # and bad values (torch and Ray took 7-16 s to load before they were said)
         from fer_ray import storage
         from fer_ray.trainer import check_inputs
 
-        cfg.validate()
         manifest = check_inputs(cfg)  # bad input fails here, before any trial starts
         # With the dashboard: Ray Train's placement-group cleaner asks its State API.
         init_ray(min_cpus=cfg.run.num_workers * cfg.run.cpus_per_worker + 2, dashboard=True, quiet_workers=True)
