@@ -83,9 +83,12 @@ def _read(folder: str) -> tuple[ModelSpec, dict[str, Any]]:
     if not storage.is_dir(folder):
         raise ConfigError(f"Model folder {folder!r} does not exist; pass a run's best/ folder.")
     if not (storage.is_file(cfg_path) and storage.is_file(weights)):
+        best = storage.join(folder, "best")  # (a run's or a sweep's folder given for its model)
+        inside = storage.is_file(storage.join(best, WEIGHTS_FILE)) and storage.is_file(storage.join(best, MODEL_CONFIG_FILE))
         raise ConfigError(
             f"{folder!r} is not a fer_ray model folder (it needs {WEIGHTS_FILE} and "
-            f"{MODEL_CONFIG_FILE}); pass a training run's or a sweep's best/ folder."
+            f"{MODEL_CONFIG_FILE}); " + (f"its model is in {best!r}: pass that." if inside
+                                         else "pass a training run's or a sweep's best/ folder.")
         )
     try:
         cfg = json.loads(storage.read_bytes(cfg_path))

@@ -312,6 +312,13 @@ def test_not_a_model_folder(tmp_path) -> None:
     (tmp_path / "model.safetensors").write_bytes(b"")
     with pytest.raises(ConfigError, match="not a fer_ray model config"):
         read_model_spec(str(tmp_path))
+    # A run's (or a sweep's) folder given for its model: the job names the best/ inside.
+    run = tmp_path / "run"
+    (run / "best").mkdir(parents=True)
+    for name in ("config.json", "model.safetensors"):
+        (run / "best" / name).write_text("{}")
+    with pytest.raises(ConfigError, match=r"not a fer_ray model folder .*; its model is in '.*run/best': pass that\."):
+        read_model_spec(str(run))
 
 
 def test_model_kwargs_survive_the_model_folder(tmp_path) -> None:
