@@ -947,18 +947,22 @@ def score_dataset(
     `min_actors` (default `num_actors`) up to `num_actors` actors."""
     import ray
 
-    # Retries held to RETRIES (Ray Data's default is without end): a batch whose file kills
-    # the process that decodes or scores it (a decoder's crash, an image too large for the
-    # node's memory) was run again for ever, the job never ending. Actors themselves are
-    # still restarted without end (a spot node taken back).
-    ds = _with_retries(
+    # With --use-gpu, retries held to RETRIES (Ray Data's default is without end): a batch
+    # whose file kills the process that decodes or scores it (a decoder's crash, an image
+    # too large for the node's memory) was run again for ever, the job never ending. Actors
+    # themselves are still restarted without end (a spot node taken back). On CPUs the
+    # decode is fused into the scoring actors, which Ray Data does only for maps of equal
+    # remote args; a retry argument on both would be a task's invalid one wherever it did
+    # not fuse them: left as Ray Data has it there.
+    retries = _with_retries if use_gpu else (lambda map_batches, _, *args, **kwargs: map_batches(*args, **kwargs))
+    ds = retries(
         ds.map_batches, {"max_retries": RETRIES},
         load_batch,
         fn_kwargs={"size": spec.data_size, "channels": spec.channels},
         batch_size=batch_size,
         batch_format="numpy",
     )
-    return _with_retries(
+    return retries(
         ds.map_batches, {"max_task_retries": RETRIES},
         Scorer,
         fn_constructor_kwargs={

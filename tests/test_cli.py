@@ -306,10 +306,10 @@ class Alive:
     def ping(self):
         return 1
 @ray.remote(num_cpus=0)
-def ask(actor_id):
+def ask(actor_id, seconds):
     import time
     from ray.util.state import get_actor
-    deadline = time.time() + float(sys.argv[2])  # the dashboard may still be starting
+    deadline = time.time() + seconds  # the dashboard may still be starting
     while True:
         try:
             state = get_actor(actor_id, timeout=5)
@@ -321,7 +321,7 @@ def ask(actor_id):
         time.sleep(1)
 actor = Alive.remote()
 ray.get(actor.ping.remote())
-print("STATE", ray.get(ask.remote(actor._actor_id.hex())))
+print("STATE", ray.get(ask.remote(actor._actor_id.hex(), float(sys.argv[2]))))
 """
 
 
