@@ -629,15 +629,23 @@ def add_config_flags(
                 help=f"{helptext} (default: {default})",
             )
         else:
+            choices = _flag_choices().get(name)
             parser.add_argument(
                 flag,
                 dest=name,
                 default=argparse.SUPPRESS,
-                metavar=name.upper(),
+                # (the values listed in --help; checked by validate, in one sentence)
+                metavar="{" + ",".join(choices) + "}" if choices else name.upper(),
                 # None or "": no default (a required flag, or one derived later that the
                 # help itself describes).
                 help=helptext if default is None or default == "" else f"{helptext} (default: {default})",
             )
+
+
+def _flag_choices() -> dict[str, Sequence[str]]:
+    """The values of the flags that take one of a few."""
+    return {"augment": AUGMENT_LEVELS, "sampler": SAMPLERS, "input_norm": INPUT_NORMS, "lr_scaling": LR_SCALING,
+            "optimizer": OPTIMIZERS, "amp": AMP_MODES, "searcher": SEARCHERS}
 
 
 def _tuple_items(tp: Any) -> int:

@@ -194,3 +194,20 @@ def test_a_config_file_that_is_not_text_is_named(tmp_path) -> None:
     (tmp_path / "weights.pth").write_bytes(b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19.")
     with pytest.raises(ConfigError, match="is not text; give a YAML or JSON file of settings"):
         parse(["--config", str(tmp_path / "weights.pth"), "--data", "d", "--output", "o"])
+
+
+def test_help_lists_the_values_of_flags_that_take_one_of_a_few(capsys) -> None:
+    """--augment AUGMENT, --amp AMP, ...: the values were only told once one was wrong."""
+    import argparse
+
+    from fer_ray.config import SweepConfig, parse_config
+
+    with pytest.raises(SystemExit):
+        parse_config(SweepConfig, ["--help"], argparse.ArgumentParser())
+    out = capsys.readouterr().out
+    for shown in ("--augment {none,light,medium,strong}", "--amp {auto,bf16,fp16,off}", "--optimizer {adamw,sgd}",
+                  "--sampler {none,sqrt,balanced}", "--searcher {random,optuna}"):
+        assert shown in out, shown
+    with pytest.raises(ConfigError, match="--augment must be one of none, light, medium, strong; got 'heavy'"):
+        parse_config(SweepConfig, ["--data", "d", "--output", "o", "--augment", "heavy"],
+                     argparse.ArgumentParser())[0].validate()
