@@ -239,7 +239,8 @@ def split_folders(data: str) -> tuple[str, str] | None:
     train (jobs/prepare.py does where there is no val folder)."""
     from fer_ray.constants import SPLIT_ALIASES, TRAIN, VAL
 
-    found = {SPLIT_ALIASES[name.lower()]: os.path.join(data, name) for name in sorted(os.listdir(data))
+    names = sorted(os.listdir(data)) if os.path.isdir(data) else []
+    found = {SPLIT_ALIASES[name.lower()]: os.path.join(data, name) for name in names
              if name.lower() in SPLIT_ALIASES and os.path.isdir(os.path.join(data, name))}
     if TRAIN not in found or VAL not in found:
         print(f"skipped: {data} needs train/ and val/ folders of class folders (FER2013: val is PublicTest)")

@@ -37,10 +37,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", default=str(DEFAULT_FER), help="folder with train/ and val/ of class folders")
     args = parser.parse_args(argv)
     args.data = os.path.abspath(args.data)  # the scripts run from the repository root
-    if not Path(args.data).is_dir():
-        print(f"skipped: {args.data} does not exist; pass --data FOLDER with train/ and val/ class folders "
-              "(FER2013: val is PublicTest)")
-        return 0
     if split_folders(args.data) is None:
         return 0
 

@@ -112,6 +112,8 @@ def test_benchmarks_read_the_folders_as_prepare_does(tmp_path, capsys) -> None:
             (tmp_path / split / name / "1.png").write_bytes(b"x")
     assert split_folders(str(tmp_path)) is None
     assert "needs train/ and val/ folders" in capsys.readouterr().out
+    assert split_folders(str(tmp_path / "missing")) is None  # (skipped in one line, not a traceback)
+    assert "needs train/ and val/ folders" in capsys.readouterr().out
     (tmp_path / "Validation" / "Happy").mkdir(parents=True)
     (tmp_path / "Validation" / "Happy" / "2.PNG").write_bytes(b"x")
     train, val = split_folders(str(tmp_path))
