@@ -153,6 +153,13 @@ def match_sharpness(target: float, images: np.ndarray) -> tuple[float, float]:
     return round((lo + hi) / 2, 2), measured
 
 
+def same_sigma(a: float, b: float) -> bool:
+    """Whether two blurs resolved for one run or sweep are the same: within a bisection step,
+    as `auto` measures again on a resume, and a last-digit difference of floating point
+    between machines or versions may move it one step."""
+    return abs(a - b) <= SIGMA_STEP
+
+
 def describe(sigma: float, found: dict[str, float], source: str) -> str:
     t, v = found.get("train_sharpness"), found.get("val_sharpness")
     measured = f" (sharpness train {t:.3g} vs val {v:.3g})" if t is not None else ""

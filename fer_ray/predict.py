@@ -954,16 +954,15 @@ def score_dataset(
     # decode is fused into the scoring actors, which Ray Data does only for maps of equal
     # remote args; a retry argument on both would be a task's invalid one wherever it did
     # not fuse them: left as Ray Data has it there.
-    retries = _with_retries if use_gpu else (lambda map_batches, _, *args, **kwargs: map_batches(*args, **kwargs))
-    ds = retries(
-        ds.map_batches, {"max_retries": RETRIES},
+    ds = _with_retries(
+        ds.map_batches, {"max_retries": RETRIES} if use_gpu else {},
         load_batch,
         fn_kwargs={"size": spec.data_size, "channels": spec.channels},
         batch_size=batch_size,
         batch_format="numpy",
     )
-    return retries(
-        ds.map_batches, {"max_task_retries": RETRIES},
+    return _with_retries(
+        ds.map_batches, {"max_task_retries": RETRIES} if use_gpu else {},
         Scorer,
         fn_constructor_kwargs={
             "model_dir": model_dir, "use_gpu": use_gpu, "tta": tta, "num_actors": num_actors,
@@ -978,14 +977,14 @@ def score_dataset(
 
 
 def _with_retries(map_batches: Callable[..., Any], retries: dict[str, int], *args: Any, **kwargs: Any) -> Any:
-    """map_batches(*args, **kwargs) with `retries` among the remote args, where this Ray's
-    map_batches still takes them (its **ray_remote_args: deprecated for Ray 2.64, with no
-    named parameter for retries; its warning, said on every job, is left out)."""
+    """map_batches(*args, **kwargs) with `retries` (none: as it is) among the remote args,
+    where this Ray's map_batches still takes them (its **ray_remote_args: deprecated for Ray
+    2.64, with no named parameter for retries; its warning, said on every job, is left out)."""
     import inspect
     import warnings
 
     extra = inspect.signature(map_batches).parameters.get("ray_remote_args")
-    if extra is None or extra.kind is not inspect.Parameter.VAR_KEYWORD:
+    if not retries or extra is None or extra.kind is not inspect.Parameter.VAR_KEYWORD:
         return map_batches(*args, **kwargs)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")

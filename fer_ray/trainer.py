@@ -24,7 +24,7 @@ import ray.data
 import ray.train
 
 from fer_ray import storage
-from fer_ray.blur import SIGMA_STEP
+from fer_ray.blur import same_sigma
 from fer_ray.cli import require_cpus, require_gpus, require_node_fits
 from fer_ray.config import LR_RANGES, RESOLVED_KEY, ConfigError, TrainConfig, parse_input_blur, to_dict
 from fer_ray.constants import (
@@ -446,9 +446,7 @@ def check_resumed_blur(run_dir: str, sigma: float) -> None:
     best epoch, and early stopping, compare val accuracies across them."""
     begun = storage.read_json_or_none(storage.join(run_dir, CONFIG_FILE)) or {}
     old = (begun.get(RESOLVED_KEY) or {}).get("input_blur")
-    # (within a bisection step: `auto` measures again, and a last-digit difference of
-    # floating point between machines or versions may move it one step)
-    if old is not None and abs(float(old) - float(sigma)) > SIGMA_STEP:
+    if old is not None and not same_sigma(float(old), float(sigma)):
         raise ConfigError(
             f"{run_dir!r} holds a run with different settings (input_blur {float(old):g} -> {float(sigma):g}: "
             f"its epochs were validated under the other blur); use a new --output, or --input-blur "

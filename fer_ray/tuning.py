@@ -24,7 +24,7 @@ import pandas as pd
 import ray.tune
 
 from fer_ray import storage
-from fer_ray.blur import SIGMA_STEP
+from fer_ray.blur import same_sigma
 from fer_ray.cli import autoscaler_limits, on_cluster
 from fer_ray.config import (
     OPTUNA_MISSING,
@@ -117,21 +117,16 @@ def run_trial(config: dict[str, Any], base: dict[str, Any], manifest: dict[str, 
     build_trainer(cfg, settings, callbacks=[TuneReportCallback()]).fit()
 
 
-def gpu_limits_unknown(cfg: SweepConfig) -> bool:
-    """A --use-gpu sweep on a joined cluster that reports no autoscaler limits."""
-    return bool(cfg.run.use_gpu and on_cluster() and not autoscaler_limits())
-
-
 def cluster_capacity(cfg: SweepConfig) -> int:
     """Trials that fit at once: each needs its workers plus one CPU for Ray Data (two trials
     or more leave whole CPUs free beside their TRIAL_DRIVER_CPU slivers; one trial's sliver
     is counted by check_resources), and with --use-gpu a GPU per worker. Under an
     autoscaler, counted on the most the cluster may grow to, not on the nodes up now (the
     extra trials' workers wait for the nodes their requests bring up)."""
-    cpu_fit, gpu_fit = _fits(cfg)
+    cpu_fit, gpu_fit, known = _fits(cfg)
     if gpu_fit is None:
         return max(1, cpu_fit)
-    if gpu_limits_unknown(cfg):
+    if not known and on_cluster():
         # No autoscaler limits known: most often a cluster started by hand (`ray start`),
         # which gains no nodes. As many trials as the GPUs and CPUs up now hold: each
         # trial is a process with torch and a Train controller (~1-1.5 GiB), and all
@@ -145,10 +140,11 @@ def cluster_capacity(cfg: SweepConfig) -> int:
     return max(1, min(cpu_fit, gpu_fit))
 
 
-def _fits(cfg: SweepConfig) -> tuple[int, int | None]:
+def _fits(cfg: SweepConfig) -> tuple[int, int | None, bool]:
     """(trials the CPUs hold, each its workers' and one for Ray Data, and the head's trial
-    slots where there are any; trials the GPUs hold, None without --use-gpu), on the most
-    an autoscaler may grow the cluster to where its limits are known, else on what is up."""
+    slots where there are any; trials the GPUs hold, None without --use-gpu; whether the
+    autoscaler's limits are known), on the most an autoscaler may grow the cluster to where
+    its limits are known, else on what is up."""
     import ray
 
     res = dict(ray.cluster_resources())
@@ -159,7 +155,7 @@ def _fits(cfg: SweepConfig) -> tuple[int, int | None]:
     cpu_fit = int(res.get("CPU", 0) // per_trial_cpu)
     if res.get(TRIAL_SLOT):  # trials run on the head's slots (trial_resources)
         cpu_fit = min(cpu_fit, int(res[TRIAL_SLOT]))
-    return cpu_fit, int(res.get("GPU", 0) // cfg.run.num_workers) if cfg.run.use_gpu else None
+    return cpu_fit, int(res.get("GPU", 0) // cfg.run.num_workers) if cfg.run.use_gpu else None, bool(most)
 
 
 def _searcher(cfg: SweepConfig, concurrent: int) -> Any:
@@ -282,9 +278,11 @@ def check_resumed_concurrency(cfg: SweepConfig, tune_dir: str, begun: int | None
     sweeps from before the record), and its trials' workers and Ray Data tasks would wait
     on each other for ever. Counted on the trials left (`unfinished`), and with --use-gpu
     on those the GPUs hold (the others wait for a GPU holding no CPU)."""
-    if not begun or gpu_limits_unknown(cfg):
+    if not begun:
         return
-    cpu_fit, gpu_fit = _fits(cfg)
+    cpu_fit, gpu_fit, known = _fits(cfg)
+    if gpu_fit is not None and not known and on_cluster():  # (GPU trials beyond the GPUs wait)
+        return
     running = min(begun, unfinished, gpu_fit if gpu_fit is not None else begun)
     if running > max(1, cpu_fit):
         raise ConfigError(
@@ -409,10 +407,7 @@ def start_again(tune_dir: str) -> None:
     for name in (TUNE_RUN_NAME, TRIALS_DIR, BEST_DIR):
         storage.delete_dir(storage.join(tune_dir, name))
     for name in (SWEEP_CONFIG_FILE, RESULTS_FILE, BEST_CONFIG_FILE, SUMMARY_PLOT):
-        path = storage.join(tune_dir, name)
-        if storage.exists(path):
-            fs, inner = storage.resolve(path)
-            fs.delete_file(inner)
+        storage.delete_file(storage.join(tune_dir, name))
 
 
 def prune_checkpoints(results: pd.DataFrame, best: dict[str, Any] | None, tune_dir: str) -> None:
@@ -493,9 +488,7 @@ def check_resumed_blur(tune_dir: str, sigma: str) -> None:
     begun = storage.read_json_or_none(storage.join(tune_dir, SWEEP_CONFIG_FILE)) or {}
     old = (begun.get("data") or {}).get("input_blur")
     try:
-        # (within a bisection step: `auto` measures again, and a last-digit difference of
-        # floating point between machines or versions may move it one step)
-        changed = old is not None and abs(float(old) - float(sigma)) > SIGMA_STEP
+        changed = old is not None and not same_sigma(float(old), float(sigma))
     except (TypeError, ValueError):  # a sweep_config.json from before the blur was resolved
         return
     if changed:
