@@ -401,18 +401,16 @@ def require_cpus(need: float, needs: str) -> None:
     raise ConfigError(f"The Ray cluster has {have:g} CPU(s){grows}; {needs}")
 
 
-def bootstrap_limits(path: str) -> dict[str, float] | None:
-    """The most of each resource an autoscaler config file allows: the head node's, plus
-    the worker nodes richest in it, each type up to its max_workers and all of them together
-    up to the cluster's max_workers (when given), from the `resources` each type names (a
-    type whose resources are left to detection counts nothing; cluster.yaml names them).
-    None when the file is missing or unreadable."""
+def _node_types(path: str) -> tuple[dict[str, float] | None, list[tuple[int, dict[str, float]]], int | None] | None:
+    """From an autoscaler config file: the head node type's `resources` (None when no type
+    is the head), each worker type's max_workers and `resources`, and the cluster's
+    max_workers (None when not given). None when the file is missing or unreadable."""
     import yaml
 
     try:
         with open(path) as f:
             config = yaml.safe_load(f) or {}
-        head, workers = {}, []  # workers: (max_workers, resources) per type
+        head, workers = None, []
         for name, node_type in (config.get("available_node_types") or {}).items():
             resources = {k: float(v) for k, v in (node_type.get("resources") or {}).items()}
             if name == config.get("head_node_type"):
@@ -420,17 +418,29 @@ def bootstrap_limits(path: str) -> dict[str, float] | None:
             else:
                 workers.append((int(node_type.get("max_workers", 0)), resources))
         cap = config.get("max_workers")
-        cap = None if cap is None else int(cap)
-        total = dict(head)
-        for key in {k for _, r in workers for k in r} | set(head):
-            left = cap
-            for most, resources in sorted(workers, key=lambda w: -w[1].get(key, 0.0)):
-                n = most if left is None else min(most, left)
-                total[key] = total.get(key, 0.0) + n * resources.get(key, 0.0)
-                if left is not None:
-                    left -= n
+        return head, workers, None if cap is None else int(cap)
     except (OSError, yaml.YAMLError, AttributeError, TypeError, ValueError):
         return None
+
+
+def bootstrap_limits(path: str) -> dict[str, float] | None:
+    """The most of each resource an autoscaler config file allows: the head node's, plus
+    the worker nodes richest in it, each type up to its max_workers and all of them together
+    up to the cluster's max_workers (when given), from the `resources` each type names (a
+    type whose resources are left to detection counts nothing; cluster.yaml names them).
+    None when the file is missing or unreadable."""
+    read = _node_types(path)
+    if read is None:
+        return None
+    head, workers, cap = read
+    total = dict(head or {})
+    for key in {k for _, r in workers for k in r} | set(total):
+        left = cap
+        for most, resources in sorted(workers, key=lambda w: -w[1].get(key, 0.0)):
+            n = most if left is None else min(most, left)
+            total[key] = total.get(key, 0.0) + n * resources.get(key, 0.0)
+            if left is not None:
+                left -= n
     return total or None
 
 
@@ -438,16 +448,11 @@ def bootstrap_node_types(path: str) -> list[dict[str, float]] | None:
     """The `resources` of each node type an autoscaler config file lets the cluster have (the
     head's, and each worker type's with max_workers above 0); None when the file is missing
     or unreadable."""
-    import yaml
-
-    try:
-        with open(path) as f:
-            config = yaml.safe_load(f) or {}
-        return [{k: float(v) for k, v in (t.get("resources") or {}).items()}
-                for name, t in (config.get("available_node_types") or {}).items()
-                if name == config.get("head_node_type") or int(t.get("max_workers", 0)) > 0]
-    except (OSError, yaml.YAMLError, AttributeError, TypeError, ValueError):
+    read = _node_types(path)
+    if read is None:
         return None
+    head, workers, _ = read
+    return ([head] if head is not None else []) + [resources for most, resources in workers if most > 0]
 
 
 def gcs_node_types() -> list[dict[str, float]] | None:
