@@ -726,8 +726,7 @@ def count_labels(root: str, splits: list[str], classes: list[str]) -> dict[str, 
 def _publish(staging: str, output: str, splits: list[str], manifest: dict[str, Any]) -> None:
     """Swap the staged splits in, then write the manifest last (it marks completion)."""
     manifest_path = storage.join(output, MANIFEST_FILE)
-    if storage.exists(manifest_path):
-        storage.resolve(manifest_path)[0].delete_file(storage.resolve(manifest_path)[1])
+    storage.delete_file(manifest_path)
     for split in SPLITS:
         storage.delete_dir(storage.join(output, split))
     for split in splits:
