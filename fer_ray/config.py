@@ -67,6 +67,12 @@ LR_SCALING = ("linear", "sqrt", "none")
 SAMPLERS = ("none", "sqrt", "balanced")
 INPUT_NORMS = ("dataset", "image")
 OPTIMIZERS = ("adamw", "sgd")
+SEARCHERS = ("random", "optuna")
+# The settings that take one of a few values: validate checks them, --help lists them.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "augment": AUGMENT_LEVELS, "sampler": SAMPLERS, "input_norm": INPUT_NORMS, "lr_scaling": LR_SCALING,
+    "optimizer": OPTIMIZERS, "amp": AMP_MODES, "searcher": SEARCHERS,
+}
 
 
 @dataclass
@@ -262,7 +268,7 @@ class TrainConfig:
             f"--data-size must be between 8 and {MAX_DATA_SIZE} px, got {d.data_size}.",
         )
         _require(d.batch_size >= 1, f"--batch-size must be at least 1, got {d.batch_size}.")
-        _choice("--augment", d.augment, AUGMENT_LEVELS)
+        _choice("augment", d.augment)
         _require(
             d.random_erasing is None or 0 <= d.random_erasing <= 1,
             f"--random-erasing must be between 0 and 1, got {d.random_erasing}.",
@@ -271,8 +277,8 @@ class TrainConfig:
             not (d.augment == "none" and d.random_erasing),
             "--random-erasing is part of training augmentation; give an --augment level other than none.",
         )
-        _choice("--sampler", d.sampler, SAMPLERS)
-        _choice("--input-norm", d.input_norm, INPUT_NORMS)
+        _choice("sampler", d.sampler)
+        _choice("input_norm", d.input_norm)
         _require(
             d.sampler == "none" or not o.class_weights,
             f"--sampler {d.sampler} and --class-weights both rebalance the classes; "
@@ -288,13 +294,13 @@ class TrainConfig:
         _require(o.epochs >= 1, f"--epochs must be at least 1, got {o.epochs}.")
         _require(o.time_budget >= 0, f"--time-budget must be >= 0 minutes, got {o.time_budget}.")
         _require(o.lr > 0, f"--lr must be positive, got {o.lr}.")
-        _choice("--lr-scaling", o.lr_scaling, LR_SCALING)
+        _choice("lr_scaling", o.lr_scaling)
         _require(o.min_lr >= 0, f"--min-lr must be non-negative, got {o.min_lr}.")
         if not hasattr(self, "sweep"):  # (a sweep's trials sample their LR: checked there)
             _require(o.min_lr < o.lr, f"--min-lr ({o.min_lr:g}), where the cosine ends, must be below --lr "
                                       f"({o.lr:g}), where it starts.")
             self._check_min_lr_below_the_backbones(o.lr, "--lr")
-        _choice("--optimizer", o.optimizer, OPTIMIZERS)
+        _choice("optimizer", o.optimizer)
         _require(o.weight_decay >= 0, f"--weight-decay must be non-negative, got {o.weight_decay}.")
         _require(
             0 <= o.label_smoothing < 1,
@@ -327,7 +333,7 @@ class TrainConfig:
         _require(
             r.cpus_per_worker >= 1, f"--cpus-per-worker must be at least 1, got {r.cpus_per_worker}."
         )
-        _choice("--amp", r.amp, AMP_MODES)
+        _choice("amp", r.amp)
         _require(r.max_failures >= 0, f"--max-failures must be >= 0, got {r.max_failures}.")
         _require(r.seed >= 0, f"--seed must be >= 0, got {r.seed}.")
         reserved = sorted(set(m.model_kwargs) & set(RESERVED_MODEL_KWARGS))
@@ -418,8 +424,9 @@ def require_paths(**given: str | None) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} is empty (an unset shell variable?); give a folder.")
 
 
-def _choice(flag: str, value: str, choices: Sequence[str]) -> None:
-    _require(value in choices, f"{flag} must be one of {', '.join(choices)}; got {value!r}.")
+def _choice(name: str, value: str) -> None:
+    choices = CHOICES[name]
+    _require(value in choices, f"--{name.replace('_', '-')} must be one of {', '.join(choices)}; got {value!r}.")
 
 
 # --------------------------------------------------------------------------------------
@@ -629,7 +636,7 @@ def add_config_flags(
                 help=f"{helptext} (default: {default})",
             )
         else:
-            choices = _flag_choices().get(name)
+            choices = CHOICES.get(name)
             parser.add_argument(
                 flag,
                 dest=name,
@@ -640,12 +647,6 @@ def add_config_flags(
                 # help itself describes).
                 help=helptext if default is None or default == "" else f"{helptext} (default: {default})",
             )
-
-
-def _flag_choices() -> dict[str, Sequence[str]]:
-    """The values of the flags that take one of a few."""
-    return {"augment": AUGMENT_LEVELS, "sampler": SAMPLERS, "input_norm": INPUT_NORMS, "lr_scaling": LR_SCALING,
-            "optimizer": OPTIMIZERS, "amp": AMP_MODES, "searcher": SEARCHERS}
 
 
 def _tuple_items(tp: Any) -> int:
@@ -683,7 +684,6 @@ def parse_config(
 # Sweep config: every training setting plus the search
 # --------------------------------------------------------------------------------------
 
-SEARCHERS = ("random", "optuna")
 OPTUNA_MISSING = "--searcher optuna needs Optuna: `pip install optuna`, or use --searcher random."
 # --lr-range when not given: around each optimizer's usual learning rates.
 LR_RANGES = {"adamw": (1e-4, 3e-3), "sgd": (5e-3, 0.2)}
@@ -751,7 +751,7 @@ class SweepConfig(TrainConfig):
             f"--max-concurrent must be at least 1, got {s.max_concurrent}.",
         )
         _require(s.grace_period >= 1, f"--grace-period must be at least 1, got {s.grace_period}.")
-        _choice("--searcher", s.searcher, SEARCHERS)
+        _choice("searcher", s.searcher)
         if s.searcher == "optuna":
             try:
                 import optuna  # noqa: F401
