@@ -241,7 +241,8 @@ class WeightedCrossEntropy(torch.nn.Module):
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if self.weight is None:
             return self.ce(logits, target)
-        total = (target @ self.weight) if target.is_floating_point() else self.weight[target]
+        # (Summed, not a matmul: autocast would run a matmul in bf16 or fp16.)
+        total = (target.float() * self.weight).sum(-1) if target.is_floating_point() else self.weight[target]
         return self.ce(logits, target).sum() / total.sum()
 
 
