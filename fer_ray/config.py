@@ -100,6 +100,13 @@ class DataOptions:
             "strong 0.525); 0: none"
         },
     )
+    blur_jitter: float = field(
+        default=0.0,
+        metadata={
+            "help": "share of training images blurred a little more (a Gaussian of sigma 0.3-1 px "
+            "at the data size) or a little less (an unsharp mask), one or the other; 0: none"
+        },
+    )
     sampler: str = field(
         default="none",
         metadata={
@@ -276,6 +283,11 @@ class TrainConfig:
         _require(
             not (d.augment == "none" and d.random_erasing),
             "--random-erasing is part of training augmentation; give an --augment level other than none.",
+        )
+        _require(0 <= d.blur_jitter <= 1, f"--blur-jitter must be between 0 and 1, got {d.blur_jitter}.")
+        _require(
+            not (d.augment == "none" and d.blur_jitter),
+            "--blur-jitter is part of training augmentation; give an --augment level other than none.",
         )
         _choice("sampler", d.sampler)
         _choice("input_norm", d.input_norm)

@@ -136,6 +136,7 @@ def split_dataset(
     augment: str = "medium",
     rates: Sequence[float] | None = None,
     erasing: float | None = None,
+    blur_jitter: float = 0.0,
 ):
     """A Dataset of uint8 [size, size, channels] images and int64 labels.
 
@@ -191,7 +192,7 @@ def split_dataset(
     ds = ds.map_batches(
         transform_batch,
         fn_kwargs={"size": size, "channels": channels, "is_training": is_training, "augment": augment,
-                   "erasing": erasing},
+                   "erasing": erasing, "blur_jitter": blur_jitter},
         batch_size=MAP_BATCH_SIZE,
         batch_format="numpy",
     )
@@ -225,9 +226,9 @@ def _quiet(ds: Any) -> None:
 
 def train_val_datasets(
     shards: str, size: int, channels: int, augment: str, rates: Sequence[float] | None = None,
-    erasing: float | None = None,
+    erasing: float | None = None, blur_jitter: float = 0.0,
 ) -> dict[str, Any]:
     return {
-        TRAIN: split_dataset(shards, TRAIN, size, channels, True, augment, rates, erasing),
+        TRAIN: split_dataset(shards, TRAIN, size, channels, True, augment, rates, erasing, blur_jitter),
         VAL: split_dataset(shards, VAL, size, channels, False),
     }

@@ -108,7 +108,7 @@ SWEEP_RESUME_KEYS = ("num_samples", "lr_range", "smoothing_range", "grace_period
                      # What the trials train with besides the sampled values: a resumed trial
                      # (or one not yet started) would otherwise train with the new value, its
                      # results compared with trials that had the old one.
-                     "augment", "random_erasing", "sampler", "drop_rate", "time_budget",
+                     "augment", "random_erasing", "blur_jitter", "sampler", "drop_rate", "time_budget",
                      "min_lr", "weight_decay", "class_weights", "backbone_lr_scale", "warmup_epochs",
                      "mixup", "cutmix", "mix_prob", "patience", "seed",
                      # the device and precision (--amp auto's CPU choice is kept in
@@ -394,7 +394,7 @@ def build_trainer(
     spec = settings.spec
     datasets = train_val_datasets(
         cfg.data.data, spec.data_size, spec.channels, cfg.data.augment, train_sampling_rates(cfg),
-        cfg.data.random_erasing,
+        cfg.data.random_erasing, cfg.data.blur_jitter,
     )
     return TorchTrainer(
         train_loop_per_worker,

@@ -22,6 +22,10 @@ from fer_ray.constants import IMAGE_COL, IMAGE_EXTENSIONS, LABEL_COL
 
 # Random erasing's share of training images at augmentation strength 1 ("medium").
 ERASING_SHARE = 0.35
+# --blur-jitter: a Gaussian blur of this sigma (px at the data size), or an unsharp mask
+# over a blur of this sigma adding back this share of the detail, one or the other.
+BLUR_JITTER_SIGMA = (0.3, 1.0)
+UNSHARP_ALPHA = (0.2, 0.5)
 
 # cv2 would start its own thread pool in every Ray worker; Ray already runs one task per CPU.
 cv2.setNumThreads(1)
@@ -196,12 +200,14 @@ class EvalResize:
 
 
 def create_transform(
-    is_training: bool, size: int, augment: str = "medium", erasing: float | None = None
+    is_training: bool, size: int, augment: str = "medium", erasing: float | None = None,
+    blur_jitter: float = 0.0,
 ) -> Callable[..., dict[str, Any]]:
     """Train: an Albumentations pipeline to `size` x `size`, with random erasing
     (CoarseDropout) on a share `erasing` of the images, by default the level's
-    (ERASING_SHARE x its strength; 0: none). Eval: the same resize and nothing random (no
-    Albumentations needed)."""
+    (ERASING_SHARE x its strength; 0: none), and on a share `blur_jitter` a little more
+    blur or a little less (BLUR_JITTER_SIGMA, UNSHARP_ALPHA). Eval: the same resize and
+    nothing random (no Albumentations needed)."""
     if not is_training or augment == "none":
         return EvalResize(size)
     A = _import_albumentations()
@@ -211,6 +217,15 @@ def create_transform(
     return A.Compose(
         [
             A.Resize(size, size, interpolation=cv2.INTER_AREA),
+        ]
+        # Each image's sharpness moved a little either way, at `size` (where validation and
+        # scoring blur): a blur that matches the training images on average leaves some
+        # images to score sharper, some blurrier than the training images were.
+        + ([A.OneOf([
+            A.GaussianBlur(blur_limit=0, sigma_limit=BLUR_JITTER_SIGMA),
+            A.UnsharpMask(blur_limit=5, sigma_limit=BLUR_JITTER_SIGMA, alpha=UNSHARP_ALPHA, threshold=0),
+        ], p=blur_jitter)] if blur_jitter > 0 else [])
+        + [
             A.HorizontalFlip(p=0.5),
             A.Affine(
                 scale=(1 - 0.1 * strength, 1 + 0.1 * strength),
@@ -265,18 +280,18 @@ def _half_imported(package: str) -> bool:
 
 @lru_cache(maxsize=8)
 def _cached_transform(
-    is_training: bool, size: int, augment: str, erasing: float | None
+    is_training: bool, size: int, augment: str, erasing: float | None, blur_jitter: float = 0.0,
 ) -> Callable[..., dict[str, Any]]:
-    return create_transform(is_training, size, augment, erasing)
+    return create_transform(is_training, size, augment, erasing, blur_jitter)
 
 
 def transform_batch(
     batch: dict[str, np.ndarray], size: int, channels: int, is_training: bool, augment: str,
-    erasing: float | None = None,
+    erasing: float | None = None, blur_jitter: float = 0.0,
 ) -> dict[str, np.ndarray]:
     """Ray Data UDF: encoded images, or uint8 ones decoded at `size` already (decode_batch),
     -> uint8 [B, size, size, C] plus labels."""
-    transform = _cached_transform(is_training, size, augment, erasing)
+    transform = _cached_transform(is_training, size, augment, erasing, blur_jitter)
     images = batch[IMAGE_COL]
     decoded = isinstance(images, np.ndarray) and images.dtype == np.uint8 and images.ndim == 4
     out = np.empty((len(images), size, size, channels), dtype=np.uint8)

@@ -132,6 +132,9 @@ def test_wrong_type_is_rejected() -> None:
         (["--data", "d", "--output", "o", "--random-erasing", "1.5"], "--random-erasing must be between"),
         (["--data", "d", "--output", "o", "--augment", "none", "--random-erasing", "0.3"],
          "give an --augment level other than none"),
+        (["--data", "d", "--output", "o", "--blur-jitter", "-0.1"], "--blur-jitter must be between 0 and 1"),
+        (["--data", "d", "--output", "o", "--augment", "none", "--blur-jitter", "0.5"],
+         "--blur-jitter is part of training augmentation"),
         # Accepted until now, then a crash in every worker or a run that trains nothing useful:
         (["--data", "d", "--output", "o", "--seed", "-1"], "--seed must be >= 0"),
         (["--data", "d", "--output", "o", "--lr", "1e-4", "--min-lr", "1e-3"],

@@ -502,7 +502,8 @@ def test_a_batch_larger_than_the_data_is_refused_before_workers_start(synth_shar
 def test_run_with_ema_mixup_per_image_norm_and_bf16_validates_saves_and_resumes(ray_cluster, synth_shards,
                                                                                   tmp_path) -> None:
     """The training options a run has off by default, in one run (each run costs its worker
-    group's start): EMA, mixup/cutmix, per-image normalisation, bf16 autocast on a CPU."""
+    group's start): EMA, mixup/cutmix, per-image normalisation, bf16 autocast on a CPU,
+    blur jitter."""
     from safetensors.torch import load_file
 
     from fer_ray.constants import TRAIN_STATE_FILE, WEIGHTS_FILE
@@ -510,14 +511,14 @@ def test_run_with_ema_mixup_per_image_norm_and_bf16_validates_saves_and_resumes(
 
     run = tmp_path / "options"
     flags = ["--ema-decay", "0.9", "--lr", "0.01", "--mixup", "0.2", "--cutmix", "1.0", "--mix-prob", "0.5",
-             "--input-norm", "image", "--amp", "bf16"]
+             "--input-norm", "image", "--amp", "bf16", "--blur-jitter", "0.5"]
     assert train_main(tiny_train_args(str(synth_shards), str(run), *flags)) == 0
     history = pd.read_csv(run / "history.csv")
     assert history["epoch"].tolist() == [1, 2] and history["train_loss"].notna().all()
     assert history["val_acc"].notna().all() and history["format"].str.startswith("bf16").all()
     cfg = json.loads((run / "config.json").read_text())
     assert (cfg["optim"]["mixup"], cfg["optim"]["cutmix"], cfg["optim"]["mix_prob"]) == (0.2, 1.0, 0.5)
-    assert cfg["data"]["input_norm"] == "image"
+    assert cfg["data"]["input_norm"] == "image" and cfg["data"]["blur_jitter"] == 0.5
     model_cfg = json.loads((run / "best" / "config.json").read_text())
     assert model_cfg["fer_ray"]["input_norm"] == "image"
     # Trained from random weights: the folder does not name timm's published ones.

@@ -232,6 +232,27 @@ def test_random_erasing_share_is_the_levels_or_the_one_given(erasing, share) -> 
     assert share[0] <= erased <= share[1]
 
 
+def test_blur_jitter_moves_the_sharpness_of_its_share_of_images_both_ways() -> None:
+    """--blur-jitter: a share of the training images a little blurrier, a share a little
+    sharper (variance of the Laplacian against the image's own); without it, none sharper
+    and none far blurrier (the affine step's interpolation softens some a little)."""
+    from fer_ray.blur import sharpness, to_float
+
+    img = face(32)[:, :, None]
+    own = sharpness(to_float(img[None]))[0]
+    for jitter in (0.0, 1.0):
+        t = create_transform(True, 32, "light", 0.0, jitter)
+        ratio = sharpness(to_float(np.stack([t(image=img)["image"].reshape(32, 32, 1) for _ in range(300)]))) / own
+        sharper, blurrier = (ratio > 1.25).mean(), (ratio < 0.15).mean()
+        if jitter:
+            assert sharper > 0.1 and blurrier > 0.2, (sharper, blurrier)
+        else:
+            assert sharper == 0 and blurrier == 0, (sharper, blurrier)
+    batch = {IMAGE_COL: np.stack([img] * 64), LABEL_COL: np.zeros(64, dtype=np.int64)}
+    out = transform_batch(batch, size=32, channels=1, is_training=True, augment="light", erasing=0.0, blur_jitter=1.0)
+    assert (sharpness(to_float(out[IMAGE_COL])) / own > 1.25).any()
+
+
 def test_transform_batch_gives_uint8_nhwc() -> None:
     batch = {IMAGE_COL: np.array([encode(face(48)), encode(face(60))], dtype=object),
              LABEL_COL: np.array([3, 5])}
