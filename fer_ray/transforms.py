@@ -223,7 +223,7 @@ def create_transform(
         # images to score sharper, some blurrier than the training images were.
         + ([A.OneOf([
             A.GaussianBlur(blur_limit=0, sigma_limit=BLUR_JITTER_SIGMA),
-            A.UnsharpMask(blur_limit=5, sigma_limit=BLUR_JITTER_SIGMA, alpha=UNSHARP_ALPHA, threshold=0),
+            A.UnsharpMask(blur_limit=(7, 7), sigma_limit=BLUR_JITTER_SIGMA, alpha=UNSHARP_ALPHA, threshold=0),
         ], p=blur_jitter)] if blur_jitter > 0 else [])
         + [
             A.HorizontalFlip(p=0.5),
@@ -280,7 +280,7 @@ def _half_imported(package: str) -> bool:
 
 @lru_cache(maxsize=8)
 def _cached_transform(
-    is_training: bool, size: int, augment: str, erasing: float | None, blur_jitter: float = 0.0,
+    is_training: bool, size: int, augment: str, erasing: float | None, blur_jitter: float,
 ) -> Callable[..., dict[str, Any]]:
     return create_transform(is_training, size, augment, erasing, blur_jitter)
 

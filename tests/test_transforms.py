@@ -191,7 +191,7 @@ def test_train_transform_of_decoded_images_equals_that_of_the_encoded_ones() -> 
         assert decoded[IMAGE_COL].shape == (32, size, size, 1) and decoded[IMAGE_COL].dtype == np.uint8
         out = []
         for source in (batch, decoded):
-            _cached_transform(True, size, "medium", None).set_random_seed(7)
+            _cached_transform(True, size, "medium", None, 0.0).set_random_seed(7)
             random.seed(7)
             np.random.seed(7)
             out.append(transform_batch(source, size, 1, True, "medium"))
@@ -242,6 +242,7 @@ def test_blur_jitter_moves_the_sharpness_of_its_share_of_images_both_ways() -> N
     own = sharpness(to_float(img[None]))[0]
     for jitter in (0.0, 1.0):
         t = create_transform(True, 32, "light", 0.0, jitter)
+        t.set_random_seed(3)  # (the affine step's half-pixel shifts soften noise a lot now and then)
         ratio = sharpness(to_float(np.stack([t(image=img)["image"].reshape(32, 32, 1) for _ in range(300)]))) / own
         sharper, blurrier = (ratio > 1.25).mean(), (ratio < 0.15).mean()
         if jitter:
