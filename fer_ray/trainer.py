@@ -115,7 +115,7 @@ SWEEP_RESUME_KEYS = ("num_samples", "lr_range", "smoothing_range", "grace_period
                      # sweep_config.json) and the weights every trial starts from
                      "use_gpu", "amp", "pretrained_file")
 # What runs from before a setting existed used.
-RESUME_DEFAULTS = {"optimizer": "adamw", "input_norm": "dataset"}
+RESUME_DEFAULTS = {"optimizer": "adamw", "input_norm": "dataset", "blur_jitter": 0.0}
 
 
 def resolve_settings(

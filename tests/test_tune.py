@@ -417,6 +417,12 @@ def test_a_resumed_sweep_takes_the_default_lr_range_given_as_flags(synth_shards,
     assert begun["data"]["data_size"] is None
     with pytest.raises(ConfigError, match=r"\(data_size default -> 32\)"):
         _check_resume_compatible(cfg("--data-size", "32"), begun)
+    # A sweep from before --blur-jitter existed trained without it: its trials left to run
+    # would train with it, their scores compared with the finished ones'.
+    del begun["data"]["blur_jitter"]
+    _check_resume_compatible(cfg(), begun)
+    with pytest.raises(ConfigError, match=r"blur_jitter 0.0 -> 0.5"):
+        _check_resume_compatible(cfg("--blur-jitter", "0.5"), begun)
 
 
 @pytest.mark.parametrize("epochs, grace, rungs, frozen", [
