@@ -1,7 +1,7 @@
 """Turn image folders or the FER2013 CSV into Parquet shards with a manifest.
 
 Three source kinds:
-- split folders: SRC/{train,val|validation,test}/<class>/... ;
+- split folders: SRC/{train|training,val|valid|validation,test}/<class>/... ;
 - class folders: SRC/<class>/..., split into train/val by a stratified, seeded fraction;
 - the FER2013 CSV (emotion,pixels,Usage).
 
@@ -226,7 +226,7 @@ def _list_split_folders(
     if others:
         raise ConfigError(
             f"Source {source!r} mixes split folders ({', '.join(sorted(split_dirs.values()))}) "
-            f"with other folders ({', '.join(others)}); keep only train/val/test at the top level."
+            f"with other folders ({', '.join(others)}); keep only the split folders (train/, val/, test/, or training/, valid/, validation/) at the top level."
         )
     if TRAIN not in split_dirs:
         raise ConfigError(f"Source {source!r} has split folders but no train/ folder; add one.")
