@@ -276,19 +276,8 @@ class TrainConfig:
         )
         _require(d.batch_size >= 1, f"--batch-size must be at least 1, got {d.batch_size}.")
         _choice("augment", d.augment)
-        _require(
-            d.random_erasing is None or 0 <= d.random_erasing <= 1,
-            f"--random-erasing must be between 0 and 1, got {d.random_erasing}.",
-        )
-        _require(
-            not (d.augment == "none" and d.random_erasing),
-            "--random-erasing is part of training augmentation; give an --augment level other than none.",
-        )
-        _require(0 <= d.blur_jitter <= 1, f"--blur-jitter must be between 0 and 1, got {d.blur_jitter}.")
-        _require(
-            not (d.augment == "none" and d.blur_jitter),
-            "--blur-jitter is part of training augmentation; give an --augment level other than none.",
-        )
+        _augmentation_share("random_erasing", d.random_erasing, d.augment)
+        _augmentation_share("blur_jitter", d.blur_jitter, d.augment)
         _choice("sampler", d.sampler)
         _choice("input_norm", d.input_norm)
         _require(
@@ -434,6 +423,15 @@ def require_paths(**given: str | None) -> None:
     for name, value in given.items():
         if value is None or not str(value).strip():
             raise ConfigError(f"--{name.replace('_', '-')} is empty (an unset shell variable?); give a folder.")
+
+
+def _augmentation_share(name: str, share: float | None, augment: str) -> None:
+    """A share of the training images that one augmentation step takes (None: the level's):
+    between 0 and 1, and none without augmentation."""
+    flag = "--" + name.replace("_", "-")
+    _require(share is None or 0 <= share <= 1, f"{flag} must be between 0 and 1, got {share}.")
+    _require(not (augment == "none" and share),
+             f"{flag} is part of training augmentation; give an --augment level other than none.")
 
 
 def _choice(name: str, value: str) -> None:
