@@ -226,7 +226,8 @@ def _list_split_folders(
     if others:
         raise ConfigError(
             f"Source {source!r} mixes split folders ({', '.join(sorted(split_dirs.values()))}) "
-            f"with other folders ({', '.join(others)}); keep only the split folders (train/, val/, test/, or training/, valid/, validation/) at the top level."
+            f"with other folders ({', '.join(others)}); keep only the split folders (train/, val/, test/, "
+            "or training/, valid/, validation/) at the top level."
         )
     if TRAIN not in split_dirs:
         raise ConfigError(f"Source {source!r} has split folders but no train/ folder; add one.")
