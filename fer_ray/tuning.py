@@ -126,7 +126,7 @@ def cluster_capacity(cfg: SweepConfig) -> int:
     cpu_fit, gpu_fit, known = _fits(cfg)
     if gpu_fit is None:
         return max(1, cpu_fit)
-    if not known and on_cluster():
+    if _gpu_limits_unknown(gpu_fit, known):
         # No autoscaler limits known: most often a cluster started by hand (`ray start`),
         # which gains no nodes. As many trials as the GPUs and CPUs up now hold: each
         # trial is a process with torch and a Train controller (~1-1.5 GiB), and all
@@ -156,6 +156,12 @@ def _fits(cfg: SweepConfig) -> tuple[int, int | None, bool]:
     if res.get(TRIAL_SLOT):  # trials run on the head's slots (trial_resources)
         cpu_fit = min(cpu_fit, int(res[TRIAL_SLOT]))
     return cpu_fit, int(res.get("GPU", 0) // cfg.run.num_workers) if cfg.run.use_gpu else None, bool(most)
+
+
+def _gpu_limits_unknown(gpu_fit: int | None, known: bool) -> bool:
+    """A --use-gpu sweep (`_fits`' gpu_fit) on a joined cluster whose autoscaler limits are
+    not known (`_fits`' known)."""
+    return gpu_fit is not None and not known and on_cluster()
 
 
 def _searcher(cfg: SweepConfig, concurrent: int) -> Any:
@@ -281,7 +287,7 @@ def check_resumed_concurrency(cfg: SweepConfig, tune_dir: str, begun: int | None
     if not begun:
         return
     cpu_fit, gpu_fit, known = _fits(cfg)
-    if gpu_fit is not None and not known and on_cluster():  # (GPU trials beyond the GPUs wait)
+    if _gpu_limits_unknown(gpu_fit, known):  # (GPU trials beyond the GPUs wait)
         return
     running = min(begun, unfinished, gpu_fit if gpu_fit is not None else begun)
     if running > max(1, cpu_fit):
