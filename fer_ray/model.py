@@ -281,9 +281,16 @@ def set_frozen_eval(model: torch.nn.Module) -> None:
     (call after model.train()): a frozen BatchNorm keeps its running statistics. Not its
     children: a ViT holds its class token and position embedding itself, and eval() on it
     turned the whole model, trainable blocks and head included, to eval mode (no dropout,
-    no drop-path) whenever those were frozen."""
-    for module in model.modules():
+    no drop-path) whenever those were frozen.
+
+    A module with running statistics but no parameters of its own (a BatchNorm without
+    affine) follows its parent: eval mode when the parent's parameters, its children's
+    included, are all frozen."""
+    modules = dict(model.named_modules())
+    for name, module in modules.items():
         params = list(module.parameters(recurse=False))
+        if not params and name and any(True for _ in module.buffers(recurse=False)):
+            params = list(modules[name.rpartition(".")[0]].parameters())
         if params and not any(p.requires_grad for p in params):
             module.training = False
 

@@ -423,3 +423,18 @@ def test_a_model_saved_with_timm_before_1_0_30_keeps_no_test_size_of_the_origina
     assert "test_input_size" not in config and config["pool_size"] is None and config["crop_pct"] == 1.0
     loaded, _ = load_model_dir(str(tmp_path / "best"))
     assert resolve_data_config({}, model=loaded, use_test_size=True)["input_size"] == (1, 48, 48)
+
+
+def test_a_frozen_stages_batchnorm_without_affine_parameters_keeps_its_statistics() -> None:
+    """A BatchNorm with no parameters of its own was left in train mode in a frozen stage,
+    its running statistics drifting from the pretrained ones; one in a trainable stage trains."""
+    model = create_model("test_resnet", 7)
+    model.layer1[0].bn1 = torch.nn.BatchNorm2d(model.layer1[0].bn1.num_features, affine=False)
+    model.layer4[0].bn1 = torch.nn.BatchNorm2d(model.layer4[0].bn1.num_features, affine=False)
+    set_trainable(model, "1")
+    model.train()
+    set_frozen_eval(model)
+    assert not model.layer1[0].bn1.training and model.layer4[0].bn1.training
+    before = model.layer1[0].bn1.running_mean.clone()
+    model(torch.randn(2, 3, 32, 32))
+    torch.testing.assert_close(model.layer1[0].bn1.running_mean, before)
