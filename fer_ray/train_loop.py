@@ -230,7 +230,12 @@ class WeightedCrossEntropy(torch.nn.Module):
     """Cross-entropy with label smoothing and optional class weights, for labels and for
     soft (mixup/cutmix) targets alike: the weighted loss is divided by the batch's total
     weight in both cases. torch divides by the batch size for soft targets, so with class
-    weights a mixed batch's loss (and gradient) was about half a plain batch's."""
+    weights a mixed batch's loss (and gradient) was about half a plain batch's.
+
+    Under DDP (gradients averaged over workers) the total is the whole step's, every
+    worker's batch together: each worker dividing by its own batch's weight gave the
+    images of a worker whose batch weighed less more say than the same images on one
+    worker. Every worker takes the same number of steps, so each calls this alike."""
 
     def __init__(self, weight: torch.Tensor | None, label_smoothing: float) -> None:
         super().__init__()
@@ -242,8 +247,14 @@ class WeightedCrossEntropy(torch.nn.Module):
         if self.weight is None:
             return self.ce(logits, target)
         # (Summed, not a matmul: autocast would run a matmul in bf16 or fp16.)
-        total = (target.float() * self.weight).sum(-1) if target.is_floating_point() else self.weight[target]
-        return self.ce(logits, target).sum() / total.sum()
+        total = ((target.float() * self.weight).sum(-1) if target.is_floating_point() else self.weight[target]).sum()
+        if _is_distributed() and torch.is_grad_enabled():
+            # The mean of the workers' totals: DDP's average of the gradients then divides
+            # the sum over every worker's images by the whole step's weight.
+            total = total.detach().clone()
+            dist.all_reduce(total)
+            total = total / dist.get_world_size()
+        return self.ce(logits, target).sum() / total
 
 
 def build_phase(

@@ -1031,6 +1031,46 @@ def test_class_weighted_loss_is_the_same_for_labels_and_their_one_hot_targets() 
     assert in_bf16.item() == pytest.approx(loss(logits.bfloat16().float(), mixed).item(), rel=1e-6)
 
 
+def _weighted_loss_rank(rank: int, world: int, init: str, expected: list[torch.Tensor]) -> None:
+    from fer_ray.train_loop import WeightedCrossEntropy
+
+    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = torch.nn.Linear(5, 7)
+        x, labels, weight = _weighted_batch()
+        part = slice(rank * len(x) // world, (rank + 1) * len(x) // world)
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        WeightedCrossEntropy(weight, 0.1)(ddp(x[part]), labels[part]).backward()
+        for got, want in zip([p.grad for p in model.parameters()], expected):
+            torch.testing.assert_close(got, want)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _weighted_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(1)
+    # The first worker's half holds the rare class (weight 9.4), the second none of it.
+    labels = torch.tensor([1, 1, 1, 0, 2, 3, 4, 5, 3, 3, 4, 0, 2, 6, 5, 3])
+    return torch.randn(16, 5), labels, torch.tensor([1.0, 9.4, 1.0, 0.6, 0.8, 0.9, 1.3])
+
+
+def test_class_weighted_loss_under_ddp_gives_the_gradient_of_the_whole_batch(tmp_path) -> None:
+    """Each worker divided its loss by its own batch's weight before DDP averaged the
+    gradients: two workers, one holding the heavy rare class, gave the other worker's
+    images twice or more their say on one worker."""
+    from fer_ray.train_loop import WeightedCrossEntropy
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(5, 7)
+    x, labels, weight = _weighted_batch()
+    WeightedCrossEntropy(weight, 0.1)(model(x), labels).backward()
+    expected = [p.grad.clone() for p in model.parameters()]
+    torch.multiprocessing.start_processes(
+        _weighted_loss_rank, args=(2, f"file://{tmp_path / 'init'}", expected), nprocs=2, start_method="spawn",
+    )
+
+
 @pytest.mark.parametrize("scale", [0.1, 0.01, 0.001])
 def test_every_param_group_warms_up_to_its_own_peak(scale) -> None:
     """One warm-up start for all groups (1% of the head's LR) started a backbone at
