@@ -46,15 +46,22 @@ def run_job(job: Callable[[], int | None], interrupted: str = INTERRUPTED_RESUME
         return 2
     except KeyboardInterrupt as e:
         print(str(e) if isinstance(e, StoppedLate) else interrupted, file=sys.stderr)
-        return 128 + signal.SIGTERM if _TERMINATED.is_set() else 130
+        # (A StoppedLate raised for Ray's SIGTERM exit holds it as its context.)
+        return 128 + signal.SIGTERM if _TERMINATED.is_set() or isinstance(e.__context__, SystemExit) else 130
     except SystemExit as e:
-        # Ray's SIGTERM handler calls sys.exit(SIGTERM); from the start of ray.init, before
-        # _note_sigterm notes the signal, only the code tells.
-        if not _TERMINATED.is_set() and e.code != signal.SIGTERM:
+        if not is_stop(e):
             raise
         print(interrupted, file=sys.stderr)
         return 128 + signal.SIGTERM
     return status or 0
+
+
+def is_stop(e: BaseException | None) -> bool:
+    """Ctrl-C, or SIGTERM once Ray runs: Ray's SIGTERM handler calls sys.exit(SIGTERM); from
+    the start of ray.init, before _note_sigterm notes the signal, only the code tells."""
+    return isinstance(e, KeyboardInterrupt) or (
+        isinstance(e, SystemExit) and (_TERMINATED.is_set() or e.code == signal.SIGTERM)
+    )
 
 
 _TERMINATED = threading.Event()  # SIGTERM came once Ray ran (Ray's own handler then ends the job)

@@ -44,7 +44,7 @@ import numpy as np
 import pyarrow as pa
 
 from fer_ray import storage
-from fer_ray.cli import StoppedLate, autoscaler_limits, cluster_cpus, require_cpus, require_gpus
+from fer_ray.cli import StoppedLate, autoscaler_limits, cluster_cpus, is_stop, require_cpus, require_gpus
 from fer_ray.config import AMP_MODES, ConfigError, require_paths
 from fer_ray.constants import (
     IMAGE_COL, LABEL_COL, PATH_COL, SPLITS, TTA_MODES, class_key,
@@ -1143,23 +1143,38 @@ def predict(
             with contextlib.suppress(Exception):  # the error that ended the run is the one to see
                 if open_writer is not None:
                     open_writer.close()
-        if tmp in copying and not storage.renames_folders(output):
+        failure = sys.exc_info()[1]
+        stopped = is_stop(failure) and not isinstance(failure, StoppedLate)
+        if tmp in copying and not storage.renames_folders(output) and _has_summary(output):
+            # The copy into the bucket ended (summary.json goes last); the failure came while
+            # the temporary copy was deleted (a Ctrl-C waits for pyarrow's call to return).
+            log.warning("The output is complete in %s; its temporary copy %s may be partly left "
+                        "there: remove it by hand", output, tmp)
+            if stopped:
+                raise StoppedLate(f"interrupted once the output was complete in {output}; its temporary "
+                                  f"copy {tmp} may be partly left there: remove it by hand") from None
+        elif tmp in copying and not storage.renames_folders(output):
             # Stopped while copied into a bucket (no folder renames there): OUT holds part of
             # it; the finished copy beside it marks OUT as this job's, for the rerun to replace.
             log.warning("The copy into %s stopped part way: it holds part of the output, and the "
                         "whole is in %s; a rerun replaces %s (remove %s when not needed)",
                         output, tmp, output, tmp)
-            stopped = sys.exc_info()[1]
-            if isinstance(stopped, KeyboardInterrupt) and not isinstance(stopped, StoppedLate):
+            if stopped:
                 raise StoppedLate(f"interrupted while the output was copied into {output}: the whole of it "
                                   f"is in {tmp}; a rerun scores again and replaces {output}") from None
-        elif scored_all and sys.exc_info()[1] is not None and storage.exists(storage.join(tmp, PREDICTIONS_DIR)):
+        elif scored_all and failure is not None and storage.exists(storage.join(tmp, PREDICTIONS_DIR)):
             # Every image was scored, then the reports or the move failed (memory for the
             # metrics, a bucket's error): the predictions, hours of work on a large input,
             # are kept where they are; a rerun scores again (and names this folder).
-            log.warning("Every file was scored, then the job failed: the predictions and errors are kept "
-                        "in %s (not a finished output: no summary.json in OUT)", tmp)
+            if _has_summary(tmp):  # (not moved into OUT: _publish put any old OUT back)
+                kept = f"the finished output is in {tmp} (not moved to {output})"
+            else:
+                kept = f"the predictions and errors are kept in {tmp} (not a finished output: no summary.json)"
+            log.warning("Every file was scored, then the job failed: %s", kept)
             made = []
+            if stopped:
+                raise StoppedLate(f"interrupted once every file was scored: {kept}; a rerun scores "
+                                  f"again and replaces {output}") from None
         else:
             storage.delete_dir(tmp)
         with contextlib.suppress(Exception):
@@ -1210,6 +1225,14 @@ def write_scored(scored: Any, writer: PartWriter, errors: ErrorWriter, class_nam
     return sorted(formats)
 
 
+def _has_summary(folder: str) -> bool:
+    """Whether a finished output's summary.json is in `folder` (False when that cannot be told)."""
+    try:
+        return storage.exists(storage.join(folder, SUMMARY_FILE))
+    except Exception:  # noqa: BLE001 (asked while another error ends the job: that one is shown)
+        return False
+
+
 def _stale_temp_folders(output: str) -> list[str]:
     """Folders an interrupted run left beside OUT: its unfinished `.tmp-` folder, or the
     previous output (`.old-`) when it ended between the two moves of _publish."""
@@ -1233,15 +1256,25 @@ def _publish(tmp: str, output: str, copying: set[str] | None = None) -> None:
         old = storage.sibling(output, f".old-{uuid.uuid4().hex[:8]}")
         storage.move(output, old)
         copying.add(tmp)
-        storage.move(tmp, output, last=SUMMARY_FILE)
+        try:
+            storage.move(tmp, output, last=SUMMARY_FILE)
+        except BaseException:
+            # A folder rename failed (OUT made again in between, a permission): the previous
+            # output goes back in place. (A bucket's copy, part made, is told of by predict.)
+            if storage.renames_folders(output) and not storage.exists(output):
+                with contextlib.suppress(Exception):
+                    storage.move(old, output)
+            raise
         copying.discard(tmp)
         try:
             storage.delete_dir(old)
         except OSError as e:  # (files another user made in it) the new output is in place
             log.warning("The previous output, moved to %s, could not be removed (%s); remove it by hand",
                         old, e)
-        except KeyboardInterrupt:  # (the usual line, "nothing was written", would send the user
-            raise StoppedLate(      # to score it all again)
+        except (KeyboardInterrupt, SystemExit) as e:  # (the usual line, "nothing was written",
+            if not is_stop(e):                        # would send the user to score it all again)
+                raise
+            raise StoppedLate(
                 f"interrupted once the output was complete in {output}; the previous output, moved "
                 f"to {old}, may be partly left there: remove it by hand"
             ) from None

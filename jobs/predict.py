@@ -17,8 +17,10 @@ OUT/confusion_matrix.parquet and OUT/confusion_matrix.png. A rerun replaces OUT.
 
 Exit status: 0 when scored; 1 when none of the files could be scored (OUT is still written,
 the reasons in OUT/errors.parquet); 2 for bad input (one sentence, nothing written); 130
-on Ctrl-C, 143 on SIGTERM (OUT untouched either way; on S3 or GCS, stopped while the finished
-output was being copied into OUT, that copy stays in OUT.tmp-<id> and a rerun replaces OUT).
+on Ctrl-C, 143 on SIGTERM (OUT untouched either way, unless the stop came once every file
+was scored: then the closing line says what is where, the new OUT in place, the
+predictions kept in OUT.tmp-<id>, or on S3 or GCS the finished output stopped while copied
+into OUT, that copy kept in OUT.tmp-<id> and a rerun replacing OUT).
 """
 
 from __future__ import annotations

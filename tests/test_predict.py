@@ -604,6 +604,23 @@ def test_a_run_stopped_while_copied_into_a_bucket_is_replaced_by_the_rerun(
     assert summary["scored"] == len(FER_CLASSES), summary
     assert json.loads((out / "summary.json").read_text())["scored"] == summary["scored"]
 
+    # A Ctrl-C in the last call of the copy (pyarrow's calls finish before Python sees it):
+    # here the temporary copy's deletion. The output is complete; the job said it stopped
+    # part way and sent the user to a folder then gone.
+    shutil.rmtree(out)
+    delete = handler.delete_dir
+
+    def stopped_in_delete(path: str) -> None:
+        if ".tmp-" in path:
+            raise KeyboardInterrupt
+        delete(path)
+
+    handler.delete_dir = stopped_in_delete
+    assert run_job(job, interrupted="interrupted; nothing was written") == 130
+    err = capsys.readouterr().err
+    assert f"interrupted once the output was complete in {out}; its temporary copy {tmp_path}" in err, err
+    assert json.loads((out / "summary.json").read_text())["scored"] == summary["scored"]
+
 
 def test_an_old_output_that_cannot_be_removed_leaves_the_new_one_in_place(tmp_path, monkeypatch, caplog) -> None:
     """The swap succeeded but removing the old output raised (its files another user's): the
@@ -628,9 +645,37 @@ def test_an_old_output_that_cannot_be_removed_leaves_the_new_one_in_place(tmp_pa
     assert "could not be removed" in caplog.text and "remove it by hand" in caplog.text
 
 
-def test_a_stop_once_the_new_output_is_in_place_says_so(tmp_path, monkeypatch, capsys) -> None:
+def test_a_failed_swap_puts_the_previous_output_back(tmp_path, monkeypatch) -> None:
+    """The rename of the new output into OUT failed after OUT had been moved aside: the
+    previous output was left under OUT.old-<id>, which no message named."""
+    from fer_ray import storage
+    from fer_ray.predict import SUMMARY_FILE, _publish
+
+    out, tmp = tmp_path / "out", tmp_path / "out.tmp-1"
+    for folder, text in ((out, "old"), (tmp, "new")):
+        folder.mkdir()
+        (folder / SUMMARY_FILE).write_text(text)
+    move = storage.move
+
+    def refuse_new(src: str, dst: str, **kwargs) -> None:
+        if ".tmp-" in src:
+            raise PermissionError(13, "Permission denied", dst)
+        move(src, dst, **kwargs)
+
+    monkeypatch.setattr(storage, "move", refuse_new)
+    with pytest.raises(PermissionError):
+        _publish(str(tmp), str(out))
+    assert (out / SUMMARY_FILE).read_text() == "old" and (tmp / SUMMARY_FILE).read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "out.tmp-1"]
+
+
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, lambda: SystemExit(15)], ids=["ctrl-c", "sigterm"])
+def test_a_stop_once_the_new_output_is_in_place_says_so(tmp_path, monkeypatch, capsys, stop) -> None:
     """Ctrl-C while the old output was being removed, the new one complete in OUT: the job
-    said "nothing was written ... score from the start"."""
+    said "nothing was written ... score from the start". So did SIGTERM (Ray's handler
+    exits with SystemExit) until the check took that too."""
+    import signal
+
     from fer_ray import storage
     from fer_ray.cli import run_job
     from fer_ray.predict import SUMMARY_FILE, _publish
@@ -643,11 +688,12 @@ def test_a_stop_once_the_new_output_is_in_place_says_so(tmp_path, monkeypatch, c
 
     def stopped_on_old(path: str) -> None:
         if ".old-" in path:
-            raise KeyboardInterrupt
+            raise stop()
         delete(path)
 
     monkeypatch.setattr(storage, "delete_dir", stopped_on_old)
-    assert run_job(lambda: _publish(str(tmp), str(out)), interrupted="interrupted; nothing was written") == 130
+    assert run_job(lambda: _publish(str(tmp), str(out)), interrupted="interrupted; nothing was written") == (
+        130 if stop is KeyboardInterrupt else 128 + signal.SIGTERM)
     err = capsys.readouterr().err
     assert f"interrupted once the output was complete in {out}; the previous output, moved to {tmp_path}" in err
     assert "nothing was written" not in err and (out / SUMMARY_FILE).read_text() == "new"
@@ -1233,3 +1279,32 @@ def test_a_failure_after_every_file_was_scored_keeps_the_predictions(ray_cluster
     assert len(kept) == 1 and not (tmp_path / "out").exists()
     assert sum(len(pd.read_parquet(f)) for f in (kept[0] / "predictions").glob("*.parquet")) == len(FER_CLASSES)
     assert f"Every file was scored, then the job failed: the predictions and errors are kept in {kept[0]}" in caplog.text
+
+
+
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, lambda: SystemExit(15)], ids=["ctrl-c", "sigterm"])
+def test_a_stop_after_every_file_was_scored_says_where_the_predictions_are(
+    ray_cluster, model_dir, tmp_path, monkeypatch, capsys, stop,
+) -> None:
+    """A Ctrl-C (or SIGTERM: Ray's handler exits with SystemExit) while the reports were
+    written kept the predictions beside OUT, and the last line said "nothing was written"."""
+    import signal
+
+    import fer_ray.predict as predict_module
+    from fer_ray.cli import run_job
+
+    generate_dataset(tmp_path, {"src": 1}, size=SIZE, seed=4)
+
+    def stopped(*args, **kwargs):
+        raise stop()
+
+    monkeypatch.setattr(predict_module, "write_reports", stopped)
+    job = lambda: predict(str(model_dir), str(tmp_path / "src"), str(tmp_path / "out"), batch_size=64,  # noqa: E731
+                          num_actors=1)
+    assert run_job(job, interrupted="interrupted; nothing was written") == (
+        130 if stop is KeyboardInterrupt else 128 + signal.SIGTERM)
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # (the job's closing line)
+    kept = list(tmp_path.glob("out.tmp-*"))
+    assert len(kept) == 1 and not (tmp_path / "out").exists()
+    assert last.startswith(f"interrupted once every file was scored: the predictions and errors are kept in "
+                           f"{kept[0]} (not a finished output: no summary.json)"), last
