@@ -145,6 +145,12 @@ def _fits(cfg: SweepConfig) -> tuple[int, int | None, bool]:
     slots where there are any; trials the GPUs hold, None without --use-gpu; whether the
     autoscaler's limits are known), on the most an autoscaler may grow the cluster to where
     its limits are known, else on what is up."""
+    cpu_fit, gpu_fit, known, _ = _fits_and_why(cfg)
+    return cpu_fit, gpu_fit, known
+
+
+def _fits_and_why(cfg: SweepConfig) -> tuple[int, int | None, bool, str]:
+    """_fits, and in words what holds the trials at once back (the smallest limit)."""
     import ray
 
     res = dict(ray.cluster_resources())
@@ -153,9 +159,14 @@ def _fits(cfg: SweepConfig) -> tuple[int, int | None, bool]:
         res = {k: max(res.get(k, 0), most.get(k, 0)) for k in {*res, *most}}
     per_trial_cpu = cfg.run.num_workers * cfg.run.cpus_per_worker + 1
     cpu_fit = int(res.get("CPU", 0) // per_trial_cpu)
-    if res.get(TRIAL_SLOT):  # trials run on the head's slots (trial_resources)
-        cpu_fit = min(cpu_fit, int(res[TRIAL_SLOT]))
-    return cpu_fit, int(res.get("GPU", 0) // cfg.run.num_workers) if cfg.run.use_gpu else None, bool(most)
+    why = "each takes its workers' CPUs and one for Ray Data"
+    if res.get(TRIAL_SLOT) and int(res[TRIAL_SLOT]) < cpu_fit:  # trials run on the head's slots
+        cpu_fit = int(res[TRIAL_SLOT])
+        why = f"each takes one of the head's {TRIAL_SLOT} slots"
+    gpu_fit = int(res.get("GPU", 0) // cfg.run.num_workers) if cfg.run.use_gpu else None
+    if gpu_fit is not None and gpu_fit < cpu_fit:
+        why = "each takes a GPU per Train worker"
+    return cpu_fit, gpu_fit, bool(most), why
 
 
 def _gpu_limits_unknown(gpu_fit: int | None, known: bool) -> bool:
@@ -300,14 +311,16 @@ def check_resumed_concurrency(cfg: SweepConfig, tune_dir: str, begun: int | None
 
 
 def build_tuner(cfg: SweepConfig, manifest: dict[str, Any], cpu_format: str | None = None,
-                resources: dict[str, float] | None = None, begun_concurrent: int | None = None):
+                resources: dict[str, float] | None = None, begun_concurrent: int | None = None,
+                finished: bool = False):
     """(A new Tuner, or the interrupted sweep in TUNE_DIR restored (finished trials kept);
     the number of trials it runs at once). A restored sweep runs as many at once as it
     began with (Tune restores its search with them): ConfigError when this cluster holds
     fewer (`begun_concurrent`, sweep_config.json), as their workers and Ray Data tasks
-    would wait on each other for ever."""
+    would wait on each other for ever. `finished`: every trial ended, none will run (no
+    pretrained weights loaded)."""
     tune_dir = storage.normalize(cfg.run.output)
-    pretrained = load_pretrained(cfg, len(manifest["classes"]))
+    pretrained = None if finished else load_pretrained(cfg, len(manifest["classes"]))
     # In a list: with_parameters hands a bare ObjectRef to the trial as the object itself (a
     # state dict, then copied to every Train worker, whose ray.get of it failed every trial).
     trainable = ray.tune.with_parameters(
@@ -334,9 +347,8 @@ def build_tuner(cfg: SweepConfig, manifest: dict[str, Any], cpu_format: str | No
     if cfg.sweep.max_concurrent and cfg.sweep.max_concurrent > capacity:
         # More trials than the CPUs hold: their workers and Ray Data tasks wait on each
         # other, and every trial's worker group times out (seen: no epoch in 4 minutes).
-        log.warning("--max-concurrent %d is more trials than this cluster holds at once (%d: each takes "
-                    "its workers' CPUs and one for Ray Data); running %d at once",
-                    cfg.sweep.max_concurrent, capacity, capacity)
+        log.warning("--max-concurrent %d is more trials than this cluster holds at once (%d: %s); "
+                    "running %d at once", cfg.sweep.max_concurrent, capacity, _fits_and_why(cfg)[3], capacity)
     log.info("Sweeping %d trials, up to %d at once", cfg.sweep.num_samples, concurrent)
     lo, hi = cfg.sweep.smoothing_range
     space = {
@@ -553,12 +565,31 @@ def sweep_trial_resources(tune_dir: str, begun: dict[str, Any]) -> dict[str, flo
     return kept
 
 
+def finished_trials(tune_dir: str) -> int:
+    """How many trials of the sweep in TUNE_DIR Tune recorded as finished (0 where there is
+    no sweep, or a state Tune cannot read back)."""
+    import ray
+
+    experiment = storage.join(tune_dir, TUNE_RUN_NAME)
+    if not ray.tune.Tuner.can_restore(experiment):
+        return 0
+    try:  # (the trainable only reads the state back here: nothing runs)
+        return ray.tune.Tuner.restore(experiment, run_trial).get_results().num_terminated
+    except Exception:  # noqa: BLE001 - then every trial counts as left to run
+        return 0
+
+
 def sweep(cfg: SweepConfig, manifest: dict[str, Any]) -> tuple[pd.DataFrame, dict[str, Any] | None]:
     """Run (or resume) the sweep and write TUNE_DIR; Ray must be initialised."""
     tune_dir = storage.normalize(cfg.run.output)
     begun = storage.read_json_or_none(storage.join(tune_dir, SWEEP_CONFIG_FILE)) or {}
     resources = sweep_trial_resources(tune_dir, begun)
-    check_resources(cfg, driver_cpus=resources.get("CPU", 0))
+    # A finished sweep run again reads its trials' results back and starts no worker: its
+    # rerun waited for the GPUs of a --use-gpu sweep (up to 15 minutes for the autoscaler,
+    # or refused on a machine without them) and fetched the pretrained weights again.
+    finished = finished_trials(tune_dir) >= cfg.sweep.num_samples
+    if not finished:
+        check_resources(cfg, driver_cpus=resources.get("CPU", 0))
     # Measured once here (see fer_ray.blur) rather than by every trial: all trials match the same.
     spec = resolve_settings(cfg, manifest).spec
     cfg.data.input_blur = str(spec.input_blur)
@@ -569,7 +600,7 @@ def sweep(cfg: SweepConfig, manifest: dict[str, Any]) -> tuple[pd.DataFrame, dic
     handlers = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
     try:
         tuner, concurrent = build_tuner(cfg, manifest, cpu_format, resources,
-                                        (begun.get(RESOLVED_KEY) or {}).get("concurrent"))
+                                        (begun.get(RESOLVED_KEY) or {}).get("concurrent"), finished=finished)
         # The settings are written once the sweep can start (its pretrained weights loaded):
         # a sweep that failed before, say on a --pretrained-file of another architecture,
         # held its folder to the settings that failed, and the corrected rerun was refused.

@@ -53,8 +53,13 @@ def main(argv: list[str] | None = None) -> int:
                   f"{best['label_smoothing']:.3f} val acc {best['best_val_acc']:.4f}; "
                   f"model: {storage.join(cfg.run.output, 'best')}")
             return 0
-        print(f"error: no trial finished; each trial's error is in {storage.join(cfg.run.output, 'results.parquet')}",
-              file=sys.stderr)
+        where = storage.join(cfg.run.output, "results.parquet")
+        if failed == len(results):
+            print(f"error: no trial finished; each trial's error is in {where}", file=sys.stderr)
+        else:  # (ended, but before an epoch was saved: a --time-budget shorter than one, say)
+            print(f"error: no trial kept an epoch: {len(results) - failed} ended before saving one (a "
+                  f"--time-budget shorter than an epoch?) and {failed} failed; the trials are in {where}",
+                  file=sys.stderr)
         return 1
 
     return run_job(job, interrupted="interrupted; each trial's finished epochs are saved: rerun the same "

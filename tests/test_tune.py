@@ -62,7 +62,8 @@ class _Records(logging.Handler):
         self.messages.append(record.getMessage())
 
 
-def test_sweep_writes_every_output_and_resumes_without_retraining(ray_cluster, synth_shards, tmp_path, capsys):
+def test_sweep_writes_every_output_and_resumes_without_retraining(ray_cluster, synth_shards, tmp_path, capsys,
+                                                                  monkeypatch):
     out = tmp_path / "sweep"
     records = _Records()
     records.logger.addHandler(records)
@@ -107,9 +108,19 @@ def test_sweep_writes_every_output_and_resumes_without_retraining(ray_cluster, s
         summary = json.loads((trial / "summary.json").read_text())
         assert summary["accuracy"] == results.set_index("trial_id").loc[trial_id, "best_val_acc"]
 
-    # A finished sweep run again trains nothing and reports the same results.
+    # A finished sweep run again trains nothing and reports the same results, without
+    # asking for its trials' resources (a --use-gpu sweep's rerun waited for GPUs) or
+    # loading pretrained weights.
+    import fer_ray.tuning as tuning
+
+    def not_needed(*args, **kwargs):
+        raise AssertionError("a finished sweep's rerun asked for resources or weights")
+
+    monkeypatch.setattr(tuning, "check_resources", not_needed)
+    monkeypatch.setattr(tuning, "load_pretrained", not_needed)
     stamps = {p: p.stat().st_mtime for p in (out / "trials").glob("*/ray_train/epoch_*")}
     assert tune_main(sweep_args(str(synth_shards), str(out))) == 0
+    monkeypatch.undo()
     again = pd.read_parquet(out / "results.parquet")
     pd.testing.assert_frame_equal(again, results)
     assert {p: p.stat().st_mtime for p in (out / "trials").glob("*/ray_train/epoch_*")} == stamps
@@ -575,3 +586,41 @@ def test_a_sweep_resumes_only_where_its_trials_fit_at_once(monkeypatch) -> None:
         tuning.check_resumed_concurrency(cfg, "o", 6, 8)
     # --cpus-per-worker sets how many fit: a resumed sweep keeps the one it began with.
     assert "cpus_per_worker" in SWEEP_RESUME_KEYS
+
+
+@pytest.mark.parametrize("resources, use_gpu, why", [
+    ({"CPU": 8}, False, "each takes its workers' CPUs and one for Ray Data"),
+    ({"CPU": 48, "GPU": 4}, True, "each takes a GPU per Train worker"),
+    ({"CPU": 48, "fer_ray_trial": 3}, False, "each takes one of the head's fer_ray_trial slots"),
+])
+def test_the_concurrency_warning_names_the_limit_that_holds_trials_back(monkeypatch, resources, use_gpu, why) -> None:
+    """--max-concurrent above what the cluster holds was always put down to its CPUs, also
+    where its GPUs or the head's trial slots were the limit."""
+    import argparse
+
+    import ray
+
+    from fer_ray import tuning
+    from fer_ray.config import SweepConfig, parse_config
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: resources)
+    monkeypatch.setattr(tuning, "autoscaler_limits", lambda: None)
+    flags = ["--data", "d", "--output", "o", "--num-samples", "8"] + (["--use-gpu"] if use_gpu else [])
+    cfg, _ = parse_config(SweepConfig, flags, argparse.ArgumentParser())
+    assert tuning._fits_and_why(cfg)[3] == why
+    assert tuning.cluster_capacity(cfg) == {"CPU": 4, "GPU": 4, "fer_ray_trial": 3}[list(resources)[-1]]
+
+
+def test_trials_that_ended_before_saving_an_epoch_are_not_called_failed(ray_cluster, synth_shards, tmp_path,
+                                                                        capsys, monkeypatch) -> None:
+    """Every trial ended (status TERMINATED) without an epoch to keep, a time budget shorter
+    than an epoch say: the job said "no trial finished; each trial's error is in ...", and
+    their rows hold no error."""
+    import fer_ray.tuning as tuning
+
+    rows = pd.DataFrame({"trial_id": ["a", "b"], "status": ["TERMINATED", "ERROR"], "error": [None, "boom"]})
+    monkeypatch.setattr(tuning, "sweep", lambda cfg, manifest: (rows, None))
+    assert tune_main(sweep_args(str(synth_shards), str(tmp_path / "s"))) == 1
+    err = capsys.readouterr().err
+    assert "error: no trial kept an epoch: 1 ended before saving one (a --time-budget shorter than an epoch?) " \
+           "and 1 failed" in err, err
