@@ -183,6 +183,10 @@ class OptimOptions:
         default=0.05,
         metadata={"help": "weight decay (decoupled for adamw, L2 for sgd: ~5e-4 there)"},
     )
+    clip_grad: float = field(
+        default=0.0,
+        metadata={"help": "clip the gradients' total norm to this before each step (e.g. 1.0); 0: off"},
+    )
     label_smoothing: float = field(default=0.1, metadata={"help": "label smoothing"})
     class_weights: bool = field(
         default=True, metadata={"help": "weight the loss by inverse class frequency"}
@@ -303,6 +307,7 @@ class TrainConfig:
             self._check_min_lr_below_the_backbones(o.lr, "--lr")
         _choice("optimizer", o.optimizer)
         _require(o.weight_decay >= 0, f"--weight-decay must be non-negative, got {o.weight_decay}.")
+        _require(o.clip_grad >= 0, f"--clip-grad must be non-negative (0: off), got {o.clip_grad}.")
         _require(
             0 <= o.label_smoothing < 1,
             f"--label-smoothing must be in [0, 1), got {o.label_smoothing}.",

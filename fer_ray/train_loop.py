@@ -74,6 +74,7 @@ class LoopSettings:
     drop_rate: float = 0.0
     optimizer: str = "adamw"  # or "sgd": momentum 0.9, Nesterov
     ema_decay: float = 0.0  # 0: no moving average of the weights
+    clip_grad: float = 0.0  # the gradients' total norm is clipped to this; 0: off
     mixup: float = 0.0  # mixup alpha; 0: off
     cutmix: float = 0.0  # cutmix alpha; 0: off
     mix_prob: float = 1.0  # fraction of batches mixed
@@ -391,11 +392,14 @@ def train_epoch(
     ema: Any = None,
     global_step: int = 0,
     mix: Any = None,
+    clip_grad: float = 0.0,
 ) -> tuple[float, float, int, int]:
     """Returns (loss sum, correct, images, steps) on this worker. `ema` (timm's ModelEmaV3)
     follows the model after every step; `global_step` is the steps done before this epoch.
     `mix` (timm's Mixup) blends the batch and turns its labels into soft targets; accuracy
-    on a mixed batch is counted against the label that dominates each image's mix."""
+    on a mixed batch is counted against the label that dominates each image's mix.
+    `clip_grad` > 0: the gradients' total norm is clipped to it (after DDP averaged them,
+    and unscaled from fp16's loss scale) before each step."""
     wrapped.train()
     set_frozen_eval(model)
     # Sums stay on the device: a .item() per step would wait for the GPU every batch.
@@ -412,6 +416,10 @@ def train_epoch(
             loss = criterion(logits.float(), target)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
+        if clip_grad > 0:
+            scaler.unscale_(optimizer)  # (a step whose gradients overflowed is still skipped)
+            torch.nn.utils.clip_grad_norm_(
+                [p for g in optimizer.param_groups for p in g["params"]], clip_grad)
         scaler.step(optimizer)
         scaler.update()
         steps += 1
@@ -677,7 +685,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         loss_sum, correct, seen, steps = train_epoch(
             wrapped, model, train_batches,
             normalize, criterion, optimizer, scheduler, scaler, amp_dtype, step_in_phase, device,
-            ema, state.global_step, mix,
+            ema, state.global_step, mix, s.clip_grad,
         )
         train_seconds = time.time() - start
         broadcast_buffers(eval_model)

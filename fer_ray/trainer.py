@@ -109,13 +109,13 @@ SWEEP_RESUME_KEYS = ("num_samples", "lr_range", "smoothing_range", "grace_period
                      # (or one not yet started) would otherwise train with the new value, its
                      # results compared with trials that had the old one.
                      "augment", "random_erasing", "blur_jitter", "sampler", "drop_rate", "time_budget",
-                     "min_lr", "weight_decay", "class_weights", "backbone_lr_scale", "warmup_epochs",
+                     "min_lr", "weight_decay", "clip_grad", "class_weights", "backbone_lr_scale", "warmup_epochs",
                      "mixup", "cutmix", "mix_prob", "patience", "seed",
                      # the device and precision (--amp auto's CPU choice is kept in
                      # sweep_config.json) and the weights every trial starts from
                      "use_gpu", "amp", "pretrained_file")
 # What runs from before a setting existed used.
-RESUME_DEFAULTS = {"optimizer": "adamw", "input_norm": "dataset", "blur_jitter": 0.0}
+RESUME_DEFAULTS = {"optimizer": "adamw", "input_norm": "dataset", "blur_jitter": 0.0, "clip_grad": 0.0}
 
 
 def resolve_settings(
@@ -160,6 +160,7 @@ def resolve_settings(
         optimizer=o.optimizer,
         warmup_epochs=o.warmup_epochs,
         ema_decay=o.ema_decay,
+        clip_grad=o.clip_grad,
         mixup=o.mixup,
         cutmix=o.cutmix,
         mix_prob=o.mix_prob,

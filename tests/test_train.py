@@ -325,6 +325,7 @@ def test_best_folder_holds_the_best_epoch_when_val_accuracy_ties(ray_cluster, sy
         (["--model", "resnet5O"], "Unknown timm model 'resnet5O'"),
         (["--batch-size", "0"], "--batch-size must be at least 1"),
         (["--ema-decay", "1"], "--ema-decay must be in [0, 1)"),
+        (["--clip-grad", "-1"], "--clip-grad must be non-negative (0: off), got -1.0."),
         (["--time-budget", "-1"], "--time-budget must be >= 0 minutes"),
         (["--input-norm", "pixel"], "--input-norm must be one of dataset, image; got 'pixel'"),
         (["--pretrained", "--pretrained-file", "/no/such/weights.pth"], "does not exist"),
@@ -667,6 +668,35 @@ def test_a_resumed_optimizer_keeps_the_peak_lr_of_this_runs_settings() -> None:
         g["initial_lr"] = g["lr"]
     load_optimizer_state(new, old.state_dict())
     assert [g["initial_lr"] for g in new.param_groups] == [0.05, 0.005]
+
+
+@pytest.mark.parametrize("amp", [None, torch.bfloat16])
+def test_clip_grad_bounds_each_steps_gradient_norm(amp) -> None:
+    """--clip-grad: the step takes the gradients clipped to that total norm (SGD at LR 1 moves
+    the weights by exactly the clipped gradient); 0 leaves them as they are."""
+    from fer_ray.constants import IMAGE_COL, LABEL_COL
+    from fer_ray.normalize import DeviceNormalize
+    from fer_ray.train_loop import train_epoch
+
+    class NoSchedule:
+        def step_update(self, num_updates: int) -> None:
+            pass
+
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (8, 32, 32, 1), dtype=torch.uint8)
+    labels = torch.tensor([0, 1, 2, 3, 4, 5, 6, 1])
+    moved = {}
+    for clip in (0.0, 0.01):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(32 * 32, 7))
+        before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+        train_epoch(model, model, [{IMAGE_COL: images, LABEL_COL: labels}], DeviceNormalize(32, [0.5], [0.25], in_chans=1),
+                    torch.nn.CrossEntropyLoss(), optimizer, NoSchedule(), torch.amp.GradScaler("cpu", enabled=False),
+                    amp, 0, torch.device("cpu"), clip_grad=clip)
+        moved[clip] = (torch.cat([p.detach().flatten() for p in model.parameters()]) - before).norm().item()
+    assert moved[0.01] == pytest.approx(0.01, rel=1e-3)
+    assert moved[0.0] > 0.1
 
 
 def test_a_resumed_optimizer_takes_this_runs_weight_decay() -> None:

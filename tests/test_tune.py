@@ -434,6 +434,11 @@ def test_a_resumed_sweep_takes_the_default_lr_range_given_as_flags(synth_shards,
     _check_resume_compatible(cfg(), begun)
     with pytest.raises(ConfigError, match=r"blur_jitter 0.0 -> 0.5"):
         _check_resume_compatible(cfg("--blur-jitter", "0.5"), begun)
+    # And before --clip-grad: without clipping.
+    del begun["optim"]["clip_grad"]
+    _check_resume_compatible(cfg(), begun)
+    with pytest.raises(ConfigError, match=r"clip_grad 0.0 -> 1.0"):
+        _check_resume_compatible(cfg("--clip-grad", "1"), begun)
 
 
 @pytest.mark.parametrize("epochs, grace, rungs, frozen", [
