@@ -8,7 +8,8 @@ Three source kinds:
 The listing (paths and labels, never image bytes) is made on the driver; reading,
 checking and writing the images is a streaming Ray Data pipeline per split, so no
 process holds the dataset. Files that are empty, corrupt or not images are skipped and
-listed in the manifest with the reason.
+listed in the manifest with the reason, and so are image files beside the class folders
+(no class, no label).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from fer_ray.constants import (
     FER_CSV_CODES,
     FER_CSV_USAGE,
     IMAGE_COL,
+    IMAGE_EXTENSIONS,
     LABEL_COL,
     MANIFEST_FILE,
     PATH_COL,
@@ -61,6 +63,9 @@ class Listing:
     csv_chunks: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     csv_columns: dict[str, int] = field(default_factory=dict)  # a CSV's column -> its index
     val_fraction: float | None = None  # the share of train carved out as val; None: val given
+    # Image files beside the class folders (in train/, say): no class, so no label. Left
+    # out, and listed with the skipped files.
+    unclassed: list[str] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------------------
@@ -110,6 +115,15 @@ def _class_dirs(folder: str) -> list[str]:
             "merge each pair into one folder."
         )
     return names
+
+
+def _loose_images(folder: str) -> list[str]:
+    """Image files (by their extension; not hidden) directly in a folder of class folders."""
+    return [storage.child(folder, e.base_name) for e in storage.list_dir(folder)
+            if e.type.name == "File" and e.base_name.lower().endswith(IMAGE_EXTENSIONS)]
+
+
+UNCLASSED = "not in a class folder (no label)"
 
 
 def _holds_files(folder: str) -> bool:
@@ -257,6 +271,7 @@ def _list_split_folders(
                 "add them to train/ or remove them."
             )
         listing.items[split] = _files_by_class(folder, [here.get(class_key(c), c) for c in classes])
+        listing.unclassed += _loose_images(folder)
     listing.items = _each_file_once(source, listing.items, classes)
     if VAL not in split_dirs:
         # No val folder: carve a stratified val split out of train.
@@ -278,6 +293,7 @@ def _list_class_folders(source: str, subdirs: list[str], val_fraction: float, se
         classes=classes,
         items={TRAIN: [items[i] for i in tr], VAL: [items[i] for i in va]},
         val_fraction=val_fraction,
+        unclassed=_loose_images(source),
     )
     _check_not_empty(listing, source, val_fraction)
     return listing
@@ -592,6 +608,9 @@ def prepare(
     source, output = storage.normalize(source), storage.normalize(output)
     splits = sorted(set(listing.items) | set(listing.csv_chunks), key=SPLITS.index)
     log.info("Source %s (%s): classes %s", source, listing.kind, ", ".join(listing.classes))
+    if listing.unclassed:
+        log.warning("%d image file(s) lie beside the class folders, with no class, e.g. %s; left out (listed "
+                    "in the manifest's skipped files)", len(listing.unclassed), listing.unclassed[0])
 
     start = time.time()
     # Written under a temporary folder and moved into place at the end: a half-written
@@ -658,7 +677,8 @@ def prepare(
             "source_kind": listing.kind,
             "splits": counts,
             "image": _image_summary(stats),
-            "skipped": [{"path": p, "reason": r} for p, r in sorted(stats["skipped"].items())],
+            "skipped": [{"path": p, "reason": r} for p, r in
+                        sorted({**dict.fromkeys(listing.unclassed, UNCLASSED), **stats["skipped"]}.items())],
             "val_fraction": listing.val_fraction,  # None when the source had its val split
             "seed": seed,
             "shard_rows": shard_rows,

@@ -196,7 +196,7 @@ def test_csv_without_a_train_or_val_split_is_refused(tmp_path, usages, lacking) 
 # ---------------------------------------------------------------- Ray: whole job
 
 
-def test_prepare_split_folders_skips_bad_files(ray_cluster, tmp_path) -> None:
+def test_prepare_split_folders_skips_bad_files(ray_cluster, tmp_path, caplog) -> None:
     src = tmp_path / "src"
     make_tree(src, {"train/happy": 4, "train/sad": 3, "val/happy": 2, "val/sad": 1})
     (src / "train/happy/empty.jpg").write_bytes(b"")
@@ -208,8 +208,14 @@ def test_prepare_split_folders_skips_bad_files(ray_cluster, tmp_path) -> None:
     # to a folder above is not followed (it listed every image again, 40 links deep).
     (src / "train/sad/gone.png").symlink_to(tmp_path / "deleted.png")
     (src / "train/happy/deep/again").symlink_to(src / "train", target_is_directory=True)
+    # Images beside the class folders have no class: they were left out unseen.
+    (src / "train/loose.png").write_bytes(png())
+    (src / "val/stray.JPG").write_bytes(png())
+    (src / "val/notes.txt").write_text("not an image, not listed")
     out = tmp_path / "shards"
-    manifest = prepare(str(src), str(out), shard_rows=2)
+    with caplog.at_level("WARNING", logger="fer_ray.prepare"):
+        manifest = prepare(str(src), str(out), shard_rows=2)
+    assert "2 image file(s) lie beside the class folders, with no class" in caplog.text
 
     assert manifest["classes"] == ["happy", "sad"]
     assert manifest["splits"]["train"] == {"total": 8, "per_class": {"happy": 5, "sad": 3}}
@@ -219,6 +225,8 @@ def test_prepare_split_folders_skips_bad_files(ray_cluster, tmp_path) -> None:
     assert reasons["notes.jpg"] == "not an image file"
     assert reasons["truncated.png"].startswith("corrupt image")
     assert reasons["gone.png"].startswith("cannot read: ")
+    assert reasons["loose.png"] == reasons["stray.JPG"] == "not in a class folder (no label)"
+    assert "notes.txt" not in reasons
     assert manifest["image"]["channels"] == 3  # one RGB image among gray ones
     assert json.loads((out / "manifest.json").read_text()) == manifest
 
@@ -233,9 +241,11 @@ def test_prepare_split_folders_skips_bad_files(ray_cluster, tmp_path) -> None:
 def test_prepare_class_folders_and_rerun_overwrites(ray_cluster, tmp_path) -> None:
     src = tmp_path / "src"
     make_tree(src, {"cat": 10, "dog": 10})
+    (src / "cover.png").write_bytes(png())  # beside the class folders: no class
     out = tmp_path / "shards"
     m1 = prepare(str(src), str(out), val_fraction=0.3, seed=1)
     assert m1["source_kind"] == "class_folders"
+    assert m1["skipped"] == [{"path": str(src / "cover.png"), "reason": "not in a class folder (no label)"}]
     assert m1["splits"]["val"]["per_class"] == {"cat": 3, "dog": 3}
     m2 = prepare(str(src), str(out), val_fraction=0.5, seed=1)
     assert m2["splits"]["val"]["total"] == 10
