@@ -623,6 +623,7 @@ def prepare(
                             "no other jobs/prepare.py writes to %s", entry.path, output)
     made = storage.missing_folders(output)  # removed again if they are left empty
     log_actor = ray.remote(PrepareLog).options(num_cpus=0).remote()
+    train_stats = None
     try:
         for split in splits:
             if listing.kind == "csv":
@@ -652,6 +653,8 @@ def prepare(
             ds = ds.repartition(target_num_rows_per_block=shard_rows, strict=True)
             ds.write_parquet(storage.join(staging, split), max_rows_per_file=shard_rows)
             log.info("Wrote split %s", split)
+            if split == TRAIN:  # (the first) the images training takes its defaults from
+                train_stats = ray.get(log_actor.summary.remote())
         stats = ray.get(log_actor.summary.remote())
         counts = count_labels(staging, splits, listing.classes)
         for split in list(splits):
@@ -676,7 +679,9 @@ def prepare(
             "source": source,
             "source_kind": listing.kind,
             "splits": counts,
-            "image": _image_summary(stats),
+            # Sizes and channels of the training images (the defaults of --data-size and
+            # the model's input channels): one colour image in test/ made every image RGB.
+            "image": _image_summary(train_stats or stats),
             "skipped": [{"path": p, "reason": r} for p, r in
                         sorted({**dict.fromkeys(listing.unclassed, UNCLASSED), **stats["skipped"]}.items())],
             "val_fraction": listing.val_fraction,  # None when the source had its val split

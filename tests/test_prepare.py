@@ -238,6 +238,17 @@ def test_prepare_split_folders_skips_bad_files(ray_cluster, tmp_path, caplog) ->
     assert Path(first["path"]).read_bytes() == first["image"]  # bytes as found
 
 
+def test_image_sizes_and_channels_are_the_training_images(ray_cluster, tmp_path) -> None:
+    """The manifest's image summary sets training's defaults (input channels, data size):
+    one colour image in test/ made every image decode as RGB."""
+    src = tmp_path / "src"
+    make_tree(src, {"train/happy": 3, "train/sad": 3, "val/happy": 1, "val/sad": 1, "test/sad": 1})
+    (src / "test/sad/colour.png").write_bytes(png(mode="RGB", size=64))
+    manifest = prepare(str(src), str(tmp_path / "shards"))
+    assert manifest["splits"]["test"]["total"] == 2
+    assert manifest["image"]["channels"] == 1 and manifest["image"]["max_side"] == 12
+
+
 def test_prepare_class_folders_and_rerun_overwrites(ray_cluster, tmp_path) -> None:
     src = tmp_path / "src"
     make_tree(src, {"cat": 10, "dog": 10})
