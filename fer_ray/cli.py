@@ -46,8 +46,10 @@ def run_job(job: Callable[[], int | None], interrupted: str = INTERRUPTED_RESUME
         return 2
     except KeyboardInterrupt as e:
         print(str(e) if isinstance(e, StoppedLate) else interrupted, file=sys.stderr)
-        # (A StoppedLate raised for Ray's SIGTERM exit holds it as its context.)
-        return 128 + signal.SIGTERM if _TERMINATED.is_set() or isinstance(e.__context__, SystemExit) else 130
+        # (A StoppedLate raised for Ray's SIGTERM exit holds it as its context; Ray Train's
+        # Ctrl-C may hold a SystemExit(1).)
+        sigterm = isinstance(e.__context__, SystemExit) and is_stop(e.__context__)
+        return 128 + signal.SIGTERM if _TERMINATED.is_set() or sigterm else 130
     except SystemExit as e:
         if not is_stop(e):
             raise
