@@ -639,6 +639,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if is_finished(state, configured_epochs):  # (a sweep's trial: a run's job stops before workers start)
         log0(f"Run already finished at epoch {state.epoch}; nothing to train ({finished_why(state, configured_epochs)}).")
         return
+    if state.history and state.epoch >= int(state.history[-1].get("planned_epochs") or 0) > 0:
+        # A run that ran all its epochs, extended by a larger --epochs: the cosine is refitted
+        # and the LR rises again, so early stopping counts from here, as at a phase's start
+        # (the epochs without a gain at the end of the old schedule stopped the extension
+        # after its first epoch or two).
+        state.bad_epochs = 0
     # The moving average of the weights (timm's ModelEmaV3, its decay warmed up over the
     # first epoch: ema_warmup_power) is what validates and what the model folder holds; a
     # checkpoint keeps the weights the optimizer steps beside it.

@@ -295,6 +295,21 @@ def test_ctrl_c_says_interrupted_and_the_rerun_resumes(ray_cluster, synth_shards
     assert history["val_acc"].tolist()[0] == pytest.approx(kept[0]["val_acc"])
 
 
+def test_a_finished_run_extended_counts_patience_afresh(ray_cluster, synth_shards, tmp_path) -> None:
+    """A run that ran all its epochs, trained on with a larger --epochs (the LR rises again),
+    kept the epochs without a gain from the end of its old schedule: --patience 3 after two
+    such epochs stopped the extension after its first epoch. At a learning rate of 1e-12 a
+    model without BatchNorm statistics (a ViT) ties val accuracy every epoch."""
+    out = tmp_path / "extended"
+    args = tiny_train_args(str(synth_shards), str(out), "--model", "test_vit", "--model-kwargs", '{"img_size": 32}',
+                           "--lr", "1e-12", "--min-lr", "0", "--patience", "3")
+    assert train_main([*args, "--epochs", "3"]) == 0  # epochs 2 and 3 no gain: 2 of 3
+    assert train_main([*args, "--epochs", "5"]) == 0
+    history = pd.read_csv(out / "history.csv")
+    assert history["epoch"].tolist() == [1, 2, 3, 4, 5] and history["val_acc"].nunique() == 1
+    assert not json.loads((out / "summary.json").read_text())["stopped_early"]
+
+
 def test_best_folder_holds_the_best_epoch_when_val_accuracy_ties(ray_cluster, synth_shards, tiny_run, tmp_path,
                                                                  caplog) -> None:
     """Two head-only epochs at a learning rate of 1e-12 score val the same: the loop calls
