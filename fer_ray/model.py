@@ -284,13 +284,15 @@ def set_frozen_eval(model: torch.nn.Module) -> None:
     no drop-path) whenever those were frozen.
 
     A module with running statistics but no parameters of its own (a BatchNorm without
-    affine) follows its parent: eval mode when the parent's parameters, its children's
-    included, are all frozen."""
+    affine) follows the nearest module around it that has parameters (its children's
+    included): eval mode when they are all frozen."""
     modules = dict(model.named_modules())
     for name, module in modules.items():
         params = list(module.parameters(recurse=False))
-        if not params and name and any(True for _ in module.buffers(recurse=False)):
-            params = list(modules[name.rpartition(".")[0]].parameters())
+        around = name
+        while not params and around and any(True for _ in module.buffers(recurse=False)):
+            around = around.rpartition(".")[0]  # ("" at the top: the model itself)
+            params = list(modules[around].parameters())
         if params and not any(p.requires_grad for p in params):
             module.training = False
 

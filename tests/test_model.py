@@ -431,10 +431,13 @@ def test_a_frozen_stages_batchnorm_without_affine_parameters_keeps_its_statistic
     model = create_model("test_resnet", 7)
     model.layer1[0].bn1 = torch.nn.BatchNorm2d(model.layer1[0].bn1.num_features, affine=False)
     model.layer4[0].bn1 = torch.nn.BatchNorm2d(model.layer4[0].bn1.num_features, affine=False)
+    # (one wrapped alone in a container without parameters follows the block around that)
+    model.layer1[0].bn2 = torch.nn.Sequential(torch.nn.BatchNorm2d(model.layer1[0].bn2.num_features, affine=False))
     set_trainable(model, "1")
     model.train()
     set_frozen_eval(model)
     assert not model.layer1[0].bn1.training and model.layer4[0].bn1.training
+    assert not model.layer1[0].bn2[0].training
     before = model.layer1[0].bn1.running_mean.clone()
     model(torch.randn(2, 3, 32, 32))
     torch.testing.assert_close(model.layer1[0].bn1.running_mean, before)
