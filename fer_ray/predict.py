@@ -1148,11 +1148,11 @@ def predict(
         if tmp in copying and not storage.renames_folders(output) and _has_summary(output):
             # The copy into the bucket ended (summary.json goes last); the failure came while
             # the temporary copy was deleted (a Ctrl-C waits for pyarrow's call to return).
-            log.warning("The output is complete in %s; its temporary copy %s may be partly left "
-                        "there: remove it by hand", output, tmp)
+            left = (f"its temporary copy {tmp} may be partly left there, and a previous output moved "
+                    f"aside as {storage.name_of(output)}.old-<id> beside it: remove them by hand")
+            log.warning("The output is complete in %s; %s", output, left)
             if stopped:
-                raise StoppedLate(f"interrupted once the output was complete in {output}; its temporary "
-                                  f"copy {tmp} may be partly left there: remove it by hand") from None
+                raise StoppedLate(f"interrupted once the output was complete in {output}; {left}") from None
         elif tmp in copying and not storage.renames_folders(output):
             # Stopped while copied into a bucket (no folder renames there): OUT holds part of
             # it; the finished copy beside it marks OUT as this job's, for the rerun to replace.

@@ -619,6 +619,7 @@ def test_a_run_stopped_while_copied_into_a_bucket_is_replaced_by_the_rerun(
     assert run_job(job, interrupted="interrupted; nothing was written") == 130
     err = capsys.readouterr().err
     assert f"interrupted once the output was complete in {out}; its temporary copy {tmp_path}" in err, err
+    assert "and a previous output moved aside as out.old-<id> beside it: remove them by hand" in err
     assert json.loads((out / "summary.json").read_text())["scored"] == summary["scored"]
 
 
