@@ -312,14 +312,15 @@ def check_resumed_concurrency(cfg: SweepConfig, tune_dir: str, begun: int | None
 
 def build_tuner(cfg: SweepConfig, manifest: dict[str, Any], cpu_format: str | None = None,
                 resources: dict[str, float] | None = None, begun_concurrent: int | None = None,
-                finished: bool = False):
+                done: int = 0):
     """(A new Tuner, or the interrupted sweep in TUNE_DIR restored (finished trials kept);
     the number of trials it runs at once). A restored sweep runs as many at once as it
     began with (Tune restores its search with them): ConfigError when this cluster holds
     fewer (`begun_concurrent`, sweep_config.json), as their workers and Ray Data tasks
-    would wait on each other for ever. `finished`: every trial ended, none will run (no
-    pretrained weights loaded)."""
+    would wait on each other for ever. `done`: the trials the sweep in TUNE_DIR finished
+    (finished_trials); when that is all of them, none will run (no pretrained weights loaded)."""
     tune_dir = storage.normalize(cfg.run.output)
+    finished = done >= cfg.sweep.num_samples
     pretrained = None if finished else load_pretrained(cfg, len(manifest["classes"]))
     # In a list: with_parameters hands a bare ObjectRef to the trial as the object itself (a
     # state dict, then copied to every Train worker, whose ray.get of it failed every trial).
@@ -335,10 +336,6 @@ def build_tuner(cfg: SweepConfig, manifest: dict[str, Any], cpu_format: str | No
         # Failed trials run again from their last checkpoint (the settings cannot have
         # changed: fer_ray.trainer.check_inputs refuses that).
         tuner = ray.tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=True)
-        try:
-            done = tuner.get_results().num_terminated  # (read from the experiment's state)
-        except Exception:  # noqa: BLE001 - a state Tune cannot read back: count every trial
-            done = 0
         check_resumed_concurrency(cfg, tune_dir, begun_concurrent, cfg.sweep.num_samples - done)
         return tuner, begun_concurrent
 
@@ -587,8 +584,8 @@ def sweep(cfg: SweepConfig, manifest: dict[str, Any]) -> tuple[pd.DataFrame, dic
     # A finished sweep run again reads its trials' results back and starts no worker: its
     # rerun waited for the GPUs of a --use-gpu sweep (up to 15 minutes for the autoscaler,
     # or refused on a machine without them) and fetched the pretrained weights again.
-    finished = finished_trials(tune_dir) >= cfg.sweep.num_samples
-    if not finished:
+    done = finished_trials(tune_dir)
+    if done < cfg.sweep.num_samples:
         check_resources(cfg, driver_cpus=resources.get("CPU", 0))
     # Measured once here (see fer_ray.blur) rather than by every trial: all trials match the same.
     spec = resolve_settings(cfg, manifest).spec
@@ -600,7 +597,7 @@ def sweep(cfg: SweepConfig, manifest: dict[str, Any]) -> tuple[pd.DataFrame, dic
     handlers = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
     try:
         tuner, concurrent = build_tuner(cfg, manifest, cpu_format, resources,
-                                        (begun.get(RESOLVED_KEY) or {}).get("concurrent"), finished=finished)
+                                        (begun.get(RESOLVED_KEY) or {}).get("concurrent"), done)
         # The settings are written once the sweep can start (its pretrained weights loaded):
         # a sweep that failed before, say on a --pretrained-file of another architecture,
         # held its folder to the settings that failed, and the corrected rerun was refused.
