@@ -1145,23 +1145,24 @@ def predict(
                     open_writer.close()
         failure = sys.exc_info()[1]
         stopped = is_stop(failure) and not isinstance(failure, StoppedLate)
-        if tmp in copying and not storage.renames_folders(output) and _has_summary(output):
-            # The copy into the bucket ended (summary.json goes last); the failure came while
-            # the temporary copy was deleted (a Ctrl-C waits for pyarrow's call to return).
-            left = (f"its temporary copy {tmp} may be partly left there, and a previous output moved "
-                    f"aside as {storage.name_of(output)}.old-<id> beside it: remove them by hand")
-            log.warning("The output is complete in %s; %s", output, left)
-            if stopped:
-                raise StoppedLate(f"interrupted once the output was complete in {output}; {left}") from None
-        elif tmp in copying and not storage.renames_folders(output):
-            # Stopped while copied into a bucket (no folder renames there): OUT holds part of
-            # it; the finished copy beside it marks OUT as this job's, for the rerun to replace.
-            log.warning("The copy into %s stopped part way: it holds part of the output, and the "
-                        "whole is in %s; a rerun replaces %s (remove %s when not needed)",
-                        output, tmp, output, tmp)
-            if stopped:
-                raise StoppedLate(f"interrupted while the output was copied into {output}: the whole of it "
-                                  f"is in {tmp}; a rerun scores again and replaces {output}") from None
+        if tmp in copying and not storage.renames_folders(output):
+            if _has_summary(output):
+                # The copy into the bucket ended (summary.json goes last); the failure came while
+                # the temporary copy was deleted (a Ctrl-C waits for pyarrow's call to return).
+                left = (f"its temporary copy {tmp} may be partly left there, and a previous output moved "
+                        f"aside as {storage.name_of(output)}.old-<id> beside it: remove them by hand")
+                log.warning("The output is complete in %s; %s", output, left)
+                if stopped:
+                    raise StoppedLate(f"interrupted once the output was complete in {output}; {left}") from None
+            else:
+                # Stopped while copied into a bucket (no folder renames there): OUT holds part of
+                # it; the finished copy beside it marks OUT as this job's, for the rerun to replace.
+                log.warning("The copy into %s stopped part way: it holds part of the output, and the "
+                            "whole is in %s; a rerun replaces %s (remove %s when not needed)",
+                            output, tmp, output, tmp)
+                if stopped:
+                    raise StoppedLate(f"interrupted while the output was copied into {output}: the whole of "
+                                      f"it is in {tmp}; a rerun scores again and replaces {output}") from None
         elif scored_all and failure is not None and storage.exists(storage.join(tmp, PREDICTIONS_DIR)):
             # Every image was scored, then the reports or the move failed (memory for the
             # metrics, a bucket's error): the predictions, hours of work on a large input,
