@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import io
 import logging
-import math
 import os
 import time
 import uuid
@@ -49,6 +48,7 @@ from fer_ray.constants import (
 log = logging.getLogger(__name__)
 
 CSV_COLUMNS = ("emotion", "pixels", "Usage")
+CSV_SIDE = 48  # a FER2013 CSV row: 48x48 grayscale pixels
 CSV_ROWS_PER_TASK = 2000
 GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}
 
@@ -485,7 +485,7 @@ def read_files_batch(batch: dict[str, np.ndarray], log_actor: Any) -> dict[str, 
 
 
 def pixels_to_png(pixels: str) -> bytes:
-    """One FER2013 CSV row's space-separated pixels as a 48x48 grayscale PNG."""
+    """One FER2013 CSV row's space-separated pixels (48x48 of them) as a grayscale PNG."""
     from PIL import Image
 
     try:
@@ -495,11 +495,11 @@ def pixels_to_png(pixels: str) -> bytes:
     if values.size and not (0 <= values.min() and values.max() <= 255):
         raise ValueError(f"pixel values must be 0-255, found {values.min()}..{values.max()}")
     values = values.astype(np.uint8)
-    side = int(math.isqrt(values.size))
-    if side * side != values.size:
-        raise ValueError(f"{values.size} pixels is not a square image")
+    # (any square was taken: a row cut short to "5" became a 1x1 image of its class)
+    if values.size != CSV_SIDE * CSV_SIDE:
+        raise ValueError(f"{values.size} pixels, not the FER2013 CSV's {CSV_SIDE}x{CSV_SIDE} ({CSV_SIDE * CSV_SIDE})")
     out = io.BytesIO()
-    Image.fromarray(values.reshape(side, side), mode="L").save(out, format="PNG")
+    Image.fromarray(values.reshape(CSV_SIDE, CSV_SIDE), mode="L").save(out, format="PNG")
     return out.getvalue()
 
 

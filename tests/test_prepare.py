@@ -271,11 +271,12 @@ def test_prepare_fer_csv(ray_cluster, tmp_path) -> None:
     for i, usage in enumerate(usages):
         pixels = " ".join(str(v) for v in rng.integers(0, 256, 48 * 48))
         rows.append(f"{i % 7},{pixels},{usage}")
-    rows.insert(4, "3,1 2 3,Training")  # not a square image: skipped, rows still counted
+    rows.insert(4, "3,1 2 3,Training")  # not 48x48: skipped, rows still counted
     rows.append("3,300 " + " ".join(["0"] * 3) + ",Training")  # a pixel above 255 (row 12)
     rows.append("-1,0 0 0 0,Training")  # codes are 0-6 (row 13)
     rows.append("7,0 0 0 0,Training")  # (row 14)
     rows.append("3,0 0 caf\udce9 0,Training")  # a byte that is not UTF-8 (row 15): it stopped the job
+    rows.append("3,5,Training")  # a row cut short (row 16): it was a 1x1 image of its class
     path = tmp_path / "fer2013.csv"
     path.write_bytes(("emotion,pixels,Usage\n" + "\n".join(rows) + "\n").encode("utf-8", "surrogateescape"))
     out = tmp_path / "shards"
@@ -284,7 +285,8 @@ def test_prepare_fer_csv(ray_cluster, tmp_path) -> None:
     assert manifest["classes"] == list(FER_CLASSES)
     assert {k: v["total"] for k, v in manifest["splits"].items()} == {"train": 6, "val": 3, "test": 2}
     skipped = {s["path"]: s["reason"] for s in manifest["skipped"]}
-    assert skipped.pop("csv:4") == "bad CSV row: 3 pixels is not a square image"
+    assert skipped.pop("csv:4") == "bad CSV row: 3 pixels, not the FER2013 CSV's 48x48 (2304)"
+    assert skipped.pop("csv:16") == "bad CSV row: 1 pixels, not the FER2013 CSV's 48x48 (2304)"
     assert skipped == {
         "csv:12": "bad CSV row: pixel values must be 0-255, found 0..300",
         "csv:13": "bad CSV row: emotion code -1 is not 0-6",
@@ -301,7 +303,7 @@ def test_prepare_fer_csv(ray_cluster, tmp_path) -> None:
 
 def test_a_csv_split_of_bad_rows_names_its_own_rows(ray_cluster, tmp_path) -> None:
     """The message counted and quoted every skipped row of the CSV, other splits' too."""
-    pixels = " ".join(["0"] * 4)
+    pixels = " ".join(["0"] * 48 * 48)
     rows = [f"3,{pixels},Training"] * 4 + ["3,1 2 3,Training"] * 3 + ["9,0 0 0 0,PublicTest"] * 2
     path = tmp_path / "fer2013.csv"
     path.write_text("emotion,pixels,Usage\n" + "\n".join(rows) + "\n")
