@@ -145,12 +145,13 @@ def _fits(cfg: SweepConfig) -> tuple[int, int | None, bool]:
     slots where there are any; trials the GPUs hold, None without --use-gpu; whether the
     autoscaler's limits are known), on the most an autoscaler may grow the cluster to where
     its limits are known, else on what is up."""
-    cpu_fit, gpu_fit, known, _ = _fits_and_why(cfg)
+    cpu_fit, gpu_fit, known, _, _ = _fits_and_why(cfg)
     return cpu_fit, gpu_fit, known
 
 
-def _fits_and_why(cfg: SweepConfig) -> tuple[int, int | None, bool, str]:
-    """_fits, and in words what holds the trials at once back (the smallest limit)."""
+def _fits_and_why(cfg: SweepConfig) -> tuple[int, int | None, bool, str, str]:
+    """_fits, and in words what holds the trials at once back (the smallest limit), and
+    what holds back the trials the CPUs (or the head's trial slots) hold."""
     import ray
 
     res = dict(ray.cluster_resources())
@@ -159,14 +160,13 @@ def _fits_and_why(cfg: SweepConfig) -> tuple[int, int | None, bool, str]:
         res = {k: max(res.get(k, 0), most.get(k, 0)) for k in {*res, *most}}
     per_trial_cpu = cfg.run.num_workers * cfg.run.cpus_per_worker + 1
     cpu_fit = int(res.get("CPU", 0) // per_trial_cpu)
-    why = "each takes its workers' CPUs and one for Ray Data"
+    cpu_why = "each takes its workers' CPUs and one for Ray Data"
     if res.get(TRIAL_SLOT) and int(res[TRIAL_SLOT]) < cpu_fit:  # trials run on the head's slots
         cpu_fit = int(res[TRIAL_SLOT])
-        why = f"each takes one of the head's {TRIAL_SLOT} slots"
+        cpu_why = f"each takes one of the head's {TRIAL_SLOT} slots"
     gpu_fit = int(res.get("GPU", 0) // cfg.run.num_workers) if cfg.run.use_gpu else None
-    if gpu_fit is not None and gpu_fit < cpu_fit:
-        why = "each takes a GPU per Train worker"
-    return cpu_fit, gpu_fit, bool(most), why
+    why = "each takes a GPU per Train worker" if gpu_fit is not None and gpu_fit < cpu_fit else cpu_why
+    return cpu_fit, gpu_fit, bool(most), why, cpu_why
 
 
 def _gpu_limits_unknown(gpu_fit: int | None, known: bool) -> bool:
@@ -297,16 +297,16 @@ def check_resumed_concurrency(cfg: SweepConfig, tune_dir: str, begun: int | None
     on those the GPUs hold (the others wait for a GPU holding no CPU)."""
     if not begun:
         return
-    cpu_fit, gpu_fit, known = _fits(cfg)
+    cpu_fit, gpu_fit, known, _, cpu_why = _fits_and_why(cfg)
     if _gpu_limits_unknown(gpu_fit, known):  # (GPU trials beyond the GPUs wait)
         return
     running = min(begun, unfinished, gpu_fit if gpu_fit is not None else begun)
     if running > max(1, cpu_fit):
+        # (cpu_why: the head's trial slots where those are fewer: "CPUs" was said of them too)
         raise ConfigError(
             f"The sweep in {tune_dir!r} began running {begun} trials at once, which Tune keeps when "
-            f"it resumes, and this cluster's CPUs hold {max(1, cpu_fit)} (each takes its workers' CPUs "
-            "and one for Ray Data); resume it on a cluster that holds them, or start a new sweep in "
-            "another --output."
+            f"it resumes, and this cluster holds {max(1, cpu_fit)} of them ({cpu_why}); resume it on a "
+            "cluster that holds them, or start a new sweep in another --output."
         )
 
 

@@ -576,7 +576,8 @@ def test_a_sweep_resumes_only_where_its_trials_fit_at_once(monkeypatch) -> None:
     assert tuning.cluster_capacity(cfg) == 4  # 1 worker CPU + 1 for Ray Data each
     tuning.check_resumed_concurrency(cfg, "o", 4, 8)
     tuning.check_resumed_concurrency(cfg, "o", None, 8)  # a sweep from before the record
-    with pytest.raises(ConfigError, match=r"began running 6 trials at once, .* this cluster's CPUs hold 4 "):
+    with pytest.raises(ConfigError, match=r"began running 6 trials at once, .* this cluster holds 4 of them "
+                                          r"\(each takes its workers' CPUs and one for Ray Data\)"):
         tuning.check_resumed_concurrency(cfg, "o", 6, 8)
     tuning.check_resumed_concurrency(cfg, "o", 6, 3)  # 3 trials left: they fit
     # With GPUs, the trials beyond them wait for one holding no CPU: only those the GPUs
@@ -587,7 +588,13 @@ def test_a_sweep_resumes_only_where_its_trials_fit_at_once(monkeypatch) -> None:
     tuning.check_resumed_concurrency(cfg, "o", 6, 8)
     resources = {"CPU": 3, "GPU": 2}  # 1 trial's CPUs, 2 trials' GPUs
     monkeypatch.setattr(tuning, "autoscaler_limits", lambda: {"CPU": 3, "GPU": 2})
-    with pytest.raises(ConfigError, match="this cluster's CPUs hold 1 "):
+    with pytest.raises(ConfigError, match="this cluster holds 1 of them \\(each takes its workers' CPUs"):
+        tuning.check_resumed_concurrency(cfg, "o", 6, 8)
+    # The head's trial slots, where fewer, are the limit: they are named (it said "CPUs").
+    resources = {"CPU": 48, "fer_ray_trial": 3}
+    cfg.run.use_gpu = False
+    monkeypatch.setattr(tuning, "autoscaler_limits", lambda: None)
+    with pytest.raises(ConfigError, match="this cluster holds 3 of them \\(each takes one of the head's fer_ray_trial slots\)"):
         tuning.check_resumed_concurrency(cfg, "o", 6, 8)
     # --cpus-per-worker sets how many fit: a resumed sweep keeps the one it began with.
     assert "cpus_per_worker" in SWEEP_RESUME_KEYS
