@@ -556,10 +556,21 @@ def _finished_run(cfg: TrainConfig, run_dir: str, class_names: Sequence[str]) ->
     if not is_finished(state, epochs):
         return None
     old, new = _flat(storage.read_json(storage.join(run_dir, CONFIG_FILE))), _flat_settings(cfg)
-    # (the --epochs it trained with: "fitted 8 of 10", not of a rerun's --epochs 20)
-    log.info("Run already finished at epoch %d; nothing to train (%s).", state.epoch,
-             finished_why(state, int(old.get("epochs") or epochs)))
-    unused = [k for k in new if k in old and old[k] != new[k] and k != "output"]  # (a moved folder)
+    own_epochs = int(old.get("epochs") or epochs)
+    # Ended only by a rerun's --epochs at or below the epochs done (a run stopped at 5 of 20,
+    # rerun with --epochs 3): it was told "it ran all its 5 epochs", and that --epochs was
+    # "not applied". Its outputs come from the epochs done; its own --epochs goes on later.
+    cut = not is_finished(state, own_epochs)
+    if cut:
+        log.info("Run stopped at epoch %d of its %d; --epochs %d trains no more, so its outputs are written "
+                 "from the epochs done (--epochs %d goes on from there).", state.epoch, own_epochs, epochs,
+                 own_epochs)
+    else:
+        # (the --epochs it trained with: "fitted 8 of 10", not of a rerun's --epochs 20)
+        log.info("Run already finished at epoch %d; nothing to train (%s).", state.epoch,
+                 finished_why(state, own_epochs))
+    unused = [k for k in new if k in old and old[k] != new[k] and k != "output"  # (a moved folder)
+              and not (cut and k == "epochs")]
     if unused:
         log.warning(
             "Not applied, as the run trains no more: %s; its config.json keeps the settings it trained with.",

@@ -122,6 +122,37 @@ def test_a_finished_runs_rerun_starts_no_worker_and_keeps_its_config(tiny_run, t
     assert (run / "best" / "model.safetensors").stat().st_size > 0
 
 
+def test_a_rerun_with_fewer_epochs_than_done_writes_the_outputs_and_says_so(tiny_run, tmp_path, caplog,
+                                                                           monkeypatch) -> None:
+    """A run stopped at epoch 2 of its 4, rerun with --epochs 1, was told "it ran all its 2
+    epochs; a larger --epochs goes on" and "Not applied: epochs 4 -> 1", though that
+    --epochs is what ended it (its outputs are written from the epochs done)."""
+    import logging
+
+    import fer_ray.trainer
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    settings = json.loads((run / "config.json").read_text())
+    settings["optim"]["epochs"] = 4  # the 2-epoch run, as if stopped at 2 of 4
+    (run / "config.json").write_text(json.dumps(settings))
+    (run / "history.csv").unlink()
+
+    def no_trainer(*args, **kwargs):
+        raise AssertionError("a run with nothing to train built a TorchTrainer")
+
+    monkeypatch.setattr(fer_ray.trainer, "build_trainer", no_trainer)
+    args = tiny_train_args(settings["data"]["data"], str(run), "--epochs", "1", "--freeze-epochs", "1",
+                           "--pretrained", "--pretrained-file", str(tiny_run.parent / "pretrained.pth"))
+    with caplog.at_level(logging.INFO):
+        assert train_main(args) == 0
+    assert ("Run stopped at epoch 2 of its 4; --epochs 1 trains no more, so its outputs are written from the "
+            "epochs done (--epochs 4 goes on from there).") in caplog.text
+    assert "Run already finished" not in caplog.text and "Not applied" not in caplog.text
+    assert pd.read_csv(run / "history.csv")["epoch"].tolist() == [1, 2]
+    assert json.loads((run / "config.json").read_text())["optim"]["epochs"] == 4  # its own, kept
+
+
 def test_sigterm_ends_the_job_with_its_interrupted_line_and_143(synth_shards, tmp_path) -> None:
     """SIGTERM to the job (a batch system's stop, `ray job stop`) ended it in exit status 134
     after a C++ stack dump ("*** SIGTERM received ...") from Ray's failure-signal handler."""
