@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fer_ray.config import ConfigError, HelpFormatter  # noqa: E402
 from fer_ray.constants import TEST, TRAIN, VAL  # noqa: E402
-from fer_ray.storage import check_creatable, missing_folders, remove_empty  # noqa: E402
+from fer_ray.storage import check_creatable, local_here, missing_folders, normalize, remove_empty  # noqa: E402
 from fer_ray.synthetic import IMAGE_FORMATS, generate_dataset  # noqa: E402
 
 
@@ -70,9 +70,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("every split has 0 images per class; nothing to write")
     if not args.output.strip():  # (an unset shell variable: it would name the current folder)
         parser.error("--output is empty (an unset shell variable?); give a folder")
-    if "://" in args.output:  # (written with the local filesystem: s3:// made a folder "s3:")
+    try:
+        # The path the other jobs read it as: "~/synth" (as bash leaves `--output=~/synth`)
+        # made a folder "~" here, and "file:/tmp/x" a folder "file:".
+        out = local_here(normalize(args.output))
+    except ConfigError as e:
+        parser.error(str(e).rstrip("."))
+    if out is None:  # (written with the local filesystem: s3:// made a folder "s3:")
         parser.error(f"--output {args.output!r}: the generator writes local folders only; "
                      "write one here and copy it (e.g. `aws s3 sync`)")
+    args.output = out
     if os.path.exists(args.output) and not os.path.isdir(args.output):
         parser.error(f"--output {args.output!r} is a file; choose a folder")
     if os.path.isdir(args.output) and [e for e in os.listdir(args.output) if not e.startswith(PARTIAL)]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -99,6 +100,24 @@ def test_cli_runs_from_a_checkout(tmp_path: Path) -> None:
     assert "wrote 28 24px jpg images" in result.stdout
     assert len(list((out / "test" / "angry").glob("*.jpg"))) == 1
     assert len(list((out / "train").rglob("*.jpg"))) == 14
+
+
+@pytest.mark.parametrize("spelling", ["--output=~/synth", "--output=file:{home}/synth"])
+def test_cli_writes_where_the_other_jobs_read_its_output(tmp_path: Path, spelling: str) -> None:
+    """`--output=~/synth` (bash leaves that ~) made a folder named "~" in the current one,
+    and file:/x one named "file:", while prepare and training read $HOME/synth and /x."""
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    home.mkdir()
+    cwd.mkdir()
+    result = subprocess.run(
+        [sys.executable, str(REPO / "jobs" / "make_synthetic.py"), spelling.format(home=home),
+         "--train-per-class", "1", "--val-per-class", "1", "--size", "16"],
+        cwd=cwd, capture_output=True, text=True, env={**os.environ, "HOME": str(home)},
+    )
+    assert result.returncode == 0, result.stderr
+    assert len(list((home / "synth" / "train").rglob("*.png"))) == 7
+    assert not list(cwd.iterdir())
+    assert f"to {home / 'synth'} in" in result.stdout
 
 
 def test_cli_refuses_an_output_that_is_a_file(tmp_path: Path) -> None:
