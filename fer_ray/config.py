@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -503,6 +504,22 @@ def _unknown(key: str, leaves: dict, source: str) -> None:
     raise ConfigError(f"Unknown setting {key!r} in {source}; valid settings are: {valid}.")
 
 
+# What YAML 1.2 (and Python) read as a float and PyYAML's YAML 1.1 leaves as text: an
+# exponent without a dot or its sign, 1e-1 or 5e3 (timm then failed on "'str' / 'int'").
+_EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def _yaml12_numbers(value: Any) -> Any:
+    """`value` (parsed YAML) with the numbers YAML 1.1 left as text made floats."""
+    if isinstance(value, dict):
+        return {k: _yaml12_numbers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_yaml12_numbers(v) for v in value]
+    if isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value.strip()):
+        return float(value)
+    return value
+
+
 def _coerce(value: Any, tp: Any, name: str) -> Any:
     """Convert a YAML/CLI value to the field's type (ConfigError when it does not fit)."""
     origin = typing.get_origin(tp)
@@ -524,6 +541,7 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
                               "write it as '{a: 1, b: 2}'.") from None
         if not isinstance(parsed, dict):
             raise ConfigError(f"{_setting(name)} expects a mapping such as '{{a: 1}}', got {value!r}.")
+        parsed = _yaml12_numbers(parsed)
         # A key without a value would be dropped unseen (timm leaves out None arguments);
         # '{in_chans:1}' is one: YAML reads the key "in_chans:1", as it needs ": ".
         blank = [str(k) for k, v in parsed.items() if v is None]

@@ -96,6 +96,17 @@ def test_yaml_booleans_and_one_number_for_a_range(tmp_path) -> None:
         parse_config(SweepConfig, ["--config", str(path)], argparse.ArgumentParser())
 
 
+def test_model_kwargs_numbers_with_an_exponent_are_numbers(tmp_path) -> None:
+    """PyYAML (YAML 1.1) reads 1e-1 as the text '1e-1': timm then failed on "'str' / 'int'",
+    the message blaming --model-kwargs, where Python and YAML 1.2 read a number."""
+    cfg = parse(["--data", "d", "--output", "o", "--model-kwargs", "{drop_path_rate: 1e-1, in_chans: 1}"])
+    assert cfg.model.model_kwargs == {"drop_path_rate": 0.1, "in_chans": 1}
+    path = tmp_path / "c.yaml"
+    path.write_text("data: d\noutput: o\nmodel_kwargs: {drop_path_rate: 5E-2, act_layer: relu, x: [2e1, '1']}\n")
+    assert parse(["--config", str(path)]).model.model_kwargs == {"drop_path_rate": 0.05, "act_layer": "relu",
+                                                                "x": [20.0, "1"]}
+
+
 def test_a_blank_yaml_value_is_named_not_read_as_the_text_none(tmp_path) -> None:
     """`output:` left blank was the text "None": the run wrote to ./None."""
     path = tmp_path / "c.yaml"
