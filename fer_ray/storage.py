@@ -482,4 +482,7 @@ def full_path(fs: pafs.FileSystem, inner: str, listed_from: str = "") -> str:
         # (object stores' inner paths begin with the bucket instead).
         scheme, rest = head.split("://", 1)
         return f"{scheme}://{rest.split('/', 1)[0]}{quote(inner, safe='/')}{query}"
-    return f"{fs.type_name}://{quote(inner, safe='/')}{query}"
+    # The scheme it was listed from: gs:// came back as pyarrow's "gcs://", so a gs:// source's
+    # paths in manifests and predictions matched none of the user's own lists.
+    scheme = head.split("://", 1)[0] if "://" in head else fs.type_name
+    return f"{scheme}://{quote(inner, safe='/')}{query}"

@@ -285,6 +285,10 @@ def test_listed_paths_keep_an_hdfs_host_and_port() -> None:
         "hdfs://namenode:8020/user/me/faces/a%20b.png?replication=1")
     assert storage.full_path(hdfs, "/faces/a.png", "hdfs:///faces") == "hdfs:///faces/a.png"  # the default namenode
     assert storage.full_path(s3, "bucket/faces/a.png", "s3://bucket/faces") == "s3://bucket/faces/a.png"
+    # pyarrow calls its Google Cloud Storage "gcs": a gs:// folder's files came back gcs://.
+    gcs = SimpleNamespace(type_name="gcs")
+    assert storage.full_path(gcs, "bucket/faces/a.png", "gs://bucket/faces") == "gs://bucket/faces/a.png"
+    assert storage.full_path(gcs, "bucket/faces/a.png", "gcs://bucket/faces") == "gcs://bucket/faces/a.png"
 
 
 def test_uri_joins_keep_the_options_last_and_bad_uris_are_named() -> None:
