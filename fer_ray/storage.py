@@ -46,7 +46,8 @@ def normalize(path: str) -> str:
     if path.startswith("file://"):
         return path
     if is_uri(path):
-        return path.rstrip("/")
+        head, query = _split_query(path)  # (s3://b/x/?options: the slash before them too)
+        return head.rstrip("/") + query
     return os.path.abspath(os.path.expanduser(path))
 
 
@@ -101,6 +102,14 @@ def through_link(path: str) -> str:
 
 def _under(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder.rstrip("/") + "/")
+
+
+def same_place(a: str, b: str) -> bool:
+    """Whether two spellings name one folder: a local path and its file:// URI (with or
+    without a last slash), or two URIs that differ only in a last slash; a URI's options
+    count (another endpoint may be another store)."""
+    return _place(a) == _place(b) and (not is_uri(_place(a)) or _split_query(normalize(a))[1] ==
+                                       _split_query(normalize(b))[1])
 
 
 def _place(path: str) -> str:

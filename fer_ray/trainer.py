@@ -330,9 +330,10 @@ def _check_resume_compatible(cfg: TrainConfig, existing: dict[str, Any] | None) 
         return
     old = {**RESUME_DEFAULTS, **_flat(existing)}
     new = _flat_settings(cfg)
-    for flat in (old, new):  # data/x and ./data/x are one folder
-        if isinstance(flat.get("data"), str):
-            flat["data"] = storage.normalize(flat["data"])
+    # data/x and ./data/x are one folder, as are /d/x and file:///d/x/
+    if isinstance(old.get("data"), str) and isinstance(new.get("data"), str) \
+            and storage.same_place(old["data"], new["data"]):
+        new["data"] = old["data"]
     if hasattr(cfg, "sweep"):  # the range searched: --lr-range, or the optimizer's default one
         for flat in (old, new):
             if flat.get("lr_range") is None:

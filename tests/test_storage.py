@@ -277,6 +277,15 @@ def test_inside_sees_one_place_under_two_spellings(path, folder, expected) -> No
     assert storage.inside(path, folder) is expected
 
 
+def test_same_place_takes_a_folder_under_its_spellings(tmp_path) -> None:
+    d = str(tmp_path / "shards")
+    assert storage.same_place(d, f"file://{d}/") and storage.same_place(f"file://{d}", d + "/")
+    assert storage.same_place("s3://b/x/?endpoint_override=h:9000", "s3://b/x?endpoint_override=h:9000")
+    assert storage.normalize("s3://b/x/?region=eu") == "s3://b/x?region=eu"
+    assert not storage.same_place("s3://b/x?endpoint_override=h:9000", "s3://b/x?endpoint_override=g:9000")
+    assert not storage.same_place(d, d + "2") and not storage.same_place("s3://b/x", "gs://b/x")
+
+
 def test_listed_paths_keep_an_hdfs_host_and_port() -> None:
     from types import SimpleNamespace
 

@@ -520,7 +520,9 @@ def test_resume_check_takes_one_folder_under_two_spellings(tiny_run, tmp_path, m
     shutil.copytree(tiny_run, run)
     data = Path(json.loads((run / "config.json").read_text())["data"]["data"])
     monkeypatch.chdir(data.parent)
-    for spelling in (f"./{data.name}", f"{data.name}/", str(data.parent / "." / data.name)):
+    # (file:// URIs, with a last slash or not, were refused: "different settings (data ...)")
+    for spelling in (f"./{data.name}", f"{data.name}/", str(data.parent / "." / data.name), f"file://{data}",
+                     f"file://{data}/"):
         cfg, _ = parse_config(TrainConfig, tiny_train_args(spelling, str(run), "--pretrained", "--pretrained-file",
                               str(tiny_run.parent / "pretrained.pth"), "--freeze-epochs", "1"), argparse.ArgumentParser())
         cfg.resolve_defaults()
