@@ -88,6 +88,9 @@ class LoopSettings:
     cpu_format: str | None = None
     pretrained: bool = False  # began from pretrained weights (its model folders say so)
     pretrained_state: Any = None  # an ObjectRef to a state dict, fetched once by the driver
+    # A resumed run's config.json ({"path", "settings"}), written by rank 0 once its first
+    # epoch's checkpoint is saved (fer_ray.trainer.train); None: written by the driver.
+    resumed_config: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.spec, dict):  # arrived through Ray as a plain dict (asdict)
@@ -777,6 +780,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                 pretrained=s.pretrained)
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"epoch_{state.epoch:04d}")
+        if rank == 0 and s.resumed_config is not None:  # (after the epoch it trained with is saved)
+            storage.write_json(s.resumed_config["path"], s.resumed_config["settings"])
+            s.resumed_config = None
         if state.stopped_early or diverged:
             break
         epoch += 1

@@ -458,6 +458,11 @@ def check_resumed_blur(run_dir: str, sigma: float) -> None:
 
 def write_config(cfg: TrainConfig, settings: LoopSettings, run_dir: str) -> None:
     """The resolved config, with the values derived from it, next to the run's outputs."""
+    storage.write_json(storage.join(run_dir, CONFIG_FILE), run_config(cfg, settings))
+
+
+def run_config(cfg: TrainConfig, settings: LoopSettings) -> dict[str, Any]:
+    """What write_config writes: the config, and under RESOLVED_KEY the values derived from it."""
     resolved = {
         "classes": settings.spec.class_names,
         "data_size": settings.spec.data_size,
@@ -472,7 +477,7 @@ def write_config(cfg: TrainConfig, settings: LoopSettings, run_dir: str) -> None
         "class_weights": settings.class_weights,
         "sampling_rates": train_sampling_rates(cfg),
     }
-    storage.write_json(storage.join(run_dir, CONFIG_FILE), {**to_dict(cfg), RESOLVED_KEY: resolved})
+    return {**to_dict(cfg), RESOLVED_KEY: resolved}
 
 
 @contextmanager
@@ -606,7 +611,12 @@ def train(
     if resuming:  # (refused before any wait for GPUs)
         check_resumed_blur(cfg.run.output, settings.spec.input_blur)
         check_resources(cfg)
-    write_config(cfg, settings, run_dir)
+        # Written by the first worker once this run's first epoch is saved: written here, a
+        # run stopped before then named settings that never trained (another --epochs, say),
+        # which its next rerun's "not applied" line and summary.json then quoted.
+        settings.resumed_config = {"path": storage.join(run_dir, CONFIG_FILE), "settings": run_config(cfg, settings)}
+    else:
+        write_config(cfg, settings, run_dir)
     trainer = build_trainer(cfg, settings, callbacks=callbacks)
     # Ray Train puts its own Ctrl-C handler in for the run and leaves it there: after the
     # run, Ctrl-C while the outputs are written did nothing twice and then exited 0.

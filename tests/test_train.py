@@ -153,6 +153,30 @@ def test_a_rerun_with_fewer_epochs_than_done_writes_the_outputs_and_says_so(tiny
     assert json.loads((run / "config.json").read_text())["optim"]["epochs"] == 4  # its own, kept
 
 
+def test_a_resume_stopped_before_its_first_epoch_keeps_the_runs_config(tiny_run, tmp_path, monkeypatch,
+                                                                      capsys) -> None:
+    """A resume wrote config.json with what it was given before training anything: stopped
+    before its first epoch, the folder named settings that never trained (--epochs 3 and
+    --lr 0.5 here), which the next rerun's messages and summary.json then quoted. Written by
+    the first worker once the first epoch is saved now (the extension test checks that)."""
+    import fer_ray.trainer
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    config = (run / "config.json").read_text()
+
+    class StoppedAtOnce:
+        def fit(self):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(fer_ray.trainer, "build_trainer", lambda *args, **kwargs: StoppedAtOnce())
+    args = tiny_train_args(json.loads(config)["data"]["data"], str(run), "--epochs", "3", "--lr", "0.5",
+                           "--freeze-epochs", "1", "--pretrained", "--pretrained-file",
+                           str(tiny_run.parent / "pretrained.pth"))
+    assert train_main(args) == 130
+    assert (run / "config.json").read_text() == config
+
+
 def test_sigterm_ends_the_job_with_its_interrupted_line_and_143(synth_shards, tmp_path) -> None:
     """SIGTERM to the job (a batch system's stop, `ray job stop`) ended it in exit status 134
     after a C++ stack dump ("*** SIGTERM received ...") from Ray's failure-signal handler."""
@@ -339,6 +363,8 @@ def test_a_finished_run_extended_counts_patience_afresh(ray_cluster, synth_shard
     history = pd.read_csv(out / "history.csv")
     assert history["epoch"].tolist() == [1, 2, 3, 4, 5] and history["val_acc"].nunique() == 1
     assert not json.loads((out / "summary.json").read_text())["stopped_early"]
+    # config.json names the --epochs the extension trained with (its first worker wrote it).
+    assert json.loads((out / "config.json").read_text())["optim"]["epochs"] == 5
 
 
 def test_best_folder_holds_the_best_epoch_when_val_accuracy_ties(ray_cluster, synth_shards, tiny_run, tmp_path,
