@@ -481,16 +481,25 @@ def run_config(cfg: TrainConfig, settings: LoopSettings) -> dict[str, Any]:
 
 
 @contextmanager
-def local_staging(run_dir: str) -> Iterator[str]:
-    """A local folder to write into; copied to the run folder afterwards when it is a URI."""
+def local_staging(run_dir: str, last: str | None = None) -> Iterator[str]:
+    """A local folder to write into; copied to the run folder afterwards when it is a URI,
+    the file named `last` (written in the folder) after every other one and removed there
+    before them: a copy cut short leaves no `last` beside half the rest (a run's
+    summary.json beside half a best/)."""
     local = storage.local_path(run_dir)
     if local:
         os.makedirs(local, exist_ok=True)
         yield local
         return
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, tempfile.TemporaryDirectory() as aside:
         yield tmp
+        held = last is not None and os.path.isfile(os.path.join(tmp, last))
+        if held:
+            os.replace(os.path.join(tmp, last), os.path.join(aside, last))
+            storage.delete_file(storage.join(run_dir, last))  # (the last run's, on a rerun)
         storage.copy_dir(tmp, run_dir)
+        if held:
+            storage.copy_dir(aside, run_dir)
 
 
 class TrainingDiverged(ConfigError):
@@ -515,7 +524,7 @@ def finalize_run(
             f"--lr (or, with --amp fp16, bf16 or off); the run in {run_dir} has no model."
         )
     history = pd.DataFrame(state["history"])
-    with local_staging(run_dir) as local:
+    with local_staging(run_dir, last=RUN_SUMMARY_FILE) as local:
         history.to_csv(os.path.join(local, HISTORY_FILE), index=False)
         best_dir = os.path.join(local, BEST_DIR)
         os.makedirs(best_dir, exist_ok=True)

@@ -552,6 +552,33 @@ def test_a_link_to_a_skipped_folder_is_not_listed(tmp_path, caplog) -> None:
     assert f"{tmp_path / 'src2' / 'data' / 'preds'} leads into {mnt / 'preds'}; not listed" in caplog.text
 
 
+def test_a_runs_outputs_reach_a_bucket_with_summary_json_last(bucket, monkeypatch) -> None:
+    """Copied into a bucket in no set order, a finalize cut short could leave summary.json (a
+    finished run's mark, the old one too on a rerun) beside half a best/."""
+    import os
+
+    from fer_ray import trainer
+
+    bucket.create_dir("b/run")
+    with bucket.open_output_stream("b/run/summary.json") as f:  # a previous finalize's
+        f.write(b'{"accuracy": 0.1}')
+    copies, copy_dir = [], storage.copy_dir
+
+    def watched(src, dst):
+        copies.append((sorted(os.listdir(src)), storage.exists("mock://b/run/summary.json")))
+        copy_dir(src, dst)
+
+    monkeypatch.setattr(storage, "copy_dir", watched)
+    with trainer.local_staging("mock://b/run", last="summary.json") as local:
+        os.makedirs(os.path.join(local, "best"))
+        for name in ("best/model.safetensors", "history.csv", "summary.json"):
+            with open(os.path.join(local, name), "w") as f:
+                f.write("new")
+    assert copies == [(["best", "history.csv"], False), (["summary.json"], False)]
+    assert storage.read_bytes("mock://b/run/summary.json") == b"new"
+    assert storage.read_bytes("mock://b/run/best/model.safetensors") == b"new"
+
+
 def test_a_fer_csv_behind_an_endpoint_is_read_as_a_csv(endpoint_bucket) -> None:
     """The options after '?' hid the .csv extension: "is a file but not a .csv". The CSV also
     begins with a byte-order mark, as Excel saves it, which hid the first column's name."""
