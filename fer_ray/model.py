@@ -39,6 +39,13 @@ def check_model_name(name: str) -> None:
         close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
         hint = f" Did you mean: {', '.join(close)}?" if close else ""
         raise ConfigError(f"Unknown timm model {name!r}; see timm.list_models() for names.{hint}")
+    arch, _, tag = name.partition(".")
+    # (timm.is_model takes any tag: "resnet18.bogus" then failed in create_model with a traceback)
+    if tag and name not in timm.list_pretrained(name):
+        tags = [t.partition(".")[2] for t in timm.list_pretrained(f"{arch}.*")]
+        close = difflib.get_close_matches(tag, tags, n=5, cutoff=0.6) or tags[:8]
+        raise ConfigError(f"timm's {arch} has no weights tagged {tag!r}"
+                          + (f"; its tags include: {', '.join(close)}." if close else "; it has no tagged weights."))
 
 
 def create_model(name: str, num_classes: int, drop_rate: float = 0.0, **kwargs: Any) -> torch.nn.Module:

@@ -36,6 +36,13 @@ def test_unknown_model_name_suggests_close_ones() -> None:
         create_model("resnet5O", 7)
 
 
+def test_a_mistyped_weights_tag_is_one_sentence_naming_the_tags() -> None:
+    """timm.is_model takes any tag: "resnet18.a1_in1kk" ended in create_model's RuntimeError."""
+    with pytest.raises(ConfigError, match="timm's resnet18 has no weights tagged 'a1_in1kk'; its tags include: a1_in1k"):
+        create_model("resnet18.a1_in1kk", 7)
+    assert create_model("test_resnet.r160_in1k", 7) is not None  # a tag timm has
+
+
 def test_staged_unfreezing_follows_timm_stages() -> None:
     model = create_model("test_resnet", 7)
     groups = parameter_groups(model)
