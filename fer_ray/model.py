@@ -254,10 +254,16 @@ def data_config(model: torch.nn.Module) -> dict[str, Any]:
 def parameter_groups(model: torch.nn.Module) -> list[list[str]]:
     """Parameter names by stage, stem first and classifier last (timm's coarse groups). A
     model without timm's group matcher (PiT, PoolFormer and a few more) has two groups: the
-    rest, then its classifier."""
+    rest, then its classifier; so has one whose matcher has no coarse groups (RDNet asserts
+    that it has none: every run of it failed in its workers)."""
     if hasattr(model, "group_matcher"):
-        groups = group_parameters(model, model.group_matcher(coarse=True))
-        return [groups[k] for k in sorted(groups)]
+        try:
+            matcher = model.group_matcher(coarse=True)
+        except (AssertionError, NotImplementedError):
+            matcher = None
+        if matcher is not None:
+            groups = group_parameters(model, matcher)
+            return [groups[k] for k in sorted(groups)]
     head = {id(p) for p in model.get_classifier().parameters()}
     names = [(name, id(p) in head) for name, p in model.named_parameters()]
     return [[n for n, is_head in names if not is_head], [n for n, is_head in names if is_head]]

@@ -43,6 +43,16 @@ def test_a_mistyped_weights_tag_is_one_sentence_naming_the_tags() -> None:
     assert create_model("test_resnet.r160_in1k", 7) is not None  # a tag timm has
 
 
+def test_a_model_without_coarse_groups_freezes_all_but_its_classifier() -> None:
+    """RDNet's group_matcher(coarse=True) asserts it has none: every rdnet run failed in its
+    workers when the first phase was built."""
+    model = create_model("rdnet_tiny", 7)
+    groups = parameter_groups(model)
+    assert len(groups) == 2 and set(groups[1]) == {n for n, _ in model.get_classifier().named_parameters(prefix="head.fc")}
+    assert set_trainable(model, None) == set()
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == set(groups[1])
+
+
 def test_staged_unfreezing_follows_timm_stages() -> None:
     model = create_model("test_resnet", 7)
     groups = parameter_groups(model)
