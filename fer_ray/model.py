@@ -518,6 +518,22 @@ WEIGHTS_PROVENANCE = ("tag", "hf_hub_id", "hf_hub_filename", "url", "file", "ori
                       "paper_name", "license", "notes")
 
 
+def _own_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` as safetensors writes it: contiguous (channels_last weights cannot be written
+    as they are), and a tensor that shares its memory with an earlier one copied (CoaT's
+    convolutional position encodings are one module under two names: safetensors refused
+    them, and the run failed at its first checkpoint). Every name stays, as timm's loader
+    loads them all."""
+    seen, out = set(), {}
+    for name, tensor in state.items():
+        where = tensor.untyped_storage().data_ptr()
+        out[name] = tensor.detach().clone(memory_format=torch.contiguous_format) if where in seen \
+            else tensor.contiguous()
+        if tensor.numel():
+            seen.add(where)
+    return out
+
+
 def save_model_dir(model: torch.nn.Module, folder: str | Path, spec: ModelSpec, pretrained: bool = True) -> None:
     """Write model.safetensors + config.json (timm's format, plus the fer_ray section).
     pretrained=False: the model began from random weights, so config.json does not name
@@ -527,12 +543,14 @@ def save_model_dir(model: torch.nn.Module, folder: str | Path, spec: ModelSpec, 
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    # Contiguous copies: channels_last weights cannot be written by safetensors as they are.
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / WEIGHTS_FILE))
+    save_file(_own_tensors(model.state_dict()), str(folder / WEIGHTS_FILE))
     # The whole image, resized (fer_ray crops nothing): timm's default eval transform
-    # otherwise resizes to 1/0.875 of the size and crops the centre, which training never did.
+    # otherwise resizes to 1/0.875 of the size and crops the centre, which training never did;
+    # and "squash" as fer_ray resizes, both sides to the size (timm's "center" resized the
+    # shorter side and cropped the middle of a non-square image).
     data = {"input_size": (spec.in_chans, spec.image_size, spec.image_size),
-            "mean": tuple(spec.mean), "std": tuple(spec.std), "crop_pct": 1.0, "interpolation": "bilinear"}
+            "mean": tuple(spec.mean), "std": tuple(spec.std), "crop_pct": 1.0, "crop_mode": "squash",
+            "interpolation": "bilinear"}
     path = folder / MODEL_CONFIG_FILE
     # model_args rebuild the same model (timm before 1.0.30 records none itself: a 1-channel
     # stem came back with 3); data_config is only in timm 1.0.30 and later.
