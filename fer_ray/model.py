@@ -69,6 +69,9 @@ def fetch_pretrained_state(
     """
     overlay, downloaded, given = None, None, None
     if pretrained_file:
+        if storage.is_dir(pretrained_file):  # (a run's best/, say: "does not exist" misled)
+            raise ConfigError(f"--pretrained-file {pretrained_file!r} is a folder; give the weights file in it "
+                              f"(a model folder's {WEIGHTS_FILE}).")
         if not storage.is_file(pretrained_file):
             raise ConfigError(f"--pretrained-file {pretrained_file!r} does not exist.")
         local = storage.local_path(pretrained_file)

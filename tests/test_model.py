@@ -190,6 +190,10 @@ def test_a_pretrained_file_in_a_layout_timm_translates_is_accepted(tmp_path) -> 
 def test_missing_pretrained_file_is_a_config_error(tmp_path) -> None:
     with pytest.raises(ConfigError, match="--pretrained-file .* does not exist"):
         fetch_pretrained_state("test_resnet", 7, str(tmp_path / "nope.pth"))
+    (tmp_path / "best").mkdir()  # a run's model folder: it was said not to exist
+    with pytest.raises(ConfigError, match="--pretrained-file .*best' is a folder; give the weights file in it "
+                                          "\\(a model folder's model.safetensors\\)"):
+        fetch_pretrained_state("test_resnet", 7, str(tmp_path / "best"))
 
 
 def test_a_pretrained_file_of_other_weights_is_named(tmp_path) -> None:
