@@ -103,6 +103,11 @@ def fetch_pretrained_state(
                 f"Could not load --pretrained-file {pretrained_file!r} into {name}: "
                 f"{type(e).__name__}: {e}"
             ) from None
+        if "size mismatch" in str(e):  # (the weights came, and --model-kwargs changed a layer's shape)
+            raise ConfigError(
+                f"The pretrained weights of {name} do not fit --model-kwargs {kwargs} "
+                f"({' '.join(str(e).split())[:300]}); leave out those that change its layers, or --no-pretrained."
+            ) from None
         if unreachable:
             why = f"{unreachable}; not in the Hub's local cache either"
         else:  # (the Hub's answer, or a URL-hosted weight file's download error)
@@ -114,13 +119,14 @@ def fetch_pretrained_state(
     finally:
         if downloaded:
             os.remove(downloaded)  # a bucket's weights, copied here only for timm to read
-    if given is not None:
-        # What timm's load left missing, after its renaming of the architecture's other
-        # checkpoint layouts (Facebook's ConvNeXt names, say); the file's own names where
-        # the model loaded its weights another way.
-        into_model = [result for module, result in loads if module is model]
+    # What timm's load left missing, after its renaming of the architecture's other
+    # checkpoint layouts (Facebook's ConvNeXt names, say); a file's own names where the
+    # model loaded its weights another way. Hub weights too: timm loads them leniently into
+    # a new head, so layers --model-kwargs added (a larger depth) stayed random unsaid.
+    into_model = [result for module, result in loads if module is model]
+    if into_model or given is not None:
         missing = set(into_model[-1].missing_keys) if into_model else set(model.state_dict()) - given
-        _check_weights_cover(model, missing, name, pretrained_file)
+        _check_weights_cover(model, missing, name, pretrained_file, kwargs)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
@@ -141,17 +147,24 @@ def _recording_loads(loads: list[Any]) -> Any:
         torch.nn.Module.load_state_dict = real
 
 
-def _check_weights_cover(model: torch.nn.Module, missing: set[str], name: str, pretrained_file: str) -> None:
-    """ConfigError unless a --pretrained-file set every tensor of the model but its
-    classifier (`missing`: the model's tensors it did not set): timm loads a file into a
-    model with a new head leniently, and the weights of another architecture left most of
-    the backbone random, trained as if pretrained (a file of no matching tensor at all,
-    with a frozen random backbone)."""
+def _check_weights_cover(model: torch.nn.Module, missing: set[str], name: str, pretrained_file: str | None,
+                         kwargs: dict[str, Any] | None = None) -> None:
+    """ConfigError unless a --pretrained-file (or, None, the published weights) set every
+    tensor of the model but its classifier (`missing`: the model's tensors it did not set):
+    timm loads weights into a model with a new head leniently, and the weights of another
+    architecture left most of the backbone random, trained as if pretrained (a file of no
+    matching tensor at all, with a frozen random backbone)."""
     head = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or ""
     heads = head if isinstance(head, (list, tuple)) else [head]
     wanted = [k for k in model.state_dict()
               if not k.endswith("num_batches_tracked") and not any(k.startswith(h + ".") for h in heads if h)]
     missing = [k for k in wanted if k in missing]
+    if missing and not pretrained_file:
+        raise ConfigError(
+            f"The pretrained weights of {name} leave {len(missing)} of its {len(wanted)} tensors besides the "
+            f"classifier unset (e.g. {', '.join(missing[:2])}): --model-kwargs {kwargs or {}} add layers they do "
+            "not have; leave those out, or --no-pretrained."
+        )
     if missing:
         raise ConfigError(
             f"--pretrained-file {pretrained_file!r} does not hold {name}'s weights: {len(missing)} of its "

@@ -196,6 +196,38 @@ def test_missing_pretrained_file_is_a_config_error(tmp_path) -> None:
         fetch_pretrained_state("test_resnet", 7, str(tmp_path / "best"))
 
 
+@pytest.mark.parametrize("kwargs, message", [
+    ({"layers": (2, 1, 1, 1)}, r"The pretrained weights of test_resnet leave 10 of its \d+ tensors besides the "
+                               r"classifier unset \(e\.g\. layer1\.1\.conv1\.weight, .*\): --model-kwargs "
+                               r"\{'layers': \(2, 1, 1, 1\)\} add layers they do not have"),
+    ({"channels": (32, 48, 48, 128)}, r"The pretrained weights of test_resnet do not fit --model-kwargs "
+                                      r"\{'channels': \(32, 48, 48, 128\)\} \(Error\(s\) in loading state_dict "
+                                      r"for ResNet: size mismatch for layer4"),
+])
+def test_hub_weights_that_do_not_fit_the_model_kwargs_are_named(monkeypatch, kwargs, message) -> None:
+    """Hub weights loaded into a model --model-kwargs had changed: a layer they lack stayed
+    random without a word (timm loads them leniently into a new head), and a changed shape
+    was told as a failed download ("with no network, pass --pretrained-file"). The Hub is
+    stood in for by a load as timm's: the published model's weights, its classifier
+    dropped, non-strict."""
+    import fer_ray.model
+
+    real = timm.create_model
+
+    def as_from_the_hub(name, pretrained=False, pretrained_cfg_overlay=None, **kw):
+        model = real(name, **kw)
+        if pretrained:
+            published = real(name).state_dict()
+            model.load_state_dict({k: v for k, v in published.items() if not k.startswith("fc.")}, strict=False)
+        return model
+
+    monkeypatch.setattr(fer_ray.model, "hub_unreachable", lambda: None)
+    monkeypatch.setattr(timm, "create_model", as_from_the_hub)
+    assert fetch_pretrained_state("test_resnet", 7)  # the architecture as published: loads
+    with pytest.raises(ConfigError, match=message):
+        fetch_pretrained_state("test_resnet", 7, **kwargs)
+
+
 def test_a_pretrained_file_of_other_weights_is_named(tmp_path) -> None:
     """timm loads a file into a model with a new head leniently: resnet18's weights into
     resnet34 left its extra blocks random, a dict of no matching tensor left the whole
