@@ -16,6 +16,7 @@ import inspect
 import json
 import math
 import os
+import re
 import tempfile
 import time
 from collections import Counter
@@ -99,9 +100,13 @@ def fetch_pretrained_state(
         # Wrong --model-kwargs read as such (create_model's ConfigError), not as a failed download.
         create_model(name, num_classes, **kwargs)
         if pretrained_file:
+            # (weights of a 1-channel stem, from a run on gray images, into a 3-channel one)
+            text, stem = str(e), re.search(r"weight shape \(\d+, (\d+),.*inconsistent with input_size", str(e))
+            if stem and int(stem[1]) != int(kwargs.get("in_chans", 3)):
+                text = f"{text.rstrip('.')}; its first layer takes {stem[1]} channel(s): add --model-kwargs " \
+                       f"'{{in_chans: {stem[1]}}}'"
             raise ConfigError(
-                f"Could not load --pretrained-file {pretrained_file!r} into {name}: "
-                f"{type(e).__name__}: {e}"
+                f"Could not load --pretrained-file {pretrained_file!r} into {name}: {type(e).__name__}: {text}"
             ) from None
         if "size mismatch" in str(e):  # (the weights came, and --model-kwargs changed a layer's shape)
             raise ConfigError(

@@ -228,6 +228,17 @@ def test_hub_weights_that_do_not_fit_the_model_kwargs_are_named(monkeypatch, kwa
         fetch_pretrained_state("test_resnet", 7, **kwargs)
 
 
+def test_a_gray_runs_weights_into_a_three_channel_stem_say_which_kwargs_fit(tmp_path) -> None:
+    """A 1-channel file (a run on gray images) into a 3-channel model ended in timm's
+    "Correct the source pretrained_cfg", with no word of --model-kwargs."""
+    torch.save(create_model("test_resnet", 7, in_chans=1).state_dict(), tmp_path / "gray.pth")
+    with pytest.raises(ConfigError, match=r"into test_resnet: RuntimeError: .*inconsistent with input_size\[0\]=3\. "
+                                          r"Correct .* channels; its first layer takes 1 channel\(s\): add "
+                                          r"--model-kwargs '\{in_chans: 1\}'$"):
+        fetch_pretrained_state("test_resnet", 7, str(tmp_path / "gray.pth"))
+    assert fetch_pretrained_state("test_resnet", 7, str(tmp_path / "gray.pth"), in_chans=1)
+
+
 def test_a_pretrained_file_of_other_weights_is_named(tmp_path) -> None:
     """timm loads a file into a model with a new head leniently: resnet18's weights into
     resnet34 left its extra blocks random, a dict of no matching tensor left the whole
