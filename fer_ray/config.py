@@ -111,7 +111,8 @@ class DataOptions:
     sampler: str = field(
         default="none",
         metadata={
-            "help": "draw each epoch's training images with replacement, weighted by class: "
+            "help": "repeat each training image about its class's rate times an epoch (the whole "
+            "part, once more with the fraction as its chance), the rates by class: "
             "balanced (every class equally often), sqrt (by the inverse square root of its "
             "frequency) or none (every image once); the epoch keeps its size"
         },
