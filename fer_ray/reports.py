@@ -84,18 +84,25 @@ def plot_confusion_matrix(
     totals = counts.sum(axis=1, keepdims=True)
     norm = np.divide(counts, totals, out=np.zeros(counts.shape, dtype=float), where=totals > 0)
     k = len(class_names)
-    fig, ax = plt.subplots(figsize=(1.1 * k + 2.5, 1.0 * k + 1.8))
+    # Up to CELL_TEXT_MAX classes a cell of 1.1 inches, its count and share written in; more
+    # share MATRIX_MAX_IN inches, the colour alone (k² texts on a figure growing with k:
+    # 40 classes took 7 s and 5,000 px a side, a few hundred ran for minutes).
+    cell = min(1.1, MATRIX_MAX_IN / max(k, 1))
+    fig, ax = plt.subplots(figsize=(cell * k + 2.5, cell * k / 1.1 + 1.8))
     cmap = plt.get_cmap("Blues").with_extremes(bad="lightgray")
     im = ax.imshow(np.ma.masked_where(np.broadcast_to(totals == 0, norm.shape), norm), cmap=cmap, vmin=0, vmax=1)
-    for i in range(k):
+    for i in range(k if k <= CELL_TEXT_MAX else 0):
         for j in range(k):
             share = f"{norm[i, j]:.0%}" if totals[i, 0] else "-"
             ax.text(
                 j, i, f"{counts[i, j]}\n{share}", ha="center", va="center", fontsize=8,
                 color="white" if norm[i, j] > 0.5 else "black",
             )
-    ax.set_xticks(range(k), class_names, rotation=45, ha="right")
-    ax.set_yticks(range(k), class_names)
+    # (a long name pushed the matrix off the figure: cut, its start kept)
+    names = [n if len(n) <= LABEL_MAX else n[: LABEL_MAX - 1] + "\u2026" for n in map(str, class_names)]
+    size = 10 if k <= CELL_TEXT_MAX else max(2.0, 10 * CELL_TEXT_MAX / k)
+    ax.set_xticks(range(k), names, rotation=45, ha="right", fontsize=size)
+    ax.set_yticks(range(k), names, fontsize=size)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(f"{title} (n={int(counts.sum())})")
@@ -103,6 +110,11 @@ def plot_confusion_matrix(
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+CELL_TEXT_MAX = 30  # classes up to which the confusion matrix's cells hold their numbers
+MATRIX_MAX_IN = 33.0  # inches the matrix of more classes takes, whatever their number
+LABEL_MAX = 32  # characters of a class name shown on the confusion matrix's axes
 
 
 @_literal_text

@@ -126,3 +126,24 @@ def test_a_class_with_no_true_images_has_no_recall_in_the_heatmap(tmp_path, monk
     assert texts[3:6] == ["0\n-"] * 3 and texts[0] == "2\n67%"
     shown = kept.figures[0].axes[0].images[0].get_array()
     assert shown.mask[1].all() and not shown.mask[[0, 2]].any()  # drawn grey, not as 0%
+
+
+def test_a_confusion_matrix_of_many_classes_keeps_its_size_and_long_names_fit(tmp_path, monkeypatch) -> None:
+    """The figure grew with the classes and wrote k² numbers: 40 classes took 7 s and made
+    a 5,000-px image, a few hundred ran for minutes. A long class name pushed the matrix off
+    the figure."""
+    from PIL import Image
+
+    from fer_ray.reports import plot_confusion_matrix
+
+    kept = _KeptFigures(monkeypatch)
+    k = 150
+    counts = np.random.default_rng(0).integers(0, 5, (k, k))
+    plot_confusion_matrix(counts, [f"class {i}" for i in range(k)], tmp_path / "many.png")
+    assert not kept.figures[0].axes[0].texts  # the colour alone
+    assert max(Image.open(tmp_path / "many.png").size) < 4000
+    long = "a very long class name that goes on and on past any axis"
+    plot_confusion_matrix(np.eye(3, dtype=int), [long, "b", "c"], tmp_path / "long.png")
+    shown = [t.get_text() for t in kept.figures[1].axes[0].get_yticklabels()]
+    assert shown[0] == long[:31] + "\u2026" and shown[1:] == ["b", "c"]
+    assert len(kept.figures[1].axes[0].texts) == 9  # few classes: the numbers written in
