@@ -71,6 +71,9 @@ def whole_epochs(ax: Any, epochs: Iterable[int]) -> None:
     if len(shown) < 2:
         ax.set_xticks(shown)
     else:
+        # Every epoch in view, also one whose values are not finite (a diverged last epoch
+        # left the loss panel one epoch of data, and its fractional ticks)
+        ax.set_xlim(shown[0] - 0.5, shown[-1] + 0.5)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
@@ -146,8 +149,9 @@ def plot_sweep(results: pd.DataFrame, histories: dict[str, pd.DataFrame], path: 
     if len(lrs):
         # Labelled ticks of our own: within one decade matplotlib labels every minor tick,
         # and the labels ran into each other.
-        left.xaxis.set_major_locator(FixedLocator(lr_ticks(lrs.min(), lrs.max())))
-        left.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ticks = lr_ticks(lrs.min(), lrs.max())
+        left.xaxis.set_major_locator(FixedLocator(ticks))
+        left.xaxis.set_major_formatter(FuncFormatter(tick_labels(ticks)))
         left.xaxis.set_minor_formatter(NullFormatter())
     left.set_xlabel("learning rate")
     left.set_ylabel("best val accuracy")
@@ -178,5 +182,14 @@ def lr_ticks(lo: float, hi: float, most: int = 6) -> list[float]:
     inside = [m * 10.0 ** e for e in decades for m in (1, 2, 5) if lo <= m * 10.0 ** e <= hi]
     if len(inside) > most:
         inside = [t for t in inside if np.isclose(t, 10.0 ** np.round(np.log10(t)))]
-    return inside if len(inside) >= 2 else sorted({float(f"{lo:.2g}"), float(f"{hi:.2g}"), *inside})
+    # (lo and hi as they are: rounded, 1.261e-3 and 1.268e-3 were one tick outside the data,
+    # and the axis had no label; tick_labels writes them short)
+    return inside if len(inside) >= 2 else sorted({lo, hi, *inside})
+
+
+def tick_labels(ticks: Sequence[float]) -> Callable[[float, Any], str]:
+    """A formatter that writes each of `ticks` with the fewest significant digits (2 to 6)
+    that tell them apart."""
+    digits = next((d for d in range(2, 7) if len({f"{t:.{d}g}" for t in ticks}) == len(set(ticks))), 6)
+    return lambda v, _: f"{v:.{digits}g}"
 

@@ -114,6 +114,14 @@ def test_learning_curves_tick_whole_epochs_and_never_mark_a_diverged_epoch_best(
     plot_learning_curves(history, tmp_path / "ema.png", ema_decay=0.999)  # val scores the average
     assert "val (weights averaged, EMA 0.999)" in kept.figures[2].axes[0].get_legend_handles_labels()[1]
     assert (tmp_path / "diverged.png").stat().st_size > 0
+    # Diverged in epoch 2 (losses NaN and inf): the loss panel's only finite epoch drew
+    # ticks at 1.02 ... 1.50, and epoch 2 was off its axis.
+    two = pd.DataFrame([{**row, "epoch": 1, "val_acc": 0.4},
+                        {**row, "epoch": 2, "val_acc": float("nan"), "train_loss": float("nan"), "val_loss": float("inf")}])
+    plot_learning_curves(two, tmp_path / "diverged2.png")
+    for ax in kept.figures[3].axes:
+        lo, hi = ax.get_xlim()
+        assert [t for t in ax.get_xticks() if lo <= t <= hi] == [1, 2] and lo < 1 and hi > 2
 
 
 def test_a_class_with_no_true_images_has_no_recall_in_the_heatmap(tmp_path, monkeypatch) -> None:

@@ -508,6 +508,14 @@ def test_sweep_plot_ticks_label_the_learning_rates_without_crowding() -> None:
     assert lr_ticks(1e-5, 5e-2) == pytest.approx([1e-5, 1e-4, 1e-3, 1e-2])  # decades only: 9 were too many
     assert lr_ticks(1.6e-4, 4.4e-4) == pytest.approx([1.6e-4, 2e-4, 4.4e-4])  # the ends when one falls inside
     assert lr_ticks(3e-4, 3e-4) == pytest.approx([3e-4])
+    # Close ends: rounded to 2 digits they were one tick (0.0013) outside the data, no label
+    # on the axis; now the ends themselves, written with the digits that tell them apart.
+    from fer_ray.reports import tick_labels
+
+    ticks = lr_ticks(1.2613e-3, 1.2681e-3)
+    assert ticks == pytest.approx([1.2613e-3, 1.2681e-3])
+    assert [tick_labels(ticks)(t, None) for t in ticks] == ["0.00126", "0.00127"]
+    assert [tick_labels([1.6e-4, 2e-4])(t, None) for t in (1.6e-4, 2e-4)] == ["0.00016", "0.0002"]
 
 
 def test_sweep_plot_rings_the_best_finished_trial_and_marks_failed_ones(tmp_path, monkeypatch) -> None:
