@@ -164,7 +164,8 @@ def plot_sweep(results: pd.DataFrame, histories: dict[str, pd.DataFrame], path: 
     right.set_ylabel("val accuracy")
     longest = max((len(h) for h in histories.values()), default=0)
     short = sum(len(h) < longest for h in histories.values())
-    right.set_title(f"Val accuracy per trial ({short} ended early)" if short else "Val accuracy per trial")
+    # (shorter for any reason: ASHA, --patience, the time budget, a failure or divergence)
+    right.set_title(f"Val accuracy per trial ({short} shorter than the longest)" if short else "Val accuracy per trial")
     right.grid(alpha=0.3)
     if 0 < len(histories) <= 12:
         right.legend(fontsize=7)
