@@ -101,8 +101,10 @@ def decode_image(data: bytes, channels: int) -> np.ndarray:
     """
     buf = np.frombuffer(data, dtype=np.uint8)
     flag = cv2.IMREAD_GRAYSCALE if channels == 1 else cv2.IMREAD_COLOR
-    # cv2's 8-bit read of a PFM truncates its floats (samples in [0, 1] came out black)
-    img = cv2.imdecode(buf, flag) if buf.size and not _PFM.match(data[:3]) else None
+    # cv2's 8-bit read of a PFM truncates its floats (samples in [0, 1] came out black), and
+    # of a Radiance HDR clips them (radiances above 1 came out white): read at their depth
+    floats = _PFM.match(data[:3]) or data[:10].startswith((b"#?RADIANCE", b"#?RGBE"))
+    img = cv2.imdecode(buf, flag) if buf.size and not floats else None
     if img is None:
         deep = _decode_deep(buf) if buf.size else None
         if deep is not None and deep.dtype != np.uint8:  # cv2 reads them, not converted
@@ -157,13 +159,14 @@ def _bgr_to_channels(x: np.ndarray, channels: int) -> np.ndarray:
 
 def _deep_to_uint8(img: np.ndarray, channels: int) -> np.ndarray:
     """A float or 32-bit image (cv2's BGR/BGRA order) as uint8 gray or RGB. Floats in [0, 1]
-    are that share of white, values in [0, 255] are kept, any other range is stretched to
-    0-255 (Pillow clipped floats to 0-255: a [0, 1] image came out black); NaN is black."""
+    are that share of white, whole values in [0, 255] are kept, any other range (floats
+    with fractions above 1, as radiances are) is stretched to 0-255 (Pillow clipped floats to
+    0-255: a [0, 1] image came out black; radiances of 0-4 were kept, near black); NaN is black."""
     x = np.nan_to_num(img.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
     lo, hi = (float(x.min()), float(x.max())) if x.size else (0.0, 0.0)
     if img.dtype.kind == "f" and lo >= 0 and hi <= 1:
         x = x * 255
-    elif lo < 0 or hi > 255:
+    elif lo < 0 or hi > 255 or (img.dtype.kind == "f" and not np.array_equal(x, np.rint(x))):
         x = (x - lo) * (255 / max(hi - lo, 1e-12))
     return np.clip(np.rint(_bgr_to_channels(x, channels)), 0, 255).astype(np.uint8)
 

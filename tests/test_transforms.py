@@ -175,6 +175,23 @@ def test_float_pfm_images_decode_to_their_brightness() -> None:
         assert check_image(pfm)[0] is None  # prepare keeps it
 
 
+@pytest.mark.parametrize("ext", [".hdr", ".tiff", ".pfm"])
+def test_float_images_of_radiances_above_one_are_stretched(ext: str) -> None:
+    """Floats with fractions above 1 (radiances 0-4): a Radiance HDR came out white (cv2's
+    8-bit read clips them) and a float TIFF or PFM near black (kept as 0-4 of 255). Whole
+    values in 0-255 stored as floats are kept as they are."""
+    import cv2
+
+    img = face().astype(np.float32)
+    radiance = img / 255 * 3.5 + 0.01  # 0.01 .. ~3.5
+    decoded = decode_image(cv2.imencode(ext, radiance)[1].tobytes(), 1)[:, :, 0].astype(float)
+    expected = (img - img.min()) * 255 / (img.max() - img.min())
+    assert np.abs(decoded - expected).max() <= (4 if ext == ".hdr" else 1.5)  # (HDR: 8-bit mantissas)
+    if ext == ".tiff":
+        whole = decode_image(cv2.imencode(ext, img)[1].tobytes(), 1)[:, :, 0]
+        assert np.array_equal(whole, face())
+
+
 def test_train_transform_of_decoded_images_equals_that_of_the_encoded_ones() -> None:
     """Training splits kept decoded in the object store (fer_ray.data) skip the decode and
     resize; the random steps after them must give the same images, draw for draw."""
