@@ -129,7 +129,9 @@ def fetch_pretrained_state(
     # model loaded its weights another way. Hub weights too: timm loads them leniently into
     # a new head, so layers --model-kwargs added (a larger depth) stayed random unsaid.
     into_model = [result for module, result in loads if module is model]
-    if into_model or given is not None:
+    # (Hub weights only with --model-kwargs that may add layers: timm itself loads some
+    # architectures' published weights leniently, DLA's, which then miss some tensors)
+    if given is not None or (into_model and set(kwargs) - {"in_chans"}):
         missing = set(into_model[-1].missing_keys) if into_model else set(model.state_dict()) - given
         _check_weights_cover(model, missing, name, pretrained_file, kwargs)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
