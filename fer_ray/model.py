@@ -14,6 +14,7 @@ import copy
 import difflib
 import inspect
 import json
+import logging
 import math
 import os
 import re
@@ -34,6 +35,8 @@ from fer_ray.config import ConfigError
 from fer_ray.constants import MODEL_CONFIG_FILE, WEIGHTS_FILE
 from fer_ray.model_spec import ModelSpec, read_model_spec  # noqa: F401 - fer_ray.model.ModelSpec as before
 
+log = logging.getLogger(__name__)
+
 
 def check_model_name(name: str) -> None:
     if not timm.is_model(name):
@@ -41,12 +44,14 @@ def check_model_name(name: str) -> None:
         hint = f" Did you mean: {', '.join(close)}?" if close else ""
         raise ConfigError(f"Unknown timm model {name!r}; see timm.list_models() for names.{hint}")
     arch, _, tag = name.partition(".")
-    # (timm.is_model takes any tag: "resnet18.bogus" then failed in create_model with a traceback)
-    if tag and name not in timm.list_pretrained(name):
-        tags = [t.partition(".")[2] for t in timm.list_pretrained(f"{arch}.*")]
+    # (timm.is_model takes any tag: "resnet18.bogus" then failed in create_model with a
+    # traceback; tags without weights, such as "untrained", are timm's too)
+    tagged = timm.list_models(f"{arch}.*", include_tags=True)
+    if tag and name not in tagged:
+        tags = [t.partition(".")[2] for t in tagged]
         close = difflib.get_close_matches(tag, tags, n=5, cutoff=0.6) or tags[:8]
         raise ConfigError(f"timm's {arch} has no weights tagged {tag!r}"
-                          + (f"; its tags include: {', '.join(close)}." if close else "; it has no tagged weights."))
+                          + (f"; its tags include: {', '.join(close)}." if close else "; it has no tags."))
 
 
 def create_model(name: str, num_classes: int, drop_rate: float = 0.0, **kwargs: Any) -> torch.nn.Module:
@@ -102,7 +107,8 @@ def fetch_pretrained_state(
         if pretrained_file:
             # (weights of a 1-channel stem, from a run on gray images, into a 3-channel one)
             text, stem = str(e), re.search(r"weight shape \(\d+, (\d+),.*inconsistent with input_size", str(e))
-            if stem and int(stem[1]) != int(kwargs.get("in_chans", 3)):
+            # (1 or 3 only: a space-to-depth stem's (TResNet's) second dimension is no channel count)
+            if stem and stem[1] in ("1", "3") and int(stem[1]) != int(kwargs.get("in_chans", 3)):
                 text = f"{text.rstrip('.')}; its first layer takes {stem[1]} channel(s): add --model-kwargs " \
                        f"'{{in_chans: {stem[1]}}}'"
             raise ConfigError(
@@ -129,11 +135,11 @@ def fetch_pretrained_state(
     # model loaded its weights another way. Hub weights too: timm loads them leniently into
     # a new head, so layers --model-kwargs added (a larger depth) stayed random unsaid.
     into_model = [result for module, result in loads if module is model]
-    # (Hub weights only with --model-kwargs that may add layers: timm itself loads some
-    # architectures' published weights leniently, DLA's, which then miss some tensors)
-    if given is not None or (into_model and set(kwargs) - {"in_chans"}):
+    if given is not None:
         missing = set(into_model[-1].missing_keys) if into_model else set(model.state_dict()) - given
-        _check_weights_cover(model, missing, name, pretrained_file, kwargs)
+        _check_weights_cover(model, missing, name, pretrained_file)
+    elif into_model and set(kwargs) - {"in_chans"}:
+        _warn_new_layers(model, set(into_model[-1].missing_keys), name, num_classes, kwargs)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
@@ -154,24 +160,36 @@ def _recording_loads(loads: list[Any]) -> Any:
         torch.nn.Module.load_state_dict = real
 
 
-def _check_weights_cover(model: torch.nn.Module, missing: set[str], name: str, pretrained_file: str | None,
-                         kwargs: dict[str, Any] | None = None) -> None:
-    """ConfigError unless a --pretrained-file (or, None, the published weights) set every
-    tensor of the model but its classifier (`missing`: the model's tensors it did not set):
-    timm loads weights into a model with a new head leniently, and the weights of another
-    architecture left most of the backbone random, trained as if pretrained (a file of no
-    matching tensor at all, with a frozen random backbone)."""
+def _warn_new_layers(model: torch.nn.Module, missing: set[str], name: str, num_classes: int,
+                     kwargs: dict[str, Any]) -> None:
+    """A warning naming the tensors the published weights left unset (`missing`) that exist
+    only because of --model-kwargs (a larger depth): timm loads Hub weights into a new head
+    leniently, and those layers trained from their initial values unsaid. Not an error:
+    some are meant to start fresh (a ViT's fc_norm with global_pool avg), and timm itself
+    loads some architectures' weights leniently (DLA's, ConvNeXt's fcmae)."""
+    try:
+        with torch.device("meta"):  # (the architecture without those kwargs: names only)
+            base = timm.create_model(name, num_classes=num_classes, in_chans=int(kwargs.get("in_chans", 3)))
+    except Exception:  # noqa: BLE001 - a model that cannot be built without storage: nothing said
+        return
+    new = [k for k in model.state_dict() if k in missing and k not in base.state_dict()
+           and not k.endswith("num_batches_tracked")]
+    if new:
+        log.warning("The pretrained weights of %s do not hold %d tensors --model-kwargs %s add (e.g. %s): "
+                    "those start from their initial values.", name, len(new), kwargs, ", ".join(new[:2]))
+
+
+def _check_weights_cover(model: torch.nn.Module, missing: set[str], name: str, pretrained_file: str) -> None:
+    """ConfigError unless a --pretrained-file set every tensor of the model but its
+    classifier (`missing`: the model's tensors it did not set): timm loads a file into a
+    model with a new head leniently, and the weights of another architecture left most of
+    the backbone random, trained as if pretrained (a file of no matching tensor at all,
+    with a frozen random backbone)."""
     head = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or ""
     heads = head if isinstance(head, (list, tuple)) else [head]
     wanted = [k for k in model.state_dict()
               if not k.endswith("num_batches_tracked") and not any(k.startswith(h + ".") for h in heads if h)]
     missing = [k for k in wanted if k in missing]
-    if missing and not pretrained_file:
-        raise ConfigError(
-            f"The pretrained weights of {name} leave {len(missing)} of its {len(wanted)} tensors besides the "
-            f"classifier unset (e.g. {', '.join(missing[:2])}): --model-kwargs {kwargs or {}} add layers they do "
-            "not have; leave those out, or --no-pretrained."
-        )
     if missing:
         raise ConfigError(
             f"--pretrained-file {pretrained_file!r} does not hold {name}'s weights: {len(missing)} of its "

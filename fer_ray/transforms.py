@@ -108,7 +108,7 @@ def decode_image(data: bytes, channels: int) -> np.ndarray:
     if img is None:
         deep = _decode_deep(buf) if buf.size else None
         if deep is not None and deep.dtype != np.uint8:  # cv2 reads them, not converted
-            img = _deep_to_uint8(deep, channels)
+            img = _deep_to_uint8(deep, channels, radiance=bool(floats))
         else:
             img = _decode_with_pillow(data, channels)
     elif img.max() < 64 and (deep := _decode_deep(buf)) is not None and deep.dtype == np.uint16:
@@ -157,16 +157,17 @@ def _bgr_to_channels(x: np.ndarray, channels: int) -> np.ndarray:
     return cv2.cvtColor(x, cv2.COLOR_GRAY2RGB) if channels == 3 else x
 
 
-def _deep_to_uint8(img: np.ndarray, channels: int) -> np.ndarray:
+def _deep_to_uint8(img: np.ndarray, channels: int, radiance: bool = False) -> np.ndarray:
     """A float or 32-bit image (cv2's BGR/BGRA order) as uint8 gray or RGB. Floats in [0, 1]
-    are that share of white, whole values in [0, 255] are kept, any other range (floats
-    with fractions above 1, as radiances are) is stretched to 0-255 (Pillow clipped floats to
-    0-255: a [0, 1] image came out black; radiances of 0-4 were kept, near black); NaN is black."""
+    are that share of white, values in [0, 255] are kept (rounded), any other range is
+    stretched to 0-255, as are the radiances of a PFM or Radiance HDR file (`radiance`)
+    beyond 1 (Pillow clipped floats to 0-255: a [0, 1] image came out black; radiances of
+    0-4 were kept, near black); NaN is black."""
     x = np.nan_to_num(img.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
     lo, hi = (float(x.min()), float(x.max())) if x.size else (0.0, 0.0)
     if img.dtype.kind == "f" and lo >= 0 and hi <= 1:
         x = x * 255
-    elif lo < 0 or hi > 255 or (img.dtype.kind == "f" and not np.array_equal(x, np.rint(x))):
+    elif lo < 0 or hi > 255 or radiance:
         x = (x - lo) * (255 / max(hi - lo, 1e-12))
     return np.clip(np.rint(_bgr_to_channels(x, channels)), 0, 255).astype(np.uint8)
 
