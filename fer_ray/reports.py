@@ -183,9 +183,13 @@ def lr_ticks(lo: float, hi: float, most: int = 6) -> list[float]:
     inside = [m * 10.0 ** e for e in decades for m in (1, 2, 5) if lo <= m * 10.0 ** e <= hi]
     if len(inside) > most:
         inside = [t for t in inside if np.isclose(t, 10.0 ** np.round(np.log10(t)))]
-    # (lo and hi as they are: rounded, 1.261e-3 and 1.268e-3 were one tick outside the data,
-    # and the axis had no label; tick_labels writes them short)
-    return inside if len(inside) >= 2 else sorted({lo, hi, *inside})
+    if len(inside) >= 2:
+        return inside
+    # lo and hi as they are (rounded, 1.261e-3 and 1.268e-3 were one tick outside the data,
+    # and the axis had no label; tick_labels writes them short), but not one that would sit
+    # on a 1-2-5 tick in range (1.95e-4 beside 2e-4: two labels one on the other)
+    ends = [e for e in (lo, hi) if not any(abs(np.log10(e / t)) < 0.05 for t in inside)]
+    return sorted({*ends, *inside})
 
 
 def tick_labels(ticks: Sequence[float]) -> Callable[[float, Any], str]:

@@ -781,8 +781,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"epoch_{state.epoch:04d}")
         if rank == 0 and s.resumed_config is not None:  # (after the epoch it trained with is saved)
-            storage.write_json(s.resumed_config["path"], s.resumed_config["settings"])
-            s.resumed_config = None
+            try:
+                storage.write_json(s.resumed_config["path"], s.resumed_config["settings"])
+                s.resumed_config = None
+            except OSError as e:  # (a bucket's hiccup ended a run whose epoch was saved): next epoch
+                log0(f"Could not write {s.resumed_config['path']} ({e}); tried again after the next epoch")
         if state.stopped_early or diverged:
             break
         epoch += 1

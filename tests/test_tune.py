@@ -516,6 +516,7 @@ def test_sweep_plot_ticks_label_the_learning_rates_without_crowding() -> None:
     assert ticks == pytest.approx([1.2613e-3, 1.2681e-3])
     assert [tick_labels(ticks)(t, None) for t in ticks] == ["0.00126", "0.00127"]
     assert [tick_labels([1.6e-4, 2e-4])(t, None) for t in (1.6e-4, 2e-4)] == ["0.00016", "0.0002"]
+    assert lr_ticks(1.95e-4, 4.4e-4) == pytest.approx([2e-4, 4.4e-4])  # an end beside a tick: the tick
 
 
 def test_sweep_plot_rings_the_best_finished_trial_and_marks_failed_ones(tmp_path, monkeypatch) -> None:
