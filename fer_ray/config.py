@@ -505,20 +505,21 @@ def _unknown(key: str, leaves: dict, source: str) -> None:
     raise ConfigError(f"Unknown setting {key!r} in {source}; valid settings are: {valid}.")
 
 
-# What YAML 1.2 (and Python) read as a float and PyYAML's YAML 1.1 leaves as text: an
-# exponent without a dot or its sign, 1e-1 or 5e3 (timm then failed on "'str' / 'int'").
-_EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+class YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader reading numbers as YAML 1.2 (and Python) do: an exponent without
+    a dot or its sign (1e-1, 5e3) is a float, where YAML 1.1 left it text (timm then failed
+    on --model-kwargs '{drop_path_rate: 1e-1}' with "'str' / 'int'"). Plain values only: a
+    quoted '1e-1' stays text."""
 
 
-def _yaml12_numbers(value: Any) -> Any:
-    """`value` (parsed YAML) with the numbers YAML 1.1 left as text made floats."""
-    if isinstance(value, dict):
-        return {k: _yaml12_numbers(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_yaml12_numbers(v) for v in value]
-    if isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value.strip()):
-        return float(value)
-    return value
+YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=YamlLoader)  # noqa: S506 - a SafeLoader
 
 
 def _coerce(value: Any, tp: Any, name: str) -> Any:
@@ -535,14 +536,13 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
         return tuple(_coerce(v, t, name) for v, t in zip(items, args))
     if tp is dict:
         try:
-            parsed = yaml.safe_load(value) if isinstance(value, str) else value
+            parsed = yaml_load(value) if isinstance(value, str) else value
         except yaml.YAMLError as e:
             problem = getattr(e, "problem", None) or str(e).splitlines()[0]
             raise ConfigError(f"{_setting(name)} is not valid YAML ({problem}): {value!r}; "
                               "write it as '{a: 1, b: 2}'.") from None
         if not isinstance(parsed, dict):
             raise ConfigError(f"{_setting(name)} expects a mapping such as '{{a: 1}}', got {value!r}.")
-        parsed = _yaml12_numbers(parsed)
         # A key without a value would be dropped unseen (timm leaves out None arguments);
         # '{in_chans:1}' is one: YAML reads the key "in_chans:1", as it needs ": ".
         blank = [str(k) for k, v in parsed.items() if v is None]
@@ -617,7 +617,7 @@ def load_config_file(path: str | Path, cls: type) -> dict[str, Any]:
     if not storage.is_file(p):
         raise ConfigError(f"Config file {p!r} does not exist.")
     try:
-        values = yaml.safe_load(storage.read_bytes(p).decode()) or {}
+        values = yaml_load(storage.read_bytes(p).decode()) or {}
     except UnicodeDecodeError:
         raise ConfigError(f"Config file {p!r} is not text; give a YAML or JSON file of settings.") from None
     except yaml.YAMLError as e:

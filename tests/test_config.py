@@ -102,9 +102,10 @@ def test_model_kwargs_numbers_with_an_exponent_are_numbers(tmp_path) -> None:
     cfg = parse(["--data", "d", "--output", "o", "--model-kwargs", "{drop_path_rate: 1e-1, in_chans: 1}"])
     assert cfg.model.model_kwargs == {"drop_path_rate": 0.1, "in_chans": 1}
     path = tmp_path / "c.yaml"
-    path.write_text("data: d\noutput: o\nmodel_kwargs: {drop_path_rate: 5E-2, act_layer: relu, x: [2e1, '1']}\n")
-    assert parse(["--config", str(path)]).model.model_kwargs == {"drop_path_rate": 0.05, "act_layer": "relu",
-                                                                "x": [20.0, "1"]}
+    path.write_text("data: d\noutput: o\nlr: 1e-3\nmodel_kwargs: {drop_path_rate: 5E-2, act_layer: relu, x: [2e1, '1e1']}\n")
+    cfg = parse(["--config", str(path)])
+    assert cfg.model.model_kwargs == {"drop_path_rate": 0.05, "act_layer": "relu", "x": [20.0, "1e1"]}  # quoted: text
+    assert cfg.optim.lr == 0.001
 
 
 def test_a_blank_yaml_value_is_named_not_read_as_the_text_none(tmp_path) -> None:
