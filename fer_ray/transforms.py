@@ -232,6 +232,8 @@ def create_transform(
         + [
             A.HorizontalFlip(p=0.5),
             A.Affine(
+                # (each axis's scale drawn on its own: Albumentations' keep_ratio=False, which
+                # every accuracy figure in bench/ACCURACY.md trained with)
                 scale=(1 - 0.1 * strength, 1 + 0.1 * strength),
                 translate_percent=(-0.08 * strength, 0.08 * strength),
                 rotate=(-10 * strength, 10 * strength),
