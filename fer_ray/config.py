@@ -257,7 +257,8 @@ class RunOptions:
     )
     seed: int = field(default=0, metadata={"help": "seed of the model's initialisation and, with each worker's rank and the epoch, of its dropout masks and mixup/cutmix draws"})
     max_failures: int = field(
-        default=2, metadata={"help": "worker failures survived by restarting from a checkpoint"}
+        default=2, metadata={"help": "worker failures survived by restarting from a checkpoint "
+                                     "(a spot node reclaimed under `ray up`'s autoscaler counts as one)"}
     )
 
 
