@@ -150,14 +150,12 @@ def split_dataset(
     shuffled as encoded bytes. `rates` (sampling_rates) resample the training rows by class
     before the shuffle.
     """
-    import ray
-
     folder = storage.join(storage.normalize(shards), split)
     cache = fits_in_object_store(encoded_bytes(folder))
     ds = read_shards(folder).select_columns([IMAGE_COL, LABEL_COL])
     _quiet(ds)
     # Training data is shuffled into one block per CPU, so that every CPU decodes.
-    blocks = max(2, int(ray.cluster_resources().get("CPU", 2))) if is_training else 0
+    blocks = shuffle_parallelism() if is_training else 0
     shuffle_block = 0
     if cache:
         ds = ds.materialize()
@@ -200,6 +198,20 @@ def split_dataset(
     if cache and not is_training:
         ds = ds.materialize()
     return ds
+
+
+def shuffle_parallelism() -> int:
+    """The CPUs the training data's augmentation may run on, 2 at least: those up now or,
+    where more, those an autoscaler may bring up (its node types' max_workers). Counted
+    on the nodes up when the dataset was built, a cold cluster.yaml cluster (a head of no
+    CPUs, the GPU workers' 4 each) cut the data into 2-4 blocks for the whole run, however
+    many CPU workers Ray Data then brought up."""
+    import ray
+
+    from fer_ray.cli import autoscaler_limits
+
+    most = (autoscaler_limits() or {}).get("CPU", 0)
+    return max(2, int(ray.cluster_resources().get("CPU", 0)), int(most))
 
 
 def shuffle_blocks(nbytes: int, cpus: int) -> int:

@@ -167,6 +167,24 @@ def test_eval_data_keeps_every_image_once(ray_cluster, synth_shards) -> None:
     assert all(b["image"].shape[1:] == (32, 32, 1) and b["image"].dtype == np.uint8 for b in batches)
 
 
+def test_the_training_shuffle_counts_the_cpus_an_autoscaler_may_bring_up(monkeypatch) -> None:
+    """Counted on the nodes up when the dataset was built, a cold cluster.yaml cluster (a
+    head of no CPUs, one GPU worker's 4) cut the training data into 4 blocks for the whole
+    run, though Ray Data brings up CPU workers of 16 each for the augmentation."""
+    import ray
+
+    import fer_ray.cli
+    from fer_ray.data import shuffle_parallelism
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0, "GPU": 1.0})
+    monkeypatch.setattr(fer_ray.cli, "autoscaler_limits", lambda: {"CPU": 48.0, "GPU": 4.0})
+    assert shuffle_parallelism() == 48
+    monkeypatch.setattr(fer_ray.cli, "autoscaler_limits", lambda: None)  # a fixed cluster, or a laptop
+    assert shuffle_parallelism() == 4
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {})
+    assert shuffle_parallelism() == 2
+
+
 def test_training_images_stream_in_blocks_of_one_map_batch(ray_cluster, synth_shards, monkeypatch) -> None:
     """Each map batch leaves as its own block, so the loop gets its first batch as soon as
     one is made, not once a task has transformed its whole share of the split."""
