@@ -46,7 +46,7 @@ def check_model_name(name: str) -> None:
     arch, _, tag = name.partition(".")
     # (timm.is_model takes any tag: "resnet18.bogus" then failed in create_model with a
     # traceback; tags without weights, such as "untrained", are timm's too)
-    tagged = timm.list_models(f"{arch}.*", include_tags=True)
+    tagged = timm.list_models(f"{arch}.*", include_tags=True) if tag else []
     if tag and name not in tagged:
         tags = [t.partition(".")[2] for t in tagged]
         close = difflib.get_close_matches(tag, tags, n=5, cutoff=0.6) or tags[:8]

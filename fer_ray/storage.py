@@ -108,8 +108,8 @@ def same_place(a: str, b: str) -> bool:
     """Whether two spellings name one folder: a local path and its file:// URI (with or
     without a last slash), or two URIs that differ only in a last slash; a URI's options
     count (another endpoint may be another store)."""
-    return _place(a) == _place(b) and (not is_uri(_place(a)) or _split_query(normalize(a))[1] ==
-                                       _split_query(normalize(b))[1])
+    place = _place(a)
+    return place == _place(b) and (not is_uri(place) or _split_query(normalize(a))[1] == _split_query(normalize(b))[1])
 
 
 def _place(path: str) -> str:

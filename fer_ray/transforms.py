@@ -35,8 +35,9 @@ cv2.setNumThreads(1)
 # Radiance HDR, PFM, and through Pillow QOI, PSD, ICO/CUR and Netpbm): scoring reads a file
 # whose name has no image extension only when it begins so (looks_like_image). TGA and PCX
 # have no such signature.
+_HDR = (b"#?RADIANCE", b"#?RGBE")  # Radiance HDR's first bytes
 _SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"II*\x00", b"MM\x00*",
-               b"qoif", b"8BPS", b"#?RADIANCE", b"#?RGBE")  # ... TIFF both ways, QOI, Photoshop, HDR
+               b"qoif", b"8BPS", *_HDR)  # ... TIFF both ways, QOI, Photoshop, HDR
 SIGNATURE_BYTES = 12
 
 
@@ -103,7 +104,7 @@ def decode_image(data: bytes, channels: int) -> np.ndarray:
     flag = cv2.IMREAD_GRAYSCALE if channels == 1 else cv2.IMREAD_COLOR
     # cv2's 8-bit read of a PFM truncates its floats (samples in [0, 1] came out black), and
     # of a Radiance HDR clips them (radiances above 1 came out white): read at their depth
-    floats = _PFM.match(data[:3]) or data[:10].startswith((b"#?RADIANCE", b"#?RGBE"))
+    floats = _PFM.match(data[:3]) or data.startswith(_HDR)
     img = cv2.imdecode(buf, flag) if buf.size and not floats else None
     if img is None:
         deep = _decode_deep(buf) if buf.size else None

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fer_ray.config import ConfigError, HelpFormatter  # noqa: E402
 from fer_ray.constants import TEST, TRAIN, VAL  # noqa: E402
-from fer_ray.storage import check_creatable, local_here, missing_folders, normalize, remove_empty  # noqa: E402
+from fer_ray.storage import check_creatable, local_here, missing_folders, remove_empty  # noqa: E402
 from fer_ray.synthetic import IMAGE_FORMATS, generate_dataset  # noqa: E402
 
 
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # The path the other jobs read it as: "~/synth" (as bash leaves `--output=~/synth`)
         # made a folder "~" here, and "file:/tmp/x" a folder "file:".
-        out = local_here(normalize(args.output))
+        out = local_here(args.output)
     except ConfigError as e:
         parser.error(str(e).rstrip("."))
     if out is None:  # (written with the local filesystem: s3:// made a folder "s3:")
