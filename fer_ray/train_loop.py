@@ -91,6 +91,7 @@ class LoopSettings:
     # A resumed run's config.json ({"path", "settings"}), written by rank 0 once its first
     # epoch's checkpoint is saved (fer_ray.trainer.train); None: written by the driver.
     resumed_config: dict[str, Any] | None = None
+    output: str = ""  # the run's folder as given (a bucket's log lines keep its scheme)
 
     def __post_init__(self) -> None:
         if isinstance(self.spec, dict):  # arrived through Ray as a plain dict (asdict)
@@ -595,7 +596,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             restored = load_checkpoint(folder, model)
         state = TrainState(**restored["state"])
         log0(f"Resuming after epoch {state.epoch} (step {state.global_step}) from "
-             f"{storage.full_path(checkpoint.filesystem, checkpoint.path)}")  # (a bucket's: with its scheme)
+             f"{storage.full_path(checkpoint.filesystem, checkpoint.path, s.output)}")  # (a bucket's: with its scheme)
     # channels_last: tensor cores on GPUs, and on most CPUs oneDNN's fast kernels (5-140%
     # faster training steps for the timm CNNs measured on one VM, slower on another). On a
     # CPU, --amp auto measures fp32 and bf16, each with and without channels_last, and

@@ -175,6 +175,7 @@ def resolve_settings(
         cpus_per_worker=r.cpus_per_worker,
         pretrained=bool(m.pretrained),
         pretrained_state=pretrained_state,
+        output=storage.normalize(r.output),
     )
 
 

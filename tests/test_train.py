@@ -452,13 +452,16 @@ def test_data_and_output_are_recorded_absolute_so_reruns_and_trials_find_them(sy
     """`--config RUN/config.json` from another folder trained a new run under that folder:
     config.json named the output as given (relative)."""
     from fer_ray.config import TrainConfig, parse_config
-    from fer_ray.trainer import check_inputs
+    from fer_ray.trainer import check_inputs, resolve_settings
 
     monkeypatch.chdir(synth_shards.parent)
     out = os.path.relpath(tmp_path / "o", synth_shards.parent)
     cfg, _ = parse_config(TrainConfig, tiny_train_args(synth_shards.name, out), argparse.ArgumentParser())
     check_inputs(cfg)
     assert cfg.data.data == str(synth_shards) and cfg.run.output == str(tmp_path / "o")
+    # The workers get it too: their "Resuming ... from" line names a bucket's checkpoint with
+    # the scheme the run was given (a gs:// one read gcs://, pyarrow's name).
+    assert resolve_settings(cfg, check_inputs(cfg)).output == str(tmp_path / "o")
 
 
 def test_missing_shards_folder(tmp_path, synth_shards, capsys) -> None:
