@@ -73,8 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=256, help="images per model call")
     parser.add_argument("--num-actors", type=_actors_arg, default="auto",
                         help="model replicas: one GPU each with --use-gpu; on CPU they split the "
-                        "cores and each decodes its own batches. auto: one per 10,000 images, at "
-                        "most the cores (the cluster's GPUs with --use-gpu)")
+                        "cores and each decodes its own batches. auto: one, and one more for each "
+                        "whole 10,000 images, at most the cores (the cluster's GPUs with --use-gpu)")
     parser.add_argument("--use-gpu", action="store_true", help="one GPU per actor")
     parser.add_argument("--amp", default="auto", choices=AMP_MODES,
                         help="autocast precision of the model: auto (bf16 on GPUs that have it, "

@@ -5,7 +5,7 @@
     python jobs/prepare.py --source fer2013.csv --output data/fer2013_csv
     ray job submit --working-dir . -- python jobs/prepare.py --source s3://b/faces --output s3://b/shards
 
---source: split folders (train/, val/ or validation/, optional test/, each with class
+--source: split folders (train/ or training/, val/, valid/ or validation/, optional test/, each with class
 folders), one folder of class folders (split by --val-fraction), or the FER2013 CSV.
 Writes OUTPUT/<split>/*.parquet (image, label, path) and OUTPUT/manifest.json.
 """
