@@ -33,7 +33,6 @@ from fer_ray.constants import (
     FER_CSV_CODES,
     FER_CSV_USAGE,
     IMAGE_COL,
-    IMAGE_EXTENSIONS,
     LABEL_COL,
     MANIFEST_FILE,
     PATH_COL,
@@ -118,9 +117,12 @@ def _class_dirs(folder: str) -> list[str]:
 
 
 def _loose_images(folder: str) -> list[str]:
-    """Image files (by their extension; not hidden) directly in a folder of class folders."""
+    """Image files (by their name, as scoring tells them; not hidden) directly in a folder
+    of class folders or of split folders."""
+    from fer_ray.transforms import has_image_name
+
     return [storage.child(folder, e.base_name) for e in storage.list_dir(folder)
-            if e.type.name == "File" and e.base_name.lower().endswith(IMAGE_EXTENSIONS)]
+            if e.type.name == "File" and has_image_name(e.base_name)]
 
 
 UNCLASSED = "not in a class folder (no label)"
@@ -267,12 +269,23 @@ def _list_split_folders(
         extra = sorted(name for key, name in here.items() if key not in known)
         if extra:
             raise ConfigError(
-                f"Split {dirname!r} has classes that train/ lacks ({', '.join(extra)}); "
-                "add them to train/ or remove them."
+                f"Split {dirname!r} has classes that {split_dirs[TRAIN]}/ lacks ({', '.join(extra)}); "
+                f"add them to {split_dirs[TRAIN]}/ or remove them."
             )
         listing.items[split] = _files_by_class(folder, [here.get(class_key(c), c) for c in classes])
         listing.unclassed += _loose_images(folder)
+    listing.unclassed += _loose_images(source)  # (beside the split folders)
+    listed = {split: len(items) for split, items in listing.items.items()}
     listing.items = _each_file_once(source, listing.items, classes)
+    for split in (VAL, TEST):
+        if listed.get(split) and not listing.items[split]:
+            # (else read as an empty folder: "holds no images", beside the warning above)
+            what = (f"Every image in the {split} folder {split_dirs[split]!r} of {source!r} is a "
+                    f"training image too (through symbolic links)")
+            if split == VAL:
+                raise ConfigError(f"{what}; give it images of its own, or remove it to carve val from train.")
+            log.warning("%s; leaving the test split out", what)
+            del listing.items[split]
     if VAL not in split_dirs:
         # No val folder: carve a stratified val split out of train.
         train_items = listing.items[TRAIN]
@@ -285,6 +298,17 @@ def _list_split_folders(
 
 
 def _list_class_folders(source: str, subdirs: list[str], val_fraction: float, seed: int) -> Listing:
+    # A folder one level too high, holding datasets of split folders: each dataset became a
+    # class (its train/ and val/ images pooled), a classifier of which dataset an image is in.
+    datasets = [d for d in subdirs if any(
+        e.type.name == "Directory" and SPLIT_ALIASES.get(e.base_name.lower()) == TRAIN
+        for e in storage.list_dir(storage.child(source, d)))]
+    if datasets:
+        raise ConfigError(
+            f"Source {source!r} holds datasets, not class folders: {', '.join(datasets)} "
+            f"{'holds' if len(datasets) == 1 else 'each hold'} a train/ folder; give "
+            f"{'that folder' if len(datasets) == 1 else 'one of them'} as --source."
+        )
     classes = class_order(subdirs)
     items = _each_file_once(source, {TRAIN: _files_by_class(source, classes)}, classes)[TRAIN]
     tr, va = stratified_split([lab for _, lab in items], val_fraction, seed)
@@ -569,11 +593,14 @@ def _check_output(source: str, output: str) -> None:
 def _half_published(output: str, entries: list[Any]) -> bool:
     """Whether `output`, a folder without a manifest, holds shards that a stopped run left
     while it swapped them in (_publish): only split folders of Parquet files (a folder of
-    images in split folders has class folders in them)."""
+    images in split folders has class folders in them), and perhaps the manifest's
+    temporary file."""
     return all(
-        e.type.name == "Directory" and e.base_name in SPLITS
-        and all(c.type.name == "File" and c.base_name.endswith(".parquet")
-                for c in storage.list_dir(storage.join(output, e.base_name)))
+        (e.type.name == "Directory" and e.base_name in SPLITS
+         and all(c.type.name == "File" and c.base_name.endswith(".parquet")
+                 for c in storage.list_dir(storage.join(output, e.base_name))))
+        # the manifest's temporary name (storage.write_bytes): stopped before its move
+        or (e.type.name == "File" and e.base_name == MANIFEST_FILE + ".tmp")
         for e in entries
     )
 

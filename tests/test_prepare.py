@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -90,6 +91,9 @@ def test_split_class_missing_from_train_is_an_error(tmp_path) -> None:
     make_tree(tmp_path, {"train/happy": 2, "val/happy": 1, "val/angry": 1})
     with pytest.raises(ConfigError, match="classes that train/ lacks \\(angry\\)"):
         list_source(str(tmp_path))
+    make_tree(tmp_path / "b", {"Training/happy": 2, "val/happy": 1, "val/angry": 1})
+    with pytest.raises(ConfigError, match="classes that Training/ lacks \\(angry\\); add them to Training/"):
+        list_source(str(tmp_path / "b"))
 
 
 @pytest.mark.parametrize(
@@ -111,11 +115,20 @@ def test_bad_sources(tmp_path, setup, message) -> None:
 
 def test_a_source_one_level_too_high_is_named_not_taken_for_one_class(tmp_path) -> None:
     """SRC/fer2013/{train,val}/<class>: one class folder, 'fer2013', whose train and val
-    images were pooled into one label and written as shards that no training can use."""
+    images were pooled into one label and written as shards that no training can use. Two
+    datasets side by side were two classes, a classifier of the dataset an image is in."""
     make_tree(tmp_path / "src" / "fer2013", {"train/happy": 2, "train/sad": 2, "val/happy": 1, "val/sad": 1})
-    with pytest.raises(ConfigError, match=r"has one class folder \(fer2013\); a classifier needs at least two"):
+    with pytest.raises(ConfigError, match=r"holds datasets, not class folders: fer2013 holds a train/ folder; "
+                                          r"give that folder as --source"):
         list_source(str(tmp_path / "src"))
     assert sorted(list_source(str(tmp_path / "src" / "fer2013")).classes) == ["happy", "sad"]
+    make_tree(tmp_path / "src" / "ck", {"Training/happy": 2, "Training/sad": 2})
+    with pytest.raises(ConfigError, match=r"holds datasets, not class folders: ck, fer2013 each hold a train/ "
+                                          r"folder; give one of them as --source"):
+        list_source(str(tmp_path / "src"))
+    make_tree(tmp_path / "one", {"x/happy": 2})  # a class folder of subfolders is still one class
+    with pytest.raises(ConfigError, match=r"has one class folder \(x\); a classifier needs at least two"):
+        list_source(str(tmp_path / "one"))
 
 
 def test_a_val_share_that_rounds_to_nothing_is_named(tmp_path) -> None:
@@ -148,6 +161,18 @@ def test_split_folders_of_loose_images_are_named_so(tmp_path, caplog) -> None:
     listing = list_source(str(tmp_path / "b"))
     assert sorted(listing.items) == ["train", "val"]
     assert "The test folder 'test' of" in caplog.text and "holds files but no class folders" in caplog.text
+
+
+def test_loose_images_beside_split_folders_or_of_any_image_name_are_listed_as_unclassed(tmp_path) -> None:
+    """Images beside train/ and val/ were passed over unsaid, and a loose .jfif or .pgm in a
+    split folder too (only eight extensions were looked for; in a class folder it is kept)."""
+    make_tree(tmp_path, {"train/happy": 2, "train/sad": 2, "val/happy": 1, "val/sad": 1})
+    for name in ("stray.png", "train/loose.jfif", "val/loose.pgm"):
+        (tmp_path / name).write_bytes(png(1))
+    (tmp_path / "train" / "notes.txt").write_text("not an image")
+    listing = list_source(str(tmp_path))
+    assert sorted(os.path.relpath(p, tmp_path) for p in listing.unclassed) == [
+        "stray.png", "train/loose.jfif", "val/loose.pgm"]
 
 
 def test_two_folders_of_one_split_are_named(tmp_path) -> None:
@@ -393,6 +418,7 @@ def test_a_run_stopped_while_publishing_is_replaced_by_the_rerun(ray_cluster, tm
     out = tmp_path / "shards"
     prepare(str(src), str(out), val_fraction=0.5)
     (out / "manifest.json").unlink()  # as _publish leaves it when stopped there
+    (out / "manifest.json.tmp").write_text("{")  # stopped before the new one's move (storage.write_bytes)
     (out / ".staging-0badf00d" / "train").mkdir(parents=True)  # as a killed run leaves it
     with caplog.at_level("WARNING", logger="fer_ray.prepare"):
         manifest = prepare(str(src), str(out), val_fraction=0.5)
@@ -481,6 +507,20 @@ def test_a_file_reached_twice_through_symbolic_links_is_listed_once(tmp_path, ca
         listing = list_source(str(split))
     assert {k: len(v) for k, v in listing.items.items()} == {"train": 8, "val": 3}
     assert "2 file(s) of val are train images too (symbolic links); left out of val" in caplog.text
+
+    # Every val image a link to a training one: the folder was said to hold no images.
+    (split / "val" / "happy" / "own.png").unlink()
+    shutil.rmtree(split / "val" / "sad")
+    with pytest.raises(ConfigError, match=r"Every image in the val folder 'val' of .* is a training image too "
+                                          r"\(through symbolic links\); give it images of its own"):
+        list_source(str(split))
+    (split / "test").symlink_to(split / "train")
+    (split / "val" / "happy" / "own.png").write_bytes(png(7))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        listing = list_source(str(split))
+    assert sorted(listing.items) == ["train", "val"]
+    assert "Every image in the test folder 'test' of" in caplog.text and "holds no images" not in caplog.text
 
 
 def test_an_image_above_pillows_bomb_limit_is_kept_as_scoring_reads_it(monkeypatch) -> None:
