@@ -495,22 +495,29 @@ def write_outputs(results: pd.DataFrame, tune_dir: str) -> dict[str, Any] | None
     return None if best is None else best.to_dict()
 
 
-def check_resumed_blur(tune_dir: str, sigma: str) -> None:
+def check_resumed_blur(tune_dir: str, sigma: str) -> bool:
     """A resumed sweep's validation blur (--input-blur, resolved) is the one it began with:
     its trials' scores would not compare otherwise. Checked once resolved (not with the
     other settings, trainer._check_resume_compatible): `auto` measures the same sigma again
-    on the same shards."""
+    on the same shards. A sweep that saved no epoch starts again instead, as it does for
+    the other settings (True: it was removed)."""
     begun = storage.read_json_or_none(storage.join(tune_dir, SWEEP_CONFIG_FILE)) or {}
     old = (begun.get("data") or {}).get("input_blur")
     try:
         changed = old is not None and not same_sigma(float(old), float(sigma))
     except (TypeError, ValueError):  # a sweep_config.json from before the blur was resolved
-        return
+        return False
+    if changed and saved_nothing(tune_dir):
+        log.info("Output %s holds a sweep whose trials saved no epoch; it starts again with these settings",
+                 tune_dir)
+        start_again(tune_dir)
+        return True
     if changed:
         raise ConfigError(
             f"{tune_dir!r} holds a sweep with different settings (input_blur {old} -> {sigma}); "
             f"use a new --output, or --input-blur {old} to resume it."
         )
+    return False
 
 
 def sweep_cpu_format(cfg: SweepConfig, spec: Any, begun: dict[str, Any]) -> str | None:
@@ -590,7 +597,9 @@ def sweep(cfg: SweepConfig, manifest: dict[str, Any]) -> tuple[pd.DataFrame, dic
     # Measured once here (see fer_ray.blur) rather than by every trial: all trials match the same.
     spec = resolve_settings(cfg, manifest).spec
     cfg.data.input_blur = str(spec.input_blur)
-    check_resumed_blur(tune_dir, cfg.data.input_blur)
+    if check_resumed_blur(tune_dir, cfg.data.input_blur):  # started again
+        begun, done = {}, 0
+        resources = sweep_trial_resources(tune_dir, begun)
     cpu_format = sweep_cpu_format(cfg, spec, begun)
     storage.makedirs(tune_dir)
     _INTERRUPTED.clear()

@@ -56,9 +56,9 @@ def main(argv: list[str] | None = None) -> int:
         where = storage.join(cfg.run.output, "results.parquet")
         if failed == len(results):
             print(f"error: no trial finished; each trial's error is in {where}", file=sys.stderr)
-        else:  # (ended, but before an epoch was saved: a --time-budget shorter than one, say)
-            print(f"error: no trial kept an epoch: {len(results) - failed} ended before saving one (a "
-                  f"--time-budget shorter than an epoch?) and {failed} failed; the trials are in {where}",
+        else:  # (ended without an epoch to keep: diverged in their first; the budget ends none before it)
+            print(f"error: no trial kept an epoch: {len(results) - failed} diverged in their first epoch (a "
+                  f"lower --lr-range?) and {failed} failed; the trials are in {where}",
                   file=sys.stderr)
         return 1
 

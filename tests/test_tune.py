@@ -634,14 +634,37 @@ def test_the_concurrency_warning_names_the_limit_that_holds_trials_back(monkeypa
 
 def test_trials_that_ended_before_saving_an_epoch_are_not_called_failed(ray_cluster, synth_shards, tmp_path,
                                                                         capsys, monkeypatch) -> None:
-    """Every trial ended (status TERMINATED) without an epoch to keep, a time budget shorter
-    than an epoch say: the job said "no trial finished; each trial's error is in ...", and
-    their rows hold no error."""
+    """Every trial ended (status TERMINATED) without an epoch to keep, diverged in its first
+    epoch: the job said "no trial finished; each trial's error is in ...", and their rows
+    hold no error. (It then blamed a --time-budget shorter than an epoch, which ends none
+    before its first.)"""
     import fer_ray.tuning as tuning
 
     rows = pd.DataFrame({"trial_id": ["a", "b"], "status": ["TERMINATED", "ERROR"], "error": [None, "boom"]})
     monkeypatch.setattr(tuning, "sweep", lambda cfg, manifest: (rows, None))
     assert tune_main(sweep_args(str(synth_shards), str(tmp_path / "s"))) == 1
     err = capsys.readouterr().err
-    assert "error: no trial kept an epoch: 1 ended before saving one (a --time-budget shorter than an epoch?) " \
+    assert "error: no trial kept an epoch: 1 diverged in their first epoch (a lower --lr-range?) " \
            "and 1 failed" in err, err
+
+
+def test_a_sweep_that_saved_nothing_starts_again_with_another_input_blur(tmp_path, caplog) -> None:
+    """Only --input-blur changed on a sweep none of whose trials saved an epoch: it was
+    refused ("different settings"), where any other change started it again."""
+    import fer_ray.tuning as tuning
+    from fer_ray.config import ConfigError
+
+    out = tmp_path / "s"
+    (out / "trials" / "t1").mkdir(parents=True)
+    (out / "sweep_config.json").write_text(json.dumps({"data": {"input_blur": "0.0"}}))
+    with caplog.at_level("INFO", logger="fer_ray.tuning"):
+        assert tuning.check_resumed_blur(str(out), "1.5") is True
+    assert "holds a sweep whose trials saved no epoch; it starts again" in caplog.text
+    assert not (out / "sweep_config.json").exists() and not (out / "trials").exists()
+    # A sweep with a saved epoch is still held to its blur; the same blur resumes.
+    (out / "trials" / "t1").mkdir(parents=True)
+    (out / "trials" / "t1" / "summary.json").write_text("{}")
+    (out / "sweep_config.json").write_text(json.dumps({"data": {"input_blur": "0.0"}}))
+    assert tuning.check_resumed_blur(str(out), "0.0") is False
+    with pytest.raises(ConfigError, match=r"different settings \(input_blur 0.0 -> 1.5\)"):
+        tuning.check_resumed_blur(str(out), "1.5")
