@@ -18,6 +18,7 @@ import re
 import shutil
 import signal
 import threading
+import time
 from typing import Any
 
 import pandas as pd
@@ -85,6 +86,52 @@ def trial_resources() -> dict[str, float]:
     import ray
 
     return {TRIAL_SLOT: 1} if ray.cluster_resources().get(TRIAL_SLOT) else {"CPU": TRIAL_DRIVER_CPU}
+
+
+class TrialGate:
+    """The trials that may train at once: each trial takes a place before it starts its
+    TorchTrainer (run_trial) and gives it back when it ends (itself, and the driver's
+    TrialLine for a trial stopped or lost without a word). Tune's searcher limits only the
+    trials it creates: a resumed sweep's failed trials all went back to pending and started
+    together with the ones left, and where the cluster held fewer, their Train workers took
+    every CPU and Ray Data none. Run as an actor of the sweep's driver (num_cpus=0)."""
+
+    def __init__(self, places: int) -> None:
+        self.places, self.holders = places, set()
+
+    def enter(self, trial_id: str) -> bool:
+        if trial_id in self.holders or len(self.holders) < self.places:
+            self.holders.add(trial_id)
+            return True
+        return False
+
+    def leave(self, trial_id: str) -> None:
+        self.holders.discard(trial_id)
+
+
+GATE_POLL_S = 2.0
+_GATE: list[Any] = []  # the running sweep's TrialGate actor, for TrialLine (in the driver)
+
+
+def _leave_gate(trial_id: str) -> None:
+    if _GATE:
+        _GATE[0].leave.remote(trial_id)
+
+
+def _pass_gate(gate: Any, trial_id: str, places: int) -> None:
+    """Wait (holding no CPU) until the trial may train."""
+    said = False
+    while True:
+        try:
+            if ray.get(gate.enter.remote(trial_id)):
+                return
+        except ray.exceptions.RayActorError:  # (its node lost: train, as sweeps did without it)
+            log.warning("Trial %s found the sweep's trial gate gone; it trains without waiting", trial_id)
+            return
+        if not said:
+            log.info("Trial %s waits for one of the %d trials that run at once to end", trial_id, places)
+            said = True
+        time.sleep(GATE_POLL_S)
 RESULT_COLUMNS = [
     "trial_id", "lr", "label_smoothing", "best_val_acc", "best_epoch", "epochs_run",
     "stopped_early", "status", "error", "best_dir",
@@ -101,11 +148,24 @@ def trial_config(base: dict[str, Any], lr: float, label_smoothing: float, output
 
 
 def run_trial(config: dict[str, Any], base: dict[str, Any], manifest: dict[str, Any],
-              tune_dir: str, pretrained: Any, cpu_format: str | None = None) -> None:
-    """One Tune trial: a complete training run, reported to Tune epoch by epoch."""
+              tune_dir: str, pretrained: Any, cpu_format: str | None = None, gate: Any = None) -> None:
+    """One Tune trial: a complete training run, reported to Tune epoch by epoch. `gate`:
+    [a TrialGate actor, its places], passed before the trial trains (None: no gate)."""
+    trial_id = ray.tune.get_context().get_trial_id()
+    if not gate:
+        _run_trial(trial_id, config, base, manifest, tune_dir, pretrained, cpu_format)
+        return
+    _pass_gate(gate[0], trial_id, gate[1])
+    try:
+        _run_trial(trial_id, config, base, manifest, tune_dir, pretrained, cpu_format)
+    finally:
+        gate[0].leave.remote(trial_id)
+
+
+def _run_trial(trial_id: str, config: dict[str, Any], base: dict[str, Any], manifest: dict[str, Any],
+               tune_dir: str, pretrained: Any, cpu_format: str | None) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    trial_id = ray.tune.get_context().get_trial_id()
     trial_dir = storage.join(tune_dir, TRIALS_DIR, trial_id)
     cfg = trial_config(base, config["lr"], config["label_smoothing"], trial_dir)
     # The trial's budget counts from its workers' start, not from the minutes they may wait
@@ -196,6 +256,7 @@ class TrialLine(ray.tune.Callback):
     """One progress line per finished trial (Ray's table shows the running ones)."""
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        _leave_gate(trial.trial_id)  # (also for a trial stopped before its own leave ran)
         r = trial.last_result or {}
         ran = r.get("epoch", 0)
         cut = f" (stopped after {ran} of {self.epochs} epochs)" if ran < self.epochs else ""
@@ -213,6 +274,7 @@ class TrialLine(ray.tune.Callback):
         self.epochs, self.tune_dir = epochs, tune_dir
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        _leave_gate(trial.trial_id)  # (a trial whose process was lost never ran its own)
         # Under TUNE_DIR, where Tune copies it: the driver's copy (trial.error_file) is in
         # Ray's session folder, which does not outlast the cluster.
         error_file = storage.join(self.tune_dir, TUNE_RUN_NAME, trial.trial_id, "error.txt")
@@ -314,38 +376,52 @@ def build_tuner(cfg: SweepConfig, manifest: dict[str, Any], cpu_format: str | No
                 resources: dict[str, float] | None = None, begun_concurrent: int | None = None,
                 done: int = 0):
     """(A new Tuner, or the interrupted sweep in TUNE_DIR restored (finished trials kept);
-    the number of trials it runs at once). A restored sweep runs as many at once as it
-    began with (Tune restores its search with them): ConfigError when this cluster holds
-    fewer (`begun_concurrent`, sweep_config.json), as their workers and Ray Data tasks
-    would wait on each other for ever. `done`: the trials the sweep in TUNE_DIR finished
-    (finished_trials); when that is all of them, none will run (no pretrained weights loaded)."""
+    the number of trials it runs at once; the TrialGate actor that holds them to it, or
+    None). A restored sweep runs as many at once as it began with (Tune restores its search
+    with them): ConfigError when this cluster holds fewer (`begun_concurrent`,
+    sweep_config.json), as their workers and Ray Data tasks would wait on each other for
+    ever. `done`: the trials the sweep in TUNE_DIR finished (finished_trials); when that is
+    all of them, none will run (no pretrained weights loaded)."""
     tune_dir = storage.normalize(cfg.run.output)
+    experiment = storage.join(tune_dir, TUNE_RUN_NAME)
+    restoring = ray.tune.Tuner.can_restore(experiment)
+    if restoring:
+        check_resumed_concurrency(cfg, tune_dir, begun_concurrent, cfg.sweep.num_samples - done)
+        concurrent = begun_concurrent  # (None: a sweep from before the record, run ungated)
+    else:
+        capacity = cluster_capacity(cfg)
+        concurrent = min(cfg.sweep.max_concurrent or capacity, capacity)
+        if cfg.sweep.max_concurrent and cfg.sweep.max_concurrent > capacity:
+            # More trials than the CPUs hold: their workers and Ray Data tasks wait on each
+            # other, and every trial's worker group times out (seen: no epoch in 4 minutes).
+            log.warning("--max-concurrent %d is more trials than this cluster holds at once (%d: %s); "
+                        "running %d at once", cfg.sweep.max_concurrent, capacity, _fits_and_why(cfg)[3], capacity)
     finished = done >= cfg.sweep.num_samples
     pretrained = None if finished else load_pretrained(cfg, len(manifest["classes"]))
+    gate = None
+    if concurrent:
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        # On the driver's node (the head under `ray job submit`): not on a spot worker.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+        gate = ray.remote(num_cpus=0)(TrialGate).options(scheduling_strategy=here).remote(concurrent)
     # In a list: with_parameters hands a bare ObjectRef to the trial as the object itself (a
     # state dict, then copied to every Train worker, whose ray.get of it failed every trial).
     trainable = ray.tune.with_parameters(
         run_trial, base=to_dict(cfg), manifest=manifest, tune_dir=tune_dir,
         pretrained=None if pretrained is None else [pretrained], cpu_format=cpu_format,
+        gate=None if gate is None else [gate, concurrent],
     )
     # The trial function only waits on its TorchTrainer (trial_resources).
     trainable = ray.tune.with_resources(trainable, resources or trial_resources())
-    experiment = storage.join(tune_dir, TUNE_RUN_NAME)
-    if ray.tune.Tuner.can_restore(experiment):
+    if restoring:
         log.info("Resuming the sweep in %s", experiment)
         # Failed trials run again from their last checkpoint (the settings cannot have
-        # changed: fer_ray.trainer.check_inputs refuses that).
+        # changed: fer_ray.trainer.check_inputs refuses that); Tune starts them all at
+        # once with the unfinished ones, and the gate holds them to `concurrent`.
         tuner = ray.tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=True)
-        check_resumed_concurrency(cfg, tune_dir, begun_concurrent, cfg.sweep.num_samples - done)
-        return tuner, begun_concurrent
+        return tuner, concurrent, gate
 
-    capacity = cluster_capacity(cfg)
-    concurrent = min(cfg.sweep.max_concurrent or capacity, capacity)
-    if cfg.sweep.max_concurrent and cfg.sweep.max_concurrent > capacity:
-        # More trials than the CPUs hold: their workers and Ray Data tasks wait on each
-        # other, and every trial's worker group times out (seen: no epoch in 4 minutes).
-        log.warning("--max-concurrent %d is more trials than this cluster holds at once (%d: %s); "
-                    "running %d at once", cfg.sweep.max_concurrent, capacity, _fits_and_why(cfg)[3], capacity)
     log.info("Sweeping %d trials, up to %d at once", cfg.sweep.num_samples, concurrent)
     lo, hi = cfg.sweep.smoothing_range
     space = {
@@ -370,7 +446,7 @@ def build_tuner(cfg: SweepConfig, manifest: dict[str, Any], cpu_format: str | No
             failure_config=ray.tune.FailureConfig(max_failures=0, fail_fast=False),
         ),
     )
-    return tuner, concurrent
+    return tuner, concurrent, gate
 
 
 def collect_results(grid: Any, tune_dir: str, classes: list[str]) -> pd.DataFrame:
@@ -605,8 +681,9 @@ def sweep(cfg: SweepConfig, manifest: dict[str, Any]) -> tuple[pd.DataFrame, dic
     _INTERRUPTED.clear()
     handlers = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
     try:
-        tuner, concurrent = build_tuner(cfg, manifest, cpu_format, resources,
-                                        (begun.get(RESOLVED_KEY) or {}).get("concurrent"), done)
+        tuner, concurrent, gate = build_tuner(cfg, manifest, cpu_format, resources,
+                                              (begun.get(RESOLVED_KEY) or {}).get("concurrent"), done)
+        _GATE[:] = [gate] if gate is not None else []
         # The settings are written once the sweep can start (its pretrained weights loaded):
         # a sweep that failed before, say on a --pretrained-file of another architecture,
         # held its folder to the settings that failed, and the corrected rerun was refused.
@@ -616,6 +693,8 @@ def sweep(cfg: SweepConfig, manifest: dict[str, Any]) -> tuple[pd.DataFrame, dic
                                            "concurrent": concurrent}})
         grid = tuner.fit()
     finally:
+        if _GATE:
+            ray.kill(_GATE.pop())
         if threading.current_thread() is threading.main_thread():
             for sig, handler in handlers.items():  # Tune leaves its own installed
                 if handler is not None:

@@ -345,6 +345,19 @@ def test_failed_trials_are_recorded_not_fatal(ray_cluster, synth_shards, tmp_pat
     assert again["label_smoothing"].tolist() == results["label_smoothing"].tolist()
     assert "--max-concurrent 9 is more trials than this cluster holds at once (2:" in caplog.text
 
+    # The data mended, the same command runs the failed trials again, as many at once as the
+    # sweep began with (1): Tune put both back at once (its searcher limits only the trials it
+    # creates), and on a cluster that held fewer their Train workers starved Ray Data.
+    shutil.rmtree(shards / "train")
+    shutil.copytree(synth_shards / "train", shards / "train")
+    assert tune_main([*args, "--weight-decay", "0.002", "--keep-checkpoints"]) == 0
+    results = pd.read_parquet(out / "results.parquet")
+    assert (results["status"] == "TERMINATED").all() and len(results) == 2
+    spans = sorted((trial / "config.json").stat().st_mtime_ns for trial in (out / "trials").iterdir())
+    ends = sorted(max(f.stat().st_mtime_ns for f in (trial / "ray_train").rglob("*") if "epoch_" in str(f))
+                  for trial in (out / "trials").iterdir())
+    assert ends[0] <= spans[1], "the second trial began before the first one's last epoch was saved"
+
 
 @pytest.mark.parametrize(
     "extra, message",
@@ -646,6 +659,17 @@ def test_trials_that_ended_before_saving_an_epoch_are_not_called_failed(ray_clus
     err = capsys.readouterr().err
     assert "error: no trial kept an epoch: 1 diverged in their first epoch (a lower --lr-range?) " \
            "and 1 failed" in err, err
+
+
+def test_the_trial_gate_lets_as_many_trials_in_as_it_has_places() -> None:
+    from fer_ray.tuning import TrialGate
+
+    gate = TrialGate(2)
+    assert gate.enter("a") and gate.enter("b") and not gate.enter("c")
+    assert gate.enter("a")  # (a trial asking again holds its place)
+    gate.leave("a")
+    gate.leave("a")  # (the trial's own leave and the driver's: once)
+    assert gate.enter("c") and not gate.enter("d")
 
 
 def test_a_sweep_that_saved_nothing_starts_again_with_another_input_blur(tmp_path, caplog) -> None:
