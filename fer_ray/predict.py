@@ -524,7 +524,8 @@ def decode_files(
     import cv2
 
     from fer_ray.transforms import (
-        SIGNATURE_BYTES, create_transform, decode_image, has_image_name, looks_like_image,
+        SIGNATURE_BYTES, create_transform, decode_image, has_image_name, looks_like_image, unread_format,
+        unread_format_reason,
     )
 
     # Undecodable files are expected here and reported in errors.parquet instead.
@@ -541,7 +542,10 @@ def decode_files(
             # PNG without extension: prepare keeps what decodes, whatever its name).
             named = storage.without_options(path)  # (a URI's ?options follow the extension)
             if blobs is None and not has_image_name(named):
-                if not looks_like_image(storage.read_head(path, SIGNATURE_BYTES)):
+                head = storage.read_head(path, SIGNATURE_BYTES)
+                if (fmt := unread_format(named, head)) is not None:
+                    raise _NotAnImage(unread_format_reason(fmt))
+                if not looks_like_image(head):
                     raise _NotAnImage(f"not an image file (extension {os.path.splitext(named)[1] or 'none'})")
             data = storage.read_bytes(path) if blobs is None else blobs[i]
             if not data:

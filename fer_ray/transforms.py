@@ -81,6 +81,29 @@ _NETPBM = re.compile(rb"P[1-6][ \t\r\n]+[#0-9]|P7[ \t\r\n]+(#|WIDTH|HEIGHT|DEPTH
 _PFM = re.compile(rb"P[Ff][ \t\r\n]")
 
 
+# Image formats neither Pillow nor OpenCV here reads (phones save HEIC; JPEG XL is newer):
+# a file of them is named as such, not as "not an image file". ISO-BMFF brands of HEIF.
+_HEIF_BRANDS = (b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1")
+
+
+def unread_format(name: str, head: bytes) -> str | None:
+    """The format of an image file that fer_ray cannot decode, from its name or first
+    SIGNATURE_BYTES bytes (HEIC/HEIF, JPEG XL, AVIF where Pillow lacks its codec), or None."""
+    name = name.lower()
+    if name.endswith((".heic", ".heif", ".hif")) or (head[4:8] == b"ftyp" and head[8:12] in _HEIF_BRANDS):
+        return "HEIC/HEIF"
+    if name.endswith(".jxl") or head.startswith((b"\xff\x0a", b"\0\0\0\x0cJXL ")):
+        return "JPEG XL"
+    avif = name.endswith((".avif", ".avifs")) or (head[4:8] == b"ftyp" and head[8:12] in (b"avif", b"avis"))
+    if avif and ".avif" not in _pillow_image_extensions():
+        return "AVIF"
+    return None
+
+
+def unread_format_reason(fmt: str) -> str:
+    return f"a {fmt} image, a format not decoded here; convert it to JPEG or PNG"
+
+
 def looks_like_image(head: bytes) -> bool:
     """Whether a file's first SIGNATURE_BYTES bytes are those of an image decode_image reads
     (a BMP: "BM", its size, then 4 reserved zero bytes; "BM" alone begins text too; an ICO

@@ -120,7 +120,10 @@ def image_folder(tmp_path_factory) -> tuple[Path, set[str], dict[str, str]]:
         src / "sad" / "notes.jpg": "cannot decode",
         src / "neutral" / "readme.txt": "not an image file",
         src / "angry" / "gone.jpg": "cannot read file",
+        # a phone's photo in a format not decoded here: named, not "not an image file"
+        src / "surprise" / "IMG_0001.HEIC": "a HEIC/HEIF image, a format not decoded here; convert it",
     }
+    (src / "surprise" / "IMG_0001.HEIC").write_bytes(b"\0\0\0\x18ftypheic\0\0\0\0mif1heic" + bytes(64))
     (src / "angry" / "truncated.jpg").write_bytes(_jpeg(rgb(64, 64))[:700])
     (src / "happy" / "empty.jpg").write_bytes(b"")
     (src / "sad" / "notes.jpg").write_text("these are not pixels\n")

@@ -226,6 +226,7 @@ def test_prepare_split_folders_skips_bad_files(ray_cluster, tmp_path, caplog) ->
     make_tree(src, {"train/happy": 4, "train/sad": 3, "val/happy": 2, "val/sad": 1})
     (src / "train/happy/empty.jpg").write_bytes(b"")
     (src / "train/sad/notes.jpg").write_text("not an image")
+    (src / "train/sad/photo.jpg").write_bytes(b"\0\0\0\x18ftypheic\0\0\0\0mif1heic" + bytes(64))  # a HEIC so named
     (src / "train/sad/truncated.png").write_bytes(png(size=40)[:60])
     (src / "train/happy/deep/er").mkdir(parents=True)
     (src / "train/happy/deep/er/rgb.png").write_bytes(png(mode="RGB"))
@@ -248,6 +249,7 @@ def test_prepare_split_folders_skips_bad_files(ray_cluster, tmp_path, caplog) ->
     reasons = {Path(s["path"]).name: s["reason"] for s in manifest["skipped"]}
     assert reasons["empty.jpg"] == "empty file"
     assert reasons["notes.jpg"] == "not an image file"
+    assert reasons["photo.jpg"] == "a HEIC/HEIF image, a format not decoded here; convert it to JPEG or PNG"
     assert reasons["truncated.png"].startswith("corrupt image")
     assert reasons["gone.png"].startswith("cannot read: ")
     assert reasons["loose.png"] == reasons["stray.JPG"] == "not in a class folder (no label)"

@@ -412,3 +412,14 @@ def test_importing_fer_ray_asks_no_server_for_albumentations_updates() -> None:
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "0"
+
+
+def test_image_formats_not_decoded_here_are_named_by_name_or_first_bytes() -> None:
+    from fer_ray.transforms import SIGNATURE_BYTES, has_image_name, unread_format
+
+    heic = b"\0\0\0\x18ftypheic\0\0\0\0"
+    assert unread_format("IMG_0001.HEIC", b"") == unread_format("x.bin", heic[:SIGNATURE_BYTES]) == "HEIC/HEIF"
+    assert unread_format("x", b"\0\0\0\x0cJXL \r\n\x87\n") == unread_format("a.jxl", b"") == "JPEG XL"
+    assert unread_format("a.avif", b"") == (None if has_image_name("a.avif") else "AVIF")
+    for head in (b"\xff\xd8\xff\xe0", b"\x89PNG\r\n\x1a\n", b"\0\0\0\x18ftypmp42"):  # JPEG, PNG, MP4
+        assert unread_format("x", head) is None
