@@ -365,13 +365,32 @@ def list_images(source: str, class_names: Sequence[str], skip: Sequence[str] = (
     fs, inner = storage.resolve(source)
     index = {class_key(name): i for i, name in enumerate(class_names)}
     paths, labels, strangers = [], [], set()
+    # One file reached through symbolic links under two paths (a linked folder) is scored
+    # once: it was two rows, counted twice in the metrics, under two true labels when the
+    # paths lay in two class folders (then it has none).
+    first: dict[tuple[int, int], str] | None = {} if storage.local_path(source) is not None else None
+    row_of: dict[str, int] = {}
+    twice = torn = 0
     for path in storage.list_files(source, skip):
         parts = path[len(inner) :].strip("/").split("/")
         label = index.get(class_key(parts[0]), NO_LABEL) if len(parts) > 1 else NO_LABEL
+        if first is not None and (path0 := storage.same_file_as(path, first)) is not None:
+            twice += 1
+            row = row_of[path0]
+            if labels[row] != label and labels[row] != NO_LABEL:
+                torn += 1
+                labels[row] = NO_LABEL
+            continue
         if label == NO_LABEL and len(parts) > 1:
             strangers.add(parts[0])
+        if first is not None:
+            row_of[path] = len(paths)
         paths.append(storage.full_path(fs, path, source))
         labels.append(label)
+    if twice:
+        log.warning("%d file(s) are reached a second time through symbolic links; each is scored once, under "
+                    "the path listed first%s", twice,
+                    f" ({torn} of them under two classes: scored without a true label)" if torn else "")
     unlabelled = labels.count(NO_LABEL)
     if unlabelled == len(labels) and strangers:
         log.warning(

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import io
 import logging
-import os
 import time
 import uuid
 from collections import Counter, defaultdict
@@ -151,29 +150,18 @@ def _each_file_once(source: str, items: dict[str, list[tuple[str, int]]], classe
     accuracy). Local folders only: buckets have no links."""
     if storage.local_path(source) is None:
         return items
-    first: dict[tuple[int, int], tuple[str, str, int]] = {}  # (device, inode): split, path, label
+    first: dict[tuple[int, int], str] = {}  # (device, inode): the path listed first
+    where: dict[str, tuple[str, int]] = {}  # that path: its split and label
     out, again = {}, Counter()
     for split in sorted(items, key=SPLITS.index):  # train first: its copy is the one kept
         out[split] = []
         for path, label in items[split]:
-            try:
-                st = os.stat(path)
-            except OSError:  # read later, and reported there
+            path0 = storage.same_file_as(path, first)
+            if path0 is None:
+                where[path] = (split, label)
                 out[split].append((path, label))
                 continue
-            key = (st.st_dev, st.st_ino)
-            if key not in first:
-                first[key] = (split, path, label)
-                out[split].append((path, label))
-                continue
-            split0, path0, label0 = first[key]
-            real = os.path.realpath(path)
-            if real != os.path.realpath(path0) or _content_addressed(real):
-                # Hard links, or links into a content-addressed store: two files to the user
-                # (a DVC or git-annex cache makes every identical image one file, reached by
-                # hard links or by symbolic ones; FER2013 has duplicates).
-                out[split].append((path, label))
-                continue
+            split0, label0 = where[path0]
             if label0 != label:
                 raise ConfigError(
                     f"{path!r} and {path0!r} are one file (through a symbolic link) in two classes, "
@@ -187,15 +175,6 @@ def _each_file_once(source: str, items: dict[str, list[tuple[str, int]]], classe
             log.warning("%d file(s) of %s are %s images too (symbolic links); left out of %s, where they "
                         "would overstate its accuracy", n, split, split0, split)
     return out
-
-
-# Where git-annex (and DataLad, built on it) and DVC keep file contents, one file per
-# content: their working trees link each image there, and identical images to one file.
-CONTENT_STORES = ("/.git/annex/objects/", "/.dvc/cache/")
-
-
-def _content_addressed(real_path: str) -> bool:
-    return any(store in real_path for store in CONTENT_STORES)
 
 
 def list_source(source: str, val_fraction: float = 0.1, seed: int = 0) -> Listing:

@@ -310,6 +310,32 @@ def list_dir(path: str, hidden: bool = False) -> list[pafs.FileInfo]:
     return sorted((e for e in entries if hidden or not e.base_name.startswith(".")), key=lambda e: e.path)
 
 
+# Where git-annex (and DataLad, built on it) and DVC keep file contents, one file per
+# content: their working trees link each image there, and identical images to one file.
+CONTENT_STORES = ("/.git/annex/objects/", "/.dvc/cache/")
+
+
+def same_file_as(path: str, first: dict[tuple[int, int], str]) -> str | None:
+    """The local path listed before `path` that is the same file, reached through symbolic
+    links (a linked folder lists its files under a second name), or None: the first of it
+    (noted in `first`, the files seen so far), a path that cannot be read (whoever reads it
+    says why), or a separate file to the user: hard links, and links into a
+    content-addressed store (a DVC or git-annex cache makes every identical image one file,
+    reached by hard links or by symbolic ones; FER2013 has duplicates)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    key = (st.st_dev, st.st_ino)
+    if key not in first:
+        first[key] = path
+        return None
+    path0, real = first[key], os.path.realpath(path)
+    if real != os.path.realpath(path0) or any(store in real for store in CONTENT_STORES):
+        return None
+    return path0
+
+
 def list_files(path: str, skip: Sequence[str] = ()) -> list[str]:
     """Every file under a folder at any depth (hidden ones left out), sorted. Symlinked
     folders are followed; locally (local_files) a link to a folder above it or to one of

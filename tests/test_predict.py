@@ -1176,6 +1176,26 @@ def test_class_folders_match_the_models_classes_in_any_case(tmp_path) -> None:
     assert labels["STRASSE"] == 0 and labels["happy"] == 1 and labels["other"] < 0
 
 
+def test_a_file_reached_twice_through_symbolic_links_is_scored_once(tmp_path, caplog) -> None:
+    """A linked folder listed its files a second time: two rows for one image, counted
+    twice in the metrics, and under two true labels when the link named another class."""
+    import os
+
+    from fer_ray.predict import list_images
+
+    for name in ("happy", "sad"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "a.png").write_bytes(name.encode())
+    (tmp_path / "joy").symlink_to(tmp_path / "happy", target_is_directory=True)  # another class
+    (tmp_path / "sad" / "again.png").symlink_to(tmp_path / "sad" / "a.png")  # the same class
+    os.link(tmp_path / "sad" / "a.png", tmp_path / "sad" / "hard.png")  # a hard link: a file of its own
+    table = list_images(str(tmp_path), ["happy", "sad", "joy"]).to_pandas()
+    rows = dict(zip(table[PATH_COL].map(lambda p: os.path.relpath(p, tmp_path)), table[LABEL_COL]))
+    assert rows == {"happy/a.png": -1, "sad/a.png": 1, "sad/hard.png": 1}, rows
+    assert ("2 file(s) are reached a second time through symbolic links; each is scored once, under the path "
+            "listed first (1 of them under two classes: scored without a true label)") in caplog.text
+
+
 def test_a_class_folder_given_as_the_input_is_named(tmp_path, caplog) -> None:
     """--input val/happy: every file scored without a label, and nothing said why."""
     from fer_ray.predict import list_images
