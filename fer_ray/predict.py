@@ -358,10 +358,12 @@ def _has_any_file(folder: str) -> bool:
 # --------------------------------------------------------------------------------------
 
 
-def list_images(source: str, class_names: Sequence[str], skip: Sequence[str] = ()) -> pa.Table:
+def list_images(source: str, class_names: Sequence[str], skip: Sequence[str] = (),
+                unlisted: list[tuple[str, str]] | None = None) -> pa.Table:
     """Every file under SRC with its true label: the class its first-level folder names,
     else NO_LABEL. Files that are not images are listed too; they end in errors.parquet.
-    A link in SRC to one of the folders `skip` (the output) is not followed."""
+    A link in SRC to one of the folders `skip` (the output) is not followed. Folders inside
+    SRC that cannot be listed are appended to `unlisted` (path, reason)."""
     fs, inner = storage.resolve(source)
     index = {class_key(name): i for i, name in enumerate(class_names)}
     paths, labels, strangers = [], [], set()
@@ -371,7 +373,7 @@ def list_images(source: str, class_names: Sequence[str], skip: Sequence[str] = (
     first: dict[tuple[int, int], str] | None = {} if storage.local_path(source) is not None else None
     row_of: dict[str, int] = {}
     twice = torn = 0
-    for path in storage.list_files(source, skip):
+    for path in storage.list_files(source, skip, unlisted):
         parts = path[len(inner) :].strip("/").split("/")
         label = index.get(class_key(parts[0]), NO_LABEL) if len(parts) > 1 else NO_LABEL
         if first is not None and (path0 := storage.same_file_as(path, first)) is not None:
@@ -859,15 +861,15 @@ def write_reports(folder: str, class_names: Sequence[str], title: str) -> dict[s
 
 def input_dataset(
     source: str, class_names: Sequence[str], split: str | None, rows_per_block: int, skip: Sequence[str] = (),
+    unlisted: list[tuple[str, str]] | None = None,
 ):
     """(Dataset of path, label and, for shards, image bytes; number of rows; split scored;
-    the folder's listing, None for shards). `skip`: folders a link in SOURCE may lead to
-    that are not listed (list_images)."""
+    the folder's listing, None for shards). `skip`, `unlisted`: see list_images."""
     import ray
 
     shards = find_shards(source)
     if shards is None:
-        listing = list_images(source, class_names, skip)
+        listing = list_images(source, class_names, skip, unlisted)
         if not listing.num_rows:
             raise ConfigError(f"Input {source!r} holds no files; give a folder with images in it.")
         # from_blocks takes the blocks' metadata from the driver's own tables; from_arrow
@@ -1072,8 +1074,9 @@ def predict(
         what = "the output before it, kept" if ".old-" in stale.rsplit("/", 1)[-1] else "its unfinished output"
         log.warning("%s is left from an interrupted run (%s); remove it when not needed", stale, what)
     # (A link in the input to the output would read the last run's results as input.)
+    unlisted: list[tuple[str, str]] = []  # (folders inside the input that could not be listed)
     ds, total, split, listing = input_dataset(
-        source, spec.class_names, split, batch_size, skip=[output, *stale_folders]
+        source, spec.class_names, split, batch_size, skip=[output, *stale_folders], unlisted=unlisted
     )  # starts Ray if needed
     sigma, blur_source = scoring_blur(input_blur, spec, lambda: sample_input(source, listing, split, spec))
     if sigma or spec.input_blur:
@@ -1151,6 +1154,8 @@ def predict(
             "classes": list(spec.class_names),
             "total": total,
             "errors": n_errors,
+            # Folders whose files could not even be listed (no permission): in no count.
+            "unlisted_folders": [{"path": path, "reason": reason} for path, reason in unlisted],
             **counts,  # scored, labelled and, with labels, accuracy and macro_f1
             "seconds": round(seconds, 2),
             "images_per_second": round(counts["scored"] / max(seconds, 1e-9), 1),
@@ -1213,10 +1218,12 @@ def describe(summary: dict[str, Any]) -> str:
         f"calibration error {summary['calibration_error']:.3f} on {summary['labelled']} labelled"
         if "accuracy" in summary else "; nothing scored" if not summary["scored"] else "; no true labels"
     )
+    unlisted = len(summary.get("unlisted_folders") or [])
+    unlisted_said = f"; {unlisted} folder(s) could not be listed, their files not scored (summary.json)" if unlisted else ""
     return (
         f"scored {summary['scored']} of {summary['total']} ({summary['errors']} errors) in "
         f"{summary['seconds']:.1f} s, {summary['images_per_second']:.{0 if summary['images_per_second'] >= 10 else 1}f} images/s"
-        f"{' with ' + summary['tta'] + ' TTA' if summary['tta'] else ''}{quality}; output: {summary['output']}"
+        f"{' with ' + summary['tta'] + ' TTA' if summary['tta'] else ''}{quality}{unlisted_said}; output: {summary['output']}"
     )
 
 

@@ -64,6 +64,9 @@ class Listing:
     # Image files beside the class folders (in train/, say): no class, so no label. Left
     # out, and listed with the skipped files.
     unclassed: list[str] = field(default_factory=list)
+    # Folders inside the class folders that could not be listed (no permission): their
+    # files are left out, and the folders listed with the skipped files with the reason.
+    unlisted: list[tuple[str, str]] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------------------
@@ -132,13 +135,15 @@ def _holds_files(folder: str) -> bool:
     return any(e.type.name == "File" for e in storage.list_dir(folder))
 
 
-def _files_by_class(folder: str, classes: list[str]) -> list[tuple[str, int]]:
+def _files_by_class(folder: str, classes: list[str],
+                    unlisted: list[tuple[str, str]] | None = None) -> list[tuple[str, int]]:
     items = []
     for label, name in enumerate(classes):
         class_dir = storage.child(folder, name)
         if storage.is_dir(class_dir):
             fs, _ = storage.resolve(class_dir)
-            items.extend((storage.full_path(fs, p, class_dir), label) for p in storage.list_files(class_dir))
+            items.extend((storage.full_path(fs, p, class_dir), label)
+                         for p in storage.list_files(class_dir, unlisted=unlisted))
     return items
 
 
@@ -251,7 +256,7 @@ def _list_split_folders(
                 f"Split {dirname!r} has classes that {split_dirs[TRAIN]}/ lacks ({', '.join(extra)}); "
                 f"add them to {split_dirs[TRAIN]}/ or remove them."
             )
-        listing.items[split] = _files_by_class(folder, [here.get(class_key(c), c) for c in classes])
+        listing.items[split] = _files_by_class(folder, [here.get(class_key(c), c) for c in classes], listing.unlisted)
         listing.unclassed += _loose_images(folder)
     listing.unclassed += _loose_images(source)  # (beside the split folders)
     listed = {split: len(items) for split, items in listing.items.items()}
@@ -289,7 +294,8 @@ def _list_class_folders(source: str, subdirs: list[str], val_fraction: float, se
             f"{'that folder' if len(datasets) == 1 else 'one of them'} as --source."
         )
     classes = class_order(subdirs)
-    items = _each_file_once(source, {TRAIN: _files_by_class(source, classes)}, classes)[TRAIN]
+    unlisted: list[tuple[str, str]] = []
+    items = _each_file_once(source, {TRAIN: _files_by_class(source, classes, unlisted)}, classes)[TRAIN]
     tr, va = stratified_split([lab for _, lab in items], val_fraction, seed)
     listing = Listing(
         kind="class_folders",
@@ -297,6 +303,7 @@ def _list_class_folders(source: str, subdirs: list[str], val_fraction: float, se
         items={TRAIN: [items[i] for i in tr], VAL: [items[i] for i in va]},
         val_fraction=val_fraction,
         unclassed=_loose_images(source),
+        unlisted=unlisted,
     )
     _check_not_empty(listing, source, val_fraction)
     return listing
@@ -692,7 +699,9 @@ def prepare(
             # the model's input channels): one colour image in test/ made every image RGB.
             "image": _image_summary(train_stats or stats),
             "skipped": [{"path": p, "reason": r} for p, r in
-                        sorted({**dict.fromkeys(listing.unclassed, UNCLASSED), **stats["skipped"]}.items())],
+                        sorted({**dict.fromkeys(listing.unclassed, UNCLASSED), **stats["skipped"],
+                                **{folder: f"a folder that could not be listed ({why}); its files were left out"
+                                   for folder, why in listing.unlisted}}.items())],
             "val_fraction": listing.val_fraction,  # None when the source had its val split
             "seed": seed,
             "shard_rows": shard_rows,

@@ -336,14 +336,14 @@ def same_file_as(path: str, first: dict[tuple[int, int], str]) -> str | None:
     return path0
 
 
-def list_files(path: str, skip: Sequence[str] = ()) -> list[str]:
+def list_files(path: str, skip: Sequence[str] = (), unlisted: list[tuple[str, str]] | None = None) -> list[str]:
     """Every file under a folder at any depth (hidden ones left out), sorted. Symlinked
     folders are followed; locally (local_files) a link to a folder above it or to one of
     the local folders `skip` is not, and a link to nothing is listed, so that whoever reads
-    it says why it cannot be read."""
+    it says why it cannot be read. `unlisted`: see local_files."""
     fs, inner = resolve(path)
     if isinstance(fs, pafs.LocalFileSystem):
-        return sorted(local_files(inner, skip))
+        return sorted(local_files(inner, skip, unlisted))
     entries = _listing(fs, inner, path, recursive=True)
     out = []
     for e in entries:
@@ -353,7 +353,7 @@ def list_files(path: str, skip: Sequence[str] = ()) -> list[str]:
     return sorted(out)
 
 
-def local_files(root: str, skip: Sequence[str] = ()) -> Iterator[str]:
+def local_files(root: str, skip: Sequence[str] = (), unlisted: list[tuple[str, str]] | None = None) -> Iterator[str]:
     """The files under a local folder, depth first, as they are found (hidden entries left
     out). A symlinked folder is followed unless it is the folder listed or one above it
     (within the listing, or above the folder itself): pyarrow's listing followed such a loop
@@ -364,7 +364,8 @@ def local_files(root: str, skip: Sequence[str] = ()) -> Iterator[str]:
     permission), is listed, so that its reader says why it cannot be read; sockets and
     pipes are not (reading a pipe would wait forever). ConfigError when `root` cannot be
     listed or a name is not UTF-8; a folder inside it that cannot be listed (no permission)
-    is named in a warning and left out, so that one such folder does not stop a whole job."""
+    is named in a warning and left out, so that one such folder does not stop a whole job
+    (and appended to `unlisted`, with the reason, for the job's outputs to say)."""
     above_root = []
     folder = os.path.realpath(root)
     while True:
@@ -386,6 +387,8 @@ def local_files(root: str, skip: Sequence[str] = ()) -> Iterator[str]:
             if folder == root:
                 raise ConfigError(f"Cannot list the folder {folder!r}: {e.strerror or e}.") from None
             log.warning("Cannot list the folder %s (%s); its files are left out", folder, e.strerror or e)
+            if unlisted is not None:
+                unlisted.append((folder, str(e.strerror or e)))
             continue
         subfolders = []
         for e in entries:

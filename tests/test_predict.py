@@ -1196,6 +1196,31 @@ def test_a_file_reached_twice_through_symbolic_links_is_scored_once(tmp_path, ca
             "listed first (1 of them under two classes: scored without a true label)") in caplog.text
 
 
+def test_a_folder_that_cannot_be_listed_is_in_the_summary_and_the_last_line(ray_cluster, model_dir, tmp_path,
+                                                                            monkeypatch) -> None:
+    """A class folder without permission was named in a warning only: OUT said "scored N of
+    N (0 errors)", with nothing to tell a later reader that a folder's files were missing."""
+    from fer_ray.predict import describe
+
+    src = tmp_path / "src"
+    for name in ("happy/a.png", "sad/b.png", "angry/c.png"):
+        _save(Image.fromarray(np.full((20, 20), 128, np.uint8)), src / name)
+    real_scandir = os.scandir
+
+    def scandir(path):  # (the tests run as root, whom chmod does not stop)
+        if str(path) == str(src / "angry"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    summary = predict(str(model_dir), str(src), str(tmp_path / "out"), batch_size=8, amp="off")
+    assert (summary["total"], summary["scored"], summary["errors"]) == (2, 2, 0)
+    assert summary["unlisted_folders"] == [{"path": str(src / "angry"), "reason": "Permission denied"}]
+    assert json.loads((tmp_path / "out" / SUMMARY_FILE).read_text())["unlisted_folders"] == summary["unlisted_folders"]
+    assert "; 1 folder(s) could not be listed, their files not scored (summary.json); output:" in describe(summary)
+    assert "could not be listed" not in describe({**summary, "unlisted_folders": []})
+
+
 def test_a_class_folder_given_as_the_input_is_named(tmp_path, caplog) -> None:
     """--input val/happy: every file scored without a label, and nothing said why."""
     from fer_ray.predict import list_images

@@ -410,6 +410,25 @@ def test_prepare_refuses_unsafe_outputs(ray_cluster, tmp_path) -> None:
     assert (other / "train/a/img_0.png").exists() and (other / "manifest.json").read_text() == '{"version": 1}'
 
 
+def test_a_folder_that_cannot_be_listed_is_in_the_manifests_skipped_files(ray_cluster, tmp_path, monkeypatch) -> None:
+    """A class's subfolder without permission was named in a warning only: the manifest
+    said nothing of the images left out."""
+    src = tmp_path / "src"
+    make_tree(src, {"a": 4, "b": 4, "b/locked": 2})
+    real_scandir = os.scandir
+
+    def scandir(path):  # (the tests run as root, whom chmod does not stop)
+        if str(path) == str(src / "b" / "locked"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    manifest = prepare(str(src), str(tmp_path / "shards"), val_fraction=0.25)
+    assert sum(s["total"] for s in manifest["splits"].values()) == 8
+    assert {"path": str(src / "b" / "locked"), "reason": "a folder that could not be listed (Permission denied); "
+            "its files were left out"} in manifest["skipped"]
+
+
 def test_a_run_stopped_while_publishing_is_replaced_by_the_rerun(ray_cluster, tmp_path, caplog) -> None:
     """Stopped between removing the old manifest and writing the new one, prepare left split
     folders of Parquet files and no manifest; the rerun it asked for was refused ("not a
