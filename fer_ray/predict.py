@@ -1,6 +1,7 @@
 """Batch scoring: a model folder over an image folder or a shards folder, to Parquet.
 
-One streaming Ray Data pipeline, so memory stays flat however large the input:
+One streaming Ray Data pipeline: no image is held longer than its batch, however large the
+input (the driver's listing, error paths and the metrics' label columns grow by bytes a file):
 
     listing (driver: paths and true labels, no bytes)
       -> read, decode, resize to the model's data size (CPU tasks, uint8 images)
