@@ -25,8 +25,9 @@ dashboard, whose State API Ray Train needs).
 Every image file is read once before anything is timed, so all three read from the page
 cache (the fer_ray side reads shards this script has just written).
 
-It also reports the bytes per image that cross the object store (encoded images into the
-shuffle, uint8 images out of the transform) against the encoded source size. The last line
+It also reports the bytes per image that cross the object store (into the shuffle: the
+decoded uint8 images where the split is kept decoded, as FER2013's is (fer_ray.data), else
+the encoded ones; uint8 images out of the transform) against the encoded source size. The last line
 is `ingest_vs_dataloader=X ingest_vs_ceiling=Y`.
 """
 

@@ -13,9 +13,10 @@ cache, whichever runs first). Ray workers run at niceness 0 here like the plain 
 is 15), so other work on a shared machine does not tilt the comparison.
 The plain loop is what one writes without Ray, run as a script of its own and timed from
 its start (its imports included, as fer_ray's scoring actors import theirs): a DataLoader with 2 worker processes
-decoding, the model in eval mode (inference_mode; in the precision and memory format that
-fer_ray's scorer picks on this CPU for the same --amp, fp32 or bf16 autocast, channels_last
-or not) in the main process,
+decoding, the model in eval mode (inference_mode; in the precision and memory format the
+same probe as fer_ray's scorer picks on this CPU for the same --amp, fp32 or bf16 autocast,
+channels_last or not, timed on the model as saved: fer_ray's scorer times its BatchNorm-folded
+copy, so the two may pick differently, which each side's printed format shows) in the main process,
 pandas to Parquet at the end.
 
 Memory and CPU: during every run a thread samples, once a second, the proportional set
@@ -25,8 +26,9 @@ object store is counted once, split among the processes mapping it), and the CPU
 each of them (processes that end between samples lose at most a second of it). A sweep
 costs ~0.1 s of CPU, a few percent of this 2-core machine, carried by both sides; the
 plain loop's tree includes the idle Ray cluster too. `memory_growth` is fer_ray's peak PSS
-on DATA/train (28,709 images) over its peak on DATA/val (3,589 images): 1.0 means memory
-does not grow with the size of the folder. jobs/predict.py's default (`--num-actors auto`)
+above the idle cluster on DATA/train (28,709 images) over the same on DATA/val (3,589
+images): 1.0 means memory does not grow with the size of the folder (the ratio of the
+totals, idle cluster included, is printed beside it). jobs/predict.py's default (`--num-actors auto`)
 scores the train folder with more actors than val (one per 10,000 images, up to the cores),
 and each actor holds its own torch and model; so with the default, fer_ray also scores the
 train folder with val's number of actors, and memory_growth compares those two runs (same
@@ -249,7 +251,7 @@ def print_report(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "datasets" / "fer2013"),
-                        help="folder with val/ (and train/ for the memory run) of class folders")
+                        help="folder with train/ and val/ of class folders (train/ is scored by the memory run)")
     parser.add_argument("--model", default=None, help="model folder (default: a fresh resnet18)")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the plain loop")

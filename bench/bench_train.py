@@ -23,8 +23,9 @@ history gives it as images / images_per_s); Ray's start-up and the
 first epoch's warm-up are reported separately. fer_ray runs first (`--amp auto` times the
 formats in its worker); the plain loop then trains in the precision and memory format
 fer_ray's history says it chose, so both run the same kernels. A CPU
-table follows: the cores each kind of process had in the last epoch on each side (the
-process training the model, the data workers, Ray's other processes by name, the rest of
+table follows: the cores each kind of process had in the last epoch on each side (fer_ray:
+between its last two checkpoints, validation included; the plain loop: its last training
+pass, so the two windows are not the same work) (the process training the model, the data workers, Ray's other processes by name, the rest of
 the machine and the hypervisor's steal), sampled from /proc every second, which tells
 Ray's share of the machine from a VM that merely ran slower. The last line is
 `train_overhead=X` (fer_ray epoch time / plain epoch time; 1.0 = no overhead).
