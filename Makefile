@@ -1,4 +1,5 @@
-# Quickstart: `make demo` and `make test` on a machine with Python 3.10+ and pip.
+# Quickstart: `make demo` and `make test` on a machine with Python 3.10+ and pip (another
+# interpreter: `make demo PYTHON=python3.11`).
 # Both create (or reuse) .venv and install the project into it first.
 
 PYTHON ?= python3
@@ -13,8 +14,11 @@ FER    ?= ../shared/datasets/fer2013
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
-	@# (a venv made without pip, say before python3-venv was installed, is made again)
-	@$(PY) -m pip --version >/dev/null 2>&1 || $(PYTHON) -m venv --clear $(VENV)
+	@# (made again when it lacks pip, say made before python3-venv was installed, or its
+	@# Python is older than 3.10: a first try with an old python3 left one that PYTHON=python3.11
+	@# could not replace)
+	@$(PY) -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null && $(PY) -m pip --version >/dev/null 2>&1 \
+		|| $(PYTHON) -m venv --clear $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[dev]"
 	@touch $(STAMP)
