@@ -373,16 +373,19 @@ def list_images(source: str, class_names: Sequence[str], skip: Sequence[str] = (
     # paths lay in two class folders (then it has none).
     first: dict[tuple[int, int], str] | None = {} if storage.local_path(source) is not None else None
     row_of: dict[str, int] = {}
-    twice = torn = 0
+    twice, torn = 0, set()
     for path in storage.list_files(source, skip, unlisted):
         parts = path[len(inner) :].strip("/").split("/")
         label = index.get(class_key(parts[0]), NO_LABEL) if len(parts) > 1 else NO_LABEL
         if first is not None and (path0 := storage.same_file_as(path, first)) is not None:
             twice += 1
             row = row_of[path0]
-            if labels[row] != label and labels[row] != NO_LABEL:
-                torn += 1
-                labels[row] = NO_LABEL
+            if label != NO_LABEL and row not in torn:  # (a path outside the class folders names none)
+                if labels[row] == NO_LABEL:  # (class folders of links into a pool of images)
+                    labels[row] = label
+                elif labels[row] != label:
+                    torn.add(row)
+                    labels[row] = NO_LABEL
             continue
         if label == NO_LABEL and len(parts) > 1:
             strangers.add(parts[0])
@@ -393,7 +396,7 @@ def list_images(source: str, class_names: Sequence[str], skip: Sequence[str] = (
     if twice:
         log.warning("%d file(s) are reached a second time through symbolic links; each is scored once, under "
                     "the path listed first%s", twice,
-                    f" ({torn} of them under two classes: scored without a true label)" if torn else "")
+                    f" ({len(torn)} of them under two classes: scored without a true label)" if torn else "")
     unlabelled = labels.count(NO_LABEL)
     if unlabelled == len(labels) and strangers:
         log.warning(
@@ -565,9 +568,9 @@ def decode_files(
             named = storage.without_options(path)  # (a URI's ?options follow the extension)
             if blobs is None and not has_image_name(named):
                 head = storage.read_head(path, SIGNATURE_BYTES)
-                if (fmt := unread_format(named, head)) is not None:
-                    raise _NotAnImage(unread_format_reason(fmt))
-                if not looks_like_image(head):
+                if not looks_like_image(head):  # (a JPEG named .heic is read as the JPEG it is)
+                    if (fmt := unread_format(named, head)) is not None:
+                        raise _NotAnImage(unread_format_reason(fmt))
                     raise _NotAnImage(f"not an image file (extension {os.path.splitext(named)[1] or 'none'})")
             data = storage.read_bytes(path) if blobs is None else blobs[i]
             if not data:

@@ -118,6 +118,14 @@ def _class_dirs(folder: str) -> list[str]:
     return names
 
 
+def _holds_a_train_folder(folder: str) -> bool:
+    try:
+        entries = storage.list_dir(folder)
+    except OSError:  # (no permission: its listing says so, in one sentence)
+        return False
+    return any(e.type.name == "Directory" and SPLIT_ALIASES.get(e.base_name.lower()) == TRAIN for e in entries)
+
+
 def _loose_images(folder: str) -> list[str]:
     """Image files (by their name, as scoring tells them; not hidden) directly in a folder
     of class folders or of split folders."""
@@ -282,16 +290,19 @@ def _list_split_folders(
 
 
 def _list_class_folders(source: str, subdirs: list[str], val_fraction: float, seed: int) -> Listing:
-    # A folder one level too high, holding datasets of split folders: each dataset became a
-    # class (its train/ and val/ images pooled), a classifier of which dataset an image is in.
-    datasets = [d for d in subdirs if any(
-        e.type.name == "Directory" and SPLIT_ALIASES.get(e.base_name.lower()) == TRAIN
-        for e in storage.list_dir(storage.child(source, d)))]
-    if datasets:
+    # A folder one level too high, holding datasets of split folders (or classes split inside
+    # them): each became a class, its train/ and val/ (or test/) images pooled and carved again.
+    split_inside = [d for d in subdirs if _holds_a_train_folder(storage.child(source, d))]
+    if len(split_inside) == 1:
         raise ConfigError(
-            f"Source {source!r} holds datasets, not class folders: {', '.join(datasets)} "
-            f"{'holds' if len(datasets) == 1 else 'each hold'} a train/ folder; give "
-            f"{'that folder' if len(datasets) == 1 else 'one of them'} as --source."
+            f"Source {source!r} holds a dataset, not class folders: {split_inside[0]} holds a train/ "
+            "folder; give that folder as --source."
+        )
+    if split_inside:
+        raise ConfigError(
+            f"The folders {', '.join(split_inside)} of {source!r} each hold a train/ folder: give one of "
+            "them as --source if each is a dataset; if they are classes split inside, arrange them as "
+            "train/<class>/ and val/<class>/."
         )
     classes = class_order(subdirs)
     unlisted: list[tuple[str, str]] = []

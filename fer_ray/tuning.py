@@ -110,12 +110,44 @@ class TrialGate:
 
 
 GATE_POLL_S = 2.0
-_GATE: list[Any] = []  # the running sweep's TrialGate actor, for TrialLine (in the driver)
+# The running sweep's TrialGate is a named actor of its job: the trials get its handle, and
+# TrialLine finds it by name (Tune runs the callbacks, pickled with the sweep, in another
+# process under Ray Client, and a resumed sweep's are the ones it began with).
+GATE_NAME = "fer_ray_trial_gate"
+
+
+def _named_gate() -> Any:
+    try:
+        return ray.get_actor(GATE_NAME)
+    except ValueError:
+        return None
+
+
+def open_gate(places: int) -> Any:
+    """Start the sweep's TrialGate, on the driver's node (the head under `ray job submit`,
+    not a spot worker that may go)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    close_gate()  # (one left by a sweep stopped in this driver before)
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    return ray.remote(num_cpus=0)(TrialGate).options(name=GATE_NAME, scheduling_strategy=here).remote(places)
+
+
+def close_gate() -> None:
+    """Stop the sweep's TrialGate, waiting (up to 10 s) for its name to be free again."""
+    gate = _named_gate()
+    if gate is None:
+        return
+    ray.kill(gate)
+    deadline = time.time() + 10
+    while _named_gate() is not None and time.time() < deadline:
+        time.sleep(0.1)
 
 
 def _leave_gate(trial_id: str) -> None:
-    if _GATE:
-        _GATE[0].leave.remote(trial_id)
+    gate = _named_gate()
+    if gate is not None:
+        gate.leave.remote(trial_id)
 
 
 def _pass_gate(gate: Any, trial_id: str, places: int) -> None:
@@ -376,8 +408,7 @@ def build_tuner(cfg: SweepConfig, manifest: dict[str, Any], cpu_format: str | No
                 resources: dict[str, float] | None = None, begun_concurrent: int | None = None,
                 done: int = 0):
     """(A new Tuner, or the interrupted sweep in TUNE_DIR restored (finished trials kept);
-    the number of trials it runs at once; the TrialGate actor that holds them to it, or
-    None). A restored sweep runs as many at once as it began with (Tune restores its search
+    the number of trials it runs at once, which the TrialGate it opens holds them to). A restored sweep runs as many at once as it began with (Tune restores its search
     with them): ConfigError when this cluster holds fewer (`begun_concurrent`,
     sweep_config.json), as their workers and Ray Data tasks would wait on each other for
     ever. `done`: the trials the sweep in TUNE_DIR finished (finished_trials); when that is
@@ -387,7 +418,7 @@ def build_tuner(cfg: SweepConfig, manifest: dict[str, Any], cpu_format: str | No
     restoring = ray.tune.Tuner.can_restore(experiment)
     if restoring:
         check_resumed_concurrency(cfg, tune_dir, begun_concurrent, cfg.sweep.num_samples - done)
-        concurrent = begun_concurrent  # (None: a sweep from before the record, run ungated)
+        concurrent = begun_concurrent  # (None: a sweep from before the record)
     else:
         capacity = cluster_capacity(cfg)
         concurrent = min(cfg.sweep.max_concurrent or capacity, capacity)
@@ -398,19 +429,15 @@ def build_tuner(cfg: SweepConfig, manifest: dict[str, Any], cpu_format: str | No
                         "running %d at once", cfg.sweep.max_concurrent, capacity, _fits_and_why(cfg)[3], capacity)
     finished = done >= cfg.sweep.num_samples
     pretrained = None if finished else load_pretrained(cfg, len(manifest["classes"]))
-    gate = None
-    if concurrent:
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-        # On the driver's node (the head under `ray job submit`): not on a spot worker.
-        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
-        gate = ray.remote(num_cpus=0)(TrialGate).options(scheduling_strategy=here).remote(concurrent)
+    # (a sweep from before the record of the trials it runs at once: as many as this cluster holds)
+    places = concurrent or cluster_capacity(cfg)
+    gate = open_gate(places)  # (closed by sweep(), whatever happens after this)
     # In a list: with_parameters hands a bare ObjectRef to the trial as the object itself (a
     # state dict, then copied to every Train worker, whose ray.get of it failed every trial).
     trainable = ray.tune.with_parameters(
         run_trial, base=to_dict(cfg), manifest=manifest, tune_dir=tune_dir,
         pretrained=None if pretrained is None else [pretrained], cpu_format=cpu_format,
-        gate=None if gate is None else [gate, concurrent],
+        gate=[gate, places],
     )
     # The trial function only waits on its TorchTrainer (trial_resources).
     trainable = ray.tune.with_resources(trainable, resources or trial_resources())
@@ -420,7 +447,7 @@ def build_tuner(cfg: SweepConfig, manifest: dict[str, Any], cpu_format: str | No
         # changed: fer_ray.trainer.check_inputs refuses that); Tune starts them all at
         # once with the unfinished ones, and the gate holds them to `concurrent`.
         tuner = ray.tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=True)
-        return tuner, concurrent, gate
+        return tuner, concurrent
 
     log.info("Sweeping %d trials, up to %d at once", cfg.sweep.num_samples, concurrent)
     lo, hi = cfg.sweep.smoothing_range
@@ -446,7 +473,7 @@ def build_tuner(cfg: SweepConfig, manifest: dict[str, Any], cpu_format: str | No
             failure_config=ray.tune.FailureConfig(max_failures=0, fail_fast=False),
         ),
     )
-    return tuner, concurrent, gate
+    return tuner, concurrent
 
 
 def collect_results(grid: Any, tune_dir: str, classes: list[str]) -> pd.DataFrame:
@@ -681,9 +708,8 @@ def sweep(cfg: SweepConfig, manifest: dict[str, Any]) -> tuple[pd.DataFrame, dic
     _INTERRUPTED.clear()
     handlers = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
     try:
-        tuner, concurrent, gate = build_tuner(cfg, manifest, cpu_format, resources,
-                                              (begun.get(RESOLVED_KEY) or {}).get("concurrent"), done)
-        _GATE[:] = [gate] if gate is not None else []
+        tuner, concurrent = build_tuner(cfg, manifest, cpu_format, resources,
+                                        (begun.get(RESOLVED_KEY) or {}).get("concurrent"), done)
         # The settings are written once the sweep can start (its pretrained weights loaded):
         # a sweep that failed before, say on a --pretrained-file of another architecture,
         # held its folder to the settings that failed, and the corrected rerun was refused.
@@ -693,8 +719,7 @@ def sweep(cfg: SweepConfig, manifest: dict[str, Any]) -> tuple[pd.DataFrame, dic
                                            "concurrent": concurrent}})
         grid = tuner.fit()
     finally:
-        if _GATE:
-            ray.kill(_GATE.pop())
+        close_gate()
         if threading.current_thread() is threading.main_thread():
             for sig, handler in handlers.items():  # Tune leaves its own installed
                 if handler is not None:

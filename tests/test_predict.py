@@ -96,6 +96,7 @@ def image_folder(tmp_path_factory) -> tuple[Path, set[str], dict[str, str]]:
     _save(Image.fromarray(rgb(20, 28)), src / "disgust" / "pic.webp")
     # Named as no image but holding one (prepare keeps such files): read for their first bytes.
     (src / "disgust" / "photo.img").write_bytes(_jpeg(rgb(30, 30)))
+    (src / "disgust" / "IMG_0002.HEIC").write_bytes(_jpeg(rgb(30, 30)))  # a JPEG, whatever its name says
     _save(Image.fromarray(rgb(26, 26)), src / "neutral" / "no_extension", format="PNG")
     # Formats Pillow reads beyond the usual ones (prepare keeps them): TGA has no signature.
     _save(Image.fromarray(rgb(22, 18)), src / "happy" / "pic.tga")
@@ -1194,6 +1195,19 @@ def test_a_file_reached_twice_through_symbolic_links_is_scored_once(tmp_path, ca
     assert rows == {"happy/a.png": -1, "sad/a.png": 1, "sad/hard.png": 1}, rows
     assert ("2 file(s) are reached a second time through symbolic links; each is scored once, under the path "
             "listed first (1 of them under two classes: scored without a true label)") in caplog.text
+
+    # Class folders of links into a pool of images beside them: scored once, with the class.
+    pool = tmp_path / "pooled"
+    (pool / "all").mkdir(parents=True)
+    (pool / "happy").mkdir()
+    (pool / "all" / "1.png").write_bytes(b"x")
+    (pool / "happy" / "1.png").symlink_to(pool / "all" / "1.png")
+    (pool / "zoo").mkdir()  # listed after the pool: a class's link there keeps its class too
+    (pool / "zoo" / "2.png").write_bytes(b"y")
+    (pool / "happy" / "2.png").symlink_to(pool / "zoo" / "2.png")
+    table = list_images(str(pool), ["happy", "sad"]).to_pandas()
+    rows = dict(zip(table[PATH_COL].map(lambda p: os.path.relpath(p, pool)), table[LABEL_COL]))
+    assert rows == {"all/1.png": 0, "happy/2.png": 0}, rows
 
 
 def test_a_folder_that_cannot_be_listed_is_in_the_summary_and_the_last_line(ray_cluster, model_dir, tmp_path,

@@ -118,13 +118,13 @@ def test_a_source_one_level_too_high_is_named_not_taken_for_one_class(tmp_path) 
     images were pooled into one label and written as shards that no training can use. Two
     datasets side by side were two classes, a classifier of the dataset an image is in."""
     make_tree(tmp_path / "src" / "fer2013", {"train/happy": 2, "train/sad": 2, "val/happy": 1, "val/sad": 1})
-    with pytest.raises(ConfigError, match=r"holds datasets, not class folders: fer2013 holds a train/ folder; "
+    with pytest.raises(ConfigError, match=r"holds a dataset, not class folders: fer2013 holds a train/ folder; "
                                           r"give that folder as --source"):
         list_source(str(tmp_path / "src"))
     assert sorted(list_source(str(tmp_path / "src" / "fer2013")).classes) == ["happy", "sad"]
     make_tree(tmp_path / "src" / "ck", {"Training/happy": 2, "Training/sad": 2})
-    with pytest.raises(ConfigError, match=r"holds datasets, not class folders: ck, fer2013 each hold a train/ "
-                                          r"folder; give one of them as --source"):
+    with pytest.raises(ConfigError, match=r"The folders ck, fer2013 of .* each hold a train/ folder: give one of "
+                                          r"them as --source if each is a dataset; if they are classes split inside"):
         list_source(str(tmp_path / "src"))
     make_tree(tmp_path / "one", {"x/happy": 2})  # a class folder of subfolders is still one class
     with pytest.raises(ConfigError, match=r"has one class folder \(x\); a classifier needs at least two"):

@@ -353,10 +353,12 @@ def test_failed_trials_are_recorded_not_fatal(ray_cluster, synth_shards, tmp_pat
     assert tune_main([*args, "--weight-decay", "0.002", "--keep-checkpoints"]) == 0
     results = pd.read_parquet(out / "results.parquet")
     assert (results["status"] == "TERMINATED").all() and len(results) == 2
-    spans = sorted((trial / "config.json").stat().st_mtime_ns for trial in (out / "trials").iterdir())
-    ends = sorted(max(f.stat().st_mtime_ns for f in (trial / "ray_train").rglob("*") if "epoch_" in str(f))
+    # Each trial's start (its config.json, written once it passed the gate) and its last
+    # report to Tune (its last epoch's, in whole seconds): the first ended before the second began.
+    starts = sorted((trial / "config.json").stat().st_mtime for trial in (out / "trials").iterdir())
+    ends = sorted(json.loads((out / "ray_tune" / trial.name / "result.json").read_text().splitlines()[-1])["timestamp"]
                   for trial in (out / "trials").iterdir())
-    assert ends[0] <= spans[1], "the second trial began before the first one's last epoch was saved"
+    assert ends[0] <= starts[1] + 1, f"the second trial began before the first one ended: {starts}, {ends}"
 
 
 @pytest.mark.parametrize(
@@ -670,6 +672,34 @@ def test_the_trial_gate_lets_as_many_trials_in_as_it_has_places() -> None:
     gate.leave("a")
     gate.leave("a")  # (the trial's own leave and the driver's: once)
     assert gate.enter("c") and not gate.enter("d")
+
+
+def test_a_trial_stopped_without_a_word_gives_its_place_back_through_the_sweeps_callback(ray_cluster,
+                                                                                         capsys) -> None:
+    """Tune ends an ASHA-stopped trial's actor without running its code to the end: its
+    place is given back by TrialLine, which finds the gate by name (Tune runs the callbacks,
+    pickled with the sweep, in another process under Ray Client)."""
+    import pickle
+    from types import SimpleNamespace
+
+    import ray
+
+    from fer_ray.tuning import TrialLine, _named_gate, close_gate, open_gate
+
+    gate = open_gate(1)
+    try:
+        assert ray.get(gate.enter.remote("a")) and not ray.get(gate.enter.remote("b"))
+        line = pickle.loads(pickle.dumps(TrialLine(2, "/tmp/sweep")))  # (as Tune restores it)
+        line.on_trial_complete(0, [], SimpleNamespace(trial_id="a", last_result={"epoch": 1, "best_epoch": 1,
+                                                                                 "best_val_acc": 0.5},
+                                                      config={"lr": 0.01, "label_smoothing": 0.1}))
+        assert ray.get(gate.enter.remote("b")) and not ray.get(gate.enter.remote("c"))
+        line.on_trial_error(0, [], SimpleNamespace(trial_id="b"))
+        assert ray.get(gate.enter.remote("c"))
+    finally:
+        close_gate()
+    assert _named_gate() is None
+    assert "trial a done" in capsys.readouterr().out
 
 
 def test_a_sweep_that_saved_nothing_starts_again_with_another_input_blur(tmp_path, caplog) -> None:
