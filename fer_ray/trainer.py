@@ -260,8 +260,6 @@ def check_inputs(cfg: TrainConfig) -> dict[str, Any]:
         # A sweep whose trials all failed in their first epoch (or that was stopped before
         # one ended) holds nothing to resume: it starts again with the corrected settings
         # (resumed with its own, its failed trials ran again and failed alike).
-        log.info("Output %s holds a sweep whose trials saved no epoch; it starts again with these settings",
-                 cfg.run.output)
         tuning.start_again(output)
         existing = None
     what = "a sweep" if hasattr(cfg, "sweep") else "a run"  # (said once every check passed)

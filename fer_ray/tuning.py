@@ -183,30 +183,24 @@ def run_trial(config: dict[str, Any], base: dict[str, Any], manifest: dict[str, 
               tune_dir: str, pretrained: Any, cpu_format: str | None = None, gate: Any = None) -> None:
     """One Tune trial: a complete training run, reported to Tune epoch by epoch. `gate`:
     [a TrialGate actor, its places], passed before the trial trains (None: no gate)."""
-    trial_id = ray.tune.get_context().get_trial_id()
-    if not gate:
-        _run_trial(trial_id, config, base, manifest, tune_dir, pretrained, cpu_format)
-        return
-    _pass_gate(gate[0], trial_id, gate[1])
-    try:
-        _run_trial(trial_id, config, base, manifest, tune_dir, pretrained, cpu_format)
-    finally:
-        gate[0].leave.remote(trial_id)
-
-
-def _run_trial(trial_id: str, config: dict[str, Any], base: dict[str, Any], manifest: dict[str, Any],
-               tune_dir: str, pretrained: Any, cpu_format: str | None) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    trial_dir = storage.join(tune_dir, TRIALS_DIR, trial_id)
-    cfg = trial_config(base, config["lr"], config["label_smoothing"], trial_dir)
-    # The trial's budget counts from its workers' start, not from the minutes they may wait
-    # for the nodes an autoscaler brings up.
-    settings = resolve_settings(cfg, manifest, pretrained[0] if pretrained else None, budget_from_workers=True)
-    settings.cpu_format = cpu_format
-    write_config(cfg, settings, trial_dir)
-    # Re-running a trial (sweep resumed) resumes its TorchTrainer from the trial folder.
-    build_trainer(cfg, settings, callbacks=[TuneReportCallback()]).fit()
+    trial_id = ray.tune.get_context().get_trial_id()
+    if gate:
+        _pass_gate(gate[0], trial_id, gate[1])
+    try:
+        trial_dir = storage.join(tune_dir, TRIALS_DIR, trial_id)
+        cfg = trial_config(base, config["lr"], config["label_smoothing"], trial_dir)
+        # The trial's budget counts from its workers' start, not from the minutes they may wait
+        # for the nodes an autoscaler brings up.
+        settings = resolve_settings(cfg, manifest, pretrained[0] if pretrained else None, budget_from_workers=True)
+        settings.cpu_format = cpu_format
+        write_config(cfg, settings, trial_dir)
+        # Re-running a trial (sweep resumed) resumes its TorchTrainer from the trial folder.
+        build_trainer(cfg, settings, callbacks=[TuneReportCallback()]).fit()
+    finally:
+        if gate:
+            gate[0].leave.remote(trial_id)
 
 
 def cluster_capacity(cfg: SweepConfig) -> int:
@@ -408,8 +402,9 @@ def build_tuner(cfg: SweepConfig, manifest: dict[str, Any], cpu_format: str | No
                 resources: dict[str, float] | None = None, begun_concurrent: int | None = None,
                 done: int = 0):
     """(A new Tuner, or the interrupted sweep in TUNE_DIR restored (finished trials kept);
-    the number of trials it runs at once, which the TrialGate it opens holds them to). A restored sweep runs as many at once as it began with (Tune restores its search
-    with them): ConfigError when this cluster holds fewer (`begun_concurrent`,
+    the number of trials it runs at once, which the TrialGate it opens holds them to). A
+    restored sweep runs as many at once as it began with (Tune restores its search with
+    them): ConfigError when this cluster holds fewer (`begun_concurrent`,
     sweep_config.json), as their workers and Ray Data tasks would wait on each other for
     ever. `done`: the trials the sweep in TUNE_DIR finished (finished_trials); when that is
     all of them, none will run (no pretrained weights loaded)."""
@@ -521,7 +516,8 @@ def saved_nothing(tune_dir: str) -> bool:
 
 def start_again(tune_dir: str) -> None:
     """Remove what a sweep that saved nothing left in `tune_dir` (Tune's experiment, the
-    trials' folders, the settings and any outputs), so that the sweep starts anew."""
+    trials' folders, the settings and any outputs), so that the sweep starts anew. Said in the log."""
+    log.info("Output %s holds a sweep whose trials saved no epoch; it starts again with these settings", tune_dir)
     for name in (TUNE_RUN_NAME, TRIALS_DIR, BEST_DIR):
         storage.delete_dir(storage.join(tune_dir, name))
     for name in (SWEEP_CONFIG_FILE, RESULTS_FILE, BEST_CONFIG_FILE, SUMMARY_PLOT):
@@ -611,8 +607,6 @@ def check_resumed_blur(tune_dir: str, sigma: str) -> bool:
     except (TypeError, ValueError):  # a sweep_config.json from before the blur was resolved
         return False
     if changed and saved_nothing(tune_dir):
-        log.info("Output %s holds a sweep whose trials saved no epoch; it starts again with these settings",
-                 tune_dir)
         start_again(tune_dir)
         return True
     if changed:

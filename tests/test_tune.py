@@ -328,7 +328,7 @@ def test_failed_trials_are_recorded_not_fatal(ray_cluster, synth_shards, tmp_pat
         assert f"trial {trial_id} failed; its error is in {error_file}" in printed.out and error_file.is_file()
     # No trial saved an epoch: a rerun with other settings starts the sweep again (it was
     # refused as "different settings", and the same settings ran the failed trials again).
-    with caplog.at_level("INFO", logger="fer_ray.trainer"):
+    with caplog.at_level("INFO", logger="fer_ray.tuning"):
         assert tune_main([*args, "--weight-decay", "0.002"]) == 1
     assert "holds a sweep whose trials saved no epoch; it starts again with these settings" in caplog.text
     assert json.loads((out / "sweep_config.json").read_text())["optim"]["weight_decay"] == 0.002
