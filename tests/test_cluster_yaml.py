@@ -124,7 +124,33 @@ def test_token_auth_on_every_node(config: dict) -> None:
 def test_project_is_synced_and_installed(config: dict) -> None:
     assert config["file_mounts"]["~/fer_ray"] == "."
     assert ".gitignore" in config["rsync_filter"]  # keeps .venv and data out of the rsync
-    assert any(c.startswith("pip install") and "-e ~/fer_ray" in c for c in config["setup_commands"])
+    assert any("pip install" in c and "-e ~/fer_ray" in c for c in config["setup_commands"])
+
+
+def run_install_command(config: dict, tmp_path: Path, gpu: bool) -> str:
+    """The setup command that installs the project, run by bash with a stand-in `pip` that
+    records its arguments, and an `nvidia-smi` on the PATH when `gpu`."""
+    import subprocess
+
+    (command,) = [c for c in config["setup_commands"] if "-e ~/fer_ray" in c]
+    bin_dir = tmp_path / ("gpu" if gpu else "cpu")
+    bin_dir.mkdir()
+    record = bin_dir / "pip-args"
+    tools = {"pip": f'echo "$@" > {record}\n'} | ({"nvidia-smi": "exit 0\n"} if gpu else {})
+    for name, body in tools.items():
+        (bin_dir / name).write_text("#!/bin/sh\n" + body)
+        (bin_dir / name).chmod(0o755)
+    subprocess.run(["bash", "-c", command], check=True, env={"PATH": f"{bin_dir}:/usr/bin:/bin"})
+    return record.read_text()
+
+
+def test_cpu_nodes_install_pytorchs_cpu_build(config: dict, tmp_path: Path) -> None:
+    # Without a GPU in the container (the head, the CPU workers) torch comes from PyTorch's
+    # CPU index, not PyPI's CUDA build; with one, from PyPI as before.
+    cpu_index = "--extra-index-url https://download.pytorch.org/whl/cpu"
+    assert cpu_index in run_install_command(config, tmp_path, gpu=False)
+    gpu_args = run_install_command(config, tmp_path, gpu=True)
+    assert "-e" in gpu_args.split() and "index" not in gpu_args
 
 
 def test_jobs_named_in_the_file_exist(text: str) -> None:
