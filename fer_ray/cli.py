@@ -142,7 +142,7 @@ def init_ray(min_cpus: int = 4, dashboard: bool = False, quiet_workers: bool = F
                     quiet_workers=quiet_workers)
         os.environ["RAY_ADDRESS"] = running  # a cluster, as for a submitted job (warn_local_paths)
         return
-    dashboard = dashboard or _coerce(os.environ.get("FER_RAY_DASHBOARD", "0").strip(), bool, "FER_RAY_DASHBOARD")
+    dashboard = dashboard or _coerce(os.environ.get("FER_RAY_DASHBOARD", "").strip() or "0", bool, "FER_RAY_DASHBOARD")
     num_cpus = max(os.cpu_count() or 1, min_cpus)
     options = {}
     if dashboard:

@@ -344,7 +344,8 @@ class TrainConfig:
         )
         _choice("amp", r.amp)
         _require(r.max_failures >= 0, f"--max-failures must be >= 0, got {r.max_failures}.")
-        _require(r.seed >= 0, f"--seed must be >= 0, got {r.seed}.")
+        # (torch.manual_seed takes up to 2**64 - 1, numpy's and Optuna's generators 2**32 - 1)
+        _require(0 <= r.seed < 2**32, f"--seed must be from 0 to {2**32 - 1}, got {r.seed}.")
         reserved = sorted(set(m.model_kwargs) & set(RESERVED_MODEL_KWARGS))
         _require(
             not reserved,
@@ -554,10 +555,15 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
         return parsed
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
+        if isinstance(value, str) and not value.strip():
+            # `--pretrained-file "$WEIGHTS"` with WEIGHTS unset would mean "none" unsaid: the
+            # hub's ImageNet weights instead of the user's file.
+            raise ConfigError(f"{_setting(name)} is empty (an unset shell variable?); give a value, "
+                              "or 'none' for none.")
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
             return None
         return _coerce(value, args[0], name)
-    if value is None and tp is str:  # a key left blank in YAML (`output:`) was the text "None"
+    if value is None and tp in (str, bool):  # a key left blank in YAML (`output:`): "None", False
         raise ConfigError(f"{_setting(name)} is blank; give it a value or leave the key out.")
     try:
         if tp is bool:
@@ -566,6 +572,8 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
                     return True
                 if value.lower() in ("0", "false", "no", "off"):
                     return False
+                raise ValueError(value)
+            if not isinstance(value, (bool, int)) or value not in (0, 1):  # `pretrained: 0.5`, `[]`
                 raise ValueError(value)
             return bool(value)
         if tp is int:
@@ -616,6 +624,9 @@ def load_config_file(path: str | Path, cls: type) -> dict[str, Any]:
 
     p = str(path) if storage.is_uri(str(path)) else str(Path(path))
     if not storage.is_file(p):
+        if storage.is_dir(p):
+            raise ConfigError(f"Config file {p!r} is a folder; give a YAML file, or a run's "
+                              f"{storage.join(p, 'config.json')} to resume or retrain it.")
         raise ConfigError(f"Config file {p!r} does not exist.")
     try:
         values = yaml_load(storage.read_bytes(p).decode()) or {}

@@ -116,6 +116,20 @@ def test_a_blank_yaml_value_is_named_not_read_as_the_text_none(tmp_path) -> None
         parse(["--config", str(path)])
     path.write_text("data: d\noutput: o\npretrained_file:\n")  # a setting that may be none stays none
     assert parse(["--config", str(path)]).model.pretrained_file is None
+    # A blank yes/no key was False unsaid (`use_gpu:` trained on the CPU); 0.5 or [] one too.
+    for text in ("use_gpu:", "pretrained: 0.5", "class_weights: []"):
+        path.write_text(f"data: d\noutput: o\n{text}\n")
+        with pytest.raises(ConfigError, match=rf"Setting '{text.split(':')[0]}' \(--[a-z-]+\) (is blank|expects bool)"):
+            parse(["--config", str(path)])
+    path.write_text("data: d\noutput: o\nuse_gpu: no\npretrained: 1\nclass_weights: off\n")
+    cfg = parse(["--config", str(path)])
+    assert (cfg.run.use_gpu, cfg.model.pretrained, cfg.optim.class_weights) == (False, True, False)
+
+
+def test_a_folder_given_as_config_is_named(tmp_path) -> None:
+    """`--config runs/r50` (a run folder) was said not to exist."""
+    with pytest.raises(ConfigError, match=r"is a folder; give a YAML file, or a run's .*config.json"):
+        parse(["--config", str(tmp_path)])
 
 
 def test_wrong_type_is_rejected() -> None:
@@ -148,7 +162,14 @@ def test_wrong_type_is_rejected() -> None:
         (["--data", "d", "--output", "o", "--augment", "none", "--blur-jitter", "0.5"],
          "--blur-jitter is part of training augmentation"),
         # Accepted until now, then a crash in every worker or a run that trains nothing useful:
-        (["--data", "d", "--output", "o", "--seed", "-1"], "--seed must be >= 0"),
+        (["--data", "d", "--output", "o", "--seed", "-1"], "--seed must be from 0 to 4294967295, got -1"),
+        # torch.manual_seed overflowed in every worker, or inside the pretrained download's
+        # error ("Could not download pretrained weights"); numpy and Optuna take 32 bits.
+        (["--data", "d", "--output", "o", "--seed", str(2**32)], "--seed must be from 0 to 4294967295"),
+        # An unset shell variable (`--pretrained-file "$WEIGHTS"`) meant "none": the hub's weights.
+        (["--data", "d", "--output", "o", "--pretrained-file", ""],
+         r"'pretrained_file' \(--pretrained-file\) is empty \(an unset shell variable\?\)"),
+        (["--data", "d", "--output", "o", "--freeze-epochs", " "], r"'freeze_epochs' \(--freeze-epochs\) is empty"),
         (["--data", "d", "--output", "o", "--lr", "1e-4", "--min-lr", "1e-3"],
          r"--min-lr \(0.001\), where the cosine ends, must be below --lr \(0.0001\)"),
         # The backbone fine-tunes at --lr x --backbone-lr-scale: below --min-lr its cosine climbed.
