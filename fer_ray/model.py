@@ -59,8 +59,8 @@ def create_model(name: str, num_classes: int, drop_rate: float = 0.0, **kwargs: 
     check_model_name(name)
     try:
         return timm.create_model(name, pretrained=False, num_classes=num_classes, drop_rate=drop_rate, **kwargs)
-    except TypeError as e:
-        raise ConfigError(f"--model-kwargs {kwargs} do not fit {name}: {e}.") from None
+    except (TypeError, ValueError, AssertionError) as e:  # (timm asserts: "Invalid pool type: x")
+        raise ConfigError(f"--model-kwargs {kwargs} do not fit {name}: {str(e).rstrip('.') or type(e).__name__}.") from None
 
 
 def fetch_pretrained_state(
@@ -137,8 +137,11 @@ def fetch_pretrained_state(
     into_model = [result for module, result in loads if module is model]
     if given is not None:
         missing = set(into_model[-1].missing_keys) if into_model else set(model.state_dict()) - given
+        # (layers --model-kwargs add, such as a ViT's fc_norm with global_pool avg, are in
+        # no file of the architecture: said as for the Hub's weights, not refused)
+        missing -= set(_warn_new_layers(model, missing, name, num_classes, kwargs))
         _check_weights_cover(model, missing, name, pretrained_file)
-    elif into_model and set(kwargs) - {"in_chans"}:
+    elif into_model:
         _warn_new_layers(model, set(into_model[-1].missing_keys), name, num_classes, kwargs)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
@@ -161,22 +164,25 @@ def _recording_loads(loads: list[Any]) -> Any:
 
 
 def _warn_new_layers(model: torch.nn.Module, missing: set[str], name: str, num_classes: int,
-                     kwargs: dict[str, Any]) -> None:
+                     kwargs: dict[str, Any]) -> list[str]:
     """A warning naming the tensors the published weights left unset (`missing`) that exist
     only because of --model-kwargs (a larger depth): timm loads Hub weights into a new head
     leniently, and those layers trained from their initial values unsaid. Not an error:
     some are meant to start fresh (a ViT's fc_norm with global_pool avg), and timm itself
-    loads some architectures' weights leniently (DLA's, ConvNeXt's fcmae)."""
+    loads some architectures' weights leniently (DLA's, ConvNeXt's fcmae). Returns them."""
+    if not set(kwargs) - {"in_chans"}:
+        return []
     try:
         with torch.device("meta"):  # (the architecture without those kwargs: names only)
             base = timm.create_model(name, num_classes=num_classes, in_chans=int(kwargs.get("in_chans", 3)))
     except Exception:  # noqa: BLE001 - a model that cannot be built without storage: nothing said
-        return
+        return []
     new = [k for k in model.state_dict() if k in missing and k not in base.state_dict()
            and not k.endswith("num_batches_tracked")]
     if new:
         log.warning("The pretrained weights of %s do not hold %d tensors --model-kwargs %s add (e.g. %s): "
                     "those start from their initial values.", name, len(new), kwargs, ", ".join(new[:2]))
+    return new
 
 
 def _check_weights_cover(model: torch.nn.Module, missing: set[str], name: str, pretrained_file: str) -> None:
@@ -190,6 +196,15 @@ def _check_weights_cover(model: torch.nn.Module, missing: set[str], name: str, p
     wanted = [k for k in model.state_dict()
               if not k.endswith("num_batches_tracked") and not any(k.startswith(h + ".") for h in heads if h)]
     missing = [k for k in wanted if k in missing]
+    # The classifier's siblings in a head module (ConvNeXt's head.norm beside head.fc):
+    # self-supervised weights (timm's convnextv2 fcmae) hold none, and timm loads them
+    # leniently from the Hub too. Said, not refused, when nothing else is missing.
+    parents = {h.rpartition(".")[0] for h in heads if h and "." in h}
+    in_head = [k for k in missing if any(k.startswith(p + ".") for p in parents)]
+    if in_head and len(in_head) == len(missing):
+        log.warning("--pretrained-file %r holds no %s of %s's head (as self-supervised weights do): "
+                    "those start from their initial values.", pretrained_file, ", ".join(in_head[:4]), name)
+        return
     if missing:
         raise ConfigError(
             f"--pretrained-file {pretrained_file!r} does not hold {name}'s weights: {len(missing)} of its "

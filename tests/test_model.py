@@ -415,9 +415,40 @@ def test_model_kwargs_survive_the_model_folder(tmp_path) -> None:
     torch.testing.assert_close(loaded(x), model(x))
 
 
-def test_bad_model_kwargs_are_a_config_error() -> None:
+def test_bad_model_kwargs_are_a_config_error(tmp_path) -> None:
     with pytest.raises(ConfigError, match="--model-kwargs .* do not fit resnet18"):
         create_model("resnet18", 7, not_an_argument=1)
+    # timm refuses some values by assertion: a traceback from the first model build, after
+    # Ray had started.
+    with pytest.raises(ConfigError, match=r"--model-kwargs \{'global_pool': 'bogus'\} do not fit test_resnet: "
+                                          r"Invalid pool type: bogus\.$"):
+        create_model("test_resnet", 7, global_pool="bogus")
+    torch.save(timm.create_model("test_resnet").state_dict(), tmp_path / "t.pth")
+    with pytest.raises(ConfigError, match="do not fit test_resnet: Invalid pool type"):
+        fetch_pretrained_state("test_resnet", 7, str(tmp_path / "t.pth"), global_pool="bogus")
+
+
+def test_a_pretrained_file_without_layers_timm_leaves_fresh_is_accepted(tmp_path, caplog) -> None:
+    """Weights that leave out what the Hub's load leaves fresh too were refused as another
+    architecture's: self-supervised ConvNeXt V2 weights (fcmae) hold no head.norm, and a
+    ViT's own weights no fc_norm, which global_pool avg adds."""
+    import logging
+
+    source = timm.create_model("convnextv2_atto", num_classes=1000)
+    torch.save({k: v for k, v in source.state_dict().items() if not k.startswith("head.")}, tmp_path / "fcmae.pth")
+    vit = {"img_size": 32, "patch_size": 8}
+    torch.save(timm.create_model("test_vit", **vit).state_dict(), tmp_path / "vit.pth")
+    with caplog.at_level(logging.WARNING, logger="fer_ray.model"):
+        state = fetch_pretrained_state("convnextv2_atto.fcmae", 7, str(tmp_path / "fcmae.pth"))
+        torch.testing.assert_close(state["stem.0.weight"], source.state_dict()["stem.0.weight"])
+        assert fetch_pretrained_state("test_vit", 7, str(tmp_path / "vit.pth"), global_pool="avg", **vit)
+    assert "holds no head.norm.weight, head.norm.bias of convnextv2_atto.fcmae's head" in caplog.text
+    assert "do not hold 2 tensors --model-kwargs" in caplog.text and "fc_norm.weight" in caplog.text
+    # A head of its own is no pass for the backbone: a file missing a block is still refused.
+    torch.save({k: v for k, v in source.state_dict().items() if not k.startswith(("head.", "stages.3"))},
+               tmp_path / "short.pth")
+    with pytest.raises(ConfigError, match="does not hold convnextv2_atto's weights"):
+        fetch_pretrained_state("convnextv2_atto", 7, str(tmp_path / "short.pth"))
 
 
 def test_channels_last_model_saves(tmp_path) -> None:
