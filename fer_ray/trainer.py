@@ -251,7 +251,7 @@ def check_inputs(cfg: TrainConfig) -> dict[str, Any]:
     cfg.resolve_defaults()
     check_model_name(cfg.model.model)
     try:
-        _check_resume_compatible(cfg, existing)
+        _check_resume_compatible(cfg, existing, manifest)
     except ConfigError:
         from fer_ray import tuning
 
@@ -322,11 +322,14 @@ def _check_output(cfg: TrainConfig) -> dict[str, Any] | None:
     return None
 
 
-def _check_resume_compatible(cfg: TrainConfig, existing: dict[str, Any] | None) -> None:
+def _check_resume_compatible(cfg: TrainConfig, existing: dict[str, Any] | None,
+                             manifest: dict[str, Any] | None = None) -> None:
     """A run's or a sweep's folder (`existing`: its settings) resumes only with the settings
-    its checkpoints need."""
+    its checkpoints need, and on the shards it began with (`manifest`: --data's now)."""
     if existing is None:
         return
+    if manifest is not None:
+        _check_same_data(cfg, existing, manifest)
     old = {**RESUME_DEFAULTS, **_flat(existing)}
     new = _flat_settings(cfg)
     # data/x and ./data/x are one folder, as are /d/x and file:///d/x/
@@ -346,6 +349,52 @@ def _check_resume_compatible(cfg: TrainConfig, existing: dict[str, Any] | None) 
             f"{cfg.run.output!r} holds a {'sweep' if hasattr(cfg, 'sweep') else 'run'} with different "
             f"settings ({diffs}); "
             "use a new --output, or the same settings to resume it."
+        )
+
+
+def data_record(manifest: dict[str, Any]) -> dict[str, Any]:
+    """What a run or a sweep records of its shards (RESOLVED_KEY's "data"): the images it
+    trains and validates on, as their manifest counts them. jobs/prepare.py run again into
+    the same folder on other images, classes or split fraction changes it; on the same
+    images, it does not."""
+    splits = {name: {"total": int(split.get("total") or 0), "per_class": split.get("per_class")}
+              for name, split in manifest["splits"].items() if name in (TRAIN, VAL)}
+    carved = manifest.get("val_fraction") is not None  # (val drawn from train by the seed)
+    return json.loads(json.dumps({"classes": list(manifest["classes"]), "splits": splits,
+                                  "image": manifest.get("image"), "val_fraction": manifest.get("val_fraction"),
+                                  "seed": manifest.get("seed") if carved else None}))
+
+
+def _check_same_data(cfg: TrainConfig, existing: dict[str, Any], manifest: dict[str, Any]) -> None:
+    """ConfigError when --data's shards are not those the run or sweep in --output began on
+    (prepared again into the same folder): the schedule counted another number of steps an
+    epoch, the best epoch and early stopping would compare accuracies on two val splits, and
+    the classifier's outputs would be read under other class names. Runs from before the
+    record: their classes and steps per epoch."""
+    old, new = existing.get(RESOLVED_KEY) or {}, data_record(manifest)
+    changes = []
+    before = old.get("data") or {"classes": old.get("classes")}
+    if before.get("classes") is not None and before["classes"] != new["classes"]:
+        changes.append(f"classes {', '.join(before['classes'])} -> {', '.join(new['classes'])}")
+    for split in (TRAIN, VAL):
+        a, b = (before.get("splits") or {}).get(split), new["splits"][split]
+        if a is None:
+            continue
+        if a["total"] != b["total"]:
+            changes.append(f"{split} {a['total']} -> {b['total']} images")
+        elif a["per_class"] != b["per_class"]:
+            changes.append(f"{split}'s images per class")
+    if "data" not in old and old.get("steps_per_epoch") is not None:
+        steps = steps_per_epoch(int(manifest["splits"][TRAIN]["total"]), cfg.data.batch_size, cfg.run.num_workers)
+        if steps != old["steps_per_epoch"]:
+            changes.append(f"{old['steps_per_epoch']} -> {steps} steps an epoch")
+    if not changes and "data" in old and old["data"] != new:
+        changes.append("the images' sizes, or how val was drawn from train")
+    if changes:
+        what = "sweep" if hasattr(cfg, "sweep") else "run"
+        raise ConfigError(
+            f"{cfg.run.output!r} holds a {what} begun on other shards than {cfg.data.data!r} holds now "
+            f"({'; '.join(changes)}: prepared again since?); use a new --output, or the shards it began on."
         )
 
 
@@ -455,14 +504,16 @@ def check_resumed_blur(run_dir: str, sigma: float) -> None:
         )
 
 
-def write_config(cfg: TrainConfig, settings: LoopSettings, run_dir: str) -> None:
+def write_config(cfg: TrainConfig, settings: LoopSettings, run_dir: str, manifest: dict[str, Any]) -> None:
     """The resolved config, with the values derived from it, next to the run's outputs."""
-    storage.write_json(storage.join(run_dir, CONFIG_FILE), run_config(cfg, settings))
+    storage.write_json(storage.join(run_dir, CONFIG_FILE), run_config(cfg, settings, manifest))
 
 
-def run_config(cfg: TrainConfig, settings: LoopSettings) -> dict[str, Any]:
-    """What write_config writes: the config, and under RESOLVED_KEY the values derived from it."""
+def run_config(cfg: TrainConfig, settings: LoopSettings, manifest: dict[str, Any]) -> dict[str, Any]:
+    """What write_config writes: the config, and under RESOLVED_KEY the values derived from
+    it and its shards' record (data_record: a resume on others is refused)."""
     resolved = {
+        "data": data_record(manifest),
         "classes": settings.spec.class_names,
         "data_size": settings.spec.data_size,
         "channels": settings.spec.channels,
@@ -622,9 +673,10 @@ def train(
         # Written by the first worker once this run's first epoch is saved: written here, a
         # run stopped before then named settings that never trained (another --epochs, say),
         # which its next rerun's "not applied" line and summary.json then quoted.
-        settings.resumed_config = {"path": storage.join(run_dir, CONFIG_FILE), "settings": run_config(cfg, settings)}
+        settings.resumed_config = {"path": storage.join(run_dir, CONFIG_FILE),
+                                   "settings": run_config(cfg, settings, manifest)}
     else:
-        write_config(cfg, settings, run_dir)
+        write_config(cfg, settings, run_dir, manifest)
     trainer = build_trainer(cfg, settings, callbacks=callbacks)
     # Ray Train puts its own Ctrl-C handler in for the run and leaves it there: after the
     # run, Ctrl-C while the outputs are written did nothing twice and then exited 0.

@@ -50,6 +50,7 @@ from fer_ray.trainer import (
     TrainingDiverged,
     build_trainer,
     check_resources,
+    data_record,
     finalize_run,
     has_checkpoint,
     load_pretrained,
@@ -195,7 +196,7 @@ def run_trial(config: dict[str, Any], base: dict[str, Any], manifest: dict[str, 
         # for the nodes an autoscaler brings up.
         settings = resolve_settings(cfg, manifest, pretrained[0] if pretrained else None, budget_from_workers=True)
         settings.cpu_format = cpu_format
-        write_config(cfg, settings, trial_dir)
+        write_config(cfg, settings, trial_dir, manifest)
         # Re-running a trial (sweep resumed) resumes its TorchTrainer from the trial folder.
         build_trainer(cfg, settings, callbacks=[TuneReportCallback()]).fit()
     finally:
@@ -710,7 +711,7 @@ def sweep(cfg: SweepConfig, manifest: dict[str, Any]) -> tuple[pd.DataFrame, dic
         storage.write_json(storage.join(tune_dir, SWEEP_CONFIG_FILE),
                            {**to_dict(copy.deepcopy(cfg)),
                             RESOLVED_KEY: {"cpu_format": cpu_format, "trial_resources": resources,
-                                           "concurrent": concurrent}})
+                                           "concurrent": concurrent, "data": data_record(manifest)}})
         grid = tuner.fit()
     finally:
         close_gate()

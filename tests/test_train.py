@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import os
@@ -519,6 +520,55 @@ def test_changed_model_on_an_existing_run_is_refused(tiny_run, tmp_path, capsys)
     assert json.loads((run / "config.json").read_text())["resolved"]["input_blur"] == 0
     assert train_main(tiny_train_args(data, str(run), *same, "--epochs", "3", "--input-blur", "1.5")) == 2
     assert "different settings (input_blur 0 -> 1.5: its epochs were validated" in capsys.readouterr().err
+
+
+def test_a_run_on_shards_prepared_again_is_refused(tiny_run, tmp_path, capsys) -> None:
+    """jobs/prepare.py run again into the run's --data (another val fraction, more images,
+    other classes) and the run resumed on them unsaid: its schedule at another step, its
+    best epoch compared across two val splits, its outputs read under the new class names."""
+    run, data = tmp_path / "run", tmp_path / "shards"
+    shutil.copytree(tiny_run, run)
+    config = json.loads((run / "config.json").read_text())
+    shutil.copytree(config["data"]["data"], data)
+    config["data"]["data"] = str(data)
+    (run / "config.json").write_text(json.dumps(config))
+    same = ["--pretrained", "--pretrained-file", str(tiny_run.parent / "pretrained.pth"), "--freeze-epochs", "1"]
+    assert train_main(tiny_train_args(str(data), str(run), *same)) == 0  # the same shards: its outputs again
+    capsys.readouterr()
+    manifest = json.loads((data / "manifest.json").read_text())
+
+    def prepared_again(change) -> str:
+        changed = copy.deepcopy(manifest)
+        change(changed)
+        (data / "manifest.json").write_text(json.dumps(changed))
+        assert train_main(tiny_train_args(str(data), str(run), *same)) == 2
+        return capsys.readouterr().err
+
+    def more_val(m) -> None:
+        m["splits"]["val"]["total"] += 7
+        m["splits"]["val"]["per_class"][m["classes"][0]] += 7
+
+    err = prepared_again(more_val)
+    total = manifest["splits"]["val"]["total"]
+    assert f"holds a run begun on other shards than {str(data)!r} holds now (val {total} -> {total + 7} images: " \
+           "prepared again since?); use a new --output, or the shards it began on." in err
+    classes = manifest["classes"]
+    renamed = [classes[1], classes[0], *classes[2:]]
+    assert f"(classes {', '.join(classes)} -> {', '.join(renamed)}:" in prepared_again(
+        lambda m: m.update(classes=renamed))
+    assert "(the images' sizes, or how val was drawn from train:" in prepared_again(
+        lambda m: m.update(val_fraction=0.2))
+    # A run from before the record: its classes and steps per epoch.
+    del config["resolved"]["data"]
+    (run / "config.json").write_text(json.dumps(config))
+    steps = config["resolved"]["steps_per_epoch"]
+
+    def more_train(m) -> None:
+        m["splits"]["train"]["total"] += 16 * 3
+
+    assert f"({steps} -> {steps + 3} steps an epoch:" in prepared_again(more_train)
+    (data / "manifest.json").write_text(json.dumps({**manifest, "val_fraction": 0.2}))  # (not recorded then)
+    assert train_main(tiny_train_args(str(data), str(run), *same)) == 0
 
 
 def test_a_finished_run_is_rerun_without_asking_for_resources(tiny_run, tmp_path, monkeypatch, capsys) -> None:

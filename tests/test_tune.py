@@ -151,6 +151,16 @@ def test_sweep_writes_every_output_and_resumes_without_retraining(ray_cluster, s
                         (["--input-blur", "1.5"], "input_blur 0.0 -> 1.5")]:
         assert tune_main([*sweep_args(str(synth_shards), str(out)), *flags]) == 2
         assert f"different settings ({diff})" in capsys.readouterr().err
+    # Nor on shards prepared again into --data (its trials' val accuracies would not compare).
+    manifest = (synth_shards / "manifest.json").read_text()
+    changed = json.loads(manifest)
+    changed["splits"]["val"]["total"] += 1
+    try:
+        (synth_shards / "manifest.json").write_text(json.dumps(changed))
+        assert tune_main(sweep_args(str(synth_shards), str(out))) == 2
+    finally:
+        (synth_shards / "manifest.json").write_text(manifest)
+    assert "holds a sweep begun on other shards than" in capsys.readouterr().err
 
 
 def test_asha_judges_a_trial_by_its_best_epoch_so_far() -> None:
