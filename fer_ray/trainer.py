@@ -535,10 +535,13 @@ def local_staging(run_dir: str, last: str | None = None) -> Iterator[str]:
     """A local folder to write into; copied to the run folder afterwards when it is a URI,
     the file named `last` (written in the folder) after every other one and removed there
     before them: a copy cut short leaves no `last` beside half the rest (a run's
-    summary.json beside half a best/)."""
+    summary.json beside half a best/). A local run folder is written in place, its `last`
+    removed first: outputs rewritten (a rerun) and cut short kept the old summary.json."""
     local = storage.local_path(run_dir)
     if local:
         os.makedirs(local, exist_ok=True)
+        if last is not None and os.path.isfile(os.path.join(local, last)):
+            os.remove(os.path.join(local, last))
         yield local
         return
     with tempfile.TemporaryDirectory() as tmp, tempfile.TemporaryDirectory() as aside:

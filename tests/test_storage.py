@@ -579,6 +579,23 @@ def test_a_runs_outputs_reach_a_bucket_with_summary_json_last(bucket, monkeypatc
     assert storage.read_bytes("mock://b/run/best/model.safetensors") == b"new"
 
 
+def test_a_local_runs_outputs_rewritten_and_cut_short_leave_no_summary_json(tmp_path) -> None:
+    """A local run folder is written in place: a rerun's finalize cut short (Ctrl-C while
+    best/ was copied) kept the old summary.json, a finished run's mark, beside the new half."""
+    import os
+
+    from fer_ray import trainer
+
+    (tmp_path / "summary.json").write_text('{"accuracy": 0.1}')
+    with pytest.raises(KeyboardInterrupt):
+        with trainer.local_staging(str(tmp_path), last="summary.json") as local:
+            assert local == str(tmp_path)
+            with open(os.path.join(local, "history.csv"), "w") as f:
+                f.write("new")
+            raise KeyboardInterrupt
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["history.csv"]
+
+
 def test_a_fer_csv_behind_an_endpoint_is_read_as_a_csv(endpoint_bucket) -> None:
     """The options after '?' hid the .csv extension: "is a file but not a .csv". The CSV also
     begins with a byte-order mark, as Excel saves it, which hid the first column's name."""
