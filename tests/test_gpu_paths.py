@@ -260,10 +260,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_validation_uses_rank_zeros_batchnorm_statistics(tmp_path) -> None:
+def test_broadcast_buffers_gives_every_worker_rank_zeros_batchnorm_statistics(tmp_path) -> None:
     """Each worker's BatchNorm statistics drift with its own batches between DDP's syncs;
-    before validating, every worker takes rank 0's, so the val metrics are the
-    checkpointed model's. Two gloo processes on this machine."""
+    the loop calls broadcast_buffers before validating so that every worker validates with
+    rank 0's, the checkpointed model's (that call is read, not tested: on the tiny data a
+    two-worker run's metrics come out the same either way). Here: what broadcast_buffers
+    does, in two gloo processes on this machine."""
     script = tmp_path / "worker.py"
     script.write_text(textwrap.dedent("""
         import sys

@@ -444,6 +444,38 @@ def test_ray_data_stats_logged_at_debug_level(ray_cluster, model_dir, tmp_path, 
     assert stages["MapBatches(load_batch)->MapBatches(Scorer)"] == 2  # decode fused into scoring
 
 
+def test_decode_in_tasks_of_its_own_as_with_gpus_scores_the_same(labelled_run, model_dir, image_folder, tmp_path,
+                                                                  monkeypatch, caplog) -> None:
+    """With --use-gpu the decode runs in CPU tasks of its own, not fused into the scoring
+    actors (their remote args differ), and its rows reach the scorer re-batched by Ray
+    Data. That layout, run here on the CPU: the decode given its GPU retries, which keeps
+    it apart. The same predictions and errors as the fused run's."""
+    from bench.bench_scoring import operator_outputs
+    from fer_ray import predict as scoring
+
+    apart = scoring._with_retries
+
+    def as_with_gpus(map_batches, retries, fn, *args, **kwargs):
+        if fn is scoring.load_batch:
+            retries = {"max_retries": scoring.RETRIES}
+        return apart(map_batches, retries, fn, *args, **kwargs)
+
+    monkeypatch.setattr(scoring, "_with_retries", as_with_gpus)
+    src, good, bad = image_folder
+    with caplog.at_level(logging.DEBUG, logger="fer_ray.predict"):
+        summary = predict(str(model_dir), str(src), str(tmp_path / "out"), batch_size=8, amp="off")
+    [text] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Ray Data stats:")]
+    stages = {name: rows for name, rows, _ in operator_outputs(text)}
+    assert stages["MapBatches(load_batch)"] == len(good) + len(bad) and "MapBatches(Scorer)" in stages
+    assert (summary["scored"], summary["errors"]) == (len(good), len(bad))
+    fused = _predictions(labelled_run[0]).sort_values(PATH_COL).reset_index(drop=True)
+    apart_preds = _predictions(tmp_path / "out").sort_values(PATH_COL).reset_index(drop=True)
+    pd.testing.assert_frame_equal(apart_preds, fused, atol=1e-5, rtol=0)
+    errors = pd.read_parquet(tmp_path / "out" / ERRORS_FILE).sort_values(PATH_COL).reset_index(drop=True)
+    pd.testing.assert_frame_equal(
+        errors, pd.read_parquet(labelled_run[0] / ERRORS_FILE).sort_values(PATH_COL).reset_index(drop=True))
+
+
 def test_folder_of_bad_files_scores_nothing_lists_them_and_fails(ray_cluster, model_dir, tmp_path, capsys) -> None:
     src = tmp_path / "junk"
     src.mkdir()
@@ -551,6 +583,22 @@ def test_bad_inputs_exit_2_with_one_sentence(case, model_dir, image_folder, tmp_
         assert "is a file; pass the folder that holds it" in err
     if case == "file_uri_output_name_too_long":
         assert "last name is 250 bytes long" in err and not (tmp_path / "new").exists()
+    # Each case refused for its own reason, not by a check that happens to come first.
+    reasons = {
+        "missing_model": "' does not exist; pass a run's best/ folder",
+        "not_a_model": "is not a fer_ray model folder (it needs model.safetensors and config.json)",
+        "damaged_model": "is not a whole safetensors file (unreadable header); the model folder is damaged",
+        "missing_input": "nothing-here' does not exist; give a folder of images or a shards folder",
+        "empty_input": "empty' holds no files; give a folder with images in it",
+        "output_inside_input": "preds' is inside --input; choose a folder outside it",
+        "foreign_output": "is a non-empty folder that jobs/predict.py did not write",
+        "foreign_output_with_a_summary": "is a non-empty folder that jobs/predict.py did not write",
+        "hidden_only_output": "is a non-empty folder that jobs/predict.py did not write",
+        "input_is_file": ".png' is a file; give the folder that holds the images",
+        "fp16_on_cpu": "--amp fp16 is for GPUs (add --use-gpu)",
+        "output_name_too_long": "--output's last name is 250 bytes long",
+    }
+    assert reasons.get(case, "") in err
 
 
 def test_a_run_stopped_while_copied_into_a_bucket_is_replaced_by_the_rerun(

@@ -446,6 +446,8 @@ def test_outputs_that_are_not_run_folders_are_refused(synth_shards, tiny_run, tm
     err = capsys.readouterr().err
     assert err.startswith("error: --output ") and err.count("\n") == 1, err
     assert (sorted(p.relative_to(out) for p in out.rglob("*")) if out.is_dir() else None) == before
+    if case == "file":
+        assert out.read_text() == "precious" and "is a file; choose a folder" in err
 
 
 def test_data_and_output_are_recorded_absolute_so_reruns_and_trials_find_them(synth_shards, tmp_path,
@@ -1328,3 +1330,35 @@ def test_a_run_that_saved_no_epoch_starts_again_with_new_settings(tiny_run, tmp_
     assert "holds a run that saved no epoch; it starts again with these settings" in caplog.text
     with pytest.raises(ConfigError, match=r"different settings \(.*image_size 32 -> 40"):
         check_inputs(cfg(tiny_run))  # a run with checkpoints keeps its settings
+
+
+def test_the_loop_settings_carry_the_flags_that_shape_training(synth_shards, tmp_path) -> None:
+    """Each flag as the workers get it (LoopSettings), where the unit tests of the pieces
+    (scaled_lr, class_weights, sampling_rates, the scheduler) take their inputs by hand:
+    the LR scaling rules, dropout, warm-up, and the class weights and sampler rates in the
+    manifest's class order (the synthetic classes are balanced: skewed here)."""
+    from fer_ray.trainer import train_sampling_rates
+
+    shards = tmp_path / "shards"
+    shutil.copytree(synth_shards, shards)
+    manifest = json.loads((shards / "manifest.json").read_text())
+    classes = manifest["classes"]
+    skewed = {c: 10 * (i + 1) for i, c in enumerate(classes)}  # the last class the largest
+    manifest["splits"]["train"]["per_class"] = skewed
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    base = ["--lr", "0.01", "--num-workers", "4", "--input-blur", "0"]
+    for rule, lr in [("linear", 0.04), ("sqrt", 0.02), ("none", 0.01)]:
+        assert settings_for(shards, *base, "--lr-scaling", rule).lr == pytest.approx(lr)
+    s = settings_for(shards, *base, "--drop-rate", "0.3", "--warmup-epochs", "2.5", "--class-weights")
+    assert (s.drop_rate, s.warmup_epochs) == (0.3, 2.5)
+    weights = s.class_weights
+    assert weights[0] == pytest.approx(len(classes) * weights[-1])  # 10 images against 70
+    assert weights == sorted(weights, reverse=True) and np.mean(weights) == pytest.approx(1.0)
+    assert settings_for(shards, *base, "--no-class-weights").class_weights is None
+    from fer_ray.config import TrainConfig, parse_config
+
+    cfg, _ = parse_config(TrainConfig, ["--data", str(shards), "--output", "unused", "--sampler", "balanced",
+                                        "--no-class-weights"], argparse.ArgumentParser())
+    rates = train_sampling_rates(cfg)
+    # each class drawn as often as the others: rate x count the same for every class
+    assert [r * skewed[c] for r, c in zip(rates, classes)] == pytest.approx([sum(skewed.values()) / len(classes)] * len(classes))

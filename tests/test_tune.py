@@ -228,10 +228,17 @@ def test_the_best_trial_is_a_finished_one() -> None:
     assert best_trial(results.iloc[[0, 2]]) is None  # none finished: the job exits 1
 
 
-def test_sweep_from_pretrained_weights_starts_every_trial_from_them(ray_cluster, synth_shards, tmp_path) -> None:
-    """The weights are fetched once by the driver and shared through the object store."""
+def test_sweep_from_pretrained_weights_starts_every_trial_from_them(ray_cluster, synth_shards, tmp_path,
+                                                                   monkeypatch) -> None:
+    """The weights are fetched once, by the driver (counted here), and handed to the trials
+    through the object store; the trial's backbone is the file's."""
     import timm
     import torch
+
+    from fer_ray import tuning
+
+    fetched, fetch = [], tuning.load_pretrained
+    monkeypatch.setattr(tuning, "load_pretrained", lambda *a, **k: fetched.append(a) or fetch(*a, **k))
 
     weights = tmp_path / "pretrained.pth"
     torch.manual_seed(1)
@@ -245,7 +252,9 @@ def test_sweep_from_pretrained_weights_starts_every_trial_from_them(ray_cluster,
     wrong = [a if a != str(weights) else str(tmp_path / "notes.pth") for a in args]
     assert tune_main([*wrong, "--seed", "5"]) == 2
     handler = signal.getsignal(signal.SIGINT)
+    fetched.clear()
     assert tune_main(args) == 0
+    assert len(fetched) == 1
     # Tune's SIGINT handler (and fer_ray's watch around it) is gone: a later Ctrl-C stops as usual.
     assert signal.getsignal(signal.SIGINT) is handler
     results = pd.read_parquet(out / "results.parquet")
