@@ -64,6 +64,8 @@ def parse_input_blur(value: str) -> float | None:
 
 AUGMENT_LEVELS = ("none", "light", "medium", "strong")
 AMP_MODES = ("auto", "bf16", "fp16", "off")
+# The formats --amp auto times on CPUs (fer_ray.model.CPU_FORMATS, as format_name names them).
+CPU_FORMAT_NAMES = ("fp32", "fp32+channels_last", "bf16", "bf16+channels_last")
 LR_SCALING = ("linear", "sqrt", "none")
 SAMPLERS = ("none", "sqrt", "balanced")
 INPUT_NORMS = ("dataset", "image")
@@ -72,7 +74,7 @@ SEARCHERS = ("random", "optuna")
 # The settings that take one of a few values: validate checks them, --help lists them.
 CHOICES: dict[str, tuple[str, ...]] = {
     "augment": AUGMENT_LEVELS, "sampler": SAMPLERS, "input_norm": INPUT_NORMS, "lr_scaling": LR_SCALING,
-    "optimizer": OPTIMIZERS, "amp": AMP_MODES, "searcher": SEARCHERS,
+    "optimizer": OPTIMIZERS, "amp": AMP_MODES, "cpu_format": CPU_FORMAT_NAMES, "searcher": SEARCHERS,
 }
 
 
@@ -255,6 +257,14 @@ class RunOptions:
             "timed steps find faster when a run begins, or a sweep; a resumed run keeps its format), bf16, fp16, off"
         },
     )
+    cpu_format: str | None = field(
+        default=None,
+        metadata={
+            "help": "with --amp auto on CPUs, train in this format instead of timing them when the run begins: "
+            "fp32, fp32+channels_last, bf16 or bf16+channels_last (a sweep's best_config.json gives the one "
+            "its trials trained in)"
+        },
+    )
     seed: int = field(default=0, metadata={"help": "seed of the model's initialisation and, with each worker's rank and the epoch, of its dropout masks and mixup/cutmix draws"})
     max_failures: int = field(
         default=2, metadata={"help": "worker failures survived by restarting from a checkpoint "
@@ -343,6 +353,8 @@ class TrainConfig:
             r.cpus_per_worker >= 1, f"--cpus-per-worker must be at least 1, got {r.cpus_per_worker}."
         )
         _choice("amp", r.amp)
+        if r.cpu_format is not None:  # (used with --amp auto on CPUs only, as its help says)
+            _choice("cpu_format", r.cpu_format)
         _require(r.max_failures >= 0, f"--max-failures must be >= 0, got {r.max_failures}.")
         # (torch.manual_seed takes up to 2**64 - 1, numpy's and Optuna's generators 2**32 - 1)
         _require(0 <= r.seed < 2**32, f"--seed must be from 0 to {2**32 - 1}, got {r.seed}.")

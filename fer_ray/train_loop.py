@@ -611,7 +611,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
              "formats when a run begins; --amp off or bf16 sets one)")
     elif swept is not None:
         amp_dtype, channels_last = swept
-        log0(f"Training in {format_name(*swept)}, timed once for all the sweep's trials")
+        log0(f"Training in {format_name(*swept)} as --cpu-format gives it (in a sweep's trials, and "
+             "best_config.json: timed once for all the trials)")
     elif timed:
         seconds = all_reduce(time_cpu_formats(model, s.batch_size, spec.in_chans, spec.image_size), device)
         amp_dtype, channels_last = fastest_format(seconds, CPU_FORMATS)

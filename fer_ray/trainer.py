@@ -113,7 +113,7 @@ SWEEP_RESUME_KEYS = ("num_samples", "lr_range", "smoothing_range", "grace_period
                      "mixup", "cutmix", "mix_prob", "patience", "seed",
                      # the device and precision (--amp auto's CPU choice is kept in
                      # sweep_config.json) and the weights every trial starts from
-                     "use_gpu", "amp", "pretrained_file")
+                     "use_gpu", "amp", "cpu_format", "pretrained_file")
 # What runs from before a setting existed used.
 RESUME_DEFAULTS = {"optimizer": "adamw", "input_norm": "dataset", "blur_jitter": 0.0, "clip_grad": 0.0}
 
@@ -170,6 +170,7 @@ def resolve_settings(
         class_weights=class_weights(train_counts(manifest)) if o.class_weights else None,
         patience=o.patience,
         amp=r.amp,
+        cpu_format=r.cpu_format,
         seed=r.seed,
         drop_rate=m.drop_rate,
         cpus_per_worker=r.cpus_per_worker,

@@ -192,10 +192,12 @@ def run_trial(config: dict[str, Any], base: dict[str, Any], manifest: dict[str, 
     try:
         trial_dir = storage.join(tune_dir, TRIALS_DIR, trial_id)
         cfg = trial_config(base, config["lr"], config["label_smoothing"], trial_dir)
+        # The sweep's format, in the trial's config.json and so in best_config.json: retrained
+        # from it, the best trial's settings train in the same (not timed again).
+        cfg.run.cpu_format = cpu_format
         # The trial's budget counts from its workers' start, not from the minutes they may wait
         # for the nodes an autoscaler brings up.
         settings = resolve_settings(cfg, manifest, pretrained[0] if pretrained else None, budget_from_workers=True)
-        settings.cpu_format = cpu_format
         write_config(cfg, settings, trial_dir, manifest)
         # Re-running a trial (sweep resumed) resumes its TorchTrainer from the trial folder.
         build_trainer(cfg, settings, callbacks=[TuneReportCallback()]).fit()
@@ -627,8 +629,8 @@ def sweep_cpu_format(cfg: SweepConfig, spec: Any, begun: dict[str, Any]) -> str 
     if cfg.run.amp != "auto" or cfg.run.use_gpu:
         return None
     known = (begun.get(RESOLVED_KEY) or {}).get("cpu_format")
-    if known:
-        return known
+    if known or cfg.run.cpu_format:  # (--cpu-format: checked against the one begun with)
+        return known or cfg.run.cpu_format
     import ray
 
     chosen, timed = ray.get(ray.remote(num_cpus=cfg.run.cpus_per_worker)(_time_formats).remote(

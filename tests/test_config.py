@@ -149,6 +149,8 @@ def test_wrong_type_is_rejected() -> None:
          "--pretrained-file was given with --no-pretrained"),
         (["--data", "d", "--output", "o", "--epochs", "2", "--freeze-epochs", "3"], r"--freeze-epochs must be between 0 and --epochs \(2\), got 3"),
         (["--data", "d", "--output", "o", "--mixup", "-0.2"], "--mixup must be >= 0"),
+        (["--data", "d", "--output", "o", "--cpu-format", "bf16+nhwc"],
+         "--cpu-format must be one of fp32, fp32\\+channels_last, bf16, bf16\\+channels_last; got 'bf16\\+nhwc'"),
         (["--data", "d", "--output", "o", "--cutmix", "1", "--mix-prob", "0"], "--mix-prob must be in"),
         (["--data", "d", "--output", "o", "--cutmix", "1", "--batch-size", "33"],
          "--batch-size must be even"),

@@ -1355,6 +1355,7 @@ def test_the_loop_settings_carry_the_flags_that_shape_training(synth_shards, tmp
     assert weights[0] == pytest.approx(len(classes) * weights[-1])  # 10 images against 70
     assert weights == sorted(weights, reverse=True) and np.mean(weights) == pytest.approx(1.0)
     assert settings_for(shards, *base, "--no-class-weights").class_weights is None
+    assert settings_for(shards, *base, "--cpu-format", "bf16").cpu_format == "bf16"  # (a sweep's best_config.json)
     from fer_ray.config import TrainConfig, parse_config
 
     cfg, _ = parse_config(TrainConfig, ["--data", str(shards), "--output", "unused", "--sampler", "balanced",
@@ -1362,3 +1363,10 @@ def test_the_loop_settings_carry_the_flags_that_shape_training(synth_shards, tmp
     rates = train_sampling_rates(cfg)
     # each class drawn as often as the others: rate x count the same for every class
     assert [r * skewed[c] for r, c in zip(rates, classes)] == pytest.approx([sum(skewed.values()) / len(classes)] * len(classes))
+
+
+def test_cpu_format_names_are_the_timed_formats() -> None:
+    from fer_ray.config import CPU_FORMAT_NAMES
+    from fer_ray.model import CPU_FORMATS, format_name
+
+    assert CPU_FORMAT_NAMES == tuple(format_name(*f) for f in CPU_FORMATS)

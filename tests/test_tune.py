@@ -99,6 +99,8 @@ def test_sweep_writes_every_output_and_resumes_without_retraining(ray_cluster, s
     # --amp auto on CPUs: the formats timed once for the sweep, every trial in the same
     # (each trial timing its own trained some in fp32 and some in bf16), kept for a resume.
     assert formats == {json.loads((out / "sweep_config.json").read_text())["resolved"]["cpu_format"]}
+    # and best_config.json gives it: retrained from it, the best trial's format, not timed again
+    assert {best_config["run"]["cpu_format"]} == formats
     # Only the best trial keeps its checkpoints; every trial keeps its model, reports and summary.
     kept = {p.parent.name for p in (out / "trials").glob("*/ray_train")}
     assert kept == {best["trial_id"]}
