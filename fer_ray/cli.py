@@ -18,6 +18,12 @@ log = logging.getLogger("fer_ray")
 
 
 def setup_logging() -> None:
+    # Line by line into a file or a pipe too (`> train.log`, `| tee`, nohup, a batch system):
+    # Ray prints the workers' lines (each epoch's) to the driver's stdout without a flush,
+    # and a block-buffered stdout held ~40 of them, most of a run, back. (`ray job submit`
+    # runs the driver unbuffered.)
+    if hasattr(sys.stdout, "reconfigure") and not sys.stdout.line_buffering:
+        sys.stdout.reconfigure(line_buffering=True)
     logging.basicConfig(
         level=logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -32,6 +32,7 @@ from fer_ray.constants import (
     CHECKPOINT_SNAPSHOT,
     CONFIG_FILE,
     CONFUSION_MATRIX_FILE,
+    DIVERGED,
     HISTORY_FILE,
     LEARNING_CURVES_FILE,
     MODEL_CONFIG_FILE,
@@ -573,7 +574,7 @@ def finalize_run(
     state = state if state is not None else read_train_state(latest)
     if state.get("diverged") and int(state["best_epoch"]) < 1:
         raise TrainingDiverged(
-            f"Training diverged in epoch {state['epoch']}, before any epoch to keep: the weights "
+            f"{DIVERGED} in epoch {state['epoch']}, before any epoch to keep: the weights "
             f"or the outputs on val stopped being finite numbers (NaN or inf). Train again in a new --output with a lower "
             f"--lr (or, with --amp fp16, bf16 or off); the run in {run_dir} has no model."
         )

@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fer_ray.cli import init_ray, run_job, warn_local_paths, warn_output_in_job_package  # noqa: E402
 from fer_ray.config import HelpFormatter, SweepConfig, parse_config  # noqa: E402
+from fer_ray.constants import DIVERGED  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,11 +55,17 @@ def main(argv: list[str] | None = None) -> int:
                   f"model: {storage.join(cfg.run.output, 'best')}")
             return 0
         where = storage.join(cfg.run.output, "results.parquet")
-        if failed == len(results):
+        # A trial that diverged before an epoch to keep is an error whose text says so
+        # (fer_ray.trainer.TrainingDiverged); one that ended with none and no error is rarer.
+        diverged = int(results["error"].fillna("").str.startswith(DIVERGED).sum())
+        ended = len(results) - failed
+        if not diverged and not ended:
             print(f"error: no trial finished; each trial's error is in {where}", file=sys.stderr)
-        else:  # (ended without an epoch to keep: diverged in their first; the budget ends none before it)
-            print(f"error: no trial kept an epoch: {len(results) - failed} diverged in their first epoch (a "
-                  f"lower --lr-range?) and {failed} failed; the trials are in {where}",
+        else:
+            why = [f"{diverged} diverged in their first epoch (a lower --lr-range?)" if diverged else "",
+                   f"{failed - diverged} failed" if failed - diverged else "",
+                   f"{ended} ended without one" if ended else ""]
+            print(f"error: no trial kept an epoch: {' and '.join(w for w in why if w)}; the trials are in {where}",
                   file=sys.stderr)
         return 1
 

@@ -556,3 +556,25 @@ def test_a_bad_value_is_said_before_torch_loads(tmp_path, job, flags, message) -
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert "EXIT 2 False" in result.stdout, (result.stdout + result.stderr)[-2000:]
     assert message in result.stderr
+
+
+def test_a_jobs_stdout_into_a_pipe_comes_line_by_line() -> None:
+    """`python jobs/train.py ... > train.log` (or `| tee`, nohup, a batch system): Ray prints
+    the workers' epoch lines to the driver's stdout without a flush, and a block-buffered
+    stdout held them back until ~8 KB had come, most of a run. After setup_logging, a line
+    printed reaches the pipe while the job still runs (here: waits on its stdin)."""
+    import select
+
+    child = subprocess.Popen(
+        [sys.executable, "-c", "from fer_ray.cli import setup_logging; setup_logging(); "
+                               "print('epoch 1 done'); import sys; sys.stdin.read()"],
+        cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        env={**{k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}, "PYTHONPATH": str(REPO)},
+    )
+    try:
+        ready, _, _ = select.select([child.stdout], [], [], 60)
+        assert ready and child.poll() is None, "nothing came while the job ran"
+        assert child.stdout.readline() == "epoch 1 done\n"
+    finally:
+        child.stdin.close()
+        child.wait(timeout=60)

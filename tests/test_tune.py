@@ -668,20 +668,36 @@ def test_the_concurrency_warning_names_the_limit_that_holds_trials_back(monkeypa
     assert tuning.cluster_capacity(cfg) == {"CPU": 4, "GPU": 4, "fer_ray_trial": 3}[list(resources)[-1]]
 
 
-def test_trials_that_ended_before_saving_an_epoch_are_not_called_failed(ray_cluster, synth_shards, tmp_path,
-                                                                        capsys, monkeypatch) -> None:
-    """Every trial ended (status TERMINATED) without an epoch to keep, diverged in its first
-    epoch: the job said "no trial finished; each trial's error is in ...", and their rows
-    hold no error. (It then blamed a --time-budget shorter than an epoch, which ends none
-    before its first.)"""
+def test_trials_that_diverged_before_saving_an_epoch_are_said_so(ray_cluster, synth_shards, tmp_path,
+                                                                 capsys, monkeypatch) -> None:
+    """A trial that diverged in its first epoch is an error that says so (collect_results);
+    the job counted those among the failed ("no trial finished; each trial's error is in
+    ..."), and took trials that ended without an epoch and without an error for diverged."""
     import fer_ray.tuning as tuning
+    from fer_ray.trainer import TrainingDiverged
 
-    rows = pd.DataFrame({"trial_id": ["a", "b"], "status": ["TERMINATED", "ERROR"], "error": [None, "boom"]})
-    monkeypatch.setattr(tuning, "sweep", lambda cfg, manifest: (rows, None))
+    with pytest.raises(TrainingDiverged) as diverged:  # the trial's error, as collect_results records it
+        from fer_ray.trainer import finalize_run
+
+        class Diverged:
+            checkpoint = object()
+
+            def get_best_checkpoint(self, **kwargs):
+                return None
+
+        finalize_run(Diverged(), "run", ["a", "b"], state={"diverged": True, "best_epoch": 0, "epoch": 1})
+    rows = pd.DataFrame({"trial_id": ["a", "b", "c", "d"], "status": ["ERROR", "ERROR", "ERROR", "TERMINATED"],
+                         "error": [str(diverged.value), str(diverged.value), "boom", None]})
+    for kept, said in [(["a", "b", "c"], "2 diverged in their first epoch (a lower --lr-range?) and 1 failed; "),
+                       (["a", "d"], "1 diverged in their first epoch (a lower --lr-range?) and 1 ended without one; "),
+                       (["d"], "1 ended without one; ")]:
+        monkeypatch.setattr(tuning, "sweep", lambda cfg, manifest: (rows[rows["trial_id"].isin(kept)], None))
+        assert tune_main(sweep_args(str(synth_shards), str(tmp_path / "s"))) == 1
+        err = capsys.readouterr().err
+        assert f"error: no trial kept an epoch: {said}the trials are in" in err, err
+    monkeypatch.setattr(tuning, "sweep", lambda cfg, manifest: (rows[rows["trial_id"] == "c"], None))
     assert tune_main(sweep_args(str(synth_shards), str(tmp_path / "s"))) == 1
-    err = capsys.readouterr().err
-    assert "error: no trial kept an epoch: 1 diverged in their first epoch (a lower --lr-range?) " \
-           "and 1 failed" in err, err
+    assert "error: no trial finished; each trial's error is in" in capsys.readouterr().err
 
 
 def test_the_trial_gate_lets_as_many_trials_in_as_it_has_places() -> None:
