@@ -180,12 +180,24 @@ def trial_config(base: dict[str, Any], lr: float, label_smoothing: float, output
     return from_flat(TrainConfig, flat).resolve_defaults()
 
 
+def adopt_driver_address(address: str | None) -> None:
+    """In a trial's process, the driver's RAY_ADDRESS (cli.on_cluster: a cluster joined),
+    where the process has none: Ray sets it for the driver only, and a trial took itself
+    for a Ray of its own, reading no autoscaler limits (on a cold cluster.yaml cluster its
+    training data was cut into the 2-4 blocks of the CPUs up, data.shuffle_parallelism)."""
+    if address and not os.environ.get("RAY_ADDRESS"):
+        os.environ["RAY_ADDRESS"] = address
+
+
 def run_trial(config: dict[str, Any], base: dict[str, Any], manifest: dict[str, Any],
-              tune_dir: str, pretrained: Any, cpu_format: str | None = None, gate: Any = None) -> None:
+              tune_dir: str, pretrained: Any, cpu_format: str | None = None, gate: Any = None,
+              ray_address: str | None = None) -> None:
     """One Tune trial: a complete training run, reported to Tune epoch by epoch. `gate`:
-    [a TrialGate actor, its places], passed before the trial trains (None: no gate)."""
+    [a TrialGate actor, its places], passed before the trial trains (None: no gate);
+    `ray_address`: the driver's RAY_ADDRESS."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    adopt_driver_address(ray_address)
     trial_id = ray.tune.get_context().get_trial_id()
     if gate:
         _pass_gate(gate[0], trial_id, gate[1])
@@ -435,7 +447,7 @@ def build_tuner(cfg: SweepConfig, manifest: dict[str, Any], cpu_format: str | No
     trainable = ray.tune.with_parameters(
         run_trial, base=to_dict(cfg), manifest=manifest, tune_dir=tune_dir,
         pretrained=None if pretrained is None else [pretrained], cpu_format=cpu_format,
-        gate=[gate, places],
+        gate=[gate, places], ray_address=os.environ.get("RAY_ADDRESS"),
     )
     # The trial function only waits on its TorchTrainer (trial_resources).
     trainable = ray.tune.with_resources(trainable, resources or trial_resources())

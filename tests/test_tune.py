@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import signal
 from pathlib import Path
@@ -759,3 +760,18 @@ def test_a_sweep_that_saved_nothing_starts_again_with_another_input_blur(tmp_pat
     assert tuning.check_resumed_blur(str(out), "0.0") is False
     with pytest.raises(ConfigError, match=r"different settings \(input_blur 0.0 -> 1.5\)"):
         tuning.check_resumed_blur(str(out), "1.5")
+
+
+def test_a_trial_takes_the_drivers_ray_address(monkeypatch) -> None:
+    """Ray sets RAY_ADDRESS for the driver only: a trial's process took itself for a Ray of
+    its own (cli.on_cluster) and read no autoscaler limits when cutting its training data."""
+    from fer_ray.cli import on_cluster
+    from fer_ray.tuning import adopt_driver_address
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    adopt_driver_address(None)  # a driver on a Ray of its own
+    assert not on_cluster()
+    adopt_driver_address("http://10.0.0.1:8265")
+    assert on_cluster() and os.environ["RAY_ADDRESS"] == "http://10.0.0.1:8265"
+    adopt_driver_address("auto")  # a process's own is kept
+    assert os.environ["RAY_ADDRESS"] == "http://10.0.0.1:8265"
