@@ -637,8 +637,13 @@ def load_config_file(path: str | Path, cls: type) -> dict[str, Any]:
     p = str(path) if storage.is_uri(str(path)) else str(Path(path))
     if not storage.is_file(p):
         if storage.is_dir(p):
-            raise ConfigError(f"Config file {p!r} is a folder; give a YAML file, or a run's "
-                              f"{storage.join(p, 'config.json')} to resume or retrain it.")
+            from fer_ray.constants import CONFIG_FILE, SWEEP_CONFIG_FILE
+
+            sweep = storage.exists(storage.join(p, SWEEP_CONFIG_FILE))
+            held = (f"a sweep's {storage.join(p, SWEEP_CONFIG_FILE)} to resume it, or its best_config.json "
+                    "to train its best trial's settings" if sweep else
+                    f"a run's {storage.join(p, CONFIG_FILE)} to resume or retrain it")
+            raise ConfigError(f"Config file {p!r} is a folder; give a YAML file, or {held}.")
         raise ConfigError(f"Config file {p!r} does not exist.")
     try:
         values = yaml_load(storage.read_bytes(p).decode()) or {}

@@ -330,8 +330,6 @@ def _check_resume_compatible(cfg: TrainConfig, existing: dict[str, Any] | None,
     its checkpoints need, and on the shards it began with (`manifest`: --data's now)."""
     if existing is None:
         return
-    if manifest is not None:
-        _check_same_data(cfg, existing, manifest)
     old = {**RESUME_DEFAULTS, **_flat(existing)}
     new = _flat_settings(cfg)
     # data/x and ./data/x are one folder, as are /d/x and file:///d/x/
@@ -352,6 +350,8 @@ def _check_resume_compatible(cfg: TrainConfig, existing: dict[str, Any] | None,
             f"settings ({diffs}); "
             "use a new --output, or the same settings to resume it."
         )
+    if manifest is not None:  # (after the settings: a run from before the data record is
+        _check_same_data(cfg, existing, manifest)  # checked by steps per epoch, which they change)
 
 
 def data_record(manifest: dict[str, Any]) -> dict[str, Any]:

@@ -130,6 +130,10 @@ def test_a_folder_given_as_config_is_named(tmp_path) -> None:
     """`--config runs/r50` (a run folder) was said not to exist."""
     with pytest.raises(ConfigError, match=r"is a folder; give a YAML file, or a run's .*config.json"):
         parse(["--config", str(tmp_path)])
+    (tmp_path / "sweep_config.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"is a folder; give a YAML file, or a sweep's .*sweep_config.json to "
+                                          r"resume it, or its best_config.json"):
+        parse(["--config", str(tmp_path)])
 
 
 def test_wrong_type_is_rejected() -> None:

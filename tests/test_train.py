@@ -569,6 +569,11 @@ def test_a_run_on_shards_prepared_again_is_refused(tiny_run, tmp_path, capsys) -
         m["splits"]["train"]["total"] += 16 * 3
 
     assert f"({steps} -> {steps + 3} steps an epoch:" in prepared_again(more_train)
+    # Another --batch-size changes the steps too: said as the setting it is, not as the data.
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    assert train_main(tiny_train_args(str(data), str(run), *same, "--batch-size", "8")) == 2
+    err = capsys.readouterr().err
+    assert "different settings (batch_size 16 -> 8)" in err and "other shards" not in err
     (data / "manifest.json").write_text(json.dumps({**manifest, "val_fraction": 0.2}))  # (not recorded then)
     assert train_main(tiny_train_args(str(data), str(run), *same)) == 0
 

@@ -768,10 +768,34 @@ def test_a_trial_takes_the_drivers_ray_address(monkeypatch) -> None:
     from fer_ray.cli import on_cluster
     from fer_ray.tuning import adopt_driver_address
 
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("RAY_ADDRESS", "placeholder")  # (so that the teardown removes what the test sets)
+    monkeypatch.delenv("RAY_ADDRESS")
     adopt_driver_address(None)  # a driver on a Ray of its own
     assert not on_cluster()
     adopt_driver_address("http://10.0.0.1:8265")
     assert on_cluster() and os.environ["RAY_ADDRESS"] == "http://10.0.0.1:8265"
     adopt_driver_address("auto")  # a process's own is kept
     assert os.environ["RAY_ADDRESS"] == "http://10.0.0.1:8265"
+
+
+def test_a_resumed_sweep_refuses_another_cpu_format() -> None:
+    """A sweep from before --cpu-format (its timed format only under `resolved`) resumed
+    with another: its trials trained in the recorded one while saying "as --cpu-format
+    gives it", and sweep_config.json then recorded the format never applied."""
+    import argparse
+
+    from fer_ray.config import ConfigError, SweepConfig, parse_config
+    from fer_ray.tuning import sweep_cpu_format
+
+    def cfg(*flags):
+        return parse_config(SweepConfig, ["--data", "d", "--output", "o", *flags], argparse.ArgumentParser())[0]
+
+    begun = {"resolved": {"cpu_format": "fp32+channels_last"}}
+    with pytest.raises(ConfigError, match=r"different settings \(cpu_format 'fp32\+channels_last' -> 'bf16': its "
+                                          r"trials train in the first\); use a new --output, or --cpu-format "
+                                          r"fp32\+channels_last to resume it"):
+        sweep_cpu_format(cfg("--cpu-format", "bf16"), None, begun)
+    assert sweep_cpu_format(cfg("--cpu-format", "fp32+channels_last"), None, begun) == "fp32+channels_last"
+    assert sweep_cpu_format(cfg(), None, begun) == "fp32+channels_last"
+    assert sweep_cpu_format(cfg("--cpu-format", "bf16"), None, {}) == "bf16"  # given: not timed
+    assert sweep_cpu_format(cfg("--amp", "off", "--cpu-format", "bf16"), None, {}) is None
