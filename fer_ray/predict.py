@@ -575,7 +575,13 @@ def decode_files(
             data = storage.read_bytes(path) if blobs is None else blobs[i]
             if not data:
                 raise ValueError("empty file")
-            image = transform(image=decode_image(data, channels))["image"]
+            try:
+                decoded = decode_image(data, channels)
+            except Exception:  # noqa: BLE001 - (an iPhone's HEIC exported as .jpg: named as such)
+                if (fmt := unread_format("", bytes(data[:SIGNATURE_BYTES]))) is not None:
+                    raise _NotAnImage(unread_format_reason(fmt)) from None
+                raise
+            image = transform(image=decoded)["image"]
             images[len(keep)] = image.reshape(size, size, channels)
             keep.append(i)
             continue

@@ -1419,3 +1419,19 @@ def test_a_stop_after_every_file_was_scored_says_where_the_predictions_are(
     assert len(kept) == 1 and not (tmp_path / "out").exists()
     assert last.startswith(f"interrupted once every file was scored: the predictions and errors are kept in "
                            f"{kept[0]} (not a finished output: no summary.json)"), last
+
+
+def test_a_heic_named_as_a_jpeg_is_named_as_heic(tmp_path) -> None:
+    """An iPhone's photo exported as IMG_1.jpg but HEIC inside read "cannot identify image
+    file": the format is named by its first bytes there too (files of other names were)."""
+    from fer_ray.predict import decode_files
+
+    heic = b"\0\0\0\x18ftypheic\0\0\0\0mif1heic" + bytes(64)
+    (tmp_path / "IMG_1.jpg").write_bytes(heic)
+    (tmp_path / "notes.jpg").write_text("these are not pixels\n")
+    paths = [str(tmp_path / "IMG_1.jpg"), str(tmp_path / "notes.jpg")]
+    for blobs in (None, [heic, b"these are not pixels\n"]):  # (read here, or a shards folder's bytes)
+        images, keep, bad, reasons = decode_files(paths, blobs, 16, 1)
+        assert keep == [] and bad == paths
+        assert reasons[0] == "a HEIC/HEIF image, a format not decoded here; convert it to JPEG or PNG"
+        assert "HEIC" not in reasons[1]
