@@ -67,6 +67,9 @@ class Listing:
     # Folders inside the class folders that could not be listed (no permission): their
     # files are left out, and the folders listed with the skipped files with the reason.
     unlisted: list[tuple[str, str]] = field(default_factory=list)
+    # Entries left out as the listing found them, with the reason: a CSV's rows of no known
+    # Usage (a misspelt one, or a line cut short before it). Listed with the skipped files.
+    rejected: list[tuple[str, str]] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------------------
@@ -393,10 +396,17 @@ def _list_csv(source: str) -> Listing:
         usage_col = header.index("Usage")
         row, offset = 0, len(first)
         current: dict[str, Any] | None = None
+        rejected: list[tuple[str, str]] = []
         for line in lines:
+            if not line.strip():  # (a blank line, at the end say: no row, said as none)
+                current, offset, row = None, offset + len(line), row + 1
+                continue
             parts = line.rstrip(b"\r\n").split(b",")
             usage = parts[usage_col].decode(errors="replace").strip().strip('"') if len(parts) > usage_col else ""
             split = FER_CSV_USAGE.get(usage, "?")
+            if split == "?":
+                rejected.append((f"csv:{row}", f"unknown Usage {usage!r} (Training, PublicTest or PrivateTest)"
+                                 if usage else "no Usage (the line ends before its column)"))
             if current is None or current["split"] != split or current["rows"] >= CSV_ROWS_PER_TASK:
                 current = {"split": split, "start": offset, "row": row, "rows": 0, "nbytes": 0}
                 chunks.setdefault(split, []).append(current)
@@ -412,9 +422,10 @@ def _list_csv(source: str) -> Listing:
         )
     unknown = chunks.pop("?", [])
     listing = Listing(kind="csv", classes=list(FER_CLASSES), csv_chunks=chunks,
-                      csv_columns={c: header.index(c) for c in CSV_COLUMNS})
+                      csv_columns={c: header.index(c) for c in CSV_COLUMNS}, rejected=rejected)
     if unknown:
-        log.warning("%d CSV rows have an unknown Usage and are skipped", sum(c["rows"] for c in unknown))
+        log.warning("%d CSV rows have an unknown Usage and are skipped (listed in the manifest's skipped files)",
+                    sum(c["rows"] for c in unknown))
     return listing
 
 
@@ -710,7 +721,8 @@ def prepare(
             # the model's input channels): one colour image in test/ made every image RGB.
             "image": _image_summary(train_stats or stats),
             "skipped": [{"path": p, "reason": r} for p, r in
-                        sorted({**dict.fromkeys(listing.unclassed, UNCLASSED), **stats["skipped"],
+                        sorted({**dict.fromkeys(listing.unclassed, UNCLASSED), **dict(listing.rejected),
+                                **stats["skipped"],
                                 **{folder: f"a folder that could not be listed ({why}); its files were left out"
                                    for folder, why in listing.unlisted}}.items())],
             "val_fraction": listing.val_fraction,  # None when the source had its val split

@@ -218,6 +218,24 @@ def test_csv_without_a_train_or_val_split_is_refused(tmp_path, usages, lacking) 
         list_source(str(path))
 
 
+def test_csv_rows_of_no_known_usage_are_listed_and_blank_lines_passed_over(tmp_path, caplog) -> None:
+    """Rows of a misspelt Usage, or a last line cut short before it, were left out with a
+    count in the log only (the same row with its Usage whole was listed with its reason);
+    a blank line at the end was counted as such a row."""
+    import logging
+
+    path = tmp_path / "fer.csv"
+    path.write_text("emotion,pixels,Usage\n0,0 0 0 0,Training\n1,0 0 0 0,training\n\n2,0 0 0 0,PublicTest\n"
+                    "3,0 0 0 0,PublicTest\n3,70 80 9\n\n")
+    with caplog.at_level(logging.WARNING, logger="fer_ray.prepare"):
+        listing = list_source(str(path))
+    assert listing.rejected == [("csv:1", "unknown Usage 'training' (Training, PublicTest or PrivateTest)"),
+                                ("csv:5", "no Usage (the line ends before its column)")]
+    assert "2 CSV rows have an unknown Usage" in caplog.text
+    rows = {split: [(c["row"], c["rows"]) for c in chunks] for split, chunks in listing.csv_chunks.items()}
+    assert rows == {"train": [(0, 1)], "val": [(3, 2)]}  # (row 2 the blank line, read by no task)
+
+
 # ---------------------------------------------------------------- Ray: whole job
 
 
@@ -304,6 +322,7 @@ def test_prepare_fer_csv(ray_cluster, tmp_path) -> None:
     rows.append("7,0 0 0 0,Training")  # (row 14)
     rows.append("3,0 0 caf\udce9 0,Training")  # a byte that is not UTF-8 (row 15): it stopped the job
     rows.append("3,5,Training")  # a row cut short (row 16): it was a 1x1 image of its class
+    rows.append("3,0 0 0 0,Validation")  # no such Usage (row 17): listed, no longer in the log only
     path = tmp_path / "fer2013.csv"
     path.write_bytes(("emotion,pixels,Usage\n" + "\n".join(rows) + "\n").encode("utf-8", "surrogateescape"))
     out = tmp_path / "shards"
@@ -319,6 +338,7 @@ def test_prepare_fer_csv(ray_cluster, tmp_path) -> None:
         "csv:13": "bad CSV row: emotion code -1 is not 0-6",
         "csv:14": "bad CSV row: emotion code 7 is not 0-6",
         "csv:15": "bad CSV row: 'utf-8' codec can't decode byte 0xe9 in position 9: invalid continuation byte",
+        "csv:17": "unknown Usage 'Validation' (Training, PublicTest or PrivateTest)",
     }
     train = read_split(out, "train").sort_values("path")
     # CSV code 4 is "sad" in the CSV, which is label 5 in the project's order.
