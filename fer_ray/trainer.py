@@ -362,8 +362,11 @@ def data_record(manifest: dict[str, Any]) -> dict[str, Any]:
     splits = {name: {"total": int(split.get("total") or 0), "per_class": split.get("per_class")}
               for name, split in manifest["splits"].items() if name in (TRAIN, VAL)}
     carved = manifest.get("val_fraction") is not None  # (val drawn from train by the seed)
-    return json.loads(json.dumps({"classes": list(manifest["classes"]), "splits": splits,
-                                  "image": manifest.get("image"), "val_fraction": manifest.get("val_fraction"),
+    # The images' channels and median side (the decode size's default), not the counts of
+    # colour modes and sides: a read task Ray ran again counts its images twice there.
+    image = {k: (manifest.get("image") or {}).get(k) for k in ("channels", "median_side")}
+    return json.loads(json.dumps({"classes": list(manifest["classes"]), "splits": splits, "image": image,
+                                  "val_fraction": manifest.get("val_fraction"),
                                   "seed": manifest.get("seed") if carved else None}))
 
 

@@ -1375,3 +1375,21 @@ def test_cpu_format_names_are_the_timed_formats() -> None:
     from fer_ray.model import CPU_FORMATS, format_name
 
     assert CPU_FORMAT_NAMES == tuple(format_name(*f) for f in CPU_FORMATS)
+
+
+def test_the_data_record_leaves_out_counts_a_retried_read_task_doubles() -> None:
+    """prepare counts colour modes and sides in an actor that a read task Ray runs again
+    reports to twice: those counts would have refused a resume on the same images."""
+    from fer_ray.trainer import data_record
+
+    manifest = {"classes": ["a", "b"], "val_fraction": None, "seed": 0,
+                "splits": {"train": {"total": 3, "per_class": {"a": 1, "b": 2}},
+                           "val": {"total": 1, "per_class": {"a": 1, "b": 0}}},
+                "image": {"median_side": 48, "min_side": 48, "max_side": 48, "channels": 1, "modes": {"L": 3}}}
+    retried = copy.deepcopy(manifest)
+    retried["image"]["modes"] = {"L": 5}
+    assert data_record(retried) == data_record(manifest)
+    for key, value in [("channels", 3), ("median_side", 96)]:
+        other = copy.deepcopy(manifest)
+        other["image"][key] = value
+        assert data_record(other) != data_record(manifest)
