@@ -639,10 +639,12 @@ def load_config_file(path: str | Path, cls: type) -> dict[str, Any]:
         if storage.is_dir(p):
             from fer_ray.constants import CONFIG_FILE, SWEEP_CONFIG_FILE
 
-            sweep = storage.exists(storage.join(p, SWEEP_CONFIG_FILE))
-            held = (f"a sweep's {storage.join(p, SWEEP_CONFIG_FILE)} to resume it, or its best_config.json "
-                    "to train its best trial's settings" if sweep else
-                    f"a run's {storage.join(p, CONFIG_FILE)} to resume or retrain it")
+            if not storage.exists(storage.join(p, SWEEP_CONFIG_FILE)):
+                held = f"a run's {storage.join(p, CONFIG_FILE)} to resume or retrain it"
+            elif any(f.name == "sweep" for f in dataclasses.fields(cls)):  # (jobs/tune.py)
+                held = f"a sweep's {storage.join(p, SWEEP_CONFIG_FILE)} to resume it"
+            else:
+                held = f"a sweep's {storage.join(p, 'best_config.json')} to train its best trial's settings"
             raise ConfigError(f"Config file {p!r} is a folder; give a YAML file, or {held}.")
         raise ConfigError(f"Config file {p!r} does not exist.")
     try:

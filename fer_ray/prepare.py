@@ -406,7 +406,8 @@ def _list_csv(source: str) -> Listing:
             split = FER_CSV_USAGE.get(usage, "?")
             if split == "?":
                 rejected.append((f"csv:{row}", f"unknown Usage {usage!r} (Training, PublicTest or PrivateTest)"
-                                 if usage else "no Usage (the line ends before its column)"))
+                                 if usage else "no Usage (the line ends before its column)"
+                                 if len(parts) <= usage_col else "an empty Usage"))
             if current is None or current["split"] != split or current["rows"] >= CSV_ROWS_PER_TASK:
                 current = {"split": split, "start": offset, "row": row, "rows": 0, "nbytes": 0}
                 chunks.setdefault(split, []).append(current)

@@ -340,6 +340,11 @@ def _check_resume_compatible(cfg: TrainConfig, existing: dict[str, Any] | None,
         for flat in (old, new):
             if flat.get("lr_range") is None:
                 flat["lr_range"] = list(LR_RANGES[flat.get("optimizer") or "adamw"])
+    timed = (existing.get(RESOLVED_KEY) or {}).get("cpu_format")
+    if hasattr(cfg, "sweep") and timed and new.get("cpu_format") and old.get("cpu_format") is None:
+        # A sweep whose trials train in the format it timed (one from before --cpu-format,
+        # or begun without it): another given would be said applied, and recorded, unused.
+        old["cpu_format"] = timed
     keys = RESUME_KEYS + (SWEEP_RESUME_KEYS if hasattr(cfg, "sweep") else ())
     changed = [k for k in keys if k in old and old.get(k) != new.get(k)]
     if changed:
@@ -377,6 +382,8 @@ def _check_same_data(cfg: TrainConfig, existing: dict[str, Any], manifest: dict[
     the classifier's outputs would be read under other class names. Runs from before the
     record: their classes and steps per epoch."""
     old, new = existing.get(RESOLVED_KEY) or {}, data_record(manifest)
+    if isinstance((old.get("data") or {}).get("image"), dict):  # (recorded whole before: as now)
+        old = {**old, "data": {**old["data"], "image": {k: old["data"]["image"].get(k) for k in new["image"]}}}
     changes = []
     before = old.get("data") or {"classes": old.get("classes")}
     if before.get("classes") is not None and before["classes"] != new["classes"]:

@@ -641,11 +641,7 @@ def sweep_cpu_format(cfg: SweepConfig, spec: Any, begun: dict[str, Any]) -> str 
     if cfg.run.amp != "auto" or cfg.run.use_gpu:
         return None
     known = (begun.get(RESOLVED_KEY) or {}).get("cpu_format")
-    if known and cfg.run.cpu_format and cfg.run.cpu_format != known:  # (a sweep from before --cpu-format)
-        raise ConfigError(f"{cfg.run.output!r} holds a sweep with different settings (cpu_format {known!r} -> "
-                          f"{cfg.run.cpu_format!r}: its trials train in the first); use a new --output, or "
-                          f"--cpu-format {known} to resume it.")
-    if known or cfg.run.cpu_format:
+    if known or cfg.run.cpu_format:  # (another --cpu-format than the one known: refused at the start)
         return known or cfg.run.cpu_format
     import ray
 

@@ -131,9 +131,16 @@ def test_a_folder_given_as_config_is_named(tmp_path) -> None:
     with pytest.raises(ConfigError, match=r"is a folder; give a YAML file, or a run's .*config.json"):
         parse(["--config", str(tmp_path)])
     (tmp_path / "sweep_config.json").write_text("{}")
-    with pytest.raises(ConfigError, match=r"is a folder; give a YAML file, or a sweep's .*sweep_config.json to "
-                                          r"resume it, or its best_config.json"):
+    # jobs/train.py: the best trial's settings (a sweep_config.json is refused there);
+    # jobs/tune.py: the sweep's own, to resume it.
+    with pytest.raises(ConfigError, match=r"is a folder; give a YAML file, or a sweep's .*best_config.json to "
+                                          r"train its best trial's settings\.$"):
         parse(["--config", str(tmp_path)])
+    from fer_ray.config import SweepConfig
+
+    with pytest.raises(ConfigError, match=r"is a folder; give a YAML file, or a sweep's .*sweep_config.json to "
+                                          r"resume it\.$"):
+        parse_config(SweepConfig, ["--config", str(tmp_path)], argparse.ArgumentParser())
 
 
 def test_wrong_type_is_rejected() -> None:

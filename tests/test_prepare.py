@@ -226,12 +226,13 @@ def test_csv_rows_of_no_known_usage_are_listed_and_blank_lines_passed_over(tmp_p
 
     path = tmp_path / "fer.csv"
     path.write_text("emotion,pixels,Usage\n0,0 0 0 0,Training\n1,0 0 0 0,training\n\n2,0 0 0 0,PublicTest\n"
-                    "3,0 0 0 0,PublicTest\n3,70 80 9\n\n")
+                    "3,0 0 0 0,PublicTest\n3,70 80 9\n4,9 9,\n\n")
     with caplog.at_level(logging.WARNING, logger="fer_ray.prepare"):
         listing = list_source(str(path))
     assert listing.rejected == [("csv:1", "unknown Usage 'training' (Training, PublicTest or PrivateTest)"),
-                                ("csv:5", "no Usage (the line ends before its column)")]
-    assert "2 CSV rows have an unknown Usage" in caplog.text
+                                ("csv:5", "no Usage (the line ends before its column)"),
+                                ("csv:6", "an empty Usage")]
+    assert "3 CSV rows have an unknown Usage" in caplog.text
     rows = {split: [(c["row"], c["rows"]) for c in chunks] for split, chunks in listing.csv_chunks.items()}
     assert rows == {"train": [(0, 1)], "val": [(3, 2)]}  # (row 2 the blank line, read by no task)
 

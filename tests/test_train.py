@@ -1393,3 +1393,21 @@ def test_the_data_record_leaves_out_counts_a_retried_read_task_doubles() -> None
         other = copy.deepcopy(manifest)
         other["image"][key] = value
         assert data_record(other) != data_record(manifest)
+
+
+def test_a_data_record_of_the_whole_image_summary_still_resumes() -> None:
+    """Records written while the data record held the manifest's whole image summary compare
+    by the keys it holds now: a resume on the same shards was refused ("prepared again")."""
+    from fer_ray.config import TrainConfig, parse_config
+    from fer_ray.trainer import _check_same_data, data_record
+
+    manifest = {"classes": ["a", "b"], "val_fraction": None, "seed": 0,
+                "splits": {"train": {"total": 3, "per_class": {"a": 1, "b": 2}},
+                           "val": {"total": 1, "per_class": {"a": 1, "b": 0}}},
+                "image": {"median_side": 48, "min_side": 48, "max_side": 48, "channels": 1, "modes": {"L": 3}}}
+    cfg, _ = parse_config(TrainConfig, ["--data", "d", "--output", "o"], argparse.ArgumentParser())
+    whole = {**data_record(manifest), "image": dict(manifest["image"])}
+    _check_same_data(cfg, {"resolved": {"data": whole}}, manifest)  # no ConfigError
+    whole["image"]["channels"] = 3
+    with pytest.raises(Exception, match="the images' sizes"):
+        _check_same_data(cfg, {"resolved": {"data": whole}}, manifest)

@@ -781,20 +781,22 @@ def test_a_trial_takes_the_drivers_ray_address(monkeypatch) -> None:
 def test_a_resumed_sweep_refuses_another_cpu_format() -> None:
     """A sweep from before --cpu-format (its timed format only under `resolved`) resumed
     with another: its trials trained in the recorded one while saying "as --cpu-format
-    gives it", and sweep_config.json then recorded the format never applied."""
+    gives it", and sweep_config.json then recorded the format never applied. Refused with
+    the other settings (so a sweep that saved nothing starts again instead, check_inputs)."""
     import argparse
 
     from fer_ray.config import ConfigError, SweepConfig, parse_config
+    from fer_ray.trainer import _check_resume_compatible
     from fer_ray.tuning import sweep_cpu_format
 
     def cfg(*flags):
         return parse_config(SweepConfig, ["--data", "d", "--output", "o", *flags], argparse.ArgumentParser())[0]
 
-    begun = {"resolved": {"cpu_format": "fp32+channels_last"}}
-    with pytest.raises(ConfigError, match=r"different settings \(cpu_format 'fp32\+channels_last' -> 'bf16': its "
-                                          r"trials train in the first\); use a new --output, or --cpu-format "
-                                          r"fp32\+channels_last to resume it"):
-        sweep_cpu_format(cfg("--cpu-format", "bf16"), None, begun)
+    begun = {"run": {"amp": "auto"}, "resolved": {"cpu_format": "fp32+channels_last"}}  # (no run.cpu_format)
+    with pytest.raises(ConfigError, match=r"different settings \(cpu_format 'fp32\+channels_last' -> 'bf16'\)"):
+        _check_resume_compatible(cfg("--cpu-format", "bf16"), begun)
+    _check_resume_compatible(cfg("--cpu-format", "fp32+channels_last"), begun)
+    _check_resume_compatible(cfg(), begun)
     assert sweep_cpu_format(cfg("--cpu-format", "fp32+channels_last"), None, begun) == "fp32+channels_last"
     assert sweep_cpu_format(cfg(), None, begun) == "fp32+channels_last"
     assert sweep_cpu_format(cfg("--cpu-format", "bf16"), None, {}) == "bf16"  # given: not timed
