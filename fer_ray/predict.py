@@ -549,8 +549,8 @@ def decode_files(
     import cv2
 
     from fer_ray.transforms import (
-        SIGNATURE_BYTES, create_transform, decode_image, has_image_name, looks_like_image, unread_format,
-        unread_format_reason,
+        SIGNATURE_BYTES, create_transform, decode_image, has_image_name, looks_like_image, unread_bytes_reason,
+        unread_format, unread_format_reason,
     )
 
     # Undecodable files are expected here and reported in errors.parquet instead.
@@ -578,8 +578,8 @@ def decode_files(
             try:
                 decoded = decode_image(data, channels)
             except Exception:  # noqa: BLE001 - (an iPhone's HEIC exported as .jpg: named as such)
-                if (fmt := unread_format("", bytes(data[:SIGNATURE_BYTES]))) is not None:
-                    raise _NotAnImage(unread_format_reason(fmt)) from None
+                if (why := unread_bytes_reason(data)) is not None:
+                    raise _NotAnImage(why) from None
                 raise
             image = transform(image=decoded)["image"]
             images[len(keep)] = image.reshape(size, size, channels)

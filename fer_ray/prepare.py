@@ -457,10 +457,9 @@ def check_image(data: bytes) -> tuple[str | None, tuple[int, int, str] | None]:
         except Exception:  # noqa: BLE001 - neither decoder reads it
             if isinstance(e, Image.DecompressionBombError):
                 return f"image too large to decode ({e})", None
-            from fer_ray.transforms import SIGNATURE_BYTES, unread_format, unread_format_reason
+            from fer_ray.transforms import unread_bytes_reason
 
-            fmt = unread_format("", data[:SIGNATURE_BYTES])  # (by its bytes: the name is not here)
-            return ("not an image file" if fmt is None else unread_format_reason(fmt)), None
+            return unread_bytes_reason(data) or "not an image file", None  # (the name is not here)
     except Exception as e:  # noqa: BLE001 - any decoder failure means a corrupt file
         return f"corrupt image: {type(e).__name__}: {e}", None
 

@@ -104,6 +104,13 @@ def unread_format_reason(fmt: str) -> str:
     return f"a {fmt} image, a format not decoded here; convert it to JPEG or PNG"
 
 
+def unread_bytes_reason(data: bytes) -> str | None:
+    """unread_format_reason for a file whose bytes no decoder read, by its first bytes alone
+    (its name said nothing: an iPhone's HEIC exported as .jpg); None for another format."""
+    fmt = unread_format("", bytes(data[:SIGNATURE_BYTES]))
+    return None if fmt is None else unread_format_reason(fmt)
+
+
 def looks_like_image(head: bytes) -> bool:
     """Whether a file's first SIGNATURE_BYTES bytes are those of an image decode_image reads
     (a BMP: "BM", its size, then 4 reserved zero bytes; "BM" alone begins text too; an ICO
