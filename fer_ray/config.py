@@ -637,14 +637,14 @@ def load_config_file(path: str | Path, cls: type) -> dict[str, Any]:
     p = str(path) if storage.is_uri(str(path)) else str(Path(path))
     if not storage.is_file(p):
         if storage.is_dir(p):
-            from fer_ray.constants import CONFIG_FILE, SWEEP_CONFIG_FILE
+            from fer_ray.constants import BEST_CONFIG_FILE, CONFIG_FILE, SWEEP_CONFIG_FILE
 
             if not storage.exists(storage.join(p, SWEEP_CONFIG_FILE)):
                 held = f"a run's {storage.join(p, CONFIG_FILE)} to resume or retrain it"
             elif any(f.name == "sweep" for f in dataclasses.fields(cls)):  # (jobs/tune.py)
                 held = f"a sweep's {storage.join(p, SWEEP_CONFIG_FILE)} to resume it"
             else:
-                held = f"a sweep's {storage.join(p, 'best_config.json')} to train its best trial's settings"
+                held = f"a sweep's {storage.join(p, BEST_CONFIG_FILE)} to train its best trial's settings"
             raise ConfigError(f"Config file {p!r} is a folder; give a YAML file, or {held}.")
         raise ConfigError(f"Config file {p!r} does not exist.")
     try:

@@ -47,6 +47,7 @@ MANIFEST_FILE = "manifest.json"
 # Files in a run folder (and in a model folder, `best/`).
 CONFIG_FILE = "config.json"
 SWEEP_CONFIG_FILE = "sweep_config.json"  # a sweep folder's settings
+BEST_CONFIG_FILE = "best_config.json"  # a sweep folder's best trial's settings, to train again
 HISTORY_FILE = "history.csv"
 BEST_DIR = "best"
 WEIGHTS_FILE = "model.safetensors"

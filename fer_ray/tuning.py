@@ -38,6 +38,7 @@ from fer_ray.config import (
     to_dict,
 )
 from fer_ray.constants import (
+    BEST_CONFIG_FILE,
     BEST_DIR,
     CHECKPOINT_SNAPSHOT,
     CONFIG_FILE,
@@ -65,7 +66,6 @@ log = logging.getLogger(__name__)
 TUNE_RUN_NAME = "ray_tune"
 TRIALS_DIR = "trials"
 RESULTS_FILE = "results.parquet"
-BEST_CONFIG_FILE = "best_config.json"
 SUMMARY_PLOT = "tune_summary.png"
 # What ASHA compares trials on at its rungs and what Optuna learns from: each trial's best
 # val accuracy so far, the number the sweep selects on (best/ is a trial's best epoch). A
