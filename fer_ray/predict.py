@@ -435,6 +435,7 @@ class ErrorWriter:
     def __init__(self, path: str) -> None:
         self.path = path
         self.count = 0
+        self.labelled = 0  # of them, files with a true label
         self.pending: dict[str, list[Any]] = {PATH_COL: [], REASON_COL: [], LABEL_NAME_COL: []}
         self.writer: Any = None
         self.seen: set[str] = set()  # a batch Ray runs again (its worker died) reports its files again
@@ -447,6 +448,7 @@ class ErrorWriter:
                 self.pending[REASON_COL].append(reason)
                 self.pending[LABEL_NAME_COL].append(name)
                 self.count += 1
+                self.labelled += name is not None
         if len(self.pending[PATH_COL]) >= ERROR_ROWS_PER_WRITE:
             self._flush()
 
@@ -1164,6 +1166,7 @@ def predict(
             "classes": list(spec.class_names),
             "total": total,
             "errors": n_errors,
+            "labelled_errors": errors.labelled,  # of them, files with a true label
             # Folders whose files could not even be listed (no permission): in no count.
             "unlisted_folders": [{"path": path, "reason": reason} for path, reason in unlisted],
             **counts,  # scored, labelled and, with labels, accuracy and macro_f1
@@ -1226,7 +1229,10 @@ def describe(summary: dict[str, Any]) -> str:
     quality = (
         f"; accuracy {summary['accuracy']:.4f}, macro F1 {summary['macro_f1']:.4f}, "
         f"calibration error {summary['calibration_error']:.3f} on {summary['labelled']} labelled"
-        if "accuracy" in summary else "; nothing scored" if not summary["scored"] else "; no true labels"
+        if "accuracy" in summary else "; nothing scored" if not summary["scored"]
+        # (every labelled file failed: their errors are in errors.parquet, the rest had no label)
+        else f"; no labelled image scored ({summary['labelled_errors']} labelled files failed: errors.parquet)"
+        if summary.get("labelled_errors") else "; no true labels"
     )
     unlisted = len(summary.get("unlisted_folders") or [])
     unlisted_said = f"; {unlisted} folder(s) could not be listed, their files not scored (summary.json)" if unlisted else ""

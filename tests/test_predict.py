@@ -168,6 +168,7 @@ def test_every_good_file_scored_and_every_bad_one_in_errors(labelled_run, image_
         known = parts[0].lower() if len(parts) > 1 and parts[0].lower() in FER_CLASSES else None
         assert name == known, (path, name)
     assert errors[LABEL_NAME_COL].notna().any()
+    assert summary["labelled_errors"] == errors[LABEL_NAME_COL].notna().sum()
     assert (summary["scored"], summary["errors"], summary["total"]) == (len(good), len(bad), len(good) + len(bad))
     assert json.loads((out / SUMMARY_FILE).read_text()) == summary
     assert summary["tta"] is None and summary["amp"] == "off" and summary["images_per_second"] > 0
@@ -431,6 +432,23 @@ def test_unlabelled_folder_writes_no_metrics(ray_cluster, model_dir, tmp_path, c
     for name in (METRICS_FILE, CONFUSION_TABLE_FILE, CONFUSION_PLOT_FILE):
         assert not (out / name).exists()
     assert len(pd.read_parquet(out / ERRORS_FILE)) == 0
+
+
+def test_a_labelled_file_that_failed_beside_unlabelled_ones_is_named_in_the_last_line(
+    ray_cluster, model_dir, tmp_path, capsys
+) -> None:
+    """Every labelled file failed, an unlabelled one scored: the last line said "no true
+    labels" of an input that had some."""
+    src = _unlabelled_photos(tmp_path)
+    (src / "happy").mkdir()
+    (src / "happy" / "cut.jpg").write_bytes(b"")
+
+    assert predict_main(["--model", str(model_dir), "--input", str(src), "--output", str(tmp_path / "out")]) == 0
+
+    out = capsys.readouterr().out
+    assert "; no labelled image scored (1 labelled files failed: errors.parquet); output:" in out
+    summary = json.loads((tmp_path / "out" / SUMMARY_FILE).read_text())
+    assert (summary["scored"], summary["labelled"], summary["errors"], summary["labelled_errors"]) == (2, 0, 1, 1)
 
 
 def test_ray_data_stats_logged_at_debug_level(ray_cluster, model_dir, tmp_path, caplog) -> None:
