@@ -465,25 +465,36 @@ def check_image(data: bytes) -> tuple[str | None, tuple[int, int, str] | None]:
 
 
 class PrepareLog:
-    """Collects skipped files and image statistics from the read tasks (a Ray actor)."""
+    """Collects skipped files and image statistics from the read tasks (a Ray actor).
+
+    Statistics are held per batch, by the batch's first file: a read task that Ray runs
+    again (its worker died) records its batches again, in place of the first time's, so
+    no image counts twice in the sizes and modes the manifest gives (--data-size's default
+    is their median). The skipped files are by path already."""
 
     def __init__(self) -> None:
         self.skipped: dict[str, str] = {}
-        self.sides: Counter[int] = Counter()
-        self.modes: Counter[str] = Counter()
+        self.batches: dict[str, tuple[Counter[int], Counter[str]]] = {}
 
-    def record(self, skipped: dict[str, str], sides: list[int], modes: list[str]) -> None:
+    def record(self, skipped: dict[str, str], sides: list[int], modes: list[str], batch: str | None = None) -> None:
         self.skipped.update(skipped)
-        self.sides.update(sides)
-        self.modes.update(modes)
+        if batch is not None:
+            self.batches[batch] = (Counter(sides), Counter(modes))
 
     def summary(self) -> dict[str, Any]:
-        return {"skipped": dict(self.skipped), "sides": dict(self.sides), "modes": dict(self.modes)}
+        sides: Counter[int] = Counter()
+        modes: Counter[str] = Counter()
+        for batch_sides, batch_modes in self.batches.values():
+            sides.update(batch_sides)
+            modes.update(batch_modes)
+        return {"skipped": dict(self.skipped), "sides": dict(sides), "modes": dict(modes)}
 
 
 def _keep_good(
-    paths: list[str], labels: list[int], blobs: list[bytes], log_actor: Any
+    paths: list[str], labels: list[int], blobs: list[bytes], log_actor: Any, batch: str | None
 ) -> dict[str, np.ndarray]:
+    """The rows whose bytes decode; the others recorded as skipped, and the sizes and
+    modes of the good ones recorded under `batch` (the batch's first listed file)."""
     keep, skipped, sides, modes = [], {}, [], []
     for i, data in enumerate(blobs):
         reason, meta = check_image(data)
@@ -495,7 +506,7 @@ def _keep_good(
             modes.append(meta[2])
     # Waited for: calls from many tasks reach the actor in no set order, and the driver's
     # final summary() must come after every batch's record.
-    ray.get(log_actor.record.remote(skipped, sides, modes))
+    ray.get(log_actor.record.remote(skipped, sides, modes, batch))
     return {
         IMAGE_COL: np.array([blobs[i] for i in keep], dtype=object),
         LABEL_COL: np.array([labels[i] for i in keep], dtype=np.int64),
@@ -516,7 +527,7 @@ def read_files_batch(batch: dict[str, np.ndarray], log_actor: Any) -> dict[str, 
         labels.append(label)
     if unreadable:
         ray.get(log_actor.record.remote(unreadable, [], []))
-    return _keep_good(paths, labels, blobs, log_actor)
+    return _keep_good(paths, labels, blobs, log_actor, str(batch[PATH_COL][0]) if len(batch[PATH_COL]) else None)
 
 
 def pixels_to_png(pixels: str) -> bytes:
@@ -573,7 +584,8 @@ def read_csv_chunks(
                 blobs.append(blob)
     if skipped:
         ray.get(log_actor.record.remote(skipped, [], []))
-    return _keep_good(paths, labels, blobs, log_actor)
+    first = f"csv:{int(batch['row'][0])}" if len(batch["row"]) else None
+    return _keep_good(paths, labels, blobs, log_actor, first)
 
 
 # --------------------------------------------------------------------------------------

@@ -408,6 +408,37 @@ def test_a_file_that_cannot_be_read_is_skipped_with_the_reason(ray_cluster, tmp_
     assert skipped[str(tmp_path / "gone.png")].startswith("cannot read: ")  # not "empty file"
 
 
+def test_a_read_task_run_again_counts_its_images_once(ray_cluster, tmp_path) -> None:
+    """Ray runs a task again when its worker dies: its batches' image sizes and modes were
+    counted a second time (the manifest's median side, --data-size's default, from them)."""
+    import ray
+
+    from fer_ray.prepare import PrepareLog, read_csv_chunks, read_files_batch
+
+    for name, size, mode in (("a.png", 12, "L"), ("b.png", 12, "L"), ("c.png", 40, "RGB")):
+        (tmp_path / name).write_bytes(png(size=size, mode=mode))
+    log_actor = ray.remote(PrepareLog).options(num_cpus=0).remote()
+    first = {"path": np.array([str(tmp_path / "a.png"), str(tmp_path / "b.png")], dtype=object),
+             "label": np.array([0, 1])}
+    second = {"path": np.array([str(tmp_path / "c.png")], dtype=object), "label": np.array([0])}
+    read_files_batch(first, log_actor)
+    read_files_batch(second, log_actor)
+    read_files_batch(first, log_actor)  # run again
+
+    stats = ray.get(log_actor.summary.remote())
+    assert stats["sides"] == {12: 2, 40: 1} and stats["modes"] == {"L": 2, "RGB": 1}
+
+    csv = tmp_path / "fer.csv"
+    row = "3," + " ".join(["7"] * 48 * 48) + ",Training\n"
+    csv.write_text("emotion,pixels,Usage\n" + row * 2)
+    start = len("emotion,pixels,Usage\n")
+    chunk = {"start": np.array([start]), "nbytes": np.array([2 * len(row)]), "row": np.array([0])}
+    csv_log = ray.remote(PrepareLog).options(num_cpus=0).remote()
+    assert len(read_csv_chunks(chunk, str(csv), csv_log)["path"]) == 2
+    read_csv_chunks(chunk, str(csv), csv_log)  # run again
+    assert ray.get(csv_log.summary.remote())["sides"] == {48: 2}
+
+
 def test_prepare_refuses_unsafe_outputs(ray_cluster, tmp_path) -> None:
     src = tmp_path / "src"
     make_tree(src, {"a": 2, "b": 2})
