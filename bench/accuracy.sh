@@ -30,26 +30,45 @@ if [ ! -x "$PY" ] && ! command -v "$PY" >/dev/null; then
   PY=python3
 fi
 
-if [ ! -d "$FER/train" ] || [ ! -d "$FER/val" ]; then
-  echo "skipped: $FER needs train/ and val/ class folders (set FER=...)"
-  exit 0
-fi
+# FER's val folder, found as jobs/prepare.py finds it (any case; valid/, validation/);
+# without train and val, a line saying the script is skipped.
+VAL=$("$PY" -c 'import sys; from bench.common import split_folders; f = split_folders(sys.argv[1]); print(f[1] if f else "")' "$FER")
+case "$VAL" in
+  skipped:*) echo "$VAL (set FER=...)"; exit 0 ;;
+esac
 
+# A run folder of before would be resumed, or (finished) have its outputs rewritten in
+# seconds: its figures, not this run's, with the minutes of neither.
+if [ -e "$OUT/run" ]; then
+  echo "error: $OUT/run exists, from a run before; remove it (or set OUT=...) to train again" >&2
+  exit 1
+fi
 mkdir -p "$OUT"
-[ -f "$OUT/shards/manifest.json" ] || "$PY" jobs/prepare.py --source "$FER" --output "$OUT/shards"
+if [ -f "$OUT/shards/manifest.json" ]; then
+  # Prepared before: reused if from this FER (prepare takes ~2 minutes).
+  "$PY" - "$OUT/shards/manifest.json" "$FER" <<'EOF'
+import json, os, sys
+source = json.load(open(sys.argv[1]))["source"]
+if os.path.realpath(source) != os.path.realpath(sys.argv[2]):
+    sys.exit(f"error: {os.path.dirname(sys.argv[1])} was prepared from {source}, not {sys.argv[2]}; "
+             "remove it (or set OUT=...)")
+EOF
+else
+  "$PY" jobs/prepare.py --source "$FER" --output "$OUT/shards"
+fi
 
 start=$(date +%s)
 # shellcheck disable=SC2086  # EXTRA is a list of flags
 "$PY" jobs/train.py --config "$CONFIG" --data "$OUT/shards" --output "$OUT/run" $EXTRA
-minutes=$(( ($(date +%s) - start) ))
+seconds=$(( $(date +%s) - start ))
 
 # In fp32 (--amp off), so that the figures in bench/ACCURACY.md compare across CPUs
 # (the default, auto, scores in bf16 where a CPU computes it faster).
-"$PY" jobs/predict.py --model "$OUT/run/best" --input "$FER/val" --output "$OUT/val" --amp off
-"$PY" jobs/predict.py --model "$OUT/run/best" --input "$FER/val" --output "$OUT/val_tta" --tta --amp off
-"$PY" jobs/predict.py --model "$OUT/run/best" --input "$FER/val" --output "$OUT/val_tencrop" --tta ten-crop --amp off
+"$PY" jobs/predict.py --model "$OUT/run/best" --input "$VAL" --output "$OUT/val" --amp off
+"$PY" jobs/predict.py --model "$OUT/run/best" --input "$VAL" --output "$OUT/val_tta" --tta --amp off
+"$PY" jobs/predict.py --model "$OUT/run/best" --input "$VAL" --output "$OUT/val_tencrop" --tta ten-crop --amp off
 
-"$PY" - "$OUT" "$minutes" <<'EOF'
+"$PY" - "$OUT" "$seconds" <<'EOF'
 import json, sys
 out, seconds = sys.argv[1], int(sys.argv[2])
 plain = json.load(open(f"{out}/val/summary.json"))

@@ -120,3 +120,42 @@ def test_benchmarks_read_the_folders_as_prepare_does(tmp_path, capsys) -> None:
     assert val == str(tmp_path / "Validation")
     assert folder_items(val) == [(str(tmp_path / "Validation" / "Happy" / "2.PNG"), 3)]  # happy: 3
     assert [label for _, label in folder_items(train)] == [3, 5]
+
+
+def _accuracy_sh(env: dict[str, str]):
+    import os
+    import subprocess
+    import sys
+
+    return subprocess.run(["bash", str(REPO / "bench" / "accuracy.sh")], capture_output=True, text=True,
+                          env={**os.environ, "PY": sys.executable, **env}, timeout=120)
+
+
+def test_accuracy_script_trains_from_scratch_or_not_at_all(tmp_path) -> None:
+    """A rerun into the same OUT resumed the run there, or rewrote a finished one's outputs
+    in seconds, and printed its figures with train_minutes=0.1; shards of another dataset
+    in OUT were trained on."""
+    import json
+
+    fer = tmp_path / "fer"
+    for split in ("Training", "Validation"):  # (names prepare takes: the script found only train/, val/)
+        (fer / split / "happy").mkdir(parents=True)
+    out = tmp_path / "out"
+    (out / "run").mkdir(parents=True)
+
+    done = _accuracy_sh({"FER": str(fer), "OUT": str(out)})
+    assert done.returncode == 1, done
+    assert f"error: {out}/run exists, from a run before; remove it (or set OUT=...) to train again" in done.stderr
+    assert "val_acc=" not in done.stdout
+
+    (out / "run").rmdir()
+    (out / "shards").mkdir()
+    (out / "shards" / "manifest.json").write_text(json.dumps({"source": str(tmp_path / "other")}))
+    done = _accuracy_sh({"FER": str(fer), "OUT": str(out)})
+    assert done.returncode == 1, done
+    assert f"{out}/shards was prepared from {tmp_path / 'other'}, not {fer}; remove it" in done.stderr
+    assert not (out / "run").exists()
+
+    (fer / "Validation").rename(fer / "test")
+    skipped = _accuracy_sh({"FER": str(fer), "OUT": str(out)})
+    assert skipped.returncode == 0 and skipped.stdout.startswith(f"skipped: {fer} needs train/ and val/"), skipped
