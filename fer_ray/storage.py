@@ -47,6 +47,9 @@ def normalize(path: str) -> str:
         return path
     if is_uri(path):
         head, query = _split_query(path)  # (s3://b/x/?options: the slash before them too)
+        if not head.partition("://")[2].strip("/"):
+            # s3://$BUCKET/$PREFIX with both unset became "s3:", a folder here
+            raise ConfigError(f"{path!r} names no bucket or folder; give one, e.g. s3://BUCKET/FOLDER.")
         return head.rstrip("/") + query
     return os.path.abspath(os.path.expanduser(path))
 
@@ -127,7 +130,10 @@ def join(base: str, *parts: str) -> str:
     base = str(base)
     if is_uri(base):
         head, query = _split_query(base)  # the options stay at the end
-        return "/".join([head.rstrip("/"), *[p.strip("/") for p in parts]]) + query
+        stripped = head.rstrip("/")
+        if stripped.endswith(":"):  # file:/// (the root): file:///x, not file:/x
+            stripped = head[:len(stripped) + 2]
+        return "/".join([stripped, *[p.strip("/") for p in parts]]) + query
     return os.path.join(base, *parts)
 
 
@@ -138,10 +144,15 @@ def child(folder: str, name: str) -> str:
 
 
 def split_last(path: str) -> tuple[str, str]:
-    """(parent, last name) of a path or URI; a URI's ?options stay on the parent."""
+    """(parent, last name) of a path or URI; a URI's ?options stay on the parent. The
+    parent of a bucket (s3://bucket) is "", of a folder at the root / (file:///)."""
     path = normalize(path)
     head, query = _split_query(path) if is_uri(path) else (path, "")
+    if head.rstrip("/") in ("", "file:"):  # the root itself
+        return "", ""
     parent, _, name = head.rstrip("/").rpartition("/")
+    if parent in ("", "file://") and head.startswith(("/", "file:///")):  # the root's: /out, file:///out
+        return parent + "/", name
     return (parent + query if parent and not parent.endswith((":/", "://")) else ""), name
 
 

@@ -428,6 +428,22 @@ def test_scoring_into_a_bucket_root_is_refused() -> None:
         with pytest.raises(ConfigError, match="is a bucket; give a folder inside it"):
             _check_output("/models/best", "/data/faces", output)
     assert storage.split_last("s3://bucket/preds?x=1") == ("s3://bucket?x=1", "preds")
+    # A folder at the root of the machine is not a bucket (its parent was "" as a bucket's).
+    for output in ("file:///preds", "/preds"):
+        try:
+            _check_output("/models/best", "/data/faces", output)
+        except ConfigError as e:  # (/ may not be writable here: that is said otherwise)
+            assert "is a bucket" not in str(e)
+
+
+def test_a_uri_with_no_bucket_is_refused_not_taken_for_a_local_folder() -> None:
+    """s3://$BUCKET/$RUN with both unset was the relative local folder "s3:"."""
+    from fer_ray.config import ConfigError
+
+    for path in ("s3://", "gs:///", "s3://?region=eu"):
+        with pytest.raises(ConfigError, match="names no bucket or folder; give one, e.g. s3://BUCKET/FOLDER"):
+            storage.resolve(path)
+    assert storage.normalize("s3://b") == "s3://b" and storage.normalize("file:///") == "file:///"
 
 
 def test_a_link_back_up_is_not_followed_and_a_link_to_nothing_is_listed(tmp_path, caplog) -> None:
@@ -645,5 +661,10 @@ def test_file_uris_are_one_place_with_their_local_paths(tmp_path) -> None:
     assert storage.inside(f"file:{real}/x", str(real))
     assert storage.through_link(f"file://{link}") == str(real) == storage.through_link(str(link))
     assert storage.through_link(f"file://{real}") == f"file://{real}"  # not a link: as given
-    assert storage.split_last("file:///out") == ("", "out") == storage.split_last("/out")
+    # A folder at the root has the root for parent: "" (no parent, as a bucket has) refused
+    # --output file:///preds as a bucket and found no leftovers of an interrupted /preds.
+    assert storage.split_last("file:///out") == ("file:///", "out")
+    assert storage.split_last("/out") == ("/", "out")
+    assert storage.split_last("/") == ("", "") == storage.split_last("file:///")
+    assert storage.join("file:///", "out") == "file:///out" and storage.join("/", "out") == "/out"
     assert storage.split_last(f"file://{real}/x") == (f"file://{real}", "x")
