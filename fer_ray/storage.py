@@ -6,6 +6,7 @@ Ray's own `storage_path` and `read_parquet` take the same strings, so a user can
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -290,9 +291,14 @@ def write_bytes(path: str, data: bytes) -> None:
     if parent:
         fs.create_dir(parent, recursive=True)
     tmp = inner + ".tmp"
-    with fs.open_output_stream(tmp) as f:
-        f.write(data)
-    fs.move(tmp, inner)
+    try:
+        with fs.open_output_stream(tmp) as f:
+            f.write(data)
+        fs.move(tmp, inner)
+    except BaseException:  # (a full disk, a bucket's hiccup, a stop: no half file left beside it)
+        with contextlib.suppress(Exception):
+            fs.delete_file(tmp)
+        raise
 
 
 def read_json(path: str) -> Any:

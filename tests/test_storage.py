@@ -668,3 +668,24 @@ def test_file_uris_are_one_place_with_their_local_paths(tmp_path) -> None:
     assert storage.split_last("/") == ("", "") == storage.split_last("file:///")
     assert storage.join("file:///", "out") == "file:///out" and storage.join("/", "out") == "/out"
     assert storage.split_last(f"file://{real}/x") == (f"file://{real}", "x")
+
+
+def test_a_write_that_fails_leaves_no_half_file_beside_the_file(tmp_path, monkeypatch) -> None:
+    """A failed write (a full disk, a bucket's hiccup that the loop's retry then wrote past)
+    left config.json.tmp in the run folder."""
+    target = tmp_path / "run" / "config.json"
+    storage.write_json(str(target), {"v": 1})
+
+    class FullDisk:  # the local filesystem, whose move fails
+        local = pafs.LocalFileSystem()
+        create_dir, open_output_stream, delete_file = local.create_dir, local.open_output_stream, local.delete_file
+
+        def move(self, src, dest):
+            raise OSError(28, "No space left on device")
+
+    resolve = storage.resolve
+    monkeypatch.setattr(storage, "resolve", lambda path: (FullDisk(), resolve(path)[1]))
+    with pytest.raises(OSError, match="No space left"):
+        storage.write_json(str(target), {"v": 2})
+    assert sorted(p.name for p in target.parent.iterdir()) == ["config.json"]
+    assert json.loads(target.read_text()) == {"v": 1}
