@@ -379,7 +379,7 @@ def _iter_lines(stream: Any, chunk: int = 1 << 23) -> Any:
 
 
 def _list_csv(source: str) -> Listing:
-    """Find row ranges per split by scanning lines; each range becomes one read task."""
+    """Find row ranges per split by scanning lines (csv_tasks groups them into read tasks)."""
     fs, inner = storage.resolve(source)
     chunks: dict[str, list[dict[str, Any]]] = {}
     with fs.open_input_stream(inner) as f:
@@ -428,6 +428,24 @@ def _list_csv(source: str) -> Listing:
         log.warning("%d CSV rows have an unknown Usage and are skipped (listed in the manifest's skipped files)",
                     sum(c["rows"] for c in unknown))
     return listing
+
+
+def csv_tasks(chunks: list[dict[str, Any]], rows: int = CSV_ROWS_PER_TASK) -> list[Any]:
+    """A split's row ranges in tables of consecutive ranges of about `rows` rows, one read
+    task each: a CSV whose Usage changes from row to row (shuffled, not grouped by split as
+    Kaggle's is) has thousands of ranges of a row or two, which were a task each."""
+    import pyarrow as pa
+
+    tasks: list[pa.Table] = []
+    group: list[dict[str, Any]] = []
+    in_group = 0
+    for i, chunk in enumerate(chunks):
+        group.append(chunk)
+        in_group += chunk["rows"]
+        if in_group >= rows or i == len(chunks) - 1:
+            tasks.append(pa.table({key: [int(c[key]) for c in group] for key in ("start", "nbytes", "row")}))
+            group, in_group = [], 0
+    return tasks
 
 
 # --------------------------------------------------------------------------------------
@@ -677,11 +695,10 @@ def prepare(
     try:
         for split in splits:
             if listing.kind == "csv":
-                chunks = listing.csv_chunks[split]
-                ds = ray.data.from_items(chunks, override_num_blocks=len(chunks)).map_batches(
+                ds = ray.data.from_blocks(csv_tasks(listing.csv_chunks[split])).map_batches(
                     read_csv_chunks,
                     fn_kwargs={"source": source, "log_actor": log_actor, "columns": listing.csv_columns},
-                    batch_size=1,
+                    batch_size=None,  # a block, one task's row ranges, at a time
                     batch_format="numpy",
                 )
             else:

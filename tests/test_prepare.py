@@ -349,6 +349,32 @@ def test_prepare_fer_csv(ray_cluster, tmp_path) -> None:
     assert img.format == "PNG" and img.size == (48, 48) and img.mode == "L"
 
 
+def test_a_shuffled_csv_is_read_in_tasks_of_many_rows(ray_cluster, tmp_path) -> None:
+    """A CSV whose Usage changes from row to row (not grouped by split as Kaggle's is) was
+    read in a Ray task per run of rows of one split: thousands of tasks of a row or two."""
+    from fer_ray.prepare import csv_tasks
+
+    usages = ["Training", "PublicTest", "Training", "Training", "PublicTest"] * 6
+    rows = [f"{i % 7},{' '.join([str(i)] * 48 * 48)},{usage}" for i, usage in enumerate(usages)]
+    path = tmp_path / "shuffled.csv"
+    path.write_text("emotion,pixels,Usage\n" + "\n".join(rows) + "\n")
+
+    chunks = list_source(str(path)).csv_chunks
+    assert len(chunks["train"]) == 12 and len(chunks["val"]) == 12  # runs of one split
+    tasks = csv_tasks(chunks["train"], rows=5)
+    assert [t.num_rows for t in tasks] == [4, 4, 4]  # chunks of 1, 2, 1, 2 rows: 6 rows a task (5 or more)
+    assert [r for t in tasks for r in t.column("row").to_pylist()] == [c["row"] for c in chunks["train"]]
+    assert [t.num_rows for t in csv_tasks(chunks["val"])] == [12]  # 12 rows: one task
+
+    manifest = prepare(str(path), str(tmp_path / "shards"))
+    assert {k: v["total"] for k, v in manifest["splits"].items()} == {"train": 18, "val": 12}
+    for split, usage in (("train", "Training"), ("val", "PublicTest")):
+        table = read_split(tmp_path / "shards", split)
+        assert sorted(table["path"]) == sorted(f"csv:{i}" for i, u in enumerate(usages) if u == usage)
+        for path_, image in zip(table["path"], table["image"]):  # each row's own pixels
+            assert np.asarray(Image.open(io.BytesIO(image))).flat[0] == int(path_[4:])
+
+
 def test_a_csv_split_of_bad_rows_names_its_own_rows(ray_cluster, tmp_path) -> None:
     """The message counted and quoted every skipped row of the CSV, other splits' too."""
     pixels = " ".join(["0"] * 48 * 48)
