@@ -425,7 +425,7 @@ def build_tuner(cfg: SweepConfig, manifest: dict[str, Any], cpu_format: str | No
     all of them, none will run (no pretrained weights loaded)."""
     tune_dir = storage.normalize(cfg.run.output)
     experiment = storage.join(tune_dir, TUNE_RUN_NAME)
-    restoring = ray.tune.Tuner.can_restore(experiment)
+    restoring = can_resume(experiment)
     if restoring:
         check_resumed_concurrency(cfg, tune_dir, begun_concurrent, cfg.sweep.num_samples - done)
         concurrent = begun_concurrent  # (None: a sweep from before the record)
@@ -451,20 +451,24 @@ def build_tuner(cfg: SweepConfig, manifest: dict[str, Any], cpu_format: str | No
     )
     # The trial function only waits on its TorchTrainer (trial_resources).
     trainable = ray.tune.with_resources(trainable, resources or trial_resources())
-    if restoring:
-        log.info("Resuming the sweep in %s", experiment)
-        # Failed trials run again from their last checkpoint (the settings cannot have
-        # changed: fer_ray.trainer.check_inputs refuses that); Tune starts them all at
-        # once with the unfinished ones, and the gate holds them to `concurrent`.
-        tuner = ray.tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=True)
-        return tuner, concurrent
-
-    log.info("Sweeping %d trials, up to %d at once", cfg.sweep.num_samples, concurrent)
     lo, hi = cfg.sweep.smoothing_range
     space = {
         "lr": ray.tune.loguniform(*cfg.lr_range()),
         "label_smoothing": ray.tune.uniform(lo, hi) if hi > lo else lo,
     }
+    if restoring:
+        log.info("Resuming the sweep in %s", experiment)
+        # Failed trials run again from their last checkpoint (the settings cannot have
+        # changed: fer_ray.trainer.check_inputs refuses that); Tune starts them all at
+        # once with the unfinished ones, and the gate holds them to `concurrent`.
+        # The search space again (tuner.pkl keeps its keys only): a sweep stopped before
+        # Tune first saved its state is begun again by Tune, which without it gave every
+        # trial an empty config.
+        tuner = ray.tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=True,
+                                       param_space=space)
+        return tuner, concurrent
+
+    log.info("Sweeping %d trials, up to %d at once", cfg.sweep.num_samples, concurrent)
     tuner = ray.tune.Tuner(
         trainable,
         param_space=space,
@@ -663,6 +667,18 @@ def _time_formats(spec: Any, batch_size: int, threads: int) -> tuple[str, str]:
     return format_name(*fastest_format(seconds)), timings_line(seconds)
 
 
+def can_resume(experiment: str) -> bool:
+    """Whether Tune saved the state of the sweep in `experiment` (TUNE_DIR/ray_tune): its
+    Tuner writes tuner.pkl when made, its state only once fit() has begun; a sweep stopped
+    in between holds nothing to resume, and is begun anew."""
+    import ray
+
+    return ray.tune.Tuner.can_restore(experiment) and any(
+        e.base_name.startswith("experiment_state") and e.base_name.endswith(".json")
+        for e in storage.list_dir(experiment)
+    )
+
+
 def sweep_trial_resources(tune_dir: str, begun: dict[str, Any]) -> dict[str, float]:
     """What the sweep's trials hold (trial_resources): for a sweep resumed, what it began
     with, as Tune restores each trial with its request (a sweep from before the record:
@@ -670,7 +686,7 @@ def sweep_trial_resources(tune_dir: str, begun: dict[str, Any]) -> dict[str, flo
     would wait for one forever."""
     import ray
 
-    if not ray.tune.Tuner.can_restore(storage.join(tune_dir, TUNE_RUN_NAME)):
+    if not can_resume(storage.join(tune_dir, TUNE_RUN_NAME)):
         return trial_resources()
     kept = (begun.get(RESOLVED_KEY) or {}).get("trial_resources") or {"CPU": TRIAL_DRIVER_CPU}
     if TRIAL_SLOT in kept and not ray.cluster_resources().get(TRIAL_SLOT):
@@ -687,7 +703,7 @@ def finished_trials(tune_dir: str) -> int:
     import ray
 
     experiment = storage.join(tune_dir, TUNE_RUN_NAME)
-    if not ray.tune.Tuner.can_restore(experiment):
+    if not can_resume(experiment):
         return 0
     try:  # (the trainable only reads the state back here: nothing runs)
         return ray.tune.Tuner.restore(experiment, run_trial).get_results().num_terminated

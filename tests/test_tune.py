@@ -307,6 +307,31 @@ def test_ctrl_c_while_every_trial_runs_leaves_no_sweep_outputs(ray_cluster, synt
     assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL  # Tune's handler is not left behind
 
 
+def test_a_sweep_stopped_before_its_first_trial_began_resumes(ray_cluster, synth_shards, tmp_path, capsys,
+                                                             monkeypatch) -> None:
+    """Stopped once its Tuner was made (ray_tune/tuner.pkl written) but before Tune saved a
+    state: Tune's restore found none and began the experiment again without the search
+    space (not kept in tuner.pkl), every trial of every rerun failing on a missing 'lr'."""
+    import ray.tune
+
+    out = tmp_path / "sweep"
+    args = sweep_args(str(synth_shards), str(out), "--num-samples", "1")
+
+    def stopped(self):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ray.tune.Tuner, "fit", stopped)
+        assert tune_main(args) == 130
+    assert (out / "ray_tune" / "tuner.pkl").exists() and not list((out / "ray_tune").glob("experiment_state*"))
+    capsys.readouterr()
+
+    assert tune_main(args) == 0, capsys.readouterr().err
+    results = pd.read_parquet(out / "results.parquet")
+    assert len(results) == 1 and (results["status"] == "TERMINATED").all()
+    assert results["lr"].between(1e-4, 3e-3).all()
+
+
 def test_the_interrupt_watch_notes_every_signal_tune_stops_on(monkeypatch) -> None:
     """SIGUSR1 takes the SIGINT path above (Tune's handler wrapped by InterruptWatch): checked
     here without a sweep of its own."""
@@ -590,9 +615,9 @@ def test_a_resumed_sweep_keeps_the_resources_its_trials_began_with(tmp_path, mon
     from fer_ray.config import ConfigError
 
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0})
-    monkeypatch.setattr(ray.tune.Tuner, "can_restore", staticmethod(lambda path: False))
+    monkeypatch.setattr(tuning, "can_resume", lambda path: False)
     assert tuning.sweep_trial_resources(str(tmp_path), {}) == {"CPU": tuning.TRIAL_DRIVER_CPU}  # a new sweep
-    monkeypatch.setattr(ray.tune.Tuner, "can_restore", staticmethod(lambda path: True))
+    monkeypatch.setattr(tuning, "can_resume", lambda path: True)
     assert tuning.sweep_trial_resources(str(tmp_path), {}) == {"CPU": tuning.TRIAL_DRIVER_CPU}  # no record: before it
     began = {"resolved": {"trial_resources": {tuning.TRIAL_SLOT: 1}}}
     with pytest.raises(ConfigError, match="began on a cluster whose head holds fer_ray_trial resources"):
