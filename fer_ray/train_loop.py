@@ -669,9 +669,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         + (f", weights averaged (EMA decay {s.ema_decay:g})" if ema is not None else "")
         + (f", mixup {s.mixup:g} / cutmix {s.cutmix:g} on {s.mix_prob:.0%} of batches" if mix is not None else "")
     )
-    # The model starts alike on every worker (seeded above); its dropout masks and timm's
-    # mixup draws (numpy's global generator) differ by worker and go on after a resume.
-    reseed(s.seed, rank, state.epoch)
     phase, wrapped, optimizer, scheduler = None, model, None, None
     epoch_times, mark = [], time.time()  # whole epochs (train, val, report) in this process
     epoch = state.epoch
@@ -691,6 +688,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         scheduler.step_update(num_updates=step_in_phase)
         lr = optimizer.param_groups[0]["lr"]
 
+        # The model starts alike on every worker (seeded above); its dropout masks and timm's
+        # mixup draws (numpy's global generator) differ by worker, and by epoch, seeded at
+        # each: a run resumed at an epoch draws there what it would have drawn unstopped.
+        reseed(s.seed, rank, epoch)
         start = time.time()
         train_batches = TimedBatches(train_shard.iter_torch_batches(drop_last=True, **iter_args))
         loss_sum, correct, seen, steps = train_epoch(
