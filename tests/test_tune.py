@@ -787,6 +787,35 @@ def test_a_sweep_that_saved_nothing_starts_again_with_another_input_blur(tmp_pat
         tuning.check_resumed_blur(str(out), "1.5")
 
 
+def test_a_resumed_sweep_refused_for_its_blur_is_refused_before_any_wait_for_gpus(tmp_path, monkeypatch) -> None:
+    """A --use-gpu sweep resumed with another validation blur asked the autoscaler for GPU
+    nodes and waited for them (up to FER_RAY_GPU_WAIT_S) before the refusal it could give
+    at once, as a training run gives it."""
+    import argparse
+    import types
+
+    import fer_ray.tuning as tuning
+    from fer_ray.config import ConfigError
+
+    out = tmp_path / "s"
+    (out / "trials" / "t1").mkdir(parents=True)
+    (out / "trials" / "t1" / "summary.json").write_text("{}")  # an epoch saved: held to its blur
+    (out / "sweep_config.json").write_text(json.dumps({"data": {"input_blur": "0.0"}}))
+    cfg, _ = parse_config(SweepConfig, ["--data", "d", "--output", str(out), "--use-gpu", "--num-samples", "2"],
+                          argparse.ArgumentParser())
+    monkeypatch.setattr(tuning, "finished_trials", lambda tune_dir: 0)
+    monkeypatch.setattr(tuning, "sweep_trial_resources", lambda tune_dir, begun: {"CPU": 0.01})
+    monkeypatch.setattr(tuning, "resolve_settings",
+                        lambda cfg, manifest: types.SimpleNamespace(spec=types.SimpleNamespace(input_blur=1.5)))
+
+    def waits_for_gpus(*args, **kwargs):
+        raise AssertionError("waited for GPUs")
+
+    monkeypatch.setattr(tuning, "check_resources", waits_for_gpus)
+    with pytest.raises(ConfigError, match=r"different settings \(input_blur 0.0 -> 1.5\)"):
+        tuning.sweep(cfg, {"classes": ["a", "b"]})
+
+
 def test_a_trial_takes_the_drivers_ray_address(monkeypatch) -> None:
     """Ray sets RAY_ADDRESS for the driver only: a trial's process took itself for a Ray of
     its own (cli.on_cluster) and read no autoscaler limits when cutting its training data."""
