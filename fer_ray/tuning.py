@@ -595,7 +595,9 @@ def write_outputs(results: pd.DataFrame, tune_dir: str) -> dict[str, Any] | None
         if storage.exists(path):
             histories[trial_id] = pd.read_csv(io.BytesIO(storage.read_bytes(path)))
     best = best_trial(results)
-    with local_staging(tune_dir) as local:
+    # best_config.json last (and removed first): outputs cut short (Ctrl-C, a bucket's
+    # failure) leave no best_config.json beside another trial's best/ or none.
+    with local_staging(tune_dir, last=BEST_CONFIG_FILE) as local:
         results.to_parquet(os.path.join(local, RESULTS_FILE), index=False)
         plot_sweep(results, histories, os.path.join(local, SUMMARY_PLOT))
         if best is not None:

@@ -816,6 +816,35 @@ def test_a_resumed_sweep_refused_for_its_blur_is_refused_before_any_wait_for_gpu
         tuning.sweep(cfg, {"classes": ["a", "b"]})
 
 
+def test_sweep_outputs_cut_short_leave_no_best_config_of_another_trial(tmp_path, monkeypatch) -> None:
+    """A rerun whose outputs were cut short (Ctrl-C once fit() returned) left the earlier
+    best trial's best_config.json beside the new best trial's best/ (or no best/)."""
+    import fer_ray.reports as reports
+    import fer_ray.tuning as tuning
+
+    out = tmp_path / "sweep"
+    trial = out / "trials" / "t1"
+    (trial / "best").mkdir(parents=True)
+    (trial / "best" / "model.safetensors").write_bytes(b"w")
+    (trial / "config.json").write_text(json.dumps({"optim": {"lr": 0.001}, "run": {"output": str(trial)}}))
+    (out / "best_config.json").write_text(json.dumps({"trial": {"trial_id": "t0"}}))  # the run before
+    results = pd.DataFrame({"trial_id": ["t1"], "lr": [0.001], "label_smoothing": [0.1],
+                            "best_val_acc": [0.5], "status": ["TERMINATED"]})
+
+    def stopped(*args):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(reports, "plot_sweep", stopped)
+        with pytest.raises(KeyboardInterrupt):
+            tuning.write_outputs(results, str(out))
+    assert not (out / "best_config.json").exists()
+
+    tuning.write_outputs(results, str(out))
+    assert json.loads((out / "best_config.json").read_text())["trial"]["trial_id"] == "t1"
+    assert (out / "best" / "model.safetensors").read_bytes() == b"w"
+
+
 def test_a_trial_takes_the_drivers_ray_address(monkeypatch) -> None:
     """Ray sets RAY_ADDRESS for the driver only: a trial's process took itself for a Ray of
     its own (cli.on_cluster) and read no autoscaler limits when cutting its training data."""
