@@ -141,10 +141,11 @@ def init_ray(min_cpus: int = 4, dashboard: bool = False, quiet_workers: bool = F
     if note and note[2]:  # the latest `ray start` cluster on this machine, still answering
         running = note[1]
         # As Ray's own `ray.init()` does (which then refuses num_cpus in a traceback).
-        log.info("Joining the Ray cluster that `ray start` runs on this machine at %s "
+        # (`ray start --address=HEAD` on a worker node records the head's: "joined" there)
+        log.info("Joining the Ray cluster that `ray start` on this machine started or joined, at %s "
                  "(RAY_ADDRESS=local starts a Ray of this job's own instead)", running)
         _token_auth_as_ray_init_finds_it()
-        connect_ray(running, where=f"{running!r} (the cluster `ray start` runs on this machine)",
+        connect_ray(running, where=f"{running!r} (the cluster `ray start` on this machine started or joined)",
                     quiet_workers=quiet_workers)
         os.environ["RAY_ADDRESS"] = running  # a cluster, as for a submitted job (warn_local_paths)
         return
