@@ -127,30 +127,36 @@ def test_project_is_synced_and_installed(config: dict) -> None:
     assert any("pip install" in c and "-e ~/fer_ray" in c for c in config["setup_commands"])
 
 
-def run_install_command(config: dict, tmp_path: Path, gpu: bool) -> str:
+def run_install_command(config: dict, tmp_path: Path, gpu: bool) -> list[str]:
     """The setup command that installs the project, run by bash with a stand-in `pip` that
-    records its arguments, and an `nvidia-smi` on the PATH when `gpu`."""
+    records each call's arguments (a line each), and an `nvidia-smi` on the PATH when `gpu`
+    (nothing else on it: a machine with /usr/bin/nvidia-smi took the GPU branch for both)."""
+    import shutil
     import subprocess
 
     (command,) = [c for c in config["setup_commands"] if "-e ~/fer_ray" in c]
     bin_dir = tmp_path / ("gpu" if gpu else "cpu")
     bin_dir.mkdir()
     record = bin_dir / "pip-args"
-    tools = {"pip": f'echo "$@" > {record}\n'} | ({"nvidia-smi": "exit 0\n"} if gpu else {})
+    tools = {"pip": f'echo "$@" >> {record}\n'} | ({"nvidia-smi": "exit 0\n"} if gpu else {})
     for name, body in tools.items():
         (bin_dir / name).write_text("#!/bin/sh\n" + body)
         (bin_dir / name).chmod(0o755)
-    subprocess.run(["bash", "-c", command], check=True, env={"PATH": f"{bin_dir}:/usr/bin:/bin"})
-    return record.read_text()
+    subprocess.run([shutil.which("bash"), "-c", command], check=True, env={"PATH": str(bin_dir)})
+    return record.read_text().splitlines()
 
 
 def test_cpu_nodes_install_pytorchs_cpu_build(config: dict, tmp_path: Path) -> None:
-    # Without a GPU in the container (the head, the CPU workers) torch comes from PyTorch's
-    # CPU index, not PyPI's CUDA build; with one, from PyPI as before.
-    cpu_index = "--extra-index-url https://download.pytorch.org/whl/cpu"
-    assert cpu_index in run_install_command(config, tmp_path, gpu=False)
-    gpu_args = run_install_command(config, tmp_path, gpu=True)
-    assert "-e" in gpu_args.split() and "index" not in gpu_args
+    # Without a GPU in the container (the head, the CPU workers) torch and torchvision come
+    # from PyTorch's CPU index alone, within the project's caps, before the project; with
+    # one, everything from PyPI as before.
+    pyproject = (REPO / "pyproject.toml").read_text()
+    caps = [re.search(rf'"({name}[<>=][^"]*)"', pyproject).group(1) for name in ("torch", "torchvision")]
+    torch_call, project_call = run_install_command(config, tmp_path, gpu=False)
+    assert torch_call == f"install --quiet --index-url https://download.pytorch.org/whl/cpu {caps[0]} {caps[1]}"
+    assert re.fullmatch(r"install --quiet -e \S*/fer_ray", project_call)  # (~ expanded by bash)
+    (gpu_call,) = run_install_command(config, tmp_path, gpu=True)
+    assert re.fullmatch(r"install --quiet -e \S*/fer_ray", gpu_call)
 
 
 def test_jobs_named_in_the_file_exist(text: str) -> None:
