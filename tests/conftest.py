@@ -39,7 +39,7 @@ def settings_for(shards, *flags: str):
 
     cfg, _ = parse_config(
         TrainConfig,
-        ["--data", str(shards), "--output", "unused", "--model", "test_resnet", "--no-pretrained",
+        ["--data", str(shards), "--output", f"{shards}-unused", "--model", "test_resnet", "--no-pretrained",
          "--image-size", "32", *flags],
         argparse.ArgumentParser(),
     )

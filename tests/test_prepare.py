@@ -349,7 +349,7 @@ def test_prepare_fer_csv(ray_cluster, tmp_path) -> None:
     assert img.format == "PNG" and img.size == (48, 48) and img.mode == "L"
 
 
-def test_a_shuffled_csv_is_read_in_tasks_of_many_rows(ray_cluster, tmp_path) -> None:
+def test_a_shuffled_csv_is_read_in_tasks_of_many_rows(ray_cluster, tmp_path, monkeypatch) -> None:
     """A CSV whose Usage changes from row to row (not grouped by split as Kaggle's is) was
     read in a Ray task per run of rows of one split: thousands of tasks of a row or two."""
     from fer_ray.prepare import csv_tasks
@@ -366,7 +366,12 @@ def test_a_shuffled_csv_is_read_in_tasks_of_many_rows(ray_cluster, tmp_path) -> 
     assert [r for t in tasks for r in t.column("row").to_pylist()] == [c["row"] for c in chunks["train"]]
     assert [t.num_rows for t in csv_tasks(chunks["val"])] == [12]  # 12 rows: one task
 
+    import fer_ray.prepare as prepare_module
+
+    tasks_made = []
+    monkeypatch.setattr(prepare_module, "csv_tasks", lambda chunks: tasks_made.append(csv_tasks(chunks)) or tasks_made[-1])
     manifest = prepare(str(path), str(tmp_path / "shards"))
+    assert [len(t) for t in tasks_made] == [1, 1]  # train, val: a read task each
     assert {k: v["total"] for k, v in manifest["splits"].items()} == {"train": 18, "val": 12}
     for split, usage in (("train", "Training"), ("val", "PublicTest")):
         table = read_split(tmp_path / "shards", split)

@@ -1162,7 +1162,7 @@ def test_a_sweep_trials_budget_counts_from_its_workers_start(synth_shards, monke
     from fer_ray.config import TrainConfig, parse_config
     from fer_ray.trainer import check_inputs
 
-    cfg, _ = parse_config(TrainConfig, ["--data", str(synth_shards), "--output", "unused", "--model", "test_resnet",
+    cfg, _ = parse_config(TrainConfig, ["--data", str(synth_shards), "--output", f"{synth_shards}-unused", "--model", "test_resnet",
                                         "--no-pretrained", "--image-size", "32", "--time-budget", "2"],
                           argparse.ArgumentParser())
     trial = resolve_settings(cfg, check_inputs(cfg), budget_from_workers=True)
@@ -1370,7 +1370,7 @@ def test_the_loop_settings_carry_the_flags_that_shape_training(synth_shards, tmp
     assert settings_for(shards, *base, "--cpu-format", "bf16").cpu_format == "bf16"  # (a sweep's best_config.json)
     from fer_ray.config import TrainConfig, parse_config
 
-    cfg, _ = parse_config(TrainConfig, ["--data", str(shards), "--output", "unused", "--sampler", "balanced",
+    cfg, _ = parse_config(TrainConfig, ["--data", str(shards), "--output", f"{shards}-unused", "--sampler", "balanced",
                                         "--no-class-weights"], argparse.ArgumentParser())
     rates = train_sampling_rates(cfg)
     # each class drawn as often as the others: rate x count the same for every class
@@ -1405,7 +1405,7 @@ def test_the_data_record_leaves_out_counts_a_retried_read_task_doubles() -> None
 def test_a_data_record_of_the_whole_image_summary_still_resumes() -> None:
     """Records written while the data record held the manifest's whole image summary compare
     by the keys it holds now: a resume on the same shards was refused ("prepared again")."""
-    from fer_ray.config import TrainConfig, parse_config
+    from fer_ray.config import ConfigError, TrainConfig, parse_config
     from fer_ray.trainer import _check_same_data, data_record
 
     manifest = {"classes": ["a", "b"], "val_fraction": None, "seed": 0,
@@ -1416,5 +1416,5 @@ def test_a_data_record_of_the_whole_image_summary_still_resumes() -> None:
     whole = {**data_record(manifest), "image": dict(manifest["image"])}
     _check_same_data(cfg, {"resolved": {"data": whole}}, manifest)  # no ConfigError
     whole["image"]["channels"] = 3
-    with pytest.raises(Exception, match="the images' sizes"):
+    with pytest.raises(ConfigError, match="the images' sizes"):
         _check_same_data(cfg, {"resolved": {"data": whole}}, manifest)

@@ -314,6 +314,8 @@ def test_a_sweep_stopped_before_its_first_trial_began_resumes(ray_cluster, synth
     space (not kept in tuner.pkl), every trial of every rerun failing on a missing 'lr'."""
     import ray.tune
 
+    import fer_ray.tuning as tuning
+
     out = tmp_path / "sweep"
     args = sweep_args(str(synth_shards), str(out), "--num-samples", "1")
 
@@ -324,12 +326,35 @@ def test_a_sweep_stopped_before_its_first_trial_began_resumes(ray_cluster, synth
         patch.setattr(ray.tune.Tuner, "fit", stopped)
         assert tune_main(args) == 130
     assert (out / "ray_tune" / "tuner.pkl").exists() and not list((out / "ray_tune").glob("experiment_state*"))
+    assert not tuning.can_resume(str(out / "ray_tune"))  # begun anew, not restored
     capsys.readouterr()
 
     assert tune_main(args) == 0, capsys.readouterr().err
     results = pd.read_parquet(out / "results.parquet")
     assert len(results) == 1 and (results["status"] == "TERMINATED").all()
     assert results["lr"].between(1e-4, 3e-3).all()
+
+
+def test_a_restored_sweep_is_given_its_search_space(tmp_path, monkeypatch) -> None:
+    """Tune.restore with no param_space: a restore that finds no state Tune can read begins
+    the experiment again, with no search space (tuner.pkl keeps its keys only)."""
+    import argparse
+
+    import ray.tune
+
+    import fer_ray.tuning as tuning
+
+    cfg, _ = parse_config(SweepConfig, ["--data", "d", "--output", str(tmp_path), "--lr-range", "0.001", "0.01",
+                                        "--smoothing-range", "0.05", "0.05", "--no-pretrained"], argparse.ArgumentParser())
+    given = {}
+    monkeypatch.setattr(tuning, "can_resume", lambda experiment: True)
+    monkeypatch.setattr(tuning, "check_resumed_concurrency", lambda *args: None)
+    monkeypatch.setattr(tuning, "open_gate", lambda places: None)
+    monkeypatch.setattr(ray.tune.Tuner, "restore", staticmethod(lambda path, trainable, **kwargs: given.update(kwargs)))
+    tuning.build_tuner(cfg, {"classes": ["a", "b"]}, None, {"CPU": 0.01}, 1, done=2)
+    space = given["param_space"]
+    assert (space["lr"].lower, space["lr"].upper, space["label_smoothing"]) == (0.001, 0.01, 0.05)
+    assert given["resume_unfinished"] and given["resume_errored"]
 
 
 def test_the_interrupt_watch_notes_every_signal_tune_stops_on(monkeypatch) -> None:
@@ -861,7 +886,7 @@ def test_a_trial_takes_the_drivers_ray_address(monkeypatch) -> None:
     assert os.environ["RAY_ADDRESS"] == "http://10.0.0.1:8265"
 
 
-def test_a_resumed_sweep_refuses_another_cpu_format() -> None:
+def test_a_resumed_sweep_refuses_another_cpu_format(monkeypatch) -> None:
     """A sweep from before --cpu-format (its timed format only under `resolved`) resumed
     with another: its trials trained in the recorded one while saying "as --cpu-format
     gives it", and sweep_config.json then recorded the format never applied. Refused with
@@ -869,6 +894,7 @@ def test_a_resumed_sweep_refuses_another_cpu_format() -> None:
     import argparse
 
     from fer_ray.config import ConfigError, SweepConfig, parse_config
+    import fer_ray.tuning as tuning
     from fer_ray.trainer import _check_resume_compatible
     from fer_ray.tuning import sweep_cpu_format
 
@@ -880,6 +906,7 @@ def test_a_resumed_sweep_refuses_another_cpu_format() -> None:
         _check_resume_compatible(cfg("--cpu-format", "bf16"), begun)
     _check_resume_compatible(cfg("--cpu-format", "fp32+channels_last"), begun)
     _check_resume_compatible(cfg(), begun)
+    monkeypatch.setattr(tuning, "_time_formats", lambda *args: (_ for _ in ()).throw(AssertionError("timed")))
     assert sweep_cpu_format(cfg("--cpu-format", "fp32+channels_last"), None, begun) == "fp32+channels_last"
     assert sweep_cpu_format(cfg(), None, begun) == "fp32+channels_last"
     assert sweep_cpu_format(cfg("--cpu-format", "bf16"), None, {}) == "bf16"  # given: not timed
