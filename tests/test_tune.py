@@ -886,6 +886,38 @@ def test_a_trial_takes_the_drivers_ray_address(monkeypatch) -> None:
     assert os.environ["RAY_ADDRESS"] == "http://10.0.0.1:8265"
 
 
+def test_the_sweep_hands_its_ray_address_to_every_trial(tmp_path, monkeypatch) -> None:
+    """The wiring of the above: the driver's RAY_ADDRESS goes into the trainable's
+    parameters, and a trial adopts it before anything else."""
+    import argparse
+    from types import SimpleNamespace
+
+    import ray.tune
+
+    import fer_ray.tuning as tuning
+
+    cfg, _ = parse_config(SweepConfig, ["--data", "d", "--output", str(tmp_path), "--no-pretrained"],
+                          argparse.ArgumentParser())
+    monkeypatch.setenv("RAY_ADDRESS", "http://10.0.0.1:8265")
+    handed = {}
+    monkeypatch.setattr(tuning, "open_gate", lambda places: None)
+    monkeypatch.setattr(ray.tune, "with_parameters", lambda trainable, **kwargs: handed.update(kwargs) or trainable)
+    monkeypatch.setattr(ray.tune, "with_resources", lambda trainable, resources: trainable)
+    monkeypatch.setattr(tuning, "can_resume", lambda experiment: False)
+    monkeypatch.setattr(tuning, "cluster_capacity", lambda cfg: 1)
+    monkeypatch.setattr(ray.tune, "Tuner", lambda *args, **kwargs: None)
+    tuning.build_tuner(cfg, {"classes": ["a", "b"]}, None, {"CPU": 0.01}, None, done=cfg.sweep.num_samples)
+    assert handed["ray_address"] == "http://10.0.0.1:8265"
+
+    monkeypatch.delenv("RAY_ADDRESS")
+    monkeypatch.setattr(ray.tune, "get_context", lambda: SimpleNamespace(get_trial_id=lambda: "t1"))
+    monkeypatch.setattr(tuning, "trial_config", lambda *args: (_ for _ in ()).throw(RuntimeError("stop")))
+    with pytest.raises(RuntimeError, match="stop"):
+        tuning.run_trial({"lr": 0.01, "label_smoothing": 0.1}, {}, {}, str(tmp_path), None,
+                         ray_address=handed["ray_address"])
+    assert os.environ["RAY_ADDRESS"] == "http://10.0.0.1:8265"
+
+
 def test_a_resumed_sweep_refuses_another_cpu_format(monkeypatch) -> None:
     """A sweep from before --cpu-format (its timed format only under `resolved`) resumed
     with another: its trials trained in the recorded one while saying "as --cpu-format
