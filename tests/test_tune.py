@@ -240,10 +240,19 @@ def test_sweep_from_pretrained_weights_starts_every_trial_from_them(ray_cluster,
 
     from fer_ray import tuning
 
-    fetched, fetch = [], tuning.load_pretrained
-    monkeypatch.setattr(tuning, "load_pretrained", lambda *a, **k: fetched.append(a) or fetch(*a, **k))
+    weights, moved = tmp_path / "pretrained.pth", tmp_path / "moved.pth"
+    fetched = []
 
-    weights = tmp_path / "pretrained.pth"
+    def fetch(*args, **kwargs):  # once read by the driver, the file is gone: a trial cannot read it
+        fetched.append(args)
+        state = load_pretrained(*args, **kwargs)
+        if weights.exists():
+            weights.rename(moved)
+        return state
+
+    load_pretrained = tuning.load_pretrained
+    monkeypatch.setattr(tuning, "load_pretrained", fetch)
+
     torch.manual_seed(1)
     torch.save(timm.create_model("test_resnet").state_dict(), weights)
     out = tmp_path / "sweep"
@@ -257,7 +266,7 @@ def test_sweep_from_pretrained_weights_starts_every_trial_from_them(ray_cluster,
     handler = signal.getsignal(signal.SIGINT)
     fetched.clear()
     assert tune_main(args) == 0
-    assert len(fetched) == 1
+    assert len(fetched) == 1 and moved.exists() and not weights.exists()
     # Tune's SIGINT handler (and fer_ray's watch around it) is gone: a later Ctrl-C stops as usual.
     assert signal.getsignal(signal.SIGINT) is handler
     results = pd.read_parquet(out / "results.parquet")
@@ -265,7 +274,7 @@ def test_sweep_from_pretrained_weights_starts_every_trial_from_them(ray_cluster,
     # Only the head trained (--freeze-epochs 1): the backbone is the file's.
     model = load_model_dir(str(out / "best"))[0]
     head = model.pretrained_cfg["classifier"]
-    trained, given = model.state_dict(), torch.load(weights)
+    trained, given = model.state_dict(), torch.load(moved)
     backbone = [k for k in given if not k.startswith(head + ".")]
     assert len(backbone) > 10
     for k in backbone:
