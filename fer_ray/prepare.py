@@ -82,23 +82,33 @@ def class_order(names: list[str]) -> list[str]:
     if {n.lower() for n in names} == set(FER_CLASSES) and len(names) == len(FER_CLASSES):
         by_lower = {n.lower(): n for n in names}
         return [by_lower[c] for c in FER_CLASSES]
-    return sorted(names, key=lambda n: (n.lower(), n))
+    # (by class_key: a name's accents written composed or decomposed, as a zip from macOS
+    # gives them, sort alike, so the labels and the carve are the same either way)
+    return sorted(names, key=lambda n: (class_key(n), n))
 
 
 def stratified_split(
-    labels: list[int], val_fraction: float, seed: int
+    labels: list[int], val_fraction: float, seed: int, images: list[bool] | None = None
 ) -> tuple[list[int], list[int]]:
-    """Indices for train and val, the val share taken per class (at least one stays in train)."""
+    """Indices for train and val, the val share taken per class (at least one stays in train).
+    `images`: which files are named as images; val is carved from those alone, the others
+    (desktop.ini, notes.txt beside a class's images) stay in train, where reading skips
+    them: counted, they sent a class's only image to val and its training split held none.
+    (A class with no file named as an image is carved from all its files.)"""
     rng = np.random.default_rng(seed)
     labels_arr = np.asarray(labels)
+    named = np.ones(len(labels), dtype=bool) if images is None else np.asarray(images, dtype=bool)
     train_idx: list[int] = []
     val_idx: list[int] = []
     for label in np.unique(labels_arr):
-        idx = np.flatnonzero(labels_arr == label)
+        in_class = labels_arr == label
+        carved = in_class & named if (in_class & named).any() else in_class
+        idx = np.flatnonzero(carved)
         rng.shuffle(idx)
         n_val = min(int(round(len(idx) * val_fraction)), len(idx) - 1)
         val_idx.extend(idx[:n_val].tolist())
         train_idx.extend(idx[n_val:].tolist())
+        train_idx.extend(np.flatnonzero(in_class & ~carved).tolist())  # (not named as images)
     return sorted(train_idx), sorted(val_idx)
 
 
@@ -194,7 +204,15 @@ def _each_file_once(source: str, items: dict[str, list[tuple[str, int]]], classe
 
 
 def list_source(source: str, val_fraction: float = 0.1, seed: int = 0) -> Listing:
-    """Inspect SRC and list its images per split; raise ConfigError on unusable input."""
+    """Inspect SRC and list its images per split; raise ConfigError on unusable input (a
+    source or split folder this process may not read, too: it was a traceback)."""
+    try:
+        return _list_source(source, val_fraction, seed)
+    except PermissionError as e:
+        raise ConfigError(f"Source {source!r} cannot be read: {e}; check its permissions.") from None
+
+
+def _list_source(source: str, val_fraction: float, seed: int) -> Listing:
     if not storage.exists(source):
         raise ConfigError(f"Source {source!r} does not exist; give a folder of images or the FER2013 CSV.")
     if storage.is_file(source):
@@ -256,6 +274,7 @@ def _list_split_folders(
             if split == TEST:
                 log.warning("The test folder %r of %s holds files but no class folders (one per class, as "
                             "in %s/); leaving the test split out", dirname, source, split_dirs[TRAIN])
+                listing.unclassed += _loose_images(folder)  # (in the manifest's skipped files)
                 continue
             raise ConfigError(
                 f"The {split} folder {dirname!r} of {source!r} holds files but no class folders; put "
@@ -284,7 +303,10 @@ def _list_split_folders(
     if VAL not in split_dirs:
         # No val folder: carve a stratified val split out of train.
         train_items = listing.items[TRAIN]
-        tr, va = stratified_split([lab for _, lab in train_items], val_fraction, seed)
+        from fer_ray.transforms import has_image_name
+
+        tr, va = stratified_split([lab for _, lab in train_items], val_fraction, seed,
+                                  [has_image_name(p) for p, _ in train_items])
         listing.items[TRAIN] = [train_items[i] for i in tr]
         listing.items[VAL] = [train_items[i] for i in va]
         listing.val_fraction = val_fraction
@@ -310,7 +332,9 @@ def _list_class_folders(source: str, subdirs: list[str], val_fraction: float, se
     classes = class_order(subdirs)
     unlisted: list[tuple[str, str]] = []
     items = _each_file_once(source, {TRAIN: _files_by_class(source, classes, unlisted)}, classes)[TRAIN]
-    tr, va = stratified_split([lab for _, lab in items], val_fraction, seed)
+    from fer_ray.transforms import has_image_name
+
+    tr, va = stratified_split([lab for _, lab in items], val_fraction, seed, [has_image_name(p) for p, _ in items])
     listing = Listing(
         kind="class_folders",
         classes=classes,

@@ -320,11 +320,22 @@ def write_json(path: str, value: Any) -> None:
     write_bytes(path, (json.dumps(value, indent=2) + "\n").encode())
 
 
+# Folders that a NAS adds inside every folder it indexes (Synology's thumbnails of each
+# image, named after it): left out as hidden entries are, not read as more images of a class
+# (whose thumbnails in train leaked the val images carved beside them).
+NOT_CONTENT = ("@eaDir",)
+
+
+def is_hidden(name: str) -> bool:
+    """Whether a listing leaves an entry out: a hidden one (a leading dot) or NOT_CONTENT."""
+    return name.startswith(".") or name in NOT_CONTENT
+
+
 def list_dir(path: str, hidden: bool = False) -> list[pafs.FileInfo]:
     """Direct children of a folder, sorted by name, hidden entries left out unless `hidden`."""
     fs, inner = resolve(path)
     entries = _listing(fs, inner, path, recursive=False)
-    return sorted((e for e in entries if hidden or not e.base_name.startswith(".")), key=lambda e: e.path)
+    return sorted((e for e in entries if hidden or not is_hidden(e.base_name)), key=lambda e: e.path)
 
 
 # Where git-annex (and DataLad, built on it) and DVC keep file contents, one file per
@@ -365,7 +376,7 @@ def list_files(path: str, skip: Sequence[str] = (), unlisted: list[tuple[str, st
     out = []
     for e in entries:
         rel = e.path[len(inner) :].strip("/")
-        if e.type == pafs.FileType.File and not any(p.startswith(".") for p in rel.split("/")):
+        if e.type == pafs.FileType.File and not any(is_hidden(p) for p in rel.split("/")):
             out.append(e.path)
     return sorted(out)
 
@@ -409,7 +420,7 @@ def local_files(root: str, skip: Sequence[str] = (), unlisted: list[tuple[str, s
             continue
         subfolders = []
         for e in entries:
-            if e.name.startswith("."):
+            if is_hidden(e.name):
                 continue
             if not _utf8(os.fsencode(e.name)):
                 raise _not_utf8(os.fsencode(e.path).decode(errors="replace"))

@@ -661,3 +661,63 @@ def test_identical_images_linked_into_a_content_store_stay_separate_files(tmp_pa
         (tmp_path / "ds" / rel).symlink_to(store / "SHA256E-s100--abc.png")
     listing = list_source(str(tmp_path / "ds"))
     assert {k: len(v) for k, v in listing.items.items()} == {"train": 7, "val": 2}
+
+
+def test_files_not_named_as_images_stay_in_train_when_val_is_carved(tmp_path) -> None:
+    """desktop.ini beside a class's only image counted in the carve: the image went to val,
+    and prepare refused the class as having no readable training image."""
+    make_tree(tmp_path / "src", {"a": 4, "b": 1})
+    (tmp_path / "src" / "b" / "desktop.ini").write_text("[.ShellClassInfo]")
+    for seed in range(4):
+        listing = list_source(str(tmp_path / "src"), val_fraction=0.5, seed=seed)
+        train = {Path(p).name for p, label in listing.items["train"] if label == 1}
+        assert train == {"desktop.ini", *[n.name for n in (tmp_path / "src" / "b").glob("*.png")]}, seed
+        assert len(listing.items["val"]) == 2 and all(label == 0 for _, label in listing.items["val"])
+
+
+def test_nas_thumbnail_folders_are_not_images_of_a_class(tmp_path) -> None:
+    """Synology's @eaDir/<image>/SYNOPHOTO_THUMB_S.jpg inside each class folder: read as
+    more images of the class, a val image's thumbnail landed in train."""
+    make_tree(tmp_path / "src", {"a": 4, "b": 4})
+    for cls in ("a", "b"):
+        for image in (tmp_path / "src" / cls).glob("*.png"):
+            (tmp_path / "src" / cls / "@eaDir" / image.name).mkdir(parents=True)
+            (tmp_path / "src" / cls / "@eaDir" / image.name / "SYNOPHOTO_THUMB_S.jpg").write_bytes(png())
+    listing = list_source(str(tmp_path / "src"), val_fraction=0.25, seed=0)
+    paths = [p for split in listing.items.values() for p, _ in split]
+    assert len(paths) == 8 and not [p for p in paths if "@eaDir" in p]
+
+
+def test_loose_images_of_a_test_folder_without_classes_are_listed_as_skipped(tmp_path) -> None:
+    make_tree(tmp_path / "src", {"train/a": 2, "train/b": 2, "val/a": 1, "val/b": 1})
+    (tmp_path / "src" / "test").mkdir()
+    (tmp_path / "src" / "test" / "t1.png").write_bytes(png())
+    listing = list_source(str(tmp_path / "src"))
+    assert "test" not in listing.items and listing.unclassed == [str(tmp_path / "src" / "test" / "t1.png")]
+
+
+def test_a_source_that_cannot_be_read_is_one_sentence(tmp_path, monkeypatch) -> None:
+    """(Permissions do not stop root, who runs the tests here: the listing is made to fail.)"""
+    from fer_ray import storage
+
+    make_tree(tmp_path / "src", {"train/a": 2, "train/b": 2, "val/a": 1, "val/b": 1})
+    list_dir = storage.list_dir
+
+    def no_permission(path, hidden=False):
+        if path.endswith("val"):
+            raise PermissionError(f"Cannot list directory '{path}'. Detail: [errno 13] Permission denied")
+        return list_dir(path, hidden)
+
+    monkeypatch.setattr(storage, "list_dir", no_permission)
+    with pytest.raises(ConfigError, match=r"^Source '.*src' cannot be read: Cannot list directory '.*src/val'\. "
+                                          r"Detail: \[errno 13\] Permission denied; check its permissions\.$"):
+        list_source(str(tmp_path / "src"))
+
+
+def test_class_order_is_the_same_for_composed_and_decomposed_accents() -> None:
+    import unicodedata
+
+    names = ["émotion", "fear", "zeal"]
+    orders = [[unicodedata.normalize("NFC", n) for n in class_order([unicodedata.normalize(form, n) for n in names])]
+              for form in ("NFC", "NFD")]
+    assert orders[0] == orders[1] == ["fear", "zeal", "émotion"]  # (NFD's "e" + accent sorted first)
