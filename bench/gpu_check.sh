@@ -10,7 +10,7 @@
 #
 # 1. bench/accuracy.sh with the GPU preset (configs/fer2013-gpu.yaml, --use-gpu): prepare,
 #    train for BUDGET minutes (--time-budget fits the cosine schedule to them, start-up
-#    included), score val in fp32 without TTA, with flip and with ten-crop TTA. WEIGHTS
+#    included), score val on the GPU in fp32 without TTA, with flip and with ten-crop TTA. WEIGHTS
 #    defaults to training from scratch (a machine without internet has no ImageNet weights);
 #    WEIGHTS="" takes them from the timm hub, "--pretrained-file PATH" from a file.
 # 2. bench/bench_scoring.py --use-gpu with the model it trained: jobs/predict.py against a
@@ -56,7 +56,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to OUT/NAME
 : > "$OUT/results.txt"
 # shellcheck disable=SC2086  # WEIGHTS is a list of flags
 step accuracy "$(awk -v b="$BUDGET" 'BEGIN { print int(b * 60 + 240) }')" env FER="$FER" OUT="$OUT/acc" CONFIG=configs/fer2013-gpu.yaml \
-  EXTRA="--use-gpu $WEIGHTS --time-budget $BUDGET" bench/accuracy.sh
+  EXTRA="--use-gpu $WEIGHTS --time-budget $BUDGET" SCORE_FLAGS="--use-gpu --amp off" bench/accuracy.sh
 if [ -d "$OUT/acc/run/best" ]; then
   step scoring 180 "$PY" bench/bench_scoring.py --use-gpu --model "$OUT/acc/run/best" --data "$FER"
 fi
