@@ -48,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--only", nargs="*", help="run only these names")
     args = parser.parse_args(argv)
+    unknown = sorted(set(args.only or ()) - set(RUNS))
+    if unknown:  # (a name of an older list ran nothing, silently)
+        parser.error(f"no row named {', '.join(map(repr, unknown))}; the rows: {', '.join(map(repr, RUNS))}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     table = out / "results.tsv"

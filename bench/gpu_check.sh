@@ -35,6 +35,10 @@ if ! "$PY" -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
   echo "skipped: torch sees no CUDA GPU here"
   exit 0
 fi
+if [ -e "$OUT/acc/run" ]; then  # (its scoring step would score that run's model as this one's)
+  echo "error: $OUT/acc/run exists, from a check before; remove $OUT (or set OUT=...)" >&2
+  exit 1
+fi
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 "$PY" -c "import torch, timm, ray, albumentations as A; print('torch', torch.__version__, 'timm', timm.__version__, 'ray', ray.__version__, 'albumentations', A.__version__)"

@@ -274,7 +274,8 @@ def _list_split_folders(
             if split == TEST:
                 log.warning("The test folder %r of %s holds files but no class folders (one per class, as "
                             "in %s/); leaving the test split out", dirname, source, split_dirs[TRAIN])
-                listing.unclassed += _loose_images(folder)  # (in the manifest's skipped files)
+                listing.rejected += [(p, "in a test folder with no class folders (the test split left out)")
+                                     for p in _loose_images(folder)]  # (in the manifest's skipped files)
                 continue
             raise ConfigError(
                 f"The {split} folder {dirname!r} of {source!r} holds files but no class folders; put "
@@ -306,7 +307,7 @@ def _list_split_folders(
         from fer_ray.transforms import has_image_name
 
         tr, va = stratified_split([lab for _, lab in train_items], val_fraction, seed,
-                                  [has_image_name(p) for p, _ in train_items])
+                                  [has_image_name(storage.without_options(p)) for p, _ in train_items])
         listing.items[TRAIN] = [train_items[i] for i in tr]
         listing.items[VAL] = [train_items[i] for i in va]
         listing.val_fraction = val_fraction
@@ -334,7 +335,8 @@ def _list_class_folders(source: str, subdirs: list[str], val_fraction: float, se
     items = _each_file_once(source, {TRAIN: _files_by_class(source, classes, unlisted)}, classes)[TRAIN]
     from fer_ray.transforms import has_image_name
 
-    tr, va = stratified_split([lab for _, lab in items], val_fraction, seed, [has_image_name(p) for p, _ in items])
+    tr, va = stratified_split([lab for _, lab in items], val_fraction, seed,
+                              [has_image_name(storage.without_options(p)) for p, _ in items])
     listing = Listing(
         kind="class_folders",
         classes=classes,

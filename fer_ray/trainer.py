@@ -368,7 +368,8 @@ def data_record(manifest: dict[str, Any]) -> dict[str, Any]:
               for name, split in manifest["splits"].items() if name in (TRAIN, VAL)}
     carved = manifest.get("val_fraction") is not None  # (val drawn from train by the seed)
     # The images' channels and median side (the decode size's default), not the counts of
-    # colour modes and sides: a read task Ray ran again counts its images twice there.
+    # colour modes and sides, which runs from before cf364d2 could hold twice for the images
+    # of a read task Ray ran again.
     image = {k: (manifest.get("image") or {}).get(k) for k in ("channels", "median_side")}
     return json.loads(json.dumps({"classes": list(manifest["classes"]), "splits": splits, "image": image,
                                   "val_fraction": manifest.get("val_fraction"),

@@ -461,9 +461,10 @@ def build_tuner(cfg: SweepConfig, manifest: dict[str, Any], cpu_format: str | No
         # Failed trials run again from their last checkpoint (the settings cannot have
         # changed: fer_ray.trainer.check_inputs refuses that); Tune starts them all at
         # once with the unfinished ones, and the gate holds them to `concurrent`.
-        # The search space again (tuner.pkl keeps its keys only): a sweep stopped before
-        # Tune first saved its state is begun again by Tune, which without it gave every
-        # trial an empty config.
+        # The search space again (tuner.pkl keeps its keys only): should Tune fail to read
+        # the state back, it begins the experiment again, and without it gave every trial an
+        # empty config. (A sweep stopped before Tune saved any state is not restored at all:
+        # can_resume.)
         tuner = ray.tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=True,
                                        param_space=space)
         return tuner, concurrent

@@ -693,7 +693,9 @@ def test_loose_images_of_a_test_folder_without_classes_are_listed_as_skipped(tmp
     (tmp_path / "src" / "test").mkdir()
     (tmp_path / "src" / "test" / "t1.png").write_bytes(png())
     listing = list_source(str(tmp_path / "src"))
-    assert "test" not in listing.items and listing.unclassed == [str(tmp_path / "src" / "test" / "t1.png")]
+    assert "test" not in listing.items and not listing.unclassed  # (not "beside the class folders")
+    assert listing.rejected == [(str(tmp_path / "src" / "test" / "t1.png"),
+                                 "in a test folder with no class folders (the test split left out)")]
 
 
 def test_a_source_that_cannot_be_read_is_one_sentence(tmp_path, monkeypatch) -> None:
