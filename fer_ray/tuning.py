@@ -723,15 +723,18 @@ def sweep(cfg: SweepConfig, manifest: dict[str, Any]) -> tuple[pd.DataFrame, dic
     # rerun waited for the GPUs of a --use-gpu sweep (up to 15 minutes for the autoscaler,
     # or refused on a machine without them) and fetched the pretrained weights again.
     done = finished_trials(tune_dir)
+    checked = not begun and done < cfg.sweep.num_samples  # a new sweep: the cluster first, as a run
+    if checked:
+        check_resources(cfg, driver_cpus=resources.get("CPU", 0))
     # Measured once here (see fer_ray.blur) rather than by every trial: all trials match the same.
-    # (Before any wait for GPUs: a resumed sweep refused for its blur waited up to
+    # (A resumed sweep's before any wait for GPUs: refused for its blur, it waited up to
     # FER_RAY_GPU_WAIT_S for GPU nodes first.)
     spec = resolve_settings(cfg, manifest).spec
     cfg.data.input_blur = str(spec.input_blur)
     if check_resumed_blur(tune_dir, cfg.data.input_blur):  # started again
         begun, done = {}, 0
         resources = sweep_trial_resources(tune_dir, begun)
-    if done < cfg.sweep.num_samples:
+    if not checked and done < cfg.sweep.num_samples:
         check_resources(cfg, driver_cpus=resources.get("CPU", 0))
     cpu_format = sweep_cpu_format(cfg, spec, begun)
     storage.makedirs(tune_dir)

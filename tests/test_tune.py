@@ -849,6 +849,20 @@ def test_a_resumed_sweep_refused_for_its_blur_is_refused_before_any_wait_for_gpu
     with pytest.raises(ConfigError, match=r"different settings \(input_blur 0.0 -> 1.5\)"):
         tuning.sweep(cfg, {"classes": ["a", "b"]})
 
+    # A new sweep checks the cluster first, as a training run does (the blur is measured
+    # on the data, a model built to probe it: work for a sweep the cluster cannot hold).
+    def too_small(*args, **kwargs):
+        raise ConfigError("no GPUs")
+
+    def measured(*args, **kwargs):
+        raise AssertionError("measured first")
+
+    monkeypatch.setattr(tuning, "check_resources", too_small)
+    monkeypatch.setattr(tuning, "resolve_settings", measured)
+    cfg.run.output = str(tmp_path / "new")
+    with pytest.raises(ConfigError, match="no GPUs"):
+        tuning.sweep(cfg, {"classes": ["a", "b"]})
+
 
 def test_sweep_outputs_cut_short_leave_no_best_config_of_another_trial(tmp_path, monkeypatch) -> None:
     """A rerun whose outputs were cut short (Ctrl-C once fit() returned) left the earlier
