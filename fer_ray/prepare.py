@@ -479,8 +479,26 @@ def csv_tasks(chunks: list[dict[str, Any]], rows: int = CSV_ROWS_PER_TASK) -> li
 # --------------------------------------------------------------------------------------
 
 
+# Colour modes whose pixels may all be gray: a gray image saved as a GIF (palette), as a WebP
+# (always RGB) or as an RGB PNG made every image of the set RGB to train on.
+_MAY_BE_GRAY = {"P", "PA", "RGB", "RGBA"}
+
+
+def _gray_in_colour(img: Any) -> bool:
+    """Whether a decoded image of a colour mode holds gray pixels only (R = G = B; alpha
+    aside). A few pixels first: a colour image is told at once, a gray one in full."""
+    if img.mode not in _MAY_BE_GRAY:
+        return False
+    rgb = np.asarray(img.convert("RGB"))
+    for pixels in (rgb[::7, ::7], rgb):
+        if not ((pixels[..., 0] == pixels[..., 1]).all() and (pixels[..., 1] == pixels[..., 2]).all()):
+            return False
+    return True
+
+
 def check_image(data: bytes) -> tuple[str | None, tuple[int, int, str] | None]:
-    """(reason it cannot be used, or None; (width, height, mode) when it can)."""
+    """(reason it cannot be used, or None; (width, height, mode) when it can: "L" for an
+    image of a colour mode whose pixels are all gray, _gray_in_colour)."""
     from PIL import Image, UnidentifiedImageError
 
     if not data:
@@ -488,7 +506,7 @@ def check_image(data: bytes) -> tuple[str | None, tuple[int, int, str] | None]:
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.load()  # decodes fully, so truncated files are caught here, not in training
-            return None, (img.width, img.height, img.mode)
+            return None, (img.width, img.height, "L" if _gray_in_colour(img) else img.mode)
     except (UnidentifiedImageError, Image.DecompressionBombError) as e:
         # What training's decoder reads beyond Pillow: TIFFs of float RGB samples, and images
         # above Pillow's decompression-bomb limit (~179 Mpx), which scoring reads too.

@@ -723,3 +723,25 @@ def test_class_order_is_the_same_for_composed_and_decomposed_accents() -> None:
     orders = [[unicodedata.normalize("NFC", n) for n in class_order([unicodedata.normalize(form, n) for n in names])]
               for form in ("NFC", "NFD")]
     assert orders[0] == orders[1] == ["fear", "zeal", "émotion"]  # (NFD's "e" + accent sorted first)
+
+
+def test_gray_images_saved_in_colour_modes_count_as_gray() -> None:
+    """A gray GIF (palette), a lossless WebP (always RGB) or an RGB PNG of gray pixels made
+    the whole set RGB (the manifest's channels, the model's default input channels)."""
+    from fer_ray.prepare import GRAY_MODES, check_image
+
+    gray = Image.fromarray((np.arange(16 * 12).reshape(12, 16) % 256).astype(np.uint8), "L")
+    colour = gray.convert("RGB")
+    colour.putpixel((15, 11), (200, 10, 10))  # one pixel, not on the first look's grid
+
+    def encoded(img, fmt, **options) -> bytes:
+        out = io.BytesIO()
+        img.save(out, format=fmt, **options)
+        return out.getvalue()
+
+    for img, fmt, options in ((gray, "GIF", {}), (gray.convert("RGB"), "WEBP", {"lossless": True}),
+                              (gray.convert("RGB"), "PNG", {}), (gray.convert("RGBA"), "PNG", {})):
+        reason, (width, height, mode) = check_image(encoded(img, fmt, **options))
+        assert reason is None and (width, height) == (16, 12) and mode in GRAY_MODES, (fmt, mode)
+    for fmt, options in (("PNG", {}), ("WEBP", {"lossless": True}), ("GIF", {})):
+        assert check_image(encoded(colour, fmt, **options))[1][2] not in GRAY_MODES, fmt
