@@ -487,13 +487,18 @@ _MAY_BE_GRAY = {"P", "PA", "RGB", "RGBA"}
 def _gray_in_colour(img: Any) -> bool:
     """Whether a decoded image of a colour mode holds gray pixels only (R = G = B; alpha
     aside). A few pixels first: a colour image is told at once, a gray one in full."""
+    from PIL import Image, ImageChops
+
     if img.mode not in _MAY_BE_GRAY:
         return False
-    rgb = np.asarray(img.convert("RGB"))
-    for pixels in (rgb[::7, ::7], rgb):
-        if not ((pixels[..., 0] == pixels[..., 1]).all() and (pixels[..., 1] == pixels[..., 2]).all()):
-            return False
-    return True
+    rgb = img if img.mode == "RGB" else img.convert("RGB")
+    # (a 0.8 Mpx colour JPEG: 0.06 ms for the look at every 7th pixel, against 4 ms for
+    # all of them in numpy; a gray one: 0.8 ms in Pillow's C)
+    few = np.asarray(rgb.resize((max(1, rgb.width // 7), max(1, rgb.height // 7)), Image.NEAREST))
+    if not ((few[..., 0] == few[..., 1]).all() and (few[..., 1] == few[..., 2]).all()):
+        return False
+    r, g, b = rgb.split()
+    return ImageChops.difference(r, g).getbbox() is None and ImageChops.difference(g, b).getbbox() is None
 
 
 def check_image(data: bytes) -> tuple[str | None, tuple[int, int, str] | None]:
