@@ -511,7 +511,11 @@ def check_image(data: bytes) -> tuple[str | None, tuple[int, int, str] | None]:
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.load()  # decodes fully, so truncated files are caught here, not in training
-            return None, (img.width, img.height, "L" if _gray_in_colour(img) else img.mode)
+            try:
+                gray = _gray_in_colour(img)
+            except Exception:  # noqa: BLE001 - (a mode Pillow cannot convert: as it says, not a bad file)
+                gray = False
+            return None, (img.width, img.height, "L" if gray else img.mode)
     except (UnidentifiedImageError, Image.DecompressionBombError) as e:
         # What training's decoder reads beyond Pillow: TIFFs of float RGB samples, and images
         # above Pillow's decompression-bomb limit (~179 Mpx), which scoring reads too.
