@@ -112,6 +112,18 @@ def stratified_split(
     return sorted(train_idx), sorted(val_idx)
 
 
+def _carve_val(
+    items: list[tuple[str, int]], val_fraction: float, seed: int
+) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+    """(train, val) of listed (path, label) items: val carved per class from the files
+    named as images (stratified_split; a URI's ?options are not part of the name)."""
+    from fer_ray.transforms import has_image_name
+
+    tr, va = stratified_split([lab for _, lab in items], val_fraction, seed,
+                              [has_image_name(storage.without_options(p)) for p, _ in items])
+    return [items[i] for i in tr], [items[i] for i in va]
+
+
 # Folders that archivers add beside the content (macOS's zip resource forks): never a class.
 NOT_CLASSES = ("__MACOSX",)
 
@@ -303,13 +315,7 @@ def _list_split_folders(
             del listing.items[split]
     if VAL not in split_dirs:
         # No val folder: carve a stratified val split out of train.
-        train_items = listing.items[TRAIN]
-        from fer_ray.transforms import has_image_name
-
-        tr, va = stratified_split([lab for _, lab in train_items], val_fraction, seed,
-                                  [has_image_name(storage.without_options(p)) for p, _ in train_items])
-        listing.items[TRAIN] = [train_items[i] for i in tr]
-        listing.items[VAL] = [train_items[i] for i in va]
+        listing.items[TRAIN], listing.items[VAL] = _carve_val(listing.items[TRAIN], val_fraction, seed)
         listing.val_fraction = val_fraction
     _check_not_empty(listing, source, None if VAL in split_dirs else val_fraction, split_dirs)
     return listing
@@ -333,14 +339,11 @@ def _list_class_folders(source: str, subdirs: list[str], val_fraction: float, se
     classes = class_order(subdirs)
     unlisted: list[tuple[str, str]] = []
     items = _each_file_once(source, {TRAIN: _files_by_class(source, classes, unlisted)}, classes)[TRAIN]
-    from fer_ray.transforms import has_image_name
-
-    tr, va = stratified_split([lab for _, lab in items], val_fraction, seed,
-                              [has_image_name(storage.without_options(p)) for p, _ in items])
+    train, val = _carve_val(items, val_fraction, seed)
     listing = Listing(
         kind="class_folders",
         classes=classes,
-        items={TRAIN: [items[i] for i in tr], VAL: [items[i] for i in va]},
+        items={TRAIN: train, VAL: val},
         val_fraction=val_fraction,
         unclassed=_loose_images(source),
         unlisted=unlisted,
@@ -491,7 +494,10 @@ def _gray_in_colour(img: Any) -> bool:
 
     if img.mode not in _MAY_BE_GRAY:
         return False
-    rgb = img if img.mode == "RGB" else img.convert("RGB")
+    try:
+        rgb = img if img.mode == "RGB" else img.convert("RGB")
+    except Exception:  # noqa: BLE001 - (a mode Pillow cannot convert keeps its mode: not a bad file)
+        return False
     # (a 0.8 Mpx colour JPEG: 0.06 ms for the look at every 7th pixel, against 4 ms for
     # all of them in numpy; a gray one: 0.8 ms in Pillow's C)
     few = np.asarray(rgb.resize((max(1, rgb.width // 7), max(1, rgb.height // 7)), Image.NEAREST))
@@ -511,11 +517,7 @@ def check_image(data: bytes) -> tuple[str | None, tuple[int, int, str] | None]:
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.load()  # decodes fully, so truncated files are caught here, not in training
-            try:
-                gray = _gray_in_colour(img)
-            except Exception:  # noqa: BLE001 - (a mode Pillow cannot convert: as it says, not a bad file)
-                gray = False
-            return None, (img.width, img.height, "L" if gray else img.mode)
+            return None, (img.width, img.height, "L" if _gray_in_colour(img) else img.mode)
     except (UnidentifiedImageError, Image.DecompressionBombError) as e:
         # What training's decoder reads beyond Pillow: TIFFs of float RGB samples, and images
         # above Pillow's decompression-bomb limit (~179 Mpx), which scoring reads too.
