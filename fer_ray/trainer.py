@@ -6,7 +6,6 @@ trial is exactly a training run.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import os
@@ -48,6 +47,7 @@ from fer_ray.constants import (
 from fer_ray.data import (
     class_weights, resolve_data_size, sample_images, sampling_rates, train_counts, train_val_datasets,
 )
+from fer_ray.ingest import ShardedValConfig
 from fer_ray.metrics import confusion_table, metrics_table, summary
 from fer_ray.model import ModelSpec, check_input_size, check_model_name, create_model, data_config, fetch_pretrained_state
 from fer_ray.prepare import read_manifest
@@ -59,32 +59,6 @@ from fer_ray.train_loop import (
 )
 
 log = logging.getLogger(__name__)
-
-
-class ShardedValConfig(ray.train.DataConfig):
-    """Train split in equal shares (every worker takes the same number of steps); val split
-    unevenly, because validation must see every image exactly once.
-
-    The execution options are the driver's Ray Data options, copied. Left to Ray, its
-    `DataConfig.default_ingest_options()` builds them with the deprecated
-    `exclude_resources` argument, and every training job printed a RayDeprecationWarning
-    from Ray Train's dataset manager (Ray 2.60)."""
-
-    def __init__(self) -> None:
-        options = copy.deepcopy(ray.data.DataContext.get_current().execution_options)
-        super().__init__(datasets_to_split=[TRAIN], execution_options=options)
-
-    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
-        output = super().configure(
-            {k: v for k, v in datasets.items() if k != VAL},
-            world_size, worker_handles, worker_node_ids, **kwargs,
-        )
-        if VAL in datasets:
-            val = datasets[VAL].copy(datasets[VAL])
-            val.context.execution_options = self._resolve_execution_options(VAL)
-            for i, split in enumerate(val.streaming_split(world_size, equal=False)):
-                output[i][VAL] = split
-        return output
 
 
 # Settings that cannot change when a run folder is trained again (resume; the optimizer's
