@@ -1418,3 +1418,29 @@ def test_a_data_record_of_the_whole_image_summary_still_resumes() -> None:
     whole["image"]["channels"] = 3
     with pytest.raises(ConfigError, match="the images' sizes"):
         _check_same_data(cfg, {"resolved": {"data": whole}}, manifest)
+
+
+def test_the_dataset_config_ray_trains_actors_unpickle_imports_no_model_code(ray_cluster, synth_shards,
+                                                                             tmp_path) -> None:
+    """Ray Train's controller and dataset manager actors unpickle the trainer's dataset_config:
+    defined in fer_ray.trainer, it made each of them import timm, scikit-learn and the rest
+    first (seconds of CPU per training run)."""
+    import subprocess
+    import sys
+
+    import ray.cloudpickle
+
+    from fer_ray.config import TrainConfig, parse_config
+    from fer_ray.trainer import build_trainer, check_inputs, resolve_settings
+
+    cfg, _ = parse_config(TrainConfig, tiny_train_args(str(synth_shards), str(tmp_path / "run")),
+                          argparse.ArgumentParser())
+    trainer = build_trainer(cfg, resolve_settings(cfg, check_inputs(cfg)))
+    code = ("import pickle, sys\n"
+            "config = pickle.loads(sys.stdin.buffer.read())\n"
+            "print(type(config).__name__, *(m for m in ('timm', 'sklearn', 'matplotlib', 'fer_ray.trainer',"
+            " 'fer_ray.model') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], input=ray.cloudpickle.dumps(trainer.data_config),
+                         capture_output=True, timeout=300)
+    assert out.returncode == 0, out.stderr.decode()
+    assert out.stdout.decode().split() == ["ShardedValConfig"]
