@@ -147,6 +147,7 @@ class LocalCluster:
         # on the detached actors Ray Data and Train leave behind; a test cluster has nothing
         # to drain.
         env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"
+        env["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"]  # (conftest)
         if mode is not None:
             env["RAY_AUTH_MODE"] = mode
         if token is not None:
