@@ -485,6 +485,16 @@ def timings_line(seconds: list[float], formats: tuple = CPU_FORMATS, unit: str =
     return ", ".join(f"{format_name(*f)} {shown(t)}" for f, t in zip(formats, seconds))
 
 
+def timed_cpu_format(spec: Any, batch_size: int, threads: int) -> tuple[str, str]:
+    """(the fastest CPU format's name, the timings as a line) of a training step of the
+    model `spec` (a ModelSpec) describes, on `threads` threads: a sweep times it once, in a
+    task of its own, for all its trials (fer_ray.tuning.sweep_cpu_format)."""
+    torch.set_num_threads(threads)
+    model = create_model(spec.model, len(spec.class_names), **spec.model_kwargs)
+    seconds = time_cpu_formats(model, batch_size, spec.in_chans, spec.image_size)
+    return format_name(*fastest_format(seconds)), timings_line(seconds)
+
+
 # What each --amp value lets a CPU scorer time (the GPU takes the dtype as it is).
 SCORING_FORMATS = {"auto": CPU_FORMATS, "off": FP32_FORMATS, "bf16": CPU_FORMATS[2:]}
 

@@ -47,6 +47,8 @@ from fer_ray.constants import (
     RUN_SUMMARY_FILE,
     SWEEP_CONFIG_FILE,
 )
+from fer_ray.gate import TrialGate
+from fer_ray.model import timed_cpu_format
 from fer_ray.trainer import (
     TrainingDiverged,
     build_trainer,
@@ -87,27 +89,6 @@ def trial_resources() -> dict[str, float]:
     import ray
 
     return {TRIAL_SLOT: 1} if ray.cluster_resources().get(TRIAL_SLOT) else {"CPU": TRIAL_DRIVER_CPU}
-
-
-class TrialGate:
-    """The trials that may train at once: each trial takes a place before it starts its
-    TorchTrainer (run_trial) and gives it back when it ends (itself, and the driver's
-    TrialLine for a trial stopped or lost without a word). Tune's searcher limits only the
-    trials it creates: a resumed sweep's failed trials all went back to pending and started
-    together with the ones left, and where the cluster held fewer, their Train workers took
-    every CPU and Ray Data none. Run as an actor of the sweep's driver (num_cpus=0)."""
-
-    def __init__(self, places: int) -> None:
-        self.places, self.holders = places, set()
-
-    def enter(self, trial_id: str) -> bool:
-        if trial_id in self.holders or len(self.holders) < self.places:
-            self.holders.add(trial_id)
-            return True
-        return False
-
-    def leave(self, trial_id: str) -> None:
-        self.holders.discard(trial_id)
 
 
 GATE_POLL_S = 2.0
@@ -652,22 +633,10 @@ def sweep_cpu_format(cfg: SweepConfig, spec: Any, begun: dict[str, Any]) -> str 
         return known or cfg.run.cpu_format
     import ray
 
-    chosen, timed = ray.get(ray.remote(num_cpus=cfg.run.cpus_per_worker)(_time_formats).remote(
+    chosen, timed = ray.get(ray.remote(num_cpus=cfg.run.cpus_per_worker)(timed_cpu_format).remote(
         spec, cfg.data.batch_size, cfg.run.cpus_per_worker))
     log.info("Training step on a trial's CPUs: %s; every trial trains in %s", timed, chosen)
     return chosen
-
-
-def _time_formats(spec: Any, batch_size: int, threads: int) -> tuple[str, str]:
-    """(fastest format's name, the timings as a line) of a training step of `spec`'s model."""
-    import torch
-
-    from fer_ray.model import create_model, fastest_format, format_name, time_cpu_formats, timings_line
-
-    torch.set_num_threads(threads)
-    model = create_model(spec.model, len(spec.class_names), **spec.model_kwargs)
-    seconds = time_cpu_formats(model, batch_size, spec.in_chans, spec.image_size)
-    return format_name(*fastest_format(seconds)), timings_line(seconds)
 
 
 def can_resume(experiment: str) -> bool:

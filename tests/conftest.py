@@ -66,6 +66,23 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
+def modules_unpickling_imports(obj, modules=("timm", "sklearn", "matplotlib", "fer_ray.trainer",
+                                              "fer_ray.model")) -> list[str]:
+    """Which of `modules` a fresh interpreter imports to unpickle `obj` as Ray would (what a
+    Ray actor or task process pays for before it runs: seconds of CPU for timm's stack)."""
+    import subprocess
+
+    import ray.cloudpickle
+
+    code = ("import pickle, sys\n"
+            "pickle.loads(sys.stdin.buffer.read())\n"
+            f"print(*(m for m in {tuple(modules)!r} if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], input=ray.cloudpickle.dumps(obj), capture_output=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr.decode()[-3000:]
+    return out.stdout.decode().split()
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     import ray

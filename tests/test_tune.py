@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import ctrl_c_when, tiny_train_args
+from conftest import ctrl_c_when, modules_unpickling_imports, tiny_train_args
 from fer_ray.config import SweepConfig, parse_config, to_dict
 from fer_ray.model import load_model_dir
 from fer_ray.tuning import RESULT_COLUMNS, best_trial, trial_config
@@ -761,7 +761,7 @@ def test_trials_that_diverged_before_saving_an_epoch_are_said_so(ray_cluster, sy
 
 
 def test_the_trial_gate_lets_as_many_trials_in_as_it_has_places() -> None:
-    from fer_ray.tuning import TrialGate
+    from fer_ray.gate import TrialGate
 
     gate = TrialGate(2)
     assert gate.enter("a") and gate.enter("b") and not gate.enter("c")
@@ -769,6 +769,9 @@ def test_the_trial_gate_lets_as_many_trials_in_as_it_has_places() -> None:
     gate.leave("a")
     gate.leave("a")  # (the trial's own leave and the driver's: once)
     assert gate.enter("c") and not gate.enter("d")
+    # Its actor's process imports no model code: defined in fer_ray.tuning, it imported timm,
+    # scikit-learn and the rest first (~5 s of CPU beside every sweep's first trial).
+    assert modules_unpickling_imports(TrialGate) == []
 
 
 def test_a_trial_stopped_without_a_word_gives_its_place_back_through_the_sweeps_callback(ray_cluster,
@@ -961,7 +964,7 @@ def test_a_resumed_sweep_refuses_another_cpu_format(monkeypatch) -> None:
         _check_resume_compatible(cfg("--cpu-format", "bf16"), begun)
     _check_resume_compatible(cfg("--cpu-format", "fp32+channels_last"), begun)
     _check_resume_compatible(cfg(), begun)
-    monkeypatch.setattr(tuning, "_time_formats", lambda *args: (_ for _ in ()).throw(AssertionError("timed")))
+    monkeypatch.setattr(tuning, "timed_cpu_format", lambda *args: (_ for _ in ()).throw(AssertionError("timed")))
     assert sweep_cpu_format(cfg("--cpu-format", "fp32+channels_last"), None, begun) == "fp32+channels_last"
     assert sweep_cpu_format(cfg(), None, begun) == "fp32+channels_last"
     assert sweep_cpu_format(cfg("--cpu-format", "bf16"), None, {}) == "bf16"  # given: not timed
