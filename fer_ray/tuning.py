@@ -396,17 +396,17 @@ def check_resumed_concurrency(cfg: SweepConfig, tune_dir: str, begun: int | None
 
 def build_tuner(cfg: SweepConfig, manifest: dict[str, Any], cpu_format: str | None = None,
                 resources: dict[str, float] | None = None, begun_concurrent: int | None = None,
-                done: int = 0):
+                done: int = 0, restoring: bool = False):
     """(A new Tuner, or the interrupted sweep in TUNE_DIR restored (finished trials kept);
     the number of trials it runs at once, which the TrialGate it opens holds them to). A
     restored sweep runs as many at once as it began with (Tune restores its search with
     them): ConfigError when this cluster holds fewer (`begun_concurrent`,
     sweep_config.json), as their workers and Ray Data tasks would wait on each other for
     ever. `done`: the trials the sweep in TUNE_DIR finished (finished_trials); when that is
-    all of them, none will run (no pretrained weights loaded)."""
+    all of them, none will run (no pretrained weights loaded). `restoring`: TUNE_DIR holds a
+    sweep Tune can resume (can_resume)."""
     tune_dir = storage.normalize(cfg.run.output)
     experiment = storage.join(tune_dir, TUNE_RUN_NAME)
-    restoring = can_resume(experiment)
     if restoring:
         check_resumed_concurrency(cfg, tune_dir, begun_concurrent, cfg.sweep.num_samples - done)
         concurrent = begun_concurrent  # (None: a sweep from before the record)
@@ -651,14 +651,14 @@ def can_resume(experiment: str) -> bool:
     )
 
 
-def sweep_trial_resources(tune_dir: str, begun: dict[str, Any]) -> dict[str, float]:
+def sweep_trial_resources(tune_dir: str, begun: dict[str, Any], resuming: bool) -> dict[str, float]:
     """What the sweep's trials hold (trial_resources): for a sweep resumed, what it began
     with, as Tune restores each trial with its request (a sweep from before the record:
     TRIAL_DRIVER_CPU). ConfigError when that is a TRIAL_SLOT this cluster lacks: its trials
     would wait for one forever."""
     import ray
 
-    if not can_resume(storage.join(tune_dir, TUNE_RUN_NAME)):
+    if not resuming:
         return trial_resources()
     kept = (begun.get(RESOLVED_KEY) or {}).get("trial_resources") or {"CPU": TRIAL_DRIVER_CPU}
     if TRIAL_SLOT in kept and not ray.cluster_resources().get(TRIAL_SLOT):
@@ -669,13 +669,13 @@ def sweep_trial_resources(tune_dir: str, begun: dict[str, Any]) -> dict[str, flo
     return kept
 
 
-def finished_trials(tune_dir: str) -> int:
+def finished_trials(tune_dir: str, resuming: bool) -> int:
     """How many trials of the sweep in TUNE_DIR Tune recorded as finished (0 where there is
-    no sweep, or a state Tune cannot read back)."""
+    no sweep to resume, or a state Tune cannot read back)."""
     import ray
 
     experiment = storage.join(tune_dir, TUNE_RUN_NAME)
-    if not can_resume(experiment):
+    if not resuming:
         return 0
     try:  # (the trainable only reads the state back here: nothing runs)
         return ray.tune.Tuner.restore(experiment, run_trial).get_results().num_terminated
@@ -687,11 +687,12 @@ def sweep(cfg: SweepConfig, manifest: dict[str, Any]) -> tuple[pd.DataFrame, dic
     """Run (or resume) the sweep and write TUNE_DIR; Ray must be initialised."""
     tune_dir = storage.normalize(cfg.run.output)
     begun = storage.read_json_or_none(storage.join(tune_dir, SWEEP_CONFIG_FILE)) or {}
-    resources = sweep_trial_resources(tune_dir, begun)
+    resuming = can_resume(storage.join(tune_dir, TUNE_RUN_NAME))  # (a listing: a bucket round trip)
+    resources = sweep_trial_resources(tune_dir, begun, resuming)
     # A finished sweep run again reads its trials' results back and starts no worker: its
     # rerun waited for the GPUs of a --use-gpu sweep (up to 15 minutes for the autoscaler,
     # or refused on a machine without them) and fetched the pretrained weights again.
-    done = finished_trials(tune_dir)
+    done = finished_trials(tune_dir, resuming)
     checked = not begun and done < cfg.sweep.num_samples  # a new sweep: the cluster first, as a run
     if checked:
         check_resources(cfg, driver_cpus=resources.get("CPU", 0))
@@ -701,8 +702,8 @@ def sweep(cfg: SweepConfig, manifest: dict[str, Any]) -> tuple[pd.DataFrame, dic
     spec = resolve_settings(cfg, manifest).spec
     cfg.data.input_blur = str(spec.input_blur)
     if check_resumed_blur(tune_dir, cfg.data.input_blur):  # started again
-        begun, done = {}, 0
-        resources = sweep_trial_resources(tune_dir, begun)
+        begun, done, resuming = {}, 0, False
+        resources = sweep_trial_resources(tune_dir, begun, resuming)
     if not checked and done < cfg.sweep.num_samples:
         check_resources(cfg, driver_cpus=resources.get("CPU", 0))
     cpu_format = sweep_cpu_format(cfg, spec, begun)
@@ -711,7 +712,7 @@ def sweep(cfg: SweepConfig, manifest: dict[str, Any]) -> tuple[pd.DataFrame, dic
     handlers = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
     try:
         tuner, concurrent = build_tuner(cfg, manifest, cpu_format, resources,
-                                        (begun.get(RESOLVED_KEY) or {}).get("concurrent"), done)
+                                        (begun.get(RESOLVED_KEY) or {}).get("concurrent"), done, resuming)
         # The settings are written once the sweep can start (its pretrained weights loaded):
         # a sweep that failed before, say on a --pretrained-file of another architecture,
         # held its folder to the settings that failed, and the corrected rerun was refused.

@@ -356,11 +356,10 @@ def test_a_restored_sweep_is_given_its_search_space(tmp_path, monkeypatch) -> No
     cfg, _ = parse_config(SweepConfig, ["--data", "d", "--output", str(tmp_path), "--lr-range", "0.001", "0.01",
                                         "--smoothing-range", "0.05", "0.05", "--no-pretrained"], argparse.ArgumentParser())
     given = {}
-    monkeypatch.setattr(tuning, "can_resume", lambda experiment: True)
     monkeypatch.setattr(tuning, "check_resumed_concurrency", lambda *args: None)
     monkeypatch.setattr(tuning, "open_gate", lambda places: None)
     monkeypatch.setattr(ray.tune.Tuner, "restore", staticmethod(lambda path, trainable, **kwargs: given.update(kwargs)))
-    tuning.build_tuner(cfg, {"classes": ["a", "b"]}, None, {"CPU": 0.01}, 1, done=2)
+    tuning.build_tuner(cfg, {"classes": ["a", "b"]}, None, {"CPU": 0.01}, 1, done=2, restoring=True)
     space = given["param_space"]
     assert (space["lr"].lower, space["lr"].upper, space["label_smoothing"]) == (0.001, 0.01, 0.05)
     assert given["resume_unfinished"] and given["resume_errored"]
@@ -649,15 +648,13 @@ def test_a_resumed_sweep_keeps_the_resources_its_trials_began_with(tmp_path, mon
     from fer_ray.config import ConfigError
 
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0})
-    monkeypatch.setattr(tuning, "can_resume", lambda path: False)
-    assert tuning.sweep_trial_resources(str(tmp_path), {}) == {"CPU": tuning.TRIAL_DRIVER_CPU}  # a new sweep
-    monkeypatch.setattr(tuning, "can_resume", lambda path: True)
-    assert tuning.sweep_trial_resources(str(tmp_path), {}) == {"CPU": tuning.TRIAL_DRIVER_CPU}  # no record: before it
     began = {"resolved": {"trial_resources": {tuning.TRIAL_SLOT: 1}}}
+    assert tuning.sweep_trial_resources(str(tmp_path), began, False) == {"CPU": tuning.TRIAL_DRIVER_CPU}  # a new sweep
+    assert tuning.sweep_trial_resources(str(tmp_path), {}, True) == {"CPU": tuning.TRIAL_DRIVER_CPU}  # no record: before it
     with pytest.raises(ConfigError, match="began on a cluster whose head holds fer_ray_trial resources"):
-        tuning.sweep_trial_resources(str(tmp_path), began)
+        tuning.sweep_trial_resources(str(tmp_path), began, True)
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 0.0, tuning.TRIAL_SLOT: 1000.0})
-    assert tuning.sweep_trial_resources(str(tmp_path), began) == {tuning.TRIAL_SLOT: 1}
+    assert tuning.sweep_trial_resources(str(tmp_path), began, True) == {tuning.TRIAL_SLOT: 1}
 
 
 def test_a_sweep_resumes_only_where_its_trials_fit_at_once(monkeypatch) -> None:
@@ -840,8 +837,8 @@ def test_a_resumed_sweep_refused_for_its_blur_is_refused_before_any_wait_for_gpu
     (out / "sweep_config.json").write_text(json.dumps({"data": {"input_blur": "0.0"}}))
     cfg, _ = parse_config(SweepConfig, ["--data", "d", "--output", str(out), "--use-gpu", "--num-samples", "2"],
                           argparse.ArgumentParser())
-    monkeypatch.setattr(tuning, "finished_trials", lambda tune_dir: 0)
-    monkeypatch.setattr(tuning, "sweep_trial_resources", lambda tune_dir, begun: {"CPU": 0.01})
+    monkeypatch.setattr(tuning, "finished_trials", lambda tune_dir, resuming: 0)
+    monkeypatch.setattr(tuning, "sweep_trial_resources", lambda tune_dir, begun, resuming: {"CPU": 0.01})
     monkeypatch.setattr(tuning, "resolve_settings",
                         lambda cfg, manifest: types.SimpleNamespace(spec=types.SimpleNamespace(input_blur=1.5)))
 
@@ -929,7 +926,6 @@ def test_the_sweep_hands_its_ray_address_to_every_trial(tmp_path, monkeypatch) -
     monkeypatch.setattr(tuning, "open_gate", lambda places: None)
     monkeypatch.setattr(ray.tune, "with_parameters", lambda trainable, **kwargs: handed.update(kwargs) or trainable)
     monkeypatch.setattr(ray.tune, "with_resources", lambda trainable, resources: trainable)
-    monkeypatch.setattr(tuning, "can_resume", lambda experiment: False)
     monkeypatch.setattr(tuning, "cluster_capacity", lambda cfg: 1)
     monkeypatch.setattr(ray.tune, "Tuner", lambda *args, **kwargs: None)
     tuning.build_tuner(cfg, {"classes": ["a", "b"]}, None, {"CPU": 0.01}, None, done=cfg.sweep.num_samples)
