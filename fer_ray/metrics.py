@@ -6,7 +6,6 @@ from typing import Sequence
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import classification_report, confusion_matrix
 
 AVERAGE_ROWS = ("macro avg", "weighted avg")
 ACCURACY_ROW = "accuracy"
@@ -15,6 +14,9 @@ ACCURACY_ROW = "accuracy"
 def metrics_table(y_true: np.ndarray, y_pred: np.ndarray, class_names: Sequence[str]) -> pd.DataFrame:
     """Per-class precision, recall, F1 and support, then macro and weighted averages, then
     accuracy (in the f1 column, support = all images): scikit-learn's classification_report."""
+    # (imported here: ~1 s of every process importing fer_ray.trainer, a sweep's trials too)
+    from sklearn.metrics import classification_report
+
     labels = list(range(len(class_names)))
     # Keyed by label id, not name: a class named "accuracy" or "macro avg" would replace
     # the report's own entry of that name.
@@ -56,6 +58,8 @@ TRUE_COL = "true/pred"
 
 def confusion_table(y_true: np.ndarray, y_pred: np.ndarray, class_names: Sequence[str]) -> pd.DataFrame:
     """Counts, one row per true class (named in TRUE_COL) and one column per predicted class."""
+    from sklearn.metrics import confusion_matrix
+
     cm = confusion_matrix(y_true, y_pred, labels=list(range(len(class_names))))
     df = pd.DataFrame(cm, columns=list(class_names))
     df.insert(0, TRUE_COL, list(class_names))
