@@ -396,7 +396,7 @@ def check_resumed_concurrency(cfg: SweepConfig, tune_dir: str, begun: int | None
 
 def build_tuner(cfg: SweepConfig, manifest: dict[str, Any], cpu_format: str | None = None,
                 resources: dict[str, float] | None = None, begun_concurrent: int | None = None,
-                done: int = 0, restoring: bool = False):
+                done: int = 0, *, restoring: bool):
     """(A new Tuner, or the interrupted sweep in TUNE_DIR restored (finished trials kept);
     the number of trials it runs at once, which the TrialGate it opens holds them to). A
     restored sweep runs as many at once as it began with (Tune restores its search with
@@ -712,7 +712,8 @@ def sweep(cfg: SweepConfig, manifest: dict[str, Any]) -> tuple[pd.DataFrame, dic
     handlers = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
     try:
         tuner, concurrent = build_tuner(cfg, manifest, cpu_format, resources,
-                                        (begun.get(RESOLVED_KEY) or {}).get("concurrent"), done, resuming)
+                                        (begun.get(RESOLVED_KEY) or {}).get("concurrent"), done,
+                                        restoring=resuming)
         # The settings are written once the sweep can start (its pretrained weights loaded):
         # a sweep that failed before, say on a --pretrained-file of another architecture,
         # held its folder to the settings that failed, and the corrected rerun was refused.

@@ -66,7 +66,7 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
-def modules_unpickling_imports(obj, modules=("timm", "sklearn", "matplotlib", "fer_ray.trainer",
+def modules_unpickling_imports(obj, modules=("torch", "timm", "sklearn", "matplotlib", "fer_ray.trainer",
                                               "fer_ray.model")) -> list[str]:
     """Which of `modules` a fresh interpreter imports to unpickle `obj` as Ray would (what a
     Ray actor or task process pays for before it runs: seconds of CPU for timm's stack)."""

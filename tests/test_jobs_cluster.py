@@ -137,8 +137,9 @@ class LocalCluster:
 
     @staticmethod
     def cli_env(token: str | None = None, mode: str | None = "token") -> dict[str, str]:
-        """This environment minus every RAY_* variable (the in-process test cluster sets some),
-        with the venv's `ray` and `python` first on PATH."""
+        """This environment minus every RAY_* variable (the in-process test cluster sets some)
+        but the suite's Ray Train health-check interval (conftest), with the venv's `ray` and
+        `python` first on PATH."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
         env.pop("PYTHONPATH", None)
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"

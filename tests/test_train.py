@@ -1035,7 +1035,7 @@ def test_time_budget_fits_the_schedule_and_ends_in_time(ray_cluster, synth_shard
     import math
     import time
 
-    run, budget_s, configured = tmp_path / "budget", 45.0, 200
+    run, budget_s, configured = tmp_path / "budget", 60.0, 200
     start = time.time()
     args = tiny_train_args(str(synth_shards), str(run), "--epochs", str(configured),
                            "--time-budget", str(budget_s / 60),

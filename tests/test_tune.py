@@ -928,7 +928,8 @@ def test_the_sweep_hands_its_ray_address_to_every_trial(tmp_path, monkeypatch) -
     monkeypatch.setattr(ray.tune, "with_resources", lambda trainable, resources: trainable)
     monkeypatch.setattr(tuning, "cluster_capacity", lambda cfg: 1)
     monkeypatch.setattr(ray.tune, "Tuner", lambda *args, **kwargs: None)
-    tuning.build_tuner(cfg, {"classes": ["a", "b"]}, None, {"CPU": 0.01}, None, done=cfg.sweep.num_samples)
+    tuning.build_tuner(cfg, {"classes": ["a", "b"]}, None, {"CPU": 0.01}, None, done=cfg.sweep.num_samples,
+                       restoring=False)
     assert handed["ray_address"] == "http://10.0.0.1:8265"
 
     monkeypatch.delenv("RAY_ADDRESS")
