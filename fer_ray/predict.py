@@ -1247,6 +1247,7 @@ def _import_reports() -> None:
     try:
         import fer_ray.metrics  # noqa: F401
         import fer_ray.reports  # noqa: F401
+        import sklearn.metrics  # noqa: F401 - fer_ray.metrics imports it where a report is made
     except Exception:  # noqa: BLE001 - write_reports imports them again and reports the error
         pass
 

@@ -1174,6 +1174,29 @@ def test_the_drivers_checks_import_neither_torch_nor_timm(model_dir, image_folde
     assert out.split() == ["7", "False", "False"]
 
 
+def test_the_reports_libraries_load_before_the_reports(tmp_path) -> None:
+    """predict() imports the reports' libraries in a thread while the actors start: writing
+    the reports after it imports no more of scikit-learn (or scipy, which it brings), ~1 s
+    of a val-sized job's end on 2 cores."""
+    import subprocess
+    import sys
+
+    rng = np.random.default_rng(0)
+    (tmp_path / PREDICTIONS_DIR).mkdir()
+    pd.DataFrame({LABEL_COL: rng.integers(0, 7, 200), PRED_COL: rng.integers(0, 7, 200),
+                  CONFIDENCE_COL: rng.random(200)}).to_parquet(tmp_path / PREDICTIONS_DIR / "part-0.parquet")
+    code = (
+        "import sys; from fer_ray.predict import _import_reports, write_reports; "
+        "_import_reports(); before = set(sys.modules); "
+        f"out = write_reports({str(tmp_path)!r}, {list(FER_CLASSES)!r}, 't'); "
+        "late = [m for m in set(sys.modules) - before if m.split('.')[0] in ('sklearn', 'scipy')]; "
+        "print(out['labelled'], len(late))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1]).stdout
+    assert out.split() == ["200", "0"]
+
+
 def test_a_model_the_actors_cannot_build_ends_in_one_sentence(ray_cluster, model_dir, image_folder,
                                                               tmp_path, capsys) -> None:
     """Weights that do not fit the architecture config.json names: whole by their header,
