@@ -63,12 +63,19 @@ def resolve(path: str) -> tuple[pafs.FileSystem, str]:
         try:
             fs, inner = _from_uri(path)
         except pa.ArrowInvalid as e:
-            raise ConfigError(
-                f"{path!r} is not a valid URI ({e}); percent-encode spaces and other special "
-                "characters in it (a space is %20)."
-            ) from None
+            raise ConfigError(f"{path!r} is not a valid URI ({e}); {_uri_hint(path)}") from None
         return fs, inner.rstrip("/") or "/"
     return pafs.LocalFileSystem(), path
+
+
+def _uri_hint(uri: str) -> str:
+    """What to change in a URI pyarrow refused."""
+    scheme, _, rest = uri.partition("://")
+    if scheme == "file":  # file://runs/x: "runs" read as a host
+        return "a local file URI is file:///ABSOLUTE/PATH (three slashes), or give the path itself."
+    if rest.startswith("/"):  # s3:///shards: s3://$BUCKET/shards with the variable unset
+        return f"it names no bucket after {scheme}:// (an unset variable?); give one, e.g. {scheme}://BUCKET/FOLDER."
+    return "percent-encode spaces and other special characters in it (a space is %20)."
 
 
 def _from_uri(uri: str) -> tuple[pafs.FileSystem, str]:

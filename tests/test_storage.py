@@ -445,6 +445,20 @@ def test_a_uri_with_no_bucket_is_refused_not_taken_for_a_local_folder() -> None:
     assert storage.normalize("s3://b") == "s3://b" and storage.normalize("file:///") == "file:///"
 
 
+def test_a_refused_uri_gets_the_advice_that_fits_it() -> None:
+    """s3:///shards (s3://$BUCKET/shards, the variable unset) and file://runs/x (a relative
+    folder meant) were told to percent-encode their spaces."""
+    from fer_ray.config import ConfigError
+
+    for path in ("s3:///shards/fer2013", "gs:///runs/a"):
+        with pytest.raises(ConfigError, match=r"names no bucket after (s3|gs):// \(an unset variable\?\)"):
+            storage.resolve(path)
+    with pytest.raises(ConfigError, match=r"a local file URI is file:///ABSOLUTE/PATH \(three slashes\)"):
+        storage.resolve("file://runs/sweep")
+    with pytest.raises(ConfigError, match="percent-encode spaces"):
+        storage.resolve("s3://my bucket/x")
+
+
 def test_a_link_back_up_is_not_followed_and_a_link_to_nothing_is_listed(tmp_path, caplog) -> None:
     """pyarrow's listing followed a link to a folder above it 40 links deep, listing every
     file under it once per turn, and left a link to nothing out without a word; links to
