@@ -799,6 +799,26 @@ def test_a_trial_stopped_without_a_word_gives_its_place_back_through_the_sweeps_
     assert "trial a done" in capsys.readouterr().out
 
 
+def test_a_trials_line_tells_a_stopped_trial_from_one_its_time_budget_cut(monkeypatch, capsys) -> None:
+    """A trial that ran every epoch its --time-budget fitted was "stopped after 12 of 40
+    epochs", as an ASHA-stopped trial is."""
+    from types import SimpleNamespace
+
+    import fer_ray.tuning as tuning
+
+    monkeypatch.setattr(tuning, "_leave_gate", lambda trial_id: None)
+    line = tuning.TrialLine(40, "/tmp/sweep")
+    for ran, planned in ((12, 12), (5, 12), (5, 0), (40, 0)):
+        result = {"epoch": ran, "best_epoch": ran, "best_val_acc": 0.5, "planned_epochs": planned}
+        line.on_trial_complete(0, [], SimpleNamespace(trial_id=f"t{ran}_{planned}", last_result=result,
+                                                      config={"lr": 0.01, "label_smoothing": 0.1}))
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].endswith("at epoch 12 (its --time-budget fitted 12 of 40 epochs)")
+    assert lines[1].endswith("at epoch 5 (stopped after 5 of 12 epochs)")
+    assert lines[2].endswith("at epoch 5 (stopped after 5 of 40 epochs)")
+    assert lines[3].endswith("at epoch 40")
+
+
 def test_a_sweep_that_saved_nothing_starts_again_with_another_input_blur(tmp_path, caplog) -> None:
     """Only --input-blur changed on a sweep none of whose trials saved an epoch: it was
     refused ("different settings"), where any other change started it again."""
