@@ -28,6 +28,9 @@ RESOLVED_KEY = "resolved"
 # and larger sizes ran out of memory with a traceback once Ray had started.
 MAX_IMAGE_SIZE = MAX_DATA_SIZE = 1024
 TRIAL_KEY = "trial"  # a sweep's best_config.json: which trial it was, and how it did
+# Under RESOLVED_KEY: the settings resolve_defaults filled in (not given), which a config
+# file read with --config leaves unset, so they follow its new --epochs and --pretrained.
+FILLED_KEY = "defaults_filled"
 
 
 class ConfigError(ValueError):
@@ -403,12 +406,17 @@ class TrainConfig:
             )
 
     def resolve_defaults(self) -> "TrainConfig":
-        """Fill the values whose default depends on other values (pretrained or not)."""
+        """Fill the values whose default depends on other values (pretrained or not); their
+        names are added to `self.defaults_filled` (config.json's FILLED_KEY)."""
         o = self.optim
+        filled = list(getattr(self, "defaults_filled", ()))
         if o.freeze_epochs is None:
             o.freeze_epochs = min(2, o.epochs - 1) if self.model.pretrained else 0
+            filled.append("freeze_epochs")
         if o.backbone_lr_scale is None:
             o.backbone_lr_scale = PRETRAINED_BACKBONE_LR_SCALE if self.model.pretrained else 1.0
+            filled.append("backbone_lr_scale")
+        self.defaults_filled = tuple(dict.fromkeys(filled))
         return self
 
 
@@ -658,7 +666,12 @@ def load_config_file(path: str | Path, cls: type) -> dict[str, Any]:
         raise ConfigError(f"Config file {p!r} is not valid YAML{where}: {problem}.") from None
     if not isinstance(values, dict):
         raise ConfigError(f"Config file {p!r} must hold a mapping of settings.")
-    values.pop(RESOLVED_KEY, None)  # a run's config.json also lists derived values
+    resolved = values.pop(RESOLVED_KEY, None)  # a run's config.json also lists derived values
+    filled = resolved.get(FILLED_KEY) if isinstance(resolved, dict) else None
+    for section in values.values():  # (unset: they follow this run's --epochs and --pretrained)
+        if isinstance(section, dict) and isinstance(filled, list):
+            for name in filled:
+                section.pop(name, None)
     values.pop(TRIAL_KEY, None)  # and a sweep's best_config.json the trial's results
     return _flatten(values, cls, p)
 

@@ -25,7 +25,7 @@ import ray.train
 from fer_ray import storage
 from fer_ray.blur import same_sigma
 from fer_ray.cli import require_cpus, require_gpus, require_node_fits
-from fer_ray.config import LR_RANGES, RESOLVED_KEY, ConfigError, TrainConfig, parse_input_blur, to_dict
+from fer_ray.config import FILLED_KEY, LR_RANGES, RESOLVED_KEY, ConfigError, TrainConfig, parse_input_blur, to_dict
 from fer_ray.constants import (
     BEST_DIR,
     CHECKPOINT_SNAPSHOT,
@@ -224,6 +224,8 @@ def check_inputs(cfg: TrainConfig) -> dict[str, Any]:
         # Not given: the run's own (its default follows --epochs, and a run extended with a
         # larger --epochs was refused for the head phase it had not run).
         cfg.optim.freeze_epochs = _flat(existing).get("freeze_epochs")
+        if "freeze_epochs" in ((existing.get(RESOLVED_KEY) or {}).get(FILLED_KEY) or ()):
+            cfg.defaults_filled = ("freeze_epochs",)  # (still a default, as the run began with)
     cfg.resolve_defaults()
     check_model_name(cfg.model.model)
     try:
@@ -513,6 +515,7 @@ def run_config(cfg: TrainConfig, settings: LoopSettings, manifest: dict[str, Any
         "steps_per_epoch": steps_per_epoch(settings.num_train, cfg.data.batch_size, cfg.run.num_workers),
         "class_weights": settings.class_weights,
         "sampling_rates": train_sampling_rates(cfg),
+        FILLED_KEY: list(getattr(cfg, "defaults_filled", ())),
     }
     return {**to_dict(cfg), RESOLVED_KEY: resolved}
 

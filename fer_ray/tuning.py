@@ -28,6 +28,7 @@ from fer_ray import storage
 from fer_ray.blur import same_sigma
 from fer_ray.cli import autoscaler_limits, on_cluster
 from fer_ray.config import (
+    FILLED_KEY,
     OPTUNA_MISSING,
     RESOLVED_KEY,
     TRIAL_KEY,
@@ -158,7 +159,10 @@ def trial_config(base: dict[str, Any], lr: float, label_smoothing: float, output
     train_keys = {k for section, v in to_dict(TrainConfig()).items() for k in v}
     flat = {k: v for k, v in flat.items() if k in train_keys}
     flat.update(lr=lr, label_smoothing=label_smoothing, output=output)
-    return from_flat(TrainConfig, flat).resolve_defaults()
+    cfg = from_flat(TrainConfig, flat)
+    # (the sweep's filled defaults stay marked so: best_config.json's follow a retrain's flags)
+    cfg.defaults_filled = tuple((base.get(RESOLVED_KEY) or {}).get(FILLED_KEY) or ())
+    return cfg.resolve_defaults()
 
 
 def adopt_driver_address(address: str | None) -> None:
@@ -432,7 +436,8 @@ def build_tuner(cfg: SweepConfig, manifest: dict[str, Any], cpu_format: str | No
     # In a list: with_parameters hands a bare ObjectRef to the trial as the object itself (a
     # state dict, then copied to every Train worker, whose ray.get of it failed every trial).
     trainable = ray.tune.with_parameters(
-        run_trial, base=to_dict(cfg), manifest=manifest, tune_dir=tune_dir,
+        run_trial, manifest=manifest, tune_dir=tune_dir,
+        base={**to_dict(cfg), RESOLVED_KEY: {FILLED_KEY: list(getattr(cfg, "defaults_filled", ()))}},
         pretrained=None if pretrained is None else [pretrained], cpu_format=cpu_format,
         gate=[gate, places], ray_address=os.environ.get("RAY_ADDRESS"),
     )
@@ -726,7 +731,8 @@ def sweep(cfg: SweepConfig, manifest: dict[str, Any]) -> tuple[pd.DataFrame, dic
         storage.write_json(storage.join(tune_dir, SWEEP_CONFIG_FILE),
                            {**to_dict(copy.deepcopy(cfg)),
                             RESOLVED_KEY: {"cpu_format": cpu_format, "trial_resources": resources,
-                                           "concurrent": concurrent, "data": data_record(manifest)}})
+                                           "concurrent": concurrent, "data": data_record(manifest),
+                                           FILLED_KEY: list(getattr(cfg, "defaults_filled", ()))}})
         grid = tuner.fit()
     finally:
         close_gate()

@@ -229,6 +229,33 @@ def test_defaults_that_depend_on_pretraining() -> None:
     assert explicit.optim.freeze_epochs == 4
 
 
+def test_a_runs_config_file_leaves_the_defaults_it_filled_to_the_new_flags(tmp_path) -> None:
+    """config.json held --freeze-epochs and --backbone-lr-scale as filled in for its run, as
+    if given: `--config RUN/config.json --epochs 30` kept a 2-epoch run's 1 head epoch, and
+    with --no-pretrained (refused until --freeze-epochs 0) its backbone trained at 0.1 x --lr."""
+    path = tmp_path / "config.json"
+
+    def saved(cfg: TrainConfig, resolved: dict) -> str:
+        path.write_text(json.dumps({**to_dict(cfg), "resolved": resolved}))
+        return str(path)
+
+    run = parse(["--data", "d", "--output", "o", "--epochs", "2"]).validate().resolve_defaults()
+    assert run.optim.freeze_epochs == 1 and run.defaults_filled == ("freeze_epochs", "backbone_lr_scale")
+    config = saved(run, {"defaults_filled": list(run.defaults_filled)})
+    longer = parse(["--config", config, "--epochs", "30"]).validate().resolve_defaults()
+    assert longer.optim.freeze_epochs == 2 and longer.optim.backbone_lr_scale == 0.1
+    scratch = parse(["--config", config, "--no-pretrained"]).validate().resolve_defaults()
+    assert scratch.optim.freeze_epochs == 0 and scratch.optim.backbone_lr_scale == 1.0
+    # Given, they are kept; and a config.json from before the record holds them as given.
+    given = parse(["--data", "d", "--output", "o", "--epochs", "2", "--freeze-epochs", "1",
+                   "--backbone-lr-scale", "0.5"]).validate().resolve_defaults()
+    assert given.defaults_filled == ()
+    for cfg, resolved in ((given, {"defaults_filled": []}), (run, {})):
+        again = parse(["--config", saved(cfg, resolved), "--epochs", "30"]).validate().resolve_defaults()
+        assert (again.optim.freeze_epochs, again.optim.backbone_lr_scale) == (1, cfg.optim.backbone_lr_scale)
+        assert again.defaults_filled == ()
+
+
 @pytest.mark.parametrize("name", ["demo.yaml", "fer2013-cpu.yaml", "fer2013-gpu.yaml"])
 def test_shipped_configs_parse_and_validate(name: str) -> None:
     from fer_ray.model import check_model_name

@@ -51,6 +51,7 @@ def test_run_folder_is_complete(tiny_run) -> None:
     cfg = json.loads((tiny_run / "config.json").read_text())
     assert cfg["model"]["model"] == "test_resnet" and cfg["resolved"]["classes"] == list(FER_CLASSES)
     assert cfg["resolved"]["steps_per_epoch"] == 280 // 16
+    assert cfg["resolved"]["defaults_filled"] == ["backbone_lr_scale"]  # (--freeze-epochs 1 given)
 
     model, spec = load_model_dir(str(tiny_run / "best"))
     assert spec.class_names == list(FER_CLASSES) and spec.image_size == 32 and spec.channels == 1
@@ -298,10 +299,14 @@ def test_resumed_run_keeps_the_format_its_last_epoch_trained_in(tiny_run, tmp_pa
 
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
-    data = json.loads((run / "config.json").read_text())["data"]["data"]
+    config = json.loads((run / "config.json").read_text())
+    data = config["data"]["data"]
     # Without --freeze-epochs: the run's own 1 (the default for 3 epochs is 2, and a run
     # extended with a larger --epochs was refused for the head phase it had not run). The
-    # pretrained weights' file has moved since: the checkpoint holds every weight.
+    # pretrained weights' file has moved since: the checkpoint holds every weight. Had the
+    # run's 1 been its default, it stays marked as one in the config.json the resume writes.
+    config["resolved"]["defaults_filled"] = ["freeze_epochs", "backbone_lr_scale"]
+    (run / "config.json").write_text(json.dumps(config))
     args = tiny_train_args(data, str(run), "--epochs", "3", "--amp", "auto",
                            "--pretrained", "--pretrained-file", str(tmp_path / "moved.pth"))
     # The last checkpoint says its epoch trained in a format other than the one timed for
@@ -320,6 +325,8 @@ def test_resumed_run_keeps_the_format_its_last_epoch_trained_in(tiny_run, tmp_pa
     assert history["epoch"].tolist() == [1, 2, 3]
     assert history["phase"].tolist() == ["head", "finetune", "finetune"]
     assert history["format"].tolist()[1:] == [kept, kept]
+    resolved = json.loads((run / "config.json").read_text())["resolved"]
+    assert resolved["defaults_filled"] == ["freeze_epochs", "backbone_lr_scale"]
     assert "tag" in json.loads((run / "best" / "config.json").read_text())["pretrained_cfg"]  # still pretrained
 
 

@@ -34,6 +34,11 @@ def test_trial_config_overrides_only_the_swept_values() -> None:
     assert trial.optim.lr == 0.002 and trial.optim.label_smoothing == 0.05
     assert trial.run.output == "o/trials/t1" and trial.optim.epochs == 4
     assert not hasattr(trial, "sweep")
+    # The sweep's filled defaults stay marked in its trials' config.json (and best_config.json).
+    base = {**to_dict(cfg.resolve_defaults()), "resolved": {"defaults_filled": list(cfg.defaults_filled)}}
+    trial = trial_config(base, lr=0.002, label_smoothing=0.05, output="o/trials/t1")
+    assert trial.optim.freeze_epochs == 2 and trial.defaults_filled == ("freeze_epochs", "backbone_lr_scale")
+    assert trial_config(to_dict(cfg), 0.002, 0.05, "o/t").defaults_filled == ()  # (a sweep begun before)
 
 
 @pytest.mark.parametrize(
@@ -84,6 +89,7 @@ def test_sweep_writes_every_output_and_resumes_without_retraining(ray_cluster, s
     assert (results["epochs_run"] >= 1).all() and (results["epochs_run"] <= 2).all()
     best = results.loc[results["best_val_acc"].idxmax()]
     best_config = json.loads((out / "best_config.json").read_text())
+    assert best_config["resolved"]["defaults_filled"] == ["freeze_epochs", "backbone_lr_scale"]
     assert best_config["trial"]["trial_id"] == best["trial_id"]
     assert best_config["optim"]["lr"] == pytest.approx(best["lr"])
     assert best_config["trial"]["best_val_acc"] == results["best_val_acc"].max()
