@@ -470,6 +470,20 @@ def test_bad_sweep_settings(synth_shards, tmp_path, capsys, extra, message) -> N
     assert not out.exists()
 
 
+def test_a_sweep_with_optuna_samples_within_the_ranges_and_finishes(ray_cluster, synth_shards, tmp_path) -> None:
+    """--searcher optuna (the dev extra installs Optuna): Tune's OptunaSearch takes the
+    sweep's space, metric and seed, and learns from each trial's reported best_val_acc."""
+    pytest.importorskip("optuna")
+    out = tmp_path / "optuna"
+    assert tune_main(sweep_args(str(synth_shards), str(out), "--searcher", "optuna", "--epochs", "1",
+                                "--num-samples", "1", "--lr-range", "1e-3", "2e-3",
+                                "--smoothing-range", "0.05", "0.1")) == 0
+    results = pd.read_parquet(out / "results.parquet")
+    assert len(results) == 1 and (results["status"] == "TERMINATED").all(), results["error"].tolist()
+    assert results["lr"].between(1e-3, 2e-3).all() and results["label_smoothing"].between(0.05, 0.1).all()
+    assert json.loads((out / "sweep_config.json").read_text())["sweep"]["searcher"] == "optuna"
+
+
 def test_searcher_optuna_without_optuna_is_refused_before_ray_starts(synth_shards, tmp_path, capsys, monkeypatch) -> None:
     import sys
 
