@@ -88,7 +88,8 @@ def encoded_bytes(folder: str) -> int:
 
 def sample_images(shards: str, split: str, size: int, channels: int, rows: int = 1024) -> np.ndarray:
     """Up to `rows` images of a split, decoded as eval sees them: uint8 [N, size, size, C].
-    Reads the first rows of the shards (prepare writes rows in a random order)."""
+    Reads the first rows of the shards (prepare writes an image folder's rows in a random
+    order, a CSV's in the file's own)."""
     import pyarrow.dataset as pads
 
     fs, inner = storage.resolve(storage.join(storage.normalize(shards), split))
