@@ -367,7 +367,8 @@ def list_images(source: str, class_names: Sequence[str], skip: Sequence[str] = (
     SRC that cannot be listed are appended to `unlisted` (path, reason)."""
     fs, inner = storage.resolve(source)
     index = {class_key(name): i for i, name in enumerate(class_names)}
-    paths, labels, strangers = [], [], set()
+    paths, labels = [], []
+    outside: dict[int, str] = {}  # row -> its first-level folder, not a class's
     # One file reached through symbolic links under two paths (a linked folder) is scored
     # once: it was two rows, counted twice in the metrics, under two true labels when the
     # paths lay in two class folders (then it has none).
@@ -383,12 +384,13 @@ def list_images(source: str, class_names: Sequence[str], skip: Sequence[str] = (
             if label != NO_LABEL and row not in torn:  # (a path outside the class folders names none)
                 if labels[row] == NO_LABEL:  # (class folders of links into a pool of images)
                     labels[row] = label
+                    outside.pop(row, None)
                 elif labels[row] != label:
                     torn.add(row)
                     labels[row] = NO_LABEL
             continue
         if label == NO_LABEL and len(parts) > 1:
-            strangers.add(parts[0])
+            outside[len(paths)] = parts[0]
         if first is not None:
             row_of[path] = len(paths)
         paths.append(storage.full_path(fs, path, source))
@@ -398,6 +400,7 @@ def list_images(source: str, class_names: Sequence[str], skip: Sequence[str] = (
                     "the path listed first%s", twice,
                     f" ({len(torn)} of them under two classes: scored without a true label)" if torn else "")
     unlabelled = labels.count(NO_LABEL)
+    strangers = set(outside.values())
     if unlabelled == len(labels) and strangers:
         log.warning(
             "None of the folders in %s (%s) is a class of the model (%s): every file is scored "
@@ -405,17 +408,18 @@ def list_images(source: str, class_names: Sequence[str], skip: Sequence[str] = (
             source, ", ".join(sorted(strangers)[:5]) + (", ..." if len(strangers) > 5 else ""),
             ", ".join(class_names),
         )
-    elif labels and unlabelled == len(labels):  # every file directly in SRC: unlabelled photos,
-        name = storage.name_of(source)  # or one class's folder given alone (warned)
+    elif labels and unlabelled == len(labels) and not torn:
+        # Every file directly in SRC: unlabelled photos, or one class's folder given alone (warned).
+        name = storage.name_of(source)
         hint = (f"; {name!r} is a class of the model: give its parent folder for metrics"
                 if class_key(name) in index else "")
         log.log(logging.WARNING if hint else logging.INFO,
                 "The files of %s are in no class folder: they are scored without a true label%s", source, hint)
-    elif 0 < unlabelled < len(labels):
+    elif 0 < unlabelled - len(torn) < len(labels):  # (a file under two classes is warned above)
         where = f" (in {', '.join(sorted(strangers))})" if strangers else ""
         log.warning(
             "%d of %d files are outside the class folders%s; they are scored without a true "
-            "label and left out of the metrics", unlabelled, len(labels), where,
+            "label and left out of the metrics", unlabelled - len(torn), len(labels), where,
         )
     return pa.table({PATH_COL: pa.array(paths, pa.string()), LABEL_COL: pa.array(labels, pa.int64())})
 

@@ -1284,6 +1284,7 @@ def test_a_file_reached_twice_through_symbolic_links_is_scored_once(tmp_path, ca
     assert rows == {"happy/a.png": -1, "sad/a.png": 1, "sad/hard.png": 1}, rows
     assert ("2 file(s) are reached a second time through symbolic links; each is scored once, under the path "
             "listed first (1 of them under two classes: scored without a true label)") in caplog.text
+    assert "outside the class folders" not in caplog.text  # (it was counted as one such)
 
     # Class folders of links into a pool of images beside them: scored once, with the class.
     pool = tmp_path / "pooled"
@@ -1294,9 +1295,14 @@ def test_a_file_reached_twice_through_symbolic_links_is_scored_once(tmp_path, ca
     (pool / "zoo").mkdir()  # listed after the pool: a class's link there keeps its class too
     (pool / "zoo" / "2.png").write_bytes(b"y")
     (pool / "happy" / "2.png").symlink_to(pool / "zoo" / "2.png")
+    (pool / "notes").mkdir()
+    (pool / "notes" / "3.png").write_bytes(b"z")  # outside, and no class links to it
+    caplog.clear()
     table = list_images(str(pool), ["happy", "sad"]).to_pandas()
     rows = dict(zip(table[PATH_COL].map(lambda p: os.path.relpath(p, pool)), table[LABEL_COL]))
-    assert rows == {"all/1.png": 0, "happy/2.png": 0}, rows
+    assert rows == {"all/1.png": 0, "happy/2.png": 0, "notes/3.png": -1}, rows
+    # The pool's folders, whose files all took a class, are not named as outside.
+    assert "1 of 3 files are outside the class folders (in notes);" in caplog.text
 
 
 def test_a_folder_that_cannot_be_listed_is_in_the_summary_and_the_last_line(ray_cluster, model_dir, tmp_path,
