@@ -17,11 +17,12 @@ import sys
 import time
 from pathlib import Path
 
-import pandas as pd
-
-from fer_ray.metrics import summary
-
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # (fer_ray without an install, as the other scripts)
+
+import pandas as pd  # noqa: E402
+
+from fer_ray.metrics import summary  # noqa: E402
 
 BASE = ["--config", "configs/fer2013-cpu.yaml"]
 RUNS = {
@@ -51,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(args.only or ()) - set(RUNS))
     if unknown:  # (a name of an older list ran nothing, silently)
         parser.error(f"no row named {', '.join(map(repr, unknown))}; the rows: {', '.join(map(repr, RUNS))}")
-    out = Path(args.out)
+    # Absolute: train.py runs in the repository, this script wherever it was started.
+    out, data = Path(args.out).resolve(), str(Path(args.data).resolve())
     out.mkdir(parents=True, exist_ok=True)
     table = out / "results.tsv"
     for i, (name, extra) in enumerate(RUNS.items()):
@@ -61,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         if run.exists():  # train.py would resume it, or rewrite a finished run's outputs in seconds
             print(f"{name}: {run} exists, from a run before; remove it or give another --out", file=sys.stderr)
             continue
-        cmd = [sys.executable, "jobs/train.py", *BASE, "--data", args.data, "--output", str(run),
+        cmd = [sys.executable, "jobs/train.py", *BASE, "--data", data, "--output", str(run),
                "--epochs", str(args.epochs), *extra]
         start = time.time()
         proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)

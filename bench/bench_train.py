@@ -9,8 +9,10 @@ on-device normalisation, with as many torch threads as cores:
 
 - plain: the images decoded once and held in memory, a DataLoader (2 worker processes)
   applying the transform, the model in the main process;
-- fer_ray: `jobs/train.py`'s path (`fer_ray.trainer.train`): Parquet shards streamed and
-  augmented by Ray Data, one Ray Train worker holding all cores, a checkpoint per epoch.
+- fer_ray: `jobs/train.py`'s path (`fer_ray.trainer.train`): the train split read from its
+  Parquet shards and decoded once into the object store (as it is for FER2013), each epoch
+  shuffled and augmented by Ray Data, one Ray Train worker holding all cores, a checkpoint
+  per epoch.
 
 fer_ray's side runs on a local Ray started as `jobs/train.py` starts one (with the dashboard,
 whose State API Ray Train needs).
