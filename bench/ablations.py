@@ -22,6 +22,7 @@ sys.path.insert(0, str(REPO))  # (fer_ray without an install, as the other scrip
 
 import pandas as pd  # noqa: E402
 
+from fer_ray import storage  # noqa: E402
 from fer_ray.metrics import summary  # noqa: E402
 
 BASE = ["--config", "configs/fer2013-cpu.yaml"]
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:  # (a name of an older list ran nothing, silently)
         parser.error(f"no row named {', '.join(map(repr, unknown))}; the rows: {', '.join(map(repr, RUNS))}")
     # Absolute: train.py runs in the repository, this script wherever it was started.
-    out, data = Path(args.out).resolve(), str(Path(args.data).resolve())
+    out, data = Path(args.out).resolve(), storage.normalize(args.data)  # (a bucket's URI kept as it is)
     out.mkdir(parents=True, exist_ok=True)
     table = out / "results.tsv"
     for i, (name, extra) in enumerate(RUNS.items()):

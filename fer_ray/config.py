@@ -410,18 +410,23 @@ class TrainConfig:
         names are added to `self.defaults_filled` (config.json's FILLED_KEY)."""
         o = self.optim
         filled = list(getattr(self, "defaults_filled", ()))
-        if o.freeze_epochs is None:
-            o.freeze_epochs = min(2, o.epochs - 1) if self.model.pretrained else 0
-            filled.append("freeze_epochs")
-        if o.backbone_lr_scale is None:
-            o.backbone_lr_scale = PRETRAINED_BACKBONE_LR_SCALE if self.model.pretrained else 1.0
-            filled.append("backbone_lr_scale")
+        defaults = filled_defaults(self.model.pretrained, o.epochs)
+        for section, name in ((o, "freeze_epochs"), (o, "backbone_lr_scale")):
+            if getattr(section, name) is None:
+                setattr(section, name, defaults[name])
+                filled.append(name)
         self.defaults_filled = tuple(dict.fromkeys(filled))
         return self
 
 
 # --backbone-lr-scale's default for a pretrained model (from scratch: 1.0, one LR for all).
 PRETRAINED_BACKBONE_LR_SCALE = 0.1
+
+
+def filled_defaults(pretrained: bool, epochs: int) -> dict[str, Any]:
+    """The defaults resolve_defaults fills in, which depend on other settings."""
+    return {"freeze_epochs": min(2, epochs - 1) if pretrained else 0,
+            "backbone_lr_scale": PRETRAINED_BACKBONE_LR_SCALE if pretrained else 1.0}
 
 
 # timm.create_model arguments fer_ray passes itself, and where they come from.
@@ -667,13 +672,27 @@ def load_config_file(path: str | Path, cls: type) -> dict[str, Any]:
     if not isinstance(values, dict):
         raise ConfigError(f"Config file {p!r} must hold a mapping of settings.")
     resolved = values.pop(RESOLVED_KEY, None)  # a run's config.json also lists derived values
-    filled = resolved.get(FILLED_KEY) if isinstance(resolved, dict) else None
-    for section in values.values():  # (unset: they follow this run's --epochs and --pretrained)
-        if isinstance(section, dict) and isinstance(filled, list):
-            for name in filled:
-                section.pop(name, None)
+    if isinstance(resolved, dict) and isinstance(resolved.get(FILLED_KEY), list):
+        _unset_filled(values, resolved[FILLED_KEY])
     values.pop(TRIAL_KEY, None)  # and a sweep's best_config.json the trial's results
     return _flatten(values, cls, p)
+
+
+def _unset_filled(values: dict[str, Any], filled: list[str]) -> None:
+    """Leave unset, to follow the new run's --epochs and --pretrained, the settings a run's
+    config.json lists as filled-in defaults and still holds at the default its own settings
+    give: one edited since, or a run's own kept across a resume with a larger --epochs, is
+    kept as given."""
+    flat = {k: v for section in values.values() if isinstance(section, dict) for k, v in section.items()}
+    epochs = flat.get("epochs")
+    if not isinstance(epochs, int) or isinstance(epochs, bool):
+        return
+    defaults = filled_defaults(bool(flat.get("pretrained", ModelOptions.pretrained)), epochs)
+    for section in values.values():
+        if isinstance(section, dict):
+            for name in filled:
+                if name in defaults and name in section and section[name] == defaults[name]:
+                    del section[name]
 
 
 def add_config_flags(

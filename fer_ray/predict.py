@@ -401,7 +401,7 @@ def list_images(source: str, class_names: Sequence[str], skip: Sequence[str] = (
                     f" ({len(torn)} of them under two classes: scored without a true label)" if torn else "")
     unlabelled = labels.count(NO_LABEL)
     strangers = set(outside.values())
-    if unlabelled == len(labels) and strangers:
+    if unlabelled == len(labels) and strangers and not torn:
         log.warning(
             "None of the folders in %s (%s) is a class of the model (%s): every file is scored "
             "without a true label; for metrics, give the folder whose subfolders are the classes",

@@ -71,9 +71,9 @@ def resolve(path: str) -> tuple[pafs.FileSystem, str]:
 def _uri_hint(uri: str) -> str:
     """What to change in a URI pyarrow refused."""
     scheme, _, rest = uri.partition("://")
-    if scheme == "file":  # file://runs/x: "runs" read as a host
+    if scheme == "file" and not rest.startswith("/"):  # file://runs/x: "runs" read as a host
         return "a local file URI is file:///ABSOLUTE/PATH (three slashes), or give the path itself."
-    if rest.startswith("/"):  # s3:///shards: s3://$BUCKET/shards with the variable unset
+    if scheme != "file" and rest.startswith("/"):  # s3:///shards: s3://$BUCKET/shards, the variable unset
         return f"it names no bucket after {scheme}:// (an unset variable?); give one, e.g. {scheme}://BUCKET/FOLDER."
     return "percent-encode spaces and other special characters in it (a space is %20)."
 

@@ -285,13 +285,13 @@ class TrialLine(ray.tune.Callback):
         _leave_gate(trial.trial_id)  # (also for a trial stopped before its own leave ran)
         r = trial.last_result or {}
         ran = r.get("epoch", 0)
-        planned = min(int(r.get("planned_epochs") or self.epochs), self.epochs)  # (what its time budget fitted)
-        if ran < planned:  # ASHA or early stopping
-            cut = f" (stopped after {ran} of {planned} epochs)"
-        elif planned < self.epochs:
-            cut = f" (its --time-budget fitted {planned} of {self.epochs} epochs)"
-        else:
+        if ran >= self.epochs:
             cut = ""
+        elif r.get("last_report") and not r.get("stopped_early") and not math.isnan(r.get("val_acc", 0.0)):
+            # It ended itself, neither stopped early nor diverged: its time budget's plan ran out.
+            cut = f" (its --time-budget fitted {ran} of {self.epochs} epochs)"
+        else:  # ASHA (whose trials end without a last report), early stopping or divergence
+            cut = f" (stopped after {ran} of {self.epochs} epochs)"
         if r.get("best_epoch", 0) < 1 and math.isnan(r.get("val_acc", 0.0)):  # (diverged at once)
             best = f"diverged in epoch {ran}, no epoch to keep"
         else:

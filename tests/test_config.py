@@ -246,6 +246,17 @@ def test_a_runs_config_file_leaves_the_defaults_it_filled_to_the_new_flags(tmp_p
     assert longer.optim.freeze_epochs == 2 and longer.optim.backbone_lr_scale == 0.1
     scratch = parse(["--config", config, "--no-pretrained"]).validate().resolve_defaults()
     assert scratch.optim.freeze_epochs == 0 and scratch.optim.backbone_lr_scale == 1.0
+    # One no longer at its default by the file's own settings is kept, as given: edited in
+    # the file, or a run's 1 head epoch kept when it was resumed with --epochs 30.
+    for edit in ({"freeze_epochs": 1, "epochs": 30}, {"freeze_epochs": 0}, {"backbone_lr_scale": 0.5}):
+        cfg = parse(["--data", "d", "--output", "o", "--epochs", "2"]).validate().resolve_defaults()
+        for name, value in edit.items():
+            setattr(cfg.optim, name, value)
+        again = parse(["--config", saved(cfg, {"defaults_filled": list(run.defaults_filled)}),
+                       "--epochs", "30"]).validate().resolve_defaults()
+        kept = {name: value for name, value in edit.items() if name != "epochs"}
+        assert {name: getattr(again.optim, name) for name in kept} == kept, edit
+    assert again.optim.freeze_epochs == 2  # (the one left at its default follows --epochs 30)
     # Given, they are kept; and a config.json from before the record holds them as given.
     given = parse(["--data", "d", "--output", "o", "--epochs", "2", "--freeze-epochs", "1",
                    "--backbone-lr-scale", "0.5"]).validate().resolve_defaults()

@@ -1304,6 +1304,20 @@ def test_a_file_reached_twice_through_symbolic_links_is_scored_once(tmp_path, ca
     # The pool's folders, whose files all took a class, are not named as outside.
     assert "1 of 3 files are outside the class folders (in notes);" in caplog.text
 
+    # Two classes' folders both links to one pool, and a folder of no class beside: the
+    # classes' files are torn, not in folders that are "not a class of the model".
+    torn = tmp_path / "torn"
+    for name in ("all", "notes"):
+        (torn / name).mkdir(parents=True)
+        (torn / name / f"{name}.png").write_bytes(name.encode())
+    (torn / "happy").symlink_to(torn / "all", target_is_directory=True)
+    (torn / "sad").symlink_to(torn / "all", target_is_directory=True)
+    caplog.clear()
+    table = list_images(str(torn), ["happy", "sad"]).to_pandas()
+    assert table[LABEL_COL].tolist() == [-1, -1]
+    assert "None of the folders" not in caplog.text and "under two classes" in caplog.text
+    assert "1 of 2 files are outside the class folders (in notes);" in caplog.text
+
 
 def test_a_folder_that_cannot_be_listed_is_in_the_summary_and_the_last_line(ray_cluster, model_dir, tmp_path,
                                                                             monkeypatch) -> None:

@@ -455,8 +455,9 @@ def test_a_refused_uri_gets_the_advice_that_fits_it() -> None:
             storage.resolve(path)
     with pytest.raises(ConfigError, match=r"a local file URI is file:///ABSOLUTE/PATH \(three slashes\)"):
         storage.resolve("file://runs/sweep")
-    with pytest.raises(ConfigError, match="percent-encode spaces"):
-        storage.resolve("s3://my bucket/x")
+    for path in ("s3://my bucket/x", "file:///tmp/my faces"):
+        with pytest.raises(ConfigError, match="percent-encode spaces"):
+            storage.resolve(path)
 
 
 def test_a_link_back_up_is_not_followed_and_a_link_to_nothing_is_listed(tmp_path, caplog) -> None:

@@ -828,15 +828,24 @@ def test_a_trials_line_tells_a_stopped_trial_from_one_its_time_budget_cut(monkey
 
     monkeypatch.setattr(tuning, "_leave_gate", lambda trial_id: None)
     line = tuning.TrialLine(40, "/tmp/sweep")
-    for ran, planned in ((12, 12), (5, 12), (5, 0), (40, 0)):
-        result = {"epoch": ran, "best_epoch": ran, "best_val_acc": 0.5, "planned_epochs": planned}
-        line.on_trial_complete(0, [], SimpleNamespace(trial_id=f"t{ran}_{planned}", last_result=result,
+    # Its last report: the plan (fitted again after the epoch, so not the row's planned_epochs)
+    # ran out; ASHA's stopped trials end on a report that is not their last; early stopping.
+    for ran, last, early in ((12, True, False), (5, False, False), (5, True, True), (40, True, False)):
+        result = {"epoch": ran, "best_epoch": ran, "best_val_acc": 0.5, "val_acc": 0.5, "planned_epochs": 13,
+                  "last_report": last, "stopped_early": early}
+        line.on_trial_complete(0, [], SimpleNamespace(trial_id=f"t{ran}_{last}", last_result=result,
                                                       config={"lr": 0.01, "label_smoothing": 0.1}))
+    # Diverged after a kept epoch: its last report, its val accuracy not a number.
+    result = {"epoch": 3, "best_epoch": 2, "best_val_acc": 0.5, "val_acc": float("nan"), "last_report": True,
+              "stopped_early": False}
+    line.on_trial_complete(0, [], SimpleNamespace(trial_id="nan", last_result=result,
+                                                  config={"lr": 0.01, "label_smoothing": 0.1}))
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].endswith("at epoch 12 (its --time-budget fitted 12 of 40 epochs)")
-    assert lines[1].endswith("at epoch 5 (stopped after 5 of 12 epochs)")
+    assert lines[1].endswith("at epoch 5 (stopped after 5 of 40 epochs)")
     assert lines[2].endswith("at epoch 5 (stopped after 5 of 40 epochs)")
     assert lines[3].endswith("at epoch 40")
+    assert lines[4].endswith("at epoch 2 (stopped after 3 of 40 epochs)")
 
 
 def test_a_sweep_that_saved_nothing_starts_again_with_another_input_blur(tmp_path, caplog) -> None:
