@@ -411,9 +411,9 @@ class TrainConfig:
         o = self.optim
         filled = list(getattr(self, "defaults_filled", ()))
         defaults = filled_defaults(self.model.pretrained, o.epochs)
-        for section, name in ((o, "freeze_epochs"), (o, "backbone_lr_scale")):
-            if getattr(section, name) is None:
-                setattr(section, name, defaults[name])
+        for name, value in defaults.items():
+            if getattr(o, name) is None:
+                setattr(o, name, value)
                 filled.append(name)
         self.defaults_filled = tuple(dict.fromkeys(filled))
         return self
