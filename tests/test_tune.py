@@ -471,8 +471,9 @@ def test_bad_sweep_settings(synth_shards, tmp_path, capsys, extra, message) -> N
 
 
 def test_a_sweep_with_optuna_samples_within_the_ranges_and_finishes(ray_cluster, synth_shards, tmp_path) -> None:
-    """--searcher optuna (the dev extra installs Optuna): Tune's OptunaSearch takes the
-    sweep's space, metric and seed, and learns from each trial's reported best_val_acc."""
+    """--searcher optuna (the dev extra installs Optuna; never run here before): Tune's
+    OptunaSearch, given the sweep's space, metric and seed, samples within the ranges and
+    the sweep ends with its outputs."""
     pytest.importorskip("optuna")
     out = tmp_path / "optuna"
     assert tune_main(sweep_args(str(synth_shards), str(out), "--searcher", "optuna", "--epochs", "1",
