@@ -282,6 +282,11 @@ def shards(cluster, faces) -> Path:
     return out
 
 
+# Epochs of the stopped and resubmitted job: the stop lands while the job still trains
+# (with 3, a tiny epoch of ~1.5 s here, the job ended its last before `ray job stop` did).
+JOB_EPOCHS = 6
+
+
 @pytest.fixture(scope="module")
 def run(cluster, shards) -> SimpleNamespace:
     """A training job stopped by `ray job stop` after its first epoch, then the same command
@@ -291,7 +296,7 @@ def run(cluster, shards) -> SimpleNamespace:
 
     out = cluster.root / "run"
     train = ["python", "jobs/train.py", "--data", str(shards), "--output", str(out),
-             "--model", TINY_MODEL, "--no-pretrained", "--epochs", "3",
+             "--model", TINY_MODEL, "--no-pretrained", "--epochs", str(JOB_EPOCHS),
              "--image-size", str(TINY_SIZE), "--batch-size", "16"]
     job_id = f"fer-ray-stop-{secrets.token_hex(4)}"
     _ok(subprocess.run(
@@ -397,7 +402,7 @@ def test_train_job_writes_the_run_folder(run) -> None:
     out, output = run.out, run.output
     assert "best val accuracy" in output
     # The loop's own line per epoch; Ray Train's report and checkpoint lines are quieted.
-    assert "epoch 3/3" in output
+    assert f"epoch {JOB_EPOCHS}/{JOB_EPOCHS}" in output
     assert "Reporting training result" not in output and "Checkpoint successfully created" not in output
     assert "DeprecationWarning" not in output
     # The job's runtime env (its uploaded working dir) and fer_ray's worker set-up hook
@@ -427,10 +432,10 @@ def test_predict_job_scores_a_folder(cluster, run, faces) -> None:
 def test_stopped_job_resubmitted_resumes(run) -> None:
     """`ray job stop` mid-run, then the same command again: it resumes, it does not restart."""
     assert "was stopped" in run.stop_status
-    assert 1 <= run.before["epoch"] < 3  # stopped mid-run
+    assert 1 <= run.before["epoch"] < JOB_EPOCHS  # stopped mid-run
     assert f"Resuming after epoch {run.before['epoch']}" in run.output
     history = pd.read_csv(run.out / "history.csv")
-    assert history["epoch"].tolist() == [1, 2, 3]
+    assert history["epoch"].tolist() == list(range(1, JOB_EPOCHS + 1))
     for i, row in enumerate(run.before["history"]):  # epochs done before the stop are kept as they were
         assert history.iloc[i]["val_acc"] == pytest.approx(row["val_acc"])
         assert history.iloc[i]["seconds"] == pytest.approx(row["seconds"])
