@@ -409,7 +409,7 @@ class TrainConfig:
         """Fill the values whose default depends on other values (pretrained or not); their
         names are added to `self.defaults_filled` (config.json's FILLED_KEY)."""
         o = self.optim
-        filled = list(getattr(self, "defaults_filled", ()))
+        filled = defaults_filled(self)
         defaults = filled_defaults(self.model.pretrained, o.epochs)
         for name, value in defaults.items():
             if getattr(o, name) is None:
@@ -672,27 +672,30 @@ def load_config_file(path: str | Path, cls: type) -> dict[str, Any]:
     if not isinstance(values, dict):
         raise ConfigError(f"Config file {p!r} must hold a mapping of settings.")
     resolved = values.pop(RESOLVED_KEY, None)  # a run's config.json also lists derived values
-    if isinstance(resolved, dict) and isinstance(resolved.get(FILLED_KEY), list):
-        _unset_filled(values, resolved[FILLED_KEY])
     values.pop(TRIAL_KEY, None)  # and a sweep's best_config.json the trial's results
-    return _flatten(values, cls, p)
+    flat = _flatten(values, cls, p)
+    if isinstance(resolved, dict) and isinstance(resolved.get(FILLED_KEY), list):
+        _unset_filled(flat, resolved[FILLED_KEY])
+    return flat
 
 
-def _unset_filled(values: dict[str, Any], filled: list[str]) -> None:
+def _unset_filled(flat: dict[str, Any], filled: list[str]) -> None:
     """Leave unset, to follow the new run's --epochs and --pretrained, the settings a run's
     config.json lists as filled-in defaults and still holds at the default its own settings
     give: one edited since, or a run's own kept across a resume with a larger --epochs, is
     kept as given."""
-    flat = {k: v for section in values.values() if isinstance(section, dict) for k, v in section.items()}
     epochs = flat.get("epochs")
     if not isinstance(epochs, int) or isinstance(epochs, bool):
         return
     defaults = filled_defaults(bool(flat.get("pretrained", ModelOptions.pretrained)), epochs)
-    for section in values.values():
-        if isinstance(section, dict):
-            for name in filled:
-                if name in defaults and name in section and section[name] == defaults[name]:
-                    del section[name]
+    for name in defaults.keys() & set(filled):
+        if flat.get(name) == defaults[name]:
+            del flat[name]
+
+
+def defaults_filled(cfg: Any) -> list[str]:
+    """The settings resolve_defaults filled in for `cfg` (FILLED_KEY's list; none before it ran)."""
+    return list(getattr(cfg, "defaults_filled", ()))
 
 
 def add_config_flags(

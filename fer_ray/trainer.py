@@ -25,7 +25,16 @@ import ray.train
 from fer_ray import storage
 from fer_ray.blur import same_sigma
 from fer_ray.cli import require_cpus, require_gpus, require_node_fits
-from fer_ray.config import FILLED_KEY, LR_RANGES, RESOLVED_KEY, ConfigError, TrainConfig, parse_input_blur, to_dict
+from fer_ray.config import (
+    FILLED_KEY,
+    LR_RANGES,
+    RESOLVED_KEY,
+    ConfigError,
+    TrainConfig,
+    defaults_filled,
+    parse_input_blur,
+    to_dict,
+)
 from fer_ray.constants import (
     BEST_DIR,
     CHECKPOINT_SNAPSHOT,
@@ -515,7 +524,7 @@ def run_config(cfg: TrainConfig, settings: LoopSettings, manifest: dict[str, Any
         "steps_per_epoch": steps_per_epoch(settings.num_train, cfg.data.batch_size, cfg.run.num_workers),
         "class_weights": settings.class_weights,
         "sampling_rates": train_sampling_rates(cfg),
-        FILLED_KEY: list(getattr(cfg, "defaults_filled", ())),
+        FILLED_KEY: defaults_filled(cfg),
     }
     return {**to_dict(cfg), RESOLVED_KEY: resolved}
 

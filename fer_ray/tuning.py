@@ -35,6 +35,7 @@ from fer_ray.config import (
     ConfigError,
     SweepConfig,
     TrainConfig,
+    defaults_filled,
     from_flat,
     to_dict,
 )
@@ -284,15 +285,15 @@ class TrialLine(ray.tune.Callback):
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         _leave_gate(trial.trial_id)  # (also for a trial stopped before its own leave ran)
         r = trial.last_result or {}
-        ran = r.get("epoch", 0)
+        ran, diverged = r.get("epoch", 0), math.isnan(r.get("val_acc", 0.0))
         if ran >= self.epochs:
             cut = ""
-        elif r.get("last_report") and not r.get("stopped_early") and not math.isnan(r.get("val_acc", 0.0)):
+        elif r.get("last_report") and not r.get("stopped_early") and not diverged:
             # It ended itself, neither stopped early nor diverged: its time budget's plan ran out.
             cut = f" (its --time-budget fitted {ran} of {self.epochs} epochs)"
         else:  # ASHA (whose trials end without a last report), early stopping or divergence
             cut = f" (stopped after {ran} of {self.epochs} epochs)"
-        if r.get("best_epoch", 0) < 1 and math.isnan(r.get("val_acc", 0.0)):  # (diverged at once)
+        if r.get("best_epoch", 0) < 1 and diverged:  # (at once)
             best = f"diverged in epoch {ran}, no epoch to keep"
         else:
             best = f"best val acc {r.get('best_val_acc', float('nan')):.4f} at epoch {r.get('best_epoch')}{cut}"
@@ -437,7 +438,7 @@ def build_tuner(cfg: SweepConfig, manifest: dict[str, Any], cpu_format: str | No
     # state dict, then copied to every Train worker, whose ray.get of it failed every trial).
     trainable = ray.tune.with_parameters(
         run_trial, manifest=manifest, tune_dir=tune_dir,
-        base={**to_dict(cfg), RESOLVED_KEY: {FILLED_KEY: list(getattr(cfg, "defaults_filled", ()))}},
+        base={**to_dict(cfg), RESOLVED_KEY: {FILLED_KEY: defaults_filled(cfg)}},
         pretrained=None if pretrained is None else [pretrained], cpu_format=cpu_format,
         gate=[gate, places], ray_address=os.environ.get("RAY_ADDRESS"),
     )
@@ -732,7 +733,7 @@ def sweep(cfg: SweepConfig, manifest: dict[str, Any]) -> tuple[pd.DataFrame, dic
                            {**to_dict(copy.deepcopy(cfg)),
                             RESOLVED_KEY: {"cpu_format": cpu_format, "trial_resources": resources,
                                            "concurrent": concurrent, "data": data_record(manifest),
-                                           FILLED_KEY: list(getattr(cfg, "defaults_filled", ()))}})
+                                           FILLED_KEY: defaults_filled(cfg)}})
         grid = tuner.fit()
     finally:
         close_gate()
