@@ -24,7 +24,7 @@ from collections import Counter
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import timm
 import torch
@@ -73,7 +73,7 @@ def fetch_pretrained_state(
     (--seed: the workers load this state over the model they seeded, so an unseeded driver
     gave every run another head). Raises ConfigError when the weights cannot be had.
     """
-    overlay, downloaded, given = None, None, None
+    overlay, given, made = None, None, []  # (made: temporary files to remove at the end)
     if pretrained_file:
         if storage.is_dir(pretrained_file):  # (a run's best/, say: "does not exist" misled)
             raise ConfigError(f"--pretrained-file {pretrained_file!r} is a folder; give the weights file in it "
@@ -82,13 +82,21 @@ def fetch_pretrained_state(
             raise ConfigError(f"--pretrained-file {pretrained_file!r} does not exist.")
         local = storage.local_path(pretrained_file)
         if local is None:
-            local = downloaded = _download(pretrained_file)
+            local = _download(pretrained_file)
+            made.append(local)
+        # timm reads a file as safetensors by its name alone: a Hugging Face cache blob, a
+        # bucket object or a renamed .bin went to torch.load and was refused with advice to
+        # unpickle it. Such a file is handed over under a .safetensors name.
+        if not local.endswith(".safetensors") and _is_safetensors(local):
+            link = os.path.join(tempfile.mkdtemp(prefix="fer_ray_weights_"), "weights.safetensors")
+            os.symlink(os.path.abspath(local), link)
+            made.append(link)
+            local = link
         overlay = {"file": local}
         try:
             given = set(timm.models.load_state_dict(local))
         except Exception as e:  # noqa: BLE001 - (a text file: KeyError: 101; an empty one: EOFError)
-            if downloaded:
-                os.remove(downloaded)
+            _remove(made)
             raise ConfigError(
                 f"--pretrained-file {pretrained_file!r} is not a weights file torch or safetensors can "
                 f"read ({type(e).__name__}: {' '.join(str(e).split())[:200] or 'no detail'})."
@@ -111,8 +119,17 @@ def fetch_pretrained_state(
             if stem and stem[1] in ("1", "3") and int(stem[1]) != int(kwargs.get("in_chans", 3)):
                 text = f"{text.rstrip('.')}; its first layer takes {stem[1]} channel(s): add --model-kwargs " \
                        f"'{{in_chans: {stem[1]}}}'"
+            elif (shapes := _SIZE_MISMATCH.findall(text)):  # (torch lists every one: lines by the hundred)
+                (key, theirs, ours), more = shapes[0], len(shapes) - 1
+                raise ConfigError(
+                    f"--pretrained-file {pretrained_file!r} does not hold {name}'s weights: {len(shapes)} of its "
+                    f"tensors have another shape there (e.g. {key}: [{theirs}] in the file, [{ours}] in "
+                    f"{name}{f', and {more} more' if more else ''}); give weights of this architecture (and its "
+                    "--model-kwargs), or --no-pretrained."
+                ) from None
             raise ConfigError(
-                f"Could not load --pretrained-file {pretrained_file!r} into {name}: {type(e).__name__}: {text}"
+                f"Could not load --pretrained-file {pretrained_file!r} into {name}: {type(e).__name__}: "
+                f"{' '.join(text.split())[:600]}"
             ) from None
         if "size mismatch" in str(e):  # (the weights came, and --model-kwargs changed a layer's shape)
             raise ConfigError(
@@ -128,8 +145,7 @@ def fetch_pretrained_state(
             "network, pass --pretrained-file PATH (a local .pth or .safetensors) or --no-pretrained."
         ) from None
     finally:
-        if downloaded:
-            os.remove(downloaded)  # a bucket's weights, copied here only for timm to read
+        _remove(made)  # (a bucket's weights, copied here only for timm to read, or a link to them)
     # What timm's load left missing, after its renaming of the architecture's other
     # checkpoint layouts (Facebook's ConvNeXt names, say); a file's own names where the
     # model loaded its weights another way. Hub weights too: timm loads them leniently into
@@ -141,6 +157,8 @@ def fetch_pretrained_state(
         # no file of the architecture: said as for the Hub's weights, not refused)
         missing -= set(_warn_new_layers(model, missing, name, num_classes, kwargs))
         _check_weights_cover(model, missing, name, pretrained_file)
+        if into_model:
+            _check_no_other_layers(model, into_model[-1].unexpected_keys, name, pretrained_file)
     elif into_model:
         _warn_new_layers(model, set(into_model[-1].missing_keys), name, num_classes, kwargs)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -211,6 +229,59 @@ def _check_weights_cover(model: torch.nn.Module, missing: set[str], name: str, p
             f"{len(wanted)} tensors besides the classifier are missing (e.g. {', '.join(missing[:2])}); "
             "give weights of this architecture, or --no-pretrained."
         )
+
+
+# torch's load_state_dict error, one line per tensor: (name, shape in the file, shape here)
+_SIZE_MISMATCH = re.compile(r"size mismatch for ([\w.]+): copying a param with shape torch\.Size\(\[([\d, ]*)\]\) "
+                            r"from checkpoint, the shape in current model is torch\.Size\(\[([\d, ]*)\]\)")
+
+
+def _check_no_other_layers(model: torch.nn.Module, unexpected: Sequence[str], name: str,
+                           pretrained_file: str) -> None:
+    """ConfigError when a --pretrained-file holds layers inside the model's own modules that
+    the model does not have: the weights of a deeper sibling (resnet34's into resnet18,
+    resnet101's into resnet50) set every tensor of the shallower model, and it trained as if
+    pretrained from a cut-down copy of another network. Tensors of modules the model lacks
+    altogether (a self-supervised decoder, another classifier's name) are only said; extra
+    tensors of a module the model has (buffers it does not save) are left to timm's log."""
+    modules = dict(model.named_modules())
+    inside, outside = [], []
+    for key in unexpected:
+        parent = key.rpartition(".")[0]
+        if parent in modules:
+            continue
+        parts = parent.split(".")
+        ancestors = (".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1))
+        (inside if any(a in modules for a in ancestors) else outside).append(key)
+    if inside:
+        inside.sort(key=lambda k: k.endswith("num_batches_tracked"))  # (a weight's name first)
+        raise ConfigError(
+            f"--pretrained-file {pretrained_file!r} does not hold {name}'s weights: it holds {len(inside)} "
+            f"tensors of layers {name} does not have (e.g. {', '.join(inside[:2])}), as a deeper variant's "
+            "weights do; give weights of this architecture (and its --model-kwargs), or --no-pretrained."
+        )
+    if outside:
+        log.warning("--pretrained-file %r holds %d tensors of modules %s does not have (e.g. %s): left out.",
+                    pretrained_file, len(outside), name, ", ".join(outside[:2]))
+
+
+def _is_safetensors(path: str) -> bool:
+    """Whether a local file starts as safetensors does: an 8-byte length, then a JSON header."""
+    try:
+        with open(path, "rb") as f:
+            size, head = os.fstat(f.fileno()).st_size, f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            return 1 < n <= size - 8 and isinstance(json.loads(f.read(min(n, 100 << 20))), dict)
+    except (OSError, ValueError):  # (UnicodeDecodeError and JSONDecodeError are ValueErrors)
+        return False
+
+
+def _remove(paths: list[str]) -> None:
+    for path in paths:
+        os.remove(path)
+        if os.path.basename(os.path.dirname(path)).startswith("fer_ray_weights_"):
+            os.rmdir(os.path.dirname(path))
+    paths.clear()
 
 
 HUB_PROBE_TIMEOUT_S = 5.0

@@ -249,6 +249,8 @@ def check_inputs(cfg: TrainConfig) -> dict[str, Any]:
         # (resumed with its own, its failed trials ran again and failed alike).
         tuning.start_again(output)
         existing = None
+    if not existing:  # (a resumed run has its weights in its checkpoint; a resumed sweep reads its file later)
+        preload_pretrained_file(cfg, len(classes))
     what = "a sweep" if hasattr(cfg, "sweep") else "a run"  # (said once every check passed)
     log.info("Output %s: %s", cfg.run.output, f"resumes {what} begun there" if existing else f"{what} from the start")
     return manifest
@@ -468,16 +470,42 @@ def build_trainer(
     )
 
 
+# A new run's --pretrained-file, read and checked by check_inputs (at most one: its key, its state)
+_PRELOADED: dict[str, Any] = {}
+
+
+def _pretrained_key(cfg: TrainConfig, num_classes: int) -> str:
+    return json.dumps([cfg.model.model, num_classes, cfg.model.pretrained_file, cfg.run.seed,
+                       cfg.model.model_kwargs], sort_keys=True, default=str)
+
+
+def preload_pretrained_file(cfg: TrainConfig, num_classes: int) -> None:
+    """Read a new run's --pretrained-file and check it against the model before Ray starts:
+    a wrong path, another architecture's weights or a 1-channel stem were said only once
+    Ray was up (a sweep's after its blur and CPU-format measurements; with --use-gpu after
+    a wait of up to FER_RAY_GPU_WAIT_S for GPU nodes). load_pretrained hands over the state.
+    Hub weights are still fetched there, after the resource checks."""
+    _PRELOADED.clear()
+    if cfg.model.pretrained and cfg.model.pretrained_file:
+        log.info("Reading --pretrained-file %s", cfg.model.pretrained_file)
+        _PRELOADED[_pretrained_key(cfg, num_classes)] = fetch_pretrained_state(
+            cfg.model.model, num_classes, cfg.model.pretrained_file, seed=cfg.run.seed, **cfg.model.model_kwargs
+        )
+
+
 def load_pretrained(cfg: TrainConfig, num_classes: int) -> Any:
     """Fetch ImageNet weights once on the driver and share them through the object store."""
     import ray
 
     if not cfg.model.pretrained:
         return None
-    log.info("Loading pretrained weights for %s", cfg.model.model)
-    state = fetch_pretrained_state(
-        cfg.model.model, num_classes, cfg.model.pretrained_file, seed=cfg.run.seed, **cfg.model.model_kwargs
-    )
+    state = _PRELOADED.pop(_pretrained_key(cfg, num_classes), None)
+    _PRELOADED.clear()
+    if state is None:
+        log.info("Loading pretrained weights for %s", cfg.model.model)
+        state = fetch_pretrained_state(
+            cfg.model.model, num_classes, cfg.model.pretrained_file, seed=cfg.run.seed, **cfg.model.model_kwargs
+        )
     return ray.put(state)
 
 

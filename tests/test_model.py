@@ -270,6 +270,45 @@ def test_a_pretrained_file_of_other_weights_is_named(tmp_path) -> None:
     assert fetch_pretrained_state("test_resnet", 7, str(tmp_path / "t.pth"), in_chans=1)["conv1.0.weight"].shape[1] == 1
 
 
+def test_weights_of_a_deeper_sibling_are_refused_and_a_mismatch_is_said_in_one_line(tmp_path, caplog) -> None:
+    """resnet34's weights set every tensor of resnet18 (the same widths, more blocks) and
+    were accepted without a word: the run trained from a cut-down copy of another network
+    as if pretrained. resnet50's into resnet18 ended in torch's list of every mismatched
+    tensor, 23 lines."""
+    deeper = {k: v.contiguous() for k, v in timm.create_model("resnet34").state_dict().items()}
+    save_file(deeper, str(tmp_path / "r34.safetensors"))
+    with pytest.raises(ConfigError, match=r"does not hold resnet18's weights: it holds 96 tensors of layers "
+                                          r"resnet18 does not have \(e\.g\. layer1\.2\."):
+        fetch_pretrained_state("resnet18", 7, str(tmp_path / "r34.safetensors"))
+    torch.save(timm.create_model("resnet50").state_dict(), tmp_path / "r50.pth")
+    with pytest.raises(ConfigError) as e:
+        fetch_pretrained_state("resnet18", 7, str(tmp_path / "r50.pth"))
+    assert "\n" not in str(e.value) and len(str(e.value)) < 400, str(e.value)
+    assert (r"23 of its tensors have another shape there (e.g. layer1.0.conv1.weight: [64, 64, 1, 1] in the file, "
+            "[64, 64, 3, 3] in resnet18, and 22 more)") in str(e.value)
+    # Tensors of modules the model has none of (a self-supervised decoder): said, not refused.
+    extra = {**timm.create_model("test_resnet").state_dict(), "decoder.proj.weight": torch.zeros(2, 2)}
+    torch.save(extra, tmp_path / "mae.pth")
+    with caplog.at_level("WARNING", logger="fer_ray.model"):
+        assert fetch_pretrained_state("test_resnet", 7, str(tmp_path / "mae.pth"))
+    assert "holds 1 tensors of modules test_resnet does not have (e.g. decoder.proj.weight): left out" in caplog.text
+
+
+@pytest.mark.parametrize("name", ["blob_3f2a9c", "weights.bin"])
+def test_a_safetensors_file_of_another_name_is_read_as_one(tmp_path, name) -> None:
+    """timm reads a file as safetensors by its name alone: a Hugging Face cache blob or a
+    renamed file went to torch.load, refused with advice to unpickle it."""
+    import os
+    import tempfile
+
+    source = timm.create_model("test_resnet", num_classes=1000)
+    save_file(source.state_dict(), str(tmp_path / name))
+    before = set(os.listdir(tempfile.gettempdir()))
+    state = fetch_pretrained_state("test_resnet", 7, str(tmp_path / name))
+    torch.testing.assert_close(state["conv1.0.weight"], source.state_dict()["conv1.0.weight"])
+    assert not {n for n in set(os.listdir(tempfile.gettempdir())) - before if n.startswith("fer_ray_weights_")}
+
+
 def test_no_network_names_the_offline_flag(monkeypatch) -> None:
     import huggingface_hub.constants
 

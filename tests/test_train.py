@@ -13,9 +13,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import timm
 import torch
 
-from conftest import ctrl_c_when, modules_unpickling_imports, settings_for, tiny_train_args
+from conftest import TINY_MODEL, ctrl_c_when, modules_unpickling_imports, settings_for, tiny_train_args
 from fer_ray.constants import FER_CLASSES
 from fer_ray.model import load_model_dir
 from jobs.train import main as train_main
@@ -422,6 +423,47 @@ def test_bad_input_fails_before_workers_start(synth_shards, tmp_path, capsys, ex
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
     assert not (out / "ray_train").exists()
+
+
+@pytest.mark.parametrize("weights", ["missing", "deeper"])
+def test_a_bad_pretrained_file_is_said_before_ray_starts(synth_shards, tmp_path, monkeypatch, capsys,
+                                                         weights) -> None:
+    """--pretrained-file was read only once Ray was up (a sweep's after its blur and format
+    measurements, a --use-gpu run's after its wait for GPU nodes)."""
+    import jobs.train
+
+    def no_ray(**_):
+        raise AssertionError("Ray started")
+
+    monkeypatch.setattr(jobs.train, "init_ray", no_ray)
+    path = tmp_path / "w.pth"
+    if weights == "deeper":  # (test_resnet's weights and a block it does not have)
+        torch.save({**timm.create_model(TINY_MODEL).state_dict(),
+                    "layer1.5.conv1.weight": torch.zeros(8, 8, 3, 3)}, path)
+    out = tmp_path / "run"
+    assert train_main(tiny_train_args(str(synth_shards), str(out), "--pretrained", "--pretrained-file",
+                                      str(path), "--freeze-epochs", "1")) == 2
+    err = capsys.readouterr().err
+    assert ("does not exist" if weights == "missing" else "tensors of layers test_resnet does not have") in err
+
+
+def test_the_pretrained_file_read_before_ray_is_the_state_the_workers_get(ray_cluster, synth_shards, tmp_path,
+                                                                           monkeypatch) -> None:
+    import ray
+
+    from fer_ray import trainer
+    from fer_ray.config import TrainConfig, parse_config
+
+    torch.save(timm.create_model(TINY_MODEL).state_dict(), tmp_path / "w.pth")
+    cfg, _ = parse_config(TrainConfig, tiny_train_args(str(synth_shards), str(tmp_path / "run"), "--pretrained",
+                                                       "--pretrained-file", str(tmp_path / "w.pth"),
+                                                       "--freeze-epochs", "1"), argparse.ArgumentParser())
+    trainer.check_inputs(cfg)
+    calls = []
+    monkeypatch.setattr(trainer, "fetch_pretrained_state", lambda *a, **k: calls.append(a))
+    state = ray.get(trainer.load_pretrained(cfg, len(FER_CLASSES)))
+    assert not calls and set(state) == set(timm.create_model(TINY_MODEL, num_classes=len(FER_CLASSES)).state_dict())
+    assert not trainer._PRELOADED  # (held no longer)
 
 
 @pytest.mark.parametrize("case", ["file", "the_data", "inside_the_data", "foreign", "hidden_only", "model_folder",
