@@ -423,14 +423,16 @@ def set_frozen_eval(model: torch.nn.Module) -> None:
     turned the whole model, trainable blocks and head included, to eval mode (no dropout,
     no drop-path) whenever those were frozen.
 
-    A module with running statistics but no parameters of its own (a BatchNorm without
-    affine) follows the nearest module around it that has parameters (its children's
-    included): eval mode when they are all frozen."""
+    A module with no parameters of its own follows the nearest module around it that has
+    parameters (its children's included): eval mode when they are all frozen. So a
+    BatchNorm without affine keeps its statistics, and the stochastic depth (DropPath,
+    DropBlock) or dropout inside a frozen block stops dropping its features, which the
+    head then trained on noisier than they are when scored."""
     modules = dict(model.named_modules())
     for name, module in modules.items():
         params = list(module.parameters(recurse=False))
         around = name
-        while not params and around and any(True for _ in module.buffers(recurse=False)):
+        while not params and around:
             around = around.rpartition(".")[0]  # ("" at the top: the model itself)
             params = list(modules[around].parameters())
         if params and not any(p.requires_grad for p in params):

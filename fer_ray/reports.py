@@ -101,8 +101,7 @@ def plot_confusion_matrix(
                 j, i, f"{counts[i, j]}\n{share}", ha="center", va="center", fontsize=8,
                 color="white" if norm[i, j] > 0.5 else "black",
             )
-    # (a long name pushed the matrix off the figure: cut, its start kept)
-    names = [n if len(n) <= LABEL_MAX else n[: LABEL_MAX - 1] + "\u2026" for n in map(str, class_names)]
+    names = short_labels(list(map(str, class_names)))
     size = 10 if k <= CELL_TEXT_MAX else max(2.0, 10 * CELL_TEXT_MAX / k)
     ax.set_xticks(range(k), names, rotation=45, ha="right", fontsize=size)
     ax.set_yticks(range(k), names, fontsize=size)
@@ -118,6 +117,18 @@ def plot_confusion_matrix(
 CELL_TEXT_MAX = 30  # classes up to which the confusion matrix's cells hold their numbers
 MATRIX_MAX_IN = 33.0  # inches the matrix of more classes takes, whatever their number
 LABEL_MAX = 32  # characters of a class name shown on the confusion matrix's axes
+
+
+def short_labels(names: list[str]) -> list[str]:
+    """Class names cut to LABEL_MAX characters for the axes (a long one pushed the matrix
+    off the figure): the start kept, or, where two names would then read alike (names
+    that differ only at their end), the start and the end around the cut."""
+    def cut(n: str, tail: int) -> str:
+        return n if len(n) <= LABEL_MAX else n[: LABEL_MAX - 1 - tail] + "\u2026" + n[len(n) - tail:]
+
+    shown = [cut(n, 0) for n in names]
+    alike = {s for s in shown if shown.count(s) > 1}
+    return [cut(n, LABEL_MAX // 3) if s in alike else s for n, s in zip(names, shown)]
 
 
 @_literal_text

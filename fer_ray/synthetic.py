@@ -404,9 +404,11 @@ def generate_dataset(
         raise ValueError(
             f"Unknown classes {unknown}; expected names from {', '.join(FER_CLASSES)}."
         )
-    negative = {split: n for split, n in per_split.items() if n < 0}
-    if negative:
-        raise ValueError(f"Images per class must be >= 0, got {negative}.")
+    # (checked before any folder is made: 1.5 failed after making one; True wrote one image)
+    bad = {split: n for split, n in per_split.items()
+           if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 0}
+    if bad:
+        raise ValueError(f"Images per class must be whole numbers >= 0, got {bad}.")
 
     save_options = {"quality": _JPEG_QUALITY} if image_format == "jpg" else {}
     counts: dict[str, dict[str, int]] = {}

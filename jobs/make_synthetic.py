@@ -96,22 +96,32 @@ def main(argv: list[str] | None = None) -> int:
     # removed by the next.
     made = missing_folders(args.output)
     os.makedirs(args.output, exist_ok=True)
+    # A hidden folder names its run's process: a killed run's is removed, a running one's
+    # refused (a second run on the same --output deleted the first's images as it wrote them).
     for stale in glob.glob(os.path.join(glob.escape(args.output), PARTIAL + "*")):
+        pid = _writer(stale)
+        if pid is not None:
+            parser.error(f"--output {args.output!r} is being written by another run (process {pid}); "
+                         f"wait for it, or choose another folder (or remove {stale} if no such run is going)")
         shutil.rmtree(stale)
-    partial = tempfile.mkdtemp(prefix=PARTIAL, dir=args.output)
+    partial = tempfile.mkdtemp(prefix=f"{PARTIAL}{os.getpid()}-", dir=args.output)
     signal.signal(signal.SIGTERM, _stopped)  # a job scheduler's stop: the same clean-up
-    done, moved = False, []
+    done, moved, renaming = False, [], None
     try:
         counts = generate_dataset(partial, per_split, size=args.size, seed=args.seed,
                                   image_format=args.format)
         for split in counts:
-            moved.append(os.path.join(args.output, split))  # (first: a stop may land just after the move)
-            os.rename(os.path.join(partial, split), os.path.join(args.output, split))
+            renaming = (os.path.join(partial, split), os.path.join(args.output, split))
+            os.rename(*renaming)  # (refused onto a folder that is there: not this run's to remove)
+            moved.append(renaming[1])
+            renaming = None
         done = True
     except KeyboardInterrupt:
         print(f"interrupted; nothing was written to {args.output}", file=sys.stderr)
         return 128 + signal.SIGTERM if _TERMINATED else 130
     finally:
+        if renaming and not os.path.exists(renaming[0]) and os.path.exists(renaming[1]):
+            moved.append(renaming[1])  # (a stop landed just after the move)
         shutil.rmtree(partial, ignore_errors=True)
         if not done:
             for split in moved:  # (a stop between two splits' moves: "nothing was written" holds)
@@ -124,6 +134,21 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {total} {args.size}px {args.format} images ({splits}) to {args.output} "
           f"in {time.perf_counter() - start:.1f} s")
     return 0
+
+
+def _writer(partial: str) -> int | None:
+    """The process writing a hidden folder of images, while it runs; None for a killed
+    run's folder (or one from before the folders named their process)."""
+    pid = os.path.basename(partial)[len(PARTIAL):].partition("-")[0]
+    if not pid.isdigit() or int(pid) == os.getpid():
+        return None
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:  # (another user's process)
+        pass
+    return int(pid)
 
 
 if __name__ == "__main__":

@@ -154,4 +154,9 @@ def test_a_confusion_matrix_of_many_classes_keeps_its_size_and_long_names_fit(tm
     plot_confusion_matrix(np.eye(3, dtype=int), [long, "b", "c"], tmp_path / "long.png")
     shown = [t.get_text() for t in kept.figures[1].axes[0].get_yticklabels()]
     assert shown[0] == long[:31] + "\u2026" and shown[1:] == ["b", "c"]
+    # Names alike in their first 31 characters: their ends shown too, so they read apart.
+    alike = ["x" * 31 + "_happy", "x" * 31 + "_sad", "y"]
+    plot_confusion_matrix(np.eye(3, dtype=int), alike, tmp_path / "alike.png")
+    shown = [t.get_text() for t in kept.figures[2].axes[0].get_yticklabels()]
+    assert len(set(shown)) == 3 and all(len(n) <= 32 for n in shown) and shown[0].endswith("_happy"), shown
     assert len(kept.figures[1].axes[0].texts) == 9  # few classes: the numbers written in

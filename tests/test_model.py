@@ -579,6 +579,22 @@ def test_a_model_saved_with_timm_before_1_0_30_keeps_no_test_size_of_the_origina
     assert resolve_data_config({}, model=loaded, use_test_size=True)["input_size"] == (1, 48, 48)
 
 
+def test_stochastic_depth_in_a_frozen_stage_stops_and_in_a_trainable_one_goes_on() -> None:
+    """DropPath and DropBlock have no parameters or buffers: in a frozen stage they stayed in
+    train mode, dropping the frozen features the head trained on."""
+    model = create_model("resnet10t", 7, drop_path_rate=0.2, drop_block_rate=0.1)
+    set_trainable(model, "1")  # (the last stage trains)
+    model.train()
+    set_frozen_eval(model)
+    drops = {n: m for n, m in model.named_modules() if "drop_path" in n or "drop_block" in n}
+    frozen = [m for n, m in drops.items() if not n.startswith("layer4.")]
+    trained = [m for n, m in drops.items() if n.startswith("layer4.")]
+    assert frozen and trained and not any(m.training for m in frozen) and all(m.training for m in trained)
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(model.layer2(model.layer1(model.maxpool(model.act1(model.bn1(model.conv1(x)))))),
+                               model.layer2(model.layer1(model.maxpool(model.act1(model.bn1(model.conv1(x)))))))
+
+
 def test_a_frozen_stages_batchnorm_without_affine_parameters_keeps_its_statistics() -> None:
     """A BatchNorm with no parameters of its own was left in train mode in a frozen stage,
     its running statistics drifting from the pretrained ones; one in a trainable stage trains."""

@@ -57,6 +57,13 @@ def test_generate_dataset_layout_and_counts(tmp_path: Path) -> None:
         assert (image.mode, image.size) == ("L", (48, 48))
 
 
+@pytest.mark.parametrize("count", [1.5, True, -1, "3"])
+def test_a_count_that_is_not_a_whole_number_is_refused_before_any_folder_is_made(tmp_path: Path, count) -> None:
+    with pytest.raises(ValueError, match="Images per class must be whole numbers >= 0"):
+        generate_dataset(tmp_path / "out", {"train": count})
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("image_format", ["png", "jpg"])
 def test_generate_dataset_same_seed_same_bytes(tmp_path: Path, image_format: str) -> None:
     per_split = {"train": 2, "val": 1}
@@ -169,6 +176,32 @@ def test_cli_stopped_leaves_nothing_and_moves_the_splits_in_when_done(tmp_path: 
     subprocess.run([*cmd, "--train-per-class", "1"], cwd=REPO, check=True, timeout=60)
     assert [p.name for p in out.iterdir()] == ["train"] and len(list(out.rglob("*.png"))) == 7
     assert oct((out / "train").stat().st_mode & 0o777) == oct(0o777 & ~_umask())
+
+
+def test_cli_refuses_a_folder_another_run_is_writing(tmp_path: Path) -> None:
+    """A second run on the same --output took the first's hidden folder for a killed run's
+    and deleted it as the first wrote into it."""
+    import time
+
+    out = tmp_path / "synth"
+    cmd = [sys.executable, "jobs/make_synthetic.py", "--output", str(out), "--size", "16", "--val-per-class", "0"]
+    first = subprocess.Popen([*cmd, "--train-per-class", "5000"], cwd=REPO, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not list(out.glob(".partial-*/train/*/*.png")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        second = subprocess.run([*cmd, "--train-per-class", "1"], cwd=REPO, capture_output=True, text=True,
+                                timeout=60)
+        assert second.returncode == 2
+        assert f"is being written by another run (process {first.pid})" in second.stderr
+        assert first.poll() is None and list(out.glob(".partial-*/train/*/*.png"))  # the first goes on
+    finally:
+        first.terminate()
+        first.wait(timeout=60)
+    # A hidden folder of a process that is gone: removed by the next run.
+    (out / ".partial-999999999-x" / "train").mkdir(parents=True)
+    subprocess.run([*cmd, "--train-per-class", "1"], cwd=REPO, check=True, timeout=60, capture_output=True)
+    assert [p.name for p in out.iterdir()] == ["train"]
 
 
 def _umask() -> int:
