@@ -443,10 +443,20 @@ def test_a_connect_timeout_of_zero_sets_no_limit(monkeypatch) -> None:
 
     from fer_ray import cli
 
-    gave_up = []
+    import threading
+
+    gave_up, given_up = [], threading.Event()
+
+    def give_up(what: str) -> None:
+        gave_up.append(what)
+        given_up.set()
+
+    def slow_init(quiet_workers, **options) -> None:  # a slow ray.init: 0.3 s, or till given up
+        given_up.wait(0.3 if cli.INIT_TIMEOUT_S == 0 else 60)  # (the watchdog's thread may start late)
+
     monkeypatch.setattr(cli, "_answers", lambda host_port, timeout: None)  # something answers
-    monkeypatch.setattr(cli, "_ray_init", lambda quiet_workers, **options: time.sleep(0.3))  # a slow ray.init
-    monkeypatch.setattr(cli, "_give_up", gave_up.append)
+    monkeypatch.setattr(cli, "_ray_init", slow_init)
+    monkeypatch.setattr(cli, "_give_up", give_up)
     monkeypatch.setattr(cli, "INIT_TIMEOUT_S", 0.0)
     cli.connect_ray("127.0.0.1:6379")
     assert gave_up == []

@@ -67,17 +67,19 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_cluster, synth_shards, t
 
     # Wait until Ray has registered epoch 1's checkpoint (its snapshot names it), not just
     # until the files exist: a worker killed between the two loses that report.
+    # The worker is found while epoch 1 runs: asked of the State API after the snapshot, a
+    # round trip through the dashboard on a loaded machine, the run could end first.
     snapshot = out / "ray_train" / "checkpoint_manager_snapshot.json"
-    deadline = time.time() + 300
+    deadline, pids = time.time() + 300, []
     while time.time() < deadline and runner.is_alive():
-        if snapshot.exists() and "epoch_0001" in snapshot.read_text():
+        if pids and snapshot.exists() and "epoch_0001" in snapshot.read_text():
             break
+        pids = pids or _alive_train_workers()
         time.sleep(0.2)
-    first = out / "ray_train" / "epoch_0001" / "train_state.pt"
-    epoch1 = torch.load(first, weights_only=True)["state"]["history"][0]
-    pids = _alive_train_workers()
     assert len(pids) == 1
     os.kill(pids[0], signal.SIGKILL)  # mid-run: during epoch 2
+    first = out / "ray_train" / "epoch_0001" / "train_state.pt"
+    epoch1 = torch.load(first, weights_only=True)["state"]["history"][0]
     # The worker group is started again (without this, every check below would also hold for
     # a kill that did nothing).
     replaced, deadline = set(), time.time() + 600

@@ -1115,8 +1115,10 @@ def test_time_budget_fits_the_schedule_and_ends_in_time(ray_cluster, synth_shard
     assert result.metrics["epoch"] == n and result.metrics["last_report"] is True
     assert all(m["last_report"] is (m["epoch"] == n) for _, m in result.best_checkpoints)
     # Training ended by the deadline (no epoch began without room for it; the last one can
-    # only overrun by its own stall); writing the run folder and Ray's shutdown follow it.
-    assert elapsed < budget_s + 20 + history["seconds"].iloc[-1], elapsed
+    # only overrun by its own stall): its checkpoint saved by then. (Timed to the whole job,
+    # writing the run folder and Ray's shutdown after it took much of the slack when loaded.)
+    saved = (run / "ray_train" / f"epoch_{n:04d}").stat().st_mtime - start
+    assert saved < budget_s + 20 + history["seconds"].iloc[-1], (saved, elapsed)
     # Fitted after the first epoch (and again when epochs sped up or slowed down): each
     # epoch after the warm-up one runs on the cosine of the plan in force when it ran, which
     # spans the plan's epochs after the warm-up.
@@ -1150,9 +1152,9 @@ def test_timed_batches_adds_up_the_waits() -> None:
     got = []
     for item in timed:
         got.append(item)
-        time.sleep(0.1)  # the loop's own work is not waiting
+        time.sleep(1.0)  # the loop's own work is not waiting
     assert got == [0, 1, 2]
-    assert 0.15 <= timed.wait < 0.4  # (with the loop's own 0.3 s counted it would be >= 0.45)
+    assert 0.15 <= timed.wait < 1.5  # (with the loop's own 3 s counted it would be >= 3.15)
 
 
 def test_cpu_formats_are_warmed_in_turn_then_timed_with_fewer_steps_when_slow() -> None:

@@ -244,6 +244,7 @@ def test_random_erasing_share_is_the_levels_or_the_one_given(erasing, share) -> 
     """On a flat gray image only the erased holes are black: the share of outputs with a
     hole is --random-erasing's, or the level's (light: 0.175) when it is not given."""
     t = create_transform(True, 32, "light", erasing)
+    t.set_random_seed(0)  # (unseeded, 300 draws left the bounds about once in 2,500 runs)
     gray = np.full((48, 48, 1), 128, dtype=np.uint8)
     erased = np.mean([(t(image=gray)["image"] == 0).any() for _ in range(300)])
     assert share[0] <= erased <= share[1]

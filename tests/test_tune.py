@@ -315,9 +315,10 @@ def test_ctrl_c_leaves_no_sweep_outputs_and_the_rerun_finishes(ray_cluster, synt
 
 
 def test_ctrl_c_while_every_trial_runs_leaves_no_sweep_outputs(ray_cluster, synth_shards, tmp_path, capsys) -> None:
-    """Tune marks the trials it stops on Ctrl-C (or SIGUSR1, a batch system's warning)
-    TERMINATED, as if finished: a sweep whose trials were all running (here its only one)
-    exited 0 with that trial crowned in best/."""
+    """Tune marks the trials it stops on Ctrl-C (here; SIGUSR1, a batch system's warning, the
+    same: test_the_interrupt_watch_notes_every_signal_tune_stops_on) TERMINATED, as if
+    finished: a sweep whose trials were all running (here its only one) exited 0 with that
+    trial crowned in best/."""
     _interrupted_sweep(synth_shards, tmp_path / "sweep", capsys, num_samples=1, sig=signal.SIGINT)
     assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL  # Tune's handler is not left behind
 
