@@ -439,11 +439,9 @@ def test_without_ray_address_a_job_joins_the_cluster_ray_start_runs_here(monkeyp
 def test_a_connect_timeout_of_zero_sets_no_limit(monkeypatch) -> None:
     """FER_RAY_CONNECT_TIMEOUT_S=0 read as a limit of 0 s: every connection, to a healthy
     cluster too, ended at once in "No Ray cluster answered ... within 0 s"."""
-    import time
+    import threading
 
     from fer_ray import cli
-
-    import threading
 
     gave_up, given_up = [], threading.Event()
 
