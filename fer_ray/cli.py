@@ -29,7 +29,7 @@ def setup_logging() -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    ray_logs.hide_ray_data_noise()
+    ray_logs.hide_ray_noise()
 
 
 INTERRUPTED_RESUMES = "interrupted; rerun the same command to resume where possible"
@@ -40,10 +40,18 @@ class StoppedLate(KeyboardInterrupt):
     its message, not the job's usual interrupted line, says what there is."""
 
 
-def run_job(job: Callable[[], int | None], interrupted: str = INTERRUPTED_RESUMES) -> int:
+def run_job(job: Callable[[], int | None], interrupted: str | Callable[[], str] = INTERRUPTED_RESUMES) -> int:
     """Run a job; user errors end in one clear sentence and exit status 2, Ctrl-C in the
-    line `interrupted` and 130 (SIGTERM once Ray runs: 143); otherwise the status the job
-    returns (0 for None)."""
+    line `interrupted` (or the line it returns then: what was saved decides it) and 130
+    (SIGTERM once Ray runs: 143); otherwise the status the job returns (0 for None)."""
+    def interrupted_line() -> str:
+        if not callable(interrupted):
+            return interrupted
+        try:
+            return interrupted()
+        except Exception:  # noqa: BLE001 - (a bucket that does not answer): the general line
+            return INTERRUPTED_RESUMES
+
     setup_logging()
     try:
         status = job()
@@ -51,7 +59,7 @@ def run_job(job: Callable[[], int | None], interrupted: str = INTERRUPTED_RESUME
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
-        print(str(e) if isinstance(e, StoppedLate) else interrupted, file=sys.stderr)
+        print(str(e) if isinstance(e, StoppedLate) else interrupted_line(), file=sys.stderr)
         # (A StoppedLate raised for Ray's SIGTERM exit holds it as its context; Ray Train's
         # Ctrl-C may hold a SystemExit(1).)
         sigterm = isinstance(e.__context__, SystemExit) and is_stop(e.__context__)
@@ -59,7 +67,7 @@ def run_job(job: Callable[[], int | None], interrupted: str = INTERRUPTED_RESUME
     except SystemExit as e:
         if not is_stop(e):
             raise
-        print(interrupted, file=sys.stderr)
+        print(interrupted_line(), file=sys.stderr)
         return 128 + signal.SIGTERM
     return status or 0
 
@@ -225,7 +233,7 @@ def _ray_init(quiet_workers: bool = False, **options: Any) -> None:
         # The function itself, pickled by value: a worker needs no importable fer_ray to run it.
         ray.cloudpickle.register_pickle_by_value(ray_logs)
         options["runtime_env"] = {**(options.get("runtime_env") or {}),
-                                  "worker_process_setup_hook": ray_logs.hide_ray_data_noise}
+                                  "worker_process_setup_hook": ray_logs.hide_ray_noise}
     _quiet_sigterm()
     ray.init(**options)
     _note_sigterm()

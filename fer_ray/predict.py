@@ -1115,7 +1115,9 @@ def predict(
             log.warning("Scoring every split of %s together: the accuracy and metrics are over all of "
                         "them (%s), the training split included; --split val scores val alone.",
                         source, ", ".join(counts))
-    log.info("Scoring %d images (%s) from %s with %s", total, described, source, model_dir)
+    # (a folder's count is of its files: those that are no image end in errors.parquet)
+    log.info("Scoring %d %s (%s) from %s with %s", total, "images" if shards else "files", described, source,
+             model_dir)
 
     tmp = storage.sibling(output, f".tmp-{uuid.uuid4().hex[:8]}")
     copying: set[str] = set()  # holds tmp while _publish copies it into OUT

@@ -1,4 +1,4 @@
-"""Ray Data's console lines that a fer_ray job's output does not need.
+"""Ray's console lines that a fer_ray job's output does not need.
 
 Training printed two of Ray Data's lines per epoch beside its own epoch line ("Dataset
 train_... execution finished in 15.0 seconds", from the split coordinator), every process
@@ -8,7 +8,14 @@ These records are marked hidden, as Ray Data marks its own file-only records: it
 handler leaves them out and its log file (ray-data.log in the session's logs) keeps them.
 Warnings about anything else and errors are untouched.
 
-`hide_ray_data_noise` runs in the driver (fer_ray.cli.setup_logging) and, for training and
+Two of Ray's lines about resuming contradict fer_ray's own and are dropped (from Ray's log
+files too; fer_ray's lines say what happens): Ray Train's "A run snapshot was found ... If
+you meant to start a brand new training job ... delete the existing folder" on every resumed
+run (deleting it throws the run's checkpoints away; fer_ray says "Resuming after epoch N"),
+and Tune's "Resume experiment with: Tuner.restore(...)" on a stopped sweep (fer_ray's line
+says to rerun the same command).
+
+`hide_ray_noise` runs in the driver (fer_ray.cli.setup_logging) and, for training and
 sweeps, as the job's `worker_process_setup_hook` in every Ray worker process of the job
 (fer_ray.cli._ray_init): the per-epoch lines come from Ray Data's own actors. Standard
 library only: the hook is shipped to the workers pickled by value, with this module.
@@ -18,31 +25,40 @@ from __future__ import annotations
 
 import logging
 
-# Logger -> the messages hidden, by a piece of their text.
+# Logger -> the messages hidden (Ray Data's console only), by a piece of their text.
 HIDDEN = {
     "ray.data._internal.progress": ("Progress bars disabled",),
     "ray.data._internal.execution.streaming_executor": (" execution finished in ",),
     "ray.data._internal.datasource.parquet_datasource": ("Estimated parquet ",),
 }
 
+# Logger -> the messages dropped, by a piece of their text.
+DROPPED = {
+    "ray.train.v2._internal.execution.checkpoint.checkpoint_manager": ("If you meant to start a brand new training job",),
+    "ray.tune.tune": ("Resume experiment with: ", "Resume training with: "),
+}
+
 
 class _Hide(logging.Filter):
-    def __init__(self, pieces: tuple[str, ...]) -> None:
+    def __init__(self, pieces: tuple[str, ...], drop: bool = False) -> None:
         super().__init__()
-        self.pieces = pieces
+        self.pieces, self.drop = pieces, drop
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno <= logging.WARNING:
             message = record.getMessage()
             if any(piece in message for piece in self.pieces):
+                if self.drop:
+                    return False
                 record.hide = True  # Ray Data's console handler skips these (HiddenRecordFilter)
         return True
 
 
-def hide_ray_data_noise() -> None:
-    """Mark HIDDEN's records hidden from the console (once per process; before or after
-    Ray Data is imported: the filters sit on the loggers, which Ray Data's set-up keeps)."""
-    for name, pieces in HIDDEN.items():
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, _Hide) for f in logger.filters):
-            logger.addFilter(_Hide(pieces))
+def hide_ray_noise() -> None:
+    """Mark HIDDEN's records hidden from the console and drop DROPPED's (once per process;
+    before or after Ray is imported: the filters sit on the loggers, which Ray's set-up keeps)."""
+    for table, drop in ((HIDDEN, False), (DROPPED, True)):
+        for name, pieces in table.items():
+            logger = logging.getLogger(name)
+            if not any(isinstance(f, _Hide) for f in logger.filters):
+                logger.addFilter(_Hide(pieces, drop))

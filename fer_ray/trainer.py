@@ -252,7 +252,8 @@ def check_inputs(cfg: TrainConfig) -> dict[str, Any]:
     if not existing:  # (a resumed run has its weights in its checkpoint; a resumed sweep reads its file later)
         preload_pretrained_file(cfg, len(classes))
     what = "a sweep" if hasattr(cfg, "sweep") else "a run"  # (said once every check passed)
-    log.info("Output %s: %s", cfg.run.output, f"resumes {what} begun there" if existing else f"{what} from the start")
+    # (not "resumes": a finished one trains no more, which the next line says)
+    log.info("Output %s: %s", cfg.run.output, f"holds {what} begun there" if existing else f"{what} from the start")
     return manifest
 
 

@@ -449,8 +449,10 @@ def build_tuner(cfg: SweepConfig, manifest: dict[str, Any], cpu_format: str | No
         "lr": ray.tune.loguniform(*cfg.lr_range()),
         "label_smoothing": ray.tune.uniform(lo, hi) if hi > lo else lo,
     }
-    if restoring:
-        log.info("Resuming the sweep in %s", experiment)
+    if restoring and finished:  # (said as such: "Resuming" read as if trials would train)
+        log.info("The sweep in %s finished its %d trials; its results are read back", experiment, done)
+    elif restoring:
+        log.info("Resuming the sweep in %s (%d of %d trials finished)", experiment, done, cfg.sweep.num_samples)
         # Failed trials run again from their last checkpoint (the settings cannot have
         # changed: fer_ray.trainer.check_inputs refuses that); Tune starts them all at
         # once with the unfinished ones, and the gate holds them to `concurrent`.

@@ -32,8 +32,11 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=HelpFormatter,
     )
 
+    output: list[str] = []  # (the run's folder, once known: what a stop says depends on it)
+
     def job() -> None:
         cfg, _ = parse_config(TrainConfig, argv, parser)  # --help and flag errors end here, before torch loads
+        output.append(cfg.run.output)
         cfg.validate()  # and bad values (torch and Ray took 7-16 s to load before they were said)
         from fer_ray.trainer import check_inputs, train
 
@@ -53,8 +56,16 @@ def main(argv: list[str] | None = None) -> int:
             f"{out['best_epoch']} of {out['epochs_run']}{ended}; model: {out['best_dir']}"
         )
 
-    return run_job(job, interrupted="interrupted; the epochs finished so far are saved: rerun the same "
-                   "command to resume after the last one")
+    def interrupted() -> str:
+        if "fer_ray.trainer" in sys.modules and output:
+            from fer_ray.trainer import has_checkpoint
+
+            if not has_checkpoint(output[0]):
+                return ("interrupted before an epoch was saved; rerun the same command to start the run "
+                        "from the beginning")
+        return "interrupted; the epochs finished so far are saved: rerun the same command to resume after the last one"
+
+    return run_job(job, interrupted=interrupted)
 
 
 if __name__ == "__main__":

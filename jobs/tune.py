@@ -33,8 +33,11 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=HelpFormatter,
     )
 
+    output: list[str] = []  # (the sweep's folder, once known: what a stop says depends on it)
+
     def job() -> None:
         cfg, _ = parse_config(SweepConfig, argv, parser)  # --help and flag errors end here, before torch loads
+        output.append(cfg.run.output)
         cfg.validate()  # and bad values (torch and Ray took 7-16 s to load before they were said)
         from fer_ray import storage
         from fer_ray.trainer import check_inputs
@@ -69,8 +72,16 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
         return 1
 
-    return run_job(job, interrupted="interrupted; each trial's finished epochs are saved: rerun the same "
-                   "command to resume the sweep")
+    def interrupted() -> str:
+        if "fer_ray.tuning" in sys.modules and output:
+            from fer_ray.tuning import saved_nothing
+
+            if saved_nothing(output[0]):
+                return ("interrupted before any trial saved an epoch; rerun the same command to start the "
+                        "sweep from the beginning")
+        return "interrupted; each trial's finished epochs are saved: rerun the same command to resume the sweep"
+
+    return run_job(job, interrupted=interrupted)
 
 
 if __name__ == "__main__":

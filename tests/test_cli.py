@@ -242,8 +242,8 @@ def test_ray_datas_noise_is_hidden_from_its_console_only(monkeypatch) -> None:
 
     from fer_ray import ray_logs
 
-    ray_logs.hide_ray_data_noise()
-    ray_logs.hide_ray_data_noise()  # once per process, however often called
+    ray_logs.hide_ray_noise()
+    ray_logs.hide_ray_noise()  # once per process, however often called
     seen: list[logging.LogRecord] = []
     handler = logging.Handler()
     handler.emit = seen.append
@@ -263,6 +263,36 @@ def test_ray_datas_noise_is_hidden_from_its_console_only(monkeypatch) -> None:
     assert [HiddenRecordFilter().filter(r) for r in seen] == [False, True, False]
 
 
+def test_rays_resume_advice_that_contradicts_fer_rays_is_dropped(monkeypatch) -> None:
+    """Every resumed run printed Ray Train's advice to delete its folder (its checkpoints)
+    for a new job, and a stopped sweep Tune's "Resume experiment with: Tuner.restore(...)"
+    beside fer_ray's "rerun the same command"."""
+    import logging
+
+    from fer_ray import ray_logs
+
+    ray_logs.hide_ray_noise()
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    loggers = [logging.getLogger("ray.train.v2._internal.execution.checkpoint.checkpoint_manager"),
+               logging.getLogger("ray.tune.tune")]
+    for logger in loggers:
+        monkeypatch.setattr(logger, "level", logging.DEBUG)
+        logger.addHandler(handler)
+    try:
+        loggers[0].info("A run snapshot was found in storage folder at: '/r/ray_train'\nIf you meant to start a "
+                        "brand new training job without any information ..., delete the existing folder at '/r'.")
+        loggers[0].info("Checkpoint successfully created")  # other lines: untouched
+        loggers[1].warning("Experiment has been interrupted, but the most recent state was saved.\n"
+                           "Resume experiment with: Tuner.restore(path=\"/s/ray_tune\", trainable=...)")
+        loggers[1].error("Trials did not complete: [run_trial_1]")
+    finally:
+        for logger in loggers:
+            logger.removeHandler(handler)
+    assert seen == ["Checkpoint successfully created", "Trials did not complete: [run_trial_1]"]
+
+
 def test_ray_init_gives_the_jobs_workers_the_hook_unless_the_job_has_one(monkeypatch) -> None:
     import json
 
@@ -275,7 +305,7 @@ def test_ray_init_gives_the_jobs_workers_the_hook_unless_the_job_has_one(monkeyp
     monkeypatch.setattr(cli, "_note_sigterm", lambda: None)
     monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
     cli._ray_init(True, address="local", runtime_env={"env_vars": {"A": "1"}})
-    hook = cli.ray_logs.hide_ray_data_noise
+    hook = cli.ray_logs.hide_ray_noise
     assert given[-1]["runtime_env"] == {"env_vars": {"A": "1"}, "worker_process_setup_hook": hook}
     # Shipped by value: a worker that cannot import fer_ray (not installed there) runs it.
     unpickle_and_run = ("import logging, pickle, sys; sys.modules['fer_ray'] = None; "

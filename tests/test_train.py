@@ -197,8 +197,10 @@ def test_sigterm_ends_the_job_with_its_interrupted_line_and_143(synth_shards, tm
     job = subprocess.Popen([sys.executable, "jobs/train.py", *args], cwd=REPO, env=env,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.time() + 240
-        while not list(run.glob("ray_train/epoch_*")) and job.poll() is None and time.time() < deadline:
+        # (epoch 1 registered, not only its folder there: the job's line says what was saved)
+        snapshot, deadline = run / "ray_train" / "checkpoint_manager_snapshot.json", time.time() + 240
+        while not (snapshot.exists() and "epoch_0001" in snapshot.read_text()) and job.poll() is None \
+                and time.time() < deadline:
             time.sleep(1)
         assert job.poll() is None, "the job ended before its first epoch"
         job.send_signal(signal.SIGTERM)  # the job's process only
@@ -329,6 +331,20 @@ def test_resumed_run_keeps_the_format_its_last_epoch_trained_in(tiny_run, tmp_pa
     resolved = json.loads((run / "config.json").read_text())["resolved"]
     assert resolved["defaults_filled"] == ["freeze_epochs", "backbone_lr_scale"]
     assert "tag" in json.loads((run / "best" / "config.json").read_text())["pretrained_cfg"]  # still pretrained
+
+
+def test_ctrl_c_before_the_first_epoch_is_saved_says_the_rerun_starts_again(ray_cluster, synth_shards, tmp_path,
+                                                                           capsys) -> None:
+    """A stop before any epoch was saved said "the epochs finished so far are saved: rerun
+    ... to resume after the last one"."""
+    run = tmp_path / "run"
+    with ctrl_c_when(run, "config.json"):  # (written before the workers start)
+        status = train_main(tiny_train_args(str(synth_shards), str(run), "--epochs", "60"))
+    assert status == 130
+    assert not list(run.glob("ray_train/epoch_*"))
+    err = capsys.readouterr().err
+    assert ("interrupted before an epoch was saved; rerun the same command to start the run from the "
+            "beginning") in err and "are saved" not in err
 
 
 def test_ctrl_c_says_interrupted_and_the_rerun_resumes(ray_cluster, synth_shards, tmp_path, capsys) -> None:
