@@ -707,7 +707,7 @@ def check_inputs(source: str, output: str, val_fraction: float = 0.1, seed: int 
     source's listing (returned, for prepare to use)."""
     require_paths(source=source, output=output)
     if not 0 < val_fraction < 1:
-        raise ConfigError(f"--val-fraction must be between 0 and 1, got {val_fraction}.")
+        raise ConfigError(f"--val-fraction must be greater than 0 and less than 1, got {val_fraction}.")
     if shard_rows < 1:
         raise ConfigError(f"--shard-rows must be at least 1, got {shard_rows}.")
     source, output = storage.normalize(source), storage.normalize(output)
@@ -746,7 +746,7 @@ def prepare(
                             "no other jobs/prepare.py writes to %s", entry.path, output)
     made = storage.missing_folders(output)  # removed again if they are left empty
     log_actor = ray.remote(PrepareLog).options(num_cpus=0).remote()
-    train_stats = None
+    train_stats, writing = None, False  # (writing: stopped inside write_parquet, whose tasks may go on)
     try:
         for split in splits:
             if listing.kind == "csv":
@@ -773,7 +773,9 @@ def prepare(
                 )
             # Streaming repartition: blocks (and so files) of at most --shard-rows rows.
             ds = ds.repartition(target_num_rows_per_block=shard_rows, strict=True)
+            writing = True
             ds.write_parquet(storage.join(staging, split), max_rows_per_file=shard_rows)
+            writing = False
             log.info("Wrote split %s", split)
             if split == TRAIN:  # (the first) the images training takes its defaults from
                 train_stats = ray.get(log_actor.summary.remote())
@@ -818,9 +820,25 @@ def prepare(
         _publish(staging, output, splits, manifest)
     finally:
         storage.delete_dir(staging)
+        if writing:
+            _delete_late_writes(staging)
         storage.remove_empty(made)
         ray.kill(log_actor)
     return manifest
+
+
+LATE_WRITES_S = 2.0  # how long a stopped run watches for its write tasks' last files
+
+
+def _delete_late_writes(staging: str) -> None:
+    """A run stopped while writing (Ctrl-C, an error): a write task that was running when
+    Ray Data gave up may still put its file down (seen ~0.1 s after the job ended), which
+    made `staging` again after it was deleted and left it behind. Deleted again for a moment."""
+    deadline = time.monotonic() + LATE_WRITES_S
+    while time.monotonic() < deadline:
+        time.sleep(0.25)
+        if storage.exists(staging):
+            storage.delete_dir(staging)
 
 
 def _check_every_class_read(
@@ -830,6 +848,9 @@ def _check_every_class_read(
     no files is refused, a class the model could never learn is not written. (The FER2013
     CSV names its seven classes whatever rows it holds: a small one may lack some.)"""
     lost = [c for c, n in counts[TRAIN]["per_class"].items() if n == 0]
+    if lost and listing.kind == "csv":  # (written, as the CSV's seven classes always are; said)
+        log.warning("Class(es) %s have no training row in %s: a model trained on these shards never predicts "
+                    "them (they count in its macro averages with recall 0)", ", ".join(lost), source)
     if not lost or listing.kind == "csv":
         return
     examples = [f"{p!r}: {skipped[p]}" for p, lab in listing.items.get(TRAIN, [])

@@ -223,6 +223,10 @@ def check_inputs(cfg: TrainConfig) -> dict[str, Any]:
             f"Shards {cfg.data.data!r} have {len(classes)} class ({', '.join(classes) or 'none'}); "
             "a classifier needs at least two, one subfolder of images per class."
         )
+    untrained = [c for c, n in (manifest["splits"][TRAIN].get("per_class") or {}).items() if n == 0]
+    if untrained:  # (a FER2013 CSV without some class's Training rows: prepared with a warning)
+        log.warning("Class(es) %s have no training image in %s: the model will never predict them",
+                    ", ".join(untrained), cfg.data.data)
     num_train, workers = int(manifest["splits"][TRAIN]["total"]), cfg.run.num_workers
     if (num_train // workers) // cfg.data.batch_size < 1:  # (steps_per_epoch, as the workers count)
         raise ConfigError(

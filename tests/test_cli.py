@@ -149,7 +149,7 @@ def test_help_shows_defaults_only_where_there_are_some_and_loads_no_torch(job) -
 
 @pytest.mark.parametrize("flags, message", [
     (["--shard-rows", "0"], "--shard-rows must be at least 1"),
-    (["--val-fraction", "1.5"], "--val-fraction must be between 0 and 1"),
+    (["--val-fraction", "1.5"], "--val-fraction must be greater than 0 and less than 1"),
     (["--source", "MISSING"], "does not exist"),
 ])
 def test_prepare_checks_its_input_before_ray_starts(tmp_path, synth_folder, flags, message) -> None:
@@ -159,6 +159,22 @@ def test_prepare_checks_its_input_before_ray_starts(tmp_path, synth_folder, flag
                             capture_output=True, text=True, timeout=120)
     assert message in _one_sentence(result)
     assert "Started a local Ray" not in result.stderr and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("given", [True, False])
+def test_a_val_fraction_the_source_does_not_use_is_said(tmp_path, synth_folder, monkeypatch, caplog, given) -> None:
+    """--val-fraction 0.3 on a source with its own val/ ran as if val were carved anew."""
+    import jobs.prepare
+
+    def stop(*args, **kwargs):  # (the check comes before Ray starts: no need to prepare)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(jobs.prepare, "init_ray", stop)
+    argv = ["--source", str(synth_folder), "--output", str(tmp_path / "out")] + (["--val-fraction", "0.3"] * given)
+    with caplog.at_level("WARNING", logger="fer_ray.prepare"):
+        assert jobs.prepare.main(argv) == 130
+    said = f"--val-fraction 0.3 is not used: {synth_folder} has a val split of its own (its val folder)"
+    assert (said in caplog.text) is given
 
 
 def test_dead_address_fails_fast(tiny_faces, tmp_path) -> None:
@@ -256,11 +272,17 @@ def test_ray_datas_noise_is_hidden_from_its_console_only(monkeypatch) -> None:
         executor.info("✔️  Dataset train_1 execution finished in 15.05 seconds")
         executor.warning("Operator MapBatches is backpressured")  # other lines: untouched
         logging.getLogger("ray.data._internal.progress").warning("Progress bars disabled. To enable, ...")
+        # Where stdout is no terminal: of the progress logged every 10 s, the total alone.
+        progress = logging.getLogger("ray.data._internal.progress.logging_progress")
+        progress.info("======= Running Dataset: dataset_7_0 =======")
+        progress.info("Total Progress: 12000/28709")
+        progress.info("Active & requested resources: 2/4 CPU, 1.2MiB/1.0GiB object store")
+        logging.getLogger("ray.data.dataset").info("Data sink Parquet finished. 140 rows and 245.3KiB data written.")
     finally:
         parent.removeHandler(handler)
     # Every record still reaches Ray Data's handlers (its log file writes them all); its
     # console handler's filter drops the marked ones.
-    assert [HiddenRecordFilter().filter(r) for r in seen] == [False, True, False]
+    assert [HiddenRecordFilter().filter(r) for r in seen] == [False, True, False, False, True, False, False]
 
 
 def test_rays_resume_advice_that_contradicts_fer_rays_is_dropped(monkeypatch) -> None:

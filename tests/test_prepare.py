@@ -6,6 +6,7 @@ import io
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -310,7 +311,7 @@ def test_prepare_class_folders_and_rerun_overwrites(ray_cluster, tmp_path) -> No
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no staging left
 
 
-def test_prepare_fer_csv(ray_cluster, tmp_path) -> None:
+def test_prepare_fer_csv(ray_cluster, tmp_path, caplog) -> None:
     rng = np.random.default_rng(0)
     rows = []
     usages = ["Training"] * 6 + ["PublicTest"] * 3 + ["PrivateTest"] * 2
@@ -327,7 +328,10 @@ def test_prepare_fer_csv(ray_cluster, tmp_path) -> None:
     path = tmp_path / "fer2013.csv"
     path.write_bytes(("emotion,pixels,Usage\n" + "\n".join(rows) + "\n").encode("utf-8", "surrogateescape"))
     out = tmp_path / "shards"
-    manifest = prepare(str(path), str(out))
+    with caplog.at_level("WARNING", logger="fer_ray.prepare"):
+        manifest = prepare(str(path), str(out))
+    # (codes 0-5 have a Training row each: the CSV's code 6 has none, which is said)
+    assert f"Class(es) {FER_CSV_CODES[6]} have no training row in {path}: a model trained on these" in caplog.text
 
     assert manifest["classes"] == list(FER_CLASSES)
     assert {k: v["total"] for k, v in manifest["splits"].items()} == {"train": 6, "val": 3, "test": 2}
@@ -534,6 +538,34 @@ def test_a_run_stopped_while_publishing_is_replaced_by_the_rerun(ray_cluster, tm
     with pytest.raises(ConfigError, match="not a shards folder"):
         prepare(str(src), str(images))
     assert (images / "train/a/img_0.png").exists()
+
+
+def test_a_run_stopped_while_writing_leaves_no_staging_folder_a_late_write_task_made(ray_cluster, tmp_path,
+                                                                                     monkeypatch) -> None:
+    """Ctrl-C while Ray Data wrote: a write task still running put its Parquet file down
+    ~0.1 s after the run deleted its staging folder, which then stayed behind (against "the
+    output is a complete shards folder or none")."""
+    import threading
+
+    import ray.data
+
+    src = tmp_path / "src"
+    make_tree(src, {"a": 4, "b": 4})
+    out = tmp_path / "new" / "shards"
+
+    def stopped_while_writing(self, path, **kwargs):
+        def late_task():  # (a write task finishing after the driver gave up)
+            Path(path).mkdir(parents=True, exist_ok=True)
+            (Path(path) / "late.parquet").write_bytes(b"PAR1")
+
+        threading.Timer(0.3, late_task).start()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ray.data.Dataset, "write_parquet", stopped_while_writing)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(str(src), str(out), val_fraction=0.5)
+    time.sleep(0.5)
+    assert not (tmp_path / "new").exists()
 
 
 def test_a_split_of_only_unreadable_files_is_named_with_examples(ray_cluster, tmp_path) -> None:

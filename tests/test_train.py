@@ -698,6 +698,23 @@ def test_one_class_shards_are_refused_before_workers_start(synth_shards, tmp_pat
     assert "have 1 class (happy); a classifier needs at least two" in err and err.count("\n") == 1
 
 
+def test_a_class_without_training_images_is_said_before_training(synth_shards, tmp_path, caplog) -> None:
+    """A FER2013 CSV without some class's Training rows is prepared (its seven classes are
+    fixed) and trained on: the model never predicts that class, and nothing said so."""
+    from fer_ray import trainer
+    from fer_ray.config import TrainConfig, parse_config
+
+    shards = tmp_path / "shards"
+    shutil.copytree(synth_shards, shards)
+    manifest = json.loads((shards / "manifest.json").read_text())
+    manifest["splits"]["train"]["per_class"]["disgust"] = 0
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    cfg, _ = parse_config(TrainConfig, tiny_train_args(str(shards), str(tmp_path / "run")), argparse.ArgumentParser())
+    with caplog.at_level("WARNING", logger="fer_ray.trainer"):
+        trainer.check_inputs(cfg)
+    assert "Class(es) disgust have no training image in" in caplog.text
+
+
 def test_a_batch_larger_than_the_data_is_refused_before_workers_start(synth_shards, tmp_path, capsys) -> None:
     """It passed the driver's checks and failed in every worker (retried --max-failures times)."""
     total = json.loads((synth_shards / "manifest.json").read_text())["splits"]["train"]["total"]
