@@ -48,16 +48,17 @@ from fer_ray.constants import (
     RAY_RUN_NAME,
     RUN_SUMMARY_FILE,
     SWEEP_CONFIG_FILE,
+    TRIALS_DIR,
 )
 from fer_ray.gate import TrialGate
 from fer_ray.model import timed_cpu_format
+from fer_ray.run_folders import has_checkpoint, saved_nothing
 from fer_ray.trainer import (
     TrainingDiverged,
     build_trainer,
     check_resources,
     data_record,
     finalize_run,
-    has_checkpoint,
     load_pretrained,
     local_staging,
     resolve_settings,
@@ -68,7 +69,6 @@ from fer_ray.trainer import (
 log = logging.getLogger(__name__)
 
 TUNE_RUN_NAME = "ray_tune"
-TRIALS_DIR = "trials"
 RESULTS_FILE = "results.parquet"
 SUMMARY_PLOT = "tune_summary.png"
 # What ASHA compares trials on at its rungs and what Optuna learns from: each trial's best
@@ -449,10 +449,12 @@ def build_tuner(cfg: SweepConfig, manifest: dict[str, Any], cpu_format: str | No
         "lr": ray.tune.loguniform(*cfg.lr_range()),
         "label_smoothing": ray.tune.uniform(lo, hi) if hi > lo else lo,
     }
-    if restoring and finished:  # (said as such: "Resuming" read as if trials would train)
-        log.info("The sweep in %s finished its %d trials; its results are read back", experiment, done)
-    elif restoring:
-        log.info("Resuming the sweep in %s (%d of %d trials finished)", experiment, done, cfg.sweep.num_samples)
+    if restoring:
+        if finished:  # (said as such: "Resuming" read as if trials would train)
+            log.info("The sweep in %s finished its %d trials; its results are read back", experiment, done)
+        else:
+            log.info("Resuming the sweep in %s (%d of %d trials finished)", experiment, done,
+                     cfg.sweep.num_samples)
         # Failed trials run again from their last checkpoint (the settings cannot have
         # changed: fer_ray.trainer.check_inputs refuses that); Tune starts them all at
         # once with the unfinished ones, and the gate holds them to `concurrent`.
@@ -516,17 +518,6 @@ def collect_results(grid: Any, tune_dir: str, classes: list[str]) -> pd.DataFram
     # Epochs stay whole numbers when some trial has none (a float column otherwise: 2.0).
     results = pd.DataFrame(rows, columns=RESULT_COLUMNS).astype({"best_epoch": "Int64"})
     return results.sort_values("trial_id", ignore_index=True)
-
-
-def saved_nothing(tune_dir: str) -> bool:
-    """Whether no trial of the sweep in `tune_dir` saved an epoch (every trial failed in its
-    first epoch, or the sweep was stopped before one ended): nothing holds it to its
-    settings."""
-    trials = storage.join(tune_dir, TRIALS_DIR)
-    if not storage.exists(trials):
-        return True
-    folders = [storage.join(trials, e.base_name) for e in storage.list_dir(trials) if e.type.name == "Directory"]
-    return not any(has_checkpoint(f) or storage.exists(storage.join(f, RUN_SUMMARY_FILE)) for f in folders)
 
 
 def start_again(tune_dir: str) -> None:
