@@ -61,6 +61,7 @@ VAL_PREDICTIONS_FILE = "val_predictions.parquet"
 RAY_RUN_NAME = "ray_train"
 # Ray Train's record of the checkpoints a run reported, in RAY_RUN_NAME: there once one was.
 CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"
+TRIALS_DIR = "trials"  # a sweep's folder of its trials' run folders
 
 # How the error of a run (a sweep's trial) that diverged before any epoch to keep begins
 # (fer_ray.trainer.TrainingDiverged; jobs/tune.py counts such trials by it).

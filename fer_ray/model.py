@@ -258,7 +258,8 @@ def _check_no_other_layers(model: torch.nn.Module, unexpected: Sequence[str], na
         raise ConfigError(
             f"--pretrained-file {pretrained_file!r} does not hold {name}'s weights: it holds {len(inside)} "
             f"tensors of layers {name} does not have (e.g. {', '.join(inside[:2])}), as a deeper variant's "
-            "weights do; give weights of this architecture (and its --model-kwargs), or --no-pretrained."
+            "weights do (or --model-kwargs that remove layers); give weights of this architecture (and its "
+            "--model-kwargs), or --no-pretrained."
         )
     if outside:
         log.warning("--pretrained-file %r holds %d tensors of modules %s does not have (e.g. %s): left out.",
@@ -266,14 +267,16 @@ def _check_no_other_layers(model: torch.nn.Module, unexpected: Sequence[str], na
 
 
 def _is_safetensors(path: str) -> bool:
-    """Whether a local file starts as safetensors does: an 8-byte length, then a JSON header."""
+    """Whether a local file is a whole safetensors file (its header parses, its tensors end
+    where it does)."""
+    from fer_ray.model_spec import safetensors_header
+
     try:
         with open(path, "rb") as f:
-            size, head = os.fstat(f.fileno()).st_size, f.read(8)
-            n = int.from_bytes(head, "little") if len(head) == 8 else -1
-            return 1 < n <= size - 8 and isinstance(json.loads(f.read(min(n, 100 << 20))), dict)
-    except (OSError, ValueError):  # (UnicodeDecodeError and JSONDecodeError are ValueErrors)
+            safetensors_header(f, os.fstat(f.fileno()).st_size)
+    except (OSError, ValueError):
         return False
+    return True
 
 
 def _remove(paths: list[str]) -> None:

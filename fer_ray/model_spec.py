@@ -107,16 +107,20 @@ def _safetensors_header(path: str) -> dict[str, dict[str, Any]]:
     ValueError unless the header parses and its tensors end where the file does."""
     fs, inner = storage.resolve(path)
     with fs.open_input_file(inner) as f:
-        size = f.size()
-        if size < _HEADER_LEN.size:
-            raise ValueError(f"{size} bytes")
-        (n,) = _HEADER_LEN.unpack(f.read(_HEADER_LEN.size))
-        if n > min(_MAX_HEADER, size - _HEADER_LEN.size):
-            raise ValueError(f"header of {n} bytes in a file of {size}")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise ValueError("unreadable header") from None
+        return safetensors_header(f, f.size())
+
+
+def safetensors_header(f: Any, size: int) -> dict[str, dict[str, Any]]:
+    """_safetensors_header of an open binary file of `size` bytes."""
+    if size < _HEADER_LEN.size:
+        raise ValueError(f"{size} bytes")
+    (n,) = _HEADER_LEN.unpack(f.read(_HEADER_LEN.size))
+    if n > min(_MAX_HEADER, size - _HEADER_LEN.size):
+        raise ValueError(f"header of {n} bytes in a file of {size}")
+    try:
+        header = json.loads(f.read(n))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ValueError("unreadable header") from None
     if not isinstance(header, dict):
         raise ValueError("unreadable header")
     header.pop("__metadata__", None)

@@ -819,11 +819,13 @@ def prepare(
         }
         _publish(staging, output, splits, manifest)
     finally:
-        storage.delete_dir(staging)
-        if writing:
-            _delete_late_writes(staging)
-        storage.remove_empty(made)
-        ray.kill(log_actor)
+        try:
+            _delete_staging(staging)
+            if writing:
+                _delete_late_writes(staging)
+        finally:
+            storage.remove_empty(made)
+            ray.kill(log_actor)
     return manifest
 
 
@@ -837,8 +839,17 @@ def _delete_late_writes(staging: str) -> None:
     deadline = time.monotonic() + LATE_WRITES_S
     while time.monotonic() < deadline:
         time.sleep(0.25)
+        _delete_staging(staging)
+
+
+def _delete_staging(staging: str) -> None:
+    """Delete `staging`; a file a write task adds while it is deleted (OSError: the folder
+    is not empty) is left to the next try, or named by the next run."""
+    try:
         if storage.exists(staging):
             storage.delete_dir(staging)
+    except OSError as e:
+        log.debug("Could not delete %s yet (%s)", staging, e)
 
 
 def _check_every_class_read(

@@ -37,7 +37,6 @@ from fer_ray.config import (
 )
 from fer_ray.constants import (
     BEST_DIR,
-    CHECKPOINT_SNAPSHOT,
     CONFIG_FILE,
     CONFUSION_MATRIX_FILE,
     DIVERGED,
@@ -62,6 +61,7 @@ from fer_ray.model import ModelSpec, check_input_size, check_model_name, create_
 from fer_ray.prepare import read_manifest
 from fer_ray.normalize import match_channels
 from fer_ray.reports import plot_confusion_matrix, plot_learning_curves
+from fer_ray.run_folders import has_checkpoint
 from fer_ray.train_loop import (
     CHECKPOINT_SCORE, LoopSettings, TrainState, finished_why, is_finished, read_train_state, scaled_lr,
     steps_per_epoch, train_loop_per_worker,
@@ -192,6 +192,7 @@ def resolve_input_blur(cfg: TrainConfig, spec: ModelSpec) -> tuple[float, float 
 
 def check_inputs(cfg: TrainConfig) -> dict[str, Any]:
     """Validate the config against the data before any worker starts; return the manifest."""
+    _PRELOADED.clear()  # (a state an earlier call read and no run took)
     cfg.validate()
     # Absolute: config.json then names the folder wherever a rerun starts, and a sweep's
     # trials (run from working folders of their own) find it.
@@ -261,16 +262,11 @@ def check_inputs(cfg: TrainConfig) -> dict[str, Any]:
     return manifest
 
 
-def has_checkpoint(run_dir: str) -> bool:
-    """Whether the run in `run_dir` (a training run's folder, or a sweep's trial) reported a
-    checkpoint: Ray Train's record of them is there once one was."""
-    return storage.exists(storage.join(run_dir, RAY_RUN_NAME, CHECKPOINT_SNAPSHOT))
-
-
 def saved_result(run_dir: str) -> ray.train.Result:
     """The Result of the run in `run_dir` (a training run's folder, or a sweep's trial) read
-    back from its checkpoints. Ray's checkpoint manager logs three lines on finding them,
-    advice for a job that resumes (delete the folder to start anew): not said here."""
+    back from its checkpoints. Ray's checkpoint manager logs a record on finding them, with
+    advice for a job that resumes (delete the folder to start anew): not said here (jobs
+    drop it anyway, fer_ray.ray_logs; a library caller's logging may not)."""
     logger = logging.getLogger("ray.train.v2._internal.execution.checkpoint.checkpoint_manager")
     level = logger.level
     logger.setLevel(max(level, logging.WARNING))

@@ -11,6 +11,7 @@ pose, lighting and noise. The same --seed writes the same bytes.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import glob
 import os
 import shutil
@@ -30,6 +31,7 @@ from fer_ray.synthetic import IMAGE_FORMATS, generate_dataset  # noqa: E402
 
 MAX_SIZE = 1024  # a face drawn at 100,000 px would take hours and gigabytes
 PARTIAL = ".partial-"  # a run's hidden folder of images not yet moved into place
+LOCK = ".lock"  # in that folder: locked (flock) while its run writes, released when it ends or dies
 
 
 _TERMINATED = []  # SIGTERM came: exit 143 as the other jobs do (Ctrl-C: 130)
@@ -96,8 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     # removed by the next.
     made = missing_folders(args.output)
     os.makedirs(args.output, exist_ok=True)
-    # A hidden folder names its run's process: a killed run's is removed, a running one's
-    # refused (a second run on the same --output deleted the first's images as it wrote them).
+    # A hidden folder's lock is held while its run writes: a killed run's folder is removed,
+    # a running one's refused (a second run on the same --output deleted the first's images
+    # as it wrote them). Its name says the run's process, for the message.
     for stale in glob.glob(os.path.join(glob.escape(args.output), PARTIAL + "*")):
         pid = _writer(stale)
         if pid is not None:
@@ -105,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
                          f"wait for it, or choose another folder (or remove {stale} if no such run is going)")
         shutil.rmtree(stale)
     partial = tempfile.mkdtemp(prefix=f"{PARTIAL}{os.getpid()}-", dir=args.output)
+    lock = open(os.path.join(partial, LOCK), "wb")  # (held until this process ends)
+    fcntl.flock(lock, fcntl.LOCK_EX)
     signal.signal(signal.SIGTERM, _stopped)  # a job scheduler's stop: the same clean-up
     done, moved, renaming = False, [], None
     try:
@@ -123,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         if renaming and not os.path.exists(renaming[0]) and os.path.exists(renaming[1]):
             moved.append(renaming[1])  # (a stop landed just after the move)
         shutil.rmtree(partial, ignore_errors=True)
+        lock.close()
         if not done:
             for split in moved:  # (a stop between two splits' moves: "nothing was written" holds)
                 shutil.rmtree(split, ignore_errors=True)
@@ -136,19 +142,19 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _writer(partial: str) -> int | None:
-    """The process writing a hidden folder of images, while it runs; None for a killed
-    run's folder (or one from before the folders named their process)."""
-    pid = os.path.basename(partial)[len(PARTIAL):].partition("-")[0]
-    if not pid.isdigit() or int(pid) == os.getpid():
-        return None
+def _writer(partial: str) -> str | None:
+    """The process writing a hidden folder of images while it runs (it holds the folder's
+    lock); None for a killed run's folder, or one from before the lock."""
     try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
+        f = open(os.path.join(partial, LOCK), "rb")
+    except OSError:
         return None
-    except PermissionError:  # (another user's process)
-        pass
-    return int(pid)
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return os.path.basename(partial)[len(PARTIAL):].partition("-")[0] or "?"
+    return None
 
 
 if __name__ == "__main__":

@@ -57,12 +57,11 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     def interrupted() -> str:
-        if "fer_ray.trainer" in sys.modules and output:
-            from fer_ray.trainer import has_checkpoint
+        from fer_ray.run_folders import has_checkpoint  # (no torch: said at once, whenever the stop came)
 
-            if not has_checkpoint(output[0]):
-                return ("interrupted before an epoch was saved; rerun the same command to start the run "
-                        "from the beginning")
+        if output and not has_checkpoint(output[0]):
+            return ("interrupted before an epoch was saved; rerun the same command to start the run "
+                    "from the beginning")
         return "interrupted; the epochs finished so far are saved: rerun the same command to resume after the last one"
 
     return run_job(job, interrupted=interrupted)

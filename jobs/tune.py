@@ -73,12 +73,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
     def interrupted() -> str:
-        if "fer_ray.tuning" in sys.modules and output:
-            from fer_ray.tuning import saved_nothing
+        from fer_ray.run_folders import saved_nothing  # (no torch: said at once, whenever the stop came)
 
-            if saved_nothing(output[0]):
-                return ("interrupted before any trial saved an epoch; rerun the same command to start the "
-                        "sweep from the beginning")
+        if output and saved_nothing(output[0]):
+            return ("interrupted before any trial saved an epoch; rerun the same command to start the "
+                    "sweep from the beginning")
         return "interrupted; each trial's finished epochs are saved: rerun the same command to resume the sweep"
 
     return run_job(job, interrupted=interrupted)
