@@ -859,10 +859,11 @@ def _check_every_class_read(
     no files is refused, a class the model could never learn is not written. (The FER2013
     CSV names its seven classes whatever rows it holds: a small one may lack some.)"""
     lost = [c for c, n in counts[TRAIN]["per_class"].items() if n == 0]
-    if lost and listing.kind == "csv":  # (written, as the CSV's seven classes always are; said)
+    if not lost:
+        return
+    if listing.kind == "csv":  # (written, as the CSV's seven classes always are; said)
         log.warning("Class(es) %s have no training row in %s: a model trained on these shards never predicts "
                     "them (they count in its macro averages with recall 0)", ", ".join(lost), source)
-    if not lost or listing.kind == "csv":
         return
     examples = [f"{p!r}: {skipped[p]}" for p, lab in listing.items.get(TRAIN, [])
                 if p in skipped and listing.classes[lab] in lost][:2]

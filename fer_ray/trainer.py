@@ -485,13 +485,17 @@ def preload_pretrained_file(cfg: TrainConfig, num_classes: int) -> None:
     a wrong path, another architecture's weights or a 1-channel stem were said only once
     Ray was up (a sweep's after its blur and CPU-format measurements; with --use-gpu after
     a wait of up to FER_RAY_GPU_WAIT_S for GPU nodes). load_pretrained hands over the state.
-    Hub weights are still fetched there, after the resource checks."""
-    _PRELOADED.clear()
+    Hub weights are still fetched there, after the resource checks. (check_inputs, its
+    caller, has cleared any earlier state.)"""
     if cfg.model.pretrained and cfg.model.pretrained_file:
         log.info("Reading --pretrained-file %s", cfg.model.pretrained_file)
-        _PRELOADED[_pretrained_key(cfg, num_classes)] = fetch_pretrained_state(
-            cfg.model.model, num_classes, cfg.model.pretrained_file, seed=cfg.run.seed, **cfg.model.model_kwargs
-        )
+        _PRELOADED[_pretrained_key(cfg, num_classes)] = _fetch_pretrained(cfg, num_classes)
+
+
+def _fetch_pretrained(cfg: TrainConfig, num_classes: int) -> dict[str, Any]:
+    return fetch_pretrained_state(
+        cfg.model.model, num_classes, cfg.model.pretrained_file, seed=cfg.run.seed, **cfg.model.model_kwargs
+    )
 
 
 def load_pretrained(cfg: TrainConfig, num_classes: int) -> Any:
@@ -504,9 +508,7 @@ def load_pretrained(cfg: TrainConfig, num_classes: int) -> Any:
     _PRELOADED.clear()
     if state is None:
         log.info("Loading pretrained weights for %s", cfg.model.model)
-        state = fetch_pretrained_state(
-            cfg.model.model, num_classes, cfg.model.pretrained_file, seed=cfg.run.seed, **cfg.model.model_kwargs
-        )
+        state = _fetch_pretrained(cfg, num_classes)
     return ray.put(state)
 
 
