@@ -287,24 +287,28 @@ def test_sweep_from_pretrained_weights_starts_every_trial_from_them(ray_cluster,
         torch.testing.assert_close(trained[k], given[k])
 
 
-def _interrupted_sweep(synth_shards: Path, out: Path, capsys, num_samples: int, sig: int | None = None) -> list[str]:
-    """Ctrl-C (or `sig`) once a trial has saved an epoch: exit 130 and none of the sweep's outputs."""
-    args = sweep_args(str(synth_shards), str(out), "--num-samples", str(num_samples), "--epochs", "3")
+def test_ctrl_c_while_every_trial_runs_leaves_no_sweep_outputs_and_the_rerun_finishes(ray_cluster, synth_shards,
+                                                                                     tmp_path, capsys, caplog) -> None:
+    """Tune's SIGINT handler ends the experiment, marks the trials it stopped TERMINATED as if
+    finished, and fit() returns as if done: the sweep crowned an unfinished trial in best/
+    and exited 0. Here both trials run at once when Ctrl-C comes (with a trial still
+    waiting, the count of ended trials also told; with every trial running only the
+    InterruptWatch does; SIGUSR1, a batch system's warning, the same:
+    test_the_interrupt_watch_notes_every_signal_tune_stops_on). A --max-concurrent above what
+    the cluster holds (4 CPUs: 2 trials) is held to it."""
+    out = tmp_path / "sweep"
+    args = sweep_args(str(synth_shards), str(out), "--max-concurrent", "9", "--epochs", "3")
     # (the epoch registered, not only its folder there: the job's line says what was saved)
-    with ctrl_c_when(out, "trials/*/ray_train/checkpoint_manager_snapshot.json", sig=sig):
-        status = tune_main(args)
-    assert status == 130
+    with caplog.at_level("INFO", logger="fer_ray.tuning"), \
+            ctrl_c_when(out, "trials/*/ray_train/checkpoint_manager_snapshot.json"):
+        assert tune_main(args) == 130
+    assert "--max-concurrent 9 is more trials than this cluster holds at once (2:" in caplog.text
+    assert "Sweeping 2 trials, up to 2 at once" in caplog.text
     assert "interrupted; each trial's finished epochs are saved" in capsys.readouterr().err
     for name in ("results.parquet", "best", "best_config.json"):
         assert not (out / name).exists(), name
-    return args
-
-
-def test_ctrl_c_leaves_no_sweep_outputs_and_the_rerun_finishes(ray_cluster, synth_shards, tmp_path, capsys) -> None:
-    """Tune's SIGINT handler ends the experiment and fit() returns as if done: the sweep
-    used to crown its unfinished trial in best/ and exit 0 (here one trial runs, one waits)."""
-    out = tmp_path / "sweep"
-    args = _interrupted_sweep(synth_shards, out, capsys, num_samples=2)
+    assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL  # Tune's handler is not left behind
+    assert len(list((out / "trials").glob("*/config.json"))) == 2  # both trials had begun
 
     assert tune_main([*args, "--keep-checkpoints"]) == 0  # not a setting the trials depend on
     results = pd.read_parquet(out / "results.parquet")
@@ -313,15 +317,6 @@ def test_ctrl_c_leaves_no_sweep_outputs_and_the_rerun_finishes(ray_cluster, synt
     for trial_id, ran in zip(results["trial_id"], results["epochs_run"]):
         history = pd.read_csv(out / "trials" / trial_id / "history.csv")
         assert history["epoch"].tolist() == list(range(1, ran + 1))
-
-
-def test_ctrl_c_while_every_trial_runs_leaves_no_sweep_outputs(ray_cluster, synth_shards, tmp_path, capsys) -> None:
-    """Tune marks the trials it stops on Ctrl-C (here; SIGUSR1, a batch system's warning, the
-    same: test_the_interrupt_watch_notes_every_signal_tune_stops_on) TERMINATED, as if
-    finished: a sweep whose trials were all running (here its only one) exited 0 with that
-    trial crowned in best/."""
-    _interrupted_sweep(synth_shards, tmp_path / "sweep", capsys, num_samples=1, sig=signal.SIGINT)
-    assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL  # Tune's handler is not left behind
 
 
 def test_a_sweep_stopped_before_its_first_trial_began_resumes(ray_cluster, synth_shards, tmp_path, capsys,
@@ -421,18 +416,12 @@ def test_failed_trials_are_recorded_not_fatal(ray_cluster, synth_shards, tmp_pat
         assert tune_main([*args, "--weight-decay", "0.002"]) == 1
     assert "holds a sweep whose trials saved no epoch; it starts again with these settings" in caplog.text
     assert json.loads((out / "sweep_config.json").read_text())["optim"]["weight_decay"] == 0.002
-    assert len(pd.read_parquet(out / "results.parquet")) == 2  # the new sweep's trials, not 4
-    capsys.readouterr()
-
-    # The same command samples the same trials (random search is seeded by --seed); a
-    # --max-concurrent above what the cluster holds (4 CPUs: 2 trials) is held to it.
-    with caplog.at_level("WARNING", logger="fer_ray.tuning"):
-        assert tune_main([*sweep_args(str(shards), str(tmp_path / "again"), "--num-samples", "2", "--input-blur",
-                                      "off", "--max-failures", "0"), "--max-concurrent", "9"]) == 1
-    again = pd.read_parquet(tmp_path / "again" / "results.parquet")
+    again = pd.read_parquet(out / "results.parquet")
+    assert len(again) == 2  # the new sweep's trials, not 4
+    # It samples the same trials: random search is seeded by --seed.
     assert again["lr"].tolist() == results["lr"].tolist()
     assert again["label_smoothing"].tolist() == results["label_smoothing"].tolist()
-    assert "--max-concurrent 9 is more trials than this cluster holds at once (2:" in caplog.text
+    capsys.readouterr()
 
     # The data mended, the same command runs the failed trials again, as many at once as the
     # sweep began with (1): Tune put both back at once (its searcher limits only the trials it
