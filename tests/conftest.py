@@ -92,14 +92,16 @@ def ray_cluster():
     # on this machine names 127.0.0.1:8265 as its State API (see fer_ray.cli.init_ray).
     # address="local": a Ray of the session's own, even while a `ray start` cluster runs on
     # this machine (ray.init would join that one and then refuse num_cpus).
-    # Idle workers kept for 10 minutes, up to 12 (Ray: 1 s, as many as CPUs): the session's
-    # runs reuse the Ray Data workers that imported Albumentations and torch (~5 s of CPU
-    # each here). Measured on a 2-core VM, the same 2-trial sweep run twice in one cluster:
-    # the second took 130 s with Ray's defaults, 83 s with these (its first epoch waited
-    # 3-4 s for data instead of 10-13).
+    # Idle workers kept for 10 minutes (Ray: 1 s, once more workers than CPUs run, as a
+    # trial's ~8 actors make them): the session's runs reuse the Ray Data workers that
+    # imported Albumentations and torch (~5 s of CPU each here). Measured on a 2-core VM,
+    # the same 2-trial sweep run twice in one cluster: 140 and 130 s with Ray's defaults,
+    # 115 and 97 s with this (the later trials' first epochs waited 2-4 s for data instead
+    # of 10-13). A soft limit of 12 workers beside it (83 s for the second sweep) cost the
+    # scoring tests 12-20% (more workers started).
     ray.init(address="local", num_cpus=4, _node_ip_address="127.0.0.1", include_dashboard=True,
              dashboard_port=free_ports(1)[0], log_to_driver=True, ignore_reinit_error=True,
-             _system_config={"idle_worker_killing_time_threshold_ms": 600_000, "num_workers_soft_limit": 12})
+             _system_config={"idle_worker_killing_time_threshold_ms": 600_000})
     yield
     ray.shutdown()
 
