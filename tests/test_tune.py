@@ -68,13 +68,36 @@ class _Records(logging.Handler):
         self.messages.append(record.getMessage())
 
 
-def test_sweep_writes_every_output_and_resumes_without_retraining(ray_cluster, synth_shards, tmp_path, capsys,
-                                                                  monkeypatch):
+def test_a_sweep_stopped_while_every_trial_runs_resumes_and_writes_every_output(ray_cluster, synth_shards, tmp_path,
+                                                                               capsys, caplog, monkeypatch):
+    """Ctrl-C while both trials run, the rerun that finishes them, what the sweep writes, and
+    a finished sweep run again. One sweep for all (each trial start costs seconds of CPU).
+
+    Ctrl-C: Tune's SIGINT handler ends the experiment, marks the trials it stopped TERMINATED
+    as if finished, and fit() returns as if done: the sweep crowned an unfinished trial in
+    best/ and exited 0. With a trial still waiting, the count of ended trials also told;
+    with every trial running, as here, only the InterruptWatch does (SIGUSR1, a batch
+    system's warning, the same: test_the_interrupt_watch_notes_every_signal_tune_stops_on).
+    A --max-concurrent above what the cluster holds (4 CPUs: 2 trials) is held to it."""
     out = tmp_path / "sweep"
+    args = sweep_args(str(synth_shards), str(out), "--max-concurrent", "9", "--epochs", "3")
+    # (the epoch registered, not only its folder there: the job's line says what was saved)
+    with caplog.at_level("INFO", logger="fer_ray.tuning"), \
+            ctrl_c_when(out, "trials/*/ray_train/checkpoint_manager_snapshot.json"):
+        assert tune_main([*args, "--keep-checkpoints"]) == 130
+    assert "--max-concurrent 9 is more trials than this cluster holds at once (2:" in caplog.text
+    assert "Sweeping 2 trials, up to 2 at once" in caplog.text
+    assert "interrupted; each trial's finished epochs are saved" in capsys.readouterr().err
+    for name in ("results.parquet", "best", "best_config.json"):
+        assert not (out / name).exists(), name
+    assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL  # Tune's handler is not left behind
+    assert len(list((out / "trials").glob("*/config.json"))) == 2  # both trials had begun
+
+    # The rerun (without --keep-checkpoints: not a setting the trials depend on) finishes them.
     records = _Records()
     records.logger.addHandler(records)
     try:
-        assert tune_main(sweep_args(str(synth_shards), str(out))) == 0
+        assert tune_main(args) == 0
     finally:
         records.logger.removeHandler(records)
     # Reading the trials' results back is not a resumed job: no "delete the existing folder".
@@ -86,7 +109,7 @@ def test_sweep_writes_every_output_and_resumes_without_retraining(ray_cluster, s
     assert results.columns.tolist() == RESULT_COLUMNS and len(results) == 2
     assert (results["status"] == "TERMINATED").all()
     assert results["lr"].between(1e-4, 3e-3).all() and results["label_smoothing"].between(0, 0.3).all()
-    assert (results["epochs_run"] >= 1).all() and (results["epochs_run"] <= 2).all()
+    assert (results["epochs_run"] >= 1).all() and (results["epochs_run"] <= 3).all()
     best = results.loc[results["best_val_acc"].idxmax()]
     best_config = json.loads((out / "best_config.json").read_text())
     assert best_config["resolved"]["defaults_filled"] == ["freeze_epochs", "backbone_lr_scale"]
@@ -101,7 +124,8 @@ def test_sweep_writes_every_output_and_resumes_without_retraining(ray_cluster, s
     formats = set()
     for trial_id in results["trial_id"]:
         history = pd.read_csv(out / "trials" / trial_id / "history.csv")
-        assert len(history) == results.set_index("trial_id").loc[trial_id, "epochs_run"]
+        # every epoch once: those before Ctrl-C kept, the rest trained by the rerun
+        assert history["epoch"].tolist() == list(range(1, results.set_index("trial_id").loc[trial_id, "epochs_run"] + 1))
         formats |= set(history["format"])
     # --amp auto on CPUs: the formats timed once for the sweep, every trial in the same
     # (each trial timing its own trained some in fp32 and some in bf16), kept for a resume.
@@ -128,7 +152,7 @@ def test_sweep_writes_every_output_and_resumes_without_retraining(ray_cluster, s
     monkeypatch.setattr(tuning, "check_resources", not_needed)
     monkeypatch.setattr(tuning, "load_pretrained", not_needed)
     stamps = {p: p.stat().st_mtime for p in (out / "trials").glob("*/ray_train/epoch_*")}
-    assert tune_main(sweep_args(str(synth_shards), str(out))) == 0
+    assert tune_main(args) == 0
     monkeypatch.undo()
     again = pd.read_parquet(out / "results.parquet")
     pd.testing.assert_frame_equal(again, results)
@@ -139,17 +163,17 @@ def test_sweep_writes_every_output_and_resumes_without_retraining(ray_cluster, s
     capsys.readouterr()
     assert train_main(["--config", str(out / "trials" / pruned / "config.json")]) == 2
     assert "holds a finished run whose checkpoints were deleted" in capsys.readouterr().err
-    # stopped_early is early stopping by --patience (2 epochs never trigger it), not ASHA's cut.
+    # stopped_early is early stopping by --patience (3 epochs never trigger it), not ASHA's cut.
     assert not results["stopped_early"].any()
     # Another model cannot resume these trials' checkpoints: refused before any trial starts.
     capsys.readouterr()
-    assert tune_main(sweep_args(str(synth_shards), str(out), "--model", "resnet18")) == 2
+    assert tune_main([*args, "--model", "resnet18"]) == 2
     assert "different settings (model 'test_resnet' -> 'resnet18')" in capsys.readouterr().err
     # A resumed sweep is restored with the search it began with: a changed one is refused
     # (a larger --num-samples used to leave the rerun exiting 130, "interrupted", forever).
     for flags, diff in [(["--num-samples", "4"], "num_samples 2 -> 4"),
                         (["--smoothing-range", "0", "0.2"], "smoothing_range [0.0, 0.3] -> [0.0, 0.2]"),
-                        (["--epochs", "3"], "epochs 2 -> 3"), (["--max-concurrent", "2"], "max_concurrent 1 -> 2"),
+                        (["--epochs", "2"], "epochs 3 -> 2"), (["--max-concurrent", "1"], "max_concurrent 9 -> 1"),
                         (["--cpus-per-worker", "2"], "cpus_per_worker 1 -> 2"),
                         # and what the trials train with (sweep_config.json was rewritten with it)
                         (["--patience", "1"], "patience 6 -> 1"), (["--augment", "strong"], "augment 'medium' -> 'strong'"),
@@ -158,7 +182,7 @@ def test_sweep_writes_every_output_and_resumes_without_retraining(ray_cluster, s
                         (["--use-gpu"], "use_gpu False -> True"),
                         # and the blur validation matches (saved as measured: auto resumes)
                         (["--input-blur", "1.5"], "input_blur 0.0 -> 1.5")]:
-        assert tune_main([*sweep_args(str(synth_shards), str(out)), *flags]) == 2
+        assert tune_main([*args, *flags]) == 2
         assert f"different settings ({diff})" in capsys.readouterr().err
     # Nor on shards prepared again into --data (its trials' val accuracies would not compare).
     manifest = (synth_shards / "manifest.json").read_text()
@@ -166,7 +190,7 @@ def test_sweep_writes_every_output_and_resumes_without_retraining(ray_cluster, s
     changed["splits"]["val"]["total"] += 1
     try:
         (synth_shards / "manifest.json").write_text(json.dumps(changed))
-        assert tune_main(sweep_args(str(synth_shards), str(out))) == 2
+        assert tune_main(args) == 2
     finally:
         (synth_shards / "manifest.json").write_text(manifest)
     assert "holds a sweep begun on other shards than" in capsys.readouterr().err
@@ -285,38 +309,6 @@ def test_sweep_from_pretrained_weights_starts_every_trial_from_them(ray_cluster,
     assert len(backbone) > 10
     for k in backbone:
         torch.testing.assert_close(trained[k], given[k])
-
-
-def test_ctrl_c_while_every_trial_runs_leaves_no_sweep_outputs_and_the_rerun_finishes(ray_cluster, synth_shards,
-                                                                                     tmp_path, capsys, caplog) -> None:
-    """Tune's SIGINT handler ends the experiment, marks the trials it stopped TERMINATED as if
-    finished, and fit() returns as if done: the sweep crowned an unfinished trial in best/
-    and exited 0. Here both trials run at once when Ctrl-C comes (with a trial still
-    waiting, the count of ended trials also told; with every trial running only the
-    InterruptWatch does; SIGUSR1, a batch system's warning, the same:
-    test_the_interrupt_watch_notes_every_signal_tune_stops_on). A --max-concurrent above what
-    the cluster holds (4 CPUs: 2 trials) is held to it."""
-    out = tmp_path / "sweep"
-    args = sweep_args(str(synth_shards), str(out), "--max-concurrent", "9", "--epochs", "3")
-    # (the epoch registered, not only its folder there: the job's line says what was saved)
-    with caplog.at_level("INFO", logger="fer_ray.tuning"), \
-            ctrl_c_when(out, "trials/*/ray_train/checkpoint_manager_snapshot.json"):
-        assert tune_main(args) == 130
-    assert "--max-concurrent 9 is more trials than this cluster holds at once (2:" in caplog.text
-    assert "Sweeping 2 trials, up to 2 at once" in caplog.text
-    assert "interrupted; each trial's finished epochs are saved" in capsys.readouterr().err
-    for name in ("results.parquet", "best", "best_config.json"):
-        assert not (out / name).exists(), name
-    assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL  # Tune's handler is not left behind
-    assert len(list((out / "trials").glob("*/config.json"))) == 2  # both trials had begun
-
-    assert tune_main([*args, "--keep-checkpoints"]) == 0  # not a setting the trials depend on
-    results = pd.read_parquet(out / "results.parquet")
-    assert len(results) == 2 and (results["status"] == "TERMINATED").all()
-    assert len(list((out / "trials").glob("*/ray_train/epoch_*"))) >= 2  # every trial's kept
-    for trial_id, ran in zip(results["trial_id"], results["epochs_run"]):
-        history = pd.read_csv(out / "trials" / trial_id / "history.csv")
-        assert history["epoch"].tolist() == list(range(1, ran + 1))
 
 
 def test_a_sweep_stopped_before_its_first_trial_began_resumes(ray_cluster, synth_shards, tmp_path, capsys,
