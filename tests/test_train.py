@@ -180,40 +180,6 @@ def test_a_resume_stopped_before_its_first_epoch_keeps_the_runs_config(tiny_run,
     assert (run / "config.json").read_text() == config
 
 
-def test_sigterm_ends_the_job_with_its_interrupted_line_and_143(synth_shards, tmp_path) -> None:
-    """SIGTERM to the job (a batch system's stop, `ray job stop`) ended it in exit status 134
-    after a C++ stack dump ("*** SIGTERM received ...") from Ray's failure-signal handler."""
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    from conftest import REPO
-
-    run = tmp_path / "run"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "FER_RAY_"))}
-    env["RAY_ADDRESS"] = "local"  # a Ray of the job's own, as on a laptop
-    args = tiny_train_args(str(synth_shards), str(run), "--epochs", "50")
-    job = subprocess.Popen([sys.executable, "jobs/train.py", *args], cwd=REPO, env=env,
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        # (epoch 1 registered, not only its folder there: the job's line says what was saved)
-        snapshot, deadline = run / "ray_train" / "checkpoint_manager_snapshot.json", time.time() + 240
-        while not (snapshot.exists() and "epoch_0001" in snapshot.read_text()) and job.poll() is None \
-                and time.time() < deadline:
-            time.sleep(1)
-        assert job.poll() is None, "the job ended before its first epoch"
-        job.send_signal(signal.SIGTERM)  # the job's process only
-        out, _ = job.communicate(timeout=120)
-    finally:
-        if job.poll() is None:
-            job.kill()
-    assert job.returncode == 128 + signal.SIGTERM, out[-3000:]
-    # (Ray's log monitor may still print a worker's last lines after it.)
-    assert "\ninterrupted; the epochs finished so far are saved" in out, out[-3000:]
-    assert "SIGTERM received" not in out
-
-
 def test_a_checkpoints_loop_state_is_read_without_fetching_the_checkpoint(tmp_path, monkeypatch) -> None:
     """Whether a rerun is finished, and the run's history, come from the train-state file
     alone: as_directory copied the whole checkpoint (weights, their average, the optimizer's
