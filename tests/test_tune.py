@@ -262,9 +262,15 @@ def test_the_best_trial_is_a_finished_one() -> None:
 
 
 def test_sweep_from_pretrained_weights_starts_every_trial_from_them(ray_cluster, synth_shards, tmp_path,
-                                                                   monkeypatch) -> None:
+                                                                   monkeypatch, capsys) -> None:
     """The weights are fetched once, by the driver (counted here), and handed to the trials
-    through the object store; the trial's backbone is the file's."""
+    through the object store; the trial's backbone is the file's.
+
+    Before it, the same sweep stopped once its Tuner was made (ray_tune/tuner.pkl written)
+    but before Tune saved a state: Tune's restore found none and began the experiment again
+    without the search space (not kept in tuner.pkl), every trial of every rerun failing on
+    a missing 'lr'. (Here, not in a sweep of its own: each trial start costs seconds of CPU.)"""
+    import ray.tune
     import timm
     import torch
 
@@ -294,34 +300,6 @@ def test_sweep_from_pretrained_weights_starts_every_trial_from_them(ray_cluster,
     wrong = [a if a != str(weights) else str(tmp_path / "notes.pth") for a in args]
     assert tune_main([*wrong, "--seed", "5"]) == 2
     handler = signal.getsignal(signal.SIGINT)
-    fetched.clear()
-    assert tune_main(args) == 0
-    assert len(fetched) == 1 and moved.exists() and not weights.exists()
-    # Tune's SIGINT handler (and fer_ray's watch around it) is gone: a later Ctrl-C stops as usual.
-    assert signal.getsignal(signal.SIGINT) is handler
-    results = pd.read_parquet(out / "results.parquet")
-    assert (results["status"] == "TERMINATED").all(), results["error"].tolist()
-    # Only the head trained (--freeze-epochs 1): the backbone is the file's.
-    model = load_model_dir(str(out / "best"))[0]
-    head = model.pretrained_cfg["classifier"]
-    trained, given = model.state_dict(), torch.load(moved)
-    backbone = [k for k in given if not k.startswith(head + ".")]
-    assert len(backbone) > 10
-    for k in backbone:
-        torch.testing.assert_close(trained[k], given[k])
-
-
-def test_a_sweep_stopped_before_its_first_trial_began_resumes(ray_cluster, synth_shards, tmp_path, capsys,
-                                                             monkeypatch) -> None:
-    """Stopped once its Tuner was made (ray_tune/tuner.pkl written) but before Tune saved a
-    state: Tune's restore found none and began the experiment again without the search
-    space (not kept in tuner.pkl), every trial of every rerun failing on a missing 'lr'."""
-    import ray.tune
-
-    import fer_ray.tuning as tuning
-
-    out = tmp_path / "sweep"
-    args = sweep_args(str(synth_shards), str(out), "--num-samples", "1")
 
     def stopped(self):
         raise KeyboardInterrupt
@@ -333,11 +311,24 @@ def test_a_sweep_stopped_before_its_first_trial_began_resumes(ray_cluster, synth
     assert not tuning.can_resume(str(out / "ray_tune"))  # begun anew, not restored
     assert ("interrupted before any trial saved an epoch; rerun the same command to start the sweep from the "
             "beginning") in capsys.readouterr().err
+    moved.rename(weights)  # (the driver read it: the file is back for the rerun's read)
 
+    fetched.clear()
     assert tune_main(args) == 0, capsys.readouterr().err
+    assert len(fetched) == 1 and moved.exists() and not weights.exists()
+    # Tune's SIGINT handler (and fer_ray's watch around it) is gone: a later Ctrl-C stops as usual.
+    assert signal.getsignal(signal.SIGINT) is handler
     results = pd.read_parquet(out / "results.parquet")
-    assert len(results) == 1 and (results["status"] == "TERMINATED").all()
+    assert len(results) == 1 and (results["status"] == "TERMINATED").all(), results["error"].tolist()
     assert results["lr"].between(1e-4, 3e-3).all()
+    # Only the head trained (--freeze-epochs 1): the backbone is the file's.
+    model = load_model_dir(str(out / "best"))[0]
+    head = model.pretrained_cfg["classifier"]
+    trained, given = model.state_dict(), torch.load(moved)
+    backbone = [k for k in given if not k.startswith(head + ".")]
+    assert len(backbone) > 10
+    for k in backbone:
+        torch.testing.assert_close(trained[k], given[k])
 
 
 def test_a_restored_sweep_is_given_its_search_space(tmp_path, monkeypatch) -> None:
