@@ -59,33 +59,6 @@ def test_run_folder_is_complete(tiny_run) -> None:
     assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 7)
 
 
-def test_resume_continues_without_repeating_epochs(tiny_run, tmp_path) -> None:
-    run = tmp_path / "run"
-    shutil.copytree(tiny_run, run)
-    data = json.loads((run / "config.json").read_text())["data"]["data"]
-    before = pd.read_csv(run / "history.csv")
-    # --amp may change on resume: the run was saved in fp32, whose GradScaler state is empty
-    # (fp16's scaler used to refuse it and the worker crashed).
-    args = tiny_train_args(data, str(run), "--epochs", "3", "--freeze-epochs", "1", "--amp", "fp16",
-                           "--pretrained", "--pretrained-file", str(tiny_run.parent / "pretrained.pth"))
-    import signal
-
-    ctrl_c = signal.getsignal(signal.SIGINT)
-    assert train_main(args) == 0
-    # Ray Train's Ctrl-C handler is gone with the run (left in, Ctrl-C while the outputs were
-    # written did nothing twice, then exited 0).
-    assert signal.getsignal(signal.SIGINT) is ctrl_c
-    after = pd.read_csv(run / "history.csv")
-    assert after["epoch"].tolist() == [1, 2, 3]
-    pd.testing.assert_frame_equal(after.iloc[:2], before)  # earlier epochs kept, not redone
-    # The last phase's cosine is refitted to end at the new last epoch: the learning rate
-    # rises again from where the 2-epoch run had ended it (README).
-    assert after["lr"].iloc[2] > after["lr"].iloc[1], after["lr"].tolist()
-    # A finished run trains nothing more when started again.
-    assert train_main(args) == 0
-    pd.testing.assert_frame_equal(pd.read_csv(run / "history.csv"), after)
-
-
 def test_a_finished_runs_rerun_starts_no_worker_and_keeps_its_config(tiny_run, tmp_path, caplog,
                                                                     monkeypatch) -> None:
     """A rerun of a finished run rewrote config.json with what it was given (--lr 0.5 here),
@@ -268,6 +241,7 @@ def test_resumed_run_keeps_the_format_its_last_epoch_trained_in(tiny_run, tmp_pa
 
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
+    before = pd.read_csv(run / "history.csv")
     config = json.loads((run / "config.json").read_text())
     data = config["data"]["data"]
     # Without --freeze-epochs: the run's own 1 (the default for 3 epochs is 2, and a run
@@ -294,6 +268,11 @@ def test_resumed_run_keeps_the_format_its_last_epoch_trained_in(tiny_run, tmp_pa
     assert history["epoch"].tolist() == [1, 2, 3]
     assert history["phase"].tolist() == ["head", "finetune", "finetune"]
     assert history["format"].tolist()[1:] == [kept, kept]
+    # The earlier epochs kept, not redone (epoch 2's format is the one written in above).
+    pd.testing.assert_frame_equal(history.iloc[:2].drop(columns="format"), before.drop(columns="format"))
+    # The last phase's cosine is refitted to end at the new last epoch: the learning rate
+    # rises again from where the 2-epoch run had ended it (README).
+    assert history["lr"].iloc[2] > history["lr"].iloc[1], history["lr"].tolist()
     resolved = json.loads((run / "config.json").read_text())["resolved"]
     assert resolved["defaults_filled"] == ["freeze_epochs", "backbone_lr_scale"]
     assert "tag" in json.loads((run / "best" / "config.json").read_text())["pretrained_cfg"]  # still pretrained
@@ -332,9 +311,18 @@ def test_ctrl_c_says_interrupted_and_the_rerun_resumes(ray_cluster, synth_shards
     # keeps the best and the latest, and may register epoch 2's before Ctrl-C lands.
     first = min((run / "ray_train").glob("epoch_*"))
     kept = torch.load(first / TRAIN_STATE_FILE, weights_only=True)["state"]["history"]
-    assert train_main(tiny_train_args(str(synth_shards), str(run), "--epochs", str(saved + 1))) == 0
+    # --amp may change on resume: fp16's GradScaler is handed the checkpoint's empty scaler
+    # state (an fp32 or bf16 epoch's; it used to refuse it and the worker crashed).
+    import signal
+
+    ctrl_c = signal.getsignal(signal.SIGINT)
+    assert train_main(tiny_train_args(str(synth_shards), str(run), "--epochs", str(saved + 1), "--amp", "fp16")) == 0
+    # Ray Train's Ctrl-C handler is gone with the run (left in, Ctrl-C while the outputs were
+    # written did nothing twice, then exited 0).
+    assert signal.getsignal(signal.SIGINT) is ctrl_c
     history = pd.read_csv(run / "history.csv")
     assert history["epoch"].tolist() == list(range(1, saved + 2))
+    assert history["format"].iloc[-1].startswith("fp16")
     # Epoch 1 was not trained again: its row is the one its checkpoint holds (the last
     # epoch's checkpoint may not have been registered before Ctrl-C: that one may run again).
     assert history["seconds"].tolist()[0] == pytest.approx(kept[0]["seconds"])
