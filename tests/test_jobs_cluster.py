@@ -23,6 +23,7 @@ import json
 import os
 import random
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -266,22 +267,6 @@ def faces(cluster) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
-def shards(cluster, faces) -> Path:
-    # Paths come from a variable of the nodes' environment, expanded by the job's own
-    # shell: the way `s3://$FER_RAY_BUCKET/...` is passed on a cloud cluster (README).
-    result = cluster.submit(
-        "bash", "-c",
-        'python jobs/prepare.py --source "$FER_RAY_TEST_ROOT/faces" '
-        '--output "$FER_RAY_TEST_ROOT/shards" --shard-rows 100',
-        timeout=180,
-    )
-    _ok(result)
-    out = cluster.root / "shards"
-    assert (out / "manifest.json").is_file()
-    return out
-
-
 # Epochs of the stopped and resubmitted job: the stop lands while the job still trains
 # (with 3, a tiny epoch of ~1.5 s here, the job ended its last before `ray job stop` did;
 # the stop is now asked of the Jobs API straight away, which leaves more room still).
@@ -289,26 +274,32 @@ JOB_EPOCHS = 6
 
 
 @pytest.fixture(scope="module")
-def run(cluster, shards) -> SimpleNamespace:
-    """A training job stopped by `ray job stop` after its first epoch, then the same command
-    submitted again and run to the end. One run serves the tests of the run folder, of the
-    resume and of scoring: a job on this cluster takes about a minute on 2 cores."""
+def run(cluster, faces) -> SimpleNamespace:
+    """Shards prepared and a training job begun in one job, stopped by `ray job stop` after
+    its first epoch; then the same training command submitted again and run to the end, the
+    val faces scored by that job too. These jobs serve the tests of preparing, of the run
+    folder, of the resume and of scoring: each job submitted costs seconds of start here
+    (the CLI, the job's supervisor and driver), the training about a minute on 2 cores."""
     import torch
 
-    out = cluster.root / "run"
+    shards, out, preds = cluster.root / "shards", cluster.root / "run", cluster.root / "preds"
     train = ["python", "jobs/train.py", "--data", str(shards), "--output", str(out),
              "--model", TINY_MODEL, "--no-pretrained", "--epochs", str(JOB_EPOCHS),
              "--image-size", str(TINY_SIZE), "--batch-size", "16"]
+    # Paths come from a variable of the nodes' environment, expanded by the job's own
+    # shell: the way `s3://$FER_RAY_BUCKET/...` is passed on a cloud cluster (README).
+    prepare = ('python jobs/prepare.py --source "$FER_RAY_TEST_ROOT/faces" --output "$FER_RAY_TEST_ROOT/shards" '
+               '--shard-rows 100')
     job_id = f"fer-ray-stop-{secrets.token_hex(4)}"
     _ok(subprocess.run(
         [RAY, "job", "submit", "--address", cluster.address, "--working-dir", ".",
-         "--submission-id", job_id, "--no-wait", "--", *train],
+         "--submission-id", job_id, "--no-wait", "--", "bash", "-c", f"{prepare} && exec {shlex.join(train)}"],
         cwd=REPO, env=cluster.env, capture_output=True, text=True, timeout=120,
     ))
     snapshot = out / "ray_train" / "checkpoint_manager_snapshot.json"
-    deadline = time.monotonic() + 240
+    deadline = time.monotonic() + 300
     while not (snapshot.exists() and "epoch_0001" in snapshot.read_text()):
-        assert time.monotonic() < deadline, "no checkpoint within 240 s"
+        assert time.monotonic() < deadline, "no checkpoint within 300 s"
         time.sleep(0.5)
     # Through the Jobs API, as `ray job stop` asks it: the CLI's own start (importing Ray while
     # the job has both cores, 3-8 s) let a job of tiny epochs end before the stop landed.
@@ -324,8 +315,11 @@ def run(cluster, shards) -> SimpleNamespace:
                             env=cluster.env, capture_output=True, text=True, timeout=60)
     latest = json.loads(snapshot.read_text())["latest_checkpoint_result"]["checkpoint_dir_name"]
     before = torch.load(out / "ray_train" / latest / "train_state.pt", weights_only=True)["state"]
-    output = _ok(cluster.submit(*train, timeout=300))
-    return SimpleNamespace(out=out, output=output, stop_status=status.stdout + status.stderr, before=before)
+    predict = ["python", "jobs/predict.py", "--model", str(out / "best"), "--input", str(cluster.root / "faces" / "val"),
+               "--output", str(preds), "--batch-size", "32"]
+    output = _ok(cluster.submit("bash", "-c", f"{shlex.join(train)} && {shlex.join(predict)}", timeout=420))
+    return SimpleNamespace(out=out, output=output, stop_status=status.stdout + status.stderr, before=before,
+                           shards=shards, preds=preds)
 
 
 def _job_status(cluster, job_id: str) -> str:
@@ -431,17 +425,11 @@ def test_train_job_writes_the_run_folder(run) -> None:
 
 
 @pytest.mark.slow
-def test_predict_job_scores_a_folder(cluster, run, faces) -> None:
-    out = cluster.root / "preds"
-    result = cluster.submit(
-        "python", "jobs/predict.py", "--model", str(run.out / "best"),
-        "--input", str(faces / "val"), "--output", str(out), "--batch-size", "32",
-        timeout=180,
-    )
-    _ok(result)
-    summary = json.loads((out / "summary.json").read_text())
+def test_prepare_and_predict_jobs_write_their_folders(run) -> None:
+    assert (run.shards / "manifest.json").is_file()
+    summary = json.loads((run.preds / "summary.json").read_text())
     assert summary["scored"] == summary["labelled"] == 8 * 7 and summary["errors"] == 0  # every val face
-    assert sum(len(pd.read_parquet(f)) for f in (out / "predictions").glob("*.parquet")) == 8 * 7
+    assert sum(len(pd.read_parquet(f)) for f in (run.preds / "predictions").glob("*.parquet")) == 8 * 7
 
 
 @pytest.mark.slow
