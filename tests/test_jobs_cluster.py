@@ -315,8 +315,8 @@ def run(cluster, faces) -> SimpleNamespace:
                             env=cluster.env, capture_output=True, text=True, timeout=60)
     latest = json.loads(snapshot.read_text())["latest_checkpoint_result"]["checkpoint_dir_name"]
     before = torch.load(out / "ray_train" / latest / "train_state.pt", weights_only=True)["state"]
-    predict = ["python", "jobs/predict.py", "--model", str(out / "best"), "--input", str(cluster.root / "faces" / "val"),
-               "--output", str(preds), "--batch-size", "32"]
+    predict = ["python", "jobs/predict.py", "--model", str(out / "best"), "--input",
+               str(cluster.root / "faces" / "val"), "--output", str(preds), "--batch-size", "32"]
     output = _ok(cluster.submit("bash", "-c", f"{shlex.join(train)} && {shlex.join(predict)}", timeout=420))
     return SimpleNamespace(out=out, output=output, stop_status=status.stdout + status.stderr, before=before,
                            shards=shards, preds=preds)

@@ -125,7 +125,8 @@ def test_a_sweep_stopped_while_every_trial_runs_resumes_and_writes_every_output(
     for trial_id in results["trial_id"]:
         history = pd.read_csv(out / "trials" / trial_id / "history.csv")
         # every epoch once: those before Ctrl-C kept, the rest trained by the rerun
-        assert history["epoch"].tolist() == list(range(1, results.set_index("trial_id").loc[trial_id, "epochs_run"] + 1))
+        ran = results.set_index("trial_id").loc[trial_id, "epochs_run"]
+        assert history["epoch"].tolist() == list(range(1, ran + 1))
         formats |= set(history["format"])
     # --amp auto on CPUs: the formats timed once for the sweep, every trial in the same
     # (each trial timing its own trained some in fp32 and some in bf16), kept for a resume.
