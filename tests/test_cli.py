@@ -238,9 +238,6 @@ def test_a_local_training_job_has_its_own_dashboard_and_sigterm_ends_it_with_143
     One job for both: each job with a Ray of its own starts every process cold (80-85 s
     apiece on a slow 2-core VM)."""
     import signal
-    import time
-
-    from conftest import tiny_train_args
 
     run = tmp_path / "run"
     job = subprocess.Popen([sys.executable, "jobs/train.py", *tiny_train_args(str(synth_shards), str(run),
