@@ -270,7 +270,11 @@ def test_sweep_from_pretrained_weights_starts_every_trial_from_them(ray_cluster,
     Before it, the same sweep stopped once its Tuner was made (ray_tune/tuner.pkl written)
     but before Tune saved a state: Tune's restore found none and began the experiment again
     without the search space (not kept in tuner.pkl), every trial of every rerun failing on
-    a missing 'lr'. (Here, not in a sweep of its own: each trial start costs seconds of CPU.)"""
+    a missing 'lr'. (Here, not in a sweep of its own: each trial start costs seconds of CPU.)
+
+    Its search is --searcher optuna (the dev extra installs Optuna): Tune's OptunaSearch,
+    given the sweep's space, metric and seed, samples within the ranges given and the sweep
+    ends with its outputs, a stop before the first trial and a rerun included."""
     import ray.tune
     import timm
     import torch
@@ -294,7 +298,8 @@ def test_sweep_from_pretrained_weights_starts_every_trial_from_them(ray_cluster,
     torch.save(timm.create_model("test_resnet").state_dict(), weights)
     out = tmp_path / "sweep"
     args = [*tiny_train_args(str(synth_shards), str(out), "--epochs", "1"), "--pretrained", "--pretrained-file",
-            str(weights), "--freeze-epochs", "1", "--num-samples", "1", "--max-failures", "0"]
+            str(weights), "--freeze-epochs", "1", "--num-samples", "1", "--max-failures", "0",
+            "--searcher", "optuna", "--lr-range", "1e-3", "2e-3", "--smoothing-range", "0.05", "0.1"]
     # A sweep that fails on its weights before Tune starts holds its folder to nothing: the
     # corrected rerun (another file, another --seed) was refused as "different settings".
     (tmp_path / "notes.pth").write_text("not weights")
@@ -321,7 +326,8 @@ def test_sweep_from_pretrained_weights_starts_every_trial_from_them(ray_cluster,
     assert signal.getsignal(signal.SIGINT) is handler
     results = pd.read_parquet(out / "results.parquet")
     assert len(results) == 1 and (results["status"] == "TERMINATED").all(), results["error"].tolist()
-    assert results["lr"].between(1e-4, 3e-3).all()
+    assert results["lr"].between(1e-3, 2e-3).all() and results["label_smoothing"].between(0.05, 0.1).all()
+    assert json.loads((out / "sweep_config.json").read_text())["sweep"]["searcher"] == "optuna"
     # Only the head trained (--freeze-epochs 1): the backbone is the file's.
     model = load_model_dir(str(out / "best"))[0]
     head = model.pretrained_cfg["classifier"]
@@ -379,13 +385,13 @@ def test_failed_trials_are_recorded_not_fatal(ray_cluster, synth_shards, tmp_pat
     shards = Path(shutil.copytree(synth_shards, tmp_path / "broken"))
     for f in (shards / "train").glob("*.parquet"):
         f.write_bytes(b"not a parquet file")
-    args = sweep_args(str(shards), str(out), "--num-samples", "2", "--input-blur", "off",
-                      "--max-failures", "0")
-    assert tune_main(args) == 1  # no trial finished: a script sees it
+    base = sweep_args(str(shards), str(out), "--input-blur", "off", "--max-failures", "0")  # 2 trials
+    # (a first sweep of one trial: each trial start, failing or not, costs seconds of CPU)
+    assert tune_main([*base, "--num-samples", "1"]) == 1  # no trial finished: a script sees it
     printed = capsys.readouterr()
     assert "error: no trial finished" in printed.err
     results = pd.read_parquet(out / "results.parquet")
-    assert len(results) == 2 and (results["status"] == "ERROR").all()
+    assert len(results) == 1 and (results["status"] == "ERROR").all()
     assert str(results["best_epoch"].dtype) == "Int64"  # whole epochs, none known here
     assert results["error"].str.contains("ArrowInvalid|Could not read schema").all()
     assert not (out / "best").exists()
@@ -394,17 +400,19 @@ def test_failed_trials_are_recorded_not_fatal(ray_cluster, synth_shards, tmp_pat
     for trial_id in results["trial_id"]:
         error_file = out / "ray_tune" / trial_id / "error.txt"
         assert f"trial {trial_id} failed; its error is in {error_file}" in printed.out and error_file.is_file()
-    # No trial saved an epoch: a rerun with other settings starts the sweep again (it was
-    # refused as "different settings", and the same settings ran the failed trials again).
+    # No trial saved an epoch: a rerun with other settings (2 trials, another weight decay)
+    # starts the sweep again (it was refused as "different settings", and the same
+    # settings ran the failed trials again).
+    args = [*base, "--weight-decay", "0.002"]
     with caplog.at_level("INFO", logger="fer_ray.tuning"):
-        assert tune_main([*args, "--weight-decay", "0.002"]) == 1
+        assert tune_main(args) == 1
     assert "holds a sweep whose trials saved no epoch; it starts again with these settings" in caplog.text
     assert json.loads((out / "sweep_config.json").read_text())["optim"]["weight_decay"] == 0.002
-    again = pd.read_parquet(out / "results.parquet")
-    assert len(again) == 2  # the new sweep's trials, not 4
-    # It samples the same trials: random search is seeded by --seed.
-    assert again["lr"].tolist() == results["lr"].tolist()
-    assert again["label_smoothing"].tolist() == results["label_smoothing"].tolist()
+    again = pd.read_parquet(out / "results.parquet").sort_values("trial_id")
+    assert len(again) == 2 and (again["status"] == "ERROR").all()  # the new sweep's trials, not 3
+    # Its first trial samples what the first sweep's did: random search is seeded by --seed.
+    assert again["lr"].iloc[0] == results["lr"].iloc[0]
+    assert again["label_smoothing"].iloc[0] == results["label_smoothing"].iloc[0]
     capsys.readouterr()
 
     # The data mended, the same command runs the failed trials again, as many at once as the
@@ -412,7 +420,7 @@ def test_failed_trials_are_recorded_not_fatal(ray_cluster, synth_shards, tmp_pat
     # creates), and on a cluster that held fewer their Train workers starved Ray Data.
     shutil.rmtree(shards / "train")
     shutil.copytree(synth_shards / "train", shards / "train")
-    assert tune_main([*args, "--weight-decay", "0.002", "--keep-checkpoints"]) == 0
+    assert tune_main([*args, "--keep-checkpoints"]) == 0
     results = pd.read_parquet(out / "results.parquet")
     assert (results["status"] == "TERMINATED").all() and len(results) == 2
     # Each trial's start (its config.json, written once it passed the gate) and its last
@@ -444,21 +452,6 @@ def test_bad_sweep_settings(synth_shards, tmp_path, capsys, extra, message) -> N
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
     assert not out.exists()
-
-
-def test_a_sweep_with_optuna_samples_within_the_ranges_and_finishes(ray_cluster, synth_shards, tmp_path) -> None:
-    """--searcher optuna (the dev extra installs Optuna; never run here before): Tune's
-    OptunaSearch, given the sweep's space, metric and seed, samples within the ranges and
-    the sweep ends with its outputs."""
-    pytest.importorskip("optuna")
-    out = tmp_path / "optuna"
-    assert tune_main(sweep_args(str(synth_shards), str(out), "--searcher", "optuna", "--epochs", "1",
-                                "--num-samples", "1", "--lr-range", "1e-3", "2e-3",
-                                "--smoothing-range", "0.05", "0.1")) == 0
-    results = pd.read_parquet(out / "results.parquet")
-    assert len(results) == 1 and (results["status"] == "TERMINATED").all(), results["error"].tolist()
-    assert results["lr"].between(1e-3, 2e-3).all() and results["label_smoothing"].between(0.05, 0.1).all()
-    assert json.loads((out / "sweep_config.json").read_text())["sweep"]["searcher"] == "optuna"
 
 
 def test_searcher_optuna_without_optuna_is_refused_before_ray_starts(synth_shards, tmp_path, capsys, monkeypatch) -> None:
