@@ -306,10 +306,18 @@ def test_cli_rerun_with_tta_replaces_the_output(labelled_run, model_dir, image_f
 
 
 def test_shards_folder_input(ray_cluster, model_dir, tmp_path, caplog) -> None:
+    """Every split of a shards folder scored. Its classes are some of the model's, spelt in
+    capitals, and one it lacks: each row gets the model's label of the same name, as an
+    image folder's class folders do (such shards were refused, while the same images as a
+    folder were scored)."""
     from fer_ray.prepare import prepare
 
-    generate_dataset(tmp_path, {"faces": 3}, size=SIZE, seed=2)
-    manifest = prepare(str(tmp_path / "faces"), str(tmp_path / "shards"), val_fraction=0.34)
+    generate_dataset(tmp_path / "gen", {"x": 3}, size=SIZE, seed=2, classes=["happy", "sad", "fear"])
+    faces = tmp_path / "faces"
+    for theirs, ours in (("happy", "Happy"), ("sad", "Sad"), ("fear", "Cats")):
+        shutil.copytree(tmp_path / "gen" / "x" / theirs, faces / ours)
+    manifest = prepare(str(faces), str(tmp_path / "shards"), val_fraction=0.34)
+    assert manifest["classes"] == ["Cats", "Happy", "Sad"]
     out = tmp_path / "scored"
 
     with caplog.at_level("INFO", logger="fer_ray.predict"):
@@ -319,12 +327,18 @@ def test_shards_folder_input(ray_cluster, model_dir, tmp_path, caplog) -> None:
     # The metrics mix the splits, the training split included: said, and each split named.
     assert f"(shards: train {totals['train']}, val {totals['val']})" in caplog.text
     assert "the accuracy and metrics are over all of them (train, val), the training split included" in caplog.text
-    assert summary["input_kind"] == "shards" and summary["scored"] == summary["total"] == sum(totals.values())
+    assert summary["input_kind"] == "shards" and summary["scored"] == summary["total"] == sum(totals.values()) == 9
     assert summary["amp"] == "auto" and len(summary["scored_in"]) == 1 and summary["scored_in"][0] in (
         "fp32", "fp32+channels_last", "bf16", "bf16+channels_last")  # what auto chose
     preds = _predictions(out)
-    truth = {str(p): FER_CLASSES.index(Path(p).parent.name) for p in (tmp_path / "faces").rglob("*.png")}
-    assert dict(zip(preds[PATH_COL], preds[LABEL_COL])) == truth
+    folder = preds[PATH_COL].str.split("/").str[-2]
+    assert (preds[LABEL_NAME_COL][folder == "Happy"] == "happy").all()
+    assert (preds[LABEL_NAME_COL][folder == "Sad"] == "sad").all()
+    assert preds[LABEL_NAME_COL][folder == "Cats"].isna().all() and (folder == "Cats").sum() == 3
+    truth = {str(p): FER_CLASSES.index(p.parent.name.lower()) for p in faces.rglob("*.png") if p.parent.name != "Cats"}
+    assert dict(zip(preds[PATH_COL][folder != "Cats"], preds[LABEL_COL][folder != "Cats"])) == truth
+    assert summary["labelled"] == 6
+    assert "The shards' classes Cats are not the model's" in caplog.text
     assert (out / METRICS_FILE).exists()
     from fer_ray.model import read_model_spec
     from fer_ray.predict import sample_input
@@ -339,6 +353,17 @@ def test_shards_folder_input(ray_cluster, model_dir, tmp_path, caplog) -> None:
     with pytest.raises(ConfigError, match="--split train contradicts --input .*the 'val' split"):
         check_inputs(str(model_dir), str(tmp_path / "shards" / "val"), str(tmp_path / "o"), split="train")
     assert check_inputs(str(model_dir), str(tmp_path / "shards" / "val"), str(tmp_path / "o"), split="val")
+    # --split train: that split's rows only, relabelled the same way.
+    from fer_ray.predict import input_dataset
+
+    ds, total, split, _ = input_dataset(str(tmp_path / "shards"), FER_CLASSES, "train", 64)
+    rows = pd.DataFrame(ds.select_columns([PATH_COL, LABEL_COL]).take_all())
+    assert (total, split, len(rows)) == (totals["train"], "train", totals["train"])
+    assert set(rows[PATH_COL]) < set(preds[PATH_COL])
+    # (-1: no label, the row of a class the model lacks)
+    labels = preds.set_index(PATH_COL)[LABEL_COL].fillna(-1).astype(int)
+    assert dict(zip(rows[PATH_COL], rows[LABEL_COL].astype(int))) == labels[rows[PATH_COL]].to_dict()
+    assert (rows[LABEL_COL] == -1).sum() == 2  # Cats' training rows
 
 
 def test_a_folder_with_another_tools_manifest_is_scored_as_images(model_dir, image_folder, tmp_path) -> None:
@@ -381,31 +406,6 @@ def test_shards_with_other_classes_are_refused(model_dir, tmp_path) -> None:
     (tmp_path / "shards" / "manifest.json").write_text(json.dumps({"classes": ["cat", "dog"], "splits": {}}))
     with pytest.raises(ConfigError, match="have the classes cat, dog but the model predicts angry"):
         check_inputs(str(model_dir), str(tmp_path / "shards"), str(tmp_path / "out"))
-
-
-def test_shards_classes_are_matched_to_the_model_by_name(ray_cluster, model_dir, tmp_path, caplog) -> None:
-    """Shards of some of the model's classes, spelt in capitals, and one class it lacks: each
-    row gets the model's label of the same name, as an image folder's class folders do
-    (such shards were refused, while the same images as a folder were scored)."""
-    from fer_ray.prepare import prepare
-
-    generate_dataset(tmp_path / "gen", {"x": 3}, size=SIZE, classes=["happy", "sad", "fear"])
-    src = tmp_path / "faces"
-    for theirs, ours in (("happy", "Happy"), ("sad", "Sad"), ("fear", "Cats")):
-        shutil.copytree(tmp_path / "gen" / "x" / theirs, src / ours)
-    manifest = prepare(str(src), str(tmp_path / "shards"), val_fraction=0.34)
-    assert manifest["classes"] == ["Cats", "Happy", "Sad"]
-
-    with caplog.at_level("WARNING", logger="fer_ray.predict"):
-        summary = predict(str(model_dir), str(tmp_path / "shards"), str(tmp_path / "out"), split="train")
-
-    preds = _predictions(tmp_path / "out")
-    folder = preds[PATH_COL].str.split("/").str[-2]
-    assert (preds[LABEL_NAME_COL][folder == "Happy"] == "happy").all()
-    assert (preds[LABEL_NAME_COL][folder == "Sad"] == "sad").all()
-    assert preds[LABEL_NAME_COL][folder == "Cats"].isna().all() and (folder == "Cats").sum() == 2
-    assert summary["labelled"] == 4 and summary["scored"] == 6
-    assert "The shards' classes Cats are not the model's" in caplog.text
 
 
 def _unlabelled_photos(tmp_path: Path) -> Path:
