@@ -173,38 +173,6 @@ def test_a_checkpoints_loop_state_is_read_without_fetching_the_checkpoint(tmp_pa
     assert state["epoch"] == 3 and state["planned_epochs"] == 3
 
 
-def test_a_run_that_diverges_keeps_its_best_epoch_and_ends(tiny_run, tmp_path, caplog, capsys) -> None:
-    """Weights gone NaN predict class 0 for every image: that epoch's "accuracy" (class 0's
-    share of val) could be kept as the best model. Now the run ends at the first such epoch,
-    which is never the best, and says so; a rerun finds it finished."""
-    import logging
-
-    from safetensors.torch import load_file
-
-    run = tmp_path / "run"
-    shutil.copytree(tiny_run, run)
-    data = json.loads((run / "config.json").read_text())["data"]["data"]
-    args = tiny_train_args(data, str(run), "--epochs", "4", "--freeze-epochs", "1", "--lr", "1e30",
-                           "--pretrained", "--pretrained-file", str(tmp_path / "moved.pth"))
-    assert train_main(args) == 0
-    # The job's last line says so (it read as a run that had ended by itself, exit 0 alike).
-    assert "of 3 (it diverged in epoch 3: the epochs before it are kept); model:" in capsys.readouterr().out
-    history = pd.read_csv(run / "history.csv")
-    assert history["epoch"].tolist() == [1, 2, 3]  # not 4: it ended where it diverged
-    assert np.isnan(history["val_acc"].iloc[2]) and history["val_acc"].iloc[:2].notna().all()
-    summary = json.loads((run / "summary.json").read_text())
-    assert summary["diverged"] is True and summary["best_epoch"] in (1, 2) and summary["epochs_run"] == 3
-    assert summary["accuracy"] == history["val_acc"].iloc[summary["best_epoch"] - 1]
-    weights = load_file(run / "best" / "model.safetensors")
-    assert all(torch.isfinite(t).all() for t in weights.values() if t.is_floating_point())
-    from fer_ray.trainer import saved_result
-
-    assert saved_result(str(run)).metrics["last_report"] is True  # (a sweep's ASHA lets it pass)
-    with caplog.at_level(logging.INFO):
-        assert train_main(args) == 0
-    assert "it diverged in epoch 3 (its weights or outputs stopped being finite numbers)" in caplog.text
-
-
 def test_a_run_that_diverges_before_any_epoch_ends_in_one_sentence(ray_cluster, synth_shards, tmp_path,
                                                                   capsys) -> None:
     from types import SimpleNamespace
@@ -226,9 +194,15 @@ def test_a_run_that_diverges_before_any_epoch_ends_in_one_sentence(ray_cluster, 
     assert np.isnan(row["best_val_acc"])
 
 
-def test_resumed_run_keeps_the_format_its_last_epoch_trained_in(tiny_run, tmp_path) -> None:
+def test_resumed_run_keeps_the_format_its_last_epoch_trained_in_then_ends_where_it_diverges(tiny_run, tmp_path,
+                                                                                            caplog, capsys) -> None:
     """--amp auto times the formats when a run begins; a resumed run goes on in the one its
-    last epoch used (timing them again switched formats mid-run on a difference within noise)."""
+    last epoch used (timing them again switched formats mid-run on a difference within noise).
+
+    Then the same run trained on at a learning rate of 1e30: weights gone NaN predict class
+    0 for every image, and that epoch's "accuracy" (class 0's share of val) could be kept as
+    the best model. Now the run ends at the first such epoch, which is never the best, and
+    says so; a rerun finds it finished. (One run for both: each costs seconds of start.)"""
     from fer_ray.train_loop import kept_format
 
     assert kept_format([]) is None and kept_format([{"epoch": 1}]) is None  # new run / old history
@@ -276,6 +250,28 @@ def test_resumed_run_keeps_the_format_its_last_epoch_trained_in(tiny_run, tmp_pa
     resolved = json.loads((run / "config.json").read_text())["resolved"]
     assert resolved["defaults_filled"] == ["freeze_epochs", "backbone_lr_scale"]
     assert "tag" in json.loads((run / "best" / "config.json").read_text())["pretrained_cfg"]  # still pretrained
+
+    from safetensors.torch import load_file
+
+    from fer_ray.trainer import saved_result
+
+    capsys.readouterr()
+    args = [*args, "--epochs", "5", "--lr", "1e30"]
+    assert train_main(args) == 0
+    # The job's last line says so (it read as a run that had ended by itself, exit 0 alike).
+    assert "of 4 (it diverged in epoch 4: the epochs before it are kept); model:" in capsys.readouterr().out
+    history = pd.read_csv(run / "history.csv")
+    assert history["epoch"].tolist() == [1, 2, 3, 4]  # not 5: it ended where it diverged
+    assert np.isnan(history["val_acc"].iloc[3]) and history["val_acc"].iloc[:3].notna().all()
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["diverged"] is True and summary["best_epoch"] in (1, 2, 3) and summary["epochs_run"] == 4
+    assert summary["accuracy"] == history["val_acc"].iloc[summary["best_epoch"] - 1]
+    weights = load_file(run / "best" / "model.safetensors")
+    assert all(torch.isfinite(t).all() for t in weights.values() if t.is_floating_point())
+    assert saved_result(str(run)).metrics["last_report"] is True  # (a sweep's ASHA lets it pass)
+    with caplog.at_level(logging.INFO):
+        assert train_main(args) == 0
+    assert "it diverged in epoch 4 (its weights or outputs stopped being finite numbers)" in caplog.text
 
 
 def test_ctrl_c_before_the_first_epoch_is_saved_says_the_rerun_starts_again(ray_cluster, synth_shards, tmp_path,
