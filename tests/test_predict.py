@@ -142,6 +142,31 @@ def labelled_run(ray_cluster, model_dir, image_folder, tmp_path_factory) -> tupl
     return out, summary
 
 
+@pytest.fixture
+def scored_here(monkeypatch) -> None:
+    """predict() with its decode and scoring done in this process, by load_batch and the
+    Scorer as the scoring actors run them, for the tests of what comes before and after
+    them (the listing, the summary, the reports, the move into OUT, stops and failures): a
+    scoring actor's start (its process, torch, timm) is ~10 s of a small run's ~12 here. The
+    actors themselves score in the other tests' runs (labelled_run's and the rest)."""
+    import ray
+
+    from fer_ray import predict as scoring
+
+    def score_dataset(ds, model_dir, spec, batch_size, num_actors, use_gpu, tta, input_blur=None, amp="auto",
+                      min_actors=None):
+        threads = torch.get_num_threads()  # (the Scorer sets an actor's; this process keeps its own)
+        try:
+            scorer = scoring.Scorer(model_dir, use_gpu, tta, num_actors, input_blur, amp)
+            tables = [scorer(scoring.load_batch(batch, spec.data_size, spec.channels))
+                      for batch in ds.iter_batches(batch_size=batch_size, batch_format="numpy")]
+        finally:
+            torch.set_num_threads(threads)
+        return ray.data.from_arrow(tables)
+
+    monkeypatch.setattr(scoring, "score_dataset", score_dataset)
+
+
 def _predictions(out: Path) -> pd.DataFrame:
     return pd.read_parquet(out / PREDICTIONS_DIR)
 
@@ -444,7 +469,7 @@ def test_unlabelled_folder_writes_no_metrics(ray_cluster, model_dir, tmp_path, c
 
 
 def test_a_labelled_file_that_failed_beside_unlabelled_ones_is_named_in_the_last_line(
-    ray_cluster, model_dir, tmp_path, capsys
+    ray_cluster, model_dir, tmp_path, capsys, scored_here
 ) -> None:
     """Every labelled file failed, an unlabelled one scored: the last line said "no true
     labels" of an input that had some."""
@@ -492,7 +517,8 @@ def test_decode_in_tasks_of_its_own_as_with_gpus_scores_the_same(labelled_run, m
         errors, pd.read_parquet(labelled_run[0] / ERRORS_FILE).sort_values(PATH_COL).reset_index(drop=True))
 
 
-def test_folder_of_bad_files_scores_nothing_lists_them_and_fails(ray_cluster, model_dir, tmp_path, capsys) -> None:
+def test_folder_of_bad_files_scores_nothing_lists_them_and_fails(ray_cluster, model_dir, tmp_path, capsys,
+                                                                 scored_here) -> None:
     src = tmp_path / "junk"
     src.mkdir()
     (src / "a.jpg").write_bytes(b"")
@@ -618,7 +644,7 @@ def test_bad_inputs_exit_2_with_one_sentence(case, model_dir, image_folder, tmp_
 
 
 def test_a_run_stopped_while_copied_into_a_bucket_is_replaced_by_the_rerun(
-    ray_cluster, model_dir, tmp_path, monkeypatch, caplog, capsys,
+    ray_cluster, model_dir, tmp_path, monkeypatch, caplog, capsys, scored_here,
 ) -> None:
     """On an object store (no folder renames) a run stopped while its output was copied into
     OUT deleted the finished copy, leaving part of OUT and nothing beside it: the rerun
@@ -1318,7 +1344,7 @@ def test_a_file_reached_twice_through_symbolic_links_is_scored_once(tmp_path, ca
 
 
 def test_a_folder_that_cannot_be_listed_is_in_the_summary_and_the_last_line(ray_cluster, model_dir, tmp_path,
-                                                                            monkeypatch) -> None:
+                                                                            monkeypatch, scored_here) -> None:
     """A class folder without permission was named in a warning only: OUT said "scored N of
     N (0 errors)", with nothing to tell a later reader that a folder's files were missing."""
     from fer_ray.predict import describe
@@ -1432,7 +1458,7 @@ def test_a_batch_that_kills_its_process_is_retried_a_few_times_not_for_ever(ray_
 
 
 def test_a_failure_after_every_file_was_scored_keeps_the_predictions(ray_cluster, model_dir, tmp_path, monkeypatch,
-                                                                     caplog) -> None:
+                                                                     caplog, scored_here) -> None:
     """The metrics read every prediction back at the end: a failure there (memory, on a
     large input) deleted predictions that had taken the whole run to make."""
     import fer_ray.predict as predict_module
@@ -1454,7 +1480,7 @@ def test_a_failure_after_every_file_was_scored_keeps_the_predictions(ray_cluster
 
 @pytest.mark.parametrize("stop", [KeyboardInterrupt, lambda: SystemExit(15)], ids=["ctrl-c", "sigterm"])
 def test_a_stop_after_every_file_was_scored_says_where_the_predictions_are(
-    ray_cluster, model_dir, tmp_path, monkeypatch, capsys, stop,
+    ray_cluster, model_dir, tmp_path, monkeypatch, capsys, stop, scored_here,
 ) -> None:
     """A Ctrl-C (or SIGTERM: Ray's handler exits with SystemExit) while the reports were
     written kept the predictions beside OUT, and the last line said "nothing was written"."""
