@@ -1434,7 +1434,7 @@ def test_a_batch_that_kills_its_process_is_retried_a_few_times_not_for_ever(ray_
     """Ray Data runs a task again without end when its process dies (and an actor task too):
     with --use-gpu, a file that crashed its decoder, or an image too large for the node's
     memory, hung the job for ever without naming the file. On CPUs the decode stays fused
-    into the scoring actors (their remote args left equal: test_ray_data_stats_logged_at_debug_level)."""
+    into the scoring actors (their remote args left equal: test_unlabelled_folder_writes_no_metrics)."""
     import ray.data
 
     from fer_ray.predict import RETRIES, score_dataset
